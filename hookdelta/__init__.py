@@ -1,0 +1,31 @@
+"""hookdelta: parameter-efficient deltas (LoRA, ...) attached to any PyTorch model through
+hooks, without replacing a module or changing a state-dict key.
+
+    import hookdelta as hd
+    delta = hd.attach(model, hd.LoRAConfig(r=8, targets=["q_proj", "v_proj"]))
+"""
+
+from .config import DeltaConfig
+from .delta import Delta, attach, deltas
+from .errors import (
+    BaseWeightsMismatchWarning,
+    ConfigError,
+    DeltaFileError,
+    DeltaStateError,
+    HookdeltaError,
+    MergeError,
+    SelectorError,
+    UnsupportedModuleError,
+)
+from .methods import LoRAConfig
+from .persistence import load
+from .selection import match
+from .visualize import visualize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
+    "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
+    "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize",
+]

@@ -1,0 +1,186 @@
+"""The base of every delta config: a frozen, validated dataclass that round-trips through JSON.
+
+A method's config subclasses `DeltaConfig`, sets `method`, validates its own fields in
+`validate()` and builds its per-site pieces in `build()`. Configs hold data only; the
+hook engine never sees them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, Union
+
+import torch.nn as nn
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Piece
+
+# A selector: a name suffix / glob / "re:" regex string, a module type, a predicate
+# (name, module) -> bool, or a list of these.
+Selector = Union[str, type, Callable[[str, nn.Module], bool], Sequence[Any]]
+
+_REGISTRY: dict[str, type["DeltaConfig"]] = {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeltaConfig:
+    """Fields every delta method shares: where it goes and what else is trained in full."""
+
+    targets: Selector | None = None
+    exclude: Selector | None = None
+    layers: Sequence[int] | None = None
+    also_train: Selector | None = None
+
+    method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method:
+            _REGISTRY[cls.method] = cls
+
+    def __post_init__(self) -> None:
+        for name in ("targets", "exclude", "also_train"):
+            object.__setattr__(self, name, _normalize_selector(name, getattr(self, name)))
+        if self.layers is not None:
+            layers = self.layers
+            if isinstance(layers, int) and not isinstance(layers, bool):
+                layers = [layers]
+            try:
+                layers = tuple(layers)
+            except TypeError:
+                raise ConfigError(
+                    f"layers must be a list or range of block indices, got {self.layers!r}"
+                ) from None
+            if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ConfigError(
+                    f"layers must be a non-empty list of block indices >= 0 (e.g. [0, 1] or range(6, 12)), got {self.layers!r}"
+                )
+            object.__setattr__(self, "layers", layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the method's own fields; raise ConfigError naming the field on a bad value."""
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list["Piece"]:
+        """Create the method's pieces for the selected module paths (nothing is attached yet)."""
+        raise NotImplementedError
+
+    # -- JSON ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: `{"method": ..., field: value}`; types become import paths."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            out[f.name] = _to_json(getattr(self, f.name))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "DeltaConfig":
+        """Rebuild a config saved by `to_dict`, validating every field again."""
+        if not isinstance(data, dict) or "method" not in data:
+            raise ConfigError("a saved config must be a JSON object with a 'method' field")
+        method = data["method"]
+        cls = _REGISTRY.get(method)
+        if cls is None:
+            raise ConfigError(f"unknown delta method {method!r}; known: {sorted(_REGISTRY)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"method"})
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; fields: {sorted(names)}")
+        kwargs = {k: _from_json(v) for k, v in data.items() if k != "method"}
+        return cls(**kwargs)
+
+    @staticmethod
+    def from_json(text: str) -> "DeltaConfig":
+        return DeltaConfig.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> "DeltaConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# -- field checks shared by the methods ---------------------------------------------------
+
+
+def check_int(cfg: DeltaConfig, name: str, *, minimum: int = 1) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(cfg: DeltaConfig, name: str, *, low: float, high: float = math.inf,
+                low_open: bool = False, high_open: bool = True) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+# -- selectors -----------------------------------------------------------------------------
+
+
+def _normalize_selector(field: str, value: Any) -> Any:
+    """Lists become tuples (the dataclass is frozen); anything that is not a selector is refused."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    if not items:
+        raise ConfigError(f"{field} is an empty list; give at least one selector or leave it None")
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip():
+                raise ConfigError(f"{field} contains an empty string selector")
+        elif not (isinstance(item, type) or callable(item)):
+            raise ConfigError(
+                f"{field} entry {item!r} is not a selector: use a name suffix, a glob, 're:<regex>', "
+                "a module type, 'all-linear' or a callable (name, module) -> bool"
+            )
+    return tuple(items) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, type):
+        return {"type": f"{value.__module__}.{value.__qualname__}"}
+    if callable(value):
+        return {"callable": getattr(value, "__qualname__", repr(value))}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if isinstance(value, dict) and set(value) == {"type"}:
+        module, _, name = value["type"].rpartition(".")
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            raise ConfigError(f"cannot import the module type {value['type']!r} named in a saved config") from None
+        return obj
+    if isinstance(value, dict) and set(value) == {"callable"}:
+        raise ConfigError(
+            f"the saved config used a callable selector ({value['callable']}), which cannot be "
+            "restored from JSON; pass explicit targets instead"
+        )
+    return value

@@ -1,0 +1,342 @@
+"""The lifecycle: `attach` a config to a model, then enable / disable / merge / unmerge /
+detach the resulting `Delta`. Method-agnostic: pieces come from the config, hooks from
+the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch.nn as nn
+
+from .also_train import also_train_paths, build_copies
+from .config import DeltaConfig
+from .engine import DeltaStore, Piece, base_parameters, get_store, remove_store
+from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
+
+
+def _slot(key: str) -> str:
+    return key.replace(".", "-")  # module-dict keys cannot contain dots
+
+
+class Delta(nn.Module):
+    """One attached delta: its config, its pieces (one per site) and its state.
+
+    It is an `nn.Module` living inside the host model, so `delta.parameters()` gives
+    exactly its trainable tensors and it moves with the model. Use it as a context
+    manager to detach on exit, even on error.
+    """
+
+    def __init__(self, name: str, config: DeltaConfig, pieces: list[Piece],
+                 sites: list[str], also_train: list[str]) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.sites = list(sites)  # the method's site keys, as selected (saved with the delta)
+        self.also_train = list(also_train)
+        self.pieces = nn.ModuleDict()
+        for piece in pieces:
+            if _slot(piece.key) in self.pieces:
+                raise SelectorError(f"{piece.key!r} is selected twice (as a target and in also_train?); select it once")
+            self.pieces[_slot(piece.key)] = piece
+        self.enabled = True
+        self.merged = False
+        self.attached = False
+        object.__setattr__(self, "_model", None)  # a plain reference: the model is not a child
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def model(self) -> nn.Module:
+        self._check_attached("model")
+        return self._model  # type: ignore[return-value]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def summary(self) -> str:
+        """One line: trainable parameters of this delta against all of the model's."""
+        total = sum(p.numel() for p in self._model.parameters()) if self.attached else self.num_trainable
+        mine = self.num_trainable
+        return (f"delta {self.name!r} ({self.method}): trainable params {mine:,} || all params {total:,} "
+                f"|| trainable% {100.0 * mine / max(total, 1):.4f} || sites {len(self.sites) + len(self.also_train)}")
+
+    def print_trainable(self) -> None:
+        print(self.summary())
+
+    def extra_repr(self) -> str:
+        state = "detached" if not self.attached else ("merged" if self.merged else
+                                                       "enabled" if self.enabled else "disabled")
+        return f"name={self.name!r}, method={self.method!r}, sites={len(self.pieces)}, {state}"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def enable(self) -> None:
+        """Run the delta again (puts its hooks back)."""
+        self._check_attached("enable")
+        self.enabled = True
+        self._refresh()
+
+    def disable(self) -> None:
+        """Stop running the delta; its hooks come off, so it costs nothing while off."""
+        self._check_attached("disable")
+        if self.merged:
+            raise DeltaStateError(f"delta {self.name!r} is merged into the weights; unmerge() it before disabling")
+        self.enabled = False
+        self._refresh()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator["Delta"]:
+        """`with delta.disabled():` runs the model without this delta, then restores the state."""
+        was = self.enabled
+        self.disable()
+        try:
+            yield self
+        finally:
+            if was and self.attached:
+                self.enable()
+
+    def merge(self, keep_original: bool = True) -> None:
+        """Write the delta into the base weights in place and take its hooks off.
+
+        With keep_original (default) a copy of each touched weight is kept so `unmerge()`
+        is bit-exact; keep_original=False saves that memory and unmerge subtracts instead
+        (off by float rounding).
+        """
+        self._check_attached("merge")
+        if self.merged:
+            raise DeltaStateError(f"delta {self.name!r} is already merged; call unmerge() first")
+        if not self.enabled:
+            raise DeltaStateError(f"delta {self.name!r} is disabled; enable() it before merging")
+        blocked = [p.key for p in self._pieces() if not p.mergeable]
+        if blocked:
+            raise MergeError(f"the {self.method} delta {self.name!r} cannot be merged into the weights "
+                             f"(sites: {blocked[:3]}); keep it attached unmerged")
+        store = self._store()
+        for piece in self._pieces():  # check everything before writing anything
+            store.sites[piece.site_path].merged_values(piece)
+        done: list[Piece] = []
+        try:
+            for piece in self._pieces():
+                store.sites[piece.site_path].merge(piece, keep_original)
+                done.append(piece)
+        except BaseException:
+            for piece in reversed(done):
+                store.sites[piece.site_path].unmerge(piece)
+            raise
+        self.merged = True
+        self._refresh()
+
+    def unmerge(self) -> None:
+        """Take the delta back out of the weights (bit-exact by default) and put its hooks back."""
+        self._check_attached("unmerge")
+        if not self.merged:
+            raise DeltaStateError(f"delta {self.name!r} is not merged")
+        store = self._store()
+        for piece in reversed(self._pieces()):
+            site = store.sites[piece.site_path]
+            if any(p is piece for p, _ in site.merged):
+                site.unmerge(piece)
+        self.merged = False
+        self._refresh()
+
+    def merge_and_detach(self) -> nn.Module:
+        """Bake the delta into the weights for good (PEFT's merge_and_unload) and detach it.
+
+        The model keeps the adapted weights and no trace of hookdelta's; returns the model.
+        """
+        self._check_attached("merge_and_detach")
+        store = self._store()
+        mine = set(map(id, self._pieces()))
+        others = {p.key for p in self._pieces() for q, _ in store.sites[p.site_path].merged if id(q) not in mine}
+        if others:
+            raise DeltaStateError(
+                f"other deltas are merged into the same layers ({sorted(others)[:3]}); unmerge them first "
+                "so baking this one cannot be undone by theirs"
+            )
+        if not self.merged:
+            self.merge(keep_original=False)
+        model = self._model
+        self._remove(restore_weights=False)
+        return model
+
+    def detach(self) -> None:
+        """Remove the delta: weights, flags and hooks are exactly as before it was attached."""
+        self._check_attached("detach")
+        self._remove(restore_weights=True)
+
+    def save(self, directory: Any, overwrite: bool = False) -> None:
+        """Write the delta's tensors (safetensors) and description (JSON) to `directory`."""
+        from .persistence import save_delta
+
+        self._check_attached("save")
+        save_delta(self, directory, overwrite=overwrite)
+
+    def __enter__(self) -> "Delta":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.attached:
+            self.detach()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _pieces(self) -> list[Piece]:
+        return list(self.pieces.values())  # type: ignore[arg-type]
+
+    def _store(self) -> DeltaStore:
+        store = get_store(self._model)
+        if store is None:
+            raise DeltaStateError(f"delta {self.name!r} lost its model's store; was the model rebuilt?")
+        return store
+
+    def _check_attached(self, action: str) -> None:
+        if not self.attached:
+            raise DeltaStateError(f"delta {self.name!r} is detached; cannot {action}(). Attach a new one with hd.attach")
+
+    def _refresh(self) -> None:
+        live = self.enabled and not self.merged
+        store = self._store()
+        for piece in self._pieces():
+            piece.live = live
+        for path in dict.fromkeys(p.site_path for p in self._pieces()):
+            store.sites[path].refresh()
+
+    def _remove(self, restore_weights: bool) -> None:
+        model = self._model
+        store = get_store(model)
+        if store is None:
+            self.attached = False
+            return
+        if restore_weights and self.merged:
+            self.unmerge()
+        for piece in self._pieces():
+            piece.live = False
+            site = store.sites.get(piece.site_path)
+            if site is None:
+                continue
+            site.pieces = [p for p in site.pieces if p is not piece]
+            site.merged = [(p, k) for p, k in site.merged if p is not piece]
+            piece._buffers.clear()  # merge copies, if any
+            site.refresh()
+            if not site.pieces:
+                del store.sites[piece.site_path]
+        if self.name in store.freezers:
+            _unfreeze(store, model, self.name)
+        if self.name in store.deltas and store.deltas[self.name] is self:
+            del store.deltas[self.name]
+        if not len(store.deltas):
+            remove_store(model)
+        self.attached = False
+
+
+# -- attach and friends -------------------------------------------------------------------
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
+           freeze_base: bool = True) -> Delta:
+    """Attach a delta to `model` and return it, live. All or nothing: on any error the
+    model is left exactly as it was.
+
+    freeze_base sets requires_grad=False on the backbone (restored on detach).
+    Use `with hd.attach(model, cfg) as d:` to detach again on exit.
+    """
+    check_model(model)
+    if not isinstance(config, DeltaConfig):
+        raise ConfigError(f"attach() needs a delta config such as hd.LoRAConfig(...), got {type(config).__name__}")
+    name = _new_name(model, name, config.method)
+    train = also_train_paths(model, config.also_train) if config.also_train is not None else []
+    sites = [k for k in config.select(model) if k not in set(train)]
+    if not sites:
+        raise SelectorError("every module the targets select is also in also_train; nothing is left to adapt")
+    return install(model, config, name, sites, train, freeze_base)
+
+
+def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
+            freeze_base: bool, tensors: dict[str, Any] | None = None) -> Delta:
+    """Build the pieces for known sites, optionally fill in saved tensors, and hook them in."""
+    pieces = config.build(model, sites) + build_copies(model, train)
+    delta = Delta(name, config, pieces, sites, train)
+    if tensors is not None:
+        from .persistence import fill_tensors
+
+        fill_tensors(delta, tensors)
+    delta.train(model.training)
+    created = get_store(model) is None
+    store = get_store(model, create=True)
+    if created:
+        store.train(model.training)
+    object.__setattr__(delta, "_model", model)
+    try:
+        store.deltas[name] = delta
+        delta.attached = True
+        for piece in pieces:
+            site = store.site(model, piece.site_path)
+            site.pieces.append(piece)
+            piece.live = True
+            site.refresh()
+        if freeze_base:
+            _freeze(store, model, name)
+    except BaseException:
+        delta._remove(restore_weights=False)
+        raise
+    return delta
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"hookdelta works on torch.nn.Module models, got {type(model).__name__}")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UnsupportedModuleError(
+            f"hookdelta keeps a model's deltas in one reserved child module, and a bare "
+            f"{type(model).__name__} would iterate over it; wrap the container in your own nn.Module "
+            "(or attach to the model that holds it)"
+        )
+    if type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModuleError(
+            "this model was wrapped by torch.compile, which does not see hooks added afterwards; "
+            "attach deltas to the original model (compiled._orig_mod) and compile after attaching"
+        )
+
+
+def _new_name(model: nn.Module, name: str | None, method: str) -> str:
+    taken = set(deltas(model))
+    if name is None:
+        name, i = method, 2
+        while name in taken:
+            name, i = f"{method}_{i}", i + 1
+        return name
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"a delta name must be a non-empty string without dots, got {name!r}")
+    if name in taken:
+        raise DeltaStateError(f"model already has a delta named {name!r}; pick another name or detach that one")
+    return name
+
+
+def deltas(model: nn.Module) -> dict[str, Delta]:
+    """The deltas attached to `model`, by name, in attach order."""
+    store = get_store(model)
+    return dict(store.deltas.items()) if store is not None else {}  # type: ignore[arg-type]
+
+
+def _freeze(store: DeltaStore, model: nn.Module, name: str) -> None:
+    if not store.freezers:
+        store.saved_flags = {n: p.requires_grad for n, p in base_parameters(model)}
+    store.freezers.append(name)
+    for _, p in base_parameters(model):
+        p.requires_grad_(False)
+
+
+def _unfreeze(store: DeltaStore, model: nn.Module, name: str) -> None:
+    store.freezers.remove(name)
+    if not store.freezers:
+        for n, p in base_parameters(model):
+            if n in store.saved_flags:
+                p.requires_grad_(store.saved_flags[n])
+        store.saved_flags = {}

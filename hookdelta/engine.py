@@ -1,0 +1,255 @@
+"""The hook engine: the only code in hookdelta that registers or removes hooks.
+
+It knows nothing about delta methods. A method hands it `Piece`s (one per site); the
+engine keeps one `Site` dispatcher per hooked module that runs that site's live pieces in
+attach order from at most one forward-pre hook and one forward hook, and takes those
+hooks off entirely when no piece there is live (merged or disabled deltas cost nothing).
+
+All of a model's deltas live in one reserved child module, the `DeltaStore`, so they move
+with `model.to()`, follow `train()/eval()`, appear in `model.parameters()` and survive
+`copy.deepcopy`, while state-dict hooks keep them out of the model's own `state_dict()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import MergeError
+from .selection import STORE_NAME, is_internal
+
+
+class Piece(nn.Module):
+    """One delta's part at one module. A method overrides only the hooks it needs.
+
+    - `pre_forward` may rewrite the module's inputs;
+    - `post_forward` may rewrite its output (never in place);
+    - `swap` returns a stand-in for each parameter named in `swaps`, used for one call;
+    - `delta_weights` returns additive fp32 deltas of the module's parameters for merge().
+    """
+
+    swaps: tuple[str, ...] = ()
+    mergeable: bool = True
+    exact_unmerge_needs_copy: bool = False  # True where subtracting the delta cannot undo a merge
+
+    def __init__(self, site_path: str, key: str | None = None) -> None:
+        super().__init__()
+        self.site_path = site_path  # the module the hooks go on
+        self.key = key or site_path  # unique within the delta; prefixes its saved tensors
+        self.live = False  # set by the delta: enabled and not merged
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return output
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Additive deltas of the module's parameters, in float32, for merge()."""
+        return {}
+
+    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The parameters' new values after merge() (any float dtype; rounded once on write)."""
+        return {n: module._parameters[n].detach().float() + d.to(module._parameters[n].device, torch.float32)
+                for n, d in self.delta_weights(module).items()}
+
+    def describe(self) -> str:
+        """A few words for the tree printer (e.g. the layer kind)."""
+        return ""
+
+    def _overrides(self, name: str) -> bool:
+        return getattr(type(self), name) is not getattr(Piece, name)
+
+
+def first_input(args: tuple, kwargs: dict) -> Any:
+    """A module's main input, whether it was passed positionally or by keyword."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def map_output(output: Any, fn: Any) -> Any:
+    """Apply `fn` to the main tensor of a module output: a tensor, tuple, dict or ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output:
+        return (map_output(output[0], fn),) + tuple(output[1:])
+    if isinstance(output, list) and output:
+        return [map_output(output[0], fn)] + list(output[1:])
+    if isinstance(output, dict) and output:
+        out = output.copy()  # ModelOutput.copy() keeps its class
+        key = next(iter(out))
+        out[key] = map_output(out[key], fn)
+        return out
+    return output
+
+
+class Site:
+    """The dispatcher for one hooked module: one pre-hook and one post-hook for all its pieces."""
+
+    def __init__(self, module: nn.Module, path: str) -> None:
+        self.module = module
+        self.path = path
+        self.pieces: list[Piece] = []  # attach order
+        self.merged: list[tuple[Piece, bool]] = []  # (piece, kept original) in merge order
+        self.handles: list[Any] = []
+        self.pre_pieces: tuple[Piece, ...] = ()
+        self.post_pieces: tuple[Piece, ...] = ()
+        self.swap_pieces: tuple[Piece, ...] = ()
+        self.swapped: list[dict[str, Any]] = []  # stack: nested or re-entrant calls
+
+    # -- hook lifecycle ------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Install exactly the hooks the live pieces need, or none at all."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        live = [p for p in self.pieces if p.live]
+        self.pre_pieces = tuple(p for p in live if p._overrides("pre_forward"))
+        self.post_pieces = tuple(p for p in live if p._overrides("post_forward"))
+        self.swap_pieces = tuple(p for p in live if p.swaps)
+        if self.pre_pieces or self.swap_pieces:
+            self.handles.append(self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+        if self.post_pieces or self.swap_pieces:
+            # always_call: a swapped weight is put back even when forward raises
+            self.handles.append(self.module.register_forward_hook(
+                self.post_hook, with_kwargs=True, always_call=bool(self.swap_pieces)))
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for piece in self.pre_pieces:
+            args, kwargs = piece.pre_forward(module, args, kwargs)
+        if self.swap_pieces:
+            params = module._parameters
+            saved: dict[str, Any] = {}
+            self.swapped.append(saved)
+            for piece in self.swap_pieces:
+                for name in piece.swaps:
+                    saved.setdefault(name, params[name])
+                    params[name] = piece.swap(module, name, params[name])
+        return args, kwargs
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.swap_pieces and self.swapped:
+            module._parameters.update(self.swapped.pop())
+        if output is None:  # forward raised; always_call only had to put the weights back
+            return None
+        for piece in self.post_pieces:
+            output = piece.post_forward(module, args, kwargs, output)
+        return output
+
+    # -- merging ---------------------------------------------------------------------------
+
+    def merged_values(self, piece: Piece) -> dict[str, torch.Tensor]:
+        """What merging `piece` would write, rounded to each parameter's dtype; checks finiteness."""
+        out = {}
+        for name, value in piece.merged_weights(self.module).items():
+            weight = self.module._parameters[name]
+            new = value.detach().to(weight.device, weight.dtype)
+            if not torch.isfinite(new).all():
+                raise MergeError(
+                    f"merging would write NaN/Inf into {self.path}.{name}; the delta's tensors are "
+                    "not finite or too large for the weight's dtype. Nothing was changed."
+                )
+            out[name] = new
+        return out
+
+    def merge(self, piece: Piece, keep_original: bool = True) -> None:
+        """Write the piece into the module's weights in place (same tensor, same address)."""
+        keep_original = keep_original or piece.exact_unmerge_needs_copy
+        for name, new in self.merged_values(piece).items():
+            weight = self.module._parameters[name]
+            if keep_original:
+                piece.register_buffer(f"_original_{name}", weight.detach().clone(), persistent=False)
+            with torch.no_grad():
+                weight.copy_(new)
+        self.merged.append((piece, keep_original))
+
+    def unmerge(self, piece: Piece) -> None:
+        """Take a merged piece out again; later merges are undone and redone so it stays exact."""
+        index = [p for p, _ in self.merged].index(piece)
+        above = self.merged[index + 1:]
+        for other, kept in reversed(above):
+            self._restore(other, kept)
+        self._restore(*self.merged[index])
+        del self.merged[index:]
+        for other, kept in above:
+            self.merge(other, keep_original=kept)
+
+    def _restore(self, piece: Piece, kept: bool) -> None:
+        if kept:  # exact: copy the original back
+            for name, weight in self.module._parameters.items():
+                original = piece._buffers.pop(f"_original_{name}", None)
+                if original is not None:
+                    with torch.no_grad():
+                        weight.copy_(original)
+            return
+        for name, delta in piece.delta_weights(self.module).items():  # no copy: subtract, not bit-exact
+            weight = self.module._parameters[name]
+            with torch.no_grad():
+                weight.copy_((weight.float() - delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+class DeltaStore(nn.Module):
+    """The reserved child (`model._hookdelta`) that holds every delta of one model.
+
+    Its tensors stay out of the parent's `state_dict()` and out of `load_state_dict`'s
+    missing keys, so the model's checkpoint format is untouched (invariant 1).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deltas = nn.ModuleDict()
+        self.sites: dict[str, Site] = {}
+        self.saved_flags: dict[str, bool] = {}  # requires_grad before the first freezing delta
+        self.freezers: list[str] = []  # names of the deltas that froze the backbone
+        self.include_in_state_dict = False
+        # plain functions (they get the store as `module`), so copies of the model stay consistent
+        self.register_state_dict_post_hook(_hide_from_state_dict)
+        self.register_load_state_dict_post_hook(_hide_missing_keys)
+
+    def site(self, model: nn.Module, path: str) -> Site:
+        if path not in self.sites:
+            self.sites[path] = Site(model.get_submodule(path), path)
+        return self.sites[path]
+
+    def extra_repr(self) -> str:
+        return f"deltas={list(self.deltas)}"
+
+
+def _hide_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, metadata: Any) -> None:
+    if module.include_in_state_dict:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k == prefix[:-1] or k.startswith(prefix)]:
+            del meta[key]
+
+
+def _hide_missing_keys(module: nn.Module, incompatible: Any) -> None:
+    if not module.include_in_state_dict:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not is_internal(k)]
+
+
+def get_store(model: nn.Module, create: bool = False) -> DeltaStore | None:
+    store = model._modules.get(STORE_NAME)
+    if store is None and create:
+        store = DeltaStore()
+        model.add_module(STORE_NAME, store)
+    return store  # type: ignore[return-value]
+
+
+def remove_store(model: nn.Module) -> None:
+    model._modules.pop(STORE_NAME, None)
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The backbone's own parameters (tied ones once), never the deltas'."""
+    return [(n, p) for n, p in model.named_parameters() if not is_internal(n)]

@@ -1,0 +1,39 @@
+"""Every exception hookdelta raises on bad input: one class per kind of mistake.
+
+Each subclasses a builtin (ValueError, TypeError, RuntimeError) as well, so code that
+already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class HookdeltaError(Exception):
+    """Base class of every hookdelta error."""
+
+
+class ConfigError(HookdeltaError, ValueError):
+    """A config field has a bad value; the message names the field and the allowed values."""
+
+
+class SelectorError(HookdeltaError, ValueError):
+    """A target selector matched nothing; the message lists the closest module names."""
+
+
+class UnsupportedModuleError(HookdeltaError, TypeError):
+    """A selector hit a module (or parameter) the delta method cannot adapt."""
+
+
+class DeltaStateError(HookdeltaError, RuntimeError):
+    """An operation does not fit the delta's current state (detached, merged, name taken...)."""
+
+
+class MergeError(HookdeltaError, RuntimeError):
+    """Merging would write non-finite values, or the method cannot be merged."""
+
+
+class DeltaFileError(HookdeltaError, ValueError):
+    """A saved delta is missing, corrupt, of an unknown format, or does not fit the model."""
+
+
+class BaseWeightsMismatchWarning(UserWarning):
+    """A delta is loaded onto base weights that differ from the ones it was saved with."""

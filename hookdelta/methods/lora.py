@@ -1,0 +1,335 @@
+"""LoRA (Hu et al. 2021): a low-rank update W + s·B·A, added on the output side.
+
+For a layer y = W x the delta adds s·B(A(dropout(x))) to y in a forward hook, so the
+cost is the rank-r work only and W + BA is never built. Any other `nn.Parameter`
+(e.g. fused 3-D MoE expert weights) is reparametrized for the call: W -> W + s·B·A,
+one rank-r update per leading index (per expert).
+
+Layouts follow PEFT's so adapter files map one-to-one:
+  Linear / Conv1D   lora_A [r, in]            lora_B [out, r]
+  Embedding         lora_A [r, num]           lora_B [dim, r]      ΔW = (B·A)ᵀ
+  ConvNd (groups g) lora_A [g·r, in/g, *k]    lora_B [out, r, 1..] ΔW per group B_j·A_j
+  parameter [..., m, n]  lora_A [..., r, n]   lora_B [..., m, r]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DeltaConfig, Selector, check_choice, check_float, check_int
+from ..engine import Piece, first_input
+from ..errors import ConfigError, MergeError, UnsupportedModuleError
+from ..selection import is_conv1d, is_internal, match, match_parameters
+
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig(DeltaConfig):
+    """Low-rank adaptation.
+
+    r: rank; alpha: scale numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora);
+    dropout: on the delta's input, active only while the host module is training;
+    target_parameters: selectors over parameter paths, for weights used outside a layer
+    (e.g. "mlp.experts.gate_up_proj"); init: "default" (A kaiming-uniform, B zero) or
+    "gaussian"; bias: "none" or "lora_only" (a trainable bias delta on each adapted layer);
+    tie_weights: a weight shared by several modules (tied embedding and output head) is
+    adapted in all of them (True) or refused (False), never in one only.
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_parameters: Selector | None = None
+    use_rslora: bool = False
+    init: str = "default"
+    bias: str = "none"
+    tie_weights: bool = True
+
+    method = "lora"
+
+    def validate(self) -> None:
+        check_int(self, "r")
+        check_float(self, "alpha", low=0.0, low_open=True)
+        check_float(self, "dropout", low=0.0, high=1.0)
+        check_choice(self, "init", ["default", "gaussian"])
+        check_choice(self, "bias", ["none", "lora_only"])
+        for name in ("use_rslora", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.target_parameters is not None:
+            from ..config import _normalize_selector
+
+            object.__setattr__(self, "target_parameters",
+                               _normalize_selector("target_parameters", self.target_parameters))
+        if self.targets is None and self.target_parameters is None:
+            raise ConfigError(
+                "LoRAConfig needs targets (module selectors such as ['q_proj', 'v_proj'] or "
+                "'all-linear') or target_parameters (parameter paths)"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def select(self, model: nn.Module) -> list[str]:
+        keys: list[str] = []
+        if self.targets is not None:
+            keys += match(model, self.targets, self.exclude, self.layers)
+        if self.target_parameters is not None:
+            keys += match_parameters(model, self.target_parameters, self.exclude, self.layers)
+        return keys
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        pieces: list[Piece] = []
+        done: dict[int, Piece] = {}  # id(shared weight) -> its primary piece
+        for key in sites:
+            module, param_name = _resolve(model, key)
+            weight = module._parameters.get(param_name or "weight")
+            if weight is not None and id(weight) in done:
+                continue  # the other end of a tie that was already covered
+            primary = _make_piece(self, key, module, param_name)
+            pieces.append(primary)
+            if weight is not None:
+                done[id(weight)] = primary
+                pieces += _tie_partners(self, model, key, module, param_name or "weight", weight, primary)
+        return pieces
+
+
+def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
+    """A site key is a module path, or a parameter path (module path + '.' + name)."""
+    try:
+        return model.get_submodule(key), None
+    except AttributeError:
+        owner, _, name = key.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if name not in module._parameters:
+            raise UnsupportedModuleError(f"{key!r} is neither a module nor a parameter of the model") from None
+        return module, name
+
+
+def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None) -> Piece:
+    if param_name is not None:
+        return LoRAParameter(cfg, key, module, param_name)
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LoRALinear(cfg, key, module)
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding(cfg, key, module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return LoRAConv(cfg, key, module)
+    raise UnsupportedModuleError(
+        f"LoRA cannot adapt {key!r} of type {type(module).__name__}; it supports {SUPPORTED}. "
+        "Narrow the selector (e.g. to the projection layers inside it), or use "
+        "target_parameters=[...] to adapt one of its weights directly."
+    )
+
+
+def _tie_partners(cfg: LoRAConfig, model: nn.Module, key: str, module: nn.Module, name: str,
+                  weight: torch.Tensor, primary: Piece) -> list[Piece]:
+    """Pieces for the other modules that share `weight` (tied embeddings), or an error."""
+    partners: list[Piece] = []
+    param_is_target = isinstance(primary, LoRAParameter)
+    for path, other in model.named_modules():
+        if other is module or is_internal(path) or other._parameters.get(name) is not weight:
+            continue
+        if not cfg.tie_weights:
+            raise UnsupportedModuleError(
+                f"{key!r} shares its {name} with {path!r} (tied weights); adapting one would untie them. "
+                "Set tie_weights=True to adapt both, or exclude both."
+            )
+        partners.append(TiedParameter(primary, path) if param_is_target else TiedLoRA(primary, path, other))
+    return partners
+
+
+class _LoRABase(Piece):
+    """Shared state: the two factors, the scale, the dropout rate."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
+                 b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
+        super().__init__(site_path, key)
+        self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
+        if not like.is_floating_point():
+            raise UnsupportedModuleError(f"LoRA needs a floating-point weight at {key!r}, found {like.dtype}")
+        kw = {"device": like.device, "dtype": like.dtype}
+        self.lora_A = nn.Parameter(torch.empty(*a_shape, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
+        with torch.no_grad():
+            if cfg.init == "gaussian":
+                self.lora_A.normal_(0.0, 1.0 / cfg.r)
+            else:  # kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT do
+                bound = 1.0 / math.sqrt(fan_in)
+                self.lora_A.uniform_(-bound, bound)
+
+    def drop(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # dropout follows the host module's mode, so model.eval() turns it off
+        return F.dropout(x, self.p, training=True) if self.p and module.training else x
+
+    def describe(self) -> str:
+        return f"r={self.r} scale={self.scale:g}"
+
+
+class LoRALinear(_LoRABase):
+    """LoRA on nn.Linear and transformers Conv1D (whose weight is stored [in, out])."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
+        self.conv1d = is_conv1d(module)
+        w = module.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        super().__init__(cfg, key, key, (cfg.r, in_f), (out_f, cfg.r), w, in_f)
+        self.lora_bias = nn.Parameter(torch.zeros(out_f, dtype=w.dtype, device=w.device)) if cfg.bias == "lora_only" else None
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = self.drop(module, first_input(args, kwargs))
+        x = x.to(self.lora_A.dtype)
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        if self.lora_bias is not None:
+            delta = delta + self.lora_bias
+        return output + delta.to(output.dtype)
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        dw = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        out = {"weight": dw.T if self.conv1d else dw}
+        if self.lora_bias is not None:
+            if module._parameters.get("bias") is None:
+                raise MergeError(
+                    f"{self.key!r} has no bias of its own, so its LoRA bias delta (bias='lora_only') "
+                    "cannot be merged without adding a parameter; keep this delta unmerged"
+                )
+            out["bias"] = self.lora_bias.float()
+        return out
+
+    def describe(self) -> str:
+        return super().describe() + (" +bias" if self.lora_bias is not None else "")
+
+
+class LoRAEmbedding(_LoRABase):
+    """LoRA on nn.Embedding: looks up rows of Aᵀ, then projects with Bᵀ."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding) -> None:
+        num, dim = module.weight.shape
+        super().__init__(cfg, key, key, (cfg.r, num), (dim, cfg.r), module.weight, num)
+        if cfg.bias != "none":
+            raise UnsupportedModuleError(f"bias='lora_only' is not available for the embedding {key!r}")
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        ids = first_input(args, kwargs)
+        after_a = F.embedding(ids, self.lora_A.T, module.padding_idx)
+        return output + (after_a @ self.lora_B.T * self.scale).to(output.dtype)
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (self.lora_B.float() @ self.lora_A.float()).T * self.scale}
+
+
+class LoRAConv(_LoRABase):
+    """LoRA on Conv1d/2d/3d (grouped and 1×1 included): A is a grouped conv with the host's
+    kernel, stride, padding and dilation; B a grouped 1×1 conv. Exact for any groups."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
+        w = module.weight  # [out, in/g, *k]
+        g = module.groups
+        kernel = tuple(w.shape[2:])
+        fan_in = w.shape[1] * math.prod(kernel)
+        super().__init__(cfg, key, key, (g * cfg.r, w.shape[1], *kernel),
+                         (w.shape[0], cfg.r, *([1] * len(kernel))), w, fan_in)
+        self.groups = g
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
+        if cfg.bias != "none":
+            raise UnsupportedModuleError(f"bias='lora_only' is not available for the conv layer {key!r}")
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = self.drop(module, first_input(args, kwargs)).to(self.lora_A.dtype)
+        h = module._conv_forward(x, self.lora_A, None)  # host's padding mode, stride, ... and groups
+        return output + (self.conv(h, self.lora_B, groups=self.groups) * self.scale).to(output.dtype)
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        w = module.weight
+        g, r = self.groups, self.r
+        a = self.lora_A.float().reshape(g, r, -1)
+        b = self.lora_B.float().reshape(g, w.shape[0] // g, r)
+        return {"weight": torch.bmm(b, a).reshape(w.shape) * self.scale}
+
+
+class LoRAParameter(_LoRABase):
+    """LoRA on any parameter of 2 or more dims, swapped in for the call: W + s·B·A over the
+    last two dims, one update per leading index (per expert of a fused MoE weight)."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str) -> None:
+        w = module._parameters[name]
+        if w.dim() < 2:
+            raise UnsupportedModuleError(
+                f"LoRA needs a parameter with at least 2 dims; {key!r} has shape {tuple(w.shape)}"
+            )
+        if cfg.bias != "none":
+            raise UnsupportedModuleError(f"bias='lora_only' is not available for the parameter target {key!r}")
+        *lead, m, n = w.shape
+        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, cfg.r, n), (*lead, m, cfg.r), w, n)
+        self.swaps = (name,)
+        self.param_name = name
+        if cfg.dropout:
+            raise ConfigError("LoRA dropout acts on layer inputs; it is not available with target_parameters (set dropout=0)")
+
+    def update(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.update().to(weight.dtype)
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {self.param_name: (self.lora_B.float() @ self.lora_A.float()) * self.scale}
+
+    def describe(self) -> str:
+        return f"{self.param_name}: " + super().describe()
+
+
+class TiedLoRA(Piece):
+    """The other end of a tied weight: applies the primary piece's update in this module too.
+
+    Holds no tensors of its own (the primary owns them, and writes the shared weight once
+    on merge), so the two modules stay tied."""
+
+    def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
+        super().__init__(site_path, key=site_path)
+        object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
+        plain = isinstance(primary, LoRAEmbedding) or (isinstance(primary, LoRALinear) and not primary.conv1d)
+        if not plain or not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise UnsupportedModuleError(
+                f"{site_path!r} ({type(module).__name__}) shares its weight with {primary.key!r}; hookdelta "
+                "ties LoRA only between nn.Linear and nn.Embedding layers. Exclude both or set tie_weights=False."
+            )
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        p = self.primary
+        x = first_input(args, kwargs)
+        if isinstance(p, LoRAEmbedding) and isinstance(module, nn.Linear):  # ΔW=(B·A)ᵀ as a linear: x·B·A
+            delta = F.linear(F.linear(p.drop(module, x).to(p.lora_A.dtype), p.lora_B.T), p.lora_A.T)
+        elif isinstance(p, LoRALinear) and isinstance(module, nn.Embedding):  # ΔW=B·A looked up: B[ids]·A
+            delta = F.embedding(x, p.lora_B, module.padding_idx) @ p.lora_A
+        elif isinstance(p, LoRAEmbedding):  # embedding tied to embedding
+            delta = F.embedding(x, p.lora_A.T, module.padding_idx) @ p.lora_B.T
+        else:  # linear tied to linear
+            delta = F.linear(F.linear(p.drop(module, x).to(p.lora_A.dtype), p.lora_A), p.lora_B)
+        return output + (delta * p.scale).to(output.dtype)
+
+    def describe(self) -> str:
+        return f"tied to {self.primary.key}"
+
+
+class TiedParameter(Piece):
+    """A parameter target shared by another module: swap in the same W + s·B·A there too."""
+
+    def __init__(self, primary: "LoRAParameter", site_path: str) -> None:
+        super().__init__(site_path, key=site_path + "." + primary.param_name)
+        object.__setattr__(self, "primary", primary)
+        self.swaps = primary.swaps
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self.primary.swap(module, name, weight)
+
+    def describe(self) -> str:
+        return f"tied to {self.primary.key}"
