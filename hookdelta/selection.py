@@ -99,7 +99,8 @@ def _suggest(selector: Any, names: Sequence[str]) -> str:
     if not isinstance(selector, str):
         return ""
     key = selector[3:] if selector.startswith("re:") else selector
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names} - {n for n in names if n.isdigit()})
+    leaves = [n for n in leaves if not n.isdigit()]
     close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
     close += [c for c in difflib.get_close_matches(key, names, n=3, cutoff=0.5) if c not in close]
     if not close:
@@ -130,6 +131,8 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
     if layers is not None:
         wanted = set(layers)
         chosen = {n: None for n in chosen if block_index(n) in wanted}
+    order = {n: i for i, n in enumerate(names)}
+    chosen = dict.fromkeys(sorted(chosen, key=order.__getitem__))  # model order, not selector order
     if not chosen:
         raise SelectorError(
             f"targets {_describe(targets)} matched {what}s, but exclude={_describe(exclude)} and "

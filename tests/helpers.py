@@ -1,0 +1,58 @@
+"""Checks shared by the test files: snapshots of a model and bit-exact comparisons."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import hookdelta as hd
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().view(torch.uint8)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything invariants 1 and 2 promise to keep: tensors, flags, hooks, modules, keys."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+        "ptrs": {n: p.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)},
+        "buffers": {n: b.clone() for n, b in model.named_buffers(remove_duplicate=False)},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+        "hooks": {n: hook_state(m) for n, m in model.named_modules()},
+        "keys": list(model.state_dict().keys()),
+        "children": {n: list(m._modules) for n, m in model.named_modules()},
+    }
+
+
+def hook_state(m: nn.Module) -> tuple:
+    return (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._state_dict_hooks),
+            tuple(m._load_state_dict_post_hooks), tuple(m._backward_hooks))
+
+
+def assert_restored(model: nn.Module, snap: dict) -> None:
+    now = snapshot(model)
+    assert now["modules"] == snap["modules"], "module tree changed"
+    assert now["children"] == snap["children"], "a child was added or removed"
+    assert now["keys"] == snap["keys"], "state-dict keys changed"
+    assert now["hooks"] == snap["hooks"], "a hook was left behind"
+    assert now["flags"] == snap["flags"], "requires_grad flags changed"
+    assert now["ptrs"] == snap["ptrs"], "a parameter was replaced"
+    for n, p in snap["params"].items():
+        assert same_bits(now["params"][n], p), f"parameter {n} is not bit-identical"
+    for n, b in snap["buffers"].items():
+        assert same_bits(now["buffers"][n], b), f"buffer {n} is not bit-identical"
+    assert hd.deltas(model) == {}
+
+
+def perturb(delta: hd.Delta, std: float = 0.05, seed: int = 7) -> None:
+    """Give a fresh (zero-effect) delta random values so comparisons are not vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
