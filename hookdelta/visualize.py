@@ -59,8 +59,10 @@ class _Builder:
 
     def label(self, name: str, module: nn.Module, path: str, count: int = 1, last: str = "") -> Text:
         text = Text()
-        text.append(name if count == 1 else f"{name}-{last} ×{count}", style="bold")
-        text.append(f" ({type(module).__name__})", style="cyan")
+        if path or name != type(module).__name__:
+            text.append(name if count == 1 else f"{name}-{last} ×{count}", style="bold")
+            text.append(" ")
+        text.append(f"({type(module).__name__})", style="cyan")
         n = sum(p.numel() for p in module.parameters())
         if module._modules and n:
             text.append(f" {n * count:,} params", style="dim")

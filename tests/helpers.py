@@ -36,6 +36,12 @@ def hook_state(m: nn.Module) -> tuple:
 
 
 def assert_restored(model: nn.Module, snap: dict) -> None:
+    """Invariant 2: everything as in the snapshot, and no delta left."""
+    assert_same(model, snap)
+    assert hd.deltas(model) == {}
+
+
+def assert_same(model: nn.Module, snap: dict) -> None:
     now = snapshot(model)
     assert now["modules"] == snap["modules"], "module tree changed"
     assert now["children"] == snap["children"], "a child was added or removed"
@@ -47,7 +53,6 @@ def assert_restored(model: nn.Module, snap: dict) -> None:
         assert same_bits(now["params"][n], p), f"parameter {n} is not bit-identical"
     for n, b in snap["buffers"].items():
         assert same_bits(now["buffers"][n], b), f"buffer {n} is not bit-identical"
-    assert hd.deltas(model) == {}
 
 
 def perturb(delta: hd.Delta, std: float = 0.05, seed: int = 7) -> None:
