@@ -46,7 +46,7 @@ class DeltaConfig:
 
     def __post_init__(self) -> None:
         for name in ("targets", "exclude", "also_train"):
-            object.__setattr__(self, name, _normalize_selector(name, getattr(self, name)))
+            object.__setattr__(self, name, normalize_selector(name, getattr(self, name)))
         if self.layers is not None:
             layers = self.layers
             if isinstance(layers, int) and not isinstance(layers, bool):
@@ -137,7 +137,7 @@ def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:
 # -- selectors -----------------------------------------------------------------------------
 
 
-def _normalize_selector(field: str, value: Any) -> Any:
+def normalize_selector(field: str, value: Any) -> Any:
     """Lists become tuples (the dataclass is frozen); anything that is not a selector is refused."""
     if value is None:
         return None

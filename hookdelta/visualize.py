@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.text import Text
 from rich.tree import Tree
 
-from .engine import Piece, get_store
+from .engine import get_store
 from .selection import is_internal
 
 
@@ -26,7 +26,6 @@ def _site_labels(model: nn.Module) -> dict[str, list[str]]:
     for delta in store.deltas.values():
         state = "merged" if delta.merged else ("enabled" if delta.enabled else "disabled")
         for piece in delta.pieces.values():
-            assert isinstance(piece, Piece)
             what = "also_train" if type(piece).__name__ == "FullCopy" else delta.method
             text = f"◆ {delta.name} ({what}) {piece.describe()} [{state}]".replace("  ", " ")
             labels.setdefault(piece.site_path, []).append(text)

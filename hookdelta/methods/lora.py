@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, Selector, check_choice, check_float, check_int
+from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
 from ..engine import Piece, first_input
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
 from ..selection import is_conv1d, is_internal, match, match_parameters
@@ -64,10 +64,8 @@ class LoRAConfig(DeltaConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.target_parameters is not None:
-            from ..config import _normalize_selector
-
             object.__setattr__(self, "target_parameters",
-                               _normalize_selector("target_parameters", self.target_parameters))
+                               normalize_selector("target_parameters", self.target_parameters))
         if self.targets is None and self.target_parameters is None:
             raise ConfigError(
                 "LoRAConfig needs targets (module selectors such as ['q_proj', 'v_proj'] or "
