@@ -127,7 +127,9 @@ def _base_tensor(delta: Any, model: nn.Module, key: str) -> torch.Tensor:
     else:
         owner, _, name = key.rpartition(".")
         module = model.get_submodule(owner)
-    piece = delta.pieces[key.replace(".", "-")]
+    from .delta import _slot
+
+    piece = delta.pieces[_slot(key)]
     original = piece._buffers.get(f"_original_{name}")
     return original if original is not None else module._parameters[name]
 
