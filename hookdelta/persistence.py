@@ -94,9 +94,7 @@ def _version() -> str:
 def _portable_config(delta: Any, model: nn.Module) -> dict[str, Any]:
     """The config as JSON; callable selectors (not serializable) become the exact site lists."""
     data = delta.config.to_dict()
-    has_callable = any(isinstance(v, dict) and "callable" in v
-                       for v in (x for f in data.values() for x in (f if isinstance(f, list) else [f])))
-    if has_callable:
+    if _has_callable(data):
         modules = [k for k in delta.sites if _is_module(model, k)]
         params = [k for k in delta.sites if not _is_module(model, k)]
         data.update(targets=[f"re:{_escape(k)}" for k in modules] or None, exclude=None, layers=None,
@@ -104,6 +102,11 @@ def _portable_config(delta: Any, model: nn.Module) -> dict[str, Any]:
         if "target_parameters" in data:
             data["target_parameters"] = [f"re:{_escape(k)}" for k in params] or None
     return data
+
+
+def _has_callable(data: dict[str, Any]) -> bool:
+    values = [v for f in data.values() for v in (f if isinstance(f, list) else [f])]
+    return any(isinstance(v, dict) and "callable" in v for v in values)
 
 
 def _escape(path: str) -> str:

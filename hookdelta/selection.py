@@ -99,8 +99,7 @@ def _suggest(selector: Any, names: Sequence[str]) -> str:
     if not isinstance(selector, str):
         return ""
     key = selector[3:] if selector.startswith("re:") else selector
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names} - {n for n in names if n.isdigit()})
-    leaves = [n for n in leaves if not n.isdigit()]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
     close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
     close += [c for c in difflib.get_close_matches(key, names, n=3, cutoff=0.5) if c not in close]
     if not close:
