@@ -1,4 +1,4 @@
-"""hookdelta: parameter-efficient deltas (LoRA, ...) attached to any PyTorch model through
+"""hookdelta: parameter-efficient deltas (LoRA, adapters, prompts, ...) attached to any PyTorch model through
 hooks, without replacing a module or changing a state-dict key.
 
     import hookdelta as hd
@@ -17,7 +17,18 @@ from .errors import (
     SelectorError,
     UnsupportedModuleError,
 )
-from .methods import LoRAConfig
+from .methods import (
+    AdapterConfig,
+    BitFitConfig,
+    CompacterConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoRAConfig,
+    LowRankAdapterConfig,
+    ParallelAdapterConfig,
+    PrefixConfig,
+    SoftPromptConfig,
+)
 from .persistence import load
 from .selection import match
 from .visualize import visualize
@@ -25,6 +36,8 @@ from .visualize import visualize
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LowRankAdapterConfig",
+    "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize",

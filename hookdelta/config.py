@@ -38,6 +38,8 @@ class DeltaConfig:
     also_train: Selector | None = None
 
     method: ClassVar[str] = ""
+    # semantic layer names (see families.py) used when `targets` is None
+    default_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -66,6 +68,19 @@ class DeltaConfig:
 
     def validate(self) -> None:
         """Check the method's own fields; raise ConfigError naming the field on a bad value."""
+
+    def select(self, model: nn.Module) -> list[str]:
+        """The site paths this config adapts on `model` (its targets, or the method's defaults)."""
+        from .selection import match
+
+        return match(model, self.target_selectors(), self.exclude, self.layers)
+
+    def target_selectors(self) -> Any:
+        if self.targets is not None:
+            return self.targets
+        if not self.default_targets:
+            raise ConfigError(f"{type(self).__name__} has no default positions; pass targets=[...]")
+        return self.default_targets
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list["Piece"]:
         """Create the method's pieces for the selected module paths (nothing is attached yet)."""

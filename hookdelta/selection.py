@@ -2,7 +2,8 @@
 
 A selector is a dotted-name suffix ("q_proj", "attention.self.query"), a glob over dotted
 paths ("layers.*.mlp.*_proj"), a regex ("re:.*\\.(q|v)_proj"), a module type (nn.Linear),
-"all-linear", a callable (name, module) -> bool, or a list of these.
+"all-linear", a semantic layer name ("attn.q", "ffn.out", "norm"; see families.py), a
+callable (name, module) -> bool, or a list of these.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, Iterable, Sequence
 
 import torch.nn as nn
 
-from .errors import ConfigError, SelectorError
+from .errors import ConfigError, SelectorError, UnsupportedModuleError
+from .families import expand, is_semantic
 
 STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
 
@@ -32,6 +34,32 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def hidden_size(model: nn.Module) -> int | None:
+    """The model's hidden width from its config (hidden_size / d_model / n_embd / dim), if any."""
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int]:
+    """(input width, output width) of a layer: from its weight when it is linear, else the
+    model's hidden size (a block such as an MLP maps hidden -> hidden)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    width = hidden_size(model)
+    if width is None:
+        raise UnsupportedModuleError(
+            f"cannot tell the width of {path!r} ({type(module).__name__}): it is not a linear layer and "
+            "the model has no config.hidden_size; target its linear layers instead"
+        )
+    return width, width
 
 
 def block_index(path: str) -> int | None:
@@ -90,8 +118,8 @@ def _as_list(selectors: Any) -> list[Any]:
 
 
 def _describe(selector: Any) -> str:
-    if isinstance(selector, type):
-        return selector.__name__
+    if isinstance(selector, type) or callable(selector):
+        return getattr(selector, "__name__", repr(selector))
     return repr(selector)
 
 
@@ -115,15 +143,17 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
         raise ConfigError(f"no targets given: name the {what}s to adapt (e.g. targets=['q_proj', 'v_proj'])")
     chosen: dict[str, None] = {}
     for sel in selectors:
-        hit = [n for n, m in entries if _hits(sel, n, m, heads)]
+        alternatives = expand(model, sel) if is_semantic(sel) else [sel]
+        hit = [n for n, m in entries if any(_hits(s, n, m, heads) for s in alternatives)]
         if not hit:
+            meaning = f" (on this model: {[_describe(s) for s in alternatives]})" if is_semantic(sel) else ""
             raise SelectorError(
-                f"target selector {_describe(sel)} matched no {what} of {type(model).__name__}."
+                f"target selector {_describe(sel)}{meaning} matched no {what} of {type(model).__name__}."
                 + _suggest(sel, names)
                 + " Use hd.match(model, targets) to try selectors without attaching."
             )
         chosen.update(dict.fromkeys(hit))
-    excluded = _as_list(exclude)
+    excluded = [s for e in _as_list(exclude) for s in (expand(model, e) if is_semantic(e) else [e])]
     if excluded:
         by_name = dict(entries)
         chosen = {n: None for n in chosen if not any(_hits(s, n, by_name[n], heads) for s in excluded)}

@@ -1,5 +1,17 @@
 """Delta methods: one file each, a config class plus the pieces it hooks in."""
 
+from .adapter import AdapterConfig
+from .bitfit import BitFitConfig
+from .compacter import CompacterConfig
+from .ia3 import IA3Config
+from .ln_tuning import LNTuningConfig
 from .lora import LoRAConfig
+from .low_rank_adapter import LowRankAdapterConfig
+from .parallel_adapter import ParallelAdapterConfig
+from .prefix import PrefixConfig
+from .soft_prompt import SoftPromptConfig
 
-__all__ = ["LoRAConfig"]
+__all__ = [
+    "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig",
+    "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
+]

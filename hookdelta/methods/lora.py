@@ -41,6 +41,9 @@ class LoRAConfig(DeltaConfig):
     "gaussian"; bias: "none" or "lora_only" (a trainable bias delta on each adapted layer);
     tie_weights: a weight shared by several modules (tied embedding and output head) is
     adapted in all of them (True) or refused (False), never in one only.
+    use_dora: DoRA (Liu et al. 2024), W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row, with
+    a trained magnitude m; linear layers only.
+    Default targets: the attention query and value projections of the model's family.
     """
 
     r: int = 8
@@ -51,8 +54,10 @@ class LoRAConfig(DeltaConfig):
     init: str = "default"
     bias: str = "none"
     tie_weights: bool = True
+    use_dora: bool = False
 
     method = "lora"
+    default_targets = ("attn.q", "attn.v")
 
     def validate(self) -> None:
         check_int(self, "r")
@@ -60,17 +65,12 @@ class LoRAConfig(DeltaConfig):
         check_float(self, "dropout", low=0.0, high=1.0)
         check_choice(self, "init", ["default", "gaussian"])
         check_choice(self, "bias", ["none", "lora_only"])
-        for name in ("use_rslora", "tie_weights"):
+        for name in ("use_rslora", "tie_weights", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.target_parameters is not None:
             object.__setattr__(self, "target_parameters",
                                normalize_selector("target_parameters", self.target_parameters))
-        if self.targets is None and self.target_parameters is None:
-            raise ConfigError(
-                "LoRAConfig needs targets (module selectors such as ['q_proj', 'v_proj'] or "
-                "'all-linear') or target_parameters (parameter paths)"
-            )
 
     @property
     def scale(self) -> float:
@@ -78,8 +78,8 @@ class LoRAConfig(DeltaConfig):
 
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
-        if self.targets is not None:
-            keys += match(model, self.targets, self.exclude, self.layers)
+        if self.targets is not None or self.target_parameters is None:  # no targets at all: defaults
+            keys += match(model, self.target_selectors(), self.exclude, self.layers)
         if self.target_parameters is not None:
             keys += match_parameters(model, self.target_parameters, self.exclude, self.layers)
         return keys
@@ -113,6 +113,13 @@ def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
 
 
 def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None) -> Piece:
+    if cfg.use_dora:
+        if param_name is None and (isinstance(module, nn.Linear) or is_conv1d(module)):
+            return DoRALinear(cfg, key, module)
+        raise UnsupportedModuleError(
+            f"DoRA (use_dora=True) adapts linear layers only; {key!r} is "
+            f"{'a parameter target' if param_name else type(module).__name__}. Narrow the targets or use plain LoRA."
+        )
     if param_name is not None:
         return LoRAParameter(cfg, key, module, param_name)
     if isinstance(module, nn.Linear) or is_conv1d(module):
@@ -136,7 +143,7 @@ def _tie_partners(cfg: LoRAConfig, model: nn.Module, key: str, module: nn.Module
     for path, other in model.named_modules():
         if other is module or is_internal(path) or other._parameters.get(name) is not weight:
             continue
-        if not cfg.tie_weights:
+        if not cfg.tie_weights or cfg.use_dora:
             raise UnsupportedModuleError(
                 f"{key!r} shares its {name} with {path!r} (tied weights); adapting one would untie them. "
                 "Set tie_weights=True to adapt both, or exclude both."
@@ -204,6 +211,58 @@ class LoRALinear(_LoRABase):
 
     def describe(self) -> str:
         return super().describe() + (" +bias" if self.lora_bias is not None else "")
+
+
+class DoRALinear(LoRALinear):
+    """DoRA: the LoRA-updated weight, renormalized per output row and scaled by a trained
+    magnitude. Computed on the output side as PEFT does: with c = m / ‖W + ΔW‖ (the norm
+    detached from the graph, as the DoRA paper recommends),
+    y = base(x) + (c − 1)·(W·x) + c·s·B·A·x, so W + ΔW is never applied to the input."""
+
+    exact_unmerge_needs_copy = True  # merging rescales the weight; only the kept original undoes it
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
+        super().__init__(cfg, key, module)
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(self._rows(module.weight.detach()).norm(dim=1))
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.conv1d else weight  # [out, in]
+
+    def _scale(self, module: nn.Module) -> torch.Tensor:
+        w = self._rows(module.weight).to(self.lora_A.dtype)
+        norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1).detach()
+        return self.magnitude / norm
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = first_input(args, kwargs).to(self.lora_A.dtype)
+        c = self._scale(module)
+        dropped = self.drop(module, x)
+        lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scale
+        if dropped is x:  # the host output already holds W·x (+ bias)
+            bias = module._parameters.get("bias")
+            base = output.to(c.dtype) - (bias.to(c.dtype) if bias is not None else 0)
+        else:  # PEFT computes the base term on the dropped-out input
+            base = F.linear(dropped, self._rows(module.weight).to(c.dtype))
+        delta = (c - 1) * base + c * lora
+        if self.lora_bias is not None:
+            delta = delta + self.lora_bias
+        return output + delta.to(output.dtype)
+
+    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        w = self._rows(module.weight.detach()).float()
+        updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        merged = updated * (self.magnitude.float() / updated.norm(dim=1)).unsqueeze(1)
+        out = {"weight": merged.T if self.conv1d else merged}
+        if self.lora_bias is not None:
+            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + module.bias.detach().float()
+        return out
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+
+    def describe(self) -> str:
+        return "DoRA " + super().describe()
 
 
 class LoRAEmbedding(_LoRABase):

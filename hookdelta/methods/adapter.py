@@ -1,0 +1,132 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021): h -> h + s·up(f(down(h)))
+on a layer's output, with `up` zero-initialized so a fresh adapter changes nothing.
+
+`Bottleneck` is the piece every adapter-style method shares: the sequential adapter here,
+the parallel adapter (branch fed by the layer's input), the low-rank adapter and
+Compacter (other parametrizations of `down` and `up`). Adapters are non-linear, so they
+cannot be merged into the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DeltaConfig, check_choice, check_float, check_int
+from ..engine import Piece, first_input, map_output
+from ..selection import layer_dims
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
+
+
+def check_bottleneck(cfg: Any) -> None:
+    """Shared checks: a bottleneck width or a reduction factor, a known non-linearity, a scale."""
+    if cfg.bottleneck_dim is not None:
+        check_int(cfg, "bottleneck_dim")
+    check_int(cfg, "reduction_factor")
+    check_choice(cfg, "non_linearity", sorted(ACTIVATIONS))
+    check_float(cfg, "scaling", low=0.0, low_open=True)
+
+
+def bottleneck_width(cfg: Any, width: int) -> int:
+    return cfg.bottleneck_dim if cfg.bottleneck_dim is not None else max(1, width // cfg.reduction_factor)
+
+
+def reference_tensor(model: nn.Module, module: nn.Module) -> torch.Tensor:
+    """A tensor whose device and dtype the delta's own tensors should take."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight
+    return next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())
+
+
+class Bottleneck(Piece):
+    """down -> non-linearity -> up, times `scale`, added to the layer's main output.
+
+    Sequential (default): the branch reads the output h. Parallel: it reads the layer's input."""
+
+    mergeable = False
+
+    def __init__(self, key: str, down: nn.Module, up: nn.Module, non_linearity: str, scale: float,
+                 parallel: bool = False) -> None:
+        super().__init__(key)
+        self.down, self.up = down, up
+        self.non_linearity, self.scale, self.parallel = non_linearity, scale, parallel
+
+    def branch(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        x = x.to(next(self.parameters()).dtype)
+        return (self.up(ACTIVATIONS[self.non_linearity](self.down(x))) * self.scale).to(like.dtype)
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.parallel:
+            x = first_input(args, kwargs)
+            return map_output(output, lambda h: h + self.branch(x, h))
+        return map_output(output, lambda h: h + self.branch(h, h))
+
+    def describe(self) -> str:
+        kind = "parallel" if self.parallel else "adapter"
+        return f"{kind} {self.down.extra_repr()} {self.non_linearity} ×{self.scale:g}"
+
+
+def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, device=like.device, dtype=like.dtype)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def build_bottlenecks(cfg: Any, model: nn.Module, sites: Sequence[str],
+                      make: Callable[[int, int, torch.Tensor], tuple[nn.Module, nn.Module]],
+                      parallel: bool = False) -> list[Piece]:
+    """One Bottleneck per site; `make(width_in, width_out, like)` builds its (down, up) pair."""
+    pieces: list[Piece] = []
+    for path in sites:
+        module = model.get_submodule(path)
+        width_in, width_out = layer_dims(model, module, path)
+        down, up = make(width_in if parallel else width_out, width_out, reference_tensor(model, module))
+        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, parallel))
+    return pieces
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterConfig(DeltaConfig):
+    """Sequential bottleneck adapter.
+
+    bottleneck_dim: the adapter's inner width (default: layer width // reduction_factor);
+    non_linearity: relu | gelu | silu | swish | tanh | identity; scaling: multiplies the
+    adapter's output; placement: "houlsby" (after the attention output and the FFN output)
+    or "pfeiffer" (after the FFN output only), used when targets is None.
+    """
+
+    bottleneck_dim: int | None = None
+    reduction_factor: int = 16
+    non_linearity: str = "relu"
+    scaling: float = 1.0
+    placement: str = "houlsby"
+
+    method = "adapter"
+
+    def validate(self) -> None:
+        check_bottleneck(self)
+        check_choice(self, "placement", ["houlsby", "pfeiffer"])
+
+    def target_selectors(self) -> Any:
+        if self.targets is not None:
+            return self.targets
+        return ("attn.o", "ffn.out") if self.placement == "houlsby" else ("ffn.out",)
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        def make(width_in: int, width_out: int, like: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+            width = bottleneck_width(self, width_out)
+            down = nn.Linear(width_out, width, device=like.device, dtype=like.dtype)
+            return down, zero_linear(width, width_out, like)
+
+        return build_bottlenecks(self, model, sites, make)
+

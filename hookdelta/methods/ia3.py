@@ -1,0 +1,105 @@
+"""IA³ (Liu et al. 2022): learned vectors that rescale activations, initialized to ones.
+Keys, values (and other output targets): out -> l ⊙ out. Feed-forward targets (the FFN's
+down projection): the *input* is rescaled, x -> l ⊙ x. Both fold into the weight on merge
+(rows or columns scaled), and the original is kept so unmerge is exact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import DeltaConfig, Selector, normalize_selector
+from ..engine import Piece, first_input, map_output
+from ..errors import UnsupportedModuleError
+from ..selection import is_conv1d, is_linear_like, layer_dims, match
+
+
+class Rescale(Piece):
+    """l ⊙ output (on_input=False) or the layer applied to l ⊙ input (on_input=True)."""
+
+    exact_unmerge_needs_copy = True  # the merge multiplies; only the kept original undoes it
+
+    def __init__(self, key: str, module: nn.Module, width: int, on_input: bool) -> None:
+        super().__init__(key)
+        w = module.weight
+        self.ia3_l = nn.Parameter(torch.ones(width, device=w.device, dtype=w.dtype))
+        self.on_input = on_input
+        self.conv1d = is_conv1d(module)
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not self.on_input:
+            return args, kwargs
+        if args:
+            return (args[0] * self.ia3_l.to(args[0].dtype),) + tuple(args[1:]), kwargs
+        name = next(iter(kwargs))
+        return args, {**kwargs, name: kwargs[name] * self.ia3_l.to(kwargs[name].dtype)}
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.on_input:
+            return output
+        return map_output(output, lambda h: h * self.ia3_l.to(h.dtype))
+
+    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        w, l = module.weight.detach().float(), self.ia3_l.detach().float()
+        # nn.Linear weight is [out, in]; Conv1D stores [in, out]
+        out_axis, in_axis = (1, 0) if self.conv1d else (0, 1)
+        axis = in_axis if self.on_input else out_axis
+        shape = [1, 1]
+        shape[axis] = -1
+        merged = {"weight": w * l.reshape(shape)}
+        bias = module._parameters.get("bias")
+        if bias is not None and not self.on_input:
+            merged["bias"] = bias.detach().float() * l
+        return merged
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+
+    def describe(self) -> str:
+        return f"ia3 ⊙{'input' if self.on_input else 'output'}[{self.ia3_l.shape[0]}]"
+
+    def _overrides(self, name: str) -> bool:  # one hook only, on the side that is scaled
+        return name == ("pre_forward" if self.on_input else "post_forward")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IA3Config(DeltaConfig):
+    """IA³. targets: layers whose output is rescaled (default: keys and values);
+    feedforward_targets: layers whose input is rescaled (default: the FFN down projection)."""
+
+    feedforward_targets: Selector | None = None
+
+    method = "ia3"
+    default_targets = ("attn.k", "attn.v")
+
+    def validate(self) -> None:
+        object.__setattr__(self, "feedforward_targets",
+                           normalize_selector("feedforward_targets", self.feedforward_targets))
+
+    def select(self, model: nn.Module) -> list[str]:
+        sites = super().select(model)
+        ff = self._feedforward(model)
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        return sorted(dict.fromkeys(sites + ff), key=order.__getitem__)
+
+    def _feedforward(self, model: nn.Module) -> list[str]:
+        if self.feedforward_targets is not None:
+            return match(model, self.feedforward_targets, self.exclude, self.layers)
+        return match(model, ("ffn.out",), self.exclude, self.layers) if self.targets is None else []
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        ff = set(self._feedforward(model))
+        pieces: list[Piece] = []
+        for path in sites:
+            module = model.get_submodule(path)
+            if not is_linear_like(module):
+                raise UnsupportedModuleError(
+                    f"IA3 rescales linear layers; {path!r} is a {type(module).__name__}. Narrow the targets."
+                )
+            width_in, width_out = layer_dims(model, module, path)
+            on_input = path in ff
+            pieces.append(Rescale(path, module, width_in if on_input else width_out, on_input))
+        return pieces

@@ -1,0 +1,55 @@
+"""LN tuning (Zhao et al. 2023): train the normalization layers' scale and shift. The delta
+holds additive ΔW and Δb (zero at first) and swaps W+ΔW, b+Δb in for each call, so the base
+tensors are never written until merge(), which is a plain addition (exact unmerge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import DeltaConfig
+from ..engine import Piece
+from ..errors import UnsupportedModuleError
+
+
+class NormDelta(Piece):
+    """W + ΔW (and b + Δb where the layer has a bias), swapped in for the call."""
+
+    def __init__(self, key: str, module: nn.Module) -> None:
+        super().__init__(key)
+        names = [n for n in ("weight", "bias") if isinstance(module._parameters.get(n), torch.Tensor)]
+        for n in names:
+            p = module._parameters[n]
+            self.register_parameter(f"delta_{n}", nn.Parameter(torch.zeros_like(p.detach())))
+        self.swaps = tuple(names)
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self._parameters[f"delta_{name}"].to(weight.dtype)
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: self._parameters[f"delta_{n}"].float() for n in self.swaps}
+
+    def describe(self) -> str:
+        return "Δ" + "+Δ".join(self.swaps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LNTuningConfig(DeltaConfig):
+    """Tune normalization layers (default: every one, found by type: LayerNorm, RMSNorm, ...)."""
+
+    method = "ln_tuning"
+    default_targets = ("norm",)
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        pieces: list[Piece] = []
+        for path in sites:
+            module = model.get_submodule(path)
+            if not isinstance(module._parameters.get("weight"), torch.Tensor):
+                raise UnsupportedModuleError(
+                    f"LN tuning needs a layer with its own weight; {path!r} ({type(module).__name__}) has none"
+                )
+            pieces.append(NormDelta(path, module))
+        return pieces

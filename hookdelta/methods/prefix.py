@@ -1,0 +1,126 @@
+"""Prefix tuning (Li & Liang 2021): `num_virtual_tokens` learned key/value pairs in front of
+every attention layer's keys and values. A forward-pre hook (with kwargs) on the model fills
+the model's own key/value cache argument with the prefix before the call and widens the
+attention mask to cover it; the model's attention layers then attend to it as to past
+tokens. Real tokens keep the positions they have without the prefix (position_ids are
+passed explicitly), so training and generate() agree.
+
+Optional reparametrization (prefix_projection): the prefix is computed by a small MLP
+(embedding -> Linear -> tanh -> Linear) from `encoder_hidden_size`-wide embeddings, as in
+the paper and PEFT. Decoder-only and encoder-only models; not mergeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import DeltaConfig, check_int
+from ..engine import Piece
+from ..errors import ConfigError, UnsupportedModuleError
+from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker,
+                            input_embeddings_path, is_encoder_decoder, prepend)
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+class Prefix(Piece):
+    """The prefix's key/value tensors for every layer, passed in through the cache argument."""
+
+    mergeable = False
+
+    def __init__(self, key: str, shape: tuple[int, int, int], tokens: int, projection: int | None,
+                 like: torch.Tensor, site_path: str, cache_arg: str, positions: bool) -> None:
+        super().__init__(site_path, key)
+        self.layers, self.kv_heads, self.head_dim = shape
+        width = self.layers * 2 * self.kv_heads * self.head_dim
+        kw = {"device": like.device, "dtype": like.dtype}
+        if projection is None:
+            self.embedding = nn.Parameter(torch.randn(tokens, width, **kw))
+            self.mlp = None
+        else:
+            hidden = like.shape[-1]
+            self.embedding = nn.Parameter(torch.randn(tokens, hidden, **kw))
+            self.mlp = nn.Sequential(nn.Linear(hidden, projection, **kw), nn.Tanh(), nn.Linear(projection, width, **kw))
+        self.cache_arg = cache_arg
+        self.positions = positions  # the model takes position_ids
+
+    @property
+    def length(self) -> int:
+        return self.embedding.shape[0]
+
+    def key_values(self) -> torch.Tensor:
+        """[layers, 2, 1, kv_heads, tokens, head_dim]"""
+        flat = self.mlp(self.embedding) if self.mlp is not None else self.embedding
+        kv = flat.reshape(self.length, self.layers, 2, self.kv_heads, self.head_dim)
+        return kv.permute(1, 2, 3, 0, 4).unsqueeze(2)
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = bind(module, args, kwargs)
+        cache = kw.get(self.cache_arg)
+        past = cache_length(cache)
+        source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        batch, new = source.shape[0], source.shape[1]
+        P = self.length
+        if past == 0:  # first call: put the prefix into the cache (generate() keeps the same object)
+            if cache is None or not hasattr(cache, "update"):
+                cache = _new_cache()
+            dtype = self.embedding.dtype
+            for layer, (k, v) in enumerate(self.key_values()):
+                cache.update(k.expand(batch, -1, -1, -1).to(dtype), v.expand(batch, -1, -1, -1).to(dtype), layer)
+            kw[self.cache_arg] = cache
+            past = P
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + new - P:
+            kw["attention_mask"] = prepend(mask, P, 1)
+        if self.positions and kw.get("position_ids") is None:
+            start = past - P
+            kw["position_ids"] = torch.arange(start, start + new, device=source.device).unsqueeze(0).expand(batch, -1)
+        return (), kw
+
+    def describe(self) -> str:
+        return f"prefix ×{self.length} tokens on {self.layers} layers" + (" (MLP)" if self.mlp is not None else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixConfig(DeltaConfig):
+    """Prefix tuning. num_virtual_tokens: prefix length; prefix_projection: compute the
+    prefix with an MLP of width encoder_hidden_size (more stable training, as in the paper)."""
+
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 512
+
+    method = "prefix"
+
+    def validate(self) -> None:
+        check_int(self, "num_virtual_tokens")
+        check_int(self, "encoder_hidden_size")
+        if not isinstance(self.prefix_projection, bool):
+            raise ConfigError(f"PrefixConfig.prefix_projection must be True or False, got {self.prefix_projection!r}")
+        if self.targets is not None or self.layers is not None:
+            raise ConfigError("PrefixConfig takes no targets or layers: the prefix goes into every attention layer")
+
+    def select(self, model: nn.Module) -> list[str]:
+        return [input_embeddings_path(model)]
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        if is_encoder_decoder(model):
+            raise UnsupportedModuleError(
+                f"prefix tuning in hookdelta supports decoder-only and encoder-only models; {type(model).__name__} is "
+                "encoder-decoder (its cache holds self- and cross-attention and the encoder takes none). "
+                "Use SoftPromptConfig or LoRA there."
+            )
+        (path,) = sites
+        like = model.get_submodule(path).weight
+        site, taker = cache_taker(model)
+        return [Prefix(path, attention_shape(model), self.num_virtual_tokens,
+                       self.encoder_hidden_size if self.prefix_projection else None,
+                       like, site, cache_argument(taker), accepts(taker, "position_ids"))]

@@ -1,0 +1,166 @@
+"""Prompt tuning (Lester et al. 2021): `num_virtual_tokens` learned input embeddings put in
+front of every input. A forward-pre hook (with kwargs) on the model embeds the input ids,
+prepends the prompt and widens `attention_mask`, `token_type_ids`, `position_ids` and
+causal-LM `labels` (with -100) to match.
+
+With a key/value cache (generate()), only the first call, on an empty cache, gets the
+prompt; later calls only widen the attention mask to cover the prompt already cached.
+On encoder-decoder models the prompt goes in front of the encoder's input (a hook on the
+encoder, so generate()'s separate encoder call gets it too), and a hook on the model
+widens the encoder mask the decoder's cross-attention uses. Not mergeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..config import DeltaConfig, check_choice, check_int
+from ..engine import Piece
+from ..errors import ConfigError, UnsupportedModuleError
+from ..model_inputs import accepts, bind, cache_argument, cache_length, input_embeddings_path, is_encoder_decoder, prepend
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    return next(p for p, m in model.named_modules() if m is target)
+
+
+class SoftPrompt(Piece):
+    """The learned prompt [P, hidden], put in front of the inputs of the module it hooks."""
+
+    mergeable = False
+
+    def __init__(self, key: str, site_path: str, prompt: torch.Tensor, embedding: nn.Module,
+                 pad_labels: bool, cache_arg: str | None) -> None:
+        super().__init__(site_path, key)
+        self.prompt = nn.Parameter(prompt)
+        object.__setattr__(self, "embedding", embedding)  # the model's own layer: not a child
+        self.pad_labels = pad_labels  # labels follow the input sequence: pad them with -100
+        self.cache_arg = cache_arg
+
+    @property
+    def length(self) -> int:
+        return self.prompt.shape[0]
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = bind(module, args, kwargs)
+        past = cache_length(kw.get(self.cache_arg)) if self.cache_arg else 0
+        P = self.length
+        if past:  # continuing a generation whose cache already holds the prompt
+            source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
+            new = source.shape[1]
+            mask = kw.get("attention_mask")
+            if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + new - P:
+                kw["attention_mask"] = prepend(mask, P, 1)
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = kw["position_ids"] + P
+            return (), kw
+        ids, embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
+        if embeds is None:
+            if ids is None:
+                raise ValueError("the soft prompt needs input_ids or inputs_embeds")
+            embeds = self.embedding(ids)
+        seq = embeds.shape[1]
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] == seq:  # not yet widened by the model hook
+            kw["attention_mask"] = prepend(mask, P, 1)
+        kw["token_type_ids"] = prepend(kw.get("token_type_ids"), P, 0)
+        position_ids = kw.get("position_ids")
+        if position_ids is not None:
+            ahead = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(position_ids.shape[0], -1)
+            kw["position_ids"] = torch.cat([ahead, position_ids + P], dim=1)
+        labels = kw.get("labels")
+        if self.pad_labels and labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
+            kw["labels"] = prepend(labels, P, -100)
+        return (), kw
+
+    def describe(self) -> str:
+        return f"soft prompt ×{self.length} tokens"
+
+
+class EncoderMask(Piece):
+    """Encoder-decoder models: widen the encoder attention mask by the prompt's length."""
+
+    mergeable = False
+
+    def __init__(self, primary: SoftPrompt, site_path: str) -> None:
+        super().__init__(site_path, key=primary.key + ":mask")
+        object.__setattr__(self, "primary", primary)
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = bind(module, args, kwargs)
+        mask, P = kw.get("attention_mask"), self.primary.length
+        if mask is None or mask.dim() != 2:
+            return (), kw
+        encoded = kw.get("encoder_outputs")
+        if encoded is not None:
+            length = encoded[0].shape[1]
+        else:
+            source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+            length = source.shape[1] + P
+        if mask.shape[-1] == length - P:
+            kw["attention_mask"] = prepend(mask, P, 1)
+        return (), kw
+
+    def describe(self) -> str:
+        return f"widens the encoder mask for {self.primary.key}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoftPromptConfig(DeltaConfig):
+    """Prompt tuning. num_virtual_tokens: prompt length; init: "random" (normal, with the
+    token embeddings' std), "from_vocab" (copies of random token embeddings) or "text"
+    (the embeddings of `init_text`, tokenized with the tokenizer at `tokenizer`, repeated to
+    length). No targets: the prompt goes in front of the input."""
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    tokenizer: str | None = None
+
+    method = "soft_prompt"
+
+    def validate(self) -> None:
+        check_int(self, "num_virtual_tokens")
+        check_choice(self, "init", ["random", "from_vocab", "text"])
+        if self.targets is not None or self.layers is not None:
+            raise ConfigError("SoftPromptConfig takes no targets or layers: the prompt goes in front of the input")
+        if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text and isinstance(self.tokenizer, str)):
+            raise ConfigError('SoftPromptConfig(init="text") needs init_text="..." and tokenizer="<path or name>"')
+
+    def select(self, model: nn.Module) -> list[str]:
+        return [input_embeddings_path(model)]
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        (path,) = sites
+        embedding = model.get_submodule(path)
+        if not isinstance(embedding, nn.Embedding):
+            raise UnsupportedModuleError(f"the input embedding {path!r} is a {type(embedding).__name__}, not nn.Embedding")
+        prompt = self._init(embedding.weight.detach())
+        if is_encoder_decoder(model):
+            encoder = model.get_encoder()
+            primary = SoftPrompt(path, _path_of(model, encoder), prompt, embedding, False, None)
+            return [primary, EncoderMask(primary, "")]
+        cache_arg = cache_argument(model) if accepts(model, "cache") or accepts(model, "past_key_values") else None
+        return [SoftPrompt(path, "", prompt, embedding, True, cache_arg)]
+
+    def _init(self, vocab: torch.Tensor) -> torch.Tensor:
+        P = self.num_virtual_tokens
+        if self.init == "random":
+            return torch.randn(P, vocab.shape[1], device=vocab.device, dtype=vocab.dtype) * vocab.float().std().to(vocab.dtype)
+        if self.init == "from_vocab":
+            return vocab[torch.randint(0, vocab.shape[0], (P,), device=vocab.device)].clone()
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(self.tokenizer)(self.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"init_text {self.init_text!r} tokenizes to nothing")
+        ids = (ids * (P // len(ids) + 1))[:P]
+        if max(ids) >= vocab.shape[0]:
+            raise ConfigError(f"the tokenizer at {self.tokenizer!r} gives ids beyond this model's vocabulary ({vocab.shape[0]})")
+        return vocab[torch.tensor(ids, device=vocab.device)].clone()

@@ -1,0 +1,114 @@
+"""Reading and rewriting a transformers model's forward inputs, for the methods that change
+them (soft prompts, prefixes): which argument holds the key/value cache, how long it is,
+how wide the attention is, where the input embeddings live.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import UnsupportedModuleError
+
+
+@lru_cache(maxsize=None)
+def _positional(cls: type) -> tuple[tuple[str, ...], frozenset[str]]:
+    params = inspect.signature(cls.forward).parameters.values()
+    positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[1:]
+    return positional, frozenset(p.name for p in params)
+
+
+def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """All of a call's inputs by name (positional ones named after forward's signature)."""
+    if not args:
+        return dict(kwargs)
+    names, _ = _positional(type(module))
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional inputs")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def accepts(module: nn.Module, name: str) -> bool:
+    return name in _positional(type(module))[1]
+
+
+def cache_argument(module: nn.Module) -> str:
+    """The name forward uses for the key/value cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+    for name in ("cache", "past_key_values"):
+        if accepts(module, name):
+            return name
+    raise UnsupportedModuleError(
+        f"{type(module).__name__}.forward takes no key/value cache argument, so a prefix cannot be passed in"
+    )
+
+
+def cache_length(cache: Any) -> int:
+    """Tokens already held by a cache (a Cache object or the legacy tuple of (k, v) pairs)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])
+    return 0
+
+
+def input_embeddings_path(model: nn.Module) -> str:
+    """The path of the model's token embedding layer."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if isinstance(embedding, nn.Embedding):
+        for path, module in model.named_modules():
+            if module is embedding and path:
+                return path
+    raise UnsupportedModuleError(
+        f"{type(model).__name__} has no token embedding layer (get_input_embeddings() gives "
+        f"{type(embedding).__name__}); prompt and prefix methods need a text model's nn.Embedding"
+    )
+
+
+def cache_taker(model: nn.Module) -> tuple[str, nn.Module]:
+    """The path and module of the outermost model (the model itself or its transformers
+    `base_model`) whose forward takes a key/value cache argument."""
+    for path, module in (("", model), ("base_model_prefix", getattr(model, "base_model", None))):
+        if module is None:
+            continue
+        if any(accepts(module, n) for n in ("cache", "past_key_values")):
+            if path:
+                path = next(p for p, m in model.named_modules() if m is module)
+            return path, module
+    raise UnsupportedModuleError(
+        f"{type(model).__name__}.forward takes no key/value cache argument, so a prefix cannot be passed in"
+    )
+
+
+def attention_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) from the model's config."""
+    config = getattr(model, "config", None)
+    try:
+        layers = config.num_hidden_layers
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    except AttributeError:
+        raise UnsupportedModuleError(
+            f"cannot read layers/heads/head size from {type(model).__name__}'s config; prefix tuning needs a "
+            "transformers model"
+        ) from None
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def prepend(tensor: torch.Tensor | None, count: int, fill: float) -> torch.Tensor | None:
+    """`count` columns of `fill` in front of a [batch, seq] tensor (None stays None)."""
+    if tensor is None or tensor.dim() != 2:
+        return tensor
+    pad = torch.full((tensor.shape[0], count), fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor], dim=1)
