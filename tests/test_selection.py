@@ -95,7 +95,7 @@ def test_callable_that_raises_is_reported(llama):
     dict(r=0), dict(r=2.5), dict(r=True), dict(alpha=0), dict(alpha=float("nan")), dict(dropout=1.0),
     dict(dropout=-0.1), dict(init="xavier"), dict(bias="all"), dict(use_rslora="yes"),
     dict(targets=[]), dict(targets=[3]), dict(targets=""), dict(layers=[-1]), dict(layers="0"),
-    dict(targets=None),
+    dict(use_dora=1),
 ])
 def test_config_validates_every_field(bad):
     kwargs = {"targets": "q_proj", **bad}
