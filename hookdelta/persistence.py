@@ -124,17 +124,14 @@ def _is_module(model: nn.Module, key: str) -> bool:
 
 
 def _base_tensor(delta: Any, model: nn.Module, key: str) -> torch.Tensor:
-    """The base weight a site adapts, as it was before any merge of this delta."""
-    if _is_module(model, key):
-        module, name = model.get_submodule(key), "weight"
-    else:
-        owner, _, name = key.rpartition(".")
-        module = model.get_submodule(owner)
+    """The base weight a site adapts, as it was before any merge of this delta (empty when
+    the site has no weight of its own, e.g. a whole MLP block)."""
     from .delta import _slot
 
+    name = "weight" if _is_module(model, key) else key.rpartition(".")[2]
     piece = delta.pieces[_slot(key)]
     original = piece._buffers.get(f"_original_{name}")
-    return original if original is not None else module._parameters[name]
+    return original if original is not None else _weight(model, key)
 
 
 def fingerprint(tensor: torch.Tensor) -> float:

@@ -1,0 +1,154 @@
+"""The shared checks (DESIGN.md testing pattern) for every delta method of the family, on
+tiny random BERT, GPT-2, Llama, T5 and OPT models: a fresh delta changes nothing, gradients
+reach exactly the delta's tensors, training lowers a loss, merge is exact or refused,
+detach restores bit-for-bit, save -> load reproduces outputs, and each method stacks with
+a LoRA and detaches independently."""
+
+import io
+
+import pytest
+import torch
+from rich.console import Console
+
+import hookdelta as hd
+from helpers import assert_restored, assert_same, perturb, snapshot
+from tiny_models import build, main_output
+
+FIVE = ["bert", "gpt2", "llama", "t5", "opt"]
+
+# method id -> (config, architectures, mergeable, no-op when fresh)
+METHODS = {
+    "adapter": (lambda: hd.AdapterConfig(bottleneck_dim=8), FIVE, False, True),
+    "adapter_pfeiffer": (lambda: hd.AdapterConfig(bottleneck_dim=8, placement="pfeiffer", non_linearity="gelu"), FIVE, False, True),
+    "parallel_adapter": (lambda: hd.ParallelAdapterConfig(bottleneck_dim=8), FIVE, False, True),
+    "low_rank_adapter": (lambda: hd.LowRankAdapterConfig(bottleneck_dim=8, rank=2), FIVE, False, True),
+    "compacter": (lambda: hd.CompacterConfig(bottleneck_dim=8, phm_dim=4), FIVE, False, True),
+    "bitfit": (lambda: hd.BitFitConfig(), FIVE, None, True),  # merge: where every site has a bias
+    "ia3": (lambda: hd.IA3Config(), FIVE, True, True),
+    "ln_tuning": (lambda: hd.LNTuningConfig(), FIVE, True, True),
+    "dora": (lambda: hd.LoRAConfig(r=4, alpha=8, use_dora=True), FIVE, True, True),
+    "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
+    "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),
+    "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+                   ["llama"], False, False),
+}
+MARK = {"adapter_pfeiffer": "adapter", "prefix_mlp": "prefix"}
+
+CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
+         for m, (_, archs, _, _) in METHODS.items() for a in archs]
+
+
+def render(model):
+    out = io.StringIO()
+    hd.visualize(model, console=Console(file=out, width=160))
+    return out.getvalue()
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+def last_position(out):
+    return out.reshape(out.shape[0], -1, out.shape[-1])[:, -1]
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_lifecycle(method, arch, tmp_path):
+    make, _, mergeable, noop = METHODS[method]
+    model, inputs, _ = build(arch)
+    snap = snapshot(model)
+    bare = run(model, inputs)
+
+    delta = hd.attach(model, make())
+    if noop:  # zero-initialized (up-projection / bias / LoRA B zero, IA3 ones): no change at all
+        assert torch.equal(run(model, inputs), bare)
+    perturb(delta, std=0.3)
+    out = run(model, inputs)
+    assert not torch.allclose(last_position(out), last_position(bare)), "the perturbed delta must change the output"
+    text = render(model)
+    assert f"({delta.method})" in text, "the tree shows the delta on its sites"
+
+    with delta.disabled():
+        assert torch.equal(run(model, inputs), bare)
+    assert torch.equal(run(model, inputs), out)
+
+    # merge: exact (within rounding) where the method is linear in the weights, refused elsewhere
+    has_bias = all(getattr(model.get_submodule(s), "bias", None) is not None for s in delta.sites)
+    can_merge = mergeable if mergeable is not None else has_bias
+    if can_merge:
+        delta.merge()
+        torch.testing.assert_close(run(model, inputs), out, rtol=1e-4, atol=1e-5)
+        delta.unmerge()
+        assert torch.equal(run(model, inputs), out)
+    else:
+        before = snapshot(model)
+        with pytest.raises(hd.MergeError):
+            delta.merge()
+        assert_same(model, before)
+        assert torch.equal(run(model, inputs), out)
+
+    delta.save(tmp_path / "d")
+    delta.detach()
+    assert_restored(model, snap)
+    loaded = hd.load(model, tmp_path / "d")
+    assert torch.equal(run(model, inputs), out), "save -> load must reproduce the outputs exactly"
+    loaded.detach()
+    assert_restored(model, snap)
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_gradients_reach_only_the_delta_and_training_lowers_the_loss(method, arch):
+    make = METHODS[method][0]
+    model, inputs, _ = build(arch)
+    delta = hd.attach(model, make())
+    perturb(delta, std=0.3)
+    target = torch.randn_like(last_position(run(model, inputs)), generator=None)
+
+    def loss():
+        return (last_position(main_output(model(**inputs))) - target).pow(2).mean()
+
+    loss().backward()
+    mine = {id(p) for p in delta.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in mine:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"backbone parameter {name} got a gradient"
+
+    opt = torch.optim.Adam(delta.parameters(), lr=1e-2)
+    first = loss().item()
+    for _ in range(10):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert loss().item() < first
+
+
+@pytest.mark.parametrize("first_out", [True, False], ids=["method-out-first", "lora-out-first"])
+@pytest.mark.parametrize("method,arch", [c for c in CASES if c.values[1] in ("llama", "t5")])
+def test_stacks_with_lora_and_detaches_independently(method, arch, first_out):
+    make = METHODS[method][0]
+    model, inputs, _ = build(arch)
+    snap = snapshot(model)
+    bare = run(model, inputs)
+    first = hd.attach(model, make())
+    perturb(first, std=0.3, seed=1)
+    only_first = run(model, inputs)
+    lora = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(lora, std=0.3, seed=2)
+    both = run(model, inputs)
+    assert not torch.allclose(last_position(both), last_position(only_first))
+    with first.disabled():
+        only_lora = run(model, inputs)
+    assert not torch.allclose(last_position(only_lora), last_position(bare))
+    if first_out:
+        first.detach()
+        assert torch.equal(run(model, inputs), only_lora)
+        lora.detach()
+    else:
+        lora.detach()
+        assert torch.equal(run(model, inputs), only_first)
+        first.detach()
+    assert_restored(model, snap)
