@@ -66,3 +66,42 @@ def test_conv2d_matches_peft():
     twin = peft_twin(model, delta, ["conv"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.dora
+@pytest.mark.parametrize("arch,targets,kw", [("llama", ["q_proj", "v_proj"], {}),
+                                             ("gpt2", ["c_attn"], {"fan_in_fan_out": True})])
+def test_dora_matches_peft_outputs_and_gradients(arch, targets, kw):
+    model, inputs, _ = build(arch)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True))
+    perturb(delta, std=0.1)
+    twin = peft_twin(model, delta, targets, use_dora=True, **kw)
+    with torch.no_grad():
+        for piece in delta.pieces.values():
+            twin.base_model.model.get_submodule(piece.key).lora_magnitude_vector["default"].weight.copy_(piece.magnitude)
+    ours, theirs = main_output(model(**inputs)), main_output(twin(**inputs))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours.pow(2).mean().backward()
+    theirs.pow(2).mean().backward()
+    for piece in delta.pieces.values():
+        layer = twin.base_model.model.get_submodule(piece.key)
+        torch.testing.assert_close(piece.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(piece.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.ia3
+def test_ia3_matches_peft():
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.IA3Config())
+    perturb(delta, std=0.3)
+    bare = copy.deepcopy(model)
+    for d in list(hd.deltas(bare).values()):
+        d.detach()
+    twin = peft.get_peft_model(bare, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                    feedforward_modules=["down_proj"])).eval()
+    with torch.no_grad():
+        for piece in delta.pieces.values():
+            layer = twin.base_model.model.get_submodule(piece.key)
+            layer.ia3_l["default"].copy_(piece.ia3_l.reshape(layer.ia3_l["default"].shape))
+        torch.testing.assert_close(main_output(model(**inputs)), main_output(twin(**inputs)), rtol=1e-5, atol=1e-5)
