@@ -101,6 +101,9 @@ def _portable_config(delta: Any, model: nn.Module) -> dict[str, Any]:
                     also_train=[f"re:{_escape(k)}" for k in delta.also_train] or None)
         if "target_parameters" in data:
             data["target_parameters"] = [f"re:{_escape(k)}" for k in params] or None
+        if "feedforward_targets" in data:  # IA3: the sites whose input is scaled
+            ff = [p.key for p in delta.pieces.values() if getattr(p, "on_input", False)]
+            data["feedforward_targets"] = [f"re:{_escape(k)}" for k in ff] or None
     return data
 
 

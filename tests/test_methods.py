@@ -152,3 +152,17 @@ def test_stacks_with_lora_and_detaches_independently(method, arch, first_out):
         assert torch.equal(run(model, inputs), only_first)
         first.detach()
     assert_restored(model, snap)
+
+
+@pytest.mark.ia3
+def test_ia3_with_callable_selectors_saves_and_loads(tmp_path):
+    model, inputs, _ = build("llama")
+    d = hd.attach(model, hd.IA3Config(targets=lambda n, m: n.endswith("v_proj"),
+                                      feedforward_targets=lambda n, m: n.endswith("down_proj")))
+    perturb(d, std=0.3)
+    out = run(model, inputs)
+    d.save(tmp_path / "d")
+    d.detach()
+    loaded = hd.load(model, tmp_path / "d")
+    assert {p.key: p.on_input for p in loaded.pieces.values()} == {p.key: p.on_input for p in d.pieces.values()}
+    assert torch.equal(run(model, inputs), out)
