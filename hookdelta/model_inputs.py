@@ -57,14 +57,17 @@ def cache_length(cache: Any) -> int:
     return 0
 
 
+def path_of(model: nn.Module, target: nn.Module) -> str:
+    """The dotted path of a submodule (found by identity)."""
+    return next(p for p, m in model.named_modules() if m is target)
+
+
 def input_embeddings_path(model: nn.Module) -> str:
     """The path of the model's token embedding layer."""
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     if isinstance(embedding, nn.Embedding):
-        for path, module in model.named_modules():
-            if module is embedding and path:
-                return path
+        return path_of(model, embedding)
     raise UnsupportedModuleError(
         f"{type(model).__name__} has no token embedding layer (get_input_embeddings() gives "
         f"{type(embedding).__name__}); prompt and prefix methods need a text model's nn.Embedding"
@@ -74,13 +77,9 @@ def input_embeddings_path(model: nn.Module) -> str:
 def cache_taker(model: nn.Module) -> tuple[str, nn.Module]:
     """The path and module of the outermost model (the model itself or its transformers
     `base_model`) whose forward takes a key/value cache argument."""
-    for path, module in (("", model), ("base_model_prefix", getattr(model, "base_model", None))):
-        if module is None:
-            continue
-        if any(accepts(module, n) for n in ("cache", "past_key_values")):
-            if path:
-                path = next(p for p, m in model.named_modules() if m is module)
-            return path, module
+    for module in (model, getattr(model, "base_model", None)):
+        if module is not None and any(accepts(module, n) for n in ("cache", "past_key_values")):
+            return path_of(model, module), module
     raise UnsupportedModuleError(
         f"{type(model).__name__}.forward takes no key/value cache argument, so a prefix cannot be passed in"
     )

@@ -1,7 +1,5 @@
 """Attach / enable / disable / merge / unmerge / detach, stacking and moving with the model."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn

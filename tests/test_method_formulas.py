@@ -280,3 +280,27 @@ def test_prefix_refuses_encoder_decoder_and_models_without_token_embeddings():
         with pytest.raises(hd.UnsupportedModuleError):
             hd.attach(model, hd.PrefixConfig())
         assert not hd.deltas(model)
+
+
+@pytest.mark.prefix
+def test_prefix_from_vocab_starts_as_the_models_own_keys_for_real_tokens():
+    """BERT layer 0: the initial prefix keys are key(LayerNorm(word + position + type embedding))
+    of the random vocabulary tokens drawn at attach time (reproduced with the same seed)."""
+    model, _, _ = build("bert")
+    torch.manual_seed(5)
+    d = hd.attach(model, hd.PrefixConfig(num_virtual_tokens=3))
+    torch.manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 3))
+    emb = model.bert.embeddings
+    with torch.no_grad():
+        x = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings.weight[:3] + emb.token_type_embeddings.weight[0])
+        keys = model.bert.encoder.layer[0].attention.self.key(x)[0]  # [3, hidden]
+    prefix = tensors(d).embedding.reshape(3, 2, 2, 4, 8)[:, 0, 0].reshape(3, 32)  # layer 0, keys, heads joined
+    torch.testing.assert_close(prefix, keys)
+
+
+@pytest.mark.prefix
+def test_prefix_random_init_is_standard_normal():
+    model = build("llama")[0]
+    d = hd.attach(model, hd.PrefixConfig(num_virtual_tokens=50, init="random"))
+    assert abs(tensors(d).embedding.std().item() - 1.0) < 0.05

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, Selector, normalize_selector
-from ..engine import Piece, first_input, map_output
+from ..engine import Piece, map_output
 from ..errors import UnsupportedModuleError
 from ..selection import is_conv1d, is_linear_like, layer_dims, match
 

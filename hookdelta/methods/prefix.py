@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, check_int
+from ..config import DeltaConfig, check_choice, check_int
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
 from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker,
@@ -29,6 +29,23 @@ def _new_cache() -> Any:
     from transformers import DynamicCache
 
     return DynamicCache()
+
+
+def _cached(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # transformers >= 4.54
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+@torch.no_grad()
+def token_key_values(taker: nn.Module, cache_arg: str, vocab: int, tokens: int, layers: int) -> torch.Tensor:
+    """The keys and values the model itself computes for `tokens` random vocabulary tokens,
+    [layers, 2, kv_heads, tokens, head_dim]: a prefix that starts out like real text."""
+    device = next(taker.parameters()).device
+    ids = torch.randint(0, vocab, (1, tokens), device=device)
+    cache = _new_cache()
+    taker(input_ids=ids, **{cache_arg: cache})
+    return torch.stack([torch.stack(_cached(cache, i))[:, 0, :, -tokens:] for i in range(layers)])
 
 
 class Prefix(Piece):
@@ -43,11 +60,11 @@ class Prefix(Piece):
         width = self.layers * 2 * self.kv_heads * self.head_dim
         kw = {"device": like.device, "dtype": like.dtype}
         if projection is None:
-            self.embedding = nn.Parameter(torch.randn(tokens, width, **kw))
+            self.embedding = nn.Parameter(torch.empty(tokens, width, **kw))  # filled by the config's init
             self.mlp = None
         else:
             hidden = like.shape[-1]
-            self.embedding = nn.Parameter(torch.randn(tokens, hidden, **kw))
+            self.embedding = nn.Parameter(torch.empty(tokens, hidden, **kw))
             self.mlp = nn.Sequential(nn.Linear(hidden, projection, **kw), nn.Tanh(), nn.Linear(projection, width, **kw))
         self.cache_arg = cache_arg
         self.positions = positions  # the model takes position_ids
@@ -92,17 +109,22 @@ class Prefix(Piece):
 @dataclass(frozen=True, kw_only=True)
 class PrefixConfig(DeltaConfig):
     """Prefix tuning. num_virtual_tokens: prefix length; prefix_projection: compute the
-    prefix with an MLP of width encoder_hidden_size (more stable training, as in the paper)."""
+    prefix with an MLP of width encoder_hidden_size (more stable training, as in the paper);
+    init: "from_vocab" starts from the keys/values the model computes for random vocabulary
+    tokens (Li & Liang's real-word initialization; with prefix_projection, the MLP's input
+    starts as token embeddings) or "random" (standard normal, as PEFT)."""
 
     num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int = 512
+    init: str = "from_vocab"
 
     method = "prefix"
 
     def validate(self) -> None:
         check_int(self, "num_virtual_tokens")
         check_int(self, "encoder_hidden_size")
+        check_choice(self, "init", ["from_vocab", "random"])
         if not isinstance(self.prefix_projection, bool):
             raise ConfigError(f"PrefixConfig.prefix_projection must be True or False, got {self.prefix_projection!r}")
         if self.targets is not None or self.layers is not None:
@@ -121,6 +143,15 @@ class PrefixConfig(DeltaConfig):
         (path,) = sites
         like = model.get_submodule(path).weight
         site, taker = cache_taker(model)
-        return [Prefix(path, attention_shape(model), self.num_virtual_tokens,
-                       self.encoder_hidden_size if self.prefix_projection else None,
-                       like, site, cache_argument(taker), accepts(taker, "position_ids"))]
+        P = self.num_virtual_tokens
+        piece = Prefix(path, attention_shape(model), P, self.encoder_hidden_size if self.prefix_projection else None,
+                       like, site, cache_argument(taker), accepts(taker, "position_ids"))
+        with torch.no_grad():
+            if self.init == "random":
+                piece.embedding.normal_()
+            elif self.prefix_projection:  # the MLP's input starts as token embeddings
+                piece.embedding.copy_(like[torch.randint(0, like.shape[0], (P,), device=like.device)])
+            else:
+                kv = token_key_values(taker, piece.cache_arg, like.shape[0], P, piece.layers)
+                piece.embedding.copy_(kv.permute(3, 0, 1, 2, 4).reshape(P, -1))
+        return [piece]

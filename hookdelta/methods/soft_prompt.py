@@ -13,7 +13,7 @@ widens the encoder mask the decoder's cross-attention uses. Not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -21,11 +21,8 @@ import torch.nn as nn
 from ..config import DeltaConfig, check_choice, check_int
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
-from ..model_inputs import accepts, bind, cache_argument, cache_length, input_embeddings_path, is_encoder_decoder, prepend
-
-
-def _path_of(model: nn.Module, target: nn.Module) -> str:
-    return next(p for p, m in model.named_modules() if m is target)
+from ..model_inputs import (accepts, bind, cache_argument, cache_length, input_embeddings_path, is_encoder_decoder,
+                            path_of, prepend)
 
 
 class SoftPrompt(Piece):
@@ -144,7 +141,7 @@ class SoftPromptConfig(DeltaConfig):
         prompt = self._init(embedding.weight.detach())
         if is_encoder_decoder(model):
             encoder = model.get_encoder()
-            primary = SoftPrompt(path, _path_of(model, encoder), prompt, embedding, False, None)
+            primary = SoftPrompt(path, path_of(model, encoder), prompt, embedding, False, None)
             return [primary, EncoderMask(primary, "")]
         cache_arg = cache_argument(model) if accepts(model, "cache") or accepts(model, "past_key_values") else None
         return [SoftPrompt(path, "", prompt, embedding, True, cache_arg)]
