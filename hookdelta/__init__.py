@@ -29,6 +29,7 @@ from .methods import (
     PrefixConfig,
     SoftPromptConfig,
 )
+from .peft_format import PathPrefixWarning, load_peft
 from .persistence import load
 from .selection import match
 from .visualize import visualize
@@ -40,5 +41,5 @@ __all__ = [
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
-    "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize",
+    "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
 ]

@@ -178,6 +178,13 @@ class Delta(nn.Module):
         self._check_attached("save")
         save_delta(self, directory, overwrite=overwrite)
 
+    def save_peft(self, directory: Any, overwrite: bool = False) -> None:
+        """Write a LoRA delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it)."""
+        from .peft_format import save_peft
+
+        self._check_attached("save_peft")
+        save_peft(self, directory, overwrite=overwrite)
+
     def __enter__(self) -> "Delta":
         return self
 

@@ -15,6 +15,7 @@ Layouts follow PEFT's so adapter files map one-to-one:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -43,6 +44,8 @@ class LoRAConfig(DeltaConfig):
     adapted in all of them (True) or refused (False), never in one only.
     use_dora: DoRA (Liu et al. 2024), W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row, with
     a trained magnitude m; linear layers only.
+    rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for the sites whose
+    path ends with a match (PEFT's semantics), e.g. {"layers.0.self_attn.q_proj": 16}.
     Default targets: the attention query and value projections of the model's family.
     """
 
@@ -55,6 +58,8 @@ class LoRAConfig(DeltaConfig):
     bias: str = "none"
     tie_weights: bool = True
     use_dora: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     method = "lora"
     default_targets = ("attn.q", "attn.v")
@@ -68,6 +73,8 @@ class LoRAConfig(DeltaConfig):
         for name in ("use_rslora", "tie_weights", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+            _check_pattern(name, getattr(self, name), integer)
         if self.target_parameters is not None:
             object.__setattr__(self, "target_parameters",
                                normalize_selector("target_parameters", self.target_parameters))
@@ -75,6 +82,13 @@ class LoRAConfig(DeltaConfig):
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, key: str) -> int:
+        return _pattern_value(self.rank_pattern, key, self.r)
+
+    def scale_for(self, key: str) -> float:
+        r, alpha = self.rank_for(key), _pattern_value(self.alpha_pattern, key, self.alpha)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
@@ -98,6 +112,28 @@ class LoRAConfig(DeltaConfig):
                 done[id(weight)] = primary
                 pieces += _tie_partners(self, model, key, module, param_name or "weight", weight, primary)
         return pieces
+
+
+def _pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", key):
+            return value
+    return default
+
+
+def _check_pattern(name: str, patterns: Any, integer: bool) -> None:
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise ConfigError(f"LoRAConfig.{name} must be a dict {{regex: value}}, got {patterns!r}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError):
+            raise ConfigError(f"LoRAConfig.{name} key {pattern!r} is not a valid regex") from None
+        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+        if isinstance(value, bool) or not ok or value <= 0:
+            raise ConfigError(f"LoRAConfig.{name}[{pattern!r}] must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
@@ -158,7 +194,7 @@ class _LoRABase(Piece):
     def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
                  b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
         super().__init__(site_path, key)
-        self.r, self.scale, self.p = cfg.r, cfg.scale, cfg.dropout
+        self.r, self.scale, self.p = cfg.rank_for(key), cfg.scale_for(key), cfg.dropout
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"LoRA needs a floating-point weight at {key!r}, found {like.dtype}")
         kw = {"device": like.device, "dtype": like.dtype}
@@ -166,7 +202,7 @@ class _LoRABase(Piece):
         self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
         with torch.no_grad():
             if cfg.init == "gaussian":
-                self.lora_A.normal_(0.0, 1.0 / cfg.r)
+                self.lora_A.normal_(0.0, 1.0 / self.r)
             else:  # kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT do
                 bound = 1.0 / math.sqrt(fan_in)
                 self.lora_A.uniform_(-bound, bound)
@@ -186,7 +222,8 @@ class LoRALinear(_LoRABase):
         self.conv1d = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
-        super().__init__(cfg, key, key, (cfg.r, in_f), (out_f, cfg.r), w, in_f)
+        r = cfg.rank_for(key)
+        super().__init__(cfg, key, key, (r, in_f), (out_f, r), w, in_f)
         self.lora_bias = nn.Parameter(torch.zeros(out_f, dtype=w.dtype, device=w.device)) if cfg.bias == "lora_only" else None
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -270,7 +307,8 @@ class LoRAEmbedding(_LoRABase):
 
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding) -> None:
         num, dim = module.weight.shape
-        super().__init__(cfg, key, key, (cfg.r, num), (dim, cfg.r), module.weight, num)
+        r = cfg.rank_for(key)
+        super().__init__(cfg, key, key, (r, num), (dim, r), module.weight, num)
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the embedding {key!r}")
 
@@ -292,8 +330,8 @@ class LoRAConv(_LoRABase):
         g = module.groups
         kernel = tuple(w.shape[2:])
         fan_in = w.shape[1] * math.prod(kernel)
-        super().__init__(cfg, key, key, (g * cfg.r, w.shape[1], *kernel),
-                         (w.shape[0], cfg.r, *([1] * len(kernel))), w, fan_in)
+        r = cfg.rank_for(key)
+        super().__init__(cfg, key, key, (g * r, w.shape[1], *kernel), (w.shape[0], r, *([1] * len(kernel))), w, fan_in)
         self.groups = g
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
         if cfg.bias != "none":
@@ -325,7 +363,8 @@ class LoRAParameter(_LoRABase):
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the parameter target {key!r}")
         *lead, m, n = w.shape
-        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, cfg.r, n), (*lead, m, cfg.r), w, n)
+        r = cfg.rank_for(key)
+        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, r, n), (*lead, m, r), w, n)
         self.swaps = (name,)
         self.param_name = name
         if cfg.dropout:

@@ -1,0 +1,268 @@
+"""PEFT's adapter files, both ways: `load_peft` attaches a LoRA / rsLoRA / DoRA adapter
+saved by PEFT (`adapter_config.json` + `adapter_model.safetensors`) as a hookdelta delta;
+`save_peft` writes a hookdelta LoRA delta so `PeftModel.from_pretrained` loads it.
+
+Tensor layouts are the same on both sides (hookdelta's LoRA follows PEFT's), so the work is
+in the names: PEFT keys look like `base_model.model.<module path>.lora_A.weight`. Every
+config field PEFT writes is either understood, known to be harmless for loading, or
+reported by name; module paths that differ only by a wrapper prefix (an adapter trained on
+`LlamaForCausalLM` loaded on `LlamaModel`, or the reverse) are resolved with a warning,
+and paths that fit nowhere are refused, never loaded as zeros.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
+from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
+from .selection import is_conv1d
+
+CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# fields that only matter when PEFT creates or trains an adapter, or describe the file itself
+_HARMLESS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "init_lora_weights", "megatron_core", "qalora_group_size", "layers_pattern",
+    "target_modules", "exclude_modules", "loftq_config", "lora_dropout", "ensure_weight_tying",
+}
+_UNDERSTOOD = {"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+               "layers_to_transform", "modules_to_save", "bias"}
+_SUFFIXES = {  # PEFT tensor name -> hookdelta tensor name
+    ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude",
+}
+
+
+class PathPrefixWarning(UserWarning):
+    """The adapter's module paths were matched to the model's through a wrapper prefix."""
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG
+    if not Path(directory).is_dir():
+        raise DeltaFileError(f"no PEFT adapter at {directory}: not a directory")
+    if not path.is_file():
+        raise DeltaFileError(f"no PEFT adapter at {directory}: {CONFIG} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DeltaFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise DeltaFileError(f"{path} is not a PEFT adapter config")
+    if config.get("peft_type") != "LORA":
+        raise DeltaFileError(
+            f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's LORA adapters "
+            "(LoRA, rsLoRA, DoRA)"
+        )
+    unsupported = sorted(k for k, v in config.items()
+                         if k not in _HARMLESS | _UNDERSTOOD and v not in (None, False, {}, [], ""))
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if unsupported:
+        raise DeltaFileError(f"{path} uses PEFT features hookdelta does not load: {', '.join(unsupported)}")
+    return config
+
+
+def read_peft_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, from safetensors, or from a .bin only through torch's restricted
+    (weights-only) unpickler, which refuses anything but tensors and plain containers."""
+    directory = Path(directory)
+    if (directory / WEIGHTS).is_file():
+        try:
+            with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise DeltaFileError(f"{directory / WEIGHTS} is corrupt or truncated ({exc})") from None
+    if (directory / PICKLED).is_file():
+        try:
+            tensors = torch.load(directory / PICKLED, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DeltaFileError(
+                f"{directory / PICKLED} cannot be read without unpickling arbitrary objects ({type(exc).__name__}); "
+                "re-save the adapter with safetensors (PEFT's default)"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise DeltaFileError(f"{directory / PICKLED} does not hold a flat dict of tensors")
+        return tensors
+    raise DeltaFileError(f"no adapter weights in {directory}: neither {WEIGHTS} nor {PICKLED}")
+
+
+def _split(key: str) -> tuple[str, str] | None:
+    for suffix, ours in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], ours
+    return None
+
+
+def _modules(model: nn.Module) -> set[str]:
+    return {n for n, _ in model.named_modules()}
+
+
+def _fit_paths(model: nn.Module, paths: list[str], directory: Any) -> dict[str, str]:
+    """adapter path -> model path; tries the paths as they are, then without / with the
+    model's wrapper prefix. Refuses, naming the paths, when none fits all of them."""
+    have = _modules(model)
+    candidates: list[tuple[str, Any]] = [("as saved", lambda p: p)]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    first = {p.split(".", 1)[0] for p in paths}
+    for cut in sorted(first | ({prefix} if prefix else set())):
+        candidates.append((f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1:] if p.startswith(c + ".") else None))
+    if prefix:
+        candidates.append((f"with the '{prefix}.' prefix", lambda p: f"{prefix}.{p}"))
+    for how, fix in candidates:
+        mapped = {p: fix(p) for p in paths}
+        if all(m is not None and m in have for m in mapped.values()):
+            if how != "as saved":
+                warnings.warn(f"the adapter in {directory} names modules of a differently wrapped model; "
+                              f"matched them {how} (e.g. {paths[0]!r} -> {mapped[paths[0]]!r})",
+                              PathPrefixWarning, stacklevel=3)
+            return mapped  # type: ignore[return-value]
+    missing = [p for p in paths if p not in have]
+    raise DeltaFileError(
+        f"the adapter in {directory} does not fit this {type(model).__name__}: no module at {missing[:5]}"
+        + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        + "; nothing was attached"
+    )
+
+
+def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
+              freeze_base: bool = True) -> Any:
+    """Attach a LoRA adapter saved by PEFT. Checks the config, every key and every shape
+    before touching the model; returns the Delta."""
+    from .delta import _new_name, check_model, install
+
+    check_model(model)
+    config = read_peft_config(directory)
+    raw = read_peft_tensors(directory)
+    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in stripped.items():
+        split = _split(key)
+        if split is None:
+            rest[key] = tensor
+        else:
+            lora.setdefault(split[0], {})[split[1]] = tensor
+    if not lora:
+        raise DeltaFileError(f"the adapter in {directory} holds no LoRA tensors")
+    unknown = sorted(k for k in rest if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k
+                                                  for m in config.get("modules_to_save") or []))
+    if unknown:
+        raise DeltaFileError(f"the adapter in {directory} holds tensors hookdelta cannot place: {unknown[:5]}")
+    owners = sorted({k.rpartition(".")[0] for k in rest})
+    paths = _fit_paths(model, list(lora) + owners, directory)
+    sites, train = [paths[p] for p in lora], [paths[p] for p in owners]
+
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    ranks = {s: int(t["lora_A"].shape[0]) for s, t in zip(sites, lora.values()) if "lora_A" in t}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    cfg = LoRAConfig(
+        r=r, alpha=alpha, use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+        dropout=float(config.get("lora_dropout") or 0.0), tie_weights=True,
+        targets=[f"re:{re.escape(s)}" for s in sites],
+        rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
+        alpha_pattern=_alphas_by_site(sites, alpha_pattern) or None,
+        also_train=[f"re:{re.escape(t)}" for t in train] or None,
+    )
+    tensors = {f"{paths[p]}.{n}": t for p, named in lora.items() for n, t in named.items()}
+    tensors.update({paths[k.rpartition(".")[0]] + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
+    try:
+        return install(model, cfg, _new_name(model, name, "lora"), sites, train, freeze_base, tensors)
+    except HookdeltaError as exc:
+        raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
+
+
+def _alphas_by_site(sites: list[str], patterns: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for site in sites:
+        for pattern, value in patterns.items():
+            if re.fullmatch(rf"(.*\.)?(?:{pattern})", site):
+                out[re.escape(site)] = float(value)
+                break
+    return out
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write a LoRA delta as a PEFT adapter directory (atomically, safetensors only)."""
+    if delta.method != "lora":
+        raise UnsupportedModuleError(f"PEFT's LoRA format holds LoRA deltas; {delta.name!r} is a {delta.method} delta")
+    cfg: LoRAConfig = delta.config
+    pieces = list(delta.pieces.values())
+    odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter))
+           or getattr(p, "lora_bias", None) is not None]
+    if odd:
+        raise UnsupportedModuleError(
+            f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
+            f"targets or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
+        )
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise DeltaFileError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    model = delta.model
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    conv1d = False
+    train = set(delta.also_train)
+    for piece in pieces:
+        if piece.key in train:  # modules_to_save: the trained copies under the module's own names
+            for n, t in piece.named_parameters(recurse=False):
+                tensors[f"{PREFIX}{piece.key}.{n}"] = t.detach().contiguous()
+            continue
+        module = model.get_submodule(piece.key)
+        embedding = isinstance(module, nn.Embedding)
+        conv1d = conv1d or is_conv1d(module)
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+        tensors[PREFIX + piece.key + a] = piece.lora_A.detach().contiguous()
+        tensors[PREFIX + piece.key + b] = piece.lora_B.detach().contiguous()
+        if hasattr(piece, "magnitude"):
+            tensors[PREFIX + piece.key + ".lora_magnitude_vector"] = piece.magnitude.detach().contiguous()
+        r = cfg.rank_for(piece.key)
+        if r != cfg.r:
+            ranks[re.escape(piece.key)] = r
+        alpha = cfg.scale_for(piece.key) * (r ** 0.5 if cfg.use_rslora else r)
+        if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
+            alphas[re.escape(piece.key)] = alpha
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": [p.key for p in pieces if p.key not in train],
+        "rank_pattern": ranks, "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+        "fan_in_fan_out": conv1d, "bias": "none", "modules_to_save": sorted(train) or None,
+        "init_lora_weights": True, "layers_to_transform": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS))
+        (staging / CONFIG).write_text(json.dumps(config, indent=2))
+        if directory.exists():
+            for f in (CONFIG, WEIGHTS):
+                (directory / f).unlink(missing_ok=True)
+        directory.mkdir(exist_ok=True)
+        for f in (WEIGHTS, CONFIG):  # the config last: a directory with a config is complete
+            os.replace(staging / f, directory / f)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+

@@ -1,0 +1,167 @@
+"""PEFT's adapter files both ways, with PEFT itself as the reference: adapters saved by PEFT
+load into hookdelta with PEFT's outputs; hookdelta's save_peft loads into PEFT with ours."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+import hookdelta as hd
+from helpers import assert_restored, perturb, snapshot
+from tiny_models import _TEXT, build, main_output
+
+peft = pytest.importorskip("peft")
+pytestmark = [pytest.mark.lora, pytest.mark.filterwarnings("ignore:The following rank_pattern keys")]
+
+CASES = {
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "gpt2": dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    "bert": dict(target_modules=["query", "value", "word_embeddings"], modules_to_save=["classifier"]),
+}
+VARIANTS = {
+    "lora": dict(),
+    "rslora": dict(use_rslora=True),
+    "dora": dict(use_dora=True),
+    "patterns": dict(rank_pattern={"layers?.1.*": 2, "h.1.*": 2}, alpha_pattern={"0.*": 3.0}),
+}
+
+
+def out(model, inputs):
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+def peft_adapter(arch, variant, tmp_path, seed=3):
+    """A PEFT LoRA adapter with random (non-zero) weights, saved; returns (dir, PeftModel)."""
+    model, inputs, _ = build(arch)
+    kw = {**CASES[arch], **VARIANTS[variant]}
+    if variant == "dora" and arch == "bert":
+        kw["target_modules"] = ["query", "value"]  # PEFT's DoRA on embeddings is its own variant
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    return tmp_path / "peft", pm.eval(), inputs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("arch", list(CASES))
+def test_peft_adapter_loads_with_peft_outputs(arch, variant, tmp_path):
+    directory, pm, inputs = peft_adapter(arch, variant, tmp_path)
+    expected = out(pm, inputs)
+    model = build(arch)[0]
+    snap = snapshot(model)
+    delta = hd.load_peft(model, directory)
+    torch.testing.assert_close(out(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    delta.detach()
+    assert_restored(model, snap)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "patterns"])
+@pytest.mark.parametrize("arch", list(CASES))
+def test_save_peft_loads_in_peft_and_round_trips(arch, variant, tmp_path):
+    directory, _, inputs = peft_adapter(arch, variant, tmp_path)
+    model = build(arch)[0]
+    first = hd.load_peft(model, directory)
+    ours = out(model, inputs)
+    first.save_peft(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(out(theirs, inputs), ours, rtol=1e-5, atol=1e-5)
+    # hookdelta -> PEFT -> hookdelta is lossless
+    theirs.save_pretrained(tmp_path / "again")
+    first.detach()
+    second = hd.load_peft(model, tmp_path / "again")
+    assert torch.equal(out(model, inputs), ours)
+    for key, piece in second.pieces.items():
+        for name, t in piece.state_dict().items():
+            assert torch.equal(t, first.pieces[key].state_dict()[name])
+
+
+def test_hookdelta_trained_delta_saves_for_peft(tmp_path):
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=16, targets=["q_proj", "o_proj"], use_rslora=True))
+    perturb(delta, std=0.2)
+    delta.save_peft(tmp_path / "p")
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is True
+    theirs = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "p").eval()
+    torch.testing.assert_close(out(theirs, inputs), out(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_wrapper_prefix_is_resolved_and_said(tmp_path):
+    """An adapter trained on LlamaForCausalLM loads onto the bare LlamaModel, and the reverse."""
+    directory, pm, inputs = peft_adapter("llama", "lora", tmp_path)
+    full = build("llama")[0]
+    bare = copy.deepcopy(full.model)
+    with pytest.warns(hd.PathPrefixWarning, match="without the 'model.' prefix"):
+        d = hd.load_peft(bare, directory)
+    assert d.sites[0].startswith("layers.0.")
+    d.save_peft(tmp_path / "bare")
+    with pytest.warns(hd.PathPrefixWarning, match="with the 'model.' prefix"):
+        back = hd.load_peft(full, tmp_path / "bare")
+    torch.testing.assert_close(out(full, inputs), out(pm, inputs), rtol=1e-5, atol=1e-5)
+    back.detach()
+
+
+def test_adapter_for_another_model_is_refused_with_the_paths(tmp_path):
+    directory, _, _ = peft_adapter("llama", "lora", tmp_path)
+    model = build("bert")[0]
+    snap = snapshot(model)
+    with pytest.raises(hd.DeltaFileError, match="no module at .*q_proj"):
+        hd.load_peft(model, directory)
+    assert_restored(model, snap)
+
+
+def test_adapter_for_another_size_is_refused(tmp_path):
+    directory, _, _ = peft_adapter("llama", "lora", tmp_path)
+    wide = tf.LlamaForCausalLM(tf.LlamaConfig(**{**_TEXT, "hidden_size": 48}, num_key_value_heads=2, max_position_embeddings=32))
+    snap = snapshot(wide)
+    with pytest.raises(hd.DeltaFileError, match="shape"):
+        hd.load_peft(wide, directory)
+    assert_restored(wide, snap)
+
+
+@pytest.mark.parametrize("field,value", [("use_qalora", True), ("layer_replication", [[0, 1]]), ("bias", "all"),
+                                         ("lora_bias", True), ("trainable_token_indices", [1, 2])])
+def test_unsupported_peft_fields_are_named(field, value, tmp_path):
+    directory, _, _ = peft_adapter("llama", "lora", tmp_path)
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(hd.DeltaFileError, match=field):
+        hd.load_peft(build("llama")[0], directory)
+
+
+def test_other_peft_types_and_pickles(tmp_path):
+    directory, _, _ = peft_adapter("llama", "lora", tmp_path)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(hd.DeltaFileError, match="LOHA"):
+        hd.load_peft(build("llama")[0], directory)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+
+    # a .bin that only holds tensors loads through the weights-only unpickler
+    from safetensors.torch import load_file
+    tensors = load_file(directory / "adapter_model.safetensors")
+    (directory / "adapter_model.safetensors").unlink()
+    torch.save(tensors, directory / "adapter_model.bin")
+    model, inputs, _ = build("llama")
+    hd.load_peft(model, directory).detach()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, directory / "adapter_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(hd.DeltaFileError, match="unpickling"):
+            hd.load_peft(model, directory)
+    assert not hd.deltas(model)
