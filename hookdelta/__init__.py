@@ -6,7 +6,7 @@ hooks, without replacing a module or changing a state-dict key.
 """
 
 from .config import DeltaConfig
-from .delta import Delta, attach, deltas
+from .delta import Delta, attach, deltas, include_in_state_dict
 from .errors import (
     BaseWeightsMismatchWarning,
     ConfigError,
@@ -42,4 +42,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
+    "include_in_state_dict",
 ]

@@ -332,6 +332,29 @@ def deltas(model: nn.Module) -> dict[str, Delta]:
     return dict(store.deltas.items()) if store is not None else {}  # type: ignore[arg-type]
 
 
+class include_in_state_dict:
+    """Opt in to the deltas in `model.state_dict()` / `load_state_dict()`, for frameworks that
+    checkpoint through the state dict (Lightning, DeepSpeed, torch.distributed.checkpoint).
+
+    `hd.include_in_state_dict(model)` switches it on for good; `with hd.include_in_state_dict(model):`
+    only for the block. The deltas' tensors appear under the reserved `_hookdelta.` prefix, so
+    a checkpoint written this way loads (strict) into a model with the same deltas attached.
+    """
+
+    def __init__(self, model: nn.Module, on: bool = True) -> None:
+        store = get_store(model)
+        if store is None:
+            raise DeltaStateError("the model has no deltas attached; attach them before opting their tensors in")
+        self.store, self.was = store, store.include_in_state_dict
+        store.include_in_state_dict = on
+
+    def __enter__(self) -> "include_in_state_dict":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.store.include_in_state_dict = self.was
+
+
 def _freeze(store: DeltaStore, model: nn.Module, name: str) -> None:
     if not store.freezers:
         store.saved_flags = {n: p.requires_grad for n, p in base_parameters(model)}

@@ -174,3 +174,33 @@ def test_loaded_name_clash_gets_a_fresh_name(saved):
     assert first.name == "mine" and second.name != "mine"
     with pytest.raises(hd.DeltaStateError, match="already has a delta named"):
         hd.load(model, path, name="mine")
+
+
+def test_state_dict_opt_in_round_trip_through_torch_save(tmp_path):
+    """Frameworks that checkpoint model.state_dict(): with the opt-in the delta travels along."""
+    model, inputs, _ = build("llama")
+    cfg = hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"], also_train="lm_head")
+    delta = hd.attach(model, cfg)
+    perturb(delta)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    plain = list(model.state_dict())
+    with hd.include_in_state_dict(model):
+        torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    assert list(model.state_dict()) == plain, "the opt-in ends with the block"
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert any(k.startswith("_hookdelta.") for k in saved) and set(plain) < set(saved)
+
+    fresh, _, _ = build("llama", seed=9)  # other base weights: the checkpoint restores them too
+    hd.attach(fresh, cfg)
+    with hd.include_in_state_dict(fresh):
+        fresh.load_state_dict(saved, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, expected)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        build("llama")[0].load_state_dict(saved, strict=True)  # without deltas attached: refused, not silent
+
+
+def test_state_dict_opt_in_needs_deltas():
+    with pytest.raises(hd.DeltaStateError):
+        hd.include_in_state_dict(build("llama")[0])
