@@ -34,6 +34,16 @@ from .persistence import load
 from .selection import match
 from .visualize import visualize
 
+
+
+def __getattr__(name: str):  # integrations import their framework only when asked for
+    if name == "TrainerCallback":
+        from .integrations.trainer import TrainerCallback
+
+        return TrainerCallback
+    raise AttributeError(f"module 'hookdelta' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [
