@@ -1,0 +1,131 @@
+"""The `hookdelta` command line: inspect a model with a delta, merge a delta into a
+transformers checkpoint, convert between hookdelta's and PEFT's formats.
+
+Bad paths and files that do not fit give one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never reach for a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class CLIError(Exception):
+    """A user mistake: reported in one line."""
+
+
+def load_model(model_dir: str) -> Any:
+    """A transformers model from a local directory, as the class its config names."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # stderr is for errors only
+    if not (Path(model_dir) / "config.json").is_file():
+        raise CLIError(f"{model_dir} is not a transformers model directory (no config.json)")
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    cls = cls or transformers.AutoModel
+    return cls.from_pretrained(model_dir, local_files_only=True)
+
+
+def is_peft_dir(directory: str) -> bool:
+    return (Path(directory) / "adapter_config.json").is_file()
+
+
+def check_dir(directory: str) -> None:
+    if not Path(directory).is_dir():
+        raise CLIError(f"{directory} is not a directory")
+
+
+def load_any(model: Any, directory: str) -> Any:
+    """A hookdelta or PEFT delta directory, whichever it is."""
+    import hookdelta as hd
+
+    check_dir(directory)
+    return hd.load_peft(model, directory) if is_peft_dir(directory) else hd.load(model, directory)
+
+
+def inspect(args: argparse.Namespace) -> None:
+    import hookdelta as hd
+
+    if args.delta:
+        check_dir(args.delta)
+    model = load_model(args.model_dir)
+    if args.delta:
+        load_any(model, args.delta)
+    hd.visualize(model, depth=args.depth, show_params=not args.no_params)
+
+
+def merge(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    check_dir(args.delta_dir)
+    with Progress(transient=False) as progress:
+        task = progress.add_task("loading the model", total=4)
+        model = load_model(args.model_dir)
+        progress.update(task, advance=1, description="loading the delta")
+        delta = load_any(model, args.delta_dir)
+        progress.update(task, advance=1, description="merging")
+        delta.merge_and_detach()
+        progress.update(task, advance=1, description=f"writing {args.out_dir}")
+        model.save_pretrained(args.out_dir)
+        progress.update(task, advance=1, description="done")
+    print(f"merged {args.delta_dir} into {args.model_dir} -> {args.out_dir}")
+
+
+def convert(args: argparse.Namespace) -> None:
+    check_dir(args.src)
+    if (args.to == "peft") == is_peft_dir(args.src):
+        raise CLIError(f"{args.src} is already in {args.to} format")
+    model = load_model(args.base)
+    delta = load_any(model, args.src)
+    if args.to == "peft":
+        delta.save_peft(args.dst, overwrite=args.overwrite)
+    else:
+        delta.save(args.dst, overwrite=args.overwrite)
+    print(f"converted {args.src} -> {args.dst} ({args.to})")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hookdelta", description="Inspect, merge and convert hookdelta deltas.")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("inspect", help="print the model's tree with the delta on it")
+    i.add_argument("model_dir")
+    i.add_argument("--delta", help="a hookdelta or PEFT delta directory")
+    i.add_argument("--depth", type=int, default=None)
+    i.add_argument("--no-params", action="store_true", help="hide the parameter shapes")
+    i.set_defaults(run=inspect)
+    m = sub.add_parser("merge", help="bake a delta into the weights and write a transformers checkpoint")
+    m.add_argument("model_dir")
+    m.add_argument("delta_dir")
+    m.add_argument("out_dir")
+    m.set_defaults(run=merge)
+    c = sub.add_parser("convert", help="convert a delta between hookdelta's and PEFT's formats")
+    c.add_argument("--to", choices=["peft", "hookdelta"], required=True)
+    c.add_argument("--base", required=True, help="the base model directory (to check the delta fits)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.set_defaults(run=convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import HookdeltaError
+
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CLIError, HookdeltaError, OSError, ValueError) as exc:
+        print(f"hookdelta {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
