@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .also_train import also_train_paths, build_copies
 from .config import DeltaConfig
-from .engine import DeltaStore, Piece, base_parameters, get_store, remove_store
+from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, remove_store
 from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
 
 
@@ -214,6 +214,7 @@ class Delta(nn.Module):
             piece.live = live
         for path in dict.fromkeys(p.site_path for p in self._pieces()):
             store.sites[path].refresh()
+        forget_compiled_code()
 
     def _remove(self, restore_weights: bool) -> None:
         model = self._model
@@ -241,6 +242,7 @@ class Delta(nn.Module):
         if not len(store.deltas):
             remove_store(model)
         self.attached = False
+        forget_compiled_code()
 
 
 # -- attach and friends -------------------------------------------------------------------
@@ -293,6 +295,7 @@ def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], 
     except BaseException:
         delta._remove(restore_weights=False)
         raise
+    forget_compiled_code()
     return delta
 
 

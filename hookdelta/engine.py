@@ -12,6 +12,7 @@ with `model.to()`, follow `train()/eval()`, appear in `model.parameters()` and s
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -193,6 +194,16 @@ class Site:
             weight = self.module._parameters[name]
             with torch.no_grad():
                 weight.copy_((weight.float() - delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+def forget_compiled_code() -> None:
+    """Make torch.compile'd code see a change of hooks: drop dynamo's caches when anything was
+    compiled. Dynamo does not guard on hook dicts (skip_nnmodule_hook_guards), so a graph
+    compiled with or without a delta's hooks would otherwise keep running after they change.
+    The next call of a compiled model recompiles."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and dynamo.utils.counters["frames"]["ok"]:
+        dynamo.reset()
 
 
 class DeltaStore(nn.Module):
