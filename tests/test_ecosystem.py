@@ -15,16 +15,19 @@ from helpers import assert_restored, perturb, snapshot
 from tiny_models import build
 
 
-def test_ddp_two_processes_keep_the_delta_identical(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_the_delta_identically(mode, tmp_path):
+    """DDP, and FSDP2 (fully_shard, which shards the delta's tensors too), on 2 CPU processes."""
     result = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result)],
+                          os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result), mode],
                          capture_output=True, text=True, env=env, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     verdict = json.loads(result.read_text())
     assert verdict["identical"], "delta parameters differ across ranks"
-    assert verdict["last"] < verdict["first"] and verdict["base_frozen"]
+    assert abs(verdict["first"] - verdict["unwrapped"]) < 1e-5, "the wrapped model computes what the plain one does"
+    assert verdict["last"] < verdict["first"]
 
 
 def test_accelerate_prepare_trains_the_delta():
