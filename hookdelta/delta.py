@@ -179,7 +179,7 @@ class Delta(nn.Module):
         save_delta(self, directory, overwrite=overwrite)
 
     def save_peft(self, directory: Any, overwrite: bool = False) -> None:
-        """Write a LoRA delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it)."""
+        """Write a LoRA or IA3 delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it)."""
         from .peft_format import save_peft
 
         self._check_attached("save_peft")

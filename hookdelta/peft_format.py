@@ -1,6 +1,6 @@
-"""PEFT's adapter files, both ways: `load_peft` attaches a LoRA / rsLoRA / DoRA adapter
-saved by PEFT (`adapter_config.json` + `adapter_model.safetensors`) as a hookdelta delta;
-`save_peft` writes a hookdelta LoRA delta so `PeftModel.from_pretrained` loads it.
+"""PEFT's adapter files, both ways: `load_peft` attaches a LoRA / rsLoRA / DoRA or IA3
+adapter saved by PEFT (`adapter_config.json` + `adapter_model.safetensors`) as a hookdelta
+delta; `save_peft` writes a hookdelta LoRA or IA3 delta so `PeftModel.from_pretrained` loads it.
 
 Tensor layouts are the same on both sides (hookdelta's LoRA follows PEFT's), so the work is
 in the names: PEFT keys look like `base_model.model.<module path>.lora_A.weight`. Every
@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
+from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .selection import is_conv1d
 
@@ -40,9 +41,10 @@ _HARMLESS = {
 }
 _UNDERSTOOD = {"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
                "layers_to_transform", "modules_to_save", "bias"}
+_IA3_UNDERSTOOD = {"feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"}
 _SUFFIXES = {  # PEFT tensor name -> hookdelta tensor name
     ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
-    ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude",
+    ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".ia3_l": "ia3_l",
 }
 
 
@@ -65,13 +67,14 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise DeltaFileError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") not in ("LORA", "IA3"):
         raise DeltaFileError(
             f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's LORA adapters "
-            "(LoRA, rsLoRA, DoRA)"
+            "(LoRA, rsLoRA, DoRA) and IA3 adapters"
         )
+    understood = _UNDERSTOOD if config["peft_type"] == "LORA" else _IA3_UNDERSTOOD
     unsupported = sorted(k for k, v in config.items()
-                         if k not in _HARMLESS | _UNDERSTOOD and v not in (None, False, {}, [], ""))
+                         if k not in _HARMLESS | understood and v not in (None, False, {}, [], ""))
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if unsupported:
@@ -143,9 +146,9 @@ def _fit_paths(model: nn.Module, paths: list[str], directory: Any) -> dict[str, 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
               freeze_base: bool = True) -> Any:
-    """Attach a LoRA adapter saved by PEFT. Checks the config, every key and every shape
-    before touching the model; returns the Delta."""
-    from .delta import _new_name, check_model, install
+    """Attach a LoRA (LoRA, rsLoRA, DoRA) or IA3 adapter saved by PEFT. Checks the config,
+    every key and every shape before touching the model; returns the Delta."""
+    from .delta import check_model
 
     check_model(model)
     config = read_peft_config(directory)
@@ -160,7 +163,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         else:
             lora.setdefault(split[0], {})[split[1]] = tensor
     if not lora:
-        raise DeltaFileError(f"the adapter in {directory} holds no LoRA tensors")
+        raise DeltaFileError(f"the adapter in {directory} holds no {config['peft_type']} tensors")
     unknown = sorted(k for k in rest if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k
                                                   for m in config.get("modules_to_save") or []))
     if unknown:
@@ -169,6 +172,16 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     paths = _fit_paths(model, list(lora) + owners, directory)
     sites, train = [paths[p] for p in lora], [paths[p] for p in owners]
 
+    tensors = {f"{paths[p]}.{n}": t for p, named in lora.items() for n, t in named.items()}
+    tensors.update({paths[k.rpartition(".")[0]] + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
+    also_train = [f"re:{re.escape(t)}" for t in train] or None
+    if config["peft_type"] == "IA3":
+        # PEFT stores l as [out, 1] (outputs scaled) or [1, in] (inputs scaled: feedforward modules)
+        feedforward = [s for s, named in zip(sites, lora.values()) if named["ia3_l"].shape[0] == 1]
+        tensors = {k: t.reshape(-1) if k.endswith(".ia3_l") else t for k, t in tensors.items()}
+        cfg: Any = IA3Config(targets=[f"re:{re.escape(s)}" for s in sites], also_train=also_train,
+                             feedforward_targets=[f"re:{re.escape(s)}" for s in feedforward] or None)
+        return _install(model, cfg, name, "ia3", sites, train, freeze_base, tensors, directory)
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     ranks = {s: int(t["lora_A"].shape[0]) for s, t in zip(sites, lora.values()) if "lora_A" in t}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -178,12 +191,17 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         targets=[f"re:{re.escape(s)}" for s in sites],
         rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
         alpha_pattern=_alphas_by_site(sites, alpha_pattern) or None,
-        also_train=[f"re:{re.escape(t)}" for t in train] or None,
+        also_train=also_train,
     )
-    tensors = {f"{paths[p]}.{n}": t for p, named in lora.items() for n, t in named.items()}
-    tensors.update({paths[k.rpartition(".")[0]] + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
+    return _install(model, cfg, name, "lora", sites, train, freeze_base, tensors, directory)
+
+
+def _install(model: nn.Module, cfg: Any, name: str | None, method: str, sites: list[str], train: list[str],
+             freeze_base: bool, tensors: dict[str, torch.Tensor], directory: Any) -> Any:
+    from .delta import _new_name, install
+
     try:
-        return install(model, cfg, _new_name(model, name, "lora"), sites, train, freeze_base, tensors)
+        return install(model, cfg, _new_name(model, name, method), sites, train, freeze_base, tensors)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
 
@@ -202,11 +220,43 @@ def _alphas_by_site(sites: list[str], patterns: dict[str, Any]) -> dict[str, flo
 
 
 def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write a LoRA delta as a PEFT adapter directory (atomically, safetensors only)."""
-    if delta.method != "lora":
-        raise UnsupportedModuleError(f"PEFT's LoRA format holds LoRA deltas; {delta.name!r} is a {delta.method} delta")
+    """Write a LoRA or IA3 delta as a PEFT adapter directory (atomically, safetensors only)."""
+    if delta.method not in ("lora", "ia3"):
+        raise UnsupportedModuleError(
+            f"PEFT's adapter files hold LoRA and IA3 deltas here; {delta.name!r} is a {delta.method} delta. "
+            "Save it with delta.save()."
+        )
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise DeltaFileError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    train = set(delta.also_train)
+    tensors: dict[str, torch.Tensor] = {}
+    for piece in delta.pieces.values():
+        if piece.key in train:  # modules_to_save: the trained copies under the module's own names
+            for n, t in piece.named_parameters(recurse=False):
+                tensors[f"{PREFIX}{piece.key}.{n}"] = t.detach().contiguous()
+    adapted = [p for p in delta.pieces.values() if p.key not in train]
+    model = delta.model
+    config = {
+        "task_type": None, "inference_mode": True, "target_modules": [p.key for p in adapted],
+        "fan_in_fan_out": any(is_conv1d(model.get_submodule(p.key)) for p in adapted),
+        "modules_to_save": sorted(train) or None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    }
+    if delta.method == "ia3":
+        for piece in adapted:  # PEFT's shapes: [1, in] when the input is scaled, [out, 1] otherwise
+            shape = (1, -1) if piece.on_input else (-1, 1)
+            tensors[PREFIX + piece.key + ".ia3_l"] = piece.ia3_l.detach().reshape(shape).contiguous()
+        config.update(peft_type="IA3", init_ia3_weights=True,
+                      feedforward_modules=[p.key for p in adapted if p.on_input])
+    else:
+        config.update(_lora_files(delta, adapted, tensors))
+    _write(directory, tensors, config)
+
+
+def _lora_files(delta: Any, pieces: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Adds the LoRA tensors under PEFT's names; returns the LoRA part of the config."""
     cfg: LoRAConfig = delta.config
-    pieces = list(delta.pieces.values())
     odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter))
            or getattr(p, "lora_bias", None) is not None]
     if odd:
@@ -214,23 +264,10 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
             f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
             f"targets or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
         )
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise DeltaFileError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
-    model = delta.model
-    tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    conv1d = False
-    train = set(delta.also_train)
     for piece in pieces:
-        if piece.key in train:  # modules_to_save: the trained copies under the module's own names
-            for n, t in piece.named_parameters(recurse=False):
-                tensors[f"{PREFIX}{piece.key}.{n}"] = t.detach().contiguous()
-            continue
-        module = model.get_submodule(piece.key)
-        embedding = isinstance(module, nn.Embedding)
-        conv1d = conv1d or is_conv1d(module)
+        embedding = isinstance(delta.model.get_submodule(piece.key), nn.Embedding)
         a, b = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
         tensors[PREFIX + piece.key + a] = piece.lora_A.detach().contiguous()
         tensors[PREFIX + piece.key + b] = piece.lora_B.detach().contiguous()
@@ -242,14 +279,12 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
         alpha = cfg.scale_for(piece.key) * (r ** 0.5 if cfg.use_rslora else r)
         if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
             alphas[re.escape(piece.key)] = alpha
-    config = {
-        "peft_type": "LORA", "task_type": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout, "target_modules": [p.key for p in pieces if p.key not in train],
-        "rank_pattern": ranks, "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-        "fan_in_fan_out": conv1d, "bias": "none", "modules_to_save": sorted(train) or None,
-        "init_lora_weights": True, "layers_to_transform": None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-    }
+    return {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+            "rank_pattern": ranks, "alpha_pattern": alphas, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+            "bias": "none", "init_lora_weights": True, "layers_to_transform": None}
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=directory.parent))
     try:
@@ -265,4 +300,3 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
-

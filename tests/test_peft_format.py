@@ -165,3 +165,26 @@ def test_other_peft_types_and_pickles(tmp_path):
         with pytest.raises(hd.DeltaFileError, match="unpickling"):
             hd.load_peft(model, directory)
     assert not hd.deltas(model)
+
+
+@pytest.mark.ia3
+@pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+                                     ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                                   fan_in_fan_out=True))])
+def test_ia3_adapters_both_ways(arch, kw, tmp_path):
+    model, inputs, _ = build(arch)
+    pm = peft.get_peft_model(model, peft.IA3Config(**kw))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "ia3_l" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path / "peft")
+    expected = out(pm.eval(), inputs)
+    ours = build(arch)[0]
+    delta = hd.load_peft(ours, tmp_path / "peft")
+    assert delta.method == "ia3"
+    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+    delta.save_peft(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
