@@ -27,11 +27,14 @@ from safetensors.torch import save_file
 
 from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .methods.ia3 import IA3Config
+from .methods.soft_prompt import SoftPromptConfig
+from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
 from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .selection import is_conv1d
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # PEFT's key prefix (a tuner wraps the model)
+PROMPT_PREFIX = "base_model."  # ... and for prompt learning, where the model is held directly
 
 # fields that only matter when PEFT creates or trains an adapter, or describe the file itself
 _HARMLESS = {
@@ -41,6 +44,9 @@ _HARMLESS = {
 }
 _UNDERSTOOD = {"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
                "layers_to_transform", "modules_to_save", "bias"}
+_PROMPT_UNDERSTOOD = {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                      "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                      "tokenizer_kwargs", "modules_to_save"}
 _IA3_UNDERSTOOD = {"feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"}
 _SUFFIXES = {  # PEFT tensor name -> hookdelta tensor name
     ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
@@ -67,12 +73,13 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise DeltaFileError(f"{path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
-    if config.get("peft_type") not in ("LORA", "IA3"):
+    understood = {"LORA": _UNDERSTOOD, "IA3": _IA3_UNDERSTOOD, "PROMPT_TUNING": _PROMPT_UNDERSTOOD}.get(
+        config.get("peft_type"))
+    if understood is None:
         raise DeltaFileError(
-            f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's LORA adapters "
-            "(LoRA, rsLoRA, DoRA) and IA3 adapters"
+            f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's LORA (LoRA, rsLoRA, "
+            "DoRA), IA3 and PROMPT_TUNING adapters"
         )
-    understood = _UNDERSTOOD if config["peft_type"] == "LORA" else _IA3_UNDERSTOOD
     unsupported = sorted(k for k, v in config.items()
                          if k not in _HARMLESS | understood and v not in (None, False, {}, [], ""))
     if config.get("bias", "none") != "none":
@@ -146,7 +153,7 @@ def _fit_paths(model: nn.Module, paths: list[str], directory: Any) -> dict[str, 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
               freeze_base: bool = True) -> Any:
-    """Attach a LoRA (LoRA, rsLoRA, DoRA) or IA3 adapter saved by PEFT. Checks the config,
+    """Attach a LoRA (LoRA, rsLoRA, DoRA), IA3 or prompt-tuning adapter saved by PEFT. Checks the config,
     every key and every shape before touching the model; returns the Delta."""
     from .delta import check_model
 
@@ -154,6 +161,9 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     config = read_peft_config(directory)
     raw = read_peft_tensors(directory)
     stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    if config["peft_type"] == "PROMPT_TUNING":
+        stripped = {k[len(PROMPT_PREFIX):] if k.startswith(PROMPT_PREFIX) else k: v for k, v in raw.items()}
+        return _load_prompt(model, config, stripped, name, freeze_base, directory)
     lora: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, tensor in stripped.items():
@@ -196,6 +206,27 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     return _install(model, cfg, name, "lora", sites, train, freeze_base, tensors, directory)
 
 
+def _load_prompt(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str | None,
+                 freeze_base: bool, directory: Any) -> Any:
+    """PEFT prompt tuning: `prompt_embeddings` [P, hidden] in front of the input, as SoftPromptConfig."""
+    prompt = tensors.pop("prompt_embeddings", None)
+    if prompt is None or prompt.dim() != 2:
+        raise DeltaFileError(f"the prompt-tuning adapter in {directory} has no [tokens, hidden] prompt_embeddings")
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise DeltaFileError(
+            f"the prompt-tuning adapter in {directory} has prompts for {config['num_transformer_submodules']} "
+            "submodules (an encoder-decoder file); hookdelta reads single-prompt files"
+        )
+    owners = sorted({k.rpartition(".")[0] for k in tensors})
+    paths = _fit_paths(model, owners, directory) if owners else {}
+    train = [paths[o] for o in owners]
+    site = input_embeddings_path(model)
+    ours = {f"{site}.prompt": prompt}
+    ours.update({paths[k.rpartition(".")[0]] + "." + k.rpartition(".")[2]: t for k, t in tensors.items()})
+    cfg = SoftPromptConfig(num_virtual_tokens=prompt.shape[0], also_train=[f"re:{re.escape(t)}" for t in train] or None)
+    return _install(model, cfg, name, "soft_prompt", [site], train, freeze_base, ours, directory)
+
+
 def _install(model: nn.Module, cfg: Any, name: str | None, method: str, sites: list[str], train: list[str],
              freeze_base: bool, tensors: dict[str, torch.Tensor], directory: Any) -> Any:
     from .delta import _new_name, install
@@ -221,20 +252,21 @@ def _alphas_by_site(sites: list[str], patterns: dict[str, Any]) -> dict[str, flo
 
 def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False) -> None:
     """Write a LoRA or IA3 delta as a PEFT adapter directory (atomically, safetensors only)."""
-    if delta.method not in ("lora", "ia3"):
+    if delta.method not in ("lora", "ia3", "soft_prompt"):
         raise UnsupportedModuleError(
-            f"PEFT's adapter files hold LoRA and IA3 deltas here; {delta.name!r} is a {delta.method} delta. "
-            "Save it with delta.save()."
+            f"PEFT's adapter files hold LoRA, IA3 and soft-prompt deltas here; {delta.name!r} is a {delta.method} "
+            "delta. Save it with delta.save()."
         )
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise DeltaFileError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
     train = set(delta.also_train)
     tensors: dict[str, torch.Tensor] = {}
+    prefix = PROMPT_PREFIX if delta.method == "soft_prompt" else PREFIX  # prompt models are not wrapped twice
     for piece in delta.pieces.values():
         if piece.key in train:  # modules_to_save: the trained copies under the module's own names
             for n, t in piece.named_parameters(recurse=False):
-                tensors[f"{PREFIX}{piece.key}.{n}"] = t.detach().contiguous()
+                tensors[f"{prefix}{piece.key}.{n}"] = t.detach().contiguous()
     adapted = [p for p in delta.pieces.values() if p.key not in train]
     model = delta.model
     config = {
@@ -243,7 +275,21 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
         "modules_to_save": sorted(train) or None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
-    if delta.method == "ia3":
+    if delta.method == "soft_prompt":
+        if is_encoder_decoder(model):
+            raise UnsupportedModuleError("hookdelta writes PEFT prompt-tuning files for decoder-only and encoder-only models")
+        (piece,) = [p for p in adapted if hasattr(p, "prompt")]
+        tensors["prompt_embeddings"] = piece.prompt.detach().contiguous()
+        layers, _, _ = attention_shape(model)
+        suffix = type(model).__name__
+        task = ("CAUSAL_LM" if suffix.endswith("CausalLM") else "SEQ_CLS" if suffix.endswith("SequenceClassification")
+                else "TOKEN_CLS" if suffix.endswith("TokenClassification") else "FEATURE_EXTRACTION")
+        config.update(peft_type="PROMPT_TUNING", task_type=task, num_virtual_tokens=piece.length,
+                      token_dim=piece.prompt.shape[1], num_transformer_submodules=1, num_layers=layers,
+                      num_attention_heads=model.config.num_attention_heads, prompt_tuning_init="RANDOM")
+        for field in ("target_modules", "fan_in_fan_out"):  # not prompt-tuning fields
+            del config[field]
+    elif delta.method == "ia3":
         for piece in adapted:  # PEFT's shapes: [1, in] when the input is scaled, [out, 1] otherwise
             shape = (1, -1) if piece.on_input else (-1, 1)
             tensors[PREFIX + piece.key + ".ia3_l"] = piece.ia3_l.detach().reshape(shape).contiguous()

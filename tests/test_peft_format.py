@@ -188,3 +188,22 @@ def test_ia3_adapters_both_ways(arch, kw, tmp_path):
     delta.save_peft(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
     torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.soft_prompt
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_prompt_tuning_adapters_both_ways(arch, tmp_path):
+    model, inputs, _ = build(arch)
+    task = "CAUSAL_LM" if arch == "llama" else "SEQ_CLS"
+    pm = peft.get_peft_model(model, peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
+    with torch.no_grad():
+        pm.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "peft")
+    expected = out(pm.eval(), inputs)
+    ours = build(arch)[0]
+    delta = hd.load_peft(ours, tmp_path / "peft")
+    assert delta.method == "soft_prompt"
+    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+    delta.save_peft(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
