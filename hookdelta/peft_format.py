@@ -29,6 +29,7 @@ from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .methods.ia3 import IA3Config
 from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
+from .persistence import read_json
 from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .selection import is_conv1d
 
@@ -63,14 +64,7 @@ class PathPrefixWarning(UserWarning):
 
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG
-    if not Path(directory).is_dir():
-        raise DeltaFileError(f"no PEFT adapter at {directory}: not a directory")
-    if not path.is_file():
-        raise DeltaFileError(f"no PEFT adapter at {directory}: {CONFIG} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DeltaFileError(f"{path} is not valid JSON ({exc})") from None
+    config = read_json(directory, CONFIG, "PEFT adapter")
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
     understood = {"LORA": _UNDERSTOOD, "IA3": _IA3_UNDERSTOOD, "PROMPT_TUNING": _PROMPT_UNDERSTOOD}.get(

@@ -147,17 +147,22 @@ def fingerprint(tensor: torch.Tensor) -> float:
 # -- loading --------------------------------------------------------------------------------
 
 
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    directory = Path(directory)
-    path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise DeltaFileError(f"no saved delta at {directory}: not a directory")
+def read_json(directory: str | os.PathLike, name: str, what: str) -> Any:
+    """The JSON file `name` in `directory`, or a DeltaFileError saying what is missing or broken."""
+    path = Path(directory) / name
+    if not Path(directory).is_dir():
+        raise DeltaFileError(f"no {what} at {directory}: not a directory")
     if not path.is_file():
-        raise DeltaFileError(f"no saved delta at {directory}: {CONFIG_FILE} is missing")
+        raise DeltaFileError(f"no {what} at {directory}: {name} is missing")
     try:
-        meta = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DeltaFileError(f"{path} is not valid JSON ({exc}); the save is corrupt or truncated") from None
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    meta = read_json(directory, CONFIG_FILE, "saved delta")
     if not isinstance(meta, dict) or meta.get("format") != "hookdelta":
         raise DeltaFileError(f"{path} is not a hookdelta delta description")
     version = meta.get("format_version")
