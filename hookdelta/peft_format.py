@@ -27,10 +27,10 @@ from safetensors.torch import save_file
 
 from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .methods.ia3 import IA3Config
+from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
 from .persistence import read_json
-from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .selection import is_conv1d
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
