@@ -119,6 +119,7 @@ class Delta(nn.Module):
             raise MergeError(f"the {self.method} delta {self.name!r} cannot be merged into the weights "
                              f"(sites: {blocked[:3]}); keep it attached unmerged")
         store = self._store()
+        self._check_merge_order(store)
         for piece in self._pieces():  # check everything before writing anything
             store.sites[piece.site_path].merged_values(piece)
         done: list[Piece] = []
@@ -132,6 +133,30 @@ class Delta(nn.Module):
             raise
         self.merged = True
         self._refresh()
+
+    def _check_merge_order(self, store: DeltaStore) -> None:
+        """Merging moves a piece inside every hook still running at its layer. That keeps the
+        result only if the pieces attached before it that stay unmerged commute with it (both
+        add a term to the output), and no unmerged piece there reads the weight (DoRA)."""
+        mine = {id(p) for p in self._pieces()}
+        for piece in self._pieces():
+            site = store.sites[piece.site_path]
+            merged = {id(p) for p, _ in site.merged}
+            before = True
+            for other in site.pieces:
+                if other is piece:
+                    before = False
+                    continue
+                if id(other) in mine or id(other) in merged:
+                    continue
+                clash = (before and not (piece.additive and other.additive)) or other.reads_weight
+                if clash:
+                    owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
+                    raise MergeError(
+                        f"merging {self.name!r} at {piece.site_path!r} would change the result: delta {owner!r} "
+                        f"({other.describe() or type(other).__name__}) runs at the same layer and does not commute "
+                        f"with it. Merge {owner!r} first, or detach it; nothing was changed."
+                    )
 
     def unmerge(self) -> None:
         """Take the delta back out of the weights (bit-exact by default) and put its hooks back."""

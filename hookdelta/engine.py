@@ -33,6 +33,8 @@ class Piece(nn.Module):
 
     swaps: tuple[str, ...] = ()
     mergeable: bool = True
+    additive: bool = False  # only adds a term that depends on the layer's input (commutes with its kind)
+    reads_weight: bool = False  # its output depends on the host's weight (so a merge below it changes it)
     exact_unmerge_needs_copy: bool = False  # True where subtracting the delta cannot undo a merge
 
     def __init__(self, site_path: str, key: str | None = None) -> None:

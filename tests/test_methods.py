@@ -166,3 +166,43 @@ def test_ia3_with_callable_selectors_saves_and_loads(tmp_path):
     loaded = hd.load(model, tmp_path / "d")
     assert {p.key: p.on_input for p in loaded.pieces.values()} == {p.key: p.on_input for p in d.pieces.values()}
     assert torch.equal(run(model, inputs), out)
+
+
+@pytest.mark.parametrize("first,second,merge,allowed", [
+    ("lora", "ia3", "lora", True),     # IA3 attached later wraps LoRA's sum: merging LoRA below it keeps l⊙(Wx+BAx)
+    ("lora", "ia3", "ia3", False),     # merging IA3 would give lW·x + BAx instead of l⊙(Wx + BAx)
+    ("ia3", "lora", "ia3", True),      # l⊙Wx + BAx either way
+    ("ia3", "lora", "lora", False),    # merging LoRA would scale its term by l
+    ("lora", "bitfit", "lora", True),  # two additive terms commute
+    ("bitfit", "lora", "lora", True),
+    ("lora", "dora", "lora", False),   # DoRA reads the weight: a merge below it changes its norm
+])
+def test_merge_in_a_stack_is_exact_or_refused(first, second, merge, allowed):
+    """Merging one of two deltas on the same layers keeps the output (checked against the
+    unmerged stack), or is refused with the model unchanged."""
+    make = {"lora": lambda: hd.LoRAConfig(r=2, targets="layer"), "ia3": lambda: hd.IA3Config(targets="layer"),
+            "bitfit": lambda: hd.BitFitConfig(targets="layer"),
+            "dora": lambda: hd.LoRAConfig(r=2, targets="layer", use_dora=True)}
+    from tiny_models import Holder
+
+    torch.manual_seed(0)
+    model, x = Holder(torch.nn.Linear(6, 5)), torch.randn(3, 6)
+    deltas = {}
+    for i, kind in enumerate((first, second)):
+        deltas[kind] = hd.attach(model, make[kind](), name=f"{kind}{i}")
+        perturb(deltas[kind], std=0.4, seed=i)
+    with torch.no_grad():
+        stacked = model(x)
+    before = snapshot(model)
+    if allowed:
+        deltas[merge].merge()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), stacked, rtol=1e-5, atol=1e-6)
+        deltas[merge].unmerge()
+        assert torch.equal(model.layer.weight, before["params"]["layer.weight"])
+        with torch.no_grad():
+            assert torch.equal(model(x), stacked)
+    else:
+        with pytest.raises(hd.MergeError, match="does not commute"):
+            deltas[merge].merge()
+        assert_same(model, before)

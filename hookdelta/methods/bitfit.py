@@ -22,6 +22,8 @@ from .adapter import reference_tensor
 class BiasDelta(Piece):
     """output + b, with b broadcast over the channel dim (last, or dim 1 for convolutions)."""
 
+    additive = True
+
     def __init__(self, key: str, width: int, like: torch.Tensor, channel_dim: int) -> None:
         super().__init__(key)
         self.bias = nn.Parameter(torch.zeros(width, device=like.device, dtype=like.dtype))

@@ -27,6 +27,7 @@ class SharedRule(Piece):
     """The rule matrices shared by all PHM layers of one delta. It hooks nothing."""
 
     mergeable = False
+    additive = True  # it changes nothing at its site
 
     def __init__(self, site_path: str, n: int, like: torch.Tensor) -> None:
         super().__init__(site_path, key="phm_rule")

@@ -18,6 +18,8 @@ from ..errors import UnsupportedModuleError
 class NormDelta(Piece):
     """W + ΔW (and b + Δb where the layer has a bias), swapped in for the call."""
 
+    additive = True
+
     def __init__(self, key: str, module: nn.Module) -> None:
         super().__init__(key)
         names = [n for n in ("weight", "bias") if isinstance(module._parameters.get(n), torch.Tensor)]

@@ -191,6 +191,8 @@ def _tie_partners(cfg: LoRAConfig, model: nn.Module, key: str, module: nn.Module
 class _LoRABase(Piece):
     """Shared state: the two factors, the scale, the dropout rate."""
 
+    additive = True
+
     def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
                  b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
         super().__init__(site_path, key)
@@ -257,6 +259,8 @@ class DoRALinear(LoRALinear):
     y = base(x) + (c − 1)·(W·x) + c·s·B·A·x, so W + ΔW is never applied to the input."""
 
     exact_unmerge_needs_copy = True  # merging rescales the weight; only the kept original undoes it
+    additive = False
+    reads_weight = True  # the norm of W + ΔW
 
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
         super().__init__(cfg, key, module)
@@ -389,6 +393,8 @@ class TiedLoRA(Piece):
     Holds no tensors of its own (the primary owns them, and writes the shared weight once
     on merge), so the two modules stay tied."""
 
+    additive = True
+
     def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
         super().__init__(site_path, key=site_path)
         object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
@@ -418,6 +424,8 @@ class TiedLoRA(Piece):
 
 class TiedParameter(Piece):
     """A parameter target shared by another module: swap in the same W + s·B·A there too."""
+
+    additive = True
 
     def __init__(self, primary: "LoRAParameter", site_path: str) -> None:
         super().__init__(site_path, key=site_path + "." + primary.param_name)
