@@ -1,4 +1,4 @@
-"""Property test: any sequence of attach / detach / enable / disable / merge / unmerge keeps
+"""Property test: any sequence of attach (LoRA or BitFit) / detach / enable / disable / merge / unmerge keeps
 the output equal to the formula computed by hand, keeps the keys, costs at most one hook
 pair per layer, and ends with a bit-exact model."""
 
@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import hookdelta as hd
 from helpers import assert_restored, perturb, snapshot
 
-pytestmark = pytest.mark.lora
+pytestmark = [pytest.mark.lora, pytest.mark.bitfit]
 
 LAYERS = ["a", "b", "c"]
 
@@ -28,14 +28,18 @@ class MLP(nn.Module):
 
 
 def reference(model, base, x):
-    """The output by hand: each layer uses W0 + Σ s·B·A over the enabled deltas (merged or not)."""
+    """The output by hand: each layer uses W0 + Σ s·B·A and b0 + Σ Δb over the enabled
+    LoRA and BitFit deltas (merged or not)."""
     h = x
     for i, name in enumerate(LAYERS):
         W, b = base[f"{name}.weight"], base[f"{name}.bias"]
         for d in hd.deltas(model).values():
             if d.enabled and name in d.pieces:
                 p = d.pieces[name]
-                W = W + p.scale * p.lora_B.detach() @ p.lora_A.detach()
+                if d.method == "bitfit":
+                    b = b + p.bias.detach()
+                else:
+                    W = W + p.scale * p.lora_B.detach() @ p.lora_A.detach()
         h = h @ W.T + b
         if i < 2:
             h = torch.tanh(h)
@@ -54,10 +58,12 @@ class Lifecycle(RuleBasedStateMachine):
     def names(self):
         return sorted(hd.deltas(self.model))
 
-    @rule(layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True), r=st.integers(1, 3))
-    def attach(self, layers, r):
+    @rule(layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True), r=st.integers(1, 3),
+          bitfit=st.booleans())
+    def attach(self, layers, r, bitfit):
         self.count += 1
-        d = hd.attach(self.model, hd.LoRAConfig(r=r, alpha=2.0, targets=layers), name=f"d{self.count}")
+        cfg = hd.BitFitConfig(targets=layers) if bitfit else hd.LoRAConfig(r=r, alpha=2.0, targets=layers)
+        d = hd.attach(self.model, cfg, name=f"d{self.count}")
         perturb(d, std=0.2, seed=self.count)
 
     @precondition(lambda self: self.names())
