@@ -61,6 +61,10 @@ class Piece(nn.Module):
         return {n: module._parameters[n].detach().float() + d.to(module._parameters[n].device, torch.float32)
                 for n, d in self.delta_weights(module).items()}
 
+    def delta_from_merged(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """delta_weights for pieces that define merged_weights (multiplicative ones: IA3, DoRA)."""
+        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+
     def describe(self) -> str:
         """A few words for the tree printer (e.g. the layer kind)."""
         return ""

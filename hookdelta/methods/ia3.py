@@ -56,7 +56,7 @@ class Rescale(Piece):
         return merged
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+        return self.delta_from_merged(module)
 
     def describe(self) -> str:
         return f"ia3 ⊙{'input' if self.on_input else 'output'}[{self.ia3_l.shape[0]}]"

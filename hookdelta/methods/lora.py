@@ -300,7 +300,7 @@ class DoRALinear(LoRALinear):
         return out
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+        return self.delta_from_merged(module)
 
     def describe(self) -> str:
         return "DoRA " + super().describe()
