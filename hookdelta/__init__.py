@@ -6,7 +6,7 @@ hooks, without replacing a module or changing a state-dict key.
 """
 
 from .config import DeltaConfig
-from .delta import Delta, attach, deltas, include_in_state_dict
+from .delta import Delta, attach, deltas, include_in_state_dict, set_active
 from .errors import (
     BaseWeightsMismatchWarning,
     ConfigError,
@@ -51,6 +51,6 @@ __all__ = [
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
-    "UnsupportedModuleError", "attach", "deltas", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
+    "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict",
 ]

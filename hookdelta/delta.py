@@ -6,7 +6,8 @@ the engine.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch.nn as nn
 
@@ -14,6 +15,22 @@ from .also_train import also_train_paths, build_copies
 from .config import DeltaConfig
 from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, remove_store
 from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _changes(action: str) -> Callable[[F], F]:
+    """A lifecycle call: refused while another thread is in a forward pass of the model or a
+    checkpointed forward awaits its backward; forwards starting meanwhile wait for it."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(self: "Delta", *args: Any, **kwargs: Any) -> Any:
+            self._check_attached(action)
+            with self._store().guard.changing(action):
+                return fn(self, *args, **kwargs)
+        return run  # type: ignore[return-value]
+    return wrap
 
 
 def _slot(key: str) -> str:
@@ -77,12 +94,14 @@ class Delta(nn.Module):
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    @_changes("enable")
     def enable(self) -> None:
         """Run the delta again (puts its hooks back)."""
         self._check_attached("enable")
         self.enabled = True
         self._refresh()
 
+    @_changes("disable")
     def disable(self) -> None:
         """Stop running the delta; its hooks come off, so it costs nothing while off."""
         self._check_attached("disable")
@@ -102,6 +121,7 @@ class Delta(nn.Module):
             if was and self.attached:
                 self.enable()
 
+    @_changes("merge")
     def merge(self, keep_original: bool = True) -> None:
         """Write the delta into the base weights in place and take its hooks off.
 
@@ -120,8 +140,9 @@ class Delta(nn.Module):
                              f"(sites: {blocked[:3]}); keep it attached unmerged")
         store = self._store()
         self._check_merge_order(store)
-        for piece in self._pieces():  # check everything before writing anything
-            store.sites[piece.site_path].merged_values(piece)
+        if not keep_original:  # without copies a failed write could not be undone exactly: check first
+            for piece in self._pieces():
+                store.sites[piece.site_path].merged_values(piece)
         done: list[Piece] = []
         try:
             for piece in self._pieces():
@@ -158,6 +179,7 @@ class Delta(nn.Module):
                         f"with it. Merge {owner!r} first, or detach it; nothing was changed."
                     )
 
+    @_changes("unmerge")
     def unmerge(self) -> None:
         """Take the delta back out of the weights (bit-exact by default) and put its hooks back."""
         self._check_attached("unmerge")
@@ -171,6 +193,7 @@ class Delta(nn.Module):
         self.merged = False
         self._refresh()
 
+    @_changes("merge_and_detach")
     def merge_and_detach(self) -> nn.Module:
         """Bake the delta into the weights for good (PEFT's merge_and_unload) and detach it.
 
@@ -191,6 +214,7 @@ class Delta(nn.Module):
         self._remove(restore_weights=False)
         return model
 
+    @_changes("detach")
     def detach(self) -> None:
         """Remove the delta: weights, flags and hooks are exactly as before it was attached."""
         self._check_attached("detach")
@@ -236,7 +260,7 @@ class Delta(nn.Module):
         live = self.enabled and not self.merged
         store = self._store()
         for piece in self._pieces():
-            piece.live = live
+            piece.set_live(live)
         for path in dict.fromkeys(p.site_path for p in self._pieces()):
             store.sites[path].refresh()
         forget_compiled_code()
@@ -250,7 +274,7 @@ class Delta(nn.Module):
         if restore_weights and self.merged:
             self.unmerge()
         for piece in self._pieces():
-            piece.live = False
+            piece.set_live(False)
             site = store.sites.get(piece.site_path)
             if site is None:
                 continue
@@ -308,20 +332,31 @@ def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], 
         store.train(model.training)
     object.__setattr__(delta, "_model", model)
     try:
+        with store.guard.changing("attach"):
+            _hook_in(store, model, delta, pieces, name, freeze_base)
+    except BaseException:
+        if created and get_store(model) is store and not len(store.deltas):
+            remove_store(model)  # refused before anything was hooked in: leave no store behind
+        raise
+    forget_compiled_code()
+    return delta
+
+
+def _hook_in(store: DeltaStore, model: nn.Module, delta: Delta, pieces: list[Piece], name: str,
+             freeze_base: bool) -> None:
+    try:
         store.deltas[name] = delta
         delta.attached = True
         for piece in pieces:
             site = store.site(model, piece.site_path)
             site.pieces.append(piece)
-            piece.live = True
+            piece.set_live(True)
             site.refresh()
         if freeze_base:
             _freeze(store, model, name)
     except BaseException:
         delta._remove(restore_weights=False)
         raise
-    forget_compiled_code()
-    return delta
 
 
 def check_model(model: Any) -> None:
@@ -352,6 +387,31 @@ def _new_name(model: nn.Module, name: str | None, method: str) -> str:
     if name in taken:
         raise DeltaStateError(f"model already has a delta named {name!r}; pick another name or detach that one")
     return name
+
+
+def set_active(model: nn.Module, *names: str) -> None:
+    """Run exactly the named deltas, like PEFT's set_adapter: enable them and disable every
+    other unmerged delta, with one hook update per layer, so switching among loaded deltas
+    costs microseconds per layer. Merged deltas must be among `names` (unmerge them first)."""
+    found = deltas(model)
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise DeltaStateError(f"the model has no delta named {unknown}; its deltas are {list(found)}")
+    merged = [n for n, d in found.items() if d.merged and n not in names]
+    if merged:
+        raise DeltaStateError(f"deltas {merged} are merged into the weights; unmerge() them before switching away")
+    store = get_store(model)
+    if store is None:
+        return
+    with store.guard.changing("set_active"):
+        for name, delta in found.items():
+            if not delta.merged:
+                delta.enabled = name in names
+                for piece in delta._pieces():
+                    piece.set_live(delta.enabled)
+        for site in store.sites.values():
+            site.refresh()
+    forget_compiled_code()
 
 
 def deltas(model: nn.Module) -> dict[str, Delta]:

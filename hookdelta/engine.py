@@ -12,13 +12,16 @@ with `model.to()`, follow `train()/eval()`, appear in `model.parameters()` and s
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+import threading
+import weakref
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from .errors import MergeError
+from .errors import DeltaStateError, MergeError
 from .selection import STORE_NAME, is_internal
 
 
@@ -69,6 +72,9 @@ class Piece(nn.Module):
         """A few words for the tree printer (e.g. the layer kind)."""
         return ""
 
+    def set_live(self, live: bool) -> None:
+        object.__setattr__(self, "live", live)  # skips nn.Module.__setattr__: switching is hot
+
     def _overrides(self, name: str) -> bool:
         return getattr(type(self), name) is not getattr(Piece, name)
 
@@ -105,33 +111,50 @@ class Site:
         self.pieces: list[Piece] = []  # attach order
         self.merged: list[tuple[Piece, bool]] = []  # (piece, kept original) in merge order
         self.handles: list[Any] = []
+        self.hooked = (False, False, False)  # (pre hook, post hook, post hook always called)
         self.pre_pieces: tuple[Piece, ...] = ()
         self.post_pieces: tuple[Piece, ...] = ()
         self.swap_pieces: tuple[Piece, ...] = ()
         self.swapped: list[dict[str, Any]] = []  # stack: nested or re-entrant calls
+        # swapping writes the module's parameter dict for the length of one call, so calls of
+        # this module from several threads take turns (only at sites with swap pieces)
+        self.swap_lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh lock, not the held one
+        return {k: v for k, v in self.__dict__.items() if k != "swap_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, swap_lock=threading.RLock())
 
     # -- hook lifecycle ------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Install exactly the hooks the live pieces need, or none at all."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        """Install exactly the hooks the live pieces need, or none at all. Handles that are
+        already the right ones stay (switching deltas at a layer only swaps the piece lists)."""
         live = [p for p in self.pieces if p.live]
         self.pre_pieces = tuple(p for p in live if p._overrides("pre_forward"))
         self.post_pieces = tuple(p for p in live if p._overrides("post_forward"))
         self.swap_pieces = tuple(p for p in live if p.swaps)
-        if self.pre_pieces or self.swap_pieces:
+        wanted = (bool(self.pre_pieces or self.swap_pieces), bool(self.post_pieces or self.swap_pieces),
+                  bool(self.swap_pieces))
+        if wanted == self.hooked:
+            return
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.hooked = wanted
+        if wanted[0]:
             self.handles.append(self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
-        if self.post_pieces or self.swap_pieces:
+        if wanted[1]:
             # always_call: a swapped weight is put back even when forward raises
             self.handles.append(self.module.register_forward_hook(
-                self.post_hook, with_kwargs=True, always_call=bool(self.swap_pieces)))
+                self.post_hook, with_kwargs=True, always_call=wanted[2]))
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         for piece in self.pre_pieces:
             args, kwargs = piece.pre_forward(module, args, kwargs)
         if self.swap_pieces:
+            self.swap_lock.acquire()  # released in post_hook, which always runs for swap sites
             params = module._parameters
             saved: dict[str, Any] = {}
             self.swapped.append(saved)
@@ -144,6 +167,7 @@ class Site:
     def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.swap_pieces and self.swapped:
             module._parameters.update(self.swapped.pop())
+            self.swap_lock.release()
         if output is None:  # forward raised; always_call only had to put the weights back
             return None
         for piece in self.post_pieces:
@@ -158,24 +182,37 @@ class Site:
         for name, value in piece.merged_weights(self.module).items():
             weight = self.module._parameters[name]
             new = value.detach().to(weight.device, weight.dtype)
-            if not torch.isfinite(new).all():
-                raise MergeError(
-                    f"merging would write NaN/Inf into {self.path}.{name}; the delta's tensors are "
-                    "not finite or too large for the weight's dtype. Nothing was changed."
-                )
+            if not all_finite(new):
+                raise MergeError(self._not_finite(name))
             out[name] = new
         return out
 
     def merge(self, piece: Piece, keep_original: bool = True) -> None:
         """Write the piece into the module's weights in place (same tensor, same address)."""
         keep_original = keep_original or piece.exact_unmerge_needs_copy
-        for name, new in self.merged_values(piece).items():
-            weight = self.module._parameters[name]
-            if keep_original:
-                piece.register_buffer(f"_original_{name}", weight.detach().clone(), persistent=False)
+        params = self.module._parameters
+        if keep_original and not piece._overrides("merged_weights"):
+            # additive piece: copy, add in place (rounded once), check; the copy undoes a bad write
+            deltas = piece.delta_weights(self.module)
             with torch.no_grad():
-                weight.copy_(new)
+                for name, delta in deltas.items():
+                    piece.register_buffer(f"_original_{name}", params[name].detach().clone(), persistent=False)
+                    params[name].add_(delta.to(params[name].device))
+            bad = [name for name in deltas if not all_finite(params[name])]
+            if bad:
+                self._restore(piece, kept=True)
+                raise MergeError(self._not_finite(bad[0]))
+        else:
+            for name, new in self.merged_values(piece).items():
+                if keep_original:
+                    piece.register_buffer(f"_original_{name}", params[name].detach().clone(), persistent=False)
+                with torch.no_grad():
+                    params[name].copy_(new)
         self.merged.append((piece, keep_original))
+
+    def _not_finite(self, name: str) -> str:
+        return (f"merging would write NaN/Inf into {self.path}.{name}; the delta's tensors are "
+                "not finite or too large for the weight's dtype. Nothing was changed.")
 
     def unmerge(self, piece: Piece) -> None:
         """Take a merged piece out again; later merges are undone and redone so it stays exact."""
@@ -202,6 +239,12 @@ class Site:
                 weight.copy_((weight.float() - delta.to(weight.device, torch.float32)).to(weight.dtype))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. A float32 sum propagates any of them and only reads the tensor;
+    the exact elementwise test runs only when the sum is not finite (it may just overflow)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def forget_compiled_code() -> None:
     """Make torch.compile'd code see a change of hooks: drop dynamo's caches when anything was
     compiled. Dynamo does not guard on hook dicts (skip_nnmodule_hook_guards), so a graph
@@ -210,6 +253,74 @@ def forget_compiled_code() -> None:
     dynamo = sys.modules.get("torch._dynamo")
     if dynamo is not None and dynamo.utils.counters["frames"]["ok"]:
         dynamo.reset()
+
+
+class ForwardGuard:
+    """Knows which threads are inside a forward pass of the model and which checkpointed
+    training forwards still await their backward, so a delta change that would hit one of
+    them is refused (not half-applied, not silently wrong). Changes hold its lock, so a
+    forward that starts during a change waits for it to finish."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.depth: dict[int, int] = {}  # thread id -> nesting depth of forwards of the model
+        self.pending: dict[int, weakref.ref] = {}  # outputs of checkpointed forwards awaiting backward
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():  # traced code runs as one graph: nothing to watch there
+            return
+        me = threading.get_ident()
+        with self.lock:
+            self.depth[me] = self.depth.get(me, 0) + 1
+
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        me = threading.get_ident()
+        with self.lock:
+            left = self.depth.get(me, 1) - 1
+            if left:
+                self.depth[me] = left
+            else:
+                self.depth.pop(me, None)
+        if output is not None and module.training and torch.is_grad_enabled() and \
+                getattr(module, "is_gradient_checkpointing", False):
+            for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
+                key = id(t)
+                self.pending[key] = weakref.ref(t)
+                t.register_hook(lambda grad, key=key: self.pending.pop(key, None) and None)
+
+    @contextlib.contextmanager
+    def changing(self, action: str) -> Iterator[None]:
+        with self.lock:
+            others = [t for t, d in self.depth.items() if d and t != threading.get_ident()]
+            if others:
+                raise DeltaStateError(
+                    f"cannot {action}() while another thread runs a forward pass of this model; change "
+                    "deltas between forward passes (forwards from several threads at once are fine)"
+                )
+            if any(ref() is not None for ref in self.pending.values()):
+                raise DeltaStateError(
+                    f"cannot {action}() between a forward and its backward under gradient checkpointing: "
+                    "the backward re-runs the forward with the deltas as they are then, which would give "
+                    "wrong gradients. Call backward() first, or drop the outputs (del out) if you do not need it"
+                )
+            self.pending.clear()
+            yield
+
+
+def _grad_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple, dict, ModelOutput) that autograd tracks."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.requires_grad else []
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 class DeltaStore(nn.Module):
@@ -226,6 +337,8 @@ class DeltaStore(nn.Module):
         self.saved_flags: dict[str, bool] = {}  # requires_grad before the first freezing delta
         self.freezers: list[str] = []  # names of the deltas that froze the backbone
         self.include_in_state_dict = False
+        self.guard = ForwardGuard()
+        self.root_hooks: list[Any] = []
         # plain functions (they get the store as `module`), so copies of the model stay consistent
         self.register_state_dict_post_hook(_hide_from_state_dict)
         self.register_load_state_dict_post_hook(_hide_missing_keys)
@@ -260,11 +373,16 @@ def get_store(model: nn.Module, create: bool = False) -> DeltaStore | None:
     if store is None and create:
         store = DeltaStore()
         model.add_module(STORE_NAME, store)
+        # the model's own forward is watched while it has deltas: see ForwardGuard
+        store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
+                            model.register_forward_hook(store.guard.leave, always_call=True)]
     return store  # type: ignore[return-value]
 
 
 def remove_store(model: nn.Module) -> None:
-    model._modules.pop(STORE_NAME, None)
+    store = model._modules.pop(STORE_NAME, None)
+    for handle in getattr(store, "root_hooks", []):
+        handle.remove()
 
 
 def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -101,6 +101,7 @@ class LoRAConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         done: dict[int, Piece] = {}  # id(shared weight) -> its primary piece
+        sharers = _shared_weights(model)
         for key in sites:
             module, param_name = _resolve(model, key)
             weight = module._parameters.get(param_name or "weight")
@@ -110,7 +111,7 @@ class LoRAConfig(DeltaConfig):
             pieces.append(primary)
             if weight is not None:
                 done[id(weight)] = primary
-                pieces += _tie_partners(self, model, key, module, param_name or "weight", weight, primary)
+                pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
         return pieces
 
 
@@ -171,13 +172,26 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     )
 
 
-def _tie_partners(cfg: LoRAConfig, model: nn.Module, key: str, module: nn.Module, name: str,
-                  weight: torch.Tensor, primary: Piece) -> list[Piece]:
+def _shared_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> its (module path, module, name) holders, for parameters held more than
+    once. Built once per attach: a scan of all modules per site was quadratic in model size."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules():
+        if is_internal(path):
+            continue
+        for name, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((path, module, name))
+    return {k: v for k, v in holders.items() if len(v) > 1}
+
+
+def _tie_partners(cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], key: str, module: nn.Module,
+                  name: str, primary: Piece) -> list[Piece]:
     """Pieces for the other modules that share `weight` (tied embeddings), or an error."""
     partners: list[Piece] = []
     param_is_target = isinstance(primary, LoRAParameter)
-    for path, other in model.named_modules():
-        if other is module or is_internal(path) or other._parameters.get(name) is not weight:
+    for path, other, other_name in holders:
+        if other is module or other_name != name:
             continue
         if not cfg.tie_weights or cfg.use_dora:
             raise UnsupportedModuleError(
@@ -230,14 +244,15 @@ class LoRALinear(_LoRABase):
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
-        x = x.to(self.lora_A.dtype)
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        # the scale goes on the r-wide product, not on the output-wide one: a pass over [.., r]
+        # instead of [.., out]. (Not torch.add(alpha=): inductor in torch 2.13 drops the alpha.)
+        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale, self.lora_B)
         if self.lora_bias is not None:
             delta = delta + self.lora_bias
         return output + delta.to(output.dtype)
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        dw = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        dw = (self.lora_B.float() * self.scale) @ self.lora_A.float()  # scale the small factor
         out = {"weight": dw.T if self.conv1d else dw}
         if self.lora_bias is not None:
             if module._parameters.get("bias") is None:
@@ -319,10 +334,10 @@ class LoRAEmbedding(_LoRABase):
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         ids = first_input(args, kwargs)
         after_a = F.embedding(ids, self.lora_A.T, module.padding_idx)
-        return output + (after_a @ self.lora_B.T * self.scale).to(output.dtype)
+        return output + ((after_a * self.scale) @ self.lora_B.T).to(output.dtype)
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {"weight": (self.lora_B.float() @ self.lora_A.float()).T * self.scale}
+        return {"weight": ((self.lora_B.float() * self.scale) @ self.lora_A.float()).T}
 
 
 class LoRAConv(_LoRABase):
@@ -381,7 +396,7 @@ class LoRAParameter(_LoRABase):
         return weight + self.update().to(weight.dtype)
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {self.param_name: (self.lora_B.float() @ self.lora_A.float()) * self.scale}
+        return {self.param_name: (self.lora_B.float() * self.scale) @ self.lora_A.float()}
 
     def describe(self) -> str:
         return f"{self.param_name}: " + super().describe()

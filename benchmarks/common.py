@@ -1,0 +1,200 @@
+"""What every benchmark row shares: the sizes of a run, the models, interleaved timing,
+training-memory accounting, and the row record that run.py prints and saves."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of one run. `full` is what RESULTS.md holds; `quick` keeps the shapes smaller
+    and the repeats fewer (~2 min); `smoke` only proves the code runs (seconds)."""
+
+    name: str
+    layers: int  # Llama/BERT blocks for the forward and training rows
+    width: int
+    batch: int
+    seq: int
+    rounds: int  # interleaved rounds per row (each contender once per round, shuffled)
+    calls: int  # calls timed together in one sample
+    deep_layers: int  # the attach/detach row (B5)
+    switch_rounds: int
+    finetune_steps: int  # B9
+    finetune_test: int
+    real_model: bool  # B9 on the real MiniLM and reviews; smoke uses a tiny BERT and made-up data
+
+
+PROFILES = {
+    "full": Profile("full", layers=8, width=512, batch=4, seq=128, rounds=21, calls=3, deep_layers=24,
+                    switch_rounds=200, finetune_steps=40, finetune_test=400, real_model=True),
+    "quick": Profile("quick", layers=4, width=512, batch=4, seq=64, rounds=9, calls=2, deep_layers=24,
+                     switch_rounds=50, finetune_steps=10, finetune_test=100, real_model=True),
+    "smoke": Profile("smoke", layers=2, width=64, batch=2, seq=16, rounds=2, calls=1, deep_layers=3,
+                     switch_rounds=3, finetune_steps=2, finetune_test=8, real_model=False),
+}
+
+
+# -- models --------------------------------------------------------------------------------
+
+def llama(layers: int, width: int, seed: int = 0) -> tf.LlamaForCausalLM:
+    """A Llama of the given depth and width: random weights, 8 heads, GQA with 4 kv heads."""
+    torch.manual_seed(seed)
+    heads = 8 if width % 8 == 0 else 4
+    cfg = tf.LlamaConfig(vocab_size=2048, hidden_size=width, intermediate_size=width * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         max_position_embeddings=512)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def bert(layers: int, width: int, seed: int = 0) -> tf.BertModel:
+    torch.manual_seed(seed)
+    cfg = tf.BertConfig(vocab_size=2048, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers,
+                        num_attention_heads=8 if width % 8 == 0 else 4, max_position_embeddings=512)
+    return tf.BertModel(cfg).eval()
+
+
+def token_ids(p: Profile, vocab: int = 2048) -> torch.Tensor:
+    return torch.randint(0, vocab, (p.batch, p.seq), generator=torch.Generator().manual_seed(0))
+
+
+def peft_twin(model: torch.nn.Module, delta: Any, targets: Any, r: int = 8) -> torch.nn.Module:
+    """PEFT's LoRA on a copy of `model`, holding exactly the hookdelta delta's A and B, so both
+    libraries do the same arithmetic (asserted by the rows that time them)."""
+    from peft import LoraConfig, get_peft_model
+
+    twin = get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    with torch.no_grad():
+        for piece in delta.pieces.values():
+            layer = twin.base_model.model.get_submodule(piece.key)
+            layer.lora_A["default"].weight.copy_(piece.lora_A)
+            layer.lora_B["default"].weight.copy_(piece.lora_B)
+    return twin.train(model.training)
+
+
+def perturb(delta: Any, std: float = 0.02) -> None:
+    """Give LoRA's zero-initialized B values, so the delta does real work in the timings."""
+    with torch.no_grad():
+        for piece in delta.pieces.values():
+            for name, t in piece.named_parameters():
+                if name.endswith("lora_B") or name.startswith("up."):
+                    t.normal_(0, std)
+
+
+def forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    def call() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids)
+    return call
+
+
+# -- timing --------------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    median: float  # seconds per call
+    low: float
+    high: float
+    samples: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"median_ms": self.median * 1e3, "min_ms": self.low * 1e3, "max_ms": self.high * 1e3,
+                "samples": self.samples}
+
+
+def interleave(fns: dict[str, Callable[[], Any]], rounds: int, calls: int = 1, warmup: int = 1,
+               setup: Callable[[str], Any] | None = None) -> dict[str, Stats]:
+    """Time each function `rounds` times, one sample of each per round in a shuffled order, so
+    drift on a shared machine hits every contender alike. A sample is the mean of `calls` calls;
+    `setup(name)` runs untimed before each sample."""
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            if setup:
+                setup(name)
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            if setup:
+                setup(name)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return {k: Stats(statistics.median(v), min(v), max(v), len(v)) for k, v in samples.items()}
+
+
+# -- memory --------------------------------------------------------------------------------
+
+def training_memory(step: Callable[[], torch.Tensor], trainable: list[torch.Tensor]) -> dict[str, int]:
+    """Bytes a training step holds at its peak beyond the model's own weights: the tensors autograd
+    saves for backward (each storage counted once; these are alive together when forward ends),
+    plus the gradients and AdamW's two moment buffers of the trainable tensors. Exact and
+    deterministic, unlike RSS, which the CPU allocator's caching blurs."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    params = sum(t.numel() * t.element_size() for t in trainable)
+    return {"activations": sum(storages.values()), "grads_and_adamw": 3 * params, "total": sum(storages.values()) + 3 * params}
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+@dataclass
+class Ratio:
+    name: str  # "hookdelta / peft"
+    value: float
+    target: float | None = None  # met when the value, shown to 2 decimals, is <= target
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None else round(self.value, 2) <= self.target
+
+
+@dataclass
+class Row:
+    id: str
+    what: str
+    setup: str
+    times: dict[str, Stats] = field(default_factory=dict)
+    unit: str = "ms"  # per call of what is timed
+    ratios: list[Ratio] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # other measured columns
+    checks: dict[str, bool] = field(default_factory=dict)  # non-ratio targets (bit-exact, <= 1 ms...)
+
+    def ratio(self, num: str, den: str, target: float | None = None, note: str = "") -> None:
+        self.ratios.append(Ratio(f"{num} / {den}", self.times[num].median / self.times[den].median, target, note))
+
+    @property
+    def met(self) -> bool | None:
+        verdicts = [r.met for r in self.ratios if r.met is not None] + list(self.checks.values())
+        return all(verdicts) if verdicts else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "what": self.what, "setup": self.setup, "unit": self.unit,
+                "times": {k: v.as_dict() for k, v in self.times.items()},
+                "ratios": [{"name": r.name, "value": r.value, "target": r.target, "met": r.met, "note": r.note}
+                           for r in self.ratios],
+                "extra": self.extra, "checks": self.checks, "met": self.met}

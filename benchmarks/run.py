@@ -1,0 +1,135 @@
+"""hookdelta's benchmark suite: hookdelta against PEFT and the bare model, in the same process,
+contenders interleaved, medians and ratios reported.
+
+    python -m benchmarks.run            # full run (RESULTS.md), under 15 minutes on 2 cores
+    python -m benchmarks.run --quick    # smaller shapes, fewer repeats (~2 minutes)
+    python -m benchmarks.run --only B1,B7
+
+Writes benchmarks/results/latest.json and latest.md (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+if __package__ in (None, ""):  # `python benchmarks/run.py` works as well as `python -m benchmarks.run`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "benchmarks"
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from benchmarks import inference, lifecycle, training  # noqa: E402
+from benchmarks.common import PROFILES, Profile, Row  # noqa: E402
+
+ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS}
+ORDER = sorted(ROWS, key=lambda k: int(k[1:]))
+
+
+def machine() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "dtype": "float32", "device": "cpu"}
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "[green]met[/]", False: "[red]missed[/]", None: "report"}[met]
+
+
+def cell_times(row: Row) -> str:
+    return "\n".join(f"{k}: {v.median * 1e3:.3g} ms ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items())
+
+
+def cell_ratios(row: Row) -> str:
+    lines = []
+    for r in row.ratios:
+        target = f" (target <= {r.target:.2f}x)" if r.target is not None else ""
+        lines.append(f"{r.name} = {r.value:.3f}x{target}")
+    lines += [f"{k}: {'yes' if v else 'NO'}" for k, v in row.checks.items()]
+    lines += [f"{k}: {v}" for k, v in row.extra.items()]
+    return "\n".join(lines)
+
+
+def table(rows: list[Row]) -> Table:
+    t = Table(title="hookdelta benchmarks (median ms per call, min-max over interleaved rounds)", show_lines=True)
+    for col in ("id", "what / setup", "median (min-max)", "ratios and checks", "target"):
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(row.id, f"{row.what}\n[dim]{row.setup}[/]", cell_times(row), cell_ratios(row), verdict(row.met))
+    return t
+
+
+def markdown(rows: list[Row], info: dict[str, Any], profile: Profile, seconds: float) -> str:
+    out = [f"Profile `{profile.name}`, {seconds:.0f} s in all. Machine: {info['cpu']}, {info['cores']} cores, "
+           f"torch.set_num_threads({info['torch_threads']}); Python {info['python']}, torch {info['torch']}, "
+           f"transformers {info['transformers']}, peft {info['peft']}; {info['dtype']} on {info['device']}.", "",
+           "| id | what | setup | median ms (min-max) | ratios and checks | target |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        times = "<br>".join(f"{k}: {v.median * 1e3:.3g} ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items())
+        ratios = cell_ratios(row).replace("\n", "<br>").replace("|", "/")
+        met = {True: "met", False: "**missed**", None: "report"}[row.met]
+        out.append(f"| {row.id} | {row.what} | {row.setup} | {times} | {ratios} | {met} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="hookdelta vs PEFT vs the bare model")
+    ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (~2 minutes)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds: only checks that every row runs")
+    ap.add_argument("--only", default="", help="comma-separated row ids, e.g. B1,B7")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or ORDER
+    unknown = [x for x in wanted if x not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; choose from {ORDER}")
+    torch.set_num_threads(args.threads)
+    console = Console(width=None if sys.stdout.isatty() else 170)
+    info = machine()
+    console.print(f"profile {profile.name}: {info}")
+    start, rows, failed = time.time(), [], []
+    for row_id in wanted:
+        t0 = time.time()
+        try:
+            row = ROWS[row_id](profile)
+        except Exception:  # one broken row must not hide the others' numbers
+            failed.append(row_id)
+            console.print(f"[red]{row_id} failed:[/]\n{traceback.format_exc()}")
+            continue
+        row.extra["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        console.print(f"{row_id} done in {time.time() - t0:.0f} s")
+    seconds = time.time() - start
+    console.print(table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump({"profile": profile.name, "machine": info, "seconds": seconds, "failed": failed,
+                   "rows": [r.as_dict() for r in rows]}, f, indent=1)
+    with open(os.path.join(args.out, "latest.md"), "w") as f:
+        f.write(markdown(rows, info, profile, seconds))
+    missed = [r.id for r in rows if r.met is False]
+    console.print(f"{len(rows)} rows in {seconds:.0f} s; targets missed: {missed or 'none'}; failed: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

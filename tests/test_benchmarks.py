@@ -1,0 +1,42 @@
+"""The benchmark suite must not rot: every row runs in --smoke mode (tiny shapes, 2 rounds) and
+writes its results. Nothing here is timed or compared; benchmarks/RESULTS.md holds the numbers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [f"B{i}" for i in range(1, 11)]
+
+
+@pytest.mark.slow
+def test_every_benchmark_row_runs_in_smoke_mode(tmp_path):
+    pytest.importorskip("peft")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert result["profile"] == "smoke" and result["failed"] == []
+    assert [row["id"] for row in result["rows"]] == ROWS
+    for row in result["rows"]:
+        assert row["times"], row["id"]
+        for stats in row["times"].values():
+            assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["max_ms"]
+        for ratio in row["ratios"]:
+            assert ratio["value"] > 0
+    # the correctness checks hold even at smoke size: they are properties, not timings
+    checks = {row["id"]: row["checks"] for row in result["rows"]}
+    assert checks["B3"] == {"no hook or store left": True, "weights bit-identical": True}
+    assert checks["B7"]["hookdelta bit-exact"] and checks["B6"]["exactly one adapter live"]
+    table = (tmp_path / "latest.md").read_text()
+    assert all(f"| {row} |" in table for row in ROWS)
+
+
+def test_an_unknown_row_is_refused():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--only", "B99"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown rows ['B99']" in run.stderr
