@@ -267,7 +267,7 @@ class ForwardGuard:
         self.pending: dict[int, weakref.ref] = {}  # outputs of checkpointed forwards awaiting backward
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
-        return {}
+        return {"fresh": True}  # (an empty state would skip __setstate__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()  # type: ignore[misc]
@@ -289,8 +289,7 @@ class ForwardGuard:
                 self.depth[me] = left
             else:
                 self.depth.pop(me, None)
-        if output is not None and module.training and torch.is_grad_enabled() and \
-                getattr(module, "is_gradient_checkpointing", False):
+        if output is not None and module.training and torch.is_grad_enabled() and _checkpointing(module):
             for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
                 key = id(t)
                 self.pending[key] = weakref.ref(t)
@@ -313,6 +312,14 @@ class ForwardGuard:
                 )
             self.pending.clear()
             yield
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model re-runs its layers in backward (activation checkpointing)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _grad_tensors(output: Any) -> list[torch.Tensor]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
-from .persistence import read_json
+from .persistence import read_json, write_files
 from .selection import is_conv1d
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -325,18 +324,5 @@ def _lora_files(delta: Any, pieces: list[Any], tensors: dict[str, torch.Tensor])
 
 
 def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".peft-", dir=directory.parent))
-    try:
-        save_file(tensors, str(staging / WEIGHTS))
-        (staging / CONFIG).write_text(json.dumps(config, indent=2))
-        if directory.exists():
-            for f in (CONFIG, WEIGHTS):
-                (directory / f).unlink(missing_ok=True)
-        directory.mkdir(exist_ok=True)
-        for f in (WEIGHTS, CONFIG):  # the config last: a directory with a config is complete
-            os.replace(staging / f, directory / f)
-    finally:
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
+    write_files(directory, [(WEIGHTS, lambda tmp: save_file(tensors, str(tmp))),
+                            (CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))])

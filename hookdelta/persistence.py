@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,8 @@ from .config import DeltaConfig
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
 
 FORMAT_VERSION = 1
+META_FIELDS = {"format", "format_version", "hookdelta_version", "name", "method", "config", "sites", "also_train",
+               "backbone", "base_shapes", "fingerprint", "tensors", "save_id"}
 CONFIG_FILE = "delta.json"
 TENSOR_FILE = "delta.safetensors"
 
@@ -70,19 +73,37 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
     tensors = delta_tensors(delta)
     meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for k, t in tensors.items()}
+    meta["save_id"] = uuid.uuid4().hex  # ties the two files of one save together
+    write_files(directory, [
+        (TENSOR_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "save_id": meta["save_id"]})),
+        (CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2))),
+    ])
+
+
+def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]) -> None:
+    """Write a set of files so a crash at any point leaves the previous complete set or the new
+    one, never a mix: every file is written in full to a temporary name first (a failure there
+    changes nothing), the old files are kept as hard-linked `.NAME.prev` backups, then the files
+    are renamed into place; the last one (the config) is the commit point."""
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic(directory / TENSOR_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-    _atomic(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = {name: directory / f".{name}.tmp-{os.getpid()}" for name, _ in files}
+    backups = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for name, write in files:
+            write(tmp[name])
+        for name, _ in files[:-1]:
+            if (directory / name).exists():
+                backup = directory / f".{name}.prev"
+                backup.unlink(missing_ok=True)
+                os.link(directory / name, backup)
+                backups.append(backup)
+        for name, _ in files:
+            os.replace(tmp[name], directory / name)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    for backup in backups:
+        backup.unlink(missing_ok=True)
 
 
 def _version() -> str:
@@ -174,18 +195,51 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     for field in ("name", "config", "sites", "also_train", "tensors"):
         if field not in meta:
             raise DeltaFileError(f"{path} lacks the field {field!r}; the save is corrupt")
+    unknown = sorted(set(meta) - META_FIELDS)
+    if unknown:
+        raise DeltaFileError(f"{path} has fields this hookdelta does not know: {unknown}; it was written by "
+                             "another tool or edited by hand. Remove them, or upgrade hookdelta.")
+    if not isinstance(meta["tensors"], dict) or not isinstance(meta["sites"], list):
+        raise DeltaFileError(f"{path}: 'tensors' must be an object and 'sites' a list; the save is corrupt")
     return meta
 
 
-def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+def check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> None:
+    """The tensors are the ones the description lists, of the dtypes it lists, and finite."""
+    listed = meta["tensors"]
+    extra, missing = sorted(set(tensors) - set(listed)), sorted(set(listed) - set(tensors))
+    if extra or missing:
+        raise DeltaFileError(f"{directory}: {TENSOR_FILE} does not hold the tensors {CONFIG_FILE} lists "
+                             f"(extra {extra[:5]}, missing {missing[:5]}); the save is corrupt")
+    for key, tensor in tensors.items():
+        want = listed[key].get("dtype") if isinstance(listed[key], dict) else None
+        got = str(tensor.dtype).replace("torch.", "")
+        if got != want or not tensor.is_floating_point():
+            raise DeltaFileError(f"{directory}: tensor {key!r} is {got}, but {CONFIG_FILE} says {want!r} "
+                                 "(and a delta's tensors are floating point); the save is corrupt")
+        if not torch.isfinite(tensor).all():
+            raise DeltaFileError(f"{directory}: tensor {key!r} holds NaN or Inf values; the delta diverged "
+                                 "or the file is damaged, so it is not loaded")
+
+
+def read_tensors(directory: str | os.PathLike, save_id: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors saved with the description whose id is `save_id`: `delta.safetensors`, or
+    its `.prev` backup when a save was cut off between renaming its two files."""
     path = Path(directory) / TENSOR_FILE
     if not path.is_file():
         raise DeltaFileError(f"{path} is missing; the delta's tensors were not saved")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
-        raise DeltaFileError(f"{path} is corrupt or truncated ({exc}); re-save the delta") from None
+    for candidate in (path, path.with_name(f".{TENSOR_FILE}.prev")):
+        if not candidate.is_file():
+            continue
+        try:
+            with safe_open(str(candidate), framework="pt") as f:
+                found = (f.metadata() or {}).get("save_id")
+                if save_id is not None and found is not None and found != save_id:
+                    continue  # written by another save (one cut off between its renames)
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
+            raise DeltaFileError(f"{candidate} is corrupt or truncated ({exc}); re-save the delta") from None
+    raise DeltaFileError(f"{path} belongs to another save than {CONFIG_FILE} (an interrupted save?); re-save the delta")
 
 
 def fill_tensors(delta: Any, tensors: dict[str, torch.Tensor]) -> None:
@@ -228,7 +282,8 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
            for k in sites if k in shapes and list(_weight(model, k).shape) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
-    tensors = read_tensors(directory)
+    tensors = read_tensors(directory, meta.get("save_id"))
+    check_tensors(meta, tensors, directory)
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
         wanted = None  # saved name taken: pick a fresh one
