@@ -183,7 +183,7 @@ class Site:
             weight = self.module._parameters[name]
             new = value.detach().to(weight.device, weight.dtype)
             if not all_finite(new):
-                raise MergeError(self._not_finite(name))
+                raise MergeError(self._not_finite(piece, name))
             out[name] = new
         return out
 
@@ -201,7 +201,7 @@ class Site:
             bad = [name for name in deltas if not all_finite(params[name])]
             if bad:
                 self._restore(piece, kept=True)
-                raise MergeError(self._not_finite(bad[0]))
+                raise MergeError(self._not_finite(piece, bad[0]))
         else:
             for name, new in self.merged_values(piece).items():
                 if keep_original:
@@ -210,9 +210,11 @@ class Site:
                     params[name].copy_(new)
         self.merged.append((piece, keep_original))
 
-    def _not_finite(self, name: str) -> str:
-        return (f"merging would write NaN/Inf into {self.path}.{name}; the delta's tensors are "
-                "not finite or too large for the weight's dtype. Nothing was changed.")
+    def _not_finite(self, piece: Piece, name: str) -> str:
+        culprits = [f"{piece.key}.{n}" for n, t in piece.named_parameters() if not torch.isfinite(t).all()]
+        why = (f"the delta's tensor(s) {culprits[:3]} hold NaN/Inf" if culprits
+               else "the delta is too large for the weight's dtype")
+        return f"merging would write NaN/Inf into {self.path}.{name}: {why}. Nothing was changed."
 
     def unmerge(self, piece: Piece) -> None:
         """Take a merged piece out again; later merges are undone and redone so it stays exact."""

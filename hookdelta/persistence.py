@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
 import warnings
 from pathlib import Path
@@ -87,7 +88,8 @@ def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]])
     are renamed into place; the last one (the config) is the commit point."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = {name: directory / f".{name}.tmp-{os.getpid()}" for name, _ in files}
-    backups = []
+    backups: list[Path] = []
+    renamed = 0
     try:
         for name, write in files:
             write(tmp[name])
@@ -95,15 +97,20 @@ def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]])
             if (directory / name).exists():
                 backup = directory / f".{name}.prev"
                 backup.unlink(missing_ok=True)
-                os.link(directory / name, backup)
+                try:
+                    os.link(directory / name, backup)  # no copy: the old bytes get a second name
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(directory / name, backup)
                 backups.append(backup)
         for name, _ in files:
             os.replace(tmp[name], directory / name)
+            renamed += 1
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
-    for backup in backups:
-        backup.unlink(missing_ok=True)
+        if renamed in (0, len(files)):  # nothing replaced, or all: the backups are not needed
+            for backup in backups:
+                backup.unlink(missing_ok=True)
 
 
 def _version() -> str:

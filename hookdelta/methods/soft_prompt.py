@@ -127,6 +127,9 @@ class SoftPromptConfig(DeltaConfig):
         check_choice(self, "init", ["random", "from_vocab", "text"])
         if self.targets is not None or self.layers is not None:
             raise ConfigError("SoftPromptConfig takes no targets or layers: the prompt goes in front of the input")
+        for name in ("init_text", "tokenizer"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ConfigError(f"SoftPromptConfig.{name} must be a string, got {getattr(self, name)!r}")
         if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text and isinstance(self.tokenizer, str)):
             raise ConfigError('SoftPromptConfig(init="text") needs init_text="..." and tokenizer="<path or name>"')
 
