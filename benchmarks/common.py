@@ -84,6 +84,20 @@ def peft_twin(model: torch.nn.Module, delta: Any, targets: Any, r: int = 8) -> t
     return twin.train(model.training)
 
 
+ALL_LINEAR = dict(r=8, alpha=16, targets="all-linear")  # the LoRA most rows time
+
+
+def lora_contenders(p: Profile, train: bool = False) -> tuple[torch.nn.Module, torch.nn.Module, Any, torch.nn.Module]:
+    """(bare Llama, a copy with an all-linear LoRA r=8 attached, that delta, PEFT's twin)."""
+    import hookdelta as hd
+
+    bare = llama(p.layers, p.width).train(train)
+    ours = copy.deepcopy(bare)
+    delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
+    perturb(delta)
+    return bare, ours, delta, peft_twin(bare, delta, "all-linear")
+
+
 def perturb(delta: Any, std: float = 0.02) -> None:
     """Give LoRA's zero-initialized B values, so the delta does real work in the timings."""
     with torch.no_grad():

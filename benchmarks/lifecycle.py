@@ -11,7 +11,7 @@ import torch
 
 import hookdelta as hd
 
-from .common import Profile, Row, interleave, llama, peft_twin, perturb
+from .common import ALL_LINEAR, Profile, Row, interleave, llama, lora_contenders, peft_twin, perturb
 
 
 def b5_attach_detach(p: Profile) -> Row:
@@ -21,7 +21,7 @@ def b5_attach_detach(p: Profile) -> Row:
     state = {"peft": theirs}
 
     def hookdelta_cycle() -> None:
-        hd.attach(ours, hd.LoRAConfig(r=8, alpha=16, targets="all-linear")).detach()
+        hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR)).detach()
 
     def peft_cycle() -> None:
         state["peft"] = get_peft_model(state["peft"], LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).unload()
@@ -41,7 +41,7 @@ def b6_switch(p: Profile) -> Row:
 
     def loaded() -> tuple[torch.nn.Module, list[hd.Delta]]:
         model = copy.deepcopy(base)
-        deltas = [hd.attach(model, hd.LoRAConfig(r=8, alpha=16, targets="all-linear"), name=n) for n in names]
+        deltas = [hd.attach(model, hd.LoRAConfig(**ALL_LINEAR), name=n) for n in names]
         for d in deltas:
             perturb(d)
         hd.set_active(model, names[0])
@@ -84,11 +84,7 @@ def b6_switch(p: Profile) -> Row:
 
 
 def b7_merge_unmerge(p: Profile) -> Row:
-    base = llama(p.layers, p.width)
-    ours = copy.deepcopy(base)
-    delta = hd.attach(ours, hd.LoRAConfig(r=8, alpha=16, targets="all-linear"))
-    perturb(delta)
-    theirs = peft_twin(base, delta, "all-linear")
+    base, ours, delta, theirs = lora_contenders(p)
 
     def ours_cycle() -> None:
         delta.merge()

@@ -3,7 +3,6 @@ movie reviews (B9), hookdelta against PEFT with the same initial weights and bat
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import sys
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 
 import hookdelta as hd
 
-from .common import Profile, Row, interleave, llama, peft_twin, perturb, token_ids, training_memory
+from .common import Profile, Row, interleave, lora_contenders, token_ids, training_memory
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -32,11 +31,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: Cal
 
 
 def b4_train_step(p: Profile) -> Row:
-    base = llama(p.layers, p.width).train()
-    ours = copy.deepcopy(base)
-    delta = hd.attach(ours, hd.LoRAConfig(r=8, alpha=16, targets="all-linear"))
-    perturb(delta)
-    theirs = peft_twin(base, delta, "all-linear")
+    _, ours, delta, theirs = lora_contenders(p, train=True)
     ids = token_ids(p)
     steps, memory = {}, {}
     for name, model in (("hookdelta", ours), ("peft", theirs)):
