@@ -229,9 +229,15 @@ def check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], direct
                                  "or the file is damaged, so it is not loaded")
 
 
-def read_tensors(directory: str | os.PathLike, save_id: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors saved with the description whose id is `save_id`: `delta.safetensors`, or
-    its `.prev` backup when a save was cut off between renaming its two files."""
+def read_tensors(directory: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors saved with the description `meta` (checked against it): `delta.safetensors`,
+    or its `.prev` backup when a save was cut off between renaming its two files."""
+    tensors = _read_save(directory, meta.get("save_id"))
+    check_tensors(meta, tensors, directory)
+    return tensors
+
+
+def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, torch.Tensor]:
     path = Path(directory) / TENSOR_FILE
     if not path.is_file():
         raise DeltaFileError(f"{path} is missing; the delta's tensors were not saved")
@@ -289,8 +295,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
            for k in sites if k in shapes and list(_weight(model, k).shape) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
-    tensors = read_tensors(directory, meta.get("save_id"))
-    check_tensors(meta, tensors, directory)
+    tensors = read_tensors(directory, meta)
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
         wanted = None  # saved name taken: pick a fresh one

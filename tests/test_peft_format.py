@@ -167,6 +167,20 @@ def test_other_peft_types_and_pickles(tmp_path):
     assert not hd.deltas(model)
 
 
+
+def assert_both_ways(pm, arch, inputs, method, tmp_path):
+    """PEFT's saved adapter loads into hookdelta with PEFT's outputs, and hookdelta's
+    save_peft loads back into PEFT with the same outputs."""
+    pm.save_pretrained(tmp_path / "peft")
+    expected = out(pm.eval(), inputs)
+    ours = build(arch)[0]
+    delta = hd.load_peft(ours, tmp_path / "peft")
+    assert delta.method == method
+    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+    delta.save_peft(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
+
 @pytest.mark.ia3
 @pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
                                      ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
@@ -179,15 +193,7 @@ def test_ia3_adapters_both_ways(arch, kw, tmp_path):
         for n, p in pm.named_parameters():
             if "ia3_l" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    pm.save_pretrained(tmp_path / "peft")
-    expected = out(pm.eval(), inputs)
-    ours = build(arch)[0]
-    delta = hd.load_peft(ours, tmp_path / "peft")
-    assert delta.method == "ia3"
-    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
-    delta.save_peft(tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
-    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
+    assert_both_ways(pm, arch, inputs, "ia3", tmp_path)
 
 
 @pytest.mark.soft_prompt
@@ -198,12 +204,4 @@ def test_prompt_tuning_adapters_both_ways(arch, tmp_path):
     pm = peft.get_peft_model(model, peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4))
     with torch.no_grad():
         pm.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
-    pm.save_pretrained(tmp_path / "peft")
-    expected = out(pm.eval(), inputs)
-    ours = build(arch)[0]
-    delta = hd.load_peft(ours, tmp_path / "peft")
-    assert delta.method == "soft_prompt"
-    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
-    delta.save_peft(tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
-    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
+    assert_both_ways(pm, arch, inputs, "soft_prompt", tmp_path)

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback as _Base
 
 from ..errors import DeltaFileError
-from ..persistence import check_tensors, fill_tensors, read_meta, read_tensors
+from ..persistence import fill_tensors, read_meta, read_tensors
 
 
 class TrainerCallback(_Base):
@@ -44,7 +44,4 @@ class TrainerCallback(_Base):
                 f"resuming at step {state.global_step}, but the checkpoint has no saved delta at {folder}; "
                 "was it written with hd.TrainerCallback(delta)?"
             )
-        meta = read_meta(folder)
-        tensors = read_tensors(folder, meta.get("save_id"))
-        check_tensors(meta, tensors, folder)
-        fill_tensors(self.delta, tensors)
+        fill_tensors(self.delta, read_tensors(folder, read_meta(folder)))
