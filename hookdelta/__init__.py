@@ -9,11 +9,13 @@ from .config import DeltaConfig
 from .delta import Delta, attach, deltas, include_in_state_dict, set_active
 from .errors import (
     BaseWeightsMismatchWarning,
+    BypassWarning,
     ConfigError,
     DeltaFileError,
     DeltaStateError,
     HookdeltaError,
     MergeError,
+    PathPrefixWarning,
     SelectorError,
     UnsupportedModuleError,
 )
@@ -29,7 +31,7 @@ from .methods import (
     PrefixConfig,
     SoftPromptConfig,
 )
-from .peft_format import PathPrefixWarning, load_peft
+from .peft_format import load_peft
 from .persistence import load
 from .selection import match
 from .visualize import visualize
@@ -52,5 +54,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict",
+    "include_in_state_dict", "BypassWarning",
 ]

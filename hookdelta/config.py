@@ -36,6 +36,10 @@ class DeltaConfig:
     exclude: Selector | None = None
     layers: Sequence[int] | None = None
     also_train: Selector | None = None
+    # a parameter of an also_train module that another module shares (a tied output head): one
+    # trained copy both use (True), or PEFT's modules_to_save behaviour, a copy used at the named
+    # module only, which then cannot be merged into the shared tensor (False)
+    tie_also_train: bool = True
 
     method: ClassVar[str] = ""
     # semantic layer names (see families.py) used when `targets` is None
@@ -49,6 +53,7 @@ class DeltaConfig:
     def __post_init__(self) -> None:
         for name in ("targets", "exclude", "also_train"):
             object.__setattr__(self, name, normalize_selector(name, getattr(self, name)))
+        check_bool(self, "tie_also_train")
         if self.layers is not None:
             layers = self.layers
             if isinstance(layers, int) and not isinstance(layers, bool):
@@ -141,6 +146,12 @@ def check_float(cfg: DeltaConfig, name: str, *, low: float, high: float = math.i
     if not ok:
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ConfigError(f"{type(cfg).__name__}.{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def check_bool(cfg: DeltaConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{type(cfg).__name__}.{name} must be True or False, got {value!r}")
 
 
 def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import uuid
 from typing import Any, Callable, Iterator, TypeVar
 
+import torch
 import torch.nn as nn
 
 from .also_train import also_train_paths, build_copies
 from .config import DeltaConfig
-from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, remove_store
+from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, hook_clock, remove_store
 from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
+from .placement import bypassing_parent, meta_message, offload_source
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,7 +30,11 @@ def _changes(action: str) -> Callable[[F], F]:
         @functools.wraps(fn)
         def run(self: "Delta", *args: Any, **kwargs: Any) -> Any:
             self._check_attached(action)
-            with self._store().guard.changing(action):
+            store = self._store()
+            if action != "detach":
+                _check_sites(store, action)
+            # a delta's tensors stay normal (trainable, writable) tensors under torch.inference_mode()
+            with store.guard.changing(action), torch.inference_mode(False):
                 return fn(self, *args, **kwargs)
         return run  # type: ignore[return-value]
     return wrap
@@ -60,7 +67,12 @@ class Delta(nn.Module):
         self.enabled = True
         self.merged = False
         self.attached = False
+        self.uid = uuid.uuid4().hex  # identity: a save only replaces a directory this delta wrote
         object.__setattr__(self, "_model", None)  # a plain reference: the model is not a child
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.uid = uuid.uuid4().hex  # a copy (deepcopy, unpickling) is a delta of its own
 
     # -- state ---------------------------------------------------------------------------
 
@@ -158,10 +170,46 @@ class Delta(nn.Module):
     def _check_merge_order(self, store: DeltaStore) -> None:
         """Merging moves a piece inside every hook still running at its layer. That keeps the
         result only if the pieces attached before it that stay unmerged commute with it (both
-        add a term to the output), and no unmerged piece there reads the weight (DoRA)."""
+        add a term to the output), no unmerged piece there reads the weight (DoRA), and no
+        other code's hook sits between it and the layer."""
+        blocked = self._merge_blocker(store)
+        if blocked is None:
+            return
+        piece, other, owner = blocked
+        where = store.sites[piece.site_path].host_path(piece)
+        if other is None:
+            raise MergeError(f"merging {self.name!r} at {where!r} would change the result: {owner}. Remove that "
+                             "hook before merging (or merge before registering it); nothing was changed.")
+        theirs = store.deltas[owner]
+        if theirs._merge_blocker(store, only=self) is not None:
+            advice = ("each would change what the other computes, so neither can be merged while the other is "
+                      "unmerged there. Detach one of them, or keep both unmerged")
+        elif theirs.mergeable() and theirs._merge_blocker(store) is None:
+            advice = f"{'Enable and merge' if not theirs.enabled else 'Merge'} {owner!r} first, or detach it"
+        else:
+            advice = f"Detach {owner!r} first (it cannot be merged itself)"
+        raise MergeError(
+            f"merging {self.name!r} at {where!r} would change the result: delta {owner!r} "
+            f"({other.describe() or type(other).__name__}) runs at the same layer and does not commute "
+            f"with it; {advice}. Nothing was changed."
+        )
+
+    def mergeable(self) -> bool:
+        """Whether every piece can be written into the weights (adapters and prompts cannot)."""
+        return all(p.mergeable for p in self._pieces())
+
+    def _merge_blocker(self, store: DeltaStore, only: "Delta | None" = None) -> tuple[Piece, Piece | None, str] | None:
+        """(my piece, the piece in the way, its delta's name) for the first unmerged piece that
+        would not commute with a merge of this delta; (piece, None, why) for another code's
+        hook in the way. `only` restricts the check to the pieces of that delta."""
         mine = {id(p) for p in self._pieces()}
+        theirs = {id(p) for p in only._pieces()} if only is not None else None
         for piece in self._pieces():
             site = store.sites[piece.site_path]
+            if only is None:
+                why = site.foreign_clash(piece)
+                if why is not None:
+                    return piece, None, why
             merged = {id(p) for p, _ in site.merged}
             before = True
             for other in site.pieces:
@@ -170,14 +218,12 @@ class Delta(nn.Module):
                     continue
                 if id(other) in mine or id(other) in merged:
                     continue
-                clash = (before and not (piece.additive and other.additive)) or other.reads_weight
-                if clash:
+                if theirs is not None and id(other) not in theirs:
+                    continue
+                if (before and not (piece.additive and other.additive)) or other.reads_weight:
                     owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
-                    raise MergeError(
-                        f"merging {self.name!r} at {piece.site_path!r} would change the result: delta {owner!r} "
-                        f"({other.describe() or type(other).__name__}) runs at the same layer and does not commute "
-                        f"with it. Merge {owner!r} first, or detach it; nothing was changed."
-                    )
+                    return piece, other, owner
+        return None
 
     @_changes("unmerge")
     def unmerge(self) -> None:
@@ -225,6 +271,7 @@ class Delta(nn.Module):
         from .persistence import save_delta
 
         self._check_attached("save")
+        _check_sites(self._store(), "save")
         save_delta(self, directory, overwrite=overwrite)
 
     def save_peft(self, directory: Any, overwrite: bool = False) -> None:
@@ -232,6 +279,7 @@ class Delta(nn.Module):
         from .peft_format import save_peft
 
         self._check_attached("save_peft")
+        _check_sites(self._store(), "save_peft")
         save_peft(self, directory, overwrite=overwrite)
 
     def __enter__(self) -> "Delta":
@@ -317,10 +365,27 @@ def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
 
 
 def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
-            freeze_base: bool, tensors: dict[str, Any] | None = None) -> Delta:
+            freeze_base: bool, tensors: dict[str, Any] | None = None, uid: str | None = None) -> Delta:
     """Build the pieces for known sites, optionally fill in saved tensors, and hook them in."""
-    pieces = config.build(model, sites) + build_copies(model, train)
+    with torch.inference_mode(False):  # the delta's tensors must be normal, trainable tensors
+        return _install(model, config, name, sites, train, freeze_base, tensors, uid)
+
+
+def _install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
+             freeze_base: bool, tensors: dict[str, Any] | None, uid: str | None) -> Delta:
+    _check_real(model, sites + train)
+    pieces = config.build(model, sites) + build_copies(model, train, tie=config.tie_also_train)
+    for piece in pieces:
+        _route(model, piece)
     delta = Delta(name, config, pieces, sites, train)
+    if uid is not None:
+        delta.uid = uid
+    on_meta = [f"{p.key}.{n}" for p in pieces for n, t in p.state_dict(keep_vars=True).items() if t.is_meta]
+    if on_meta:
+        raise UnsupportedModuleError(
+            f"the delta's tensors were created on the meta device ({on_meta[:3]}): attach() ran inside "
+            "init_empty_weights() or a meta device context. Attach after the weights are loaded, outside it"
+        )
     if tensors is not None:
         from .persistence import fill_tensors
 
@@ -347,6 +412,10 @@ def _hook_in(store: DeltaStore, model: nn.Module, delta: Delta, pieces: list[Pie
     try:
         store.deltas[name] = delta
         delta.attached = True
+        stamp = hook_clock()  # every hook registered from now on counts as registered after this delta
+        for piece in pieces:
+            piece.stamp = stamp
+        store.guard.probe_next = True  # the next forward is watched for layers whose hooks never run
         for piece in pieces:
             site = store.site(model, piece.site_path)
             site.pieces.append(piece)
@@ -357,6 +426,60 @@ def _hook_in(store: DeltaStore, model: nn.Module, delta: Delta, pieces: list[Pie
     except BaseException:
         delta._remove(restore_weights=False)
         raise
+
+
+def _check_real(model: nn.Module, keys: list[str]) -> None:
+    """Refuse sites whose weights are on meta with no real values anywhere (not offloaded)."""
+    for key in keys:
+        path = _module_path(model, key)
+        module = model.get_submodule(path) if path else model
+        if any(t.is_meta for t in module.parameters(recurse=False)) and offload_source(model, path) is None:
+            raise UnsupportedModuleError(meta_message(path))
+
+
+def _module_path(model: nn.Module, key: str) -> str:
+    """A site key's module: the key itself, or the owner of a parameter key."""
+    try:
+        model.get_submodule(key)
+        return key
+    except AttributeError:
+        return key.rpartition(".")[0]
+
+
+def _route(model: nn.Module, piece: Piece) -> None:
+    """A piece on a layer whose parent never calls its forward (nn.MultiheadAttention's out_proj)
+    goes onto the parent and acts through the weights, swapped in for the parent's call; a
+    piece that cannot act through the weights is refused. Weight-swapping pieces are refused
+    on offloaded layers, whose weights accelerate replaces during the call."""
+    bypass = bypassing_parent(model, piece.site_path)
+    host_path = piece.site_path
+    if bypass is not None:
+        parent, child = bypass
+        if not piece.mergeable or not piece.weight_path_exact:
+            why = ("its dropout acts on the layer's input, which never passes through the layer; set dropout=0"
+                   if piece.mergeable else "it is not a change of the weights")
+            raise UnsupportedModuleError(
+                f"{piece.site_path!r} is the {child} of a {type(model.get_submodule(parent)).__name__}, which uses "
+                f"its weights without calling its forward, so the delta can only act through the weights, and "
+                f"{piece.describe() or type(piece).__name__} cannot: {why}, or exclude {piece.site_path!r}."
+            )
+        piece.through, piece.site_path = child, parent
+    if piece.swapping() and offload_source(model, host_path) is not None:
+        raise UnsupportedModuleError(
+            f"{host_path!r} is offloaded by accelerate (its weights stay on meta and are copied in per call), so a "
+            "delta that swaps its weights for the call cannot act there. Output-side deltas (LoRA on linear "
+            "layers, adapters, IA3, BitFit) work on offloaded layers; load the model without offloading for this one"
+        )
+
+
+def _check_sites(store: DeltaStore, action: str) -> None:
+    replaced = [s.path for s in store.sites.values() if s.replaced()]
+    if replaced:
+        raise DeltaStateError(
+            f"cannot {action}(): the module at {replaced[0]!r} was replaced after the delta was attached (by a "
+            "wrapper or a converter), so the delta's hooks sit on a module the model no longer calls there. "
+            "detach() the delta and attach it again to the model as it is now"
+        )
 
 
 def check_model(model: Any) -> None:
@@ -445,16 +568,20 @@ class include_in_state_dict:
 
 def _freeze(store: DeltaStore, model: nn.Module, name: str) -> None:
     if not store.freezers:
-        store.saved_flags = {n: p.requires_grad for n, p in base_parameters(model)}
+        store.saved_flags = {n: (p, p.requires_grad) for n, p in base_parameters(model)}
     store.freezers.append(name)
     for _, p in base_parameters(model):
         p.requires_grad_(False)
 
 
 def _unfreeze(store: DeltaStore, model: nn.Module, name: str) -> None:
+    """Give every parameter frozen at attach its flag back: the same tensor (also where a module
+    was swapped out meanwhile) and whatever tensor now sits under its name."""
     store.freezers.remove(name)
     if not store.freezers:
+        for param, flag in store.saved_flags.values():
+            param.requires_grad_(flag)
         for n, p in base_parameters(model):
             if n in store.saved_flags:
-                p.requires_grad_(store.saved_flags[n])
+                p.requires_grad_(store.saved_flags[n][1])
         store.saved_flags = {}

@@ -20,8 +20,11 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import DeltaStateError, MergeError
+from .placement import WeightSlot, kept_names
+from .probe import Probe
 from .selection import STORE_NAME, is_internal
 
 
@@ -32,6 +35,10 @@ class Piece(nn.Module):
     - `post_forward` may rewrite its output (never in place);
     - `swap` returns a stand-in for each parameter named in `swaps`, used for one call;
     - `delta_weights` returns additive fp32 deltas of the module's parameters for merge().
+
+    `merged_weights` / `delta_weights` must stay differentiable in the piece's own tensors:
+    where a parent bypasses the host's forward (`through`), the piece runs as the weights it
+    would merge, swapped in for the parent's call.
     """
 
     swaps: tuple[str, ...] = ()
@@ -39,12 +46,15 @@ class Piece(nn.Module):
     additive: bool = False  # only adds a term that depends on the layer's input (commutes with its kind)
     reads_weight: bool = False  # its output depends on the host's weight (so a merge below it changes it)
     exact_unmerge_needs_copy: bool = False  # True where subtracting the delta cannot undo a merge
+    weight_path_exact: bool = True  # its merged weights give exactly its effect (False with input dropout)
 
     def __init__(self, site_path: str, key: str | None = None) -> None:
         super().__init__()
         self.site_path = site_path  # the module the hooks go on
         self.key = key or site_path  # unique within the delta; prefixes its saved tensors
         self.live = False  # set by the delta: enabled and not merged
+        self.stamp = 0  # the hook clock when it was attached: orders it among other code's hooks
+        self.through = ""  # child of the site whose weights it adapts, when the site bypasses its forward
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
@@ -61,12 +71,19 @@ class Piece(nn.Module):
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The parameters' new values after merge() (any float dtype; rounded once on write)."""
-        return {n: module._parameters[n].detach().float() + d.to(module._parameters[n].device, torch.float32)
+        return {n: current(module, n).detach().float() + d.to(current(module, n).device, torch.float32)
                 for n, d in self.delta_weights(module).items()}
 
     def delta_from_merged(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """delta_weights for pieces that define merged_weights (multiplicative ones: IA3, DoRA)."""
-        return {n: v - module._parameters[n].detach().float() for n, v in self.merged_weights(module).items()}
+        return {n: v - current(module, n).detach().float() for n, v in self.merged_weights(module).items()}
+
+    def weight_values(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The host's weights with this piece applied, differentiable, in their dtypes: the
+        weight path, used where the host's own forward is bypassed."""
+        if self._overrides("merged_weights"):
+            return {n: v.to(current(module, n).dtype) for n, v in self.merged_weights(module).items()}
+        return {n: current(module, n) + d.to(current(module, n).dtype) for n, d in self.delta_weights(module).items()}
 
     def describe(self) -> str:
         """A few words for the tree printer (e.g. the layer kind)."""
@@ -77,6 +94,15 @@ class Piece(nn.Module):
 
     def _overrides(self, name: str) -> bool:
         return getattr(type(self), name) is not getattr(Piece, name)
+
+    def swapping(self) -> bool:
+        return bool(self.swaps or self.through)
+
+
+def current(module: nn.Module, name: str) -> torch.Tensor:
+    """A module's tensor as its forward sees it (a parameter, or a parametrization's output)."""
+    param = module._parameters.get(name)
+    return param if param is not None else getattr(module, name)
 
 
 def first_input(args: tuple, kwargs: dict) -> Any:
@@ -102,20 +128,111 @@ def map_output(output: Any, fn: Any) -> Any:
     return output
 
 
-class Site:
-    """The dispatcher for one hooked module: one pre-hook and one post-hook for all its pieces."""
+def hook_clock() -> int:
+    """The id the next hook registered anywhere will get: hook dicts are keyed by these
+    increasing ids, so comparing a piece's stamp with another hook's key tells which came first."""
+    return RemovableHandle.next_id
 
-    def __init__(self, module: nn.Module, path: str) -> None:
-        self.module = module
-        self.path = path
-        self.pieces: list[Piece] = []  # attach order
-        self.merged: list[tuple[Piece, bool]] = []  # (piece, kept original) in merge order
-        self.handles: list[Any] = []
-        self.hooked = (False, False, False)  # (pre hook, post hook, post hook always called)
+
+def is_ours(hook: Any) -> bool:
+    return isinstance(getattr(hook, "__self__", None), (Dispatcher, ForwardGuard))
+
+
+class Dispatcher:
+    """One forward-pre hook and one forward hook that run a run of a site's pieces in attach order."""
+
+    def __init__(self, site: "Site") -> None:
+        self.site = site
         self.pre_pieces: tuple[Piece, ...] = ()
         self.post_pieces: tuple[Piece, ...] = ()
         self.swap_pieces: tuple[Piece, ...] = ()
-        self.swapped: list[dict[str, Any]] = []  # stack: nested or re-entrant calls
+        self.stamp = 0
+        self.handles: list[Any] = []
+        self.keys: tuple[int | None, int | None] = (None, None)  # (pre hook key, post hook key)
+        self.hooked = (False, False, False)  # (pre hook, post hook, post hook always called)
+        self.swapped: list[list[tuple[dict, str, Any]]] = []  # stack: nested or re-entrant calls
+
+    def assign(self, pieces: list[Piece]) -> tuple[bool, bool, bool]:
+        """Take these pieces; returns the hooks they need."""
+        # a piece acting through a child's weights (piece.through) only swaps: its own hooks would
+        # see the parent's inputs and outputs, not the child's
+        self.pre_pieces = tuple(p for p in pieces if p._overrides("pre_forward") and not p.through)
+        self.post_pieces = tuple(p for p in pieces if p._overrides("post_forward") and not p.through)
+        self.swap_pieces = tuple(p for p in pieces if p.swapping())
+        self.stamp = pieces[0].stamp if pieces else 0
+        return (bool(self.pre_pieces or self.swap_pieces), bool(self.post_pieces or self.swap_pieces),
+                bool(self.swap_pieces))
+
+    def hook(self, wanted: tuple[bool, bool, bool]) -> None:
+        self.unhook()
+        self.hooked = wanted
+        module = self.site.module
+        pre = post = None
+        if wanted[0]:
+            handle = module.register_forward_pre_hook(self.pre_hook, with_kwargs=True)
+            self.handles.append(handle)
+            pre = handle.id
+        if wanted[1]:
+            # always_call: a swapped weight is put back even when forward raises
+            handle = module.register_forward_hook(self.post_hook, with_kwargs=True, always_call=wanted[2])
+            self.handles.append(handle)
+            post = handle.id
+        self.keys = (pre, post)
+
+    def unhook(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.keys, self.hooked = [], (None, None), (False, False, False)
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for piece in self.pre_pieces:
+            args, kwargs = piece.pre_forward(module, args, kwargs)
+        if self.swap_pieces:
+            self.site.swap_lock.acquire()  # released in post_hook, which always runs for swap sites
+            saved: list[tuple[dict, str, Any]] = []
+            self.swapped.append(saved)
+            for piece in self.swap_pieces:
+                if piece.through:  # the site bypasses this child's forward: swap its weights in
+                    host = module.get_submodule(piece.through)
+                    for name, value in piece.weight_values(host).items():
+                        saved.append((host._parameters, name, host._parameters[name]))
+                        host._parameters[name] = value
+                    continue
+                params = module._parameters
+                for name in piece.swaps:
+                    saved.append((params, name, params[name]))
+                    params[name] = piece.swap(module, name, params[name])
+        return args, kwargs
+
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.swap_pieces and self.swapped:
+            for params, name, value in reversed(self.swapped.pop()):
+                params[name] = value
+            self.site.swap_lock.release()
+        if output is None:  # forward raised; always_call only had to put the weights back
+            return None
+        for piece in self.post_pieces:
+            output = piece.post_forward(module, args, kwargs, output)
+        return output
+
+
+class Site:
+    """The hooks of one adapted module: its pieces in attach order, run by one dispatcher
+    (one pre-hook, one post-hook) when no other code has hooks there.
+
+    Where other code registered hooks on the same module, every piece keeps its place among
+    them by its attach time (hook ids are a global clock): pieces attached on either side of
+    another hook get a dispatcher each, placed on that hook's side, and re-registering
+    (enable, unmerge) puts a dispatcher back where it was, never at the end.
+    """
+
+    def __init__(self, module: nn.Module, path: str, parent: nn.Module | None = None) -> None:
+        self.module = module
+        self.path = path
+        self.parent = parent  # the module holding it (None for the root): to notice a replacement
+        self.pieces: list[Piece] = []  # attach order
+        self.merged: list[tuple[Piece, bool]] = []  # (piece, kept original) in merge order
+        self.dispatchers: list[Dispatcher] = []
         # swapping writes the module's parameter dict for the length of one call, so calls of
         # this module from several threads take turns (only at sites with swap pieces)
         self.swap_lock = threading.RLock()
@@ -126,61 +243,106 @@ class Site:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, swap_lock=threading.RLock())
 
+    def host(self, piece: Piece) -> nn.Module:
+        """The module whose weights the piece adapts."""
+        return self.module.get_submodule(piece.through) if piece.through else self.module
+
+    def host_path(self, piece: Piece) -> str:
+        return ".".join(p for p in (self.path, piece.through) if p)
+
+    def replaced(self) -> bool:
+        """The module is no longer at its path (a wrapper or a converter swapped it out)."""
+        if self.parent is None:
+            return False
+        return self.parent._modules.get(self.path.rpartition(".")[2]) is not self.module
+
     # -- hook lifecycle ------------------------------------------------------------------
 
     def refresh(self) -> None:
         """Install exactly the hooks the live pieces need, or none at all. Handles that are
         already the right ones stay (switching deltas at a layer only swaps the piece lists)."""
         live = [p for p in self.pieces if p.live]
-        self.pre_pieces = tuple(p for p in live if p._overrides("pre_forward"))
-        self.post_pieces = tuple(p for p in live if p._overrides("post_forward"))
-        self.swap_pieces = tuple(p for p in live if p.swaps)
-        wanted = (bool(self.pre_pieces or self.swap_pieces), bool(self.post_pieces or self.swap_pieces),
-                  bool(self.swap_pieces))
-        if wanted == self.hooked:
-            return
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.hooked = wanted
-        if wanted[0]:
-            self.handles.append(self.module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
-        if wanted[1]:
-            # always_call: a swapped weight is put back even when forward raises
-            self.handles.append(self.module.register_forward_hook(
-                self.post_hook, with_kwargs=True, always_call=wanted[2]))
+        foreign = self.foreign_keys()
+        runs = self._runs(live, foreign) if foreign[0] or foreign[1] else ([live] if live else [])
+        while len(self.dispatchers) < len(runs):
+            self.dispatchers.append(Dispatcher(self))
+        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs)]
+        for d in self.dispatchers[len(runs):]:
+            d.unhook()
+        del self.dispatchers[len(runs):]
+        for d, w in zip(self.dispatchers, wanted):
+            if w != d.hooked:
+                d.hook(w)
+        if foreign[0] or foreign[1]:
+            self._place()
 
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for piece in self.pre_pieces:
-            args, kwargs = piece.pre_forward(module, args, kwargs)
-        if self.swap_pieces:
-            self.swap_lock.acquire()  # released in post_hook, which always runs for swap sites
-            params = module._parameters
-            saved: dict[str, Any] = {}
-            self.swapped.append(saved)
-            for piece in self.swap_pieces:
-                for name in piece.swaps:
-                    saved.setdefault(name, params[name])
-                    params[name] = piece.swap(module, name, params[name])
-        return args, kwargs
+    def foreign_keys(self) -> tuple[list[int], list[int]]:
+        """Keys of the hooks other code registered on the module: (pre-hooks, forward hooks)."""
+        m, ds = self.module, self.dispatchers
+        ours_pre = sum(1 for d in ds if d.keys[0] is not None)
+        ours_post = sum(1 for d in ds if d.keys[1] is not None)
+        pre = ([k for k, h in m._forward_pre_hooks.items() if not is_ours(h)]
+               if len(m._forward_pre_hooks) > ours_pre else [])
+        post = ([k for k, h in m._forward_hooks.items() if not is_ours(h)]
+                if len(m._forward_hooks) > ours_post else [])
+        return pre, post
 
-    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if self.swap_pieces and self.swapped:
-            module._parameters.update(self.swapped.pop())
-            self.swap_lock.release()
-        if output is None:  # forward raised; always_call only had to put the weights back
+    @staticmethod
+    def _runs(live: list[Piece], foreign: tuple[list[int], list[int]]) -> list[list[Piece]]:
+        """The live pieces in attach order, cut wherever another hook was registered between two
+        attaches; weight-swapping pieces form one run of their own (their place among output
+        hooks does not matter, and their swaps must be undone in reverse)."""
+        keys = sorted(foreign[0] + foreign[1])
+        runs: list[list[Piece]] = []
+        for piece in (p for p in live if not p.swapping()):
+            if runs and not any(runs[-1][-1].stamp < k < piece.stamp for k in keys):
+                runs[-1].append(piece)
+            else:
+                runs.append([piece])
+        swapping = [p for p in live if p.swapping()]
+        return runs + ([swapping] if swapping else [])
+
+    def _place(self) -> None:
+        """Move each dispatcher's hooks behind the other hooks registered before its pieces."""
+        for index, hooks in ((0, self.module._forward_pre_hooks), (1, self.module._forward_hooks)):
+            ours = [(d.keys[index], d.stamp) for d in self.dispatchers if d.keys[index] is not None]
+            mine = {k for k, _ in ours}
+            others = [k for k in hooks if k not in mine]
+            order = [k for k, stamp in ours if not any(o < stamp for o in others)]
+            for i, other in enumerate(others):
+                order.append(other)
+                order += [k for k, stamp in ours
+                          if other < stamp and not any(o < stamp for o in others[i + 1:])]
+            for key in order:
+                hooks.move_to_end(key)
+
+    def foreign_clash(self, piece: Piece) -> str | None:
+        """Why merging `piece` would change the result because of another code's hook at the
+        module: a forward hook registered before it would then see its effect, or a pre-hook
+        registered after it would then act before it. None when there is no such hook."""
+        if piece.through or piece.swaps:
             return None
-        for piece in self.post_pieces:
-            output = piece.post_forward(module, args, kwargs, output)
-        return output
+        m = self.module
+        if piece._overrides("post_forward"):
+            before = [h for k, h in m._forward_hooks.items() if not is_ours(h) and k < piece.stamp]
+            if before:
+                return f"a forward hook registered before it ({_name(before[0])}) would then see its effect"
+        if piece._overrides("pre_forward"):
+            after = [h for k, h in m._forward_pre_hooks.items() if not is_ours(h) and k > piece.stamp]
+            if after:
+                return f"a forward pre-hook registered after it ({_name(after[0])}) would then act before it"
+        return None
 
     # -- merging ---------------------------------------------------------------------------
 
     def merged_values(self, piece: Piece) -> dict[str, torch.Tensor]:
         """What merging `piece` would write, rounded to each parameter's dtype; checks finiteness."""
         out = {}
-        for name, value in piece.merged_weights(self.module).items():
-            weight = self.module._parameters[name]
+        host = self.host(piece)
+        with torch.no_grad():
+            values = piece.merged_weights(host)
+        for name, value in values.items():
+            weight = current(host, name)
             new = value.detach().to(weight.device, weight.dtype)
             if not all_finite(new):
                 raise MergeError(self._not_finite(piece, name))
@@ -190,31 +352,43 @@ class Site:
     def merge(self, piece: Piece, keep_original: bool = True) -> None:
         """Write the piece into the module's weights in place (same tensor, same address)."""
         keep_original = keep_original or piece.exact_unmerge_needs_copy
-        params = self.module._parameters
-        if keep_original and not piece._overrides("merged_weights"):
-            # additive piece: copy, add in place (rounded once), check; the copy undoes a bad write
-            deltas = piece.delta_weights(self.module)
-            with torch.no_grad():
+        host, where = self.host(piece), self.host_path(piece)
+        for name, param in host._parameters.items():  # offloaded (meta) weights: refused before any math
+            if param is not None:
+                WeightSlot(host, name, where)
+        written: list[WeightSlot] = []
+        try:
+            if keep_original and not piece._overrides("merged_weights"):
+                # additive piece: copy, add in place (rounded once), check; the copy undoes a bad write
+                deltas = piece.delta_weights(host)
+                slots = {name: WeightSlot(host, name, where) for name in deltas}
                 for name, delta in deltas.items():
-                    piece.register_buffer(f"_original_{name}", params[name].detach().clone(), persistent=False)
-                    params[name].add_(delta.to(params[name].device))
-            bad = [name for name in deltas if not all_finite(params[name])]
-            if bad:
-                self._restore(piece, kept=True)
-                raise MergeError(self._not_finite(piece, bad[0]))
-        else:
-            for name, new in self.merged_values(piece).items():
-                if keep_original:
-                    piece.register_buffer(f"_original_{name}", params[name].detach().clone(), persistent=False)
-                with torch.no_grad():
-                    params[name].copy_(new)
+                    slots[name].keep(piece)
+                    written.append(slots[name])
+                    slots[name].add_(delta)
+                bad = [name for name in deltas if not all_finite(slots[name].value())]
+                if bad:
+                    raise MergeError(self._not_finite(piece, bad[0]))
+            else:
+                values = self.merged_values(piece)
+                slots = {name: WeightSlot(host, name, where) for name in values}
+                keep_original = keep_original or any(s.param is None for s in slots.values())
+                for name, new in values.items():
+                    if keep_original:
+                        slots[name].keep(piece)
+                        written.append(slots[name])
+                    slots[name].write(new)
+        except BaseException:
+            for slot in written:
+                slot.restore(piece)
+            raise
         self.merged.append((piece, keep_original))
 
     def _not_finite(self, piece: Piece, name: str) -> str:
         culprits = [f"{piece.key}.{n}" for n, t in piece.named_parameters() if not torch.isfinite(t).all()]
         why = (f"the delta's tensor(s) {culprits[:3]} hold NaN/Inf" if culprits
                else "the delta is too large for the weight's dtype")
-        return f"merging would write NaN/Inf into {self.path}.{name}: {why}. Nothing was changed."
+        return f"merging would write NaN/Inf into {self.host_path(piece)}.{name}: {why}. Nothing was changed."
 
     def unmerge(self, piece: Piece) -> None:
         """Take a merged piece out again; later merges are undone and redone so it stays exact."""
@@ -228,17 +402,19 @@ class Site:
             self.merge(other, keep_original=kept)
 
     def _restore(self, piece: Piece, kept: bool) -> None:
+        host, where = self.host(piece), self.host_path(piece)
         if kept:  # exact: copy the original back
-            for name, weight in self.module._parameters.items():
-                original = piece._buffers.pop(f"_original_{name}", None)
-                if original is not None:
-                    with torch.no_grad():
-                        weight.copy_(original)
+            for name in kept_names(piece):
+                WeightSlot(host, name, where).restore(piece)
             return
-        for name, delta in piece.delta_weights(self.module).items():  # no copy: subtract, not bit-exact
-            weight = self.module._parameters[name]
-            with torch.no_grad():
-                weight.copy_((weight.float() - delta.to(weight.device, torch.float32)).to(weight.dtype))
+        for name, delta in piece.delta_weights(host).items():  # no copy: subtract, not bit-exact
+            slot = WeightSlot(host, name, where)
+            value = slot.value()
+            slot.write((value.float() - delta.to(value.device, torch.float32)).to(value.dtype))
+
+
+def _name(hook: Any) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -267,6 +443,8 @@ class ForwardGuard:
         self.lock = threading.RLock()
         self.depth: dict[int, int] = {}  # thread id -> nesting depth of forwards of the model
         self.pending: dict[int, weakref.ref] = {}  # outputs of checkpointed forwards awaiting backward
+        self.probe_next = False  # watch the next forward for bypassed layers (set by attach)
+        self.watching: Probe | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
         return {"fresh": True}  # (an empty state would skip __setstate__)
@@ -278,8 +456,15 @@ class ForwardGuard:
         if torch.compiler.is_compiling():  # traced code runs as one graph: nothing to watch there
             return
         me = threading.get_ident()
+        module._modules[STORE_NAME].check_alive()
         with self.lock:
             self.depth[me] = self.depth.get(me, 0) + 1
+            start = self.probe_next and self.watching is None and self.depth[me] == 1
+            if start:
+                self.probe_next = False
+                self.watching = Probe(module, _watch(module._modules[STORE_NAME]))
+        if start:
+            self.watching.start()
 
     def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -291,6 +476,11 @@ class ForwardGuard:
                 self.depth[me] = left
             else:
                 self.depth.pop(me, None)
+            probe = self.watching if not left and self.watching is not None and self.watching.thread == me else None
+            if probe is not None:
+                self.watching = None
+        if probe is not None:
+            probe.finish()
         if output is not None and module.training and torch.is_grad_enabled() and _checkpointing(module):
             for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
                 key = id(t)
@@ -314,6 +504,23 @@ class ForwardGuard:
                 )
             self.pending.clear()
             yield
+
+
+def _watch(store: "DeltaStore") -> dict[int, tuple[torch.Tensor, str, list[str]]]:
+    """id(weight) -> (weight, layer, delta names) for every layer a live piece hooks directly
+    (offloaded weights, on meta and replaced per call, are not watched)."""
+    owners: dict[str, list[str]] = {}
+    for name, delta in store.deltas.items():
+        for piece in delta.pieces.values():
+            if piece.live and not piece.through:
+                owners.setdefault(piece.site_path, []).append(name)
+    watch = {}
+    for path, names in owners.items():
+        site = store.sites.get(path)
+        for param in (site.module._parameters.values() if site is not None and path else ()):
+            if param is not None and not param.is_meta:
+                watch[id(param)] = (param, path, sorted(set(names)))
+    return watch
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -343,7 +550,7 @@ class DeltaStore(nn.Module):
         super().__init__()
         self.deltas = nn.ModuleDict()
         self.sites: dict[str, Site] = {}
-        self.saved_flags: dict[str, bool] = {}  # requires_grad before the first freezing delta
+        self.saved_flags: dict[str, tuple[nn.Parameter, bool]] = {}  # requires_grad before the first freezing delta
         self.freezers: list[str] = []  # names of the deltas that froze the backbone
         self.include_in_state_dict = False
         self.guard = ForwardGuard()
@@ -354,11 +561,32 @@ class DeltaStore(nn.Module):
 
     def site(self, model: nn.Module, path: str) -> Site:
         if path not in self.sites:
-            self.sites[path] = Site(model.get_submodule(path), path)
+            owner = path.rpartition(".")[0]
+            parent = (model.get_submodule(owner) if owner else model) if path else None
+            self.sites[path] = Site(model.get_submodule(path), path, parent)
         return self.sites[path]
 
     def extra_repr(self) -> str:
         return f"deltas={list(self.deltas)}"
+
+    def check_alive(self) -> None:
+        """Refuse a forward when the deltas' tensors were moved to meta after attach (accelerate's
+        cpu_offload / dispatch_model offload every module with tensors, a delta's too, and their
+        values are gone): they would run as garbage. One tensor per delta is looked at."""
+        for delta in self.deltas.values():
+            for piece in delta.pieces.values():
+                for tensor in piece._parameters.values():
+                    if tensor is not None and tensor.is_meta:
+                        raise DeltaStateError(
+                            f"the tensors of delta {delta.name!r} were moved to the meta device after it was attached "
+                            "(accelerate's cpu_offload / disk_offload / dispatch_model offload every module, the "
+                            "delta's too), so its values are gone. Offload the model first, then attach or hd.load "
+                            "the delta: hookdelta keeps it on the device the layers compute on"
+                        )
+                    break
+                else:
+                    continue
+                break
 
 
 def _hide_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, metadata: Any) -> None:

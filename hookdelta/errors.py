@@ -37,3 +37,12 @@ class DeltaFileError(HookdeltaError, ValueError):
 
 class BaseWeightsMismatchWarning(UserWarning):
     """A delta is loaded onto base weights that differ from the ones it was saved with."""
+
+
+class BypassWarning(UserWarning):
+    """A delta's layer had its weights used without its forward being called (its parent
+    bypasses it), so the delta's hooks there never run. Raised once, on the first forward."""
+
+
+class PathPrefixWarning(UserWarning):
+    """A saved delta's module paths were matched to the model's through a wrapper prefix."""

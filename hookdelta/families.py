@@ -107,7 +107,9 @@ def expand(model: nn.Module, name: str) -> list[Any]:
 
 
 def is_norm(name: str, module: nn.Module) -> bool:
-    """Normalization layers with a weight: LayerNorm, RMSNorm, GroupNorm and look-alikes (T5LayerNorm, ...)."""
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("Norm", "LayerNorm")):
+    """Normalization layers with a weight: LayerNorm, RMSNorm, GroupNorm, BatchNorm (affine),
+    InstanceNorm (affine) and look-alikes (T5LayerNorm, ...)."""
+    kinds = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    if isinstance(module, kinds) or type(module).__name__.endswith(("Norm", "LayerNorm")):
         return isinstance(getattr(module, "weight", None), nn.Parameter)
     return False

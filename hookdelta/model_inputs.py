@@ -57,6 +57,18 @@ def cache_length(cache: Any) -> int:
     return 0
 
 
+def check_growable(cache: Any, what: str, tokens: int) -> None:
+    """Refuse a preallocated cache (generate(cache_implementation="static"), sliding-window or
+    hybrid caches): it is sized for the real tokens only and has no room for virtual ones."""
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise UnsupportedModuleError(
+            f"{what} adds {tokens} virtual tokens in front of the input, but the model was given a preallocated "
+            f"{type(cache).__name__} (e.g. generate(cache_implementation='static')), sized for the real tokens only. "
+            "Use the default dynamic cache (drop cache_implementation), or a LoRA-style delta, which works with "
+            "any cache"
+        )
+
+
 def path_of(model: nn.Module, target: nn.Module) -> str:
     """The dotted path of a submodule (found by identity)."""
     return next(p for p, m in model.named_modules() if m is target)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
 from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
 from .persistence import read_json, write_files
-from .selection import is_conv1d
+from .also_train import TiedCopy
+from .selection import fit_paths, is_conv1d
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."  # PEFT's key prefix (a tuner wraps the model)
@@ -52,10 +52,6 @@ _SUFFIXES = {  # PEFT tensor name -> hookdelta tensor name
     ".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".ia3_l": "ia3_l",
 }
-
-
-class PathPrefixWarning(UserWarning):
-    """The adapter's module paths were matched to the model's through a wrapper prefix."""
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -113,37 +109,6 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _modules(model: nn.Module) -> set[str]:
-    return {n for n, _ in model.named_modules()}
-
-
-def _fit_paths(model: nn.Module, paths: list[str], directory: Any) -> dict[str, str]:
-    """adapter path -> model path; tries the paths as they are, then without / with the
-    model's wrapper prefix. Refuses, naming the paths, when none fits all of them."""
-    have = _modules(model)
-    candidates: list[tuple[str, Any]] = [("as saved", lambda p: p)]
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    first = {p.split(".", 1)[0] for p in paths}
-    for cut in sorted(first | ({prefix} if prefix else set())):
-        candidates.append((f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1:] if p.startswith(c + ".") else None))
-    if prefix:
-        candidates.append((f"with the '{prefix}.' prefix", lambda p: f"{prefix}.{p}"))
-    for how, fix in candidates:
-        mapped = {p: fix(p) for p in paths}
-        if all(m is not None and m in have for m in mapped.values()):
-            if how != "as saved":
-                warnings.warn(f"the adapter in {directory} names modules of a differently wrapped model; "
-                              f"matched them {how} (e.g. {paths[0]!r} -> {mapped[paths[0]]!r})",
-                              PathPrefixWarning, stacklevel=3)
-            return mapped  # type: ignore[return-value]
-    missing = [p for p in paths if p not in have]
-    raise DeltaFileError(
-        f"the adapter in {directory} does not fit this {type(model).__name__}: no module at {missing[:5]}"
-        + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        + "; nothing was attached"
-    )
-
-
 def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
               freeze_base: bool = True) -> Any:
     """Attach a LoRA (LoRA, rsLoRA, DoRA), IA3 or prompt-tuning adapter saved by PEFT. Checks the config,
@@ -172,7 +137,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     if unknown:
         raise DeltaFileError(f"the adapter in {directory} holds tensors hookdelta cannot place: {unknown[:5]}")
     owners = sorted({k.rpartition(".")[0] for k in rest})
-    paths = _fit_paths(model, list(lora) + owners, directory)
+    fix = fit_paths(model, list(lora) + owners, directory)
+    paths = {p: fix(p) for p in list(lora) + owners}
     sites, train = [paths[p] for p in lora], [paths[p] for p in owners]
 
     tensors = {f"{paths[p]}.{n}": t for p, named in lora.items() for n, t in named.items()}
@@ -183,6 +149,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         feedforward = [s for s, named in zip(sites, lora.values()) if named["ia3_l"].shape[0] == 1]
         tensors = {k: t.reshape(-1) if k.endswith(".ia3_l") else t for k, t in tensors.items()}
         cfg: Any = IA3Config(targets=[f"re:{re.escape(s)}" for s in sites], also_train=also_train,
+                             tie_also_train=_tied(config),
                              feedforward_targets=[f"re:{re.escape(s)}" for s in feedforward] or None)
         return _install(model, cfg, name, "ia3", sites, train, freeze_base, tensors, directory)
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
@@ -194,7 +161,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         targets=[f"re:{re.escape(s)}" for s in sites],
         rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
         alpha_pattern=_alphas_by_site(sites, alpha_pattern) or None,
-        also_train=also_train,
+        also_train=also_train, tie_also_train=_tied(config),
     )
     return _install(model, cfg, name, "lora", sites, train, freeze_base, tensors, directory)
 
@@ -211,12 +178,14 @@ def _load_prompt(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
             "submodules (an encoder-decoder file); hookdelta reads single-prompt files"
         )
     owners = sorted({k.rpartition(".")[0] for k in tensors})
-    paths = _fit_paths(model, owners, directory) if owners else {}
+    fix = fit_paths(model, owners, directory) if owners else str
+    paths = {o: fix(o) for o in owners}
     train = [paths[o] for o in owners]
     site = input_embeddings_path(model)
     ours = {f"{site}.prompt": prompt}
     ours.update({paths[k.rpartition(".")[0]] + "." + k.rpartition(".")[2]: t for k, t in tensors.items()})
-    cfg = SoftPromptConfig(num_virtual_tokens=prompt.shape[0], also_train=[f"re:{re.escape(t)}" for t in train] or None)
+    cfg = SoftPromptConfig(num_virtual_tokens=prompt.shape[0], also_train=[f"re:{re.escape(t)}" for t in train] or None,
+                           tie_also_train=_tied(config))
     return _install(model, cfg, name, "soft_prompt", [site], train, freeze_base, ours, directory)
 
 
@@ -228,6 +197,11 @@ def _install(model: nn.Module, cfg: Any, name: str | None, method: str, sites: l
         return install(model, cfg, _new_name(model, name, method), sites, train, freeze_base, tensors)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
+
+
+def _tied(config: dict[str, Any]) -> bool:
+    """PEFT's modules_to_save copies are used at the named module only, unless ensure_weight_tying."""
+    return bool(config.get("ensure_weight_tying"))
 
 
 def _alphas_by_site(sites: list[str], patterns: dict[str, Any]) -> dict[str, float]:
@@ -251,8 +225,17 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
             "delta. Save it with delta.save()."
         )
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise DeltaFileError(f"{directory} exists and is not empty; pass overwrite=True to replace it")
+    if directory.exists() and not directory.is_dir():
+        raise DeltaFileError(f"cannot save delta {delta.name!r}: {directory} exists and is not a directory")
+    if directory.exists() and any(directory.iterdir()) and not overwrite and _saved_by(directory) != delta.uid:
+        raise DeltaFileError(f"{directory} exists and holds files this delta did not write; pass overwrite=True to "
+                             "replace them, or choose an empty directory")
+    tied = [p.key for p in delta.pieces.values() if isinstance(p, TiedCopy)]
+    if tied:
+        raise UnsupportedModuleError(
+            f"delta {delta.name!r} trains one copy of a tied tensor for all its holders ({tied[0]}); PEFT's "
+            "modules_to_save cannot express that. Save it with delta.save(), or attach with tie_also_train=False"
+        )
     train = set(delta.also_train)
     tensors: dict[str, torch.Tensor] = {}
     prefix = PROMPT_PREFIX if delta.method == "soft_prompt" else PREFIX  # prompt models are not wrapped twice
@@ -290,7 +273,7 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
                       feedforward_modules=[p.key for p in adapted if p.on_input])
     else:
         config.update(_lora_files(delta, adapted, tensors))
-    _write(directory, tensors, config)
+    _write(directory, tensors, config, delta.uid)
 
 
 def _lora_files(delta: Any, pieces: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -323,6 +306,18 @@ def _lora_files(delta: Any, pieces: list[Any], tensors: dict[str, torch.Tensor])
             "bias": "none", "init_lora_weights": True, "layers_to_transform": None}
 
 
-def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    write_files(directory, [(WEIGHTS, lambda tmp: save_file(tensors, str(tmp))),
+def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], uid: str) -> None:
+    # the delta's identity goes into the safetensors metadata (PEFT ignores it; adapter_config.json
+    # stays PEFT's own): saving again from the same delta is allowed without overwrite
+    meta = {"format": "pt", "hookdelta_delta_id": uid}
+    write_files(directory, [(WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=meta)),
                             (CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))])
+
+
+def _saved_by(directory: Path) -> str | None:
+    """The hookdelta delta that wrote the PEFT adapter in `directory`, if one did."""
+    try:
+        with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+            return (f.metadata() or {}).get("hookdelta_delta_id")
+    except Exception:  # missing or unreadable: not ours
+        return None

@@ -17,15 +17,17 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DeltaConfig
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
+from .placement import kept_name, real_weight
+from .selection import fit_paths
 
 FORMAT_VERSION = 1
 META_FIELDS = {"format", "format_version", "hookdelta_version", "name", "method", "config", "sites", "also_train",
-               "backbone", "base_shapes", "fingerprint", "tensors", "save_id"}
+               "backbone", "base_shapes", "fingerprint", "tensors", "save_id", "delta_id"}
 CONFIG_FILE = "delta.json"
 TENSOR_FILE = "delta.safetensors"
 
@@ -49,13 +51,15 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
     existing = directory / CONFIG_FILE
     if existing.exists() and not overwrite:
         try:
-            other = json.loads(existing.read_text()).get("name")
-        except (OSError, ValueError, AttributeError):
-            other = "?"
-        if other != delta.name:
+            other = json.loads(existing.read_text())
+        except (OSError, ValueError):
+            other = {}
+        other = other if isinstance(other, dict) else {}
+        if other.get("delta_id") != delta.uid:  # saving again (a checkpoint loop) is fine; another delta is not
             raise DeltaFileError(
-                f"{directory} already holds another delta ({other!r}); pass overwrite=True to replace it, "
-                "or choose an empty directory"
+                f"{directory} already holds another delta ({other.get('name', '?')!r}, saved by a different delta "
+                "than this one, even if the names match); pass overwrite=True to replace it, or choose another "
+                "directory"
             )
     model = delta._model
     meta = {
@@ -63,6 +67,7 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
         "format_version": FORMAT_VERSION,
         "hookdelta_version": _version(),
         "name": delta.name,
+        "delta_id": delta.uid,
         "method": delta.method,
         "config": _portable_config(delta, model),
         "sites": delta.sites,
@@ -85,7 +90,16 @@ def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]])
     """Write a set of files so a crash at any point leaves the previous complete set or the new
     one, never a mix: every file is written in full to a temporary name first (a failure there
     changes nothing), the old files are kept as hard-linked `.NAME.prev` backups, then the files
-    are renamed into place; the last one (the config) is the commit point."""
+    are renamed into place; the last one (the config) is the commit point. A failure the
+    filesystem reports (read-only, full, a path through a file) is a DeltaFileError."""
+    try:
+        _write_files(directory, files)
+    except (OSError, SafetensorError) as exc:
+        raise DeltaFileError(f"cannot write to {directory}: {exc} ({type(exc).__name__}); the files that were there "
+                             "are unchanged") from exc
+
+
+def _write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = {name: directory / f".{name}.tmp-{os.getpid()}" for name, _ in files}
     backups: list[Path] = []
@@ -161,8 +175,9 @@ def _base_tensor(delta: Any, model: nn.Module, key: str) -> torch.Tensor:
 
     name = "weight" if _is_module(model, key) else key.rpartition(".")[2]
     piece = delta.pieces[_slot(key)]
-    original = piece._buffers.get(f"_original_{name}")
-    return original if original is not None else _weight(model, key)
+    original = piece._buffers.get(kept_name(name))
+    weight = _weight(model, key)
+    return original if original is not None and original.shape == weight.shape else weight
 
 
 def fingerprint(tensor: torch.Tensor) -> float:
@@ -284,18 +299,20 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     except ConfigError as exc:
         raise DeltaFileError(f"the config saved in {directory} is invalid: {exc}") from None
     sites, train = list(meta["sites"]), list(meta["also_train"])
-    missing = [k for k in sites + train if not _exists(model, k)]
-    if missing:
-        raise DeltaFileError(
-            f"the delta in {directory} was saved for a {meta.get('backbone')}; this "
-            f"{type(model).__name__} has no {missing[:5]}" + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-        )
+    try:
+        fix = fit_paths(model, sites + train, directory)
+    except DeltaFileError as exc:
+        raise DeltaFileError(f"the delta in {directory} was saved for a {meta.get('backbone')}: {exc}") from None
+    sites, train = [fix(k) for k in sites], [fix(k) for k in train]
+    meta = {**meta, **{field: {fix(k): v for k, v in meta.get(field, {}).items()}
+                       for field in ("base_shapes", "fingerprint", "tensors")}}
     shapes = meta.get("base_shapes", {})
     bad = [f"{k}: saved for {shapes[k]}, model has {list(_weight(model, k).shape)}"
            for k in sites if k in shapes and list(_weight(model, k).shape) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
-    tensors = read_tensors(directory, meta)
+    tensors = {fix(k): t for k, t in _read_save(directory, meta.get("save_id")).items()}
+    check_tensors(meta, tensors, directory)
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
         wanted = None  # saved name taken: pick a fresh one
@@ -307,28 +324,22 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
             f"the delta in {directory} was saved on different base weights ({len(differ)} of {len(sites)} "
             f"sites differ, e.g. {differ[0]!r}); its outputs will not match the ones it was trained with",
             BaseWeightsMismatchWarning, stacklevel=2)
+    uid = meta.get("delta_id") if isinstance(meta.get("delta_id"), str) else None
     try:
-        return install(model, config, name, sites, train, freeze_base, tensors)
+        return install(model, config, name, sites, train, freeze_base, tensors, uid=uid)
     except HookdeltaError:
         raise
     except Exception as exc:
         raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
 
 
-def _exists(model: nn.Module, key: str) -> bool:
-    if _is_module(model, key):
-        return True
-    owner, _, name = key.rpartition(".")
-    return _is_module(model, owner) and name in model.get_submodule(owner)._parameters if owner else name in model._parameters
-
-
 def _weight(model: nn.Module, key: str) -> torch.Tensor:
+    """The base tensor a site adapts, with its real values (read through accelerate's offload map)."""
     if _is_module(model, key):
-        module = model.get_submodule(key)
-        weight = getattr(module, "weight", None)
-        return weight if isinstance(weight, torch.Tensor) else torch.empty(0)
+        weight = getattr(model.get_submodule(key), "weight", None)
+        return real_weight(model, key) if isinstance(weight, torch.Tensor) else torch.empty(0)
     owner, _, name = key.rpartition(".")
-    return (model.get_submodule(owner) if owner else model)._parameters[name]
+    return real_weight(model, owner, name)
 
 
 def _close(a: float, b: float) -> bool:

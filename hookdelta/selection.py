@@ -11,14 +11,19 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Any, Iterable, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Sequence
 
 import torch.nn as nn
 
-from .errors import ConfigError, SelectorError, UnsupportedModuleError
+from .errors import ConfigError, DeltaFileError, PathPrefixWarning, SelectorError, UnsupportedModuleError
 from .families import expand, is_semantic
 
 STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
+# children of a model that are its task head (excluded from "all-linear", like the output embedding)
+HEAD_NAMES = ("classifier", "score", "head", "heads", "fc", "lm_head", "qa_outputs")
+# packages whose layers wrap a model's own (another adapter library): never selected by type
+FOREIGN_PACKAGES = ("peft.", "adapters.")
 
 
 def is_internal(path: str) -> bool:
@@ -76,8 +81,16 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output head and of linear layers whose weight is tied to an embedding."""
+    """Paths of the output head, of linear layers whose weight is tied to an embedding, and of
+    the linear layers in a task head (a child named classifier / score / head / fc / ... of the
+    model or of a transformers model inside it)."""
     heads: set[str] = set()
+    roots = [("", model)] + [(n, m) for n, m in named_modules(model) if hasattr(m, "base_model_prefix")]
+    for root, module in roots:
+        for child in HEAD_NAMES:
+            if module._modules.get(child) is not None:
+                top = f"{root}.{child}" if root else child
+                heads.update(n for n, m in module._modules[child].named_modules(prefix=top) if is_linear_like(m))
     get_out = getattr(model, "get_output_embeddings", None)
     head = None
     if callable(get_out):
@@ -135,16 +148,49 @@ def _suggest(selector: Any, names: Sequence[str]) -> str:
     return " Closest module names: " + ", ".join(close) + "."
 
 
+def foreign_layers(model: nn.Module) -> dict[str, str]:
+    """Paths inside another adapter library's layers (PEFT's LoRA wrappers, AdapterHub modules)
+    -> the wrapping layer's path. Their `base_layer` is the model's own layer, not theirs."""
+    out: dict[str, str] = {}
+    roots: list[str] = []
+    for path, module in named_modules(model):
+        inside = next((r for r in roots if path.startswith(r + ".")), None)
+        if inside is not None and not path.startswith(inside + ".base_layer"):
+            out[path] = inside
+        elif inside is None and type(module).__module__.startswith(FOREIGN_PACKAGES):
+            out[path] = path
+            roots.append(path)
+    return out
+
+
+def _foreign_error(model: nn.Module, path: str, layer: str) -> UnsupportedModuleError:
+    kind = type(model.get_submodule(layer))
+    inner = f" (the model's own layer is at {layer + '.base_layer'!r})" if hasattr(model.get_submodule(layer), "base_layer") else ""
+    return UnsupportedModuleError(
+        f"{path!r} belongs to a {kind.__module__}.{kind.__qualname__} layer of another adapter library "
+        f"at {layer!r}: the model already carries that library's adapter{inner}. hookdelta does not adapt another "
+        "library's internals; target the model's own layer, or remove the other adapter first (PEFT: "
+        "merge_and_unload() or unload(); transformers: delete_adapter())"
+    )
+
+
 def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: Any,
             layers: Iterable[int] | None, heads: set[str], what: str, model: nn.Module) -> list[str]:
     names = [n for n, _ in entries]
     selectors = _as_list(targets)
     if not selectors:
         raise ConfigError(f"no targets given: name the {what}s to adapt (e.g. targets=['q_proj', 'v_proj'])")
+    foreign = foreign_layers(model) if any(type(m).__module__.startswith(FOREIGN_PACKAGES)
+                                           for _, m in entries if m is not None) else {}
     chosen: dict[str, None] = {}
     for sel in selectors:
         alternatives = expand(model, sel) if is_semantic(sel) else [sel]
         hit = [n for n, m in entries if any(_hits(s, n, m, heads) for s in alternatives)]
+        if foreign:
+            named = [n for n in hit if n in foreign and any(isinstance(s, str) and s != "all-linear" for s in alternatives)]
+            if named:
+                raise _foreign_error(model, named[0], foreign[named[0]])
+            hit = [n for n in hit if n not in foreign]
         if not hit:
             meaning = f" (on this model: {[_describe(s) for s in alternatives]})" if is_semantic(sel) else ""
             raise SelectorError(
@@ -189,3 +235,45 @@ def match_parameters(model: nn.Module, targets: Any, exclude: Any = None,
     ]
     layers = list(layers) if layers is not None else None
     return _select(entries, targets, exclude, layers, set(), "parameter", model)
+
+
+def exists(model: nn.Module, path: str) -> bool:
+    """Whether `path` names a module, or a parameter of a module, of the model."""
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        owner, _, name = path.rpartition(".")
+        try:
+            module = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            return False
+        return name in module._parameters
+
+
+def fit_paths(model: nn.Module, paths: list[str], source: Any) -> Callable[[str], str]:
+    """A function mapping saved module/parameter paths onto this model: as they are, or
+    without / with the model's wrapper prefix (a delta trained on `BertModel` loaded onto
+    `BertForMaskedLM`, or the reverse), with a warning when a prefix was needed. Refuses
+    (DeltaFileError naming the paths) when no mapping fits all of them."""
+    candidates: list[tuple[str, Callable[[str], str | None]]] = [("as saved", lambda p: p)]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    first = {p.split(".", 1)[0] for p in paths}
+    for cut in sorted(first | ({prefix} if prefix else set())):
+        candidates.append((f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1:] if p.startswith(c + ".") else None))
+    if prefix:
+        candidates.append((f"with the '{prefix}.' prefix", lambda p: f"{prefix}.{p}"))
+    for how, fix in candidates:
+        mapped = {p: fix(p) for p in paths}
+        if all(m is not None and exists(model, m) for m in mapped.values()):
+            if how != "as saved":
+                warnings.warn(f"the delta in {source} names modules of a differently wrapped model; "
+                              f"matched them {how} (e.g. {paths[0]!r} -> {mapped[paths[0]]!r})",
+                              PathPrefixWarning, stacklevel=3)
+            return lambda p, fix=fix: fix(p) or p  # type: ignore[misc]
+    missing = [p for p in paths if not exists(model, p)]
+    raise DeltaFileError(
+        f"the delta in {source} does not fit this {type(model).__name__}: no module at {missing[:5]}"
+        + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        + "; nothing was attached"
+    )

@@ -53,6 +53,14 @@ def toggle(rank: int) -> dict:
     return verdict
 
 
+def finish() -> None:
+    # every rank reaches this point before any tears gloo down: a rank that destroyed the group
+    # while the other still had work in flight aborted now and then ("terminate called without
+    # an active exception")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, mode = dist.get_rank(), sys.argv[2]
@@ -61,7 +69,7 @@ def main() -> None:
         if rank == 0:
             with open(sys.argv[1], "w") as f:
                 json.dump(verdict, f)
-        dist.destroy_process_group()
+        finish()
         return
     torch.set_num_threads(1)
     model, _, _ = build("llama")  # same seed: same base and same fresh delta on every rank
@@ -95,7 +103,7 @@ def main() -> None:
         with open(sys.argv[1], "w") as f:
             json.dump({"identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
                        "first": losses[0], "last": losses[-1], "unwrapped": unwrapped}, f)
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

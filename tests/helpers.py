@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -9,10 +11,13 @@ import hookdelta as hd
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().view(torch.uint8)
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical (a meta tensor has no bits: the same meta shape and dtype)."""
+    if a.is_meta or b.is_meta:
+        return a.is_meta and b.is_meta and a.dtype == b.dtype and a.shape == b.shape
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
@@ -53,6 +58,14 @@ def assert_same(model: nn.Module, snap: dict) -> None:
         assert same_bits(now["params"][n], p), f"parameter {n} is not bit-identical"
     for n, b in snap["buffers"].items():
         assert same_bits(now["buffers"][n], b), f"buffer {n} is not bit-identical"
+
+
+def bare_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the model with its deltas detached: the reference a test edits by hand."""
+    clone = copy.deepcopy(model)
+    for delta in list(hd.deltas(clone).values())[::-1]:
+        delta.detach()
+    return clone
 
 
 def perturb(delta: hd.Delta, std: float = 0.05, seed: int = 7) -> None:

@@ -70,7 +70,7 @@ def test_a_crash_while_saving_over_a_delta_keeps_the_old_one(fault, tmp_path, mo
     _, _, new = model_with(seed=2)
     crash_after(monkeypatch, *FAULTS[fault])
     with pytest.raises(Crash):
-        new.save(tmp_path)
+        new.save(tmp_path, overwrite=True)  # another delta: replacing it needs overwrite (even with the same name)
     monkeypatch.undo()
     leftovers = [f for f in os.listdir(tmp_path) if ".tmp-" in f]
     assert not leftovers, "temporary files are cleaned up"
@@ -78,7 +78,7 @@ def test_a_crash_while_saving_over_a_delta_keeps_the_old_one(fault, tmp_path, mo
         assert digest(tmp_path) == before, "the old files are untouched"
     # whatever happened, a load gives exactly the old delta, never a mix
     assert torch.equal(output_after_load(tmp_path, inputs), old_out)
-    new.save(tmp_path)  # the next save succeeds and replaces it completely
+    new.save(tmp_path, overwrite=True)  # the next save succeeds and replaces it completely
     assert sorted(os.listdir(tmp_path)) == ["delta.json", "delta.safetensors"]
     with torch.no_grad():
         assert torch.equal(output_after_load(tmp_path, inputs), new.model(**inputs).logits)

@@ -3,9 +3,13 @@ exactly as it was, and ends bit-identical to the original.
 
 Steps: attach (LoRA, BitFit, IA3 or a bottleneck adapter, random layers), detach, enable /
 disable, merge / unmerge (refusals must change nothing), save + reload, `with` blocks
-(nested, with and without an exception inside), `model.to(float64)` and back, and
-`copy.deepcopy`. After every step the output equals a reference computed by hand from the
-untouched base weights and the deltas' tensors, composed in attach order.
+(nested, with and without an exception inside), `model.to(float64)` and back,
+`copy.deepcopy`, and the user's own forward hooks registered and removed at random layers.
+After every step the output equals a reference computed by hand from the untouched base
+weights, the deltas' tensors and the user's hooks, run in the order they were added.
+
+A second machine runs the same steps on the model offloaded by accelerate (weights on meta,
+copied in per call): merges are refused there, everything else must hold.
 
 CI runs a fixed-seed search (HOOKDELTA_PROPERTY_EXAMPLES, default 200) and a random-seed one.
 """
@@ -23,7 +27,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import hookdelta as hd
 from helpers import assert_restored, perturb, same_bits, snapshot
+from hookdelta.engine import is_ours
 from hookdelta.methods.adapter import ACTIVATIONS
+
+accelerate = pytest.importorskip("accelerate")
 
 pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter]
 
@@ -52,16 +59,32 @@ def config(method, layers, r):
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
 
 
-def reference(model, base, x):
+def user_scale(module, args, output):
+    """A user's forward hook that does not commute with the deltas."""
+    return output * 1.5 + 0.25
+
+
+def user_clamp(module, args, output):
+    return output.clamp(-0.3, 0.3)
+
+
+USER_HOOKS = {"scale": user_scale, "clamp": user_clamp}
+
+
+def reference(model, base, x, hooks=()):
     """The output by hand: each layer computes W0·x + b0 from the original weights, then each
-    enabled delta (merged or not) in attach order: LoRA adds s·B·A·x, BitFit adds its bias,
-    IA3 multiplies by l, an adapter adds s·up(f(down(h)))."""
+    enabled delta (merged or not) and each user hook there, in the order they were added (a
+    delta counts from its attach): LoRA adds s·B·A·x, BitFit adds its bias, IA3 multiplies by
+    l, an adapter adds s·up(f(down(h))), a user hook is its function."""
     h = x.to(base["a.weight"].dtype)
     for i, name in enumerate(LAYERS):
         inp = h
         h = inp @ base[f"{name}.weight"].T + base[f"{name}.bias"]
-        for d in hd.deltas(model).values():
-            if not d.enabled or name not in d.pieces:
+        steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values() if d.enabled and name in d.pieces]
+        steps += [(key, fn) for key, layer, fn in hooks if layer == name]
+        for _, d in sorted(steps, key=lambda step: step[0]):
+            if not isinstance(d, hd.Delta):
+                h = d(None, (inp,), h)
                 continue
             p = {k: t.detach().to(h.dtype) for k, t in d.pieces[name].named_parameters()}
             if d.method == "lora":
@@ -98,13 +121,19 @@ class Boom(Exception):
 
 
 class Lifecycle(RuleBasedStateMachine):
+    offloaded = False
+
     def __init__(self):
         super().__init__()
         self.model = MLP()
         self.base = {k: v.double() for k, v in self.model.state_dict().items()}
+        if self.offloaded:
+            accelerate.cpu_offload(self.model, execution_device=torch.device("cpu"))
         self.snap = snapshot(self.model)
         self.x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
         self.count = 0
+        self.hooks: list[tuple[int, str, object, object]] = []  # (key, layer, function, handle) of user hooks
+        self.hooked: dict[str, int] = {}  # layer -> user hooks ever registered there
 
     def names(self):
         return list(hd.deltas(self.model))
@@ -120,9 +149,31 @@ class Lifecycle(RuleBasedStateMachine):
 
     def check(self, model=None):
         model = model or self.model
+        hooks = [(k, layer, fn) for k, layer, fn, _ in self.hooks]
         with torch.no_grad():
-            out = model(self.x.to(next(model.parameters()).dtype))
-            torch.testing.assert_close(out.double(), reference(model, self.base, self.x), rtol=1e-4, atol=1e-5)
+            out = model(self.x.to(model.a.bias.dtype))  # (float64 inside dtype_round_trip)
+            torch.testing.assert_close(out.double(), reference(model, self.base, self.x, hooks), rtol=1e-4, atol=1e-5)
+
+    def hook_ahead(self, d):
+        """Whether a user hook was registered before the delta at one of its layers (it must then
+        refuse to merge: the hook would see the merged delta)."""
+        return any(layer in d.pieces and key < d.pieces[layer].stamp for key, layer, _, _ in self.hooks)
+
+    @rule(data=st.data(), kind=st.sampled_from(sorted(USER_HOOKS)))
+    def user_hook(self, data, kind):
+        # mostly where a delta is: there the order matters
+        busy = sorted({n for d in hd.deltas(self.model).values() for n in LAYERS if n in d.pieces})
+        layer = data.draw(st.sampled_from(busy or LAYERS))
+        handle = getattr(self.model, layer).register_forward_hook(USER_HOOKS[kind])
+        self.hooks.append((handle.id, layer, USER_HOOKS[kind], handle))
+        self.hooked[layer] = self.hooked.get(layer, 0) + 1
+
+    @precondition(lambda self: self.hooks)
+    @rule(data=st.data())
+    def remove_user_hook(self, data):
+        entry = data.draw(st.sampled_from(self.hooks))
+        entry[3].remove()
+        self.hooks.remove(entry)
 
     @rule(method=st.sampled_from(METHODS), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
           r=st.integers(1, 3))
@@ -161,9 +212,12 @@ class Lifecycle(RuleBasedStateMachine):
         before = state(self.model)
         try:
             d.merge()
-        except (hd.MergeError, hd.DeltaStateError):  # not mergeable, disabled, or would not commute
+        except (hd.MergeError, hd.DeltaStateError):  # not mergeable, disabled, would not commute, offloaded
             assert_state(self.model, before)
-            assert not d.enabled or d.method == "adapter" or len(self.names()) > 1
+            assert (not d.enabled or d.method == "adapter" or len(self.names()) > 1 or self.hook_ahead(d)
+                    or self.offloaded)
+        else:
+            assert not self.offloaded and not self.hook_ahead(d)
 
     @precondition(lambda self: self.names())
     @rule(data=st.data())
@@ -205,6 +259,7 @@ class Lifecycle(RuleBasedStateMachine):
         with torch.no_grad():
             assert same_bits(self.model(self.x), out)
 
+    @precondition(lambda self: not self.offloaded)  # accelerate's weight map stays float32
     @rule()
     def dtype_round_trip(self):
         before = state(self.model)
@@ -216,6 +271,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.snap["ptrs"] = {n: p.data_ptr() for n, p in self.model.named_parameters(remove_duplicate=False)
                              if n in self.snap["ptrs"]}
 
+    @precondition(lambda self: not self.offloaded)
     @rule()
     def deepcopy(self):
         clone = copy.deepcopy(self.model)
@@ -224,7 +280,8 @@ class Lifecycle(RuleBasedStateMachine):
         before = state(self.model)
         for d in list(hd.deltas(clone).values())[::-1]:  # tearing the copy down leaves the model alone
             d.detach()
-        assert hd.deltas(clone) == {} and not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
+        assert hd.deltas(clone) == {} and not any(is_ours(h) for m in clone.modules()
+                                                  for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
         base = clone.state_dict()
         assert all(same_bits(base[k], self.snap["params"][k]) for k in self.snap["params"])
         assert {n: p.requires_grad for n, p in clone.named_parameters()} == self.snap["flags"]
@@ -240,13 +297,23 @@ class Lifecycle(RuleBasedStateMachine):
         for name in LAYERS:
             layer = getattr(self.model, name)
             live = [d for d in hd.deltas(self.model).values() if d.enabled and not d.merged and name in d.pieces]
-            assert len(layer._forward_hooks) == (1 if live else 0), "one dispatcher, only where a live delta is"
+            ours = sum(1 for h in layer._forward_hooks.values() if is_ours(h))
+            if not self.hooked.get(name):
+                assert ours == (1 if live else 0), "one dispatcher, only where a live delta is"
+            else:  # one more per user hook it ran on either side of, at most (until the next change there)
+                assert (ours > 0) == bool(live) and ours <= 1 + self.hooked[name]
             assert len(layer._forward_pre_hooks) == 0
 
     def teardown(self):
         for d in list(hd.deltas(self.model).values())[::-1]:
             d.detach()
+        for entry in self.hooks:
+            entry[3].remove()
         assert_restored(self.model, self.snap)
+
+
+class OffloadedLifecycle(Lifecycle):
+    offloaded = True
 
 
 SETTINGS = dict(stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck))
@@ -263,6 +330,11 @@ def test_lifecycle_fixed_seed():
 
 def test_lifecycle_random_seed():
     run_state_machine_as_test(Lifecycle, settings=settings(max_examples=max(20, EXAMPLES // 4), **SETTINGS))
+
+
+def test_lifecycle_on_an_offloaded_model():
+    run_state_machine_as_test(OffloadedLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 4),
+                                                                    derandomize=True, **SETTINGS))
 
 
 # -- the test can fail: planted bugs it must catch ------------------------------------------
@@ -287,7 +359,20 @@ def _disable_keeps_hooks(monkeypatch):
     monkeypatch.setattr(Site, "refresh", lambda self: original(self) if any(p.live for p in self.pieces) else None)
 
 
-@pytest.mark.parametrize("plant", [_skip_flag_restore, _ia3_merge_forgets_bias, _disable_keeps_hooks])
+def _hooks_go_back_at_the_end(monkeypatch):
+    from hookdelta.engine import Site
+
+    monkeypatch.setattr(Site, "_place", lambda self: None)
+
+
+def _merge_ignores_user_hooks(monkeypatch):
+    from hookdelta.engine import Site
+
+    monkeypatch.setattr(Site, "foreign_clash", lambda self, piece: None)
+
+
+@pytest.mark.parametrize("plant", [_skip_flag_restore, _ia3_merge_forgets_bias, _disable_keeps_hooks,
+                                   _hooks_go_back_at_the_end, _merge_ignores_user_hooks])
 def test_the_machine_catches_a_planted_bug(plant, monkeypatch):
     plant(monkeypatch)
     with pytest.raises(AssertionError):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
+from ..placement import like_tensor
 from ..selection import layer_dims
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -39,12 +40,13 @@ def bottleneck_width(cfg: Any, width: int) -> int:
     return cfg.bottleneck_dim if cfg.bottleneck_dim is not None else max(1, width // cfg.reduction_factor)
 
 
-def reference_tensor(model: nn.Module, module: nn.Module) -> torch.Tensor:
-    """A tensor whose device and dtype the delta's own tensors should take."""
+def reference_tensor(model: nn.Module, module: nn.Module, path: str) -> torch.Tensor:
+    """A tensor whose device and dtype the delta's own tensors should take (where the layer
+    computes, also when accelerate offloads it)."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
-        return weight
-    return next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        weight = next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())
+    return like_tensor(model, path, weight)
 
 
 class Bottleneck(Piece):
@@ -91,7 +93,7 @@ def build_bottlenecks(cfg: Any, model: nn.Module, sites: Sequence[str],
         module = model.get_submodule(path)
         width_in, width_out = layer_dims(model, module, path)
         source = width_in if parallel else width_out
-        down, up = make(source, width_out, reference_tensor(model, module))
+        down, up = make(source, width_out, reference_tensor(model, module, path))
         widths = f"{source}→{bottleneck_width(cfg, source)}→{width_out}"
         pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, parallel, widths))
     return pieces

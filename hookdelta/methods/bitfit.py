@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from ..config import DeltaConfig
 from ..engine import Piece, map_output
-from ..errors import ConfigError, MergeError, UnsupportedModuleError
+from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
 from ..families import is_norm
-from ..selection import is_linear_like, layer_dims
+from ..selection import is_linear_like, layer_dims, match
 from .adapter import reference_tensor
 
 
@@ -68,15 +68,34 @@ class BitFitConfig(DeltaConfig):
             return self.targets
         return ("all-linear", "norm") if self.norm_biases else ("all-linear",)
 
+    def select(self, model: nn.Module) -> list[str]:
+        """Explicit targets must each match; the defaults only together (a conv net has no
+        linear layer but its head, a model without norms has none)."""
+        if self.targets is not None:
+            return super().select(model)
+        found: dict[str, None] = {}
+        for selector in self.target_selectors():
+            try:
+                found.update(dict.fromkeys(match(model, selector, self.exclude, self.layers)))
+            except SelectorError:
+                continue
+        if not found:
+            raise SelectorError(
+                f"BitFit's default positions (linear layers but the output head, and normalization layers) matched "
+                f"nothing in {type(model).__name__}; pass targets=[...] (hd.match tries selectors without attaching)"
+            )
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        return sorted(found, key=order.__getitem__)
+
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         for path in sites:
             module = model.get_submodule(path)
-            like = reference_tensor(model, module)
+            like = reference_tensor(model, module, path)
             if is_linear_like(module):
                 pieces.append(BiasDelta(path, layer_dims(model, module, path)[1], like, -1))
-            elif is_norm(path, module):
-                channel = 1 if isinstance(module, nn.GroupNorm) else -1
+            elif is_norm(path, module):  # GroupNorm / BatchNorm / InstanceNorm: channels are dim 1
+                channel = 1 if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase)) else -1
                 pieces.append(BiasDelta(path, module.weight.shape[0], like, channel))
             elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
                 pieces.append(BiasDelta(path, module.out_channels, like, 1))

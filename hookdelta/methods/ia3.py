@@ -14,6 +14,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, Selector, normalize_selector
 from ..engine import Piece, map_output
 from ..errors import UnsupportedModuleError
+from ..placement import like_tensor
 from ..selection import is_conv1d, is_linear_like, layer_dims, match
 
 
@@ -22,10 +23,9 @@ class Rescale(Piece):
 
     exact_unmerge_needs_copy = True  # the merge multiplies; only the kept original undoes it
 
-    def __init__(self, key: str, module: nn.Module, width: int, on_input: bool) -> None:
+    def __init__(self, key: str, module: nn.Module, width: int, on_input: bool, like: torch.Tensor) -> None:
         super().__init__(key)
-        w = module.weight
-        self.ia3_l = nn.Parameter(torch.ones(width, device=w.device, dtype=w.dtype))
+        self.ia3_l = nn.Parameter(torch.ones(width, device=like.device, dtype=like.dtype))
         self.on_input = on_input
         self.conv1d = is_conv1d(module)
 
@@ -43,7 +43,7 @@ class Rescale(Piece):
         return map_output(output, lambda h: h * self.ia3_l.to(h.dtype))
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w, l = module.weight.detach().float(), self.ia3_l.detach().float()
+        w, l = module.weight.float(), self.ia3_l.float()  # differentiable: also the weight path (see Piece)
         # nn.Linear weight is [out, in]; Conv1D stores [in, out]
         out_axis, in_axis = (1, 0) if self.conv1d else (0, 1)
         axis = in_axis if self.on_input else out_axis
@@ -52,7 +52,7 @@ class Rescale(Piece):
         merged = {"weight": w * l.reshape(shape)}
         bias = module._parameters.get("bias")
         if bias is not None and not self.on_input:
-            merged["bias"] = bias.detach().float() * l
+            merged["bias"] = bias.float() * l
         return merged
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,5 +101,6 @@ class IA3Config(DeltaConfig):
                 )
             width_in, width_out = layer_dims(model, module, path)
             on_input = path in ff
-            pieces.append(Rescale(path, module, width_in if on_input else width_out, on_input))
+            like = like_tensor(model, path, module.weight)
+            pieces.append(Rescale(path, module, width_in if on_input else width_out, on_input, like))
         return pieces

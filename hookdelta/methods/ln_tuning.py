@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..config import DeltaConfig
 from ..engine import Piece
 from ..errors import UnsupportedModuleError
+from ..placement import is_parametrized
 
 
 class NormDelta(Piece):
@@ -49,6 +50,11 @@ class LNTuningConfig(DeltaConfig):
         pieces: list[Piece] = []
         for path in sites:
             module = model.get_submodule(path)
+            if is_parametrized(module, "weight") or is_parametrized(module, "bias"):
+                raise UnsupportedModuleError(
+                    f"{path!r} has a parametrized weight (torch.nn.utils.parametrize), which LN tuning cannot swap "
+                    "for the call; exclude it, or remove the parametrization"
+                )
             if not isinstance(module._parameters.get("weight"), torch.Tensor):
                 raise UnsupportedModuleError(
                     f"LN tuning needs a layer with its own weight; {path!r} ({type(module).__name__}) has none"

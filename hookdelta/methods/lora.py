@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
 from ..engine import Piece, first_input
+from ..placement import like_tensor, live_weight, real_weight
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
 from ..selection import is_conv1d, is_internal, match, match_parameters
 
@@ -107,7 +108,7 @@ class LoRAConfig(DeltaConfig):
             weight = module._parameters.get(param_name or "weight")
             if weight is not None and id(weight) in done:
                 continue  # the other end of a tie that was already covered
-            primary = _make_piece(self, key, module, param_name)
+            primary = _make_piece(self, key, module, param_name, model)
             pieces.append(primary)
             if weight is not None:
                 done[id(weight)] = primary
@@ -149,22 +150,27 @@ def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
         return module, name
 
 
-def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None) -> Piece:
+def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:
+    path = key.rpartition(".")[0] if param_name else key
+    weight = module._parameters[param_name] if param_name else getattr(module, "weight", None)
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        weight = None
+    like = like_tensor(model, path, weight) if weight is not None else None  # where and how it computes
     if cfg.use_dora:
         if param_name is None and (isinstance(module, nn.Linear) or is_conv1d(module)):
-            return DoRALinear(cfg, key, module)
+            return DoRALinear(cfg, key, module, like, real_weight(model, path))
         raise UnsupportedModuleError(
             f"DoRA (use_dora=True) adapts linear layers only; {key!r} is "
             f"{'a parameter target' if param_name else type(module).__name__}. Narrow the targets or use plain LoRA."
         )
     if param_name is not None:
-        return LoRAParameter(cfg, key, module, param_name)
+        return LoRAParameter(cfg, key, module, param_name, like)
     if isinstance(module, nn.Linear) or is_conv1d(module):
-        return LoRALinear(cfg, key, module)
+        return LoRALinear(cfg, key, module, like)
     if isinstance(module, nn.Embedding):
-        return LoRAEmbedding(cfg, key, module)
+        return LoRAEmbedding(cfg, key, module, like)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return LoRAConv(cfg, key, module)
+        return LoRAConv(cfg, key, module, like)
     raise UnsupportedModuleError(
         f"LoRA cannot adapt {key!r} of type {type(module).__name__}; it supports {SUPPORTED}. "
         "Narrow the selector (e.g. to the projection layers inside it), or use "
@@ -211,6 +217,7 @@ class _LoRABase(Piece):
                  b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
         super().__init__(site_path, key)
         self.r, self.scale, self.p = cfg.rank_for(key), cfg.scale_for(key), cfg.dropout
+        self.weight_path_exact = not self.p  # dropout acts on the input: no weight can express it
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"LoRA needs a floating-point weight at {key!r}, found {like.dtype}")
         kw = {"device": like.device, "dtype": like.dtype}
@@ -234,13 +241,14 @@ class _LoRABase(Piece):
 class LoRALinear(_LoRABase):
     """LoRA on nn.Linear and transformers Conv1D (whose weight is stored [in, out])."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
         self.conv1d = is_conv1d(module)
         w = module.weight
         in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
         r = cfg.rank_for(key)
-        super().__init__(cfg, key, key, (r, in_f), (out_f, r), w, in_f)
-        self.lora_bias = nn.Parameter(torch.zeros(out_f, dtype=w.dtype, device=w.device)) if cfg.bias == "lora_only" else None
+        super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
+        self.lora_bias = (nn.Parameter(torch.zeros(out_f, dtype=like.dtype, device=like.device))
+                          if cfg.bias == "lora_only" else None)
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
@@ -277,16 +285,16 @@ class DoRALinear(LoRALinear):
     additive = False
     reads_weight = True  # the norm of W + ΔW
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
-        super().__init__(cfg, key, module)
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
+        super().__init__(cfg, key, module, like)
         with torch.no_grad():
-            self.magnitude = nn.Parameter(self._rows(module.weight.detach()).norm(dim=1))
+            self.magnitude = nn.Parameter(self._rows(weight.detach()).norm(dim=1).to(like.device, like.dtype))
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.conv1d else weight  # [out, in]
 
     def _scale(self, module: nn.Module) -> torch.Tensor:
-        w = self._rows(module.weight).to(self.lora_A.dtype)
+        w = self._rows(live_weight(module)).to(self.lora_A.dtype)
         norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1).detach()
         return self.magnitude / norm
 
@@ -299,19 +307,19 @@ class DoRALinear(LoRALinear):
             bias = module._parameters.get("bias")
             base = output.to(c.dtype) - (bias.to(c.dtype) if bias is not None else 0)
         else:  # PEFT computes the base term on the dropped-out input
-            base = F.linear(dropped, self._rows(module.weight).to(c.dtype))
+            base = F.linear(dropped, self._rows(live_weight(module)).to(c.dtype))
         delta = (c - 1) * base + c * lora
         if self.lora_bias is not None:
             delta = delta + self.lora_bias
         return output + delta.to(output.dtype)
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = self._rows(module.weight.detach()).float()
+        w = self._rows(module.weight).float()  # differentiable: also the weight path (see Piece)
         updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        merged = updated * (self.magnitude.float() / updated.norm(dim=1)).unsqueeze(1)
+        merged = updated * (self.magnitude.float() / updated.norm(dim=1).detach()).unsqueeze(1)
         out = {"weight": merged.T if self.conv1d else merged}
         if self.lora_bias is not None:
-            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + module.bias.detach().float()
+            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + module.bias.float()
         return out
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -324,10 +332,10 @@ class DoRALinear(LoRALinear):
 class LoRAEmbedding(_LoRABase):
     """LoRA on nn.Embedding: looks up rows of Aᵀ, then projects with Bᵀ."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor) -> None:
         num, dim = module.weight.shape
         r = cfg.rank_for(key)
-        super().__init__(cfg, key, key, (r, num), (dim, r), module.weight, num)
+        super().__init__(cfg, key, key, (r, num), (dim, r), like, num)
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the embedding {key!r}")
 
@@ -344,13 +352,14 @@ class LoRAConv(_LoRABase):
     """LoRA on Conv1d/2d/3d (grouped and 1×1 included): A is a grouped conv with the host's
     kernel, stride, padding and dilation; B a grouped 1×1 conv. Exact for any groups."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
         w = module.weight  # [out, in/g, *k]
         g = module.groups
         kernel = tuple(w.shape[2:])
         fan_in = w.shape[1] * math.prod(kernel)
         r = cfg.rank_for(key)
-        super().__init__(cfg, key, key, (g * r, w.shape[1], *kernel), (w.shape[0], r, *([1] * len(kernel))), w, fan_in)
+        a_shape, b_shape = (g * r, w.shape[1], *kernel), (w.shape[0], r, *([1] * len(kernel)))
+        super().__init__(cfg, key, key, a_shape, b_shape, like, fan_in)
         self.groups = g
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
         if cfg.bias != "none":
@@ -373,7 +382,7 @@ class LoRAParameter(_LoRABase):
     """LoRA on any parameter of 2 or more dims, swapped in for the call: W + s·B·A over the
     last two dims, one update per leading index (per expert of a fused MoE weight)."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
         w = module._parameters[name]
         if w.dim() < 2:
             raise UnsupportedModuleError(
@@ -383,7 +392,7 @@ class LoRAParameter(_LoRABase):
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the parameter target {key!r}")
         *lead, m, n = w.shape
         r = cfg.rank_for(key)
-        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, r, n), (*lead, m, r), w, n)
+        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, r, n), (*lead, m, r), like, n)
         self.swaps = (name,)
         self.param_name = name
         if cfg.dropout:

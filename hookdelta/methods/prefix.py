@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, check_choice, check_int
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
-from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker,
+from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker, check_growable,
                             input_embeddings_path, is_encoder_decoder, prepend)
 
 
@@ -82,6 +82,7 @@ class Prefix(Piece):
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
         cache = kw.get(self.cache_arg)
+        check_growable(cache, "prefix tuning", self.length)
         past = cache_length(cache)
         source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
         batch, new = source.shape[0], source.shape[1]

@@ -21,8 +21,8 @@ import torch.nn as nn
 from ..config import DeltaConfig, check_choice, check_int
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
-from ..model_inputs import (accepts, bind, cache_argument, cache_length, input_embeddings_path, is_encoder_decoder,
-                            path_of, prepend)
+from ..model_inputs import (accepts, bind, cache_argument, cache_length, check_growable, input_embeddings_path,
+                            is_encoder_decoder, path_of, prepend)
 
 
 class SoftPrompt(Piece):
@@ -44,6 +44,8 @@ class SoftPrompt(Piece):
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
+        if self.cache_arg:
+            check_growable(kw.get(self.cache_arg), "the soft prompt", self.length)
         past = cache_length(kw.get(self.cache_arg)) if self.cache_arg else 0
         P = self.length
         if past:  # continuing a generation whose cache already holds the prompt
