@@ -98,6 +98,18 @@ class Piece(nn.Module):
     def swapping(self) -> bool:
         return bool(self.swaps or self.through)
 
+    def needs(self) -> tuple[bool, bool, bool]:
+        """(pre-hook, post-hook, weight swap) this piece runs with; fixed once it is attached.
+        A piece acting through a child's weights (`through`) only swaps: its own hooks would
+        see the parent's inputs and outputs, not the child's."""
+        needs = self.__dict__.get("_needs")
+        if needs is None:
+            through = bool(self.through)
+            needs = (self._overrides("pre_forward") and not through, self._overrides("post_forward") and not through,
+                     self.swapping())
+            object.__setattr__(self, "_needs", needs)
+        return needs
+
 
 def current(module: nn.Module, name: str) -> torch.Tensor:
     """A module's tensor as its forward sees it (a parameter, or a parametrization's output)."""
@@ -153,15 +165,21 @@ class Dispatcher:
         self.swapped: list[list[tuple[dict, str, Any]]] = []  # stack: nested or re-entrant calls
 
     def assign(self, pieces: list[Piece]) -> tuple[bool, bool, bool]:
-        """Take these pieces; returns the hooks they need."""
-        # a piece acting through a child's weights (piece.through) only swaps: its own hooks would
-        # see the parent's inputs and outputs, not the child's
-        self.pre_pieces = tuple(p for p in pieces if p._overrides("pre_forward") and not p.through)
-        self.post_pieces = tuple(p for p in pieces if p._overrides("post_forward") and not p.through)
-        self.swap_pieces = tuple(p for p in pieces if p.swapping())
+        """Take these pieces; returns the hooks they need. (Hot: switching deltas runs it per site.)"""
+        pre: list[Piece] = []
+        post: list[Piece] = []
+        swap: list[Piece] = []
+        for p in pieces:
+            needs = p.__dict__.get("_needs") or p.needs()
+            if needs[0]:
+                pre.append(p)
+            if needs[1]:
+                post.append(p)
+            if needs[2]:
+                swap.append(p)
+        self.pre_pieces, self.post_pieces, self.swap_pieces = tuple(pre), tuple(post), tuple(swap)
         self.stamp = pieces[0].stamp if pieces else 0
-        return (bool(self.pre_pieces or self.swap_pieces), bool(self.post_pieces or self.swap_pieces),
-                bool(self.swap_pieces))
+        return bool(pre or swap), bool(post or swap), bool(swap)
 
     def hook(self, wanted: tuple[bool, bool, bool]) -> None:
         self.unhook()
@@ -178,10 +196,13 @@ class Dispatcher:
             self.handles.append(handle)
             post = handle.id
         self.keys = (pre, post)
+        self.site.counts = (self.site.counts[0] + (pre is not None), self.site.counts[1] + (post is not None))
 
     def unhook(self) -> None:
         for handle in self.handles:
             handle.remove()
+        pre, post = self.keys
+        self.site.counts = (self.site.counts[0] - (pre is not None), self.site.counts[1] - (post is not None))
         self.handles, self.keys, self.hooked = [], (None, None), (False, False, False)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -233,6 +254,8 @@ class Site:
         self.pieces: list[Piece] = []  # attach order
         self.merged: list[tuple[Piece, bool]] = []  # (piece, kept original) in merge order
         self.dispatchers: list[Dispatcher] = []
+        self.counts = (0, 0)  # our registered (pre-hooks, forward hooks) at the module
+        self.leaf = path.rpartition(".")[2]
         # swapping writes the module's parameter dict for the length of one call, so calls of
         # this module from several threads take turns (only at sites with swap pieces)
         self.swap_lock = threading.RLock()
@@ -252,9 +275,7 @@ class Site:
 
     def replaced(self) -> bool:
         """The module is no longer at its path (a wrapper or a converter swapped it out)."""
-        if self.parent is None:
-            return False
-        return self.parent._modules.get(self.path.rpartition(".")[2]) is not self.module
+        return self.parent is not None and self.parent._modules.get(self.leaf) is not self.module
 
     # -- hook lifecycle ------------------------------------------------------------------
 
@@ -262,8 +283,19 @@ class Site:
         """Install exactly the hooks the live pieces need, or none at all. Handles that are
         already the right ones stay (switching deltas at a layer only swaps the piece lists)."""
         live = [p for p in self.pieces if p.live]
-        foreign = self.foreign_keys()
-        runs = self._runs(live, foreign) if foreign[0] or foreign[1] else ([live] if live else [])
+        m = self.module
+        alone = len(m._forward_pre_hooks) == self.counts[0] and len(m._forward_hooks) == self.counts[1]
+        if alone and len(self.dispatchers) == 1 and live:  # the usual case: one dispatcher runs them all
+            d = self.dispatchers[0]
+            wanted = d.assign(live)
+            if wanted != d.hooked:
+                d.hook(wanted)
+            return
+        if alone:
+            runs = [live] if live else []
+        else:
+            foreign = self.foreign_keys()
+            runs = self._runs(live, foreign)
         while len(self.dispatchers) < len(runs):
             self.dispatchers.append(Dispatcher(self))
         wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs)]
@@ -273,19 +305,14 @@ class Site:
         for d, w in zip(self.dispatchers, wanted):
             if w != d.hooked:
                 d.hook(w)
-        if foreign[0] or foreign[1]:
+        if not alone:
             self._place()
 
     def foreign_keys(self) -> tuple[list[int], list[int]]:
         """Keys of the hooks other code registered on the module: (pre-hooks, forward hooks)."""
-        m, ds = self.module, self.dispatchers
-        ours_pre = sum(1 for d in ds if d.keys[0] is not None)
-        ours_post = sum(1 for d in ds if d.keys[1] is not None)
-        pre = ([k for k, h in m._forward_pre_hooks.items() if not is_ours(h)]
-               if len(m._forward_pre_hooks) > ours_pre else [])
-        post = ([k for k, h in m._forward_hooks.items() if not is_ours(h)]
-                if len(m._forward_hooks) > ours_post else [])
-        return pre, post
+        m = self.module
+        return ([k for k, h in m._forward_pre_hooks.items() if not is_ours(h)],
+                [k for k, h in m._forward_hooks.items() if not is_ours(h)])
 
     @staticmethod
     def _runs(live: list[Piece], foreign: tuple[list[int], list[int]]) -> list[list[Piece]]:
