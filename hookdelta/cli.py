@@ -6,6 +6,7 @@ Bad paths and files that do not fit give one line on stderr and exit status 1.""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never reach for a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# stderr is for our one-line errors: quiet what optional libraries log while transformers imports them
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 class CLIError(Exception):
@@ -62,7 +66,10 @@ def inspect(args: argparse.Namespace) -> None:
 
 
 def merge(args: argparse.Namespace) -> None:
+    import torch
     from rich.progress import Progress
+
+    from .quantized import is_quantized
 
     check_dir(args.delta_dir)
     with Progress(transient=False) as progress:
@@ -71,7 +78,11 @@ def merge(args: argparse.Namespace) -> None:
         progress.update(task, advance=1, description="loading the delta")
         delta = load_any(model, args.delta_dir)
         progress.update(task, advance=1, description="merging")
-        delta.merge_and_detach()
+        if args.dtype or any(is_quantized(m) for m in model.modules()):
+            # a quantized base (QLoRA) is written dequantized, in full precision, with the delta baked in
+            model = delta.merged_copy(getattr(torch, args.dtype or "bfloat16"))
+        else:
+            delta.merge_and_detach()
         progress.update(task, advance=1, description=f"writing {args.out_dir}")
         model.save_pretrained(args.out_dir)
         progress.update(task, advance=1, description="done")
@@ -104,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("model_dir")
     m.add_argument("delta_dir")
     m.add_argument("out_dir")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="write the merged model in this dtype (default: the model's own; bfloat16 for a quantized base)")
     m.set_defaults(run=merge)
     c = sub.add_parser("convert", help="convert a delta between hookdelta's and PEFT's formats")
     c.add_argument("--to", choices=["peft", "hookdelta"], required=True)

@@ -6,6 +6,7 @@ the engine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import uuid
 from typing import Any, Callable, Iterator, TypeVar
@@ -18,6 +19,7 @@ from .config import DeltaConfig
 from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, hook_clock, remove_store
 from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
 from .placement import bypassing_parent, meta_message, offload_source
+from .quantized import dequantize_model
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,12 +136,15 @@ class Delta(nn.Module):
                 self.enable()
 
     @_changes("merge")
-    def merge(self, keep_original: bool = True) -> None:
+    def merge(self, keep_original: bool = True, requantize: bool = False) -> dict[str, float]:
         """Write the delta into the base weights in place and take its hooks off.
 
         With keep_original (default) a copy of each touched weight is kept so `unmerge()`
         is bit-exact; keep_original=False saves that memory and unmerge subtracts instead
-        (off by float rounding).
+        (off by float rounding). Quantized weights are refused (lossy) unless requantize:
+        then each is dequantized, merged and quantized again the same way, and the result
+        maps each such layer to the largest output change per unit input the rounding made
+        (max row sum of |W_requantized - (W + ΔW)|); unmerge() puts the original bytes back.
         """
         self._check_attached("merge")
         if self.merged:
@@ -158,7 +163,7 @@ class Delta(nn.Module):
         done: list[Piece] = []
         try:
             for piece in self._pieces():
-                store.sites[piece.site_path].merge(piece, keep_original)
+                store.sites[piece.site_path].merge(piece, keep_original, requantize)
                 done.append(piece)
         except BaseException:
             for piece in reversed(done):
@@ -166,6 +171,7 @@ class Delta(nn.Module):
             raise
         self.merged = True
         self._refresh()
+        return {k: v for p in self._pieces() for k, v in p.__dict__.get("_requantize_error", {}).items()}
 
     def _check_merge_order(self, store: DeltaStore) -> None:
         """Merging moves a piece inside every hook still running at its layer. That keeps the
@@ -238,6 +244,28 @@ class Delta(nn.Module):
                 site.unmerge(piece)
         self.merged = False
         self._refresh()
+
+    def merged_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """A new full-precision model with this delta baked in; the model and the delta stay as
+        they are. The usual QLoRA deployment: quantized layers of the copy become plain
+        nn.Linear layers holding the dequantized weights, everything is cast to `dtype` (default:
+        the dtype the delta computes in), and the delta is merged exactly. Other deltas on the
+        model are left out of the copy."""
+        from .persistence import delta_tensors
+
+        self._check_attached("merged_copy")
+        _check_sites(self._store(), "merged_copy")
+        dtype = dtype or next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+        tensors = delta_tensors(self)
+        with torch.inference_mode(False):
+            clone = copy.deepcopy(self._model)
+            for other in list(deltas(clone).values())[::-1]:
+                other._remove(restore_weights=True)
+            dequantize_model(clone, dtype)
+            twin = install(clone, self.config, self.name, self.sites, self.also_train, freeze_base=False,
+                           tensors={k: t.to(dtype) for k, t in tensors.items()})
+            twin.merge_and_detach()
+        return clone
 
     @_changes("merge_and_detach")
     def merge_and_detach(self) -> nn.Module:

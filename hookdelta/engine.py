@@ -23,7 +23,8 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import DeltaStateError, MergeError
-from .placement import WeightSlot, kept_names
+from .placement import WeightSlot, kept_names, open_slot
+from .quantized import bnb_4bit_layers, dequantize, hold_packing, is_quantized, release_packing, unpack_for_training
 from .probe import Probe
 from .selection import STORE_NAME, is_internal
 
@@ -112,7 +113,10 @@ class Piece(nn.Module):
 
 
 def current(module: nn.Module, name: str) -> torch.Tensor:
-    """A module's tensor as its forward sees it (a parameter, or a parametrization's output)."""
+    """A module's tensor as its forward sees it: a parameter, a parametrization's output, or a
+    quantized layer's dequantized weight."""
+    if name == "weight" and is_quantized(module):
+        return dequantize(module)
     param = module._parameters.get(name)
     return param if param is not None else getattr(module, name)
 
@@ -376,35 +380,41 @@ class Site:
             out[name] = new
         return out
 
-    def merge(self, piece: Piece, keep_original: bool = True) -> None:
-        """Write the piece into the module's weights in place (same tensor, same address)."""
+    def merge(self, piece: Piece, keep_original: bool = True, requantize: bool = False) -> None:
+        """Write the piece into the module's weights in place (same tensor, same address); a
+        quantized weight only with requantize (a new quantized weight; the old one is kept)."""
         keep_original = keep_original or piece.exact_unmerge_needs_copy
         host, where = self.host(piece), self.host_path(piece)
-        for name, param in host._parameters.items():  # offloaded (meta) weights: refused before any math
+        for name, param in host._parameters.items():  # offloaded or quantized weights: refused before any math
             if param is not None:
-                WeightSlot(host, name, where)
-        written: list[WeightSlot] = []
+                open_slot(host, name, where, requantize)
+        written: list[Any] = []
         try:
+            if not piece._overrides("merged_weights"):
+                deltas = piece.delta_weights(host)
+                slots = {name: open_slot(host, name, where, requantize) for name in deltas}
+                keep_original = keep_original or any(s.needs_copy for s in slots.values())
             if keep_original and not piece._overrides("merged_weights"):
                 # additive piece: copy, add in place (rounded once), check; the copy undoes a bad write
-                deltas = piece.delta_weights(host)
-                slots = {name: WeightSlot(host, name, where) for name in deltas}
                 for name, delta in deltas.items():
                     slots[name].keep(piece)
                     written.append(slots[name])
-                    slots[name].add_(delta)
+                    if isinstance(slots[name], WeightSlot):
+                        slots[name].add_(delta)
+                    else:
+                        slots[name].write(slots[name].value().float() + delta.float(), piece)
                 bad = [name for name in deltas if not all_finite(slots[name].value())]
                 if bad:
                     raise MergeError(self._not_finite(piece, bad[0]))
             else:
                 values = self.merged_values(piece)
-                slots = {name: WeightSlot(host, name, where) for name in values}
-                keep_original = keep_original or any(s.param is None for s in slots.values())
+                slots = {name: open_slot(host, name, where, requantize) for name in values}
+                keep_original = keep_original or any(s.needs_copy for s in slots.values())
                 for name, new in values.items():
                     if keep_original:
                         slots[name].keep(piece)
                         written.append(slots[name])
-                    slots[name].write(new)
+                    slots[name].write(new, piece)
         except BaseException:
             for slot in written:
                 slot.restore(piece)
@@ -426,13 +436,13 @@ class Site:
         self._restore(*self.merged[index])
         del self.merged[index:]
         for other, kept in above:
-            self.merge(other, keep_original=kept)
+            self.merge(other, keep_original=kept, requantize=True)  # it was merged before: redo it the same way
 
     def _restore(self, piece: Piece, kept: bool) -> None:
         host, where = self.host(piece), self.host_path(piece)
         if kept:  # exact: copy the original back
             for name in kept_names(piece):
-                WeightSlot(host, name, where).restore(piece)
+                open_slot(host, name, where, requantize=True).restore(piece)
             return
         for name, delta in piece.delta_weights(host).items():  # no copy: subtract, not bit-exact
             slot = WeightSlot(host, name, where)
@@ -483,7 +493,7 @@ class ForwardGuard:
         if torch.compiler.is_compiling():  # traced code runs as one graph: nothing to watch there
             return
         me = threading.get_ident()
-        module._modules[STORE_NAME].check_alive()
+        module._modules[STORE_NAME].before_forward(module)
         with self.lock:
             self.depth[me] = self.depth.get(me, 0) + 1
             start = self.probe_next and self.watching is None and self.depth[me] == 1
@@ -582,6 +592,8 @@ class DeltaStore(nn.Module):
         self.include_in_state_dict = False
         self.guard = ForwardGuard()
         self.root_hooks: list[Any] = []
+        self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
+        self.packing: list[Any] = []  # their repacking switches, given back when the store goes
         # plain functions (they get the store as `module`), so copies of the model stay consistent
         self.register_state_dict_post_hook(_hide_from_state_dict)
         self.register_load_state_dict_post_hook(_hide_missing_keys)
@@ -595,6 +607,13 @@ class DeltaStore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"deltas={list(self.deltas)}"
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Checks at the start of each forward of the model: the deltas still hold real tensors,
+        and bitsandbytes' CPU inference packing is undone where gradients are wanted."""
+        self.check_alive()
+        if self.packed and torch.is_grad_enabled():
+            unpack_for_training(self.packed)
 
     def check_alive(self) -> None:
         """Refuse a forward when the deltas' tensors were moved to meta after attach (accelerate's
@@ -637,6 +656,8 @@ def get_store(model: nn.Module, create: bool = False) -> DeltaStore | None:
     if store is None and create:
         store = DeltaStore()
         model.add_module(STORE_NAME, store)
+        store.packed = bnb_4bit_layers(model)
+        store.packing = hold_packing(store.packed)
         # the model's own forward is watched while it has deltas: see ForwardGuard
         store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
                             model.register_forward_hook(store.guard.leave, always_call=True)]
@@ -647,6 +668,7 @@ def remove_store(model: nn.Module) -> None:
     store = model._modules.pop(STORE_NAME, None)
     for handle in getattr(store, "root_hooks", []):
         handle.remove()
+    release_packing(getattr(store, "packing", []))
 
 
 def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MergeError, UnsupportedModuleError
+from .quantized import backend, compute_dtype, dequantize, is_quantized, quantized_weight, requantize, swap_state
 
 
 def _offload_hooks(module: nn.Module) -> list[Any]:
@@ -76,6 +77,8 @@ def real_weight(model: nn.Module, path: str, name: str = "weight") -> torch.Tens
     parametrization's property; refuses (UnsupportedModuleError) a meta tensor that has no
     real values anywhere (a model built on meta whose weights were never loaded)."""
     module = model.get_submodule(path) if path else model
+    if name == "weight" and is_quantized(module):
+        return dequantize(module)
     value = getattr(module, name)
     if not (isinstance(value, torch.Tensor) and value.is_meta):
         return value
@@ -105,6 +108,28 @@ def like_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> torch.Tens
     return torch.empty(0, dtype=tensor.dtype, device=device)
 
 
+def layer_like(model: nn.Module, path: str, module: nn.Module) -> torch.Tensor:
+    """An empty tensor with the dtype and device a delta on this layer computes in: its weight's,
+    or for a quantized layer its compute dtype (never the packed storage's)."""
+    weight = quantized_weight(module)
+    if weight is not None:
+        dtype = compute_dtype(module, fallback=float_dtype(model))
+        return like_tensor(model, path, torch.empty(0, dtype=dtype, device=weight.device))
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
+        weight = next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())
+    return like_tensor(model, path, weight)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most of the model's floating-point parameters have."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if type(p) in (torch.Tensor, nn.Parameter) and p.is_floating_point():
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.get_default_dtype()
+
+
 # -- writing for merge() -------------------------------------------------------------------
 
 
@@ -119,8 +144,62 @@ def kept_name(name: str, index: int = 0) -> str:
 
 
 def kept_names(owner: nn.Module) -> list[str]:
-    """The tensor names whose originals `owner` keeps."""
-    return list(dict.fromkeys(b[len("_original_"):].split(":")[0] for b in owner._buffers if b.startswith("_original_")))
+    """The tensor names whose originals `owner` keeps (copies, or replaced quantized weights)."""
+    names = [b[len("_original_"):].split(":")[0] for b in owner._buffers if b.startswith("_original_")]
+    return list(dict.fromkeys(names + list(owner.__dict__.get("_requantized", {}))))
+
+
+def open_slot(module: nn.Module, name: str, where: str, requantize: bool = False) -> "WeightSlot | QuantizedSlot":
+    """The slot merge() writes `module.name` through: a quantized weight only with requantize."""
+    if name == "weight" and is_quantized(module):
+        if not requantize:
+            raise MergeError(
+                f"{where}.weight is quantized ({backend(module)}), so merging into it would round the result to "
+                "the quantization grid: lossy. merge(requantize=True) dequantizes, adds and requantizes (it reports "
+                "the change and unmerge() puts the original bytes back exactly); delta.merged_copy(dtype=torch."
+                "bfloat16) gives a full-precision model with the delta baked in; or keep the delta unmerged"
+            )
+        return QuantizedSlot(module, where)
+    return WeightSlot(module, name, where)
+
+
+class QuantizedSlot:
+    """A quantized weight merge(requantize=True) writes: the merged float weight is quantized
+    the same way into a new weight that takes the old one's place; the old weight (and the
+    backend's state) is kept untouched on the piece, so unmerge puts the exact bytes back."""
+
+    name = "weight"
+    needs_copy = True
+
+    def __init__(self, module: nn.Module, where: str) -> None:
+        self.module, self.where = module, where
+        if quantized_weight(module).is_meta:
+            raise MergeError(f"{where}.weight is offloaded; keep the delta unmerged")
+
+    def value(self) -> torch.Tensor:
+        return dequantize(self.module)
+
+    def keep(self, owner: nn.Module) -> None:
+        pass  # write() keeps what it replaces
+
+    def add_(self, delta: torch.Tensor) -> None:
+        self.write(self.value().float() + delta.float().to(self.value().device))
+
+    def write(self, new: torch.Tensor, owner: nn.Module | None = None) -> None:
+        values = requantize(self.module, new)
+        replaced = swap_state(self.module, values)
+        if owner is not None:
+            owner.__dict__.setdefault("_requantized", {})["weight"] = replaced
+            err = (self.value().float() - new.float()).abs().sum(dim=-1).max()  # max row sum: per unit input
+            owner.__dict__.setdefault("_requantize_error", {})[self.where] = float(err)
+
+    def restore(self, owner: nn.Module) -> bool:
+        replaced = owner.__dict__.get("_requantized", {}).pop("weight", None)
+        if replaced is None:
+            return False
+        swap_state(self.module, replaced)
+        owner.__dict__.get("_requantize_error", {}).pop(self.where, None)
+        return True
 
 
 class WeightSlot:
@@ -135,6 +214,7 @@ class WeightSlot:
     def __init__(self, module: nn.Module, name: str, where: str) -> None:
         self.module, self.name, self.where = module, name, where
         self.param = module._parameters.get(name)
+        self.needs_copy = self.param is None  # parametrized: only the kept tensors undo a merge exactly
         if self.param is None and not is_parametrized(module, name):
             raise MergeError(
                 f"{where}.{name} is not a parameter of its own (it is computed, e.g. by an old-style "
@@ -183,7 +263,7 @@ class WeightSlot:
         with torch.inference_mode(self.param.is_inference()), torch.no_grad():
             self.param.add_(delta.to(self.param.device))
 
-    def write(self, new: torch.Tensor) -> None:
+    def write(self, new: torch.Tensor, owner: nn.Module | None = None) -> None:
         """value := new, in place (same tensors, same addresses)."""
         if self.param is not None:
             with torch.inference_mode(self.param.is_inference()), torch.no_grad():
@@ -240,8 +320,11 @@ def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str] | None:
 
 
 def live_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """A module's tensor as a hook of that module can use it: the tensor itself, or for a
-    module accelerate offloads (meta outside its call, as in its own hooks), the real one."""
+    """A module's tensor as a hook of that module can use it: the tensor itself, for a quantized
+    layer its dequantized weight (transient), or for a module accelerate offloads (meta outside
+    its call, as in its own hooks), the real one."""
+    if name == "weight" and is_quantized(module):
+        return dequantize(module)
     value = getattr(module, name)
     if not value.is_meta:
         return value

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .errors import ConfigError, DeltaFileError, PathPrefixWarning, SelectorError, UnsupportedModuleError
 from .families import expand, is_semantic
+from .quantized import is_quantized
 
 STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
 # children of a model that are its task head (excluded from "all-linear", like the output embedding)
@@ -38,7 +39,12 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """nn.Linear (bitsandbytes and torchao layers included), transformers Conv1D, and other
+    quantized linear layers (HQQ) that say their in_features / out_features."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return True
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and is_quantized(module))
 
 
 def hidden_size(model: nn.Module) -> int | None:
@@ -54,8 +60,8 @@ def hidden_size(model: nn.Module) -> int | None:
 def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int]:
     """(input width, output width) of a layer: from its weight when it is linear, else the
     model's hidden size (a block such as an MLP maps hidden -> hidden)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear) or is_linear_like(module) and not is_conv1d(module):
+        return module.in_features, module.out_features  # the logical shape, never a packed one
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     width = hidden_size(model)

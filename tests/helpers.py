@@ -15,9 +15,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical (a meta tensor has no bits: the same meta shape and dtype)."""
+    """Bit-identical (a meta tensor has no bits: the same meta shape and dtype; a tensor subclass
+    such as torchao's quantized weights: the same inner tensors, bit for bit)."""
     if a.is_meta or b.is_meta:
         return a.is_meta and b.is_meta and a.dtype == b.dtype and a.shape == b.shape
+    if hasattr(a, "__tensor_flatten__") or hasattr(b, "__tensor_flatten__"):
+        if type(a) is not type(b):
+            return False
+        names, _ = a.__tensor_flatten__()
+        return all(same_bits(getattr(a, n), getattr(b, n)) for n in names)
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
-from ..placement import like_tensor
+from ..placement import layer_like
 from ..selection import layer_dims
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -42,11 +42,8 @@ def bottleneck_width(cfg: Any, width: int) -> int:
 
 def reference_tensor(model: nn.Module, module: nn.Module, path: str) -> torch.Tensor:
     """A tensor whose device and dtype the delta's own tensors should take (where the layer
-    computes, also when accelerate offloads it)."""
-    weight = getattr(module, "weight", None)
-    if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
-        weight = next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())
-    return like_tensor(model, path, weight)
+    computes, also when accelerate offloads it or it is quantized)."""
+    return layer_like(model, path, module)
 
 
 class Bottleneck(Piece):

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, Selector, normalize_selector
-from ..engine import Piece, map_output
+from ..engine import Piece, current, map_output
 from ..errors import UnsupportedModuleError
-from ..placement import like_tensor
+from ..placement import layer_like
 from ..selection import is_conv1d, is_linear_like, layer_dims, match
 
 
@@ -43,7 +43,7 @@ class Rescale(Piece):
         return map_output(output, lambda h: h * self.ia3_l.to(h.dtype))
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w, l = module.weight.float(), self.ia3_l.float()  # differentiable: also the weight path (see Piece)
+        w, l = current(module, "weight").float(), self.ia3_l.float()  # differentiable: also the weight path (Piece)
         # nn.Linear weight is [out, in]; Conv1D stores [in, out]
         out_axis, in_axis = (1, 0) if self.conv1d else (0, 1)
         axis = in_axis if self.on_input else out_axis
@@ -101,6 +101,6 @@ class IA3Config(DeltaConfig):
                 )
             width_in, width_out = layer_dims(model, module, path)
             on_input = path in ff
-            like = like_tensor(model, path, module.weight)
+            like = layer_like(model, path, module)
             pieces.append(Rescale(path, module, width_in if on_input else width_out, on_input, like))
         return pieces

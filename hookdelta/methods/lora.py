@@ -24,10 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
-from ..engine import Piece, first_input
-from ..placement import like_tensor, live_weight, real_weight
+from ..engine import Piece, current, first_input
+from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
-from ..selection import is_conv1d, is_internal, match, match_parameters
+from ..selection import is_conv1d, is_internal, is_linear_like, layer_dims, match, match_parameters
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 
@@ -152,12 +152,14 @@ def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
 
 def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:
     path = key.rpartition(".")[0] if param_name else key
-    weight = module._parameters[param_name] if param_name else getattr(module, "weight", None)
-    if weight is not None and not isinstance(weight, torch.Tensor):
-        weight = None
-    like = like_tensor(model, path, weight) if weight is not None else None  # where and how it computes
+    if param_name:
+        like = like_tensor(model, path, module._parameters[param_name])
+    elif is_linear_like(module) or isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)):
+        like = layer_like(model, path, module)  # where and in what dtype it computes (quantized too)
+    else:
+        like = None
     if cfg.use_dora:
-        if param_name is None and (isinstance(module, nn.Linear) or is_conv1d(module)):
+        if param_name is None and is_linear_like(module):
             return DoRALinear(cfg, key, module, like, real_weight(model, path))
         raise UnsupportedModuleError(
             f"DoRA (use_dora=True) adapts linear layers only; {key!r} is "
@@ -165,7 +167,7 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
         )
     if param_name is not None:
         return LoRAParameter(cfg, key, module, param_name, like)
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    if is_linear_like(module):
         return LoRALinear(cfg, key, module, like)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(cfg, key, module, like)
@@ -243,8 +245,7 @@ class LoRALinear(_LoRABase):
 
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
         self.conv1d = is_conv1d(module)
-        w = module.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if self.conv1d else (w.shape[1], w.shape[0])
+        in_f, out_f = layer_dims(module, module, key)  # the logical shape (a quantized weight is packed)
         r = cfg.rank_for(key)
         super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
         self.lora_bias = (nn.Parameter(torch.zeros(out_f, dtype=like.dtype, device=like.device))
@@ -294,8 +295,9 @@ class DoRALinear(LoRALinear):
         return weight.T if self.conv1d else weight  # [out, in]
 
     def _scale(self, module: nn.Module) -> torch.Tensor:
-        w = self._rows(live_weight(module)).to(self.lora_A.dtype)
-        norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1).detach()
+        with torch.no_grad():  # the norm is a constant for autograd (as the paper and PEFT do): no graph, no
+            w = self._rows(live_weight(module)).to(self.lora_A.dtype)  # saved copy of the weight
+            norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1)
         return self.magnitude / norm
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -314,12 +316,12 @@ class DoRALinear(LoRALinear):
         return output + delta.to(output.dtype)
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = self._rows(module.weight).float()  # differentiable: also the weight path (see Piece)
+        w = self._rows(current(module, "weight")).float()  # differentiable: also the weight path (see Piece)
         updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
         merged = updated * (self.magnitude.float() / updated.norm(dim=1).detach()).unsqueeze(1)
         out = {"weight": merged.T if self.conv1d else merged}
         if self.lora_bias is not None:
-            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + module.bias.float()
+            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + current(module, "bias").float()
         return out
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
