@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from benchmarks import inference, lifecycle, training  # noqa: E402
+from benchmarks import inference, lifecycle, quantized, training  # noqa: E402
 from benchmarks.common import PROFILES, Profile, Row  # noqa: E402
 
-ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS}
+ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS + quantized.ROWS}
 ORDER = sorted(ROWS, key=lambda k: int(k[1:]))
 
 

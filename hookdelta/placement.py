@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MergeError, UnsupportedModuleError
-from .quantized import backend, compute_dtype, dequantize, is_quantized, quantized_weight, requantize, swap_state
+from .quantized import backend, dequantize, is_quantized, quantized_weight, requantize, swap_state
 
 
 def _offload_hooks(module: nn.Module) -> list[Any]:
@@ -110,11 +110,12 @@ def like_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> torch.Tens
 
 def layer_like(model: nn.Module, path: str, module: nn.Module) -> torch.Tensor:
     """An empty tensor with the dtype and device a delta on this layer computes in: its weight's,
-    or for a quantized layer its compute dtype (never the packed storage's)."""
+    or for a quantized layer the dtype of the model's activations, which its input and output
+    are in (never the packed storage's: bitsandbytes computes in bnb_4bit_compute_dtype inside
+    the layer and hands back the input's dtype)."""
     weight = quantized_weight(module)
     if weight is not None:
-        dtype = compute_dtype(module, fallback=float_dtype(model))
-        return like_tensor(model, path, torch.empty(0, dtype=dtype, device=weight.device))
+        return like_tensor(model, path, torch.empty(0, dtype=float_dtype(model), device=weight.device))
     weight = getattr(module, "weight", None)
     if not (isinstance(weight, torch.Tensor) and weight.is_floating_point()):
         weight = next(p for p in list(module.parameters()) + list(model.parameters()) if p.is_floating_point())

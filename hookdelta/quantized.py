@@ -1,7 +1,8 @@
 """Quantized layers: what a delta needs to know about them, and nothing more.
 
 A delta's forward needs no per-backend code: it sees the layer's input and output and reads
-the layer's logical shape (`in_features` / `out_features`) and compute dtype. Only three
+the layer's logical shape (`in_features` / `out_features`); its tensors take the dtype of the
+model's activations. Only three
 things look inside the packed storage, each in a few lines per backend:
 
 - `dequantize(module)`: the float weight [out, in] (DoRA's norm, merge, a full-precision copy);
@@ -47,20 +48,6 @@ def backend(module: nn.Module) -> str:
     weight = quantized_weight(module)
     kind = type(module) if type(module).__name__ == "HQQLinear" else type(weight)
     return f"{kind.__module__.split('.')[0]} {kind.__name__}" if weight is not None else "not quantized"
-
-
-def compute_dtype(module: nn.Module, fallback: torch.dtype) -> torch.dtype:
-    """The dtype the layer computes its output in (a delta's tensors take it)."""
-    dtype = getattr(module, "compute_dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    weight = quantized_weight(module)
-    if weight is not None and weight.is_floating_point():  # torchao subclasses report their float dtype
-        return weight.dtype
-    bias = module._parameters.get("bias")
-    if bias is not None and bias.is_floating_point():
-        return bias.dtype
-    return fallback
 
 
 def dequantize(module: nn.Module) -> torch.Tensor:

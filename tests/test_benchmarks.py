@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [f"B{i}" for i in range(1, 11)]
+ROWS = [f"B{i}" for i in range(1, 11)] + ["B12"]
 
 
 @pytest.mark.slow
@@ -32,6 +32,7 @@ def test_every_benchmark_row_runs_in_smoke_mode(tmp_path):
     checks = {row["id"]: row["checks"] for row in result["rows"]}
     assert checks["B3"] == {"no hook or store left": True, "weights bit-identical": True}
     assert checks["B7"]["hookdelta bit-exact"] and checks["B6"]["exactly one adapter live"]
+    assert checks["B12"]["same logits as peft"] and checks["B12"]["memory <= peft"]
     table = (tmp_path / "latest.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
 
