@@ -33,6 +33,7 @@ from .methods import (
 )
 from .peft_format import load_peft
 from .persistence import load
+from .roles import roles
 from .selection import match
 from .visualize import visualize
 
@@ -54,5 +55,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning",
+    "include_in_state_dict", "BypassWarning", "roles",
 ]

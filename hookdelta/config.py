@@ -42,7 +42,7 @@ class DeltaConfig:
     tie_also_train: bool = True
 
     method: ClassVar[str] = ""
-    # semantic layer names (see families.py) used when `targets` is None
+    # semantic layer names (see roles.py) used when `targets` is None
     default_targets: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -76,9 +76,11 @@ class DeltaConfig:
 
     def select(self, model: nn.Module) -> list[str]:
         """The site paths this config adapts on `model` (its targets, or the method's defaults)."""
-        from .selection import match
+        from .selection import match, match_defaults
 
-        return match(model, self.target_selectors(), self.exclude, self.layers)
+        if self.targets is not None:
+            return match(model, self.targets, self.exclude, self.layers)
+        return match_defaults(model, self.target_selectors(), self.exclude, self.layers, type(self).__name__)
 
     def target_selectors(self) -> Any:
         if self.targets is not None:

@@ -475,15 +475,20 @@ def _module_path(model: nn.Module, key: str) -> str:
 
 
 def _route(model: nn.Module, piece: Piece) -> None:
-    """A piece on a layer whose parent never calls its forward (nn.MultiheadAttention's out_proj)
-    goes onto the parent and acts through the weights, swapped in for the parent's call; a
-    piece that cannot act through the weights is refused. Weight-swapping pieces are refused
-    on offloaded layers, whose weights accelerate replaces during the call."""
+    """A piece on a layer whose weights an ancestor's code uses directly (nn.MultiheadAttention's
+    out_proj, WavLM's attention) goes onto that ancestor and acts through the weights, swapped
+    in for the ancestor's call: exact however the weights are used there. A piece that cannot
+    act through weights is refused where the ancestor never calls the layer, and otherwise
+    stays on the layer (the first forward then tells whether the weights were used without
+    it, see probe.py). Weight-swapping pieces are refused on offloaded layers, whose weights
+    accelerate replaces during the call."""
     bypass = bypassing_parent(model, piece.site_path)
     host_path = piece.site_path
     if bypass is not None:
-        parent, child = bypass
-        if not piece.mergeable or not piece.weight_path_exact:
+        parent, child, always = bypass
+        if piece.mergeable and piece.weight_path_exact:
+            piece.through, piece.site_path = child, parent
+        elif always:
             why = ("its dropout acts on the layer's input, which never passes through the layer; set dropout=0"
                    if piece.mergeable else "it is not a change of the weights")
             raise UnsupportedModuleError(
@@ -491,7 +496,6 @@ def _route(model: nn.Module, piece: Piece) -> None:
                 f"its weights without calling its forward, so the delta can only act through the weights, and "
                 f"{piece.describe() or type(piece).__name__} cannot: {why}, or exclude {piece.site_path!r}."
             )
-        piece.through, piece.site_path = child, parent
     if piece.swapping() and offload_source(model, host_path) is not None:
         raise UnsupportedModuleError(
             f"{host_path!r} is offloaded by accelerate (its weights stay on meta and are copied in per call), so a "

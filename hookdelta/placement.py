@@ -18,6 +18,9 @@ wherever an exact write is impossible.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import re
 from typing import Any
 
 import torch
@@ -301,22 +304,58 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
     return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
 
 
-# -- parents that use a child's weights without calling it ------------------------------------
+# -- modules whose weights an ancestor uses without calling them ------------------------------
 
-# parent type -> children whose forward it never calls (it passes their weights to a functional)
-BYPASSING_PARENTS: dict[type, tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+# modules that read their children's weights only where no hook is present (torch checks for
+# hooks before its fused fast path), so a hook on the child does run
+_HOOK_AWARE = {"TransformerEncoderLayer", "TransformerDecoderLayer"}
+_METADATA = r"\s*\.\s*(?:dtype|device|shape|size|ndim|dim\(|is_\w+|requires_grad|data_ptr|numel|element_size)"
+_READ = re.compile(rf"self\.([A-Za-z_][\w.]*?)\.(?:weight|bias)\b(?!{_METADATA})(?!\s*=[^=])")
+_TYPE_CHECK = re.compile(r"isinstance\(\s*self\.[\w.]+")  # isinstance(self.wo.weight, ...) reads no values
+# parents that always read these children's weights themselves (torch's functional attention)
+ALWAYS: dict[type, frozenset[str]] = {nn.MultiheadAttention: frozenset({"out_proj"})}
 
 
-def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str] | None:
-    """(parent path, child name) when the module at `path` is one whose parent reads its
-    weights directly instead of calling it, so hooks on it would never run."""
+@functools.lru_cache(maxsize=None)
+def weights_read(cls: type) -> frozenset[str]:
+    """Sub-module paths whose `.weight` / `.bias` the class's own code passes to computations
+    (`F.linear(x, self.proj.weight)`, `multi_head_attention_forward(..., self.out_proj.weight)`),
+    found in the source of its methods other than initialisation; metadata reads (dtype,
+    shape, ...) and assignments do not count."""
+    if cls.__name__ in _HOOK_AWARE:
+        return frozenset()
+    found: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch.nn.modules.module"):
+            continue
+        for name, fn in vars(klass).items():
+            if not callable(fn) or "init" in name or "reset" in name:
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            found.update(_READ.findall(_TYPE_CHECK.sub("", source)))
+    return frozenset(found)
+
+
+def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | None:
+    """(ancestor path, path from it, always) when an ancestor's code uses the module's weights
+    directly (nn.MultiheadAttention and out_proj, WavLM's attention, DETR's mask head), so
+    hooks on the module itself would not see those uses; the nearest such ancestor. `always`:
+    the ancestor never calls the module (as opposed to code that may, in some branch)."""
     if not path:
         return None
-    owner, _, child = path.rpartition(".")
-    parent = model.get_submodule(owner) if owner else model
-    for kind, children in BYPASSING_PARENTS.items():
-        if isinstance(parent, kind) and child in children:
-            return owner, child
+    parts = path.split(".")
+    module = model
+    chain = [("", model)]
+    for i, part in enumerate(parts[:-1]):
+        module = module._modules[part]
+        chain.append((".".join(parts[:i + 1]), module))
+    for owner, ancestor in reversed(chain):
+        rel = path[len(owner) + 1:] if owner else path
+        if rel in weights_read(type(ancestor)):
+            return owner, rel, any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())
     return None
 
 

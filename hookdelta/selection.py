@@ -2,7 +2,7 @@
 
 A selector is a dotted-name suffix ("q_proj", "attention.self.query"), a glob over dotted
 paths ("layers.*.mlp.*_proj"), a regex ("re:.*\\.(q|v)_proj"), a module type (nn.Linear),
-"all-linear", a semantic layer name ("attn.q", "ffn.out", "norm"; see families.py), a
+"all-linear", a semantic layer name ("attn.q", "ffn.out", "norm"; see roles.py), a
 callable (name, module) -> bool, or a list of these.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.nn as nn
 
 from .errors import ConfigError, DeltaFileError, PathPrefixWarning, SelectorError, UnsupportedModuleError
-from .families import expand, is_semantic
+from .roles import expand, is_semantic
 from .quantized import is_quantized
 
 STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
@@ -231,6 +231,25 @@ def match(model: nn.Module, targets: Any, exclude: Any = None,
     entries: list[tuple[str, nn.Module | None]] = list(named_modules(model))
     layers = list(layers) if layers is not None else None
     return _select(entries, targets, exclude, layers, output_head_paths(model), "module", model)
+
+
+def match_defaults(model: nn.Module, selectors: Any, exclude: Any = None, layers: Iterable[int] | None = None,
+                   owner: str = "the method") -> list[str]:
+    """A method's default positions: each selector that matches counts (a mixture-of-experts
+    model has no feed-forward layer modules, a conv net no linear layer but its head); only
+    none matching at all is an error, which names what each one said."""
+    found: dict[str, None] = {}
+    why: list[str] = []
+    for selector in _as_list(selectors):
+        try:
+            found.update(dict.fromkeys(match(model, selector, exclude, layers)))
+        except SelectorError as exc:
+            why.append(str(exc))
+    if not found:
+        raise SelectorError(f"{owner}'s default positions {list(_as_list(selectors))} matched nothing in "
+                            f"{type(model).__name__}: " + " / ".join(dict.fromkeys(why)))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    return sorted(found, key=order.__getitem__)
 
 
 def match_parameters(model: nn.Module, targets: Any, exclude: Any = None,

@@ -14,6 +14,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from .engine import get_store
+from .roles import roles
 from .selection import is_internal
 
 
@@ -39,8 +40,12 @@ def _param_text(name: str, p: Any) -> str:
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, depth: int | None, show_params: bool) -> None:
+    def __init__(self, model: nn.Module, depth: int | None, show_params: bool, show_roles: bool = False) -> None:
         self.labels = _site_labels(model)
+        if show_roles:  # the discovered semantic roles, as a first label on their modules
+            for role, paths in roles(model).items():
+                for path in paths:
+                    self.labels.setdefault(path, []).insert(0, f"⟨{role}⟩")
         self.depth = depth
         self.show_params = show_params
         self.sigs: dict[str, str] = {}
@@ -103,13 +108,14 @@ def _join(path: str, name: str) -> str:
 
 
 def visualize(model: nn.Module, depth: int | None = None, show_params: bool = True,
-              show: bool = True, console: Console | None = None) -> Group:
+              show: bool = True, console: Console | None = None, show_roles: bool = False) -> Group:
     """Render the model's module tree with its deltas and parameter totals.
 
     depth limits how deep the tree expands; show_params=False hides parameter lines;
+    show_roles marks the layers hd.roles(model) found (⟨attn.q⟩, ⟨ffn.out⟩, ...);
     show=False only returns the renderable (for notebooks or your own Console).
     """
-    builder = _Builder(model, depth, show_params)
+    builder = _Builder(model, depth, show_params, show_roles)
     root = Tree(builder.label(type(model).__name__, model, ""), guide_style="dim")
     builder.fill(root, model, "", 0)
     group = Group(root, Text(_totals(model)))

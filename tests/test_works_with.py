@@ -168,8 +168,40 @@ class ReadsChildWeight(nn.Module):
         return self.head(F.linear(x, self.proj.weight, self.proj.bias))
 
 
-def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
+def test_a_parent_reading_a_childs_weight_in_its_code_gets_the_weight_path():
     model, x = ReadsChildWeight(), torch.randn(3, 6)
+    snap = snapshot(model)
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets="proj"))
+    perturb(delta, std=0.3)
+    ref = bare_copy(model)
+    with torch.no_grad():
+        ref.proj.weight += lora_update(delta.pieces["proj"])
+        want = ref(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hd.BypassWarning)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want)
+    assert_merge_round_trip(model, delta, lambda: model(x), want, snap)
+
+
+def _linear(x, layer):
+    return F.linear(x, layer.weight, layer.bias)
+
+
+class ReadsThroughAHelper(nn.Module):
+    """The weight is read by a function elsewhere: no class code shows it, the first forward does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(_linear(x, self.proj))
+
+
+def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
+    model, x = ReadsThroughAHelper(), torch.randn(3, 6)
     hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"), name="mine")
     with pytest.warns(hd.BypassWarning, match=r"used the weights of 'proj' without calling its forward.*\['mine'\]"):
         model(x)
@@ -179,20 +211,43 @@ def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
     assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
 
 
-def test_a_real_bypass_in_transformers_is_named():
-    """DETR's segmentation head uses bbox_attention.k_proj's weight as a 1x1 convolution."""
+def _detr():
     backbone = tf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
                                out_features=["stage1", "stage2", "stage3", "stage4"])
     config = tf.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
                            d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=8,
                            decoder_attention_heads=8, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=4)
-    model = tf.DetrForSegmentation(config).eval()
-    hd.attach(model, hd.LoRAConfig(r=2, targets=["bbox_attention.k_proj", "bbox_attention.q_proj"]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model(pixel_values=torch.randn(1, 3, 64, 64))
-    named = [str(w.message) for w in caught if w.category is hd.BypassWarning]
-    assert len(named) == 1 and "'bbox_attention' used the weights of 'bbox_attention.k_proj'" in named[0]
+    return tf.DetrForSegmentation(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["detr", "wavlm"])
+def test_real_transformers_models_that_read_weights_themselves(kind):
+    """DETR's segmentation head uses bbox_attention.k_proj's weight as a 1x1 convolution; WavLM's
+    attention hands its q/k/v/out projections' weights to a fused functional."""
+    torch.manual_seed(0)
+    if kind == "detr":
+        model, x, target = _detr(), {"pixel_values": torch.randn(1, 3, 64, 64)}, "bbox_attention.k_proj"
+        out = lambda m: m(**x).pred_masks  # noqa: E731
+    else:
+        config = tf.WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=4,
+                                num_conv_pos_embedding_groups=2)
+        model, x = tf.WavLMModel(config).eval(), {"input_values": torch.randn(1, 800)}
+        target = "encoder.layers.0.attention.v_proj"
+        out = lambda m: m(**x).last_hidden_state  # noqa: E731
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets=[target]))
+    perturb(delta, std=0.3)
+    ref = bare_copy(model)
+    with torch.no_grad():
+        ref.get_submodule(target).weight += lora_update(next(iter(delta.pieces.values())))
+        want = out(ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hd.BypassWarning)
+        with torch.no_grad():
+            got = out(model)
+    with delta.disabled(), torch.no_grad():
+        assert not torch.allclose(out(model), want, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 class TopOneMoE(nn.Module):

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from ..config import DeltaConfig
 from ..engine import Piece, map_output
-from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
-from ..families import is_norm
-from ..selection import is_linear_like, layer_dims, match
+from ..errors import ConfigError, MergeError, UnsupportedModuleError
+from ..roles import is_norm
+from ..selection import is_linear_like, layer_dims
 from .adapter import reference_tensor
 
 
@@ -67,25 +67,6 @@ class BitFitConfig(DeltaConfig):
         if self.targets is not None:
             return self.targets
         return ("all-linear", "norm") if self.norm_biases else ("all-linear",)
-
-    def select(self, model: nn.Module) -> list[str]:
-        """Explicit targets must each match; the defaults only together (a conv net has no
-        linear layer but its head, a model without norms has none)."""
-        if self.targets is not None:
-            return super().select(model)
-        found: dict[str, None] = {}
-        for selector in self.target_selectors():
-            try:
-                found.update(dict.fromkeys(match(model, selector, self.exclude, self.layers)))
-            except SelectorError:
-                continue
-        if not found:
-            raise SelectorError(
-                f"BitFit's default positions (linear layers but the output head, and normalization layers) matched "
-                f"nothing in {type(model).__name__}; pass targets=[...] (hd.match tries selectors without attaching)"
-            )
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return sorted(found, key=order.__getitem__)
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []

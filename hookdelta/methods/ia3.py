@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import DeltaConfig, Selector, normalize_selector
 from ..engine import Piece, current, map_output
-from ..errors import UnsupportedModuleError
+from ..errors import SelectorError, UnsupportedModuleError
 from ..placement import layer_like
 from ..selection import is_conv1d, is_linear_like, layer_dims, match
 
@@ -88,7 +88,12 @@ class IA3Config(DeltaConfig):
     def _feedforward(self, model: nn.Module) -> list[str]:
         if self.feedforward_targets is not None:
             return match(model, self.feedforward_targets, self.exclude, self.layers)
-        return match(model, ("ffn.out",), self.exclude, self.layers) if self.targets is None else []
+        if self.targets is not None:
+            return []
+        try:  # by default the feed-forward output layer's input, where the model has one
+            return match(model, ("ffn.out",), self.exclude, self.layers)
+        except SelectorError:
+            return []
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         ff = set(self._feedforward(model))

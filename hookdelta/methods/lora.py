@@ -94,7 +94,7 @@ class LoRAConfig(DeltaConfig):
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
         if self.targets is not None or self.target_parameters is None:  # no targets at all: defaults
-            keys += match(model, self.target_selectors(), self.exclude, self.layers)
+            keys += super().select(model)
         if self.target_parameters is not None:
             keys += match_parameters(model, self.target_parameters, self.exclude, self.layers)
         return keys

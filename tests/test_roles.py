@@ -1,0 +1,191 @@
+"""Layer roles discovered from structure, on many transformers model types built from tiny
+configs (`AutoConfig.for_model`): every role that resolves really is what it says (checked
+against each block's width and the config's tensor-parallel plan), the default positions of
+LoRA, Houlsby adapters and IA3 attach, a perturbed delta changes the output and detach is
+exact. The model types are one list; `test_coverage` prints how many pass."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import transformers as tf
+
+import hookdelta as hd
+from helpers import assert_restored, perturb, snapshot
+from hookdelta.roles import check_tp_plan
+from hookdelta.selection import is_linear_like, layer_dims
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SIZES = dict(hidden_size=32, d_model=32, n_embd=32, dim=32, embed_dim=32, hidden_dim=32, num_hidden_layers=2,
+             n_layer=2, num_layers=2, n_layers=2, encoder_layers=2, decoder_layers=2, num_decoder_layers=2,
+             num_encoder_layers=2, num_attention_heads=4, n_head=4, n_heads=4, encoder_attention_heads=4,
+             decoder_attention_heads=4, num_key_value_heads=2, num_heads=4, intermediate_size=64, d_ff=64, n_inner=64,
+             ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64, ffn_hidden_size=64, vocab_size=99,
+             max_position_embeddings=64, n_positions=64, head_dim=8, d_kv=8, kv_channels=8, image_size=32, patch_size=8,
+             num_channels=3)
+FIXES = {  # model_type -> config fields the generic shrinking gets wrong
+    "phi3": dict(pad_token_id=0), "glm": dict(pad_token_id=0), "glm4": dict(pad_token_id=0),
+    "smollm3": dict(pad_token_id=0), "marian": dict(pad_token_id=0, decoder_start_token_id=0),
+    "modernbert": dict(pad_token_id=0, global_attn_every_n_layers=2, local_attention=8),
+    "whisper": dict(pad_token_id=0, num_mel_bins=16, max_source_positions=30, max_target_positions=32,
+                    decoder_start_token_id=0),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, qk_nope_head_dim=8,
+                        qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16, first_k_dense_replace=1,
+                        n_group=1, topk_group=1, num_key_value_heads=4, head_dim=4),
+    "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, patch_size=4),
+    "gptj": dict(rotary_dim=4), "codegen": dict(rotary_dim=4),
+    "jamba": dict(num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                  expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4),
+}
+MODEL_TYPES = [
+    # decoders: dense, GQA, fused qkv, parallel attention, MLA, mixture of experts
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neo",
+    "gpt_neox", "gptj", "codegen", "bloom", "falcon", "opt", "mpt", "stablelm", "olmo", "olmo2", "cohere", "granite",
+    "starcoder2", "persimmon", "xglm", "biogpt", "gpt_bigcode", "helium", "glm", "glm4", "exaone4", "smollm3",
+    "arcee", "seed_oss", "apertus", "lfm2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe",
+    "minimax", "deepseek_v3",
+    # hybrid attention / state space, and state space alone
+    "falcon_h1", "jamba", "mamba",
+    # encoders
+    "bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert", "mpnet", "camembert",
+    "ernie", "roformer", "modernbert", "convbert", "nystromformer", "yoso", "mobilebert", "data2vec-text",
+    "megatron-bert", "layoutlm", "canine", "longformer", "big_bird", "rembert",
+    # encoder-decoders
+    "t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "led", "longt5",
+    "m2m_100", "plbart", "bigbird_pegasus", "prophetnet", "switch_transformers", "pegasus_x", "whisper",
+    # vision and audio encoders
+    "vit", "deit", "beit", "swin", "dinov2", "vit_mae", "data2vec-vision", "vit_msn", "yolos", "ijepa", "dinov3_vit",
+    "segformer", "clip_vision_model", "siglip_vision_model", "wav2vec2", "hubert", "wavlm", "data2vec-audio",
+]
+RESULTS: dict[str, str] = {}
+
+
+def build(model_type: str):
+    config = tf.AutoConfig.for_model(model_type)
+    todo = [config]
+    while todo:
+        c = todo.pop()
+        for key, value in SIZES.items():
+            if isinstance(getattr(c, key, None), int) and not isinstance(getattr(c, key), bool):
+                try:
+                    setattr(c, key, value)
+                except (AttributeError, NotImplementedError):  # computed (Falcon's head_dim, ProphetNet's layers)
+                    pass
+        todo += [getattr(c, k) for k in ("text_config", "vision_config", "encoder", "decoder")
+                 if isinstance(getattr(c, k, None), tf.PretrainedConfig)]
+    for key, value in FIXES.get(model_type, {}).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = tf.AutoModel.from_config(config).eval()
+    g = torch.Generator().manual_seed(0)
+    name = model.main_input_name
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        inputs = {"pixel_values": torch.randn(2, config.num_channels, size, size, generator=g)}
+    elif name == "input_values":
+        inputs = {"input_values": torch.randn(2, 1600, generator=g)}
+    elif name == "input_features":
+        inputs = {"input_features": torch.randn(2, config.num_mel_bins, 60, generator=g)}
+    else:
+        inputs = {"input_ids": torch.randint(3, 90, (2, 8), generator=g)}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(3, 90, (2, 5), generator=g)
+    return model, inputs
+
+
+def first(output) -> torch.Tensor:
+    return output.last_hidden_state if getattr(output, "last_hidden_state", None) is not None else output[0]
+
+
+def block_width(model, path: str) -> int:
+    """The most common input width of the linear layers in the block around `path`."""
+    parts = path.split(".")
+    cut = max(i for i, p in enumerate(parts) if p.isdigit())
+    block = model.get_submodule(".".join(parts[:cut + 1]))
+    widths = Counter(layer_dims(m, m, n)[0] for n, m in block.named_modules() if is_linear_like(m))
+    return widths.most_common(1)[0][0]
+
+
+def widths(model) -> set[int]:
+    """The other widths a config names: hidden and embedding sizes, MLA's compressions."""
+    names = ("hidden_size", "embedding_size", "q_lora_rank", "kv_lora_rank", "d_model")
+    return {getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)}
+
+
+def check_shapes(model, found: dict) -> None:
+    """q/k/v read the block's width, o writes it; the feed-forward input reads it, its output
+    writes it."""
+    for role, paths in found.items():
+        if role in ("norm", "ffn"):
+            continue
+        for path in paths:
+            width = block_width(model, path)
+            d_in, d_out = layer_dims(model, model.get_submodule(path), path)
+            if role in ("attn.q", "attn.k", "attn.v"):  # (MLA reads its compressions, MobileBERT v the input)
+                assert d_in in {width} | widths(model), (role, path, d_in, width)
+            elif role == "attn.o":
+                assert d_out == width, (role, path, d_out, width)
+            elif role == "ffn.in":
+                assert d_in == width, (role, path, d_in, width)
+            else:
+                assert d_out == width, (role, path, d_out, width)
+
+
+DEFAULTS = {"lora": hd.LoRAConfig(r=2), "houlsby": hd.AdapterConfig(bottleneck_dim=4), "ia3": hd.IA3Config()}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_roles_and_default_positions(model_type):
+    model, inputs = build(model_type)
+    found = hd.roles(model)
+    check_shapes(model, found)
+    assert check_tp_plan(model, found) == [], "the config's tensor-parallel plan disagrees"
+    has_attention = all(found.get(r) for r in ("attn.q", "attn.k", "attn.v", "attn.o"))
+    with torch.no_grad():
+        bare = first(model(**inputs))  # (BigBird swaps its attention module at its first forward)
+    snap = snapshot(model)
+    for method, cfg in DEFAULTS.items():
+        if not has_attention:  # a state-space model: the defaults say what is missing
+            with pytest.raises(hd.SelectorError, match="attention|no single module"):
+                hd.attach(model, cfg)
+            continue
+        delta = hd.attach(model, cfg)
+        perturb(delta, std=0.3)
+        with torch.no_grad():
+            assert not torch.allclose(first(model(**inputs)), bare, atol=1e-5), f"{method} changed nothing"
+        delta.detach()
+        assert_restored(model, snap)
+    RESULTS[model_type] = "attention + ffn" if found.get("ffn.in") else "attention" if has_attention else "no attention"
+
+
+def test_coverage():
+    """Printed with -s; at least 60 types must pass (run after the parametrized test)."""
+    if len(RESULTS) < len(MODEL_TYPES):
+        pytest.skip("run together with test_roles_and_default_positions")
+    kinds = Counter(RESULTS.values())
+    print(f"\nroles discovered on {len(RESULTS)} model types: {dict(kinds)}")
+    assert len(RESULTS) >= 60
+
+
+def test_discovery_failure_names_what_it_found():
+    model, _ = build("mamba")
+    with pytest.raises(hd.SelectorError, match=r"found no attention or feed-forward layers in MambaModel.*2 repeated "
+                                                r"blocks.*hd.roles"):
+        hd.match(model, "attn.q")
+
+
+def test_visualize_shows_the_roles():
+    from rich.console import Console
+
+    model, _ = build("llama")
+    console = Console(record=True, width=200)
+    hd.visualize(model, show_roles=True, console=console)
+    text = console.export_text()
+    assert "⟨attn.q⟩" in text and "⟨ffn.out⟩" in text
