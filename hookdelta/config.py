@@ -80,9 +80,9 @@ class DeltaConfig:
 
         if self.targets is not None:
             return match(model, self.targets, self.exclude, self.layers)
-        return match_defaults(model, self.target_selectors(), self.exclude, self.layers, type(self).__name__)
+        return match_defaults(model, self.target_selectors(model), self.exclude, self.layers, type(self).__name__)
 
-    def target_selectors(self) -> Any:
+    def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:
             return self.targets
         if not self.default_targets:

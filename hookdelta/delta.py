@@ -20,6 +20,7 @@ from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, ge
 from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
 from .placement import bypassing_parent, meta_message, offload_source
 from .quantized import dequantize_model
+from .selection import host
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -379,9 +380,10 @@ def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
     model is left exactly as it was.
 
     freeze_base sets requires_grad=False on the backbone (restored on detach).
-    Use `with hd.attach(model, cfg) as d:` to detach again on exit.
+    Use `with hd.attach(model, cfg) as d:` to detach again on exit. A sentence-transformers
+    SentenceTransformer gets the delta on the transformers model inside it.
     """
-    check_model(model)
+    model = check_model(model)
     if not isinstance(config, DeltaConfig):
         raise ConfigError(f"attach() needs a delta config such as hd.LoRAConfig(...), got {type(config).__name__}")
     name = _new_name(model, name, config.method)
@@ -486,7 +488,7 @@ def _route(model: nn.Module, piece: Piece) -> None:
     host_path = piece.site_path
     if bypass is not None:
         parent, child, always = bypass
-        if piece.mergeable and piece.weight_path_exact:
+        if piece.mergeable and piece.weight_path_exact and _weight_path_works(model, piece):
             piece.through, piece.site_path = child, parent
         elif always:
             why = ("its dropout acts on the layer's input, which never passes through the layer; set dropout=0"
@@ -504,6 +506,17 @@ def _route(model: nn.Module, piece: Piece) -> None:
         )
 
 
+def _weight_path_works(model: nn.Module, piece: Piece) -> bool:
+    """Whether the piece can be written as weights of its layer (BitFit cannot where the layer
+    has no bias of its own)."""
+    try:
+        with torch.no_grad():
+            piece.weight_values(model.get_submodule(piece.site_path))
+        return True
+    except MergeError:
+        return False
+
+
 def _check_sites(store: DeltaStore, action: str) -> None:
     replaced = [s.path for s in store.sites.values() if s.replaced()]
     if replaced:
@@ -514,7 +527,9 @@ def _check_sites(store: DeltaStore, action: str) -> None:
         )
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any) -> nn.Module:
+    """The module the deltas go on (see selection.host), or a clear refusal."""
+    model = host(model)
     if not isinstance(model, nn.Module):
         raise UnsupportedModuleError(f"hookdelta works on torch.nn.Module models, got {type(model).__name__}")
     if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
@@ -528,6 +543,7 @@ def check_model(model: Any) -> None:
             "this model was wrapped by torch.compile, which does not see hooks added afterwards; "
             "attach deltas to the original model (compiled._orig_mod) and compile after attaching"
         )
+    return model
 
 
 def _new_name(model: nn.Module, name: str | None, method: str) -> str:
@@ -548,6 +564,7 @@ def set_active(model: nn.Module, *names: str) -> None:
     """Run exactly the named deltas, like PEFT's set_adapter: enable them and disable every
     other unmerged delta, with one hook update per layer, so switching among loaded deltas
     costs microseconds per layer. Merged deltas must be among `names` (unmerge them first)."""
+    model = host(model)
     found = deltas(model)
     unknown = [n for n in names if n not in found]
     if unknown:
@@ -571,7 +588,7 @@ def set_active(model: nn.Module, *names: str) -> None:
 
 def deltas(model: nn.Module) -> dict[str, Delta]:
     """The deltas attached to `model`, by name, in attach order."""
-    store = get_store(model)
+    store = get_store(host(model))
     return dict(store.deltas.items()) if store is not None else {}  # type: ignore[arg-type]
 
 
@@ -585,7 +602,7 @@ class include_in_state_dict:
     """
 
     def __init__(self, model: nn.Module, on: bool = True) -> None:
-        store = get_store(model)
+        store = get_store(host(model))
         if store is None:
             raise DeltaStateError("the model has no deltas attached; attach them before opting their tensors in")
         self.store, self.was = store, store.include_in_state_dict

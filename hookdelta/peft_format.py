@@ -33,6 +33,7 @@ from .also_train import TiedCopy
 from .selection import fit_paths, is_conv1d
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+DIFFUSERS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_adapter: the config in its metadata
 PREFIX = "base_model.model."  # PEFT's key prefix (a tuner wraps the model)
 PROMPT_PREFIX = "base_model."  # ... and for prompt learning, where the model is held directly
 
@@ -59,7 +60,10 @@ _SUFFIXES = {  # PEFT tensor name -> hookdelta tensor name
 
 def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG
-    config = read_json(directory, CONFIG, "PEFT adapter")
+    if not path.is_file() and (Path(directory) / DIFFUSERS).is_file():
+        config, path = _diffusers_config(Path(directory) / DIFFUSERS), Path(directory) / DIFFUSERS
+    else:
+        config = read_json(directory, CONFIG, "PEFT adapter")
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
     understood = {"LORA": _UNDERSTOOD, "IA3": _IA3_UNDERSTOOD, "PROMPT_TUNING": _PROMPT_UNDERSTOOD}.get(
@@ -82,12 +86,13 @@ def read_peft_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The adapter's tensors, from safetensors, or from a .bin only through torch's restricted
     (weights-only) unpickler, which refuses anything but tensors and plain containers."""
     directory = Path(directory)
-    if (directory / WEIGHTS).is_file():
-        try:
-            with safe_open(str(directory / WEIGHTS), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise DeltaFileError(f"{directory / WEIGHTS} is corrupt or truncated ({exc})") from None
+    for name in (WEIGHTS, DIFFUSERS):
+        if (directory / name).is_file():
+            try:
+                with safe_open(str(directory / name), framework="pt") as f:
+                    return {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as exc:
+                raise DeltaFileError(f"{directory / name} is corrupt or truncated ({exc})") from None
     if (directory / PICKLED).is_file():
         try:
             tensors = torch.load(directory / PICKLED, map_location="cpu", weights_only=True)
@@ -100,6 +105,27 @@ def read_peft_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise DeltaFileError(f"{directory / PICKLED} does not hold a flat dict of tensors")
         return tensors
     raise DeltaFileError(f"no adapter weights in {directory}: neither {WEIGHTS} nor {PICKLED}")
+
+
+def _diffusers_config(path: Path) -> dict[str, Any]:
+    """diffusers' `save_lora_adapter` writes PEFT's LoRA config into the safetensors metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("lora_adapter_metadata")
+    except Exception as exc:
+        raise DeltaFileError(f"{path} is corrupt or truncated ({exc})") from None
+    if not text:
+        raise DeltaFileError(f"{path} carries no LoRA config (no adapter_config.json beside it, no "
+                             "lora_adapter_metadata inside it), so its rank and alpha are unknown; save it with "
+                             "diffusers' save_lora_adapter or PEFT's save_pretrained")
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise DeltaFileError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise DeltaFileError(f"{path}: its lora_adapter_metadata is not a PEFT config")
+    config.setdefault("peft_type", "LORA")
+    return config
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -115,7 +141,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     every key and every shape before touching the model; returns the Delta."""
     from .delta import check_model
 
-    check_model(model)
+    model = check_model(model)
     config = read_peft_config(directory)
     raw = read_peft_tensors(directory)
     stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}

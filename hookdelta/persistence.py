@@ -292,7 +292,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     every shape first; on any error the model is untouched. Returns the Delta."""
     from .delta import _new_name, check_model, deltas, install
 
-    check_model(model)
+    model = check_model(model)
     meta = read_meta(directory)
     try:
         config = DeltaConfig.from_dict(meta["config"])

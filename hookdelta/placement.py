@@ -309,8 +309,9 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
 # modules that read their children's weights only where no hook is present (torch checks for
 # hooks before its fused fast path), so a hook on the child does run
 _HOOK_AWARE = {"TransformerEncoderLayer", "TransformerDecoderLayer"}
-_METADATA = r"\s*\.\s*(?:dtype|device|shape|size|ndim|dim\(|is_\w+|requires_grad|data_ptr|numel|element_size)"
+_METADATA = r"\s*\.\s*(?:dtype|device|shape|size|ndim|dim\(|is_\w+|requires_grad|data_ptr|numel|element_size|data\b)"
 _READ = re.compile(rf"self\.([A-Za-z_][\w.]*?)\.(?:weight|bias)\b(?!{_METADATA})(?!\s*=[^=])")
+_NOT_FORWARD = ("init", "reset", "fuse", "load", "tie", "prune", "resize", "convert", "set_")  # set-up methods
 _TYPE_CHECK = re.compile(r"isinstance\(\s*self\.[\w.]+")  # isinstance(self.wo.weight, ...) reads no values
 # parents that always read these children's weights themselves (torch's functional attention)
 ALWAYS: dict[type, frozenset[str]] = {nn.MultiheadAttention: frozenset({"out_proj"})}
@@ -329,7 +330,7 @@ def weights_read(cls: type) -> frozenset[str]:
         if klass in (nn.Module, object) or klass.__module__.startswith("torch.nn.modules.module"):
             continue
         for name, fn in vars(klass).items():
-            if not callable(fn) or "init" in name or "reset" in name:
+            if not callable(fn) or any(word in name for word in _NOT_FORWARD):
                 continue
             try:
                 source = inspect.getsource(fn)

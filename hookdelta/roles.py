@@ -37,7 +37,7 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn", "no
 SEMANTIC = ROLES  # the names selectors accept
 
 _ATTN = re.compile(r"attn|attention")
-_FFN = re.compile(r"mlp|ffn|feed_?forward|intermediate|densereludense|^output$|shared_expert")
+_FFN = re.compile(r"mlp|ffn|^ff$|feed_?forward|intermediate|densereludense|^output$|shared_expert")
 _NAMES = {  # leaf name (lowercase) -> role inside an attention module
     "attn.q": r"q|query|q_proj|query_proj|q_lin|wq|to_q|q_b_proj|query_global|qproj",
     "attn.k": r"k|key|k_proj|key_proj|k_lin|wk|to_k|key_global|kproj",
@@ -76,23 +76,29 @@ def _counts(model: nn.Module, names: tuple[str, ...]) -> set[int]:
 
 
 def blocks(model: nn.Module, paths: list[tuple[str, nn.Module]]) -> list[str]:
-    """The repeated blocks (outermost ones), by layer count in the config or `_no_split_modules`."""
+    """The repeated blocks: elements of module lists whose class transformers / diffusers name in
+    `_no_split_modules` (the innermost such: a diffusers transformer block, not the U-Net stage
+    around it), else elements of lists as long as a layer count of the config (the outermost:
+    a T5 block, not the two layers inside it), else any list elements holding linear layers."""
+    from .selection import is_linear_like
+
     counts = _counts(model, _LAYER_COUNTS)
     no_split = set(getattr(model, "_no_split_modules", None) or ())
-    found: list[str] = []
+    named, counted, other = [], [], []
     for path, module in paths:
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or not len(module):
             continue
-        kids = list(module._modules.values())
-        if len(kids) in counts or any(type(k).__name__ in no_split for k in kids):
-            found += [f"{path}.{name}" if path else name for name in module._modules]
-    if not found:  # no config: any list of modules that hold linear layers
-        from .selection import is_linear_like
-
-        for path, module in paths:
-            if isinstance(module, (nn.ModuleList, nn.Sequential)) and any(
-                    is_linear_like(m) for k in module for m in k.modules()):
-                found += [f"{path}.{name}" if path else name for name in module._modules]
+        for name, kid in module._modules.items():
+            full = f"{path}.{name}" if path else name
+            if type(kid).__name__ in no_split:
+                named.append(full)
+            elif len(module) in counts:
+                counted.append(full)
+            elif any(is_linear_like(m) for m in kid.modules()):
+                other.append(full)
+    if named:
+        return [p for p in named if not any(q.startswith(p + ".") for q in named)]
+    found = counted or other
     found.sort(key=len)
     outer: list[str] = []
     for path in found:
@@ -105,7 +111,8 @@ def _full(pattern: str, text: str) -> bool:
     return re.fullmatch(f"(?:{pattern})", text) is not None
 
 
-def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: set[int]) -> dict[str, list[str]]:
+def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: set[int],
+                    members_by_rel: dict[str, nn.Module]) -> dict[str, list[str]]:
     """Roles of the linear layers of one block (paths relative to the model)."""
     from .selection import layer_dims
 
@@ -117,7 +124,8 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
     ffn_side: dict[str, list[str]] = {}
     for rel, _ in members:
         parts = rel.split(".")
-        leaf, owners = parts[-1].lower(), [p.lower() for p in parts[:-1]]
+        named_parts = [p for p in parts if not p.isdigit()]  # to_out.0 is named to_out; ff.net.2 net
+        leaf, owners = named_parts[-1].lower(), [p.lower() for p in named_parts[:-1]]
         d_in, d_out = dims[rel]
         path = f"{block}.{rel}"
         if d_out in experts and d_in == width and re.search(r"gate|router", leaf):
@@ -125,7 +133,7 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         in_attn = any(_ATTN.search(p) for p in owners)
         if in_attn:
             named = next((r for r, pat in _NAMES.items() if _full(pat, leaf)), None)
-            module_path = ".".join(parts[:-1])
+            module_path = ".".join(named_parts[:-1])
             if named is None:
                 attn.setdefault(module_path, []).append(path)
                 continue
@@ -162,6 +170,8 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
             if len(set(parts)) != 1:
                 break
             common.append(parts[0])
+        while common and isinstance(members_by_rel.get(".".join(common)), (nn.ModuleList, nn.ModuleDict)):
+            common.pop()  # a container is never called: its parent is the feed-forward module
         if common:
             out["ffn"].append(f"{block}.{'.'.join(common)}")
     return out
@@ -184,7 +194,8 @@ def discover(model: nn.Module) -> dict[str, list[str]]:
                 members[owner].append((path[len(owner) + 1:], module))
     fixes = CORRECTIONS.get(getattr(getattr(model, "config", None), "model_type", None) or "", {})
     for block in found:
-        for role, hits in _classify_block(block, members[block], experts).items():
+        inside = dict(model.get_submodule(block).named_modules())
+        for role, hits in _classify_block(block, members[block], experts, inside).items():
             if role in fixes:
                 hits = [f"{block}.{rel}" for rel in fixes[role] if _exists(model, f"{block}.{rel}")]
             roles[role] += hits
@@ -222,7 +233,9 @@ def check_tp_plan(model: nn.Module, roles: dict[str, list[str]]) -> list[str]:
 
 def roles(model: nn.Module) -> dict[str, list[str]]:
     """The discovered semantic roles of `model`: role -> module paths (see the module docstring)."""
-    return discover(model)
+    from .selection import host
+
+    return discover(host(model))
 
 
 def is_semantic(selector: Any) -> bool:

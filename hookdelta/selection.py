@@ -27,6 +27,15 @@ HEAD_NAMES = ("classifier", "score", "head", "heads", "fc", "lm_head", "qa_outpu
 FOREIGN_PACKAGES = ("peft.", "adapters.")
 
 
+def host(model: Any) -> Any:
+    """The module a model's deltas live in: the model itself, or for a sentence-transformers
+    SentenceTransformer (an nn.Sequential of its Transformer module, pooling, normalization)
+    the transformers model inside it, so the container stays untouched."""
+    if isinstance(model, nn.Sequential) and len(model) and isinstance(getattr(model[0], "auto_model", None), nn.Module):
+        return model[0].auto_model
+    return model
+
+
 def is_internal(path: str) -> bool:
     """True for paths inside hookdelta's own store; selection never sees those."""
     return STORE_NAME in path.split(".")
@@ -58,12 +67,15 @@ def hidden_size(model: nn.Module) -> int | None:
 
 
 def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int]:
-    """(input width, output width) of a layer: from its weight when it is linear, else the
-    model's hidden size (a block such as an MLP maps hidden -> hidden)."""
+    """(input width, output width) of a layer: from its weight when it is linear, from its
+    first and last linear layers for a block (an MLP), else the model's hidden size."""
     if isinstance(module, nn.Linear) or is_linear_like(module) and not is_conv1d(module):
         return module.in_features, module.out_features  # the logical shape, never a packed one
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
+    inner = [m for m in module.modules() if m is not module and is_linear_like(m)]
+    if inner:  # a block (an MLP): what its first linear layer reads and its last one writes
+        return layer_dims(model, inner[0], path)[0], layer_dims(model, inner[-1], path)[1]
     width = hidden_size(model)
     if width is None:
         raise UnsupportedModuleError(
@@ -228,6 +240,7 @@ def match(model: nn.Module, targets: Any, exclude: Any = None,
 
     Raises SelectorError naming the selector and the closest module names when one matches nothing.
     """
+    model = host(model)
     entries: list[tuple[str, nn.Module | None]] = list(named_modules(model))
     layers = list(layers) if layers is not None else None
     return _select(entries, targets, exclude, layers, output_head_paths(model), "module", model)

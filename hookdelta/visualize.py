@@ -15,7 +15,7 @@ from rich.tree import Tree
 
 from .engine import get_store
 from .roles import roles
-from .selection import is_internal
+from .selection import host, is_internal
 
 
 def _site_labels(model: nn.Module) -> dict[str, list[str]]:
@@ -115,6 +115,7 @@ def visualize(model: nn.Module, depth: int | None = None, show_params: bool = Tr
     show_roles marks the layers hd.roles(model) found (⟨attn.q⟩, ⟨ffn.out⟩, ...);
     show=False only returns the renderable (for notebooks or your own Console).
     """
+    model = host(model)
     builder = _Builder(model, depth, show_params, show_roles)
     root = Tree(builder.label(type(model).__name__, model, ""), guide_style="dim")
     builder.fill(root, model, "", 0)

@@ -118,7 +118,7 @@ class AdapterConfig(DeltaConfig):
         check_bottleneck(self)
         check_choice(self, "placement", ["houlsby", "pfeiffer"])
 
-    def target_selectors(self) -> Any:
+    def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:
             return self.targets
         return ("attn.o", "ffn.out") if self.placement == "houlsby" else ("ffn.out",)

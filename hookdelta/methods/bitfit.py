@@ -63,7 +63,7 @@ class BitFitConfig(DeltaConfig):
         if not isinstance(self.norm_biases, bool):
             raise ConfigError(f"BitFitConfig.norm_biases must be True or False, got {self.norm_biases!r}")
 
-    def target_selectors(self) -> Any:
+    def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:
             return self.targets
         return ("all-linear", "norm") if self.norm_biases else ("all-linear",)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
 from ..engine import Piece, current, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
-from ..errors import ConfigError, MergeError, UnsupportedModuleError
-from ..selection import is_conv1d, is_internal, is_linear_like, layer_dims, match, match_parameters
+from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
+from ..selection import is_conv1d, is_internal, is_linear_like, layer_dims, match, match_parameters, named_modules
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 
@@ -65,6 +65,11 @@ class LoRAConfig(DeltaConfig):
     method = "lora"
     default_targets = ("attn.q", "attn.v")
 
+    def target_selectors(self, model: nn.Module | None = None) -> Any:
+        if self.targets is None and model is not None and type(model).__module__.startswith("diffusers"):
+            return ("attn.q", "attn.k", "attn.v", "attn.o")  # what diffusers' LoRA training scripts adapt
+        return super().target_selectors(model)
+
     def validate(self) -> None:
         check_int(self, "r")
         check_float(self, "alpha", low=0.0, low_open=True)
@@ -93,7 +98,17 @@ class LoRAConfig(DeltaConfig):
 
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
-        if self.targets is not None or self.target_parameters is None:  # no targets at all: defaults
+        if self.targets is None and self.target_parameters is None:  # no targets at all: the defaults
+            # nn.MultiheadAttention keeps q/k/v in one parameter, in_proj_weight: adapt it directly
+            fused = [f"{n}.in_proj_weight" for n, m in named_modules(model)
+                     if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
+            try:
+                keys += super().select(model)
+            except SelectorError:
+                if not fused:
+                    raise
+            return keys + [k for k in fused if k not in keys]
+        if self.targets is not None:
             keys += super().select(model)
         if self.target_parameters is not None:
             keys += match_parameters(model, self.target_parameters, self.exclude, self.layers)
