@@ -68,6 +68,22 @@ def windows(ids: torch.Tensor, count: int, rng: random.Random) -> torch.Tensor:
     return torch.stack([ids[s:s + SEQ] for s in starts])
 
 
+def train(model, delta, ids: torch.Tensor, steps: int, lr: float, log=None) -> None:
+    """AdamW on the delta's tensors, next-token loss on random windows of `ids` (the same
+    windows for every method: a fixed seed)."""
+    optimizer = torch.optim.AdamW(delta.parameters(), lr=lr)
+    model.train()
+    rng = random.Random(SEED + 1)
+    for step in range(steps):
+        batch = windows(ids, BATCH, rng)
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if log is not None:
+            log(step, loss.item())
+
+
 @torch.no_grad()
 def held_out_loss(model, batches) -> float:
     model.eval()
@@ -105,15 +121,7 @@ def main() -> None:
         began = time.time()
         torch.manual_seed(SEED)
         delta = hd.attach(model, cfg)
-        optimizer = torch.optim.AdamW(delta.parameters(), lr=lr)
-        model.train()
-        train_rng = random.Random(SEED + 1)
-        for step in range(STEPS):
-            batch = windows(ids[:split], BATCH, train_rng)
-            loss = model(input_ids=batch, labels=batch).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train(model, delta, ids[:split], STEPS, lr)
         loss = held_out_loss(model, held_out)
         after = generate(model, tokenizer)
         with delta.disabled():

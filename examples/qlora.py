@@ -30,10 +30,10 @@ from rich.console import Console  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 import hookdelta as hd  # noqa: E402
-from causal_lm import GGUF, held_out_loss, package_dir, shakespeare, windows  # noqa: E402
+from causal_lm import BATCH, GGUF, SEED, held_out_loss, package_dir, shakespeare, train, windows  # noqa: E402
 
 console = Console()
-STEPS, BATCH, LR, SEED = int(os.environ.get("QLORA_STEPS", 30)), 4, 2e-3, 0
+STEPS, LR = int(os.environ.get("QLORA_STEPS", 30)), 2e-3
 
 
 def main() -> dict[str, float]:
@@ -67,18 +67,9 @@ def main() -> dict[str, float]:
     delta.print_trainable()
 
     console.rule(f"[bold]Train the LoRA on the 4-bit model: {STEPS} steps of {BATCH}x64 tokens")
-    optimizer = torch.optim.AdamW(delta.parameters(), lr=LR)
-    model.train()
-    train_rng = random.Random(SEED + 1)
     began = time.time()
-    for step in range(STEPS):
-        batch = windows(ids[:split], BATCH, train_rng)
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0 or step == STEPS - 1:
-            console.print(f"step {step:3d}  loss {loss.item():.3f}")
+    train(model, delta, ids[:split], STEPS, LR,
+          log=lambda step, loss: console.print(f"step {step:3d}  loss {loss:.3f}") if step % 10 == 0 else None)
     trained_loss = held_out_loss(model, held_out)
     console.print(f"held-out loss {base_loss:.4f} -> {trained_loss:.4f} ({(time.time() - began) / STEPS:.2f} s/step)")
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .methods.ia3 import IA3Config
-from .methods.lora import LoRAConfig, LoRAParameter, TiedLoRA, TiedParameter
+from .methods.lora import LoRAConfig, LoRAParameter, LoRASlices, TiedLoRA, TiedParameter
 from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
 from .persistence import read_json, write_files
@@ -305,12 +305,12 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
 def _lora_files(delta: Any, pieces: list[Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Adds the LoRA tensors under PEFT's names; returns the LoRA part of the config."""
     cfg: LoRAConfig = delta.config
-    odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter))
+    odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))
            or getattr(p, "lora_bias", None) is not None]
     if odd:
         raise UnsupportedModuleError(
             f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
-            f"targets or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
+            f"targets, fused_slices or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
         )
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}

@@ -179,7 +179,7 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
 
 def discover(model: nn.Module) -> dict[str, list[str]]:
     """role -> module paths, in model order (see the module docstring). `norm` included."""
-    from .selection import is_linear_like, named_modules
+    from .selection import exists, is_linear_like, named_modules
 
     paths = named_modules(model)
     found = blocks(model, paths)
@@ -197,19 +197,11 @@ def discover(model: nn.Module) -> dict[str, list[str]]:
         inside = dict(model.get_submodule(block).named_modules())
         for role, hits in _classify_block(block, members[block], experts, inside).items():
             if role in fixes:
-                hits = [f"{block}.{rel}" for rel in fixes[role] if _exists(model, f"{block}.{rel}")]
+                hits = [f"{block}.{rel}" for rel in fixes[role] if exists(model, f"{block}.{rel}")]
             roles[role] += hits
     roles["norm"] = [p for p, m in paths if is_norm(p, m)]
     order = {p: i for i, (p, _) in enumerate(paths)}
     return {r: sorted(dict.fromkeys(v), key=lambda p: order.get(p, -1)) for r, v in roles.items() if v}
-
-
-def _exists(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def check_tp_plan(model: nn.Module, roles: dict[str, list[str]]) -> list[str]:
@@ -275,3 +267,56 @@ def is_norm(name: str, module: nn.Module) -> bool:
     if isinstance(module, kinds) or type(module).__name__.endswith(("Norm", "LayerNorm")):
         return isinstance(getattr(module, "weight", None), nn.Parameter)
     return False
+
+
+# -- the q / k / v rows of fused projections -------------------------------------------------------
+
+# how fused q/k/v projections order their output features, by model_type: "contiguous" is
+# [q | k | v] (with grouped-query sizes), "per_head" is [h0: q k v | h1: q k v | ...], "per_group"
+# is, per kv head, its query heads then its k and its v (Falcon's new decoder architecture)
+FUSED_LAYOUTS = {"gpt2": "contiguous", "gpt_bigcode": "contiguous", "phi3": "contiguous", "mpt": "contiguous",
+                 "gpt_neox": "per_head", "bloom": "per_head", "persimmon": "per_head", "deberta": "per_head",
+                 "falcon": "falcon"}
+
+
+def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]:
+    """{"q": rows, "k": rows, "v": rows} (LongTensors of output features) of the fused q/k/v
+    projection at `path`, from the model's layout and head counts; a SelectorError where the
+    layout is unknown or the sizes do not add up (a guess would be silently wrong)."""
+    import torch
+
+    config = getattr(model, "config", None)
+    kind = FUSED_LAYOUTS.get(getattr(config, "model_type", None) or "")
+    heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads") if isinstance(
+        getattr(config, n, None), int)), None)
+    if kind is None or heads is None:
+        raise SelectorError(
+            f"{path!r} is a fused q/k/v projection whose layout hookdelta does not know for {type(model).__name__} "
+            f"(model_type {getattr(config, 'model_type', None)!r}); known: {sorted(FUSED_LAYOUTS)}. Adapt the whole "
+            "projection (drop fused_slices)"
+        )
+    if kind == "falcon":
+        if getattr(config, "new_decoder_architecture", False):
+            kind, kv = "per_group", config.num_kv_heads
+        elif getattr(config, "multi_query", False):
+            kind, kv = "contiguous", 1
+        else:
+            kind, kv = "per_head", heads
+    else:
+        kv = next((getattr(config, n) for n in ("num_key_value_heads", "kv_n_heads") if isinstance(
+            getattr(config, n, None), int)), heads)
+        if getattr(config, "multi_query", False):
+            kv = 1
+    head_dim = out_features // (heads + 2 * kv) if out_features % (heads + 2 * kv) == 0 else None
+    if head_dim is None:
+        raise SelectorError(f"{path!r} has {out_features} outputs, which is not (heads + 2 kv heads) x head_dim for "
+                            f"{heads} heads and {kv} kv heads; adapt the whole projection (drop fused_slices)")
+    index = torch.arange(out_features)
+    if kind == "contiguous":
+        q, k = heads * head_dim, kv * head_dim
+        return {"q": index[:q], "k": index[q:q + k], "v": index[q + k:]}
+    if kind == "per_head":
+        grid = index.view(heads, 3, head_dim)
+        return {"q": grid[:, 0].reshape(-1), "k": grid[:, 1].reshape(-1), "v": grid[:, 2].reshape(-1)}
+    grid = index.view(kv, heads // kv + 2, head_dim)
+    return {"q": grid[:, :-2].reshape(-1), "k": grid[:, -2].reshape(-1), "v": grid[:, -1].reshape(-1)}

@@ -33,6 +33,7 @@ BAD_BY_TYPE = {
     "Selector | None": [3, [3], "", [], 2.5],
     "dict[str, int] | None": ["x", {"(": 2}, {"q": 0}, {"q": "2"}, {"q": 1.5}],
     "dict[str, float] | None": ["x", {"(": 2.0}, {"q": -1.0}, {"q": math.nan}],
+    "Sequence[str] | None": ["q", ["x"], [], ["q", "q"], 3],
 }
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
             "layers": ["0", [-1], [1.5], [], [True]]}

@@ -189,3 +189,70 @@ def test_visualize_shows_the_roles():
     hd.visualize(model, show_roles=True, console=console)
     text = console.export_text()
     assert "⟨attn.q⟩" in text and "⟨ffn.out⟩" in text
+
+
+# -- LoRA on slices of fused q/k/v projections ------------------------------------------------------
+
+def _split_qkv(model_type, model, out):
+    """The fused output split the way the model's own attention code splits it."""
+    config = model.config
+    if model_type == "gpt2":
+        return out.split(config.n_embd, dim=-1)
+    if model_type == "gpt_bigcode":
+        q, kv = out.split((config.n_embd, 2 * (config.n_embd // config.n_head)), dim=-1)
+        return (q, *kv.chunk(2, dim=-1))
+    if model_type == "phi3":
+        hd = config.hidden_size // config.num_attention_heads
+        q_end = config.num_attention_heads * hd
+        return out[..., :q_end], out[..., q_end:q_end + config.num_key_value_heads * hd], out[..., q_end + config.num_key_value_heads * hd:]
+    if model_type == "gpt_neox":
+        b, s, _ = out.shape
+        return out.view(b, s, config.num_attention_heads, -1).chunk(3, dim=-1)
+    if model_type == "bloom":
+        return model.h[0].self_attention._reshape(out)
+    return model.h[0].self_attention._split_heads(out)  # falcon
+
+
+FUSED = {"gpt2": {}, "gpt_bigcode": {}, "phi3": {}, "gpt_neox": {}, "bloom": {},
+         "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2}, "falcon-per-head": {}}
+
+
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_slices_touch_only_their_slices(case):
+    model_type = case.split("-")[0]
+    FIXES_BACKUP = dict(FIXES.get(model_type, {}))
+    FIXES[model_type] = {**FIXES_BACKUP, **FUSED[case]}
+    try:
+        model, inputs = build(model_type)
+    finally:
+        FIXES[model_type] = FIXES_BACKUP
+    fused = hd.roles(model)["attn.q"][0]
+    assert fused in hd.roles(model)["attn.v"]
+    snap = snapshot(model)
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets=[fused], fused_slices=["v", "q"]))
+    perturb(delta, std=0.3)
+    seen = []  # registered after the delta, so it sees the delta's output
+    handle = model.get_submodule(fused).register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    with torch.no_grad():
+        with delta.disabled():
+            model(**inputs)
+        adapted = first(model(**inputs))
+    handle.remove()
+    changed = [(a - b).abs().max().item() for a, b in zip(_split_qkv(model_type, model, seen[1]),
+                                                          _split_qkv(model_type, model, seen[0]))]
+    assert changed[0] > 1e-4 and changed[1] == 0.0 and changed[2] > 1e-4, changed  # q and v, never k
+    delta.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(first(model(**inputs)), adapted, rtol=1e-4, atol=1e-5)
+    delta.unmerge()
+    with pytest.raises(hd.UnsupportedModuleError, match="fused_slices"):
+        delta.save_peft("unused")
+    delta.detach()
+    assert_restored(model, snap)
+
+
+def test_fused_slices_refuse_an_unknown_layout():
+    model, _ = build("mpt")
+    model.config.model_type = "unknown-mpt"
+    with pytest.raises(hd.SelectorError, match="layout hookdelta does not know"):
+        hd.attach(model, hd.LoRAConfig(r=2, targets=["attn.q"], fused_slices=["q"]))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
 from ..engine import Piece, current, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
+from ..roles import fused_rows, roles
 from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
 from ..selection import is_conv1d, is_internal, is_linear_like, layer_dims, match, match_parameters, named_modules
 
@@ -47,6 +48,9 @@ class LoRAConfig(DeltaConfig):
     a trained magnitude m; linear layers only.
     rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for the sites whose
     path ends with a match (PEFT's semantics), e.g. {"layers.0.self_attn.q_proj": 16}.
+    fused_slices: on fused q/k/v projections (GPT-2 c_attn, Phi-3 qkv_proj, GPT-NeoX / Bloom
+    query_key_value, Falcon), adapt only these slices, e.g. ("q", "v"), each with its own
+    rank-r A and B, as loralib's MergedLinear; other sites get plain LoRA.
     Default targets: the attention query and value projections of the model's family.
     """
 
@@ -61,6 +65,7 @@ class LoRAConfig(DeltaConfig):
     use_dora: bool = False
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    fused_slices: Sequence[str] | None = None
 
     method = "lora"
     default_targets = ("attn.q", "attn.v")
@@ -81,6 +86,15 @@ class LoRAConfig(DeltaConfig):
                 raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
         for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             _check_pattern(name, getattr(self, name), integer)
+        if self.fused_slices is not None:
+            slices = self.fused_slices
+            if isinstance(slices, str) or not isinstance(slices, (list, tuple)) or not slices or any(
+                    s not in ("q", "k", "v") for s in slices) or len(set(slices)) != len(slices):
+                raise ConfigError(f"LoRAConfig.fused_slices must be a non-empty list of distinct 'q', 'k', 'v', "
+                                  f"got {slices!r}")
+            if self.use_dora:
+                raise ConfigError("LoRAConfig.fused_slices does not go with use_dora=True (DoRA normalizes whole rows)")
+            object.__setattr__(self, "fused_slices", tuple(s for s in ("q", "k", "v") if s in slices))
         if self.target_parameters is not None:
             object.__setattr__(self, "target_parameters",
                                normalize_selector("target_parameters", self.target_parameters))
@@ -118,11 +132,20 @@ class LoRAConfig(DeltaConfig):
         pieces: list[Piece] = []
         done: dict[int, Piece] = {}  # id(shared weight) -> its primary piece
         sharers = _shared_weights(model)
+        fused: set[str] = set()
+        if self.fused_slices is not None:
+            found = roles(model)
+            fused = set(found.get("attn.q", [])) & set(found.get("attn.k", [])) & set(found.get("attn.v", []))
         for key in sites:
             module, param_name = _resolve(model, key)
             weight = module._parameters.get(param_name or "weight")
             if weight is not None and id(weight) in done:
                 continue  # the other end of a tie that was already covered
+            if key in fused:
+                like = layer_like(model, key, module)
+                rows = fused_rows(model, key, layer_dims(module, module, key)[1])
+                pieces.append(LoRASlices(self, key, module, like, rows))
+                continue
             primary = _make_piece(self, key, module, param_name, model)
             pieces.append(primary)
             if weight is not None:
@@ -289,6 +312,39 @@ class LoRALinear(_LoRABase):
 
     def describe(self) -> str:
         return super().describe() + (" +bias" if self.lora_bias is not None else "")
+
+
+class LoRASlices(_LoRABase):
+    """LoRA on chosen slices of a fused q/k/v projection (loralib's MergedLinear): each slice its
+    own rank-r A and B, written into that slice's output features only. lora_A is the slices'
+    A's stacked [k·r, in], lora_B their B's stacked [rows, r]; `rows` are the output features."""
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
+                 slices: dict[str, torch.Tensor]) -> None:
+        self.conv1d = is_conv1d(module)
+        in_f, out_f = layer_dims(module, module, key)
+        r = cfg.rank_for(key)
+        names = list(cfg.fused_slices or ())
+        rows = torch.cat([slices[n] for n in names])
+        super().__init__(cfg, key, key, (len(names) * r, in_f), (len(rows), r), like, in_f)
+        self.register_buffer("rows", rows.to(like.device), persistent=False)  # rebuilt from the layout
+        self.sizes, self.slices, self.out_features = [len(slices[n]) for n in names], tuple(names), out_f
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = self.drop(module, first_input(args, kwargs))
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale  # [.., k·r]
+        parts = [F.linear(a, b) for a, b in zip(h.split(self.r, -1), self.lora_B.split(self.sizes))]
+        return output.index_add(-1, self.rows, torch.cat(parts, -1).to(output.dtype))
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        dw = torch.zeros(self.out_features, self.lora_A.shape[1], device=self.lora_A.device)
+        for a, b, rows in zip(self.lora_A.float().split(self.r), self.lora_B.float().split(self.sizes),
+                              self.rows.split(self.sizes)):
+            dw[rows] = (b * self.scale) @ a
+        return {"weight": dw.T if self.conv1d else dw}
+
+    def describe(self) -> str:
+        return super().describe() + " slices " + "".join(self.slices)
 
 
 class DoRALinear(LoRALinear):
