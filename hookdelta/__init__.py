@@ -35,6 +35,7 @@ from .peft_format import load_peft
 from .persistence import load
 from .roles import roles
 from .selection import match
+from .version import VERSION as __version__
 from .visualize import visualize
 
 
@@ -47,13 +48,11 @@ def __getattr__(name: str):  # integrations import their framework only when ask
     raise AttributeError(f"module 'hookdelta' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
-
 __all__ = [
     "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LowRankAdapterConfig",
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles",
+    "include_in_state_dict", "BypassWarning", "roles", "__version__",
 ]

@@ -20,7 +20,8 @@ import torch.nn as nn
 from .engine import Piece
 from .errors import MergeError
 from .placement import real_weight
-from .selection import is_internal, match
+from .modules import is_internal
+from .selection import match
 
 
 class FullCopy(Piece):

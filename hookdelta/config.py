@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, Union
 import torch.nn as nn
 
 from .errors import ConfigError
+from .selection import match, match_defaults
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Piece
@@ -76,8 +77,6 @@ class DeltaConfig:
 
     def select(self, model: nn.Module) -> list[str]:
         """The site paths this config adapts on `model` (its targets, or the method's defaults)."""
-        from .selection import match, match_defaults
-
         if self.targets is not None:
             return match(model, self.targets, self.exclude, self.layers)
         return match_defaults(model, self.target_selectors(model), self.exclude, self.layers, type(self).__name__)

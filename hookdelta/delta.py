@@ -1,6 +1,6 @@
 """The lifecycle: `attach` a config to a model, then enable / disable / merge / unmerge /
-detach the resulting `Delta`. Method-agnostic: pieces come from the config, hooks from
-the engine.
+detach the resulting `Delta`. Method-agnostic: pieces come from the config, their hooks from
+the engine's sites, their registration on the model from the store (store.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import torch.nn as nn
 
 from .also_train import also_train_paths, build_copies
 from .config import DeltaConfig
-from .engine import DeltaStore, Piece, base_parameters, forget_compiled_code, get_store, hook_clock, remove_store
-from .errors import ConfigError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
+from .engine import Piece
+from .errors import ConfigError, DeltaFileError, DeltaStateError, MergeError, SelectorError, UnsupportedModuleError
+from .modules import host, module_path
 from .placement import bypassing_parent, meta_message, offload_source
 from .quantized import dequantize_model
-from .selection import host
+from .store import DeltaStore, check_model, close_store, deltas_of, open_store, store_of, unique_name
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,7 +36,7 @@ def _changes(action: str) -> Callable[[F], F]:
             self._check_attached(action)
             store = self._store()
             if action != "detach":
-                _check_sites(store, action)
+                store.check_sites(action)
             # a delta's tensors stay normal (trainable, writable) tensors under torch.inference_mode()
             with store.guard.changing(action), torch.inference_mode(False):
                 return fn(self, *args, **kwargs)
@@ -43,8 +44,9 @@ def _changes(action: str) -> Callable[[F], F]:
     return wrap
 
 
-def _slot(key: str) -> str:
-    return key.replace(".", "-")  # module-dict keys cannot contain dots
+def slot(key: str) -> str:
+    """A piece's key in the delta's ModuleDict (module-dict keys cannot contain dots)."""
+    return key.replace(".", "-")
 
 
 class Delta(nn.Module):
@@ -64,9 +66,9 @@ class Delta(nn.Module):
         self.also_train = list(also_train)
         self.pieces = nn.ModuleDict()
         for piece in pieces:
-            if _slot(piece.key) in self.pieces:
+            if slot(piece.key) in self.pieces:
                 raise SelectorError(f"{piece.key!r} is selected twice (as a target and in also_train?); select it once")
-            self.pieces[_slot(piece.key)] = piece
+            self.pieces[slot(piece.key)] = piece
         self.enabled = True
         self.merged = False
         self.attached = False
@@ -246,18 +248,43 @@ class Delta(nn.Module):
         self.merged = False
         self._refresh()
 
+    def piece(self, key: str) -> Piece:
+        """The piece at a site key (a module path, or a parameter path)."""
+        return self.pieces[slot(key)]  # type: ignore[return-value]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The delta's own tensors, keyed `<site key>.<tensor name>`, on CPU (merge copies excluded):
+        what a save writes."""
+        return {f"{p.key}.{n}": t.detach().to("cpu").contiguous()
+                for p in self._pieces() for n, t in p.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors into this delta's, checking every key and shape first (nothing is
+        written unless all fit)."""
+        expected = {f"{p.key}.{n}": t for p in self._pieces() for n, t in p.state_dict(keep_vars=True).items()}
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise DeltaFileError(f"the saved tensors do not fit the delta: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        bad = [f"{k}: saved {tuple(tensors[k].shape)}, model needs {tuple(t.shape)}"
+               for k, t in expected.items() if tuple(t.shape) != tuple(tensors[k].shape)]
+        if bad:
+            raise DeltaFileError("shape mismatch between the saved delta and this model: " + "; ".join(bad[:5]))
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key].to(target.device, target.dtype))
+
     def merged_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A new full-precision model with this delta baked in; the model and the delta stay as
         they are. The usual QLoRA deployment: quantized layers of the copy become plain
         nn.Linear layers holding the dequantized weights, everything is cast to `dtype` (default:
         the dtype the delta computes in), and the delta is merged exactly. Other deltas on the
         model are left out of the copy."""
-        from .persistence import delta_tensors
-
         self._check_attached("merged_copy")
-        _check_sites(self._store(), "merged_copy")
+        self._store().check_sites("merged_copy")
         dtype = dtype or next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
-        tensors = delta_tensors(self)
+        tensors = self.tensors()
         with torch.inference_mode(False):
             clone = copy.deepcopy(self._model)
             for other in list(deltas(clone).values())[::-1]:
@@ -300,7 +327,7 @@ class Delta(nn.Module):
         from .persistence import save_delta
 
         self._check_attached("save")
-        _check_sites(self._store(), "save")
+        self._store().check_sites("save")
         save_delta(self, directory, overwrite=overwrite)
 
     def save_peft(self, directory: Any, overwrite: bool = False) -> None:
@@ -308,7 +335,7 @@ class Delta(nn.Module):
         from .peft_format import save_peft
 
         self._check_attached("save_peft")
-        _check_sites(self._store(), "save_peft")
+        self._store().check_sites("save_peft")
         save_peft(self, directory, overwrite=overwrite)
 
     def __enter__(self) -> "Delta":
@@ -324,7 +351,7 @@ class Delta(nn.Module):
         return list(self.pieces.values())  # type: ignore[arg-type]
 
     def _store(self) -> DeltaStore:
-        store = get_store(self._model)
+        store = store_of(self._model)
         if store is None:
             raise DeltaStateError(f"delta {self.name!r} lost its model's store; was the model rebuilt?")
         return store
@@ -335,40 +362,18 @@ class Delta(nn.Module):
 
     def _refresh(self) -> None:
         live = self.enabled and not self.merged
-        store = self._store()
         for piece in self._pieces():
             piece.set_live(live)
-        for path in dict.fromkeys(p.site_path for p in self._pieces()):
-            store.sites[path].refresh()
-        forget_compiled_code()
+        self._store().refresh(dict.fromkeys(p.site_path for p in self._pieces()))
 
     def _remove(self, restore_weights: bool) -> None:
-        model = self._model
-        store = get_store(model)
+        store = store_of(self._model)
         if store is None:
             self.attached = False
             return
         if restore_weights and self.merged:
             self.unmerge()
-        for piece in self._pieces():
-            piece.set_live(False)
-            site = store.sites.get(piece.site_path)
-            if site is None:
-                continue
-            site.pieces = [p for p in site.pieces if p is not piece]
-            site.merged = [(p, k) for p, k in site.merged if p is not piece]
-            piece._buffers.clear()  # merge copies, if any
-            site.refresh()
-            if not site.pieces:
-                del store.sites[piece.site_path]
-        if self.name in store.freezers:
-            _unfreeze(store, model, self.name)
-        if self.name in store.deltas and store.deltas[self.name] is self:
-            del store.deltas[self.name]
-        if not len(store.deltas):
-            remove_store(model)
-        self.attached = False
-        forget_compiled_code()
+        store.remove(self._model, self)
 
 
 # -- attach and friends -------------------------------------------------------------------
@@ -386,7 +391,7 @@ def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
     model = check_model(model)
     if not isinstance(config, DeltaConfig):
         raise ConfigError(f"attach() needs a delta config such as hd.LoRAConfig(...), got {type(config).__name__}")
-    name = _new_name(model, name, config.method)
+    name = unique_name(model, name, config.method)
     train = also_train_paths(model, config.also_train) if config.also_train is not None else []
     sites = [k for k in config.select(model) if k not in set(train)]
     if not sites:
@@ -417,63 +422,28 @@ def _install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str],
             "init_empty_weights() or a meta device context. Attach after the weights are loaded, outside it"
         )
     if tensors is not None:
-        from .persistence import fill_tensors
-
-        fill_tensors(delta, tensors)
+        delta.load_tensors(tensors)
     delta.train(model.training)
-    created = get_store(model) is None
-    store = get_store(model, create=True)
-    if created:
-        store.train(model.training)
+    created = store_of(model) is None
+    store = open_store(model)
     object.__setattr__(delta, "_model", model)
     try:
         with store.guard.changing("attach"):
-            _hook_in(store, model, delta, pieces, name, freeze_base)
+            store.add(model, delta, freeze_base)
     except BaseException:
-        if created and get_store(model) is store and not len(store.deltas):
-            remove_store(model)  # refused before anything was hooked in: leave no store behind
+        if created and store_of(model) is store and not len(store.deltas):
+            close_store(model)  # refused before anything was hooked in: leave no store behind
         raise
-    forget_compiled_code()
     return delta
-
-
-def _hook_in(store: DeltaStore, model: nn.Module, delta: Delta, pieces: list[Piece], name: str,
-             freeze_base: bool) -> None:
-    try:
-        store.deltas[name] = delta
-        delta.attached = True
-        stamp = hook_clock()  # every hook registered from now on counts as registered after this delta
-        for piece in pieces:
-            piece.stamp = stamp
-        store.guard.probe_next = True  # the next forward is watched for layers whose hooks never run
-        for piece in pieces:
-            site = store.site(model, piece.site_path)
-            site.pieces.append(piece)
-            piece.set_live(True)
-            site.refresh()
-        if freeze_base:
-            _freeze(store, model, name)
-    except BaseException:
-        delta._remove(restore_weights=False)
-        raise
 
 
 def _check_real(model: nn.Module, keys: list[str]) -> None:
     """Refuse sites whose weights are on meta with no real values anywhere (not offloaded)."""
     for key in keys:
-        path = _module_path(model, key)
+        path = module_path(model, key)
         module = model.get_submodule(path) if path else model
         if any(t.is_meta for t in module.parameters(recurse=False)) and offload_source(model, path) is None:
             raise UnsupportedModuleError(meta_message(path))
-
-
-def _module_path(model: nn.Module, key: str) -> str:
-    """A site key's module: the key itself, or the owner of a parameter key."""
-    try:
-        model.get_submodule(key)
-        return key
-    except AttributeError:
-        return key.rpartition(".")[0]
 
 
 def _route(model: nn.Module, piece: Piece) -> None:
@@ -517,49 +487,6 @@ def _weight_path_works(model: nn.Module, piece: Piece) -> bool:
         return False
 
 
-def _check_sites(store: DeltaStore, action: str) -> None:
-    replaced = [s.path for s in store.sites.values() if s.replaced()]
-    if replaced:
-        raise DeltaStateError(
-            f"cannot {action}(): the module at {replaced[0]!r} was replaced after the delta was attached (by a "
-            "wrapper or a converter), so the delta's hooks sit on a module the model no longer calls there. "
-            "detach() the delta and attach it again to the model as it is now"
-        )
-
-
-def check_model(model: Any) -> nn.Module:
-    """The module the deltas go on (see selection.host), or a clear refusal."""
-    model = host(model)
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModuleError(f"hookdelta works on torch.nn.Module models, got {type(model).__name__}")
-    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
-        raise UnsupportedModuleError(
-            f"hookdelta keeps a model's deltas in one reserved child module, and a bare "
-            f"{type(model).__name__} would iterate over it; wrap the container in your own nn.Module "
-            "(or attach to the model that holds it)"
-        )
-    if type(model).__name__ == "OptimizedModule":
-        raise UnsupportedModuleError(
-            "this model was wrapped by torch.compile, which does not see hooks added afterwards; "
-            "attach deltas to the original model (compiled._orig_mod) and compile after attaching"
-        )
-    return model
-
-
-def _new_name(model: nn.Module, name: str | None, method: str) -> str:
-    taken = set(deltas(model))
-    if name is None:
-        name, i = method, 2
-        while name in taken:
-            name, i = f"{method}_{i}", i + 1
-        return name
-    if not isinstance(name, str) or not name or "." in name:
-        raise ConfigError(f"a delta name must be a non-empty string without dots, got {name!r}")
-    if name in taken:
-        raise DeltaStateError(f"model already has a delta named {name!r}; pick another name or detach that one")
-    return name
-
-
 def set_active(model: nn.Module, *names: str) -> None:
     """Run exactly the named deltas, like PEFT's set_adapter: enable them and disable every
     other unmerged delta, with one hook update per layer, so switching among loaded deltas
@@ -572,7 +499,7 @@ def set_active(model: nn.Module, *names: str) -> None:
     merged = [n for n, d in found.items() if d.merged and n not in names]
     if merged:
         raise DeltaStateError(f"deltas {merged} are merged into the weights; unmerge() them before switching away")
-    store = get_store(model)
+    store = store_of(model)
     if store is None:
         return
     with store.guard.changing("set_active"):
@@ -581,15 +508,12 @@ def set_active(model: nn.Module, *names: str) -> None:
                 delta.enabled = name in names
                 for piece in delta._pieces():
                     piece.set_live(delta.enabled)
-        for site in store.sites.values():
-            site.refresh()
-    forget_compiled_code()
+        store.refresh()
 
 
 def deltas(model: nn.Module) -> dict[str, Delta]:
     """The deltas attached to `model`, by name, in attach order."""
-    store = get_store(host(model))
-    return dict(store.deltas.items()) if store is not None else {}  # type: ignore[arg-type]
+    return deltas_of(model)
 
 
 class include_in_state_dict:
@@ -602,7 +526,7 @@ class include_in_state_dict:
     """
 
     def __init__(self, model: nn.Module, on: bool = True) -> None:
-        store = get_store(host(model))
+        store = store_of(host(model))
         if store is None:
             raise DeltaStateError("the model has no deltas attached; attach them before opting their tensors in")
         self.store, self.was = store, store.include_in_state_dict
@@ -613,24 +537,3 @@ class include_in_state_dict:
 
     def __exit__(self, *exc: Any) -> None:
         self.store.include_in_state_dict = self.was
-
-
-def _freeze(store: DeltaStore, model: nn.Module, name: str) -> None:
-    if not store.freezers:
-        store.saved_flags = {n: (p, p.requires_grad) for n, p in base_parameters(model)}
-    store.freezers.append(name)
-    for _, p in base_parameters(model):
-        p.requires_grad_(False)
-
-
-def _unfreeze(store: DeltaStore, model: nn.Module, name: str) -> None:
-    """Give every parameter frozen at attach its flag back: the same tensor (also where a module
-    was swapped out meanwhile) and whatever tensor now sits under its name."""
-    store.freezers.remove(name)
-    if not store.freezers:
-        for param, flag in store.saved_flags.values():
-            param.requires_grad_(flag)
-        for n, p in base_parameters(model):
-            if n in store.saved_flags:
-                p.requires_grad_(store.saved_flags[n][1])
-        store.saved_flags = {}

@@ -23,10 +23,10 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import DeltaStateError, MergeError
+from .modules import STORE_NAME
 from .placement import WeightSlot, kept_names, open_slot
-from .quantized import bnb_4bit_layers, dequantize, hold_packing, is_quantized, release_packing, unpack_for_training
 from .probe import Probe
-from .selection import STORE_NAME, is_internal
+from .quantized import dequantize, is_quantized
 
 
 class Piece(nn.Module):
@@ -270,6 +270,17 @@ class Site:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, swap_lock=threading.RLock())
 
+    def add(self, piece: Piece) -> None:
+        """A new piece, last in attach order."""
+        self.pieces.append(piece)
+        self.refresh()
+
+    def discard(self, piece: Piece) -> None:
+        """Take a piece away (unmerged, or merged for good), with its hooks."""
+        self.pieces = [p for p in self.pieces if p is not piece]
+        self.merged = [(p, k) for p, k in self.merged if p is not piece]
+        self.refresh()
+
     def host(self, piece: Piece) -> nn.Module:
         """The module whose weights the piece adapts."""
         return self.module.get_submodule(piece.through) if piece.through else self.module
@@ -499,7 +510,7 @@ class ForwardGuard:
             start = self.probe_next and self.watching is None and self.depth[me] == 1
             if start:
                 self.probe_next = False
-                self.watching = Probe(module, _watch(module._modules[STORE_NAME]))
+                self.watching = Probe(module, module._modules[STORE_NAME].watch())
         if start:
             self.watching.start()
 
@@ -543,23 +554,6 @@ class ForwardGuard:
             yield
 
 
-def _watch(store: "DeltaStore") -> dict[int, tuple[torch.Tensor, str, list[str]]]:
-    """id(weight) -> (weight, layer, delta names) for every layer a live piece hooks directly
-    (offloaded weights, on meta and replaced per call, are not watched)."""
-    owners: dict[str, list[str]] = {}
-    for name, delta in store.deltas.items():
-        for piece in delta.pieces.values():
-            if piece.live and not piece.through:
-                owners.setdefault(piece.site_path, []).append(name)
-    watch = {}
-    for path, names in owners.items():
-        site = store.sites.get(path)
-        for param in (site.module._parameters.values() if site is not None and path else ()):
-            if param is not None and not param.is_meta:
-                watch[id(param)] = (param, path, sorted(set(names)))
-    return watch
-
-
 def _checkpointing(model: nn.Module) -> bool:
     """Whether a transformers model re-runs its layers in backward (activation checkpointing)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first
@@ -574,103 +568,3 @@ def _grad_tensors(output: Any) -> list[torch.Tensor]:
         return [output] if output.requires_grad else []
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
     return [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-class DeltaStore(nn.Module):
-    """The reserved child (`model._hookdelta`) that holds every delta of one model.
-
-    Its tensors stay out of the parent's `state_dict()` and out of `load_state_dict`'s
-    missing keys, so the model's checkpoint format is untouched (invariant 1).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deltas = nn.ModuleDict()
-        self.sites: dict[str, Site] = {}
-        self.saved_flags: dict[str, tuple[nn.Parameter, bool]] = {}  # requires_grad before the first freezing delta
-        self.freezers: list[str] = []  # names of the deltas that froze the backbone
-        self.include_in_state_dict = False
-        self.guard = ForwardGuard()
-        self.root_hooks: list[Any] = []
-        self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
-        self.packing: list[Any] = []  # their repacking switches, given back when the store goes
-        # plain functions (they get the store as `module`), so copies of the model stay consistent
-        self.register_state_dict_post_hook(_hide_from_state_dict)
-        self.register_load_state_dict_post_hook(_hide_missing_keys)
-
-    def site(self, model: nn.Module, path: str) -> Site:
-        if path not in self.sites:
-            owner = path.rpartition(".")[0]
-            parent = (model.get_submodule(owner) if owner else model) if path else None
-            self.sites[path] = Site(model.get_submodule(path), path, parent)
-        return self.sites[path]
-
-    def extra_repr(self) -> str:
-        return f"deltas={list(self.deltas)}"
-
-    def before_forward(self, model: nn.Module) -> None:
-        """Checks at the start of each forward of the model: the deltas still hold real tensors,
-        and bitsandbytes' CPU inference packing is undone where gradients are wanted."""
-        self.check_alive()
-        if self.packed and torch.is_grad_enabled():
-            unpack_for_training(self.packed)
-
-    def check_alive(self) -> None:
-        """Refuse a forward when the deltas' tensors were moved to meta after attach (accelerate's
-        cpu_offload / dispatch_model offload every module with tensors, a delta's too, and their
-        values are gone): they would run as garbage. One tensor per delta is looked at."""
-        for delta in self.deltas.values():
-            for piece in delta.pieces.values():
-                for tensor in piece._parameters.values():
-                    if tensor is not None and tensor.is_meta:
-                        raise DeltaStateError(
-                            f"the tensors of delta {delta.name!r} were moved to the meta device after it was attached "
-                            "(accelerate's cpu_offload / disk_offload / dispatch_model offload every module, the "
-                            "delta's too), so its values are gone. Offload the model first, then attach or hd.load "
-                            "the delta: hookdelta keeps it on the device the layers compute on"
-                        )
-                    break
-                else:
-                    continue
-                break
-
-
-def _hide_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, metadata: Any) -> None:
-    if module.include_in_state_dict:
-        return
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        del state_dict[key]
-    meta = getattr(state_dict, "_metadata", None)
-    if meta is not None:
-        for key in [k for k in meta if k == prefix[:-1] or k.startswith(prefix)]:
-            del meta[key]
-
-
-def _hide_missing_keys(module: nn.Module, incompatible: Any) -> None:
-    if not module.include_in_state_dict:
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not is_internal(k)]
-
-
-def get_store(model: nn.Module, create: bool = False) -> DeltaStore | None:
-    store = model._modules.get(STORE_NAME)
-    if store is None and create:
-        store = DeltaStore()
-        model.add_module(STORE_NAME, store)
-        store.packed = bnb_4bit_layers(model)
-        store.packing = hold_packing(store.packed)
-        # the model's own forward is watched while it has deltas: see ForwardGuard
-        store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
-                            model.register_forward_hook(store.guard.leave, always_call=True)]
-    return store  # type: ignore[return-value]
-
-
-def remove_store(model: nn.Module) -> None:
-    store = model._modules.pop(STORE_NAME, None)
-    for handle in getattr(store, "root_hooks", []):
-        handle.remove()
-    release_packing(getattr(store, "packing", []))
-
-
-def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The backbone's own parameters (tied ones once), never the deltas'."""
-    return [(n, p) for n, p in model.named_parameters() if not is_internal(n)]

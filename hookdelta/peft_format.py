@@ -30,7 +30,10 @@ from .methods.soft_prompt import SoftPromptConfig
 from .model_inputs import attention_shape, input_embeddings_path, is_encoder_decoder
 from .persistence import read_json, write_files
 from .also_train import TiedCopy
-from .selection import fit_paths, is_conv1d
+from .delta import install
+from .store import check_model, unique_name
+from .modules import is_conv1d
+from .selection import fit_paths
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 DIFFUSERS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_adapter: the config in its metadata
@@ -139,8 +142,6 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
               freeze_base: bool = True) -> Any:
     """Attach a LoRA (LoRA, rsLoRA, DoRA), IA3 or prompt-tuning adapter saved by PEFT. Checks the config,
     every key and every shape before touching the model; returns the Delta."""
-    from .delta import check_model
-
     model = check_model(model)
     config = read_peft_config(directory)
     raw = read_peft_tensors(directory)
@@ -217,10 +218,8 @@ def _load_prompt(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
 
 def _install(model: nn.Module, cfg: Any, name: str | None, method: str, sites: list[str], train: list[str],
              freeze_base: bool, tensors: dict[str, torch.Tensor], directory: Any) -> Any:
-    from .delta import _new_name, install
-
     try:
-        return install(model, cfg, _new_name(model, name, method), sites, train, freeze_base, tensors)
+        return install(model, cfg, unique_name(model, name, method), sites, train, freeze_base, tensors)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
 

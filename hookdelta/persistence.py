@@ -21,6 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import DeltaConfig
+from .delta import deltas, install
+from .store import check_model, unique_name
+from .version import VERSION
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
 from .placement import kept_name, real_weight
 from .selection import fit_paths
@@ -33,15 +36,6 @@ TENSOR_FILE = "delta.safetensors"
 
 
 # -- saving ---------------------------------------------------------------------------------
-
-
-def delta_tensors(delta: Any) -> dict[str, torch.Tensor]:
-    """The delta's own tensors, keyed `<site key>.<tensor name>` (merge copies excluded)."""
-    out: dict[str, torch.Tensor] = {}
-    for piece in delta._pieces():
-        for name, tensor in piece.state_dict().items():
-            out[f"{piece.key}.{name}"] = tensor.detach().to("cpu").contiguous()
-    return out
 
 
 def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False) -> None:
@@ -76,7 +70,7 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
         "base_shapes": {k: list(_base_tensor(delta, model, k).shape) for k in delta.sites},
         "fingerprint": {k: fingerprint(_base_tensor(delta, model, k)) for k in delta.sites},
     }
-    tensors = delta_tensors(delta)
+    tensors = delta.tensors()
     meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for k, t in tensors.items()}
     meta["save_id"] = uuid.uuid4().hex  # ties the two files of one save together
@@ -128,9 +122,7 @@ def _write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]
 
 
 def _version() -> str:
-    from . import __version__
-
-    return __version__
+    return VERSION
 
 
 def _portable_config(delta: Any, model: nn.Module) -> dict[str, Any]:
@@ -171,10 +163,8 @@ def _is_module(model: nn.Module, key: str) -> bool:
 def _base_tensor(delta: Any, model: nn.Module, key: str) -> torch.Tensor:
     """The base weight a site adapts, as it was before any merge of this delta (empty when
     the site has no weight of its own, e.g. a whole MLP block)."""
-    from .delta import _slot
-
     name = "weight" if _is_module(model, key) else key.rpartition(".")[2]
-    piece = delta.pieces[_slot(key)]
+    piece = delta.piece(key)
     original = piece._buffers.get(kept_name(name))
     weight = _weight(model, key)
     return original if original is not None and original.shape == weight.shape else weight
@@ -270,28 +260,10 @@ def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, t
     raise DeltaFileError(f"{path} belongs to another save than {CONFIG_FILE} (an interrupted save?); re-save the delta")
 
 
-def fill_tensors(delta: Any, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into a freshly built (not yet attached) delta, checking every key."""
-    expected = {f"{p.key}.{n}": t for p in delta._pieces() for n, t in p.state_dict(keep_vars=True).items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise DeltaFileError(f"the saved tensors do not fit the delta: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    bad = [f"{k}: saved {tuple(tensors[k].shape)}, model needs {tuple(t.shape)}"
-           for k, t in expected.items() if tuple(t.shape) != tuple(tensors[k].shape)]
-    if bad:
-        raise DeltaFileError("shape mismatch between the saved delta and this model: " + "; ".join(bad[:5]))
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key].to(target.device, target.dtype))
-
-
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
          freeze_base: bool = True) -> Any:
     """Attach a delta saved with `delta.save(directory)`. Checks the files, the sites and
     every shape first; on any error the model is untouched. Returns the Delta."""
-    from .delta import _new_name, check_model, deltas, install
-
     model = check_model(model)
     meta = read_meta(directory)
     try:
@@ -316,7 +288,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
         wanted = None  # saved name taken: pick a fresh one
-    name = _new_name(model, wanted, config.method)
+    name = unique_name(model, wanted, config.method)
     prints = meta.get("fingerprint", {})
     differ = [k for k in sites if k in prints and not _close(prints[k], fingerprint(_weight(model, k)))]
     if differ:

@@ -32,6 +32,7 @@ from typing import Any
 import torch.nn as nn
 
 from .errors import SelectorError
+from .modules import exists, host, is_linear_like, layer_dims, named_modules
 
 ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn", "norm")
 SEMANTIC = ROLES  # the names selectors accept
@@ -80,8 +81,6 @@ def blocks(model: nn.Module, paths: list[tuple[str, nn.Module]]) -> list[str]:
     `_no_split_modules` (the innermost such: a diffusers transformer block, not the U-Net stage
     around it), else elements of lists as long as a layer count of the config (the outermost:
     a T5 block, not the two layers inside it), else any list elements holding linear layers."""
-    from .selection import is_linear_like
-
     counts = _counts(model, _LAYER_COUNTS)
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     named, counted, other = [], [], []
@@ -114,8 +113,6 @@ def _full(pattern: str, text: str) -> bool:
 def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: set[int],
                     members_by_rel: dict[str, nn.Module]) -> dict[str, list[str]]:
     """Roles of the linear layers of one block (paths relative to the model)."""
-    from .selection import layer_dims
-
     dims = {rel: layer_dims(m, m, rel) for rel, m in members}
     width = Counter(i for i, _ in dims.values()).most_common(1)[0][0] if dims else 0
     out: dict[str, list[str]] = {r: [] for r in ROLES}
@@ -179,8 +176,6 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
 
 def discover(model: nn.Module) -> dict[str, list[str]]:
     """role -> module paths, in model order (see the module docstring). `norm` included."""
-    from .selection import exists, is_linear_like, named_modules
-
     paths = named_modules(model)
     found = blocks(model, paths)
     experts = _counts(model, _EXPERT_COUNTS)
@@ -225,8 +220,6 @@ def check_tp_plan(model: nn.Module, roles: dict[str, list[str]]) -> list[str]:
 
 def roles(model: nn.Module) -> dict[str, list[str]]:
     """The discovered semantic roles of `model`: role -> module paths (see the module docstring)."""
-    from .selection import host
-
     return discover(host(model))
 
 
@@ -245,8 +238,6 @@ def expand(model: nn.Module, name: str) -> list[Any]:
     have = sorted(r for r in found if r != "norm")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not have:
-        from .selection import named_modules
-
         counted = len(blocks(model, named_modules(model)))
         raise SelectorError(
             f"hookdelta found no attention or feed-forward layers in {type(model).__name__} (model_type "

@@ -17,85 +17,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.nn as nn
 
 from .errors import ConfigError, DeltaFileError, PathPrefixWarning, SelectorError, UnsupportedModuleError
+from .modules import block_index, exists, host, is_internal, is_linear_like, named_modules
 from .roles import expand, is_semantic
-from .quantized import is_quantized
 
-STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
 # children of a model that are its task head (excluded from "all-linear", like the output embedding)
 HEAD_NAMES = ("classifier", "score", "head", "heads", "fc", "lm_head", "qa_outputs")
 # packages whose layers wrap a model's own (another adapter library): never selected by type
 FOREIGN_PACKAGES = ("peft.", "adapters.")
-
-
-def host(model: Any) -> Any:
-    """The module a model's deltas live in: the model itself, or for a sentence-transformers
-    SentenceTransformer (an nn.Sequential of its Transformer module, pooling, normalization)
-    the transformers model inside it, so the container stays untouched."""
-    if isinstance(model, nn.Sequential) and len(model) and isinstance(getattr(model[0], "auto_model", None), nn.Module):
-        return model[0].auto_model
-    return model
-
-
-def is_internal(path: str) -> bool:
-    """True for paths inside hookdelta's own store; selection never sees those."""
-    return STORE_NAME in path.split(".")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (bitsandbytes and torchao layers included), transformers Conv1D, and other
-    quantized linear layers (HQQ) that say their in_features / out_features."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        return True
-    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
-            and is_quantized(module))
-
-
-def hidden_size(model: nn.Module) -> int | None:
-    """The model's hidden width from its config (hidden_size / d_model / n_embd / dim), if any."""
-    config = getattr(model, "config", None)
-    for name in ("hidden_size", "d_model", "n_embd", "dim"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int]:
-    """(input width, output width) of a layer: from its weight when it is linear, from its
-    first and last linear layers for a block (an MLP), else the model's hidden size."""
-    if isinstance(module, nn.Linear) or is_linear_like(module) and not is_conv1d(module):
-        return module.in_features, module.out_features  # the logical shape, never a packed one
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    inner = [m for m in module.modules() if m is not module and is_linear_like(m)]
-    if inner:  # a block (an MLP): what its first linear layer reads and its last one writes
-        return layer_dims(model, inner[0], path)[0], layer_dims(model, inner[-1], path)[1]
-    width = hidden_size(model)
-    if width is None:
-        raise UnsupportedModuleError(
-            f"cannot tell the width of {path!r} ({type(module).__name__}): it is not a linear layer and "
-            "the model has no config.hidden_size; target its linear layers instead"
-        )
-    return width, width
-
-
-def block_index(path: str) -> int | None:
-    """The index of the repeated block a path lies in: its first integer component."""
-    for part in path.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module of the model except the root and hookdelta's own store."""
-    return [(n, m) for n, m in model.named_modules() if n and not is_internal(n)]
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
@@ -273,20 +201,6 @@ def match_parameters(model: nn.Module, targets: Any, exclude: Any = None,
     ]
     layers = list(layers) if layers is not None else None
     return _select(entries, targets, exclude, layers, set(), "parameter", model)
-
-
-def exists(model: nn.Module, path: str) -> bool:
-    """Whether `path` names a module, or a parameter of a module, of the model."""
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        owner, _, name = path.rpartition(".")
-        try:
-            module = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            return False
-        return name in module._parameters
 
 
 def fit_paths(model: nn.Module, paths: list[str], source: Any) -> Callable[[str], str]:

@@ -13,15 +13,15 @@ from rich.console import Console, Group
 from rich.text import Text
 from rich.tree import Tree
 
-from .engine import get_store
+from .store import store_of
 from .roles import roles
-from .selection import host, is_internal
+from .modules import host, is_internal
 
 
 def _site_labels(model: nn.Module) -> dict[str, list[str]]:
     """path -> one label per delta piece on that module, in attach order."""
     labels: dict[str, list[str]] = {}
-    store = get_store(model)
+    store = store_of(model)
     if store is None:
         return labels
     for delta in store.deltas.values():
@@ -130,7 +130,7 @@ def _totals(model: nn.Module) -> str:
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     lines = [f"all params: {total:,} || trainable: {trainable:,} ({100.0 * trainable / max(total, 1):.4f}%)"]
-    store = get_store(model)
+    store = store_of(model)
     if store is not None:
         for name, delta in store.deltas.items():
             n = sum(p.numel() for p in delta.parameters())

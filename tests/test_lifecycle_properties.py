@@ -340,9 +340,9 @@ def test_lifecycle_on_an_offloaded_model():
 # -- the test can fail: planted bugs it must catch ------------------------------------------
 
 def _skip_flag_restore(monkeypatch):
-    from hookdelta import delta as lifecycle
+    from hookdelta.store import DeltaStore
 
-    monkeypatch.setattr(lifecycle, "_unfreeze", lambda store, model, name: store.freezers.remove(name))
+    monkeypatch.setattr(DeltaStore, "unfreeze", lambda self, model, name: self.freezers.remove(name))
 
 
 def _ia3_merge_forgets_bias(monkeypatch):

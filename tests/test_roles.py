@@ -16,7 +16,7 @@ import transformers as tf
 import hookdelta as hd
 from helpers import assert_restored, perturb, snapshot
 from hookdelta.roles import check_tp_plan
-from hookdelta.selection import is_linear_like, layer_dims
+from hookdelta.modules import is_linear_like, layer_dims
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

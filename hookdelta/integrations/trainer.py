@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback as _Base
 
 from ..errors import DeltaFileError
-from ..persistence import fill_tensors, read_meta, read_tensors
+from ..persistence import read_meta, read_tensors
 
 
 class TrainerCallback(_Base):
@@ -44,4 +44,4 @@ class TrainerCallback(_Base):
                 f"resuming at step {state.global_step}, but the checkpoint has no saved delta at {folder}; "
                 "was it written with hd.TrainerCallback(delta)?"
             )
-        fill_tensors(self.delta, read_tensors(folder, read_meta(folder)))
+        self.delta.load_tensors(read_tensors(folder, read_meta(folder)))

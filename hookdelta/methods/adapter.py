@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
 from ..placement import layer_like
-from ..selection import layer_dims
+from ..modules import layer_dims
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,

@@ -15,7 +15,7 @@ from ..config import DeltaConfig
 from ..engine import Piece, map_output
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
 from ..roles import is_norm
-from ..selection import is_linear_like, layer_dims
+from ..modules import is_linear_like, layer_dims
 from .adapter import reference_tensor
 
 

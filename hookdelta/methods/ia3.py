@@ -15,7 +15,8 @@ from ..config import DeltaConfig, Selector, normalize_selector
 from ..engine import Piece, current, map_output
 from ..errors import SelectorError, UnsupportedModuleError
 from ..placement import layer_like
-from ..selection import is_conv1d, is_linear_like, layer_dims, match
+from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..selection import match
 
 
 class Rescale(Piece):

@@ -28,7 +28,8 @@ from ..engine import Piece, current, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
 from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
-from ..selection import is_conv1d, is_internal, is_linear_like, layer_dims, match, match_parameters, named_modules
+from ..modules import is_conv1d, is_internal, is_linear_like, layer_dims, named_modules, resolve_site
+from ..selection import match_parameters
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 
@@ -137,7 +138,7 @@ class LoRAConfig(DeltaConfig):
             found = roles(model)
             fused = set(found.get("attn.q", [])) & set(found.get("attn.k", [])) & set(found.get("attn.v", []))
         for key in sites:
-            module, param_name = _resolve(model, key)
+            module, param_name = resolve_site(model, key)
             weight = module._parameters.get(param_name or "weight")
             if weight is not None and id(weight) in done:
                 continue  # the other end of a tie that was already covered
@@ -174,18 +175,6 @@ def _check_pattern(name: str, patterns: Any, integer: bool) -> None:
         ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
         if isinstance(value, bool) or not ok or value <= 0:
             raise ConfigError(f"LoRAConfig.{name}[{pattern!r}] must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-
-def _resolve(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
-    """A site key is a module path, or a parameter path (module path + '.' + name)."""
-    try:
-        return model.get_submodule(key), None
-    except AttributeError:
-        owner, _, name = key.rpartition(".")
-        module = model.get_submodule(owner) if owner else model
-        if name not in module._parameters:
-            raise UnsupportedModuleError(f"{key!r} is neither a module nor a parameter of the model") from None
-        return module, name
 
 
 def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:

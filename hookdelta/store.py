@@ -1,0 +1,265 @@
+"""A model's deltas, as one piece of state: the reserved child module that holds them, the
+sites (hooked modules) their pieces sit on, the backbone's requires_grad flags, and the hooks
+on the model's root. The only code that registers a delta on a model or takes it off again.
+
+- `store_of(model)` finds the store (no side effects); `open_store(model)` creates it with its
+  root hooks; the store closes itself when its last delta goes.
+- `store.add(model, delta, freeze)` puts a built delta on the model: registers it, stamps its
+  pieces, puts each on its site, freezes the backbone; on any error it takes all of it back.
+- `store.remove(model, delta)` takes a delta's pieces off their sites, gives the backbone's
+  flags back when the last freezing delta goes, and closes the store when it is empty.
+
+Its tensors stay out of the model's `state_dict()` and out of `load_state_dict`'s missing keys
+(invariant 1); deltas still move with `model.to()`, show in `model.parameters()` and survive
+`copy.deepcopy`, because the store is an ordinary child module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .engine import ForwardGuard, Site, forget_compiled_code, hook_clock
+from .errors import ConfigError, DeltaStateError, UnsupportedModuleError
+from .modules import STORE_NAME, host, is_internal
+from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
+
+
+class DeltaStore(nn.Module):
+    """The reserved child (`model._hookdelta`) that holds every delta of one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deltas = nn.ModuleDict()
+        self.sites: dict[str, Site] = {}
+        self.saved_flags: dict[str, tuple[nn.Parameter, bool]] = {}  # before the first freezing delta
+        self.freezers: list[str] = []  # names of the deltas that froze the backbone
+        self.include_in_state_dict = False
+        self.guard = ForwardGuard()
+        self.root_hooks: list[Any] = []
+        self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
+        self.packing: list[Any] = []  # their repacking switches, given back when the store closes
+        # plain functions (they get the store as `module`), so copies of the model stay consistent
+        self.register_state_dict_post_hook(_hide_from_state_dict)
+        self.register_load_state_dict_post_hook(_hide_missing_keys)
+
+    def extra_repr(self) -> str:
+        return f"deltas={list(self.deltas)}"
+
+    # -- registering deltas ----------------------------------------------------------------
+
+    def add(self, model: nn.Module, delta: Any, freeze: bool) -> None:
+        """Register a built delta and hook its pieces in; all or nothing."""
+        try:
+            self.deltas[delta.name] = delta
+            delta.attached = True
+            stamp = hook_clock()  # every hook registered from now on counts as registered after this delta
+            for piece in delta.pieces.values():
+                piece.stamp = stamp
+                piece.set_live(True)
+            self.guard.probe_next = True  # the next forward is watched for layers whose hooks never run
+            for piece in delta.pieces.values():
+                self.site(model, piece.site_path).add(piece)
+            if freeze:
+                self.freeze(model, delta.name)
+        except BaseException:
+            self.remove(model, delta)
+            raise
+        forget_compiled_code()
+
+    def remove(self, model: nn.Module, delta: Any) -> None:
+        """Take a delta's (unmerged) pieces off their sites and unregister it; close when empty."""
+        for piece in delta.pieces.values():
+            piece.set_live(False)
+            site = self.sites.get(piece.site_path)
+            if site is None:
+                continue
+            site.discard(piece)
+            piece._buffers.clear()  # merge copies, if any were left
+            if not site.pieces:
+                del self.sites[piece.site_path]
+        if delta.name in self.freezers:
+            self.unfreeze(model, delta.name)
+        if self.deltas._modules.get(delta.name) is delta:
+            del self.deltas[delta.name]
+        delta.attached = False
+        if not len(self.deltas):
+            close_store(model)
+        forget_compiled_code()
+
+    def site(self, model: nn.Module, path: str) -> Site:
+        if path not in self.sites:
+            owner = path.rpartition(".")[0]
+            parent = (model.get_submodule(owner) if owner else model) if path else None
+            self.sites[path] = Site(model.get_submodule(path), path, parent)
+        return self.sites[path]
+
+    def refresh(self, paths: Any = None) -> None:
+        """Re-hook these sites (all of them by default) after their pieces' live flags changed."""
+        for path in self.sites if paths is None else paths:
+            self.sites[path].refresh()
+        forget_compiled_code()
+
+    def check_sites(self, action: str) -> None:
+        """Refuse a change when a hooked module was replaced after attach (a wrapper, a converter)."""
+        replaced = [s.path for s in self.sites.values() if s.replaced()]
+        if replaced:
+            raise DeltaStateError(
+                f"cannot {action}(): the module at {replaced[0]!r} was replaced after the delta was attached (by a "
+                "wrapper or a converter), so the delta's hooks sit on a module the model no longer calls there. "
+                "detach() the delta and attach it again to the model as it is now"
+            )
+
+    # -- the backbone's flags --------------------------------------------------------------------
+
+    def freeze(self, model: nn.Module, name: str) -> None:
+        if not self.freezers:
+            self.saved_flags = {n: (p, p.requires_grad) for n, p in base_parameters(model)}
+        self.freezers.append(name)
+        for _, p in base_parameters(model):
+            p.requires_grad_(False)
+
+    def unfreeze(self, model: nn.Module, name: str) -> None:
+        """Give every parameter frozen at attach its flag back: the same tensor (also where a
+        module was swapped out meanwhile) and whatever tensor now sits under its name."""
+        self.freezers.remove(name)
+        if not self.freezers:
+            for param, flag in self.saved_flags.values():
+                param.requires_grad_(flag)
+            for n, p in base_parameters(model):
+                if n in self.saved_flags:
+                    p.requires_grad_(self.saved_flags[n][1])
+            self.saved_flags = {}
+
+    # -- called by the root hooks ----------------------------------------------------------------
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Checks at the start of each forward of the model: the deltas still hold real tensors,
+        and bitsandbytes' CPU inference packing is undone where gradients are wanted."""
+        self.check_alive()
+        if self.packed and torch.is_grad_enabled():
+            unpack_for_training(self.packed)
+
+    def check_alive(self) -> None:
+        """Refuse a forward when the deltas' tensors were moved to meta after attach (accelerate's
+        cpu_offload / dispatch_model offload every module with tensors, a delta's too, and their
+        values are gone): they would run as garbage. One tensor per delta is looked at."""
+        for delta in self.deltas.values():
+            first = next((t for p in delta.pieces.values() for t in p._parameters.values() if t is not None), None)
+            if first is not None and first.is_meta:
+                raise DeltaStateError(
+                    f"the tensors of delta {delta.name!r} were moved to the meta device after it was attached "
+                    "(accelerate's cpu_offload / disk_offload / dispatch_model offload every module, the "
+                    "delta's too), so its values are gone. Offload the model first, then attach or hd.load "
+                    "the delta: hookdelta keeps it on the device the layers compute on"
+                )
+
+    def watch(self) -> dict[int, tuple[torch.Tensor, str, list[str]]]:
+        """id(weight) -> (weight, layer, delta names) for every layer a live piece hooks directly:
+        what the first-forward probe watches (offloaded weights, on meta and replaced per call, not)."""
+        owners: dict[str, list[str]] = {}
+        for name, delta in self.deltas.items():
+            for piece in delta.pieces.values():
+                if piece.live and not piece.through:
+                    owners.setdefault(piece.site_path, []).append(name)
+        watch = {}
+        for path, names in owners.items():
+            site = self.sites.get(path)
+            for param in (site.module._parameters.values() if site is not None and path else ()):
+                if param is not None and not param.is_meta:
+                    watch[id(param)] = (param, path, sorted(set(names)))
+        return watch
+
+
+def _hide_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, metadata: Any) -> None:
+    if module.include_in_state_dict:
+        return
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k == prefix[:-1] or k.startswith(prefix)]:
+            del meta[key]
+
+
+def _hide_missing_keys(module: nn.Module, incompatible: Any) -> None:
+    if not module.include_in_state_dict:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not is_internal(k)]
+
+
+def store_of(model: nn.Module) -> DeltaStore | None:
+    """The model's store, or None; changes nothing."""
+    return model._modules.get(STORE_NAME)  # type: ignore[return-value]
+
+
+def open_store(model: nn.Module) -> DeltaStore:
+    """The model's store, created with its root hooks (the thread guard and the forward checks)
+    and bitsandbytes' CPU repacking held off (see quantized.py) when there is none yet."""
+    store = store_of(model)
+    if store is None:
+        store = DeltaStore()
+        store.train(model.training)
+        model.add_module(STORE_NAME, store)
+        store.packed = bnb_4bit_layers(model)
+        store.packing = hold_packing(store.packed)
+        store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
+                            model.register_forward_hook(store.guard.leave, always_call=True)]
+    return store
+
+
+def close_store(model: nn.Module) -> None:
+    store = model._modules.pop(STORE_NAME, None)
+    for handle in getattr(store, "root_hooks", []):
+        handle.remove()
+    release_packing(getattr(store, "packing", []))
+
+
+def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The backbone's own parameters (tied ones once), never the deltas'."""
+    return [(n, p) for n, p in model.named_parameters() if not is_internal(n)]
+
+
+def deltas_of(model: nn.Module) -> dict[str, Any]:
+    """The deltas attached to `model`, by name, in attach order."""
+    store = store_of(host(model))
+    return dict(store.deltas.items()) if store is not None else {}
+
+
+def unique_name(model: nn.Module, name: str | None, method: str) -> str:
+    """`name` checked (non-empty, no dots, not taken), or a fresh one from the method's name."""
+    taken = set(deltas_of(model))
+    if name is None:
+        name, i = method, 2
+        while name in taken:
+            name, i = f"{method}_{i}", i + 1
+        return name
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"a delta name must be a non-empty string without dots, got {name!r}")
+    if name in taken:
+        raise DeltaStateError(f"model already has a delta named {name!r}; pick another name or detach that one")
+    return name
+
+
+def check_model(model: Any) -> nn.Module:
+    """The module the deltas go on (see modules.host), or a clear refusal."""
+    model = host(model)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModuleError(f"hookdelta works on torch.nn.Module models, got {type(model).__name__}")
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise UnsupportedModuleError(
+            f"hookdelta keeps a model's deltas in one reserved child module, and a bare "
+            f"{type(model).__name__} would iterate over it; wrap the container in your own nn.Module "
+            "(or attach to the model that holds it)"
+        )
+    if type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModuleError(
+            "this model was wrapped by torch.compile, which does not see hooks added afterwards; "
+            "attach deltas to the original model (compiled._orig_mod) and compile after attaching"
+        )
+    return model
+
+
+__all__ = ["DeltaStore", "base_parameters", "check_model", "close_store", "deltas_of", "open_store",
+           "store_of", "unique_name"]
