@@ -2,7 +2,9 @@
 
 A method's config subclasses `DeltaConfig`, sets `method`, validates its own fields in
 `validate()` and builds its per-site pieces in `build()`. Configs hold data only; the
-hook engine never sees them.
+hook engine never sees them. A method also owns its formats: `portable()` writes the config
+for `delta.json`, and a `PeftCodec` (the class attribute `peft_codec`) maps its deltas to and
+from PEFT's adapter files; persistence.py and peft_format.py only dispatch to them.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence, Union
+from typing import Any, Callable, ClassVar, Sequence, Union
 
+import torch
 import torch.nn as nn
 
+from .engine import Piece
 from .errors import ConfigError
+from .modules import is_conv1d, resolve_site
 from .selection import match, match_defaults
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Piece
 
 # A selector: a name suffix / glob / "re:" regex string, a module type, a predicate
 # (name, module) -> bool, or a list of these.
@@ -45,6 +48,8 @@ class DeltaConfig:
     method: ClassVar[str] = ""
     # semantic layer names (see roles.py) used when `targets` is None
     default_targets: ClassVar[tuple[str, ...]] = ()
+    # how this method's deltas map to and from PEFT's adapter files (None: PEFT has no such file)
+    peft_codec: ClassVar["PeftCodec | None"] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,9 +93,20 @@ class DeltaConfig:
             raise ConfigError(f"{type(self).__name__} has no default positions; pass targets=[...]")
         return self.default_targets
 
-    def build(self, model: nn.Module, sites: Sequence[str]) -> list["Piece"]:
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         """Create the method's pieces for the selected module paths (nothing is attached yet)."""
         raise NotImplementedError
+
+    def portable(self, delta: Any) -> dict[str, Any]:
+        """The config as `delta.json` stores it. Callable selectors cannot be written, so they
+        become the exact sites the delta has (a method with selectors of its own, such as
+        LoRA's target_parameters, extends this)."""
+        data = self.to_dict()
+        if has_callable(data):
+            modules = [k for k in delta.sites if resolve_site(delta.model, k)[1] is None]
+            data.update(targets=[exact(k) for k in modules] or None, exclude=None, layers=None,
+                        also_train=[exact(k) for k in delta.also_train] or None)
+        return data
 
     # -- JSON ---------------------------------------------------------------------------
 
@@ -103,6 +119,11 @@ class DeltaConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def registered() -> dict[str, type["DeltaConfig"]]:
+        """method name -> config class, for every method defined."""
+        return dict(_REGISTRY)
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "DeltaConfig":
@@ -129,6 +150,54 @@ class DeltaConfig:
         return dataclasses.replace(self, **changes)
 
 
+class PeftCodec:
+    """How one PEFT `peft_type` maps to a hookdelta method and back. A method module defines a
+    subclass and sets it as its config's `peft_codec`; peft_format.py reads and writes the
+    files, fits module paths, handles modules_to_save, and asks the codec for the rest.
+
+    Reading: `place` names the module path and our tensor name of each tensor key (after the
+    prefix), `to_config` turns PEFT's config and the placed tensors into a config and our
+    tensors. Writing: `from_delta` gives PEFT's config fields and tensors (keys without prefix).
+    """
+
+    peft_type: ClassVar[str] = ""
+    understood: ClassVar[frozenset[str]] = frozenset()  # PEFT config fields it reads
+    prefix: ClassVar[str] = "base_model.model."  # PEFT's key prefix: a tuner wraps the model
+    suffixes: ClassVar[dict[str, str]] = {}  # PEFT tensor name at the end of a key -> ours
+    fits_paths: ClassVar[bool] = True  # place() gives module paths as saved (to fit onto the model)
+
+    def refuse(self, peft_config: dict[str, Any]) -> list[str]:
+        """Values of understood fields this method cannot load (named in the error)."""
+        return []
+
+    def place(self, model: nn.Module, key: str) -> tuple[str, str] | None:
+        """(module path, our tensor name) of a tensor key, or None when it is not this method's."""
+        for suffix, ours in self.suffixes.items():
+            if key.endswith(suffix):
+                return key[: -len(suffix)], ours
+        return None
+
+    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
+                  common: dict[str, Any]) -> tuple["DeltaConfig", dict[str, torch.Tensor]]:
+        """(config, tensors keyed `<site>.<name>`) for the sites in `named`; `common` holds the
+        also_train fields every config takes."""
+        raise NotImplementedError
+
+    def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(PEFT config fields, tensors keyed as PEFT names them, without the prefix)."""
+        raise NotImplementedError
+
+    def file_key(self, key: str) -> str:
+        """The key a tensor from `from_delta` gets in the file."""
+        return self.prefix + key
+
+    @staticmethod
+    def tuner_fields(delta: Any, pieces: list[Piece]) -> dict[str, Any]:
+        """The fields every PEFT tuner config (LoRA, IA3) has: its target modules and layout."""
+        return {"target_modules": [p.key for p in pieces],
+                "fan_in_fan_out": any(is_conv1d(delta.model.get_submodule(p.key)) for p in pieces)}
+
+
 # -- field checks shared by the methods ---------------------------------------------------
 
 
@@ -153,6 +222,26 @@ def check_bool(cfg: DeltaConfig, name: str) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, bool):
         raise ConfigError(f"{type(cfg).__name__}.{name} must be True or False, got {value!r}")
+
+
+def exact(path: str) -> str:
+    """A selector that matches exactly this path."""
+    return f"re:{re.escape(path)}"
+
+
+def has_callable(data: dict[str, Any]) -> bool:
+    """Whether a config's dict (to_dict) holds a callable selector, which JSON cannot hold."""
+    values = [v for f in data.values() for v in (f if isinstance(f, list) else [f])]
+    return any(isinstance(v, dict) and "callable" in v for v in values)
+
+
+def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern rule: the value of the first regex the key's path
+    ends with (a whole dotted component), else the default."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", key):
+            return value
+    return default
 
 
 def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:

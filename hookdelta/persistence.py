@@ -63,7 +63,7 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
         "name": delta.name,
         "delta_id": delta.uid,
         "method": delta.method,
-        "config": _portable_config(delta, model),
+        "config": delta.config.portable(delta),
         "sites": delta.sites,
         "also_train": delta.also_train,
         "backbone": type(model).__name__,
@@ -123,33 +123,6 @@ def _write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]
 
 def _version() -> str:
     return VERSION
-
-
-def _portable_config(delta: Any, model: nn.Module) -> dict[str, Any]:
-    """The config as JSON; callable selectors (not serializable) become the exact site lists."""
-    data = delta.config.to_dict()
-    if _has_callable(data):
-        modules = [k for k in delta.sites if _is_module(model, k)]
-        params = [k for k in delta.sites if not _is_module(model, k)]
-        data.update(targets=[f"re:{_escape(k)}" for k in modules] or None, exclude=None, layers=None,
-                    also_train=[f"re:{_escape(k)}" for k in delta.also_train] or None)
-        if "target_parameters" in data:
-            data["target_parameters"] = [f"re:{_escape(k)}" for k in params] or None
-        if "feedforward_targets" in data:  # IA3: the sites whose input is scaled
-            ff = [p.key for p in delta.pieces.values() if getattr(p, "on_input", False)]
-            data["feedforward_targets"] = [f"re:{_escape(k)}" for k in ff] or None
-    return data
-
-
-def _has_callable(data: dict[str, Any]) -> bool:
-    values = [v for f in data.values() for v in (f if isinstance(f, list) else [f])]
-    return any(isinstance(v, dict) and "callable" in v for v in values)
-
-
-def _escape(path: str) -> str:
-    import re
-
-    return re.escape(path)
 
 
 def _is_module(model: nn.Module, key: str) -> bool:

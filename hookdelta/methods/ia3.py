@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, Selector, normalize_selector
+from ..config import DeltaConfig, PeftCodec, Selector, exact, has_callable, normalize_selector
 from ..engine import Piece, current, map_output
 from ..errors import SelectorError, UnsupportedModuleError
 from ..placement import layer_like
@@ -86,6 +86,12 @@ class IA3Config(DeltaConfig):
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         return sorted(dict.fromkeys(sites + ff), key=order.__getitem__)
 
+    def portable(self, delta: Any) -> dict[str, Any]:
+        data = super().portable(delta)
+        if has_callable(self.to_dict()):  # the sites whose input is scaled
+            data["feedforward_targets"] = [exact(p.key) for p in delta.pieces.values() if p.on_input] or None
+        return data
+
     def _feedforward(self, model: nn.Module) -> list[str]:
         if self.feedforward_targets is not None:
             return match(model, self.feedforward_targets, self.exclude, self.layers)
@@ -110,3 +116,29 @@ class IA3Config(DeltaConfig):
             like = layer_like(model, path, module)
             pieces.append(Rescale(path, module, width_in if on_input else width_out, on_input, like))
         return pieces
+
+
+class IA3Codec(PeftCodec):
+    """PEFT's IA3 files: ia3_l as [out, 1] where outputs are scaled, [1, in] where inputs are
+    (PEFT's feedforward modules); hookdelta keeps it flat."""
+
+    peft_type = "IA3"
+    understood = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"})
+    suffixes = {".ia3_l": "ia3_l"}
+
+    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
+                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        feedforward = [s for s, ts in named.items() if ts["ia3_l"].shape[0] == 1]
+        cfg = IA3Config(targets=[exact(s) for s in named], feedforward_targets=[exact(s) for s in feedforward] or None,
+                        **common)
+        return cfg, {f"{s}.{n}": t.reshape(-1) for s, ts in named.items() for n, t in ts.items()}
+
+    def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors = {p.key + ".ia3_l": p.ia3_l.detach().reshape((1, -1) if p.on_input else (-1, 1)).contiguous()
+                   for p in pieces}
+        fields = {"peft_type": "IA3", "init_ia3_weights": True, "feedforward_modules": [p.key for p in pieces if p.on_input],
+                  **self.tuner_fields(delta, pieces)}
+        return fields, tensors
+
+
+IA3Config.peft_codec = IA3Codec()

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, Selector, check_choice, check_float, check_int, normalize_selector
+from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int, exact,
+                      has_callable, normalize_selector, pattern_value)
 from ..engine import Piece, current, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
@@ -83,8 +84,7 @@ class LoRAConfig(DeltaConfig):
         check_choice(self, "init", ["default", "gaussian"])
         check_choice(self, "bias", ["none", "lora_only"])
         for name in ("use_rslora", "tie_weights", "use_dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"LoRAConfig.{name} must be True or False, got {getattr(self, name)!r}")
+            check_bool(self, name)
         for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
             _check_pattern(name, getattr(self, name), integer)
         if self.fused_slices is not None:
@@ -105,10 +105,10 @@ class LoRAConfig(DeltaConfig):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def rank_for(self, key: str) -> int:
-        return _pattern_value(self.rank_pattern, key, self.r)
+        return pattern_value(self.rank_pattern, key, self.r)
 
     def scale_for(self, key: str) -> float:
-        r, alpha = self.rank_for(key), _pattern_value(self.alpha_pattern, key, self.alpha)
+        r, alpha = self.rank_for(key), pattern_value(self.alpha_pattern, key, self.alpha)
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def select(self, model: nn.Module) -> list[str]:
@@ -128,6 +128,13 @@ class LoRAConfig(DeltaConfig):
         if self.target_parameters is not None:
             keys += match_parameters(model, self.target_parameters, self.exclude, self.layers)
         return keys
+
+    def portable(self, delta: Any) -> dict[str, Any]:
+        data = super().portable(delta)
+        if has_callable(self.to_dict()) and self.target_parameters is not None:
+            params = [k for k in delta.sites if resolve_site(delta.model, k)[1] is not None]
+            data["target_parameters"] = [exact(k) for k in params] or None
+        return data
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
@@ -153,13 +160,6 @@ class LoRAConfig(DeltaConfig):
                 done[id(weight)] = primary
                 pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
         return pieces
-
-
-def _pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> Any:
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?(?:{pattern})", key):
-            return value
-    return default
 
 
 def _check_pattern(name: str, patterns: Any, integer: bool) -> None:
@@ -523,3 +523,65 @@ class TiedParameter(Piece):
 
     def describe(self) -> str:
         return f"tied to {self.primary.key}"
+
+
+class LoRACodec(PeftCodec):
+    """PEFT's LORA files (LoRA, rsLoRA, DoRA): lora_A / lora_B (lora_embedding_A / _B on
+    embeddings) and lora_magnitude_vector, in the same layouts as hookdelta's."""
+
+    peft_type = "LORA"
+    understood = frozenset({"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias"})
+    suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
+                ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude"}
+
+    def refuse(self, peft_config: dict[str, Any]) -> list[str]:
+        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+
+    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
+                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        r, alpha = int(peft_config.get("r", 8)), float(peft_config.get("lora_alpha", 8))
+        ranks = {s: int(t["lora_A"].shape[0]) for s, t in named.items() if "lora_A" in t}
+        alphas = {re.escape(s): float(v) for s in named
+                  if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
+        cfg = LoRAConfig(
+            r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
+            use_dora=bool(peft_config.get("use_dora")), dropout=float(peft_config.get("lora_dropout") or 0.0),
+            tie_weights=True, targets=[exact(s) for s in named],
+            rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
+            alpha_pattern=alphas or None, **common)
+        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+
+    def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        cfg: LoRAConfig = delta.config
+        odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))
+               or getattr(p, "lora_bias", None) is not None]
+        if odd:
+            raise UnsupportedModuleError(
+                f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
+                f"targets, fused_slices or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for piece in pieces:
+            embedding = isinstance(delta.model.get_submodule(piece.key), nn.Embedding)
+            a, b = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
+            tensors[piece.key + a] = piece.lora_A.detach().contiguous()
+            tensors[piece.key + b] = piece.lora_B.detach().contiguous()
+            if hasattr(piece, "magnitude"):
+                tensors[piece.key + ".lora_magnitude_vector"] = piece.magnitude.detach().contiguous()
+            r = cfg.rank_for(piece.key)
+            if r != cfg.r:
+                ranks[re.escape(piece.key)] = r
+            alpha = cfg.scale_for(piece.key) * (r ** 0.5 if cfg.use_rslora else r)
+            if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
+                alphas[re.escape(piece.key)] = alpha
+        fields = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+                  "rank_pattern": ranks, "alpha_pattern": alphas, "use_rslora": cfg.use_rslora,
+                  "use_dora": cfg.use_dora, "bias": "none", "init_lora_weights": True, "layers_to_transform": None,
+                  **self.tuner_fields(delta, pieces)}
+        return fields, tensors
+
+
+LoRAConfig.peft_codec = LoRACodec()

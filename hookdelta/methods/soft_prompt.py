@@ -13,16 +13,16 @@ widens the encoder mask the decoder's cross-attention uses. Not mergeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, check_choice, check_int
+from ..config import DeltaConfig, PeftCodec, check_choice, check_int
 from ..engine import Piece
-from ..errors import ConfigError, UnsupportedModuleError
-from ..model_inputs import (accepts, bind, cache_argument, cache_length, check_growable, input_embeddings_path,
-                            is_encoder_decoder, path_of, prepend)
+from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
+from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, check_growable,
+                            input_embeddings_path, is_encoder_decoder, path_of, prepend)
 
 
 class SoftPrompt(Piece):
@@ -166,3 +166,50 @@ class SoftPromptConfig(DeltaConfig):
         if max(ids) >= vocab.shape[0]:
             raise ConfigError(f"the tokenizer at {self.tokenizer!r} gives ids beyond this model's vocabulary ({vocab.shape[0]})")
         return vocab[torch.tensor(ids, device=vocab.device)].clone()
+
+
+class PromptTuningCodec(PeftCodec):
+    """PEFT's PROMPT_TUNING files: `prompt_embeddings` [tokens, hidden], put in front of the input
+    (prompt learning holds the model directly: keys start with `base_model.`)."""
+
+    peft_type = "PROMPT_TUNING"
+    understood = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                            "tokenizer_kwargs", "modules_to_save"})
+    prefix = "base_model."
+    fits_paths = False  # the prompt goes on this model's own input embeddings
+
+    def refuse(self, peft_config: dict[str, Any]) -> list[str]:
+        submodules = peft_config.get("num_transformer_submodules") or 1
+        return [f"num_transformer_submodules={submodules} (an encoder-decoder file)"] if submodules != 1 else []
+
+    def place(self, model: nn.Module, key: str) -> tuple[str, str] | None:
+        return (input_embeddings_path(model), "prompt") if key == "prompt_embeddings" else None
+
+    def file_key(self, key: str) -> str:
+        return key  # the prompt itself is stored without a prefix (modules_to_save copies have one)
+
+    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
+                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        ((site, tensors),) = named.items()
+        prompt = tensors["prompt"]
+        if prompt.dim() != 2:
+            raise DeltaFileError(f"the prompt-tuning file's prompt_embeddings is {tuple(prompt.shape)}, not [tokens, hidden]")
+        return SoftPromptConfig(num_virtual_tokens=prompt.shape[0], **common), {f"{site}.prompt": prompt}
+
+    def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        model = delta.model
+        if is_encoder_decoder(model):
+            raise UnsupportedModuleError("hookdelta writes PEFT prompt-tuning files for decoder-only and encoder-only models")
+        (piece,) = [p for p in pieces if isinstance(p, SoftPrompt)]
+        layers, _, _ = attention_shape(model)
+        name = type(model).__name__
+        task = ("CAUSAL_LM" if name.endswith("CausalLM") else "SEQ_CLS" if name.endswith("SequenceClassification")
+                else "TOKEN_CLS" if name.endswith("TokenClassification") else "FEATURE_EXTRACTION")
+        fields = {"peft_type": "PROMPT_TUNING", "task_type": task, "num_virtual_tokens": piece.length,
+                  "token_dim": piece.prompt.shape[1], "num_transformer_submodules": 1, "num_layers": layers,
+                  "num_attention_heads": model.config.num_attention_heads, "prompt_tuning_init": "RANDOM"}
+        return fields, {"prompt_embeddings": piece.prompt.detach().contiguous()}
+
+
+SoftPromptConfig.peft_codec = PromptTuningCodec()
