@@ -27,7 +27,8 @@ from .selection import match
 class FullCopy(Piece):
     """Trainable copies of one module's direct parameters, swapped in for each call."""
 
-    exact_unmerge_needs_copy = True  # merging writes the copy itself; only the original can undo it
+    merges_by = "value"  # merging writes the copy itself; only the original can undo it
+    role = "also_train"
 
     def __init__(self, path: str, module: nn.Module, model: nn.Module, skip: tuple[str, ...] = (),
                  shared: tuple[str, ...] = ()) -> None:
@@ -70,6 +71,9 @@ def also_train_paths(model: nn.Module, selectors: Any) -> list[str]:
 class TiedCopy(Piece):
     """Another holder of a copied parameter: swaps in the same trainable copy, so both ends of a
     tie (an output head and the embedding) use one tensor, merged or not."""
+
+    merges_by = "value"
+    role = "also_train"
 
     def __init__(self, primary: FullCopy, name: str, path: str) -> None:
         super().__init__(path, key=f"{path}:{name}")

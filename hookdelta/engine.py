@@ -30,24 +30,42 @@ from .quantized import dequantize, is_quantized
 
 
 class Piece(nn.Module):
-    """One delta's part at one module. A method overrides only the hooks it needs.
+    """One delta's part at one module: the protocol between a method and the engine.
 
-    - `pre_forward` may rewrite the module's inputs;
-    - `post_forward` may rewrite its output (never in place);
-    - `swap` returns a stand-in for each parameter named in `swaps`, used for one call;
-    - `delta_weights` returns additive fp32 deltas of the module's parameters for merge().
+    A piece declares which hooks it runs in, and the engine calls only those:
 
-    `merged_weights` / `delta_weights` must stay differentiable in the piece's own tensors:
-    where a parent bypasses the host's forward (`through`), the piece runs as the weights it
-    would merge, swapped in for the parent's call.
+    - `hooks = {"pre"}`: `pre_forward` may rewrite the module's inputs (soft prompts, prefixes,
+      IA3 on a layer's input);
+    - `hooks = {"post"}`: `post_forward` may rewrite its output, never in place (LoRA, adapters,
+      BitFit, IA3 on a layer's output);
+    - `swaps = ("weight", ...)`: `swap` gives a stand-in for each named parameter for the length
+      of one call, put back afterwards even when the call raises (LoRA on a parameter, LN
+      tuning, also_train copies).
+
+    What merge() may do with it is declared too, in these flags:
+
+    | flag | meaning | e.g. |
+    |---|---|---|
+    | `mergeable = False` | it is not a change of the weights: merge() is refused | adapters, prompts |
+    | `merges_by = "delta"` | merge adds `delta_weights()`; unmerge copies the kept original back (or subtracts, with keep_original=False) | LoRA, BitFit, LN tuning |
+    | `merges_by = "value"` | merge writes `merged_weights()`; only the kept original can undo it, so it is always kept | IA3, DoRA, also_train |
+    | `additive = True` | it adds a term that depends only on the layer's input, so it commutes with other additive pieces at the layer (a merge may move it inside them) | LoRA, BitFit |
+    | `reads_weight = True` | its output depends on the layer's current weight, so a merge below it would change it | DoRA |
+    | `weight_path_exact = False` | its merged weights do not reproduce it exactly | LoRA with input dropout |
+
+    `merged_weights` / `delta_weights` stay differentiable in the piece's own tensors: where an
+    enclosing module uses the layer's weights without calling it (`through`), the piece runs as
+    the weights it would merge, swapped in for that module's call.
     """
 
+    hooks: frozenset[str] = frozenset()
     swaps: tuple[str, ...] = ()
+    role: str = "delta"  # what the tree printer calls it ("also_train" for full copies)
     mergeable: bool = True
-    additive: bool = False  # only adds a term that depends on the layer's input (commutes with its kind)
-    reads_weight: bool = False  # its output depends on the host's weight (so a merge below it changes it)
-    exact_unmerge_needs_copy: bool = False  # True where subtracting the delta cannot undo a merge
-    weight_path_exact: bool = True  # its merged weights give exactly its effect (False with input dropout)
+    merges_by: str = "delta"
+    additive: bool = False
+    reads_weight: bool = False
+    weight_path_exact: bool = True
 
     def __init__(self, site_path: str, key: str | None = None) -> None:
         super().__init__()
@@ -55,34 +73,68 @@ class Piece(nn.Module):
         self.key = key or site_path  # unique within the delta; prefixes its saved tensors
         self.live = False  # set by the delta: enabled and not merged
         self.stamp = 0  # the hook clock when it was attached: orders it among other code's hooks
-        self.through = ""  # child of the site whose weights it adapts, when the site bypasses its forward
+        self.through = ""  # child of the site whose weights it adapts, when the site uses them directly
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Rewrite the module's inputs (when "pre" is in `hooks`).
+
+        Args:
+            module: the hooked module. args, kwargs: its call's inputs.
+        Returns:
+            the (args, kwargs) the module is called with.
+        """
         return args, kwargs
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Rewrite the module's output (when "post" is in `hooks`); never in place.
+
+        Args:
+            module: the hooked module. args, kwargs: its inputs. output: what it returned.
+        Returns:
+            the output the caller gets.
+        """
         return output
 
     def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The stand-in for the parameter `name` (one of `swaps`) during this call.
+
+        Args:
+            module: the hooked module. name: the parameter. weight: its current value.
+        Returns:
+            the tensor the module's forward reads as `name`.
+        """
         return weight
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Additive deltas of the module's parameters, in float32, for merge()."""
+        """For merges_by="delta": what merge() adds to each of the module's parameters, float32.
+
+        Args:
+            module: the module whose weights it adapts.
+        Returns:
+            parameter name -> additive delta.
+        """
         return {}
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The parameters' new values after merge() (any float dtype; rounded once on write)."""
+        """The parameters' new values after merge() (any float dtype; rounded once on write).
+        merges_by="value" pieces define it; for "delta" ones it is the current value + delta.
+
+        Args:
+            module: the module whose weights it adapts.
+        Returns:
+            parameter name -> new value.
+        """
         return {n: current(module, n).detach().float() + d.to(current(module, n).device, torch.float32)
                 for n, d in self.delta_weights(module).items()}
 
     def delta_from_merged(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """delta_weights for pieces that define merged_weights (multiplicative ones: IA3, DoRA)."""
+        """delta_weights for merges_by="value" pieces (multiplicative ones: IA3, DoRA)."""
         return {n: v - current(module, n).detach().float() for n, v in self.merged_weights(module).items()}
 
     def weight_values(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The host's weights with this piece applied, differentiable, in their dtypes: the
-        weight path, used where the host's own forward is bypassed."""
-        if self._overrides("merged_weights"):
+        weight path, used where the host's own forward is not called."""
+        if self.merges_by == "value":
             return {n: v.to(current(module, n).dtype) for n, v in self.merged_weights(module).items()}
         return {n: current(module, n) + d.to(current(module, n).dtype) for n, d in self.delta_weights(module).items()}
 
@@ -93,21 +145,17 @@ class Piece(nn.Module):
     def set_live(self, live: bool) -> None:
         object.__setattr__(self, "live", live)  # skips nn.Module.__setattr__: switching is hot
 
-    def _overrides(self, name: str) -> bool:
-        return getattr(type(self), name) is not getattr(Piece, name)
-
     def swapping(self) -> bool:
         return bool(self.swaps or self.through)
 
     def needs(self) -> tuple[bool, bool, bool]:
         """(pre-hook, post-hook, weight swap) this piece runs with; fixed once it is attached.
         A piece acting through a child's weights (`through`) only swaps: its own hooks would
-        see the parent's inputs and outputs, not the child's."""
+        see the enclosing module's inputs and outputs, not the child's."""
         needs = self.__dict__.get("_needs")
         if needs is None:
             through = bool(self.through)
-            needs = (self._overrides("pre_forward") and not through, self._overrides("post_forward") and not through,
-                     self.swapping())
+            needs = ("pre" in self.hooks and not through, "post" in self.hooks and not through, self.swapping())
             object.__setattr__(self, "_needs", needs)
         return needs
 
@@ -365,11 +413,11 @@ class Site:
         if piece.through or piece.swaps:
             return None
         m = self.module
-        if piece._overrides("post_forward"):
+        if "post" in piece.hooks:
             before = [h for k, h in m._forward_hooks.items() if not is_ours(h) and k < piece.stamp]
             if before:
                 return f"a forward hook registered before it ({_name(before[0])}) would then see its effect"
-        if piece._overrides("pre_forward"):
+        if "pre" in piece.hooks:
             after = [h for k, h in m._forward_pre_hooks.items() if not is_ours(h) and k > piece.stamp]
             if after:
                 return f"a forward pre-hook registered after it ({_name(after[0])}) would then act before it"
@@ -394,18 +442,18 @@ class Site:
     def merge(self, piece: Piece, keep_original: bool = True, requantize: bool = False) -> None:
         """Write the piece into the module's weights in place (same tensor, same address); a
         quantized weight only with requantize (a new quantized weight; the old one is kept)."""
-        keep_original = keep_original or piece.exact_unmerge_needs_copy
+        keep_original = keep_original or piece.merges_by == "value"  # only the original undoes those
         host, where = self.host(piece), self.host_path(piece)
         for name, param in host._parameters.items():  # offloaded or quantized weights: refused before any math
             if param is not None:
                 open_slot(host, name, where, requantize)
         written: list[Any] = []
         try:
-            if not piece._overrides("merged_weights"):
+            if piece.merges_by == "delta":
                 deltas = piece.delta_weights(host)
                 slots = {name: open_slot(host, name, where, requantize) for name in deltas}
                 keep_original = keep_original or any(s.needs_copy for s in slots.values())
-            if keep_original and not piece._overrides("merged_weights"):
+            if keep_original and piece.merges_by == "delta":
                 # additive piece: copy, add in place (rounded once), check; the copy undoes a bad write
                 for name, delta in deltas.items():
                     slots[name].keep(piece)

@@ -27,7 +27,7 @@ def _site_labels(model: nn.Module) -> dict[str, list[str]]:
     for delta in store.deltas.values():
         state = "merged" if delta.merged else ("enabled" if delta.enabled else "disabled")
         for piece in delta.pieces.values():
-            what = "also_train" if type(piece).__name__ in ("FullCopy", "TiedCopy") else delta.method
+            what = "also_train" if piece.role == "also_train" else delta.method
             via = f" (through {piece.site_path or 'the model'}'s weights)" if piece.through else ""
             text = f"◆ {delta.name} ({what}) {piece.describe()}{via} [{state}]".replace("  ", " ")
             labels.setdefault(".".join(p for p in (piece.site_path, piece.through) if p), []).append(text)

@@ -51,6 +51,7 @@ class Bottleneck(Piece):
 
     Sequential (default): the branch reads the output h. Parallel: it reads the layer's input."""
 
+    hooks = frozenset({"post"})
     mergeable = False
 
     def __init__(self, key: str, down: nn.Module, up: nn.Module, non_linearity: str, scale: float,

@@ -22,6 +22,7 @@ from .adapter import reference_tensor
 class BiasDelta(Piece):
     """output + b, with b broadcast over the channel dim (last, or dim 1 for convolutions)."""
 
+    hooks = frozenset({"post"})
     additive = True
 
     def __init__(self, key: str, width: int, like: torch.Tensor, channel_dim: int) -> None:

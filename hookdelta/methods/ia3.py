@@ -22,12 +22,13 @@ from ..selection import match
 class Rescale(Piece):
     """l ⊙ output (on_input=False) or the layer applied to l ⊙ input (on_input=True)."""
 
-    exact_unmerge_needs_copy = True  # the merge multiplies; only the kept original undoes it
+    merges_by = "value"  # the merge multiplies; only the kept original undoes it
 
     def __init__(self, key: str, module: nn.Module, width: int, on_input: bool, like: torch.Tensor) -> None:
         super().__init__(key)
         self.ia3_l = nn.Parameter(torch.ones(width, device=like.device, dtype=like.dtype))
         self.on_input = on_input
+        self.hooks = frozenset({"pre"} if on_input else {"post"})  # one hook, on the side that is scaled
         self.conv1d = is_conv1d(module)
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -61,9 +62,6 @@ class Rescale(Piece):
 
     def describe(self) -> str:
         return f"ia3 ⊙{'input' if self.on_input else 'output'}[{self.ia3_l.shape[0]}]"
-
-    def _overrides(self, name: str) -> bool:  # one hook only, on the side that is scaled
-        return name == ("pre_forward" if self.on_input else "post_forward")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -240,6 +240,7 @@ def _tie_partners(cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], ke
 class _LoRABase(Piece):
     """Shared state: the two factors, the scale, the dropout rate."""
 
+    hooks = frozenset({"post"})
     additive = True
 
     def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
@@ -342,7 +343,7 @@ class DoRALinear(LoRALinear):
     detached from the graph, as the DoRA paper recommends),
     y = base(x) + (c − 1)·(W·x) + c·s·B·A·x, so W + ΔW is never applied to the input."""
 
-    exact_unmerge_needs_copy = True  # merging rescales the weight; only the kept original undoes it
+    merges_by = "value"  # merging rescales the weight; only the kept original undoes it
     additive = False
     reads_weight = True  # the norm of W + ΔW
 
@@ -444,6 +445,8 @@ class LoRAParameter(_LoRABase):
     """LoRA on any parameter of 2 or more dims, swapped in for the call: W + s·B·A over the
     last two dims, one update per leading index (per expert of a fused MoE weight)."""
 
+    hooks = frozenset()  # it only swaps
+
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
         w = module._parameters[name]
         if w.dim() < 2:
@@ -479,6 +482,7 @@ class TiedLoRA(Piece):
     Holds no tensors of its own (the primary owns them, and writes the shared weight once
     on merge), so the two modules stay tied."""
 
+    hooks = frozenset({"post"})
     additive = True
 
     def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:

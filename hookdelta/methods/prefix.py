@@ -51,6 +51,7 @@ def token_key_values(taker: nn.Module, cache_arg: str, vocab: int, tokens: int, 
 class Prefix(Piece):
     """The prefix's key/value tensors for every layer, passed in through the cache argument."""
 
+    hooks = frozenset({"pre"})
     mergeable = False
 
     def __init__(self, key: str, shape: tuple[int, int, int], tokens: int, projection: int | None,

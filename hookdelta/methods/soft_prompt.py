@@ -28,6 +28,7 @@ from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cach
 class SoftPrompt(Piece):
     """The learned prompt [P, hidden], put in front of the inputs of the module it hooks."""
 
+    hooks = frozenset({"pre"})
     mergeable = False
 
     def __init__(self, key: str, site_path: str, prompt: torch.Tensor, embedding: nn.Module,
@@ -85,6 +86,7 @@ class SoftPrompt(Piece):
 class EncoderMask(Piece):
     """Encoder-decoder models: widen the encoder attention mask by the prompt's length."""
 
+    hooks = frozenset({"pre"})
     mergeable = False
 
     def __init__(self, primary: SoftPrompt, site_path: str) -> None:
