@@ -10,7 +10,7 @@ cannot be merged into the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,17 +27,39 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def check_bottleneck(cfg: Any) -> None:
-    """Shared checks: a bottleneck width or a reduction factor, a known non-linearity, a scale."""
-    if cfg.bottleneck_dim is not None:
-        check_int(cfg, "bottleneck_dim")
-    check_int(cfg, "reduction_factor")
-    check_choice(cfg, "non_linearity", sorted(ACTIVATIONS))
-    check_float(cfg, "scaling", low=0.0, low_open=True)
+@dataclass(frozen=True, kw_only=True)
+class BottleneckConfig(DeltaConfig):
+    """What every bottleneck adapter shares (sequential, parallel, low-rank, Compacter): the
+    inner width (bottleneck_dim, else layer width // reduction_factor), the non-linearity
+    (relu | gelu | silu | swish | tanh | identity) and the output scale. A method says how its
+    two projections are built (`projections`) and whether the branch reads the layer's input
+    (`parallel`) instead of its output."""
 
+    bottleneck_dim: int | None = None
+    reduction_factor: int = 16
+    non_linearity: str = "relu"
+    scaling: float = 1.0
 
-def bottleneck_width(cfg: Any, width: int) -> int:
-    return cfg.bottleneck_dim if cfg.bottleneck_dim is not None else max(1, width // cfg.reduction_factor)
+    parallel: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        if self.bottleneck_dim is not None:
+            check_int(self, "bottleneck_dim")
+        check_int(self, "reduction_factor")
+        check_choice(self, "non_linearity", sorted(ACTIVATIONS))
+        check_float(self, "scaling", low=0.0, low_open=True)
+
+    def width(self, source: int) -> int:
+        """The inner width for a branch reading `source` features."""
+        return self.bottleneck_dim if self.bottleneck_dim is not None else max(1, source // self.reduction_factor)
+
+    def projections(self, source: int, width: int, out: int, like: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+        """(down, up): source -> width -> out; up starts at zero so a fresh adapter changes nothing."""
+        down = nn.Linear(source, width, device=like.device, dtype=like.dtype)
+        return down, zero_linear(width, out, like)
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        return build_bottlenecks(self, model, sites, self.projections)
 
 
 def reference_tensor(model: nn.Module, module: nn.Module, path: str) -> torch.Tensor:
@@ -82,53 +104,36 @@ def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.L
     return layer
 
 
-def build_bottlenecks(cfg: Any, model: nn.Module, sites: Sequence[str],
-                      make: Callable[[int, int, torch.Tensor], tuple[nn.Module, nn.Module]],
-                      parallel: bool = False) -> list[Piece]:
-    """One Bottleneck per site; `make(width_in, width_out, like)` builds its (down, up) pair."""
+def build_bottlenecks(cfg: BottleneckConfig, model: nn.Module, sites: Sequence[str],
+                      projections: Callable[[int, int, int, torch.Tensor], tuple[nn.Module, nn.Module]]) -> list[Piece]:
+    """One Bottleneck per site; `projections(source, width, out, like)` builds its (down, up)."""
     pieces: list[Piece] = []
     for path in sites:
         module = model.get_submodule(path)
         width_in, width_out = layer_dims(model, module, path)
-        source = width_in if parallel else width_out
-        down, up = make(source, width_out, reference_tensor(model, module, path))
-        widths = f"{source}→{bottleneck_width(cfg, source)}→{width_out}"
-        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, parallel, widths))
+        source = width_in if cfg.parallel else width_out
+        width = cfg.width(source)
+        down, up = projections(source, width, width_out, reference_tensor(model, module, path))
+        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, cfg.parallel,
+                                 f"{source}→{width}→{width_out}"))
     return pieces
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdapterConfig(DeltaConfig):
-    """Sequential bottleneck adapter.
+class AdapterConfig(BottleneckConfig):
+    """Sequential bottleneck adapter: h + s·up(f(down(h))) on a layer's output. placement:
+    "houlsby" (after the attention output and the FFN output) or "pfeiffer" (after the FFN
+    output only), used when targets is None."""
 
-    bottleneck_dim: the adapter's inner width (default: layer width // reduction_factor);
-    non_linearity: relu | gelu | silu | swish | tanh | identity; scaling: multiplies the
-    adapter's output; placement: "houlsby" (after the attention output and the FFN output)
-    or "pfeiffer" (after the FFN output only), used when targets is None.
-    """
-
-    bottleneck_dim: int | None = None
-    reduction_factor: int = 16
-    non_linearity: str = "relu"
-    scaling: float = 1.0
     placement: str = "houlsby"
 
     method = "adapter"
 
     def validate(self) -> None:
-        check_bottleneck(self)
+        super().validate()
         check_choice(self, "placement", ["houlsby", "pfeiffer"])
 
     def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:
             return self.targets
         return ("attn.o", "ffn.out") if self.placement == "houlsby" else ("ffn.out",)
-
-    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        def make(width_in: int, width_out: int, like: torch.Tensor) -> tuple[nn.Module, nn.Module]:
-            width = bottleneck_width(self, width_out)
-            down = nn.Linear(width_out, width, device=like.device, dtype=like.dtype)
-            return down, zero_linear(width, width_out, like)
-
-        return build_bottlenecks(self, model, sites, make)
-

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, check_int
+from ..config import check_bool, check_int
 from ..engine import Piece
 from ..errors import ConfigError
-from .adapter import bottleneck_width, build_bottlenecks, check_bottleneck
+from .adapter import BottleneckConfig, build_bottlenecks
 
 
 def _rule(n: int, like: torch.Tensor) -> nn.Parameter:
@@ -78,49 +78,44 @@ class PHMLinear(nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CompacterConfig(DeltaConfig):
+class CompacterConfig(BottleneckConfig):
     """Compacter adapter. phm_dim n must divide the layer width and the bottleneck width;
     shared_phm_rule shares the Aᵢ across layers; factorized_phm makes each Bᵢ rank phm_rank.
     Default position: after the FFN output (Pfeiffer placement)."""
 
-    bottleneck_dim: int | None = None
-    reduction_factor: int = 16
     phm_dim: int = 4
     shared_phm_rule: bool = True
     factorized_phm: bool = True
     phm_rank: int = 1
     non_linearity: str = "gelu"
-    scaling: float = 1.0
 
     method = "compacter"
     default_targets = ("ffn.out",)
 
     def validate(self) -> None:
-        check_bottleneck(self)
+        super().validate()
         check_int(self, "phm_dim")
         check_int(self, "phm_rank")
-        for name in ("shared_phm_rule", "factorized_phm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"CompacterConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        check_bool(self, "shared_phm_rule")
+        check_bool(self, "factorized_phm")
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         n = self.phm_dim
-        shared: list[SharedRule] = []
+        shared: list[SharedRule] = []  # the rule matrices all layers of this delta share
 
-        def make(width_in: int, width_out: int, like: torch.Tensor) -> tuple[Any, Any]:
-            width = bottleneck_width(self, width_out)
-            if width_out % n or width % n:
+        def projections(source: int, width: int, out: int, like: torch.Tensor) -> tuple[Any, Any]:
+            if out % n or width % n:
                 raise ConfigError(
-                    f"CompacterConfig.phm_dim={n} must divide the layer width ({width_out}) and the "
+                    f"CompacterConfig.phm_dim={n} must divide the layer width ({out}) and the "
                     f"bottleneck width ({width}); pick another phm_dim or bottleneck_dim"
                 )
             if self.shared_phm_rule and not shared:
                 shared.append(SharedRule(sites[0], n, like))
             rule = shared[0] if shared else None
-            return (PHMLinear(width_out, width, n, self.phm_rank, self.factorized_phm,
+            return (PHMLinear(source, width, n, self.phm_rank, self.factorized_phm,
                               (rule, "down") if rule else None, like),
-                    PHMLinear(width, width_out, n, self.phm_rank, self.factorized_phm,
+                    PHMLinear(width, out, n, self.phm_rank, self.factorized_phm,
                               (rule, "up") if rule else None, like, zero=True))
 
-        pieces = build_bottlenecks(self, model, sites, make)
+        pieces = build_bottlenecks(self, model, sites, projections)
         return shared + pieces

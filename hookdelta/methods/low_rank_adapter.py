@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, check_int
-from ..engine import Piece
-from .adapter import bottleneck_width, build_bottlenecks, check_bottleneck
+from ..config import check_int
+from .adapter import BottleneckConfig
 
 
 class LowRankLinear(nn.Module):
@@ -35,27 +33,18 @@ class LowRankLinear(nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True)
-class LowRankAdapterConfig(DeltaConfig):
+class LowRankAdapterConfig(BottleneckConfig):
     """Sequential adapter with low-rank projections: width // reduction_factor inside
     (or bottleneck_dim), each projection of rank `rank`. Default position: after the FFN."""
 
-    bottleneck_dim: int | None = None
-    reduction_factor: int = 16
     rank: int = 1
-    non_linearity: str = "relu"
-    scaling: float = 1.0
 
     method = "low_rank_adapter"
     default_targets = ("ffn.out",)
 
     def validate(self) -> None:
-        check_bottleneck(self)
+        super().validate()
         check_int(self, "rank")
 
-    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        def make(width_in: int, width_out: int, like: torch.Tensor) -> tuple[Any, Any]:
-            width = bottleneck_width(self, width_out)
-            return (LowRankLinear(width_out, width, self.rank, like),
-                    LowRankLinear(width, width_out, self.rank, like, zero=True))
-
-        return build_bottlenecks(self, model, sites, make)
+    def projections(self, source: int, width: int, out: int, like: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+        return LowRankLinear(source, width, self.rank, like), LowRankLinear(width, out, self.rank, like, zero=True)
