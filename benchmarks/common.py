@@ -14,8 +14,16 @@ from typing import Any, Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach for a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
+
+# the tests' helpers: one definition of "give a fresh delta real values" (zero-initialized B
+# would let a contender skip work) for the tests and the timings
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import perturb  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,17 +102,8 @@ def lora_contenders(p: Profile, train: bool = False) -> tuple[torch.nn.Module, t
     bare = llama(p.layers, p.width).train(train)
     ours = copy.deepcopy(bare)
     delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
-    perturb(delta)
+    perturb(delta, std=0.02)
     return bare, ours, delta, peft_twin(bare, delta, "all-linear")
-
-
-def perturb(delta: Any, std: float = 0.02) -> None:
-    """Give LoRA's zero-initialized B values, so the delta does real work in the timings."""
-    with torch.no_grad():
-        for piece in delta.pieces.values():
-            for name, t in piece.named_parameters():
-                if name.endswith("lora_B") or name.startswith("up."):
-                    t.normal_(0, std)
 
 
 def forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:

@@ -35,7 +35,7 @@ def b2_merged(p: Profile) -> Row:
     bare = llama(p.layers, p.width)
     ours = copy.deepcopy(bare)
     delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
-    perturb(delta)
+    perturb(delta, std=0.02)
     delta.merge()
     ids = token_ids(p)
     row = Row("B2", "inference forward, LoRA merged", f"{_shape(p)}; all-linear r=8 merged (original kept)")
@@ -77,7 +77,7 @@ def b8_stacked(p: Profile) -> Row:
     }.items():
         model = copy.deepcopy(bare)
         for cfg in configs:
-            perturb(hd.attach(model, cfg))
+            perturb(hd.attach(model, cfg), std=0.02)
         models[name] = model
     ids = token_ids(p)
     row = Row("B8", "forward with stacked deltas (all-linear LoRA r=8; Pfeiffer adapter, reduction 16)", _shape(p))
@@ -92,7 +92,7 @@ def b10_adapter(p: Profile) -> Row:
     bare = bert(p.layers, p.width)
     ours = copy.deepcopy(bare)
     delta = hd.attach(ours, hd.AdapterConfig(placement="pfeiffer", reduction_factor=16))
-    perturb(delta)
+    perturb(delta, std=0.02)
     ids = token_ids(p)
     row = Row("B10", "inference overhead of a sequential bottleneck adapter after each FFN, reduction 16",
               f"{_shape(p, 'BERT')}; {len(delta.pieces)} adapters of width {p.width // 16}")

@@ -43,7 +43,7 @@ def b6_switch(p: Profile) -> Row:
         model = copy.deepcopy(base)
         deltas = [hd.attach(model, hd.LoRAConfig(**ALL_LINEAR), name=n) for n in names]
         for d in deltas:
-            perturb(d)
+            perturb(d, std=0.02)
         hd.set_active(model, names[0])
         return model, deltas
 

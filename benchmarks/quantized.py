@@ -14,7 +14,7 @@ import transformers as tf
 
 import hookdelta as hd
 
-from .common import Profile, Row, interleave, llama, token_ids, training_memory
+from .common import Profile, Row, interleave, llama, perturb, token_ids, training_memory
 
 R = 16
 
@@ -45,9 +45,7 @@ def _peft(model: torch.nn.Module, delta: Any) -> torch.nn.Module:
 
 def _attach(model: torch.nn.Module) -> Any:
     delta = hd.attach(model, hd.LoRAConfig(r=R, alpha=2 * R, targets="all-linear"))
-    with torch.no_grad():
-        for piece in delta.pieces.values():
-            piece.lora_B.normal_(0, 0.02)
+    perturb(delta, std=0.02)
     return delta
 
 

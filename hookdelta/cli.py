@@ -18,6 +18,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
+import torch  # noqa: E402  (after the environment above: transformers reads it when imported)
+import transformers  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
+from .errors import HookdeltaError  # noqa: E402
+from .quantized import is_quantized  # noqa: E402
+
 
 class CLIError(Exception):
     """A user mistake: reported in one line."""
@@ -25,8 +33,6 @@ class CLIError(Exception):
 
 def load_model(model_dir: str) -> Any:
     """A transformers model from a local directory, as the class its config names."""
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()  # stderr is for errors only
     if not (Path(model_dir) / "config.json").is_file():
         raise CLIError(f"{model_dir} is not a transformers model directory (no config.json)")
@@ -48,15 +54,11 @@ def check_dir(directory: str) -> None:
 
 def load_any(model: Any, directory: str) -> Any:
     """A hookdelta or PEFT delta directory, whichever it is."""
-    import hookdelta as hd
-
     check_dir(directory)
     return hd.load_peft(model, directory) if is_peft_dir(directory) else hd.load(model, directory)
 
 
 def inspect(args: argparse.Namespace) -> None:
-    import hookdelta as hd
-
     if args.delta:
         check_dir(args.delta)
     model = load_model(args.model_dir)
@@ -66,11 +68,6 @@ def inspect(args: argparse.Namespace) -> None:
 
 
 def merge(args: argparse.Namespace) -> None:
-    import torch
-    from rich.progress import Progress
-
-    from .quantized import is_quantized
-
     check_dir(args.delta_dir)
     with Progress(transient=False) as progress:
         task = progress.add_task("loading the model", total=4)
@@ -129,8 +126,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import HookdeltaError
-
     args = parser().parse_args(argv)
     try:
         args.run(args)

@@ -324,7 +324,7 @@ class Delta(nn.Module):
 
     def save(self, directory: Any, overwrite: bool = False) -> None:
         """Write the delta's tensors (safetensors) and description (JSON) to `directory`."""
-        from .persistence import save_delta
+        from .persistence import save_delta  # the facade's one call back up the layers (persistence imports delta)
 
         self._check_attached("save")
         self._store().check_sites("save")
@@ -332,7 +332,7 @@ class Delta(nn.Module):
 
     def save_peft(self, directory: Any, overwrite: bool = False) -> None:
         """Write a LoRA or IA3 delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it)."""
-        from .peft_format import save_peft
+        from .peft_format import save_peft  # the facade's one call back up the layers (peft_format imports delta)
 
         self._check_attached("save_peft")
         self._store().check_sites("save_peft")

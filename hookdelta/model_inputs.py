@@ -123,3 +123,21 @@ def prepend(tensor: torch.Tensor | None, count: int, fill: float) -> torch.Tenso
         return tensor
     pad = torch.full((tensor.shape[0], count), fill, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([pad, tensor], dim=1)
+
+
+def main_input(kw: dict[str, Any]) -> torch.Tensor:
+    """The call's token input, [batch, seq(, hidden)]: input_ids, else inputs_embeds."""
+    source = kw.get("input_ids")
+    if source is None:
+        source = kw.get("inputs_embeds")
+    if source is None:
+        raise ValueError("virtual tokens need the call's input_ids or inputs_embeds")
+    return source
+
+
+def widen_mask(kw: dict[str, Any], count: int, unwidened: int) -> None:
+    """Put `count` ones in front of kw's 2-D attention_mask if it still has its `unwidened`
+    length (a mask another hook, or the caller, already widened is left alone)."""
+    mask = kw.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[-1] == unwidened:
+        kw["attention_mask"] = prepend(mask, count, 1)

@@ -88,15 +88,10 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def exists(model: nn.Module, path: str) -> bool:
     """Whether `path` names a module, or a parameter of a module, of the model."""
     try:
-        model.get_submodule(path)
+        resolve_site(model, path)
         return True
-    except AttributeError:
-        owner, _, name = path.rpartition(".")
-        try:
-            module = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            return False
-        return name in module._parameters
+    except UnsupportedModuleError:
+        return False
 
 
 def resolve_site(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:

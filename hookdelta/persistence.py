@@ -22,11 +22,12 @@ from safetensors.torch import save_file
 
 from .config import DeltaConfig
 from .delta import deltas, install
-from .store import check_model, unique_name
-from .version import VERSION
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
+from .modules import resolve_site
 from .placement import kept_name, real_weight
 from .selection import fit_paths
+from .store import check_model, unique_name
+from .version import VERSION
 
 FORMAT_VERSION = 1
 META_FIELDS = {"format", "format_version", "hookdelta_version", "name", "method", "config", "sites", "also_train",
@@ -59,7 +60,7 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
     meta = {
         "format": "hookdelta",
         "format_version": FORMAT_VERSION,
-        "hookdelta_version": _version(),
+        "hookdelta_version": VERSION,
         "name": delta.name,
         "delta_id": delta.uid,
         "method": delta.method,
@@ -121,22 +122,10 @@ def _write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]
                 backup.unlink(missing_ok=True)
 
 
-def _version() -> str:
-    return VERSION
-
-
-def _is_module(model: nn.Module, key: str) -> bool:
-    try:
-        model.get_submodule(key)
-        return True
-    except AttributeError:
-        return False
-
-
 def _base_tensor(delta: Any, model: nn.Module, key: str) -> torch.Tensor:
     """The base weight a site adapts, as it was before any merge of this delta (empty when
     the site has no weight of its own, e.g. a whole MLP block)."""
-    name = "weight" if _is_module(model, key) else key.rpartition(".")[2]
+    name = resolve_site(model, key)[1] or "weight"
     piece = delta.piece(key)
     original = piece._buffers.get(kept_name(name))
     weight = _weight(model, key)
@@ -174,7 +163,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DeltaFileError(
-            f"{path} has format version {version!r}; this hookdelta ({_version()}) reads version "
+            f"{path} has format version {version!r}; this hookdelta ({VERSION}) reads version "
             f"{FORMAT_VERSION}. Upgrade hookdelta or re-save the delta."
         )
     for field in ("name", "config", "sites", "also_train", "tensors"):
@@ -280,11 +269,10 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
 
 def _weight(model: nn.Module, key: str) -> torch.Tensor:
     """The base tensor a site adapts, with its real values (read through accelerate's offload map)."""
-    if _is_module(model, key):
-        weight = getattr(model.get_submodule(key), "weight", None)
-        return real_weight(model, key) if isinstance(weight, torch.Tensor) else torch.empty(0)
-    owner, _, name = key.rpartition(".")
-    return real_weight(model, owner, name)
+    module, name = resolve_site(model, key)
+    if name is not None:
+        return real_weight(model, key.rpartition(".")[0], name)
+    return real_weight(model, key) if isinstance(getattr(module, "weight", None), torch.Tensor) else torch.empty(0)
 
 
 def _close(a: float, b: float) -> bool:

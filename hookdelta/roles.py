@@ -29,6 +29,7 @@ import re
 from collections import Counter
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .errors import SelectorError
@@ -274,8 +275,6 @@ def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]
     """{"q": rows, "k": rows, "v": rows} (LongTensors of output features) of the fused q/k/v
     projection at `path`, from the model's layout and head counts; a SelectorError where the
     layout is unknown or the sizes do not add up (a guess would be silently wrong)."""
-    import torch
-
     config = getattr(model, "config", None)
     kind = FUSED_LAYOUTS.get(getattr(config, "model_type", None) or "")
     heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads") if isinstance(

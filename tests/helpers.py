@@ -1,13 +1,17 @@
-"""Checks shared by the test files: snapshots of a model and bit-exact comparisons."""
+"""What the test files share: snapshots of a model, bit-exact comparisons, a forward pass to
+compare, a delta with real values, a saved delta. The benchmarks use `perturb` too."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 
 import hookdelta as hd
+from tiny_models import build, main_output
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -79,4 +83,31 @@ def perturb(delta: hd.Delta, std: float = 0.05, seed: int = 7) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in delta.parameters():
-            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+            p.add_(torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype) * std)
+
+
+def outputs(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The model's main output tensor (logits or the first tensor) for `inputs`, without grad."""
+    with torch.no_grad():
+        return main_output(model(**inputs))
+
+
+class Saved(NamedTuple):
+    path: Path  # the delta's directory
+    inputs: dict
+    outputs: torch.Tensor  # the adapted model's outputs on `inputs`, before saving
+    model: nn.Module
+
+
+def save_lora(directory: Path, *, std: float = 0.05, base: bool = False, name: str | None = None,
+              **config: Any) -> Saved:
+    """A LoRA on the tiny Llama (q_proj, v_proj unless `targets` says otherwise) given real values
+    and saved to directory/"delta"; with `base`, the Llama itself is saved to directory/"base"."""
+    model, inputs, targets = build("llama")
+    if base:
+        model.save_pretrained(directory / "base")
+    delta = hd.attach(model, hd.LoRAConfig(**{"r": 4, "targets": targets, **config}), name=name)
+    perturb(delta, std=std)
+    adapted = outputs(model, inputs)
+    delta.save(directory / "delta")
+    return Saved(directory / "delta", inputs, adapted, model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hookdelta as hd
-from helpers import perturb
+from helpers import save_lora
 from tiny_models import build
 
 SCRIPT = shutil.which("hookdelta", path=os.path.dirname(sys.executable)) or shutil.which("hookdelta")
@@ -24,14 +24,8 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    model, inputs, _ = build("llama")
-    model.save_pretrained(tmp / "base")
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
-    perturb(delta, std=0.2)
-    with torch.no_grad():
-        adapted = model(**inputs).logits
-    delta.save(tmp / "delta")
-    return tmp, inputs, adapted
+    saved = save_lora(tmp, std=0.2, base=True)
+    return tmp, saved.inputs, saved.outputs
 
 
 def test_console_script_is_installed():

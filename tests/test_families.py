@@ -6,7 +6,7 @@ import torch.nn as nn
 import transformers as tf
 
 import hookdelta as hd
-from tiny_models import _TEXT, build
+from tiny_models import TEXT, build
 
 EXPECTED = {  # family -> semantic name -> the leaf names it must select in block 0
     "bert": {"attn.q": {"query"}, "attn.o": {"attention.output.dense"}, "ffn.in": {"intermediate.dense"},
@@ -35,7 +35,7 @@ def test_semantic_names_select_each_familys_layers(arch):
 
 
 def test_fused_projections_of_phi3_and_semantic_exclude():
-    model = tf.Phi3ForCausalLM(tf.Phi3Config(**_TEXT, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0))
+    model = tf.Phi3ForCausalLM(tf.Phi3Config(**TEXT, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0))
     assert hd.match(model, ["attn.q", "attn.v"]) == hd.match(model, "qkv_proj")
     llama = build("llama")[0]
     assert hd.match(llama, "all-linear", exclude="ffn.in") == hd.match(llama, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])

@@ -17,8 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, perturb, snapshot
-from hookdelta.config import _REGISTRY
+from helpers import assert_restored, assert_same, perturb, save_lora, snapshot
 from tiny_models import build
 
 # -- every config field, out of range or of the wrong type -----------------------------------
@@ -37,19 +36,20 @@ BAD_BY_TYPE = {
 }
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
             "layers": ["0", [-1], [1.5], [], [True]]}
+CONFIGS = hd.DeltaConfig.registered()
 FIELD_CASES = [(method, f.name, value)
-               for method, cls in sorted(_REGISTRY.items()) for f in dataclasses.fields(cls)
+               for method, cls in sorted(CONFIGS.items()) for f in dataclasses.fields(cls)
                for value in BAD_BASE.get(f.name) or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])]
 
 
 @pytest.mark.parametrize("method,field,value", FIELD_CASES, ids=[f"{m}.{f}={v!r}" for m, f, v in FIELD_CASES])
 def test_every_bad_config_field_is_refused_by_name(method, field, value):
     with pytest.raises(hd.ConfigError, match=field.split("_")[0]):
-        _REGISTRY[method](**{field: value})
+        CONFIGS[method](**{field: value})
 
 
 def test_the_field_table_covers_every_method():
-    assert {m for m, _, _ in FIELD_CASES} == set(_REGISTRY) and len(FIELD_CASES) > 250
+    assert {m for m, _, _ in FIELD_CASES} == set(CONFIGS) and len(FIELD_CASES) > 250
 
 
 # -- broken delta files ------------------------------------------------------------------------
@@ -68,12 +68,7 @@ def digest(directory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A trained-looking LoRA delta on the tiny Llama, saved once."""
-    model = build("llama")[0]
-    delta = hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj", "v_proj"]))
-    perturb(delta)
-    path = tmp_path_factory.mktemp("saved") / "delta"
-    delta.save(path)
-    return path
+    return save_lora(tmp_path_factory.mktemp("saved"), r=2).path
 
 
 def _edit_json(path, change):

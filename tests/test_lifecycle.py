@@ -5,15 +5,11 @@ import torch
 import torch.nn as nn
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, perturb, same_bits, snapshot
-from tiny_models import build, main_output
+from helpers import assert_restored, assert_same, outputs, perturb, same_bits, snapshot
+from tiny_models import build
 
 pytestmark = pytest.mark.lora
 
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return main_output(model(**inputs))
 
 
 @pytest.fixture()
@@ -41,17 +37,17 @@ def test_merged_and_disabled_deltas_take_their_hooks_off(llama):
 
 def test_one_hook_per_site_and_attach_order(llama):
     model, inputs, targets = llama
-    bare = logits(model, inputs)
+    bare = outputs(model, inputs)
     a = hd.attach(model, hd.LoRAConfig(r=2, targets=targets), name="a")
     b = hd.attach(model, hd.LoRAConfig(r=3, targets=targets), name="b")
     assert q_hooks(model) == 1, "two deltas on one layer share one dispatcher hook"
     perturb(a, seed=1)
     perturb(b, seed=2)
-    both = logits(model, inputs)
+    both = outputs(model, inputs)
     with a.disabled():
-        only_b = logits(model, inputs)
+        only_b = outputs(model, inputs)
     with b.disabled():
-        only_a = logits(model, inputs)
+        only_a = outputs(model, inputs)
     assert not torch.allclose(only_a, only_b)
     site = hd.deltas(model)["a"]._store().sites["model.layers.0.self_attn.q_proj"]
     assert [p.key for p in site.pieces] == ["model.layers.0.self_attn.q_proj"] * 2
@@ -59,9 +55,9 @@ def test_one_hook_per_site_and_attach_order(llama):
                                             id(b.pieces["model-layers-0-self_attn-q_proj"])]
     a.disable(), a.enable()  # order survives a disable/enable
     assert [id(p) for p in site.pieces][0] == id(a.pieces["model-layers-0-self_attn-q_proj"])
-    assert torch.equal(logits(model, inputs), both)
+    assert torch.equal(outputs(model, inputs), both)
     with a.disabled(), b.disabled():
-        assert torch.equal(logits(model, inputs), bare)
+        assert torch.equal(outputs(model, inputs), bare)
 
 
 def test_merging_one_of_two_stacked_deltas_matches_both_unmerged(llama):
@@ -71,19 +67,19 @@ def test_merging_one_of_two_stacked_deltas_matches_both_unmerged(llama):
     b = hd.attach(model, hd.LoRAConfig(r=2, targets=targets + ["o_proj"]), name="b")
     perturb(a, seed=1)
     perturb(b, seed=2)
-    both = logits(model, inputs)
+    both = outputs(model, inputs)
     a.merge()
-    torch.testing.assert_close(logits(model, inputs), both, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
     b.merge()
-    torch.testing.assert_close(logits(model, inputs), both, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
     a.unmerge()  # out of order: b was merged after a
-    torch.testing.assert_close(logits(model, inputs), both, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
     b.unmerge()
     for n, p in snap["params"].items():
         assert same_bits(dict(model.named_parameters(remove_duplicate=False))[n], p), n
     b.detach()
     with a.disabled():
-        torch.testing.assert_close(logits(model, inputs), build("llama")[0](**inputs).logits.detach())
+        torch.testing.assert_close(outputs(model, inputs), build("llama")[0](**inputs).logits.detach())
     a.merge()
     a.detach()
     assert_restored(model, snap)
@@ -212,12 +208,12 @@ def test_merge_and_detach_bakes_the_delta(llama):
     model, inputs, targets = llama
     d = hd.attach(model, hd.LoRAConfig(r=2, targets=targets))
     perturb(d)
-    adapted = logits(model, inputs)
+    adapted = outputs(model, inputs)
     q = model.model.layers[0].self_attn.q_proj.weight
     assert d.merge_and_detach() is model
     assert model.model.layers[0].self_attn.q_proj.weight is q, "merged in place"
     assert hd.deltas(model) == {} and not hasattr(model, "_hookdelta") and q_hooks(model) == 0
-    torch.testing.assert_close(logits(model, inputs), adapted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs), adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_moves_with_the_model_dtype_train_eval_parameters(llama):
@@ -227,10 +223,10 @@ def test_moves_with_the_model_dtype_train_eval_parameters(llama):
     ids = {id(p) for p in model.parameters()}
     assert all(id(p) in ids for p in d.parameters()), "model.parameters() includes the delta"
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in d.parameters()}
-    expected = logits(model, inputs)
+    expected = outputs(model, inputs)
     model.double()
     assert all(p.dtype == torch.float64 for p in d.parameters())
-    torch.testing.assert_close(logits(model, inputs).float(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs).float(), expected, rtol=1e-4, atol=1e-5)
     model.half()
     assert all(p.dtype == torch.float16 for p in d.parameters())
     model.float()

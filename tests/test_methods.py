@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, perturb, snapshot
+from helpers import assert_restored, assert_same, outputs, perturb, snapshot
 from tiny_models import build, main_output
 
 FIVE = ["bert", "gpt2", "llama", "t5", "opt"]
@@ -44,10 +44,6 @@ def render(model):
     return out.getvalue()
 
 
-def run(model, inputs):
-    with torch.no_grad():
-        return main_output(model(**inputs))
-
 
 def last_position(out):
     return out.reshape(out.shape[0], -1, out.shape[-1])[:, -1]
@@ -58,41 +54,41 @@ def test_lifecycle(method, arch, tmp_path):
     make, _, mergeable, noop = METHODS[method]
     model, inputs, _ = build(arch)
     snap = snapshot(model)
-    bare = run(model, inputs)
+    bare = outputs(model, inputs)
 
     delta = hd.attach(model, make())
     if noop:  # zero-initialized (up-projection / bias / LoRA B zero, IA3 ones): no change at all
-        assert torch.equal(run(model, inputs), bare)
+        assert torch.equal(outputs(model, inputs), bare)
     perturb(delta, std=0.3)
-    out = run(model, inputs)
+    out = outputs(model, inputs)
     assert not torch.allclose(last_position(out), last_position(bare)), "the perturbed delta must change the output"
     text = render(model)
     assert f"({delta.method})" in text, "the tree shows the delta on its sites"
 
     with delta.disabled():
-        assert torch.equal(run(model, inputs), bare)
-    assert torch.equal(run(model, inputs), out)
+        assert torch.equal(outputs(model, inputs), bare)
+    assert torch.equal(outputs(model, inputs), out)
 
     # merge: exact (within rounding) where the method is linear in the weights, refused elsewhere
     has_bias = all(getattr(model.get_submodule(s), "bias", None) is not None for s in delta.sites)
     can_merge = mergeable if mergeable is not None else has_bias
     if can_merge:
         delta.merge()
-        torch.testing.assert_close(run(model, inputs), out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(outputs(model, inputs), out, rtol=1e-4, atol=1e-5)
         delta.unmerge()
-        assert torch.equal(run(model, inputs), out)
+        assert torch.equal(outputs(model, inputs), out)
     else:
         before = snapshot(model)
         with pytest.raises(hd.MergeError):
             delta.merge()
         assert_same(model, before)
-        assert torch.equal(run(model, inputs), out)
+        assert torch.equal(outputs(model, inputs), out)
 
     delta.save(tmp_path / "d")
     delta.detach()
     assert_restored(model, snap)
     loaded = hd.load(model, tmp_path / "d")
-    assert torch.equal(run(model, inputs), out), "save -> load must reproduce the outputs exactly"
+    assert torch.equal(outputs(model, inputs), out), "save -> load must reproduce the outputs exactly"
     loaded.detach()
     assert_restored(model, snap)
 
@@ -103,7 +99,7 @@ def test_gradients_reach_only_the_delta_and_training_lowers_the_loss(method, arc
     model, inputs, _ = build(arch)
     delta = hd.attach(model, make())
     perturb(delta, std=0.3)
-    target = torch.randn_like(last_position(run(model, inputs)), generator=None)
+    target = torch.randn_like(last_position(outputs(model, inputs)), generator=None)
 
     def loss():
         return (last_position(main_output(model(**inputs))) - target).pow(2).mean()
@@ -132,24 +128,24 @@ def test_stacks_with_lora_and_detaches_independently(method, arch, first_out):
     make = METHODS[method][0]
     model, inputs, _ = build(arch)
     snap = snapshot(model)
-    bare = run(model, inputs)
+    bare = outputs(model, inputs)
     first = hd.attach(model, make())
     perturb(first, std=0.3, seed=1)
-    only_first = run(model, inputs)
+    only_first = outputs(model, inputs)
     lora = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     perturb(lora, std=0.3, seed=2)
-    both = run(model, inputs)
+    both = outputs(model, inputs)
     assert not torch.allclose(last_position(both), last_position(only_first))
     with first.disabled():
-        only_lora = run(model, inputs)
+        only_lora = outputs(model, inputs)
     assert not torch.allclose(last_position(only_lora), last_position(bare))
     if first_out:
         first.detach()
-        assert torch.equal(run(model, inputs), only_lora)
+        assert torch.equal(outputs(model, inputs), only_lora)
         lora.detach()
     else:
         lora.detach()
-        assert torch.equal(run(model, inputs), only_first)
+        assert torch.equal(outputs(model, inputs), only_first)
         first.detach()
     assert_restored(model, snap)
 
@@ -160,12 +156,12 @@ def test_ia3_with_callable_selectors_saves_and_loads(tmp_path):
     d = hd.attach(model, hd.IA3Config(targets=lambda n, m: n.endswith("v_proj"),
                                       feedforward_targets=lambda n, m: n.endswith("down_proj")))
     perturb(d, std=0.3)
-    out = run(model, inputs)
+    out = outputs(model, inputs)
     d.save(tmp_path / "d")
     d.detach()
     loaded = hd.load(model, tmp_path / "d")
     assert {p.key: p.on_input for p in loaded.pieces.values()} == {p.key: p.on_input for p in d.pieces.values()}
-    assert torch.equal(run(model, inputs), out)
+    assert torch.equal(outputs(model, inputs), out)
 
 
 @pytest.mark.parametrize("first,second,merge,allowed", [

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import warnings
 
 import pytest
 import torch

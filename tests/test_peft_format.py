@@ -10,8 +10,8 @@ import torch
 import transformers as tf
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, snapshot
-from tiny_models import _TEXT, build, main_output
+from helpers import assert_restored, outputs, perturb, snapshot
+from tiny_models import TEXT, build
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.lora, pytest.mark.filterwarnings("ignore:The following rank_pattern keys")]
@@ -28,10 +28,6 @@ VARIANTS = {
     "patterns": dict(rank_pattern={"layers?.1.*": 2, "h.1.*": 2}, alpha_pattern={"0.*": 3.0}),
 }
 
-
-def out(model, inputs):
-    with torch.no_grad():
-        return main_output(model(**inputs))
 
 
 def peft_adapter(arch, variant, tmp_path, seed=3):
@@ -54,11 +50,11 @@ def peft_adapter(arch, variant, tmp_path, seed=3):
 @pytest.mark.parametrize("arch", list(CASES))
 def test_peft_adapter_loads_with_peft_outputs(arch, variant, tmp_path):
     directory, pm, inputs = peft_adapter(arch, variant, tmp_path)
-    expected = out(pm, inputs)
+    expected = outputs(pm, inputs)
     model = build(arch)[0]
     snap = snapshot(model)
     delta = hd.load_peft(model, directory)
-    torch.testing.assert_close(out(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(model, inputs), expected, rtol=1e-5, atol=1e-5)
     delta.detach()
     assert_restored(model, snap)
 
@@ -69,15 +65,15 @@ def test_save_peft_loads_in_peft_and_round_trips(arch, variant, tmp_path):
     directory, _, inputs = peft_adapter(arch, variant, tmp_path)
     model = build(arch)[0]
     first = hd.load_peft(model, directory)
-    ours = out(model, inputs)
+    ours = outputs(model, inputs)
     first.save_peft(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
-    torch.testing.assert_close(out(theirs, inputs), ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(theirs, inputs), ours, rtol=1e-5, atol=1e-5)
     # hookdelta -> PEFT -> hookdelta is lossless
     theirs.save_pretrained(tmp_path / "again")
     first.detach()
     second = hd.load_peft(model, tmp_path / "again")
-    assert torch.equal(out(model, inputs), ours)
+    assert torch.equal(outputs(model, inputs), ours)
     for key, piece in second.pieces.items():
         for name, t in piece.state_dict().items():
             assert torch.equal(t, first.pieces[key].state_dict()[name])
@@ -91,7 +87,7 @@ def test_hookdelta_trained_delta_saves_for_peft(tmp_path):
     config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is True
     theirs = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "p").eval()
-    torch.testing.assert_close(out(theirs, inputs), out(model, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(theirs, inputs), outputs(model, inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_wrapper_prefix_is_resolved_and_said(tmp_path):
@@ -105,7 +101,7 @@ def test_wrapper_prefix_is_resolved_and_said(tmp_path):
     d.save_peft(tmp_path / "bare")
     with pytest.warns(hd.PathPrefixWarning, match="with the 'model.' prefix"):
         back = hd.load_peft(full, tmp_path / "bare")
-    torch.testing.assert_close(out(full, inputs), out(pm, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(full, inputs), outputs(pm, inputs), rtol=1e-5, atol=1e-5)
     back.detach()
 
 
@@ -120,7 +116,7 @@ def test_adapter_for_another_model_is_refused_with_the_paths(tmp_path):
 
 def test_adapter_for_another_size_is_refused(tmp_path):
     directory, _, _ = peft_adapter("llama", "lora", tmp_path)
-    wide = tf.LlamaForCausalLM(tf.LlamaConfig(**{**_TEXT, "hidden_size": 48}, num_key_value_heads=2, max_position_embeddings=32))
+    wide = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TEXT, "hidden_size": 48}, num_key_value_heads=2, max_position_embeddings=32))
     snap = snapshot(wide)
     with pytest.raises(hd.DeltaFileError, match="shape"):
         hd.load_peft(wide, directory)
@@ -172,14 +168,14 @@ def assert_both_ways(pm, arch, inputs, method, tmp_path):
     """PEFT's saved adapter loads into hookdelta with PEFT's outputs, and hookdelta's
     save_peft loads back into PEFT with the same outputs."""
     pm.save_pretrained(tmp_path / "peft")
-    expected = out(pm.eval(), inputs)
+    expected = outputs(pm.eval(), inputs)
     ours = build(arch)[0]
     delta = hd.load_peft(ours, tmp_path / "peft")
     assert delta.method == method
-    torch.testing.assert_close(out(ours, inputs), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(ours, inputs), expected, rtol=1e-5, atol=1e-5)
     delta.save_peft(tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
-    torch.testing.assert_close(out(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
 
 @pytest.mark.ia3
 @pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),

@@ -7,23 +7,14 @@ import pytest
 import torch
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, snapshot
-from tiny_models import build, main_output
-
-
-def logits(model, inputs):
-    with torch.no_grad():
-        return main_output(model(**inputs))
+from helpers import assert_restored, outputs, perturb, save_lora, snapshot
+from tiny_models import build
 
 
 @pytest.fixture()
 def saved(tmp_path):
-    model, inputs, targets = build("llama")
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=targets, also_train="lm_head"), name="mine")
-    perturb(delta)
-    path = tmp_path / "delta"
-    delta.save(path)
-    return path, logits(model, inputs), inputs
+    path, inputs, adapted, _ = save_lora(tmp_path, also_train="lm_head", name="mine")
+    return path, adapted, inputs
 
 
 def test_files_hold_only_the_delta_and_no_pickle(saved):
@@ -47,7 +38,7 @@ def test_load_reproduces_outputs_exactly_with_also_train(saved):
     snap = snapshot(fresh)
     delta = hd.load(fresh, path)
     assert delta.name == "mine"
-    assert torch.equal(logits(fresh, inputs), expected)
+    assert torch.equal(outputs(fresh, inputs), expected)
     delta.detach()
     assert_restored(fresh, snap)
 
@@ -158,12 +149,12 @@ def test_callable_selector_saves_as_exact_sites(tmp_path):
     model, inputs, _ = build("llama")
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets=lambda n, m: n.endswith("k_proj")))
     perturb(delta)
-    expected = logits(model, inputs)
+    expected = outputs(model, inputs)
     delta.save(tmp_path)
     fresh = build("llama")[0]
     loaded = hd.load(fresh, tmp_path)
     assert loaded.sites == delta.sites
-    assert torch.equal(logits(fresh, inputs), expected)
+    assert torch.equal(outputs(fresh, inputs), expected)
 
 
 def test_loaded_name_clash_gets_a_fresh_name(saved):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import transformers as tf
 
 import hookdelta as hd
 from helpers import perturb, same_bits
-from hookdelta.quantized import dequantize, dequantize_model, is_quantized
+from hookdelta.quantized import dequantize_model, is_quantized
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -6,7 +6,6 @@ exact. The model types are one list; `test_coverage` prints how many pass."""
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import pytest

@@ -465,7 +465,7 @@ def test_hooks_and_deltas_run_in_the_order_they_were_added():
 
 
 def test_merging_past_another_hook_is_refused_and_changes_nothing():
-    model, x = Two(), torch.randn(3, 4)
+    model = Two()
     handle = model.a.register_forward_hook(_clamp)  # registered before the delta: it sees the output first
     delta = _lora_on(model, "a")
     before = {n: t.clone() for n, t in model.state_dict().items()}

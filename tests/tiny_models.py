@@ -9,7 +9,7 @@ import transformers as tf
 from transformers.pytorch_utils import Conv1D
 
 V, H, L = 96, 32, 2  # vocab, hidden, layers
-_TEXT = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=48)
+TEXT = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=48)
 
 
 def _ids(batch: int = 2, seq: int = 7, low: int = 3) -> torch.Tensor:
@@ -17,12 +17,12 @@ def _ids(batch: int = 2, seq: int = 7, low: int = 3) -> torch.Tensor:
 
 
 def bert():
-    m = tf.BertForSequenceClassification(tf.BertConfig(**_TEXT, max_position_embeddings=32, num_labels=2))
+    m = tf.BertForSequenceClassification(tf.BertConfig(**TEXT, max_position_embeddings=32, num_labels=2))
     return m, {"input_ids": _ids(), "attention_mask": torch.ones(2, 7, dtype=torch.long)}, ["query", "value"]
 
 
 def roberta():
-    m = tf.RobertaForMaskedLM(tf.RobertaConfig(**_TEXT, max_position_embeddings=40, pad_token_id=1))
+    m = tf.RobertaForMaskedLM(tf.RobertaConfig(**TEXT, max_position_embeddings=40, pad_token_id=1))
     return m, {"input_ids": _ids()}, ["query", "value"]
 
 
@@ -32,12 +32,12 @@ def gpt2():
 
 
 def llama():
-    m = tf.LlamaForCausalLM(tf.LlamaConfig(**_TEXT, num_key_value_heads=2, max_position_embeddings=32))
+    m = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, max_position_embeddings=32))
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 
 
 def qwen2():
-    m = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_TEXT, num_key_value_heads=2, max_position_embeddings=32))
+    m = tf.Qwen2ForCausalLM(tf.Qwen2Config(**TEXT, num_key_value_heads=2, max_position_embeddings=32))
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 
 
@@ -68,7 +68,7 @@ def vit():
 
 
 def mixtral():
-    m = tf.MixtralForCausalLM(tf.MixtralConfig(**_TEXT, num_key_value_heads=2, num_local_experts=4,
+    m = tf.MixtralForCausalLM(tf.MixtralConfig(**TEXT, num_key_value_heads=2, num_local_experts=4,
                                                num_experts_per_tok=2, max_position_embeddings=32))
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 

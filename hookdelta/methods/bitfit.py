@@ -11,11 +11,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig
+from ..config import DeltaConfig, check_bool
 from ..engine import Piece, map_output
-from ..errors import ConfigError, MergeError, UnsupportedModuleError
-from ..roles import is_norm
+from ..errors import MergeError, UnsupportedModuleError
 from ..modules import is_linear_like, layer_dims
+from ..roles import is_norm
 from .adapter import reference_tensor
 
 
@@ -61,8 +61,7 @@ class BitFitConfig(DeltaConfig):
     method = "bitfit"
 
     def validate(self) -> None:
-        if not isinstance(self.norm_biases, bool):
-            raise ConfigError(f"BitFitConfig.norm_biases must be True or False, got {self.norm_biases!r}")
+        check_bool(self, "norm_biases")
 
     def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:

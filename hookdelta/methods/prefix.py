@@ -18,15 +18,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, check_choice, check_int
+from ..config import check_bool, check_int
 from ..engine import Piece
-from ..errors import ConfigError, UnsupportedModuleError
+from ..errors import UnsupportedModuleError
 from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker, check_growable,
-                            input_embeddings_path, is_encoder_decoder, prepend)
+                            is_encoder_decoder, main_input, widen_mask)
+from .prompt_base import PromptConfig, vocab_rows
 
 
 def _new_cache() -> Any:
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # imported on use: `import hookdelta` does not load transformers
 
     return DynamicCache()
 
@@ -85,7 +86,7 @@ class Prefix(Piece):
         cache = kw.get(self.cache_arg)
         check_growable(cache, "prefix tuning", self.length)
         past = cache_length(cache)
-        source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        source = main_input(kw)
         batch, new = source.shape[0], source.shape[1]
         P = self.length
         if past == 0:  # first call: put the prefix into the cache (generate() keeps the same object)
@@ -96,9 +97,7 @@ class Prefix(Piece):
                 cache.update(k.expand(batch, -1, -1, -1).to(dtype), v.expand(batch, -1, -1, -1).to(dtype), layer)
             kw[self.cache_arg] = cache
             past = P
-        mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + new - P:
-            kw["attention_mask"] = prepend(mask, P, 1)
+        widen_mask(kw, P, past + new - P)
         if self.positions and kw.get("position_ids") is None:
             start = past - P
             kw["position_ids"] = torch.arange(start, start + new, device=source.device).unsqueeze(0).expand(batch, -1)
@@ -109,31 +108,24 @@ class Prefix(Piece):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PrefixConfig(DeltaConfig):
+class PrefixConfig(PromptConfig):
     """Prefix tuning. num_virtual_tokens: prefix length; prefix_projection: compute the
     prefix with an MLP of width encoder_hidden_size (more stable training, as in the paper);
     init: "from_vocab" starts from the keys/values the model computes for random vocabulary
     tokens (Li & Liang's real-word initialization; with prefix_projection, the MLP's input
     starts as token embeddings) or "random" (standard normal, as PEFT)."""
 
-    num_virtual_tokens: int = 20
     prefix_projection: bool = False
     encoder_hidden_size: int = 512
     init: str = "from_vocab"
 
     method = "prefix"
+    goes = "into every attention layer"
 
     def validate(self) -> None:
-        check_int(self, "num_virtual_tokens")
+        super().validate()
         check_int(self, "encoder_hidden_size")
-        check_choice(self, "init", ["from_vocab", "random"])
-        if not isinstance(self.prefix_projection, bool):
-            raise ConfigError(f"PrefixConfig.prefix_projection must be True or False, got {self.prefix_projection!r}")
-        if self.targets is not None or self.layers is not None:
-            raise ConfigError("PrefixConfig takes no targets or layers: the prefix goes into every attention layer")
-
-    def select(self, model: nn.Module) -> list[str]:
-        return [input_embeddings_path(model)]
+        check_bool(self, "prefix_projection")
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         if is_encoder_decoder(model):
@@ -152,7 +144,7 @@ class PrefixConfig(DeltaConfig):
             if self.init == "random":
                 piece.embedding.normal_()
             elif self.prefix_projection:  # the MLP's input starts as token embeddings
-                piece.embedding.copy_(like[torch.randint(0, like.shape[0], (P,), device=like.device)])
+                piece.embedding.copy_(vocab_rows(like, P))
             else:
                 kv = token_key_values(taker, piece.cache_arg, like.shape[0], P, piece.layers)
                 piece.embedding.copy_(kv.permute(3, 0, 1, 2, 4).reshape(P, -1))

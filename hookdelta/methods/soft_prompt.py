@@ -18,11 +18,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_choice, check_int
+from ..config import DeltaConfig, PeftCodec
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
 from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, check_growable,
-                            input_embeddings_path, is_encoder_decoder, path_of, prepend)
+                            input_embeddings_path, is_encoder_decoder, main_input, path_of, prepend, widen_mask)
+from .prompt_base import PromptConfig, vocab_rows
 
 
 class SoftPrompt(Piece):
@@ -50,11 +51,7 @@ class SoftPrompt(Piece):
         past = cache_length(kw.get(self.cache_arg)) if self.cache_arg else 0
         P = self.length
         if past:  # continuing a generation whose cache already holds the prompt
-            source = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
-            new = source.shape[1]
-            mask = kw.get("attention_mask")
-            if mask is not None and mask.dim() == 2 and mask.shape[-1] == past + new - P:
-                kw["attention_mask"] = prepend(mask, P, 1)
+            widen_mask(kw, P, past + main_input(kw).shape[1] - P)
             if kw.get("position_ids") is not None:
                 kw["position_ids"] = kw["position_ids"] + P
             return (), kw
@@ -66,9 +63,7 @@ class SoftPrompt(Piece):
         seq = embeds.shape[1]
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-        mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[-1] == seq:  # not yet widened by the model hook
-            kw["attention_mask"] = prepend(mask, P, 1)
+        widen_mask(kw, P, seq)  # unless the encoder-decoder model hook widened it already
         kw["token_type_ids"] = prepend(kw.get("token_type_ids"), P, 0)
         position_ids = kw.get("position_ids")
         if position_ids is not None:
@@ -95,17 +90,12 @@ class EncoderMask(Piece):
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         kw = bind(module, args, kwargs)
-        mask, P = kw.get("attention_mask"), self.primary.length
-        if mask is None or mask.dim() != 2:
+        P = self.primary.length
+        if kw.get("attention_mask") is None:
             return (), kw
         encoded = kw.get("encoder_outputs")
-        if encoded is not None:
-            length = encoded[0].shape[1]
-        else:
-            source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
-            length = source.shape[1] + P
-        if mask.shape[-1] == length - P:
-            kw["attention_mask"] = prepend(mask, P, 1)
+        length = encoded[0].shape[1] if encoded is not None else main_input(kw).shape[1] + P
+        widen_mask(kw, P, length - P)
         return (), kw
 
     def describe(self) -> str:
@@ -113,32 +103,25 @@ class EncoderMask(Piece):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SoftPromptConfig(DeltaConfig):
+class SoftPromptConfig(PromptConfig):
     """Prompt tuning. num_virtual_tokens: prompt length; init: "random" (normal, with the
     token embeddings' std), "from_vocab" (copies of random token embeddings) or "text"
     (the embeddings of `init_text`, tokenized with the tokenizer at `tokenizer`, repeated to
     length). No targets: the prompt goes in front of the input."""
 
-    num_virtual_tokens: int = 20
-    init: str = "random"
     init_text: str | None = None
     tokenizer: str | None = None
 
     method = "soft_prompt"
+    inits = ("random", "from_vocab", "text")
 
     def validate(self) -> None:
-        check_int(self, "num_virtual_tokens")
-        check_choice(self, "init", ["random", "from_vocab", "text"])
-        if self.targets is not None or self.layers is not None:
-            raise ConfigError("SoftPromptConfig takes no targets or layers: the prompt goes in front of the input")
+        super().validate()
         for name in ("init_text", "tokenizer"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"SoftPromptConfig.{name} must be a string, got {getattr(self, name)!r}")
         if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text and isinstance(self.tokenizer, str)):
             raise ConfigError('SoftPromptConfig(init="text") needs init_text="..." and tokenizer="<path or name>"')
-
-    def select(self, model: nn.Module) -> list[str]:
-        return [input_embeddings_path(model)]
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         (path,) = sites
@@ -158,8 +141,8 @@ class SoftPromptConfig(DeltaConfig):
         if self.init == "random":
             return torch.randn(P, vocab.shape[1], device=vocab.device, dtype=vocab.dtype) * vocab.float().std().to(vocab.dtype)
         if self.init == "from_vocab":
-            return vocab[torch.randint(0, vocab.shape[0], (P,), device=vocab.device)].clone()
-        from transformers import AutoTokenizer
+            return vocab_rows(vocab, P)
+        from transformers import AutoTokenizer  # imported on use: `import hookdelta` does not load transformers
 
         ids = AutoTokenizer.from_pretrained(self.tokenizer)(self.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
