@@ -5,9 +5,9 @@ engine keeps one `Site` dispatcher per hooked module that runs that site's live 
 attach order from at most one forward-pre hook and one forward hook, and takes those
 hooks off entirely when no piece there is live (merged or disabled deltas cost nothing).
 
-All of a model's deltas live in one reserved child module, the `DeltaStore`, so they move
-with `model.to()`, follow `train()/eval()`, appear in `model.parameters()` and survive
-`copy.deepcopy`, while state-dict hooks keep them out of the model's own `state_dict()`.
+Here: the `Piece` protocol, the `Site` dispatcher (the only code that edits a site's piece
+lists), `ForwardGuard` and the compile-cache reset. The model-level state (which deltas a
+model has, which sites exist, freezing) is `store.py`'s; a delta's lifecycle is `delta.py`'s.
 """
 
 from __future__ import annotations
