@@ -241,12 +241,45 @@ class Delta(nn.Module):
         if not self.merged:
             raise DeltaStateError(f"delta {self.name!r} is not merged")
         store = self._store()
+        self._check_unmerge_order(store)
         for piece in reversed(self._pieces()):
             site = store.sites[piece.site_path]
             if any(p is piece for p, _ in site.merged):
                 site.unmerge(piece)
         self.merged = False
         self._refresh()
+
+    def _check_unmerge_order(self, store: DeltaStore) -> None:
+        """Unmerging puts a piece back as a hook in front of everything still merged at its layer
+        and takes its term out of the weight. That keeps the result only where (1) the deltas
+        merged there and attached after it commute with it (both add a term), (2) it does not
+        read a weight (DoRA) that later merges changed, and (3) no unmerged delta there reads
+        the weight (DoRA): the mirror image of what merge() checks."""
+        mine = {id(p) for p in self._pieces()}
+        for piece in self._pieces():
+            site = store.sites[piece.site_path]
+            merged = [p for p, _ in site.merged]
+            if not any(p is piece for p in merged):
+                continue
+            attached = {id(p): i for i, p in enumerate(site.pieces)}
+            mine_at = merged.index(piece)
+            for other in site.pieces:
+                if id(other) in mine:
+                    continue
+                if not any(p is other for p in merged):
+                    why = "reads the weight there" if other.reads_weight else None
+                elif attached[id(other)] > attached[id(piece)] and not (piece.additive and other.additive):
+                    why = "is merged there after it and does not commute with it"
+                elif piece.reads_weight and merged.index(other) > mine_at:
+                    why = "was merged there after it, into the weight it reads"
+                else:
+                    why = None
+                if why:
+                    owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
+                    advice = f"Unmerge {owner!r} first" if any(p is other for p in merged) else f"Detach {owner!r} first"
+                    raise MergeError(
+                        f"unmerging {self.name!r} at {site.host_path(piece)!r} would change the result: delta "
+                        f"{owner!r} ({other.describe() or type(other).__name__}) {why}. {advice}; nothing was changed.")
 
     def piece(self, key: str) -> Piece:
         """The piece at a site key (a module path, or a parameter path)."""

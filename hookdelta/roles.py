@@ -152,27 +152,41 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         if named is not None:
             out[named].append(path)
             ffn_side.setdefault(named, []).append(rel)
-    for module_path, paths in attn.items():  # attention modules no name placed: by shape and creation order
-        if module_path in named_attn:
-            continue  # (their other layers are something else: compressions, convolutions, gates)
-        reads = [p for p in paths if dims[p[len(block) + 1:]][0] == width]
-        writes = [p for p in paths if dims[p[len(block) + 1:]][1] == width and p not in reads[:3]]
-        for role, path in zip(("attn.q", "attn.k", "attn.v"), reads[:3]):
-            out[role].append(path)
-        if writes:
-            out["attn.o"].append(writes[-1])
-    if ffn_side.get("ffn.in") and ffn_side.get("ffn.out"):
-        both = [r.split(".")[:-1] for r in ffn_side["ffn.in"] + ffn_side["ffn.out"]]
-        common = []
-        for parts in zip(*both):
-            if len(set(parts)) != 1:
-                break
-            common.append(parts[0])
-        while common and isinstance(members_by_rel.get(".".join(common)), (nn.ModuleList, nn.ModuleDict)):
-            common.pop()  # a container is never called: its parent is the feed-forward module
-        if common:
-            out["ffn"].append(f"{block}.{'.'.join(common)}")
+    for module_path, paths in attn.items():
+        if module_path not in named_attn:  # (else its other layers are compressions, convolutions, gates)
+            _by_shape(block, paths, dims, width, out)
+    ffn = _ffn_module(ffn_side, members_by_rel)
+    if ffn:
+        out["ffn"].append(f"{block}.{ffn}")
     return out
+
+
+def _by_shape(block: str, paths: list[str], dims: dict[str, tuple[int, int]], width: int,
+              out: dict[str, list[str]]) -> None:
+    """An attention module whose layers no name placed: q, k, v are the first three that read
+    the block's width (creation order), o the last other one that writes it."""
+    reads = [p for p in paths if dims[p[len(block) + 1:]][0] == width]
+    writes = [p for p in paths if dims[p[len(block) + 1:]][1] == width and p not in reads[:3]]
+    for role, path in zip(("attn.q", "attn.k", "attn.v"), reads[:3]):
+        out[role].append(path)
+    if writes:
+        out["attn.o"].append(writes[-1])
+
+
+def _ffn_module(ffn_side: dict[str, list[str]], members_by_rel: dict[str, nn.Module]) -> str:
+    """The feed-forward module (relative path): the deepest common owner of its in and out
+    layers that is not a container; "" where there is none."""
+    if not (ffn_side.get("ffn.in") and ffn_side.get("ffn.out")):
+        return ""
+    both = [r.split(".")[:-1] for r in ffn_side["ffn.in"] + ffn_side["ffn.out"]]
+    common = []
+    for parts in zip(*both):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    while common and isinstance(members_by_rel.get(".".join(common)), (nn.ModuleList, nn.ModuleDict)):
+        common.pop()  # a container is never called: its parent is the feed-forward module
+    return ".".join(common)
 
 
 def discover(model: nn.Module) -> dict[str, list[str]]:

@@ -85,6 +85,39 @@ def test_merging_one_of_two_stacked_deltas_matches_both_unmerged(llama):
     assert_restored(model, snap)
 
 
+@pytest.mark.parametrize("later", ["ia3", "dora"])
+def test_unmerging_below_a_later_non_commuting_merge_is_refused(llama, later):
+    """LoRA a merged, then IA3 (a product) or DoRA (reads the weight) b merged after it: putting
+    a's hook back would run it after b's effect; refused, nothing changed, and fine in order."""
+    model, inputs, targets = llama
+    snap = snapshot(model)
+    a = hd.attach(model, hd.LoRAConfig(r=2, targets=targets), name="a")
+    perturb(a, seed=1)
+    a.merge()
+    b_cfg = hd.IA3Config(targets=targets) if later == "ia3" else hd.LoRAConfig(r=2, targets=targets, use_dora=True)
+    b = hd.attach(model, b_cfg, name="b")
+    perturb(b, seed=2)
+    both = outputs(model, inputs)
+    b.merge()
+    before = {n: t.clone() for n, t in model.named_parameters()}
+    with pytest.raises(hd.MergeError, match="Unmerge 'b' first"):
+        a.unmerge()
+    assert a.merged and b.merged
+    assert all(same_bits(t, before[n]) for n, t in model.named_parameters())
+    torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
+    b.unmerge()
+    torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
+    if later == "dora":  # b, unmerged, reads the weight a is merged into: a stays in
+        with pytest.raises(hd.MergeError, match="Detach 'b' first"):
+            a.unmerge()
+    else:
+        a.unmerge()
+        torch.testing.assert_close(outputs(model, inputs), both, rtol=1e-4, atol=1e-5)
+    b.detach()
+    a.detach()
+    assert_restored(model, snap)
+
+
 @pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a"), ("b", "a", "c")])
 def test_detach_in_any_order_restores_exactly(llama, order):
     model, inputs, targets = llama

@@ -207,7 +207,12 @@ class Lifecycle(RuleBasedStateMachine):
     def merge_or_unmerge(self, data):
         d = self.pick(data)
         if d.merged:
-            d.unmerge()
+            before = state(self.model)
+            try:
+                d.unmerge()
+            except hd.MergeError:  # a later, non-commuting delta is merged at the same layer
+                assert_state(self.model, before)
+                assert len(self.names()) > 1
             return
         before = state(self.model)
         try:
