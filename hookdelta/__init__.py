@@ -6,7 +6,7 @@ hooks, without replacing a module or changing a state-dict key.
 """
 
 from .config import DeltaConfig
-from .delta import Delta, attach, deltas, include_in_state_dict, set_active
+from .delta import Delta, attach, deltas, include_in_state_dict, route, set_active
 from .errors import (
     BaseWeightsMismatchWarning,
     BypassWarning,
@@ -16,6 +16,7 @@ from .errors import (
     HookdeltaError,
     MergeError,
     PathPrefixWarning,
+    RoutingError,
     SelectorError,
     UnsupportedModuleError,
 )
@@ -54,5 +55,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles", "__version__",
+    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "__version__",
 ]

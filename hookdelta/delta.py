@@ -9,7 +9,7 @@ import contextlib
 import copy
 import functools
 import uuid
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -542,6 +542,24 @@ def set_active(model: nn.Module, *names: str) -> None:
                 for piece in delta._pieces():
                     piece.set_live(delta.enabled)
         store.refresh()
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: Sequence[str | None], keep: Sequence[str] | str | None = None) -> Iterator[None]:
+    """Run each row of the batch with its own delta: `names` has one delta name (or None for
+    the base model) per row. Inside the block every forward and generate() routes (rows that
+    generate() repeats for beams or returned sequences follow their row); deltas not named
+    are off, except those in `keep`, which act on every row. Lifecycle changes wait until the
+    block ends. `model(**inputs, adapter_names=[...])` routes a single call the same way."""
+    model = check_model(model)
+    store = store_of(model)
+    if store is None:
+        raise DeltaStateError("hd.route: the model has no deltas attached")
+    store.start_routing(model, names, keep)
+    try:
+        yield
+    finally:
+        store.stop_routing()
 
 
 def deltas(model: nn.Module) -> dict[str, Delta]:

@@ -56,6 +56,10 @@ class Piece(nn.Module):
     `merged_weights` / `delta_weights` stay differentiable in the piece's own tensors: where an
     enclosing module uses the layer's weights without calling it (`through`), the piece runs as
     the weights it would merge, swapped in for that module's call.
+
+    Per-row routing (routing.py) runs a piece on its rows' slice of the batch; `routable = False`
+    refuses that (prompts change the sequence length), and a piece whose effect is a low-rank
+    term s·B·A·x says so in `lowrank()` so the rows of many deltas share one gathered matmul.
     """
 
     hooks: frozenset[str] = frozenset()
@@ -66,6 +70,7 @@ class Piece(nn.Module):
     additive: bool = False
     reads_weight: bool = False
     weight_path_exact: bool = True
+    routable: bool = True
 
     def __init__(self, site_path: str, key: str | None = None) -> None:
         super().__init__()
@@ -138,6 +143,15 @@ class Piece(nn.Module):
             return {n: v.to(current(module, n).dtype) for n, v in self.merged_weights(module).items()}
         return {n: current(module, n) + d.to(current(module, n).dtype) for n, d in self.delta_weights(module).items()}
 
+    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A [r, in], B [out, r], s) when this call's post_forward is exactly output + s·B·A·x
+        for the module's input x [..., in]; None otherwise (the default).
+
+        Args:
+            module: the hooked module (its mode decides whether dropout is on).
+        """
+        return None
+
     def describe(self) -> str:
         """A few words for the tree printer (e.g. the layer kind)."""
         return ""
@@ -199,11 +213,14 @@ def hook_clock() -> int:
 
 
 def is_ours(hook: Any) -> bool:
-    return isinstance(getattr(hook, "__self__", None), (Dispatcher, ForwardGuard))
+    """A hook hookdelta registered (dispatchers, the store's and the router's root hooks)."""
+    return getattr(getattr(hook, "__self__", None), "hookdelta_internal", False) is True
 
 
 class Dispatcher:
     """One forward-pre hook and one forward hook that run a run of a site's pieces in attach order."""
+
+    hookdelta_internal = True
 
     def __init__(self, site: "Site") -> None:
         self.site = site
@@ -258,8 +275,13 @@ class Dispatcher:
         self.handles, self.keys, self.hooked = [], (None, None), (False, False, False)
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for piece in self.pre_pieces:
-            args, kwargs = piece.pre_forward(module, args, kwargs)
+        router = self.site.router
+        if router is not None:  # per-row routing (routing.py): each piece on its own rows
+            if self.pre_pieces:
+                args, kwargs = router.pre(self.site.path, module, args, kwargs, self.pre_pieces)
+        else:
+            for piece in self.pre_pieces:
+                args, kwargs = piece.pre_forward(module, args, kwargs)
         if self.swap_pieces:
             self.site.swap_lock.acquire()  # released in post_hook, which always runs for swap sites
             saved: list[tuple[dict, str, Any]] = []
@@ -284,6 +306,9 @@ class Dispatcher:
             self.site.swap_lock.release()
         if output is None:  # forward raised; always_call only had to put the weights back
             return None
+        router = self.site.router
+        if router is not None:
+            return router.post(self.site.path, module, args, kwargs, output, self.post_pieces)
         for piece in self.post_pieces:
             output = piece.post_forward(module, args, kwargs, output)
         return output
@@ -308,15 +333,16 @@ class Site:
         self.dispatchers: list[Dispatcher] = []
         self.counts = (0, 0)  # our registered (pre-hooks, forward hooks) at the module
         self.leaf = path.rpartition(".")[2]
+        self.router: Any = None  # set while hd.route(...) is active: it runs the pieces per row
         # swapping writes the module's parameter dict for the length of one call, so calls of
         # this module from several threads take turns (only at sites with swap pieces)
         self.swap_lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh lock, not the held one
-        return {k: v for k, v in self.__dict__.items() if k != "swap_lock"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("swap_lock", "router")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, swap_lock=threading.RLock())
+        self.__dict__.update(state, swap_lock=threading.RLock(), router=None)
 
     def add(self, piece: Piece) -> None:
         """A new piece, last in attach order."""
@@ -535,12 +561,15 @@ class ForwardGuard:
     them is refused (not half-applied, not silently wrong). Changes hold its lock, so a
     forward that starts during a change waits for it to finish."""
 
+    hookdelta_internal = True
+
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.depth: dict[int, int] = {}  # thread id -> nesting depth of forwards of the model
         self.pending: dict[int, weakref.ref] = {}  # outputs of checkpointed forwards awaiting backward
         self.probe_next = False  # watch the next forward for bypassed layers (set by attach)
         self.watching: Probe | None = None
+        self.holding: str | None = None  # a block that needs the deltas to stay as they are (hd.route)
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
         return {"fresh": True}  # (an empty state would skip __setstate__)
@@ -586,6 +615,9 @@ class ForwardGuard:
     @contextlib.contextmanager
     def changing(self, action: str) -> Iterator[None]:
         with self.lock:
+            if self.holding:
+                raise DeltaStateError(f"cannot {action}() inside {self.holding}: it was set up for the deltas as "
+                                      "they are; leave the block first")
             others = [t for t, d in self.depth.items() if d and t != threading.get_ident()]
             if others:
                 raise DeltaStateError(

@@ -31,6 +31,10 @@ class MergeError(HookdeltaError, RuntimeError):
     """Merging would write non-finite values, or the method cannot be merged."""
 
 
+class RoutingError(HookdeltaError, ValueError):
+    """hd.route(...)'s rows do not fit the batch, or a routed layer does not see the batch."""
+
+
 class DeltaFileError(HookdeltaError, ValueError):
     """A saved delta is missing, corrupt, of an unknown format, or does not fit the model."""
 

@@ -22,13 +22,16 @@ import torch
 import torch.nn as nn
 
 from .engine import ForwardGuard, Site, forget_compiled_code, hook_clock
-from .errors import ConfigError, DeltaStateError, UnsupportedModuleError
+from .errors import ConfigError, DeltaStateError, RoutingError, UnsupportedModuleError
 from .modules import STORE_NAME, host, is_internal
 from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
+from .routing import Router, build_router
 
 
 class DeltaStore(nn.Module):
     """The reserved child (`model._hookdelta`) that holds every delta of one model."""
+
+    hookdelta_internal = True  # its root hooks are hookdelta's own (engine.is_ours)
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +44,9 @@ class DeltaStore(nn.Module):
         self.root_hooks: list[Any] = []
         self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
         self.packing: list[Any] = []  # their repacking switches, given back when the store closes
+        self.router: Router | None = None  # while hd.route(...) (or a call with adapter_names=) runs
+        self.router_handles: list[Any] = []
+        self.keyword_call = False
         # plain functions (they get the store as `module`), so copies of the model stay consistent
         self.register_state_dict_post_hook(_hide_from_state_dict)
         self.register_load_state_dict_post_hook(_hide_missing_keys)
@@ -133,6 +139,59 @@ class DeltaStore(nn.Module):
                     p.requires_grad_(self.saved_flags[n][1])
             self.saved_flags = {}
 
+    # -- per-row routing (routing.py) ------------------------------------------------------------
+
+    def start_routing(self, model: nn.Module, names: Any, keep: Any, how: str = "hd.route(...)",
+                      root: bool = True) -> Router:
+        """Run each row of the model's batch with its own delta until stop_routing(). With `root`
+        off the caller notes the model's own calls (a hook cannot be added to a running call)."""
+        if self.router is not None:
+            raise RoutingError(f"{how} inside another routing block: they do not nest")
+        self.check_sites("route")
+        router = build_router(dict(self.deltas.items()), self.sites, names, keep)
+        callers = [model] if root else []
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+        if isinstance(encoder, nn.Module) and encoder is not model:
+            callers.append(encoder)  # generate() calls the encoder on its own
+        for m in callers:
+            self.router_handles += [m.register_forward_pre_hook(router.enter, with_kwargs=True),
+                                    m.register_forward_hook(router.leave, with_kwargs=True, always_call=True)]
+        for site in self.sites.values():
+            site.router = router
+        self.router = router
+        self.guard.holding = how
+        forget_compiled_code()
+        return router
+
+    def stop_routing(self) -> None:
+        for handle in self.router_handles:
+            handle.remove()
+        for site in self.sites.values():
+            site.router = None
+        self.router, self.router_handles, self.guard.holding = None, [], None
+        forget_compiled_code()
+
+    def keyword_start(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Root pre-hook: PEFT's spelling, `model(**inputs, adapter_names=[...])`, routes this call."""
+        if "adapter_names" not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        names = kwargs.pop("adapter_names")
+        router = self.start_routing(model, names, None, how="a call with adapter_names=[...]", root=False)
+        try:
+            router.enter(model, args, kwargs)
+        except BaseException:
+            self.stop_routing()
+            raise
+        self.keyword_call = True
+        return args, kwargs
+
+    def keyword_stop(self, model: nn.Module, args: tuple, output: Any) -> None:
+        if self.keyword_call and self.router is not None:
+            self.keyword_call = False
+            self.router.leave(model)
+            self.stop_routing()
+
     # -- called by the root hooks ----------------------------------------------------------------
 
     def before_forward(self, model: nn.Module) -> None:
@@ -205,7 +264,9 @@ def open_store(model: nn.Module) -> DeltaStore:
         store.packed = bnb_4bit_layers(model)
         store.packing = hold_packing(store.packed)
         store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
-                            model.register_forward_hook(store.guard.leave, always_call=True)]
+                            model.register_forward_hook(store.guard.leave, always_call=True),
+                            model.register_forward_pre_hook(store.keyword_start, with_kwargs=True),
+                            model.register_forward_hook(store.keyword_stop, always_call=True)]
     return store
 
 

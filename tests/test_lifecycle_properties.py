@@ -71,16 +71,17 @@ def user_clamp(module, args, output):
 USER_HOOKS = {"scale": user_scale, "clamp": user_clamp}
 
 
-def reference(model, base, x, hooks=()):
+def reference(model, base, x, hooks=(), only=None):
     """The output by hand: each layer computes W0·x + b0 from the original weights, then each
-    enabled delta (merged or not) and each user hook there, in the order they were added (a
-    delta counts from its attach): LoRA adds s·B·A·x, BitFit adds its bias, IA3 multiplies by
-    l, an adapter adds s·up(f(down(h))), a user hook is its function."""
+    enabled delta (merged or not; with `only`, just those named) and each user hook there, in
+    the order they were added (a delta counts from its attach): LoRA adds s·B·A·x, BitFit adds
+    its bias, IA3 multiplies by l, an adapter adds s·up(f(down(h))), a user hook is its function."""
     h = x.to(base["a.weight"].dtype)
     for i, name in enumerate(LAYERS):
         inp = h
         h = inp @ base[f"{name}.weight"].T + base[f"{name}.bias"]
-        steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values() if d.enabled and name in d.pieces]
+        steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values()
+                 if d.enabled and name in d.pieces and (only is None or d.name in only)]
         steps += [(key, fn) for key, layer, fn in hooks if layer == name]
         for _, d in sorted(steps, key=lambda step: step[0]):
             if not isinstance(d, hd.Delta):
@@ -234,6 +235,35 @@ class Lifecycle(RuleBasedStateMachine):
         d.detach()
         loaded = hd.load(self.model, directory)
         assert loaded.name == name and not loaded.merged and loaded.enabled
+
+    @precondition(lambda self: self.names())
+    @rule(data=st.data())
+    def route_block(self, data):
+        """Each row of the batch through its own delta (or none), some deltas kept for every row:
+        each row equals the reference with only its delta and the kept ones; inside the block
+        lifecycle changes are refused; nothing changes."""
+        found = hd.deltas(self.model)
+        live = [n for n, d in found.items() if d.enabled and not d.merged]
+        merged = [n for n, d in found.items() if d.merged]
+        keep = data.draw(st.lists(st.sampled_from(live), unique=True, max_size=2)) if live else []
+        keep += merged if data.draw(st.booleans()) else []
+        rows = data.draw(st.lists(st.sampled_from([n for n in live if n not in keep] + [None]), min_size=5, max_size=5))
+        before = state(self.model)
+        hooks = [(k, layer, fn) for k, layer, fn, _ in self.hooks]
+        try:
+            with hd.route(self.model, rows, keep=keep):
+                with torch.no_grad():
+                    got = self.model(self.x)
+                with pytest.raises(hd.DeltaStateError, match="inside hd.route"):
+                    self.pick(data).disable()
+        except hd.DeltaStateError as e:
+            assert "merged into the weights" in str(e) and set(merged) - set(keep)
+            assert_state(self.model, before)
+            return
+        assert_state(self.model, before)
+        for j, name in enumerate(rows):
+            want = reference(self.model, self.base, self.x, hooks, only={name, *keep})[j]
+            torch.testing.assert_close(got[j].double(), want, rtol=1e-4, atol=1e-5)
 
     @rule(method=st.sampled_from(METHODS), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=2, unique=True),
           nested=st.sampled_from(["none", "attach", "disabled"]), fail=st.sampled_from(["no", "inner", "outer"]))

@@ -288,6 +288,11 @@ class LoRALinear(_LoRABase):
             delta = delta + self.lora_bias
         return output + delta.to(output.dtype)
 
+    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.lora_bias is not None or (self.p and module.training):
+            return None
+        return self.lora_A, self.lora_B, self.scale
+
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         dw = (self.lora_B.float() * self.scale) @ self.lora_A.float()  # scale the small factor
         out = {"weight": dw.T if self.conv1d else dw}
@@ -346,6 +351,9 @@ class DoRALinear(LoRALinear):
     merges_by = "value"  # merging rescales the weight; only the kept original undoes it
     additive = False
     reads_weight = True  # the norm of W + ΔW
+
+    def lowrank(self, module: nn.Module) -> None:
+        return None  # the magnitude rescales the base term too
 
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)

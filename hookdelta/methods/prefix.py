@@ -54,6 +54,7 @@ class Prefix(Piece):
 
     hooks = frozenset({"pre"})
     mergeable = False
+    routable = False  # virtual tokens change the sequence length: rows would differ
 
     def __init__(self, key: str, shape: tuple[int, int, int], tokens: int, projection: int | None,
                  like: torch.Tensor, site_path: str, cache_arg: str, positions: bool) -> None:

@@ -31,6 +31,7 @@ class SoftPrompt(Piece):
 
     hooks = frozenset({"pre"})
     mergeable = False
+    routable = False  # virtual tokens change the sequence length: rows would differ
 
     def __init__(self, key: str, site_path: str, prompt: torch.Tensor, embedding: nn.Module,
                  pad_labels: bool, cache_arg: str | None) -> None:
@@ -83,6 +84,7 @@ class EncoderMask(Piece):
 
     hooks = frozenset({"pre"})
     mergeable = False
+    routable = False  # virtual tokens change the sequence length: rows would differ
 
     def __init__(self, primary: SoftPrompt, site_path: str) -> None:
         super().__init__(site_path, key=primary.key + ":mask")
