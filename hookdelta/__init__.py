@@ -5,6 +5,7 @@ hooks, without replacing a module or changing a state-dict key.
     delta = hd.attach(model, hd.LoRAConfig(r=8, targets=["q_proj", "v_proj"]))
 """
 
+from .combine import combine
 from .config import DeltaConfig
 from .delta import Delta, attach, deltas, include_in_state_dict, route, set_active
 from .errors import (
@@ -55,5 +56,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "__version__",
+    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "__version__",
 ]

@@ -134,6 +134,8 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
             named.setdefault(placed[0], {})[placed[1]] = tensor
     if not named:
         raise DeltaFileError(f"the adapter in {directory} holds no {config['peft_type']} tensors")
+    # PEFT saves the whole embedding next to a LoRA on it (save_embedding_layers): checked below
+    copies = {k: rest.pop(k) for k in list(rest) if k.endswith(".base_layer.weight")}
     unknown = sorted(k for k in rest if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k
                                                   for m in config.get("modules_to_save") or []))
     if unknown:
@@ -144,6 +146,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     if codec.fits_paths:
         named = {fix(p): ts for p, ts in named.items()}
     train = [fix(o) for o in owners]
+    _check_base_copies(model, copies, fix, directory)
     # PEFT's modules_to_save copies are used at the named module only, unless ensure_weight_tying
     common = {"also_train": [exact(t) for t in train] or None, "tie_also_train": bool(config.get("ensure_weight_tying"))}
     try:
@@ -152,6 +155,22 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
+
+
+def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: Any, directory: Any) -> None:
+    """A base weight saved beside the adapter must be the model's own: hookdelta never replaces
+    base weights, so a different one (a resized or trained embedding) is refused, not ignored."""
+    for key, saved in copies.items():
+        path = fix(key[: -len(".base_layer.weight")])
+        try:
+            weight = model.get_submodule(path).weight
+        except AttributeError:
+            raise DeltaFileError(f"the adapter in {directory} holds {key!r} but the model has no {path!r}") from None
+        if weight.shape != saved.shape or not torch.equal(weight.detach().cpu(), saved.to(weight.dtype)):
+            raise DeltaFileError(
+                f"the adapter in {directory} carries its own {path}.weight ({tuple(saved.shape)}), which differs "
+                f"from the model's ({tuple(weight.shape)}): it was saved from a model whose embedding was resized "
+                "or trained. Load that model (resize_token_embeddings, then its weights) before the adapter")
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -232,7 +232,12 @@ class Lifecycle(RuleBasedStateMachine):
         directory = tempfile.mkdtemp(dir=self.tmp)  # one per save: examples share the test's tmp_path
         d.save(directory)
         name = d.name
-        d.detach()
+        before = state(self.model)
+        try:
+            d.detach()
+        except hd.MergeError:  # merged under a later, non-commuting merge: unmerging it is refused
+            assert_state(self.model, before)
+            return
         loaded = hd.load(self.model, directory)
         assert loaded.name == name and not loaded.merged and loaded.enabled
 
@@ -264,6 +269,30 @@ class Lifecycle(RuleBasedStateMachine):
         for j, name in enumerate(rows):
             want = reference(self.model, self.base, self.x, hooks, only={name, *keep})[j]
             torch.testing.assert_close(got[j].double(), want, rtol=1e-4, atol=1e-5)
+
+    @precondition(lambda self: any(d.method == "lora" for d in hd.deltas(self.model).values()))
+    @rule(data=st.data(), how=st.sampled_from(["cat", "linear"]))
+    def combine(self, data, how):
+        """A weighted combination of LoRA deltas: with `cat` (or `linear` of one delta) each layer's
+        update is exactly sum(w·s·B·A) of the sources; deltas on other layers are refused."""
+        loras = [n for n, d in hd.deltas(self.model).items() if d.method == "lora"]
+        chosen = data.draw(st.lists(st.sampled_from(loras), min_size=1, max_size=1 if how == "linear" else 3,
+                                    unique=True))
+        weights = {n: data.draw(st.floats(-1.5, 1.5, allow_nan=False)) for n in chosen}
+        sources = [hd.deltas(self.model)[n] for n in chosen]
+        before = state(self.model)
+        self.count += 1
+        try:
+            new = hd.combine(self.model, weights, how=how, name=f"d{self.count}")
+        except hd.ConfigError as e:
+            assert "same layers" in str(e) and len({tuple(sorted(d.pieces)) for d in sources}) > 1
+            assert_state(self.model, before)
+            return
+        for piece in new.pieces.values():
+            got = piece.scale * piece.lora_B.detach().double() @ piece.lora_A.detach().double()
+            want = sum(weights[d.name] * d.piece(piece.key).scale * d.piece(piece.key).lora_B.detach().double()
+                       @ d.piece(piece.key).lora_A.detach().double() for d in sources)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
     @rule(method=st.sampled_from(METHODS), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=2, unique=True),
           nested=st.sampled_from(["none", "attach", "disabled"]), fail=st.sampled_from(["no", "inner", "outer"]))
@@ -412,4 +441,5 @@ def test_the_machine_catches_a_planted_bug(plant, monkeypatch):
     plant(monkeypatch)
     with pytest.raises(AssertionError):
         run_state_machine_as_test(Lifecycle, settings=settings(
-            max_examples=200, derandomize=True, phases=[Phase.generate], report_multiple_bugs=False, **SETTINGS))
+            max_examples=300, derandomize=True, phases=[Phase.generate], report_multiple_bugs=False,
+            **{**SETTINGS, "stateful_step_count": 25}))
