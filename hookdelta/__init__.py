@@ -21,6 +21,7 @@ from .errors import (
     SelectorError,
     UnsupportedModuleError,
 )
+from .hotswap import prepare_hotswap
 from .methods import (
     AdapterConfig,
     BitFitConfig,
@@ -56,5 +57,5 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "__version__",
+    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "__version__",
 ]

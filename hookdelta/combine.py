@@ -11,12 +11,12 @@ s·B·A and keep the top `svd_rank` singular directions. The new delta has scale
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
+from .config import exact
 from .delta import attach
 from .errors import ConfigError, DeltaStateError, UnsupportedModuleError
 from .methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear
@@ -41,11 +41,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
     keys = _keys(sources[0][0])
     per_site = {key: _combine_site([(d.piece(key), w) for d, w in sources], how, density, svd_rank, svd_clamp,
                                    majority_sign_method, generator) for key in keys}
-    ranks = {key: a.shape[0] for key, (a, _) in per_site.items()}
-    r = max(ranks.values())
-    odd = {re.escape(k): v for k, v in ranks.items() if v != r}  # exact-path patterns
-    config = LoRAConfig(r=r, alpha=float(r), targets=[f"re:{re.escape(k)}" for k in keys],
-                        rank_pattern=odd or None, alpha_pattern={k: float(v) for k, v in odd.items()} or None)
+    config = LoRAConfig(targets=[exact(k) for k in keys]).fitted({k: a.shape[0] for k, (a, _) in per_site.items()},
+                                                                 dict.fromkeys(keys, 1.0))
     delta = attach(model, config, name=name)
     with torch.no_grad():
         for key, (a, b) in per_site.items():
@@ -112,10 +109,10 @@ def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | Non
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the combined delta at one site, for scale 1."""
     if how == "cat":
-        a = torch.cat([p.lora_A.detach() * (w * p.scale) for p, w in parts])
+        a = torch.cat([p.lora_A.detach() * (w * float(p.scale)) for p, w in parts])
         return a, torch.cat([p.lora_B.detach() for p, _ in parts], dim=1)
     if how in ON_FACTORS:
-        scaled = [w * p.scale for p, w in parts]
+        scaled = [w * float(p.scale) for p, w in parts]
         wa = torch.tensor([(1 if s >= 0 else -1) * abs(s) ** 0.5 for s in scaled])
         wb = torch.tensor([abs(s) ** 0.5 for s in scaled])
         merge = _MERGES[how]
@@ -123,7 +120,7 @@ def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | Non
         a = merge([p.lora_A.detach() for p, _ in parts], wa, density, sign_method, generator)
         b = merge([p.lora_B.detach() for p, _ in parts], wb, density, sign_method, generator)
         return a.to(dtype), b.to(dtype)
-    updates = [(p.lora_B.detach() * p.scale) @ p.lora_A.detach() for p, _ in parts]  # [out, in]
+    updates = [(p.lora_B.detach() * float(p.scale)) @ p.lora_A.detach() for p, _ in parts]  # [out, in]
     dw = _MERGES[how.removesuffix("_svd")](updates, torch.tensor([w for _, w in parts]), density, sign_method,
                                           generator)
     rank = svd_rank or max(p.r for p, _ in parts)

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .config import DeltaConfig
 from .delta import deltas, install
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
+from .hotswap import swap_in, swap_target
 from .modules import resolve_site
 from .placement import kept_name, real_weight
 from .selection import fit_paths
@@ -223,10 +224,34 @@ def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, t
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-         freeze_base: bool = True) -> Any:
+         freeze_base: bool = True, into: str | None = None) -> Any:
     """Attach a delta saved with `delta.save(directory)`. Checks the files, the sites and
-    every shape first; on any error the model is untouched. Returns the Delta."""
+    every shape first; on any error the model is untouched. Returns the Delta. With `into`,
+    the saved values go into that attached delta in place instead (a hot-swap: hotswap.py)."""
     model = check_model(model)
+    if into is not None:
+        if name is not None:
+            raise ConfigError("hd.load: give name= (attach a new delta) or into= (hot-swap an attached one), not both")
+        target = swap_target(model, into)
+        return swap_in(target, *_read(model, directory)[1:], directory)
+    meta, config, sites, train, tensors = _read(model, directory)
+    wanted = meta.get("name") if name is None else name
+    if name is None and wanted in deltas(model):
+        wanted = None  # saved name taken: pick a fresh one
+    name = unique_name(model, wanted, config.method)
+    uid = meta.get("delta_id") if isinstance(meta.get("delta_id"), str) else None
+    try:
+        return install(model, config, name, sites, train, freeze_base, tensors, uid=uid)
+    except HookdeltaError:
+        raise
+    except Exception as exc:
+        raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
+
+
+def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[dict[str, Any], DeltaConfig, list[str],
+                                                                     list[str], dict[str, torch.Tensor]]:
+    """A saved delta, checked against the model: (meta, config, sites, also_train, tensors),
+    paths fitted to the model's (a wrapper's prefix added or dropped)."""
     meta = read_meta(directory)
     try:
         config = DeltaConfig.from_dict(meta["config"])
@@ -247,24 +272,14 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
     tensors = {fix(k): t for k, t in _read_save(directory, meta.get("save_id")).items()}
     check_tensors(meta, tensors, directory)
-    wanted = meta.get("name") if name is None else name
-    if name is None and wanted in deltas(model):
-        wanted = None  # saved name taken: pick a fresh one
-    name = unique_name(model, wanted, config.method)
     prints = meta.get("fingerprint", {})
     differ = [k for k in sites if k in prints and not _close(prints[k], fingerprint(_weight(model, k)))]
     if differ:
         warnings.warn(
             f"the delta in {directory} was saved on different base weights ({len(differ)} of {len(sites)} "
             f"sites differ, e.g. {differ[0]!r}); its outputs will not match the ones it was trained with",
-            BaseWeightsMismatchWarning, stacklevel=2)
-    uid = meta.get("delta_id") if isinstance(meta.get("delta_id"), str) else None
-    try:
-        return install(model, config, name, sites, train, freeze_base, tensors, uid=uid)
-    except HookdeltaError:
-        raise
-    except Exception as exc:
-        raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
+            BaseWeightsMismatchWarning, stacklevel=3)
+    return meta, config, sites, train, tensors
 
 
 def _weight(model: nn.Module, key: str) -> torch.Tensor:

@@ -158,7 +158,7 @@ class Router:
         in the run: zeros). Kept between calls while no factor changed and none needs gradients."""
         grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for _, (a, b, _) in run)
         key = (torch.is_inference_mode_enabled(),
-               tuple((w, id(a), a._version, id(b), b._version, s) for w, (a, b, s) in run))
+               tuple((w, id(a), a._version, id(b), b._version, float(s)) for w, (a, b, s) in run))
         if not grad:
             kept = self._tables.get(path)
             if kept is not None and kept[0] == key:

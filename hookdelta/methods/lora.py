@@ -14,6 +14,7 @@ Layouts follow PEFT's so adapter files map one-to-one:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -110,6 +111,17 @@ class LoRAConfig(DeltaConfig):
     def scale_for(self, key: str) -> float:
         r, alpha = self.rank_for(key), pattern_value(self.alpha_pattern, key, self.alpha)
         return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def fitted(self, ranks: dict[str, int], scales: dict[str, float]) -> "LoRAConfig":
+        """This config with exactly these per-site ranks and scales (exact-path patterns where a
+        site differs from the most common), e.g. after zero-padding or a combination."""
+        r = max(ranks.values())
+        values = list(scales.values())
+        common = max(values, key=values.count)
+        rank_pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
+        alpha_pattern = {re.escape(k): scales[k] * ranks[k] for k in ranks if ranks[k] != r or scales[k] != common}
+        return dataclasses.replace(self, r=r, alpha=common * r, use_rslora=False, rank_pattern=rank_pattern or None,
+                                   alpha_pattern=alpha_pattern or None)
 
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
@@ -260,12 +272,33 @@ class _LoRABase(Piece):
                 bound = 1.0 / math.sqrt(fan_in)
                 self.lora_A.uniform_(-bound, bound)
 
+    rank_dims = {"lora_A": 0, "lora_B": 1}  # where the rank is, for zero-padding (hot-swap)
+
+    def pad_rank(self, r: int) -> None:
+        """Zero-pad A and B to rank r: the product B·A, and so the output, stays the same."""
+        for name, dim in self.rank_dims.items():
+            p = getattr(self, name)
+            dim = dim % p.dim()
+            pad = [0, 0] * (p.dim() - 1 - dim) + [0, r - p.shape[dim]]
+            setattr(self, name, nn.Parameter(F.pad(p.detach(), pad), requires_grad=p.requires_grad))
+        self.r = r
+
+    def hold_scale(self) -> torch.Tensor:
+        """The scale as a (non-persistent) buffer: a new value is then data for torch.compile'd
+        code, not a constant it was specialized on, so setting it does not recompile."""
+        if not isinstance(self.scale, torch.Tensor):
+            value = self.scale
+            del self.scale
+            self.register_buffer("scale", torch.tensor(value, dtype=torch.float32, device=self.lora_A.device),
+                                 persistent=False)
+        return self.scale
+
     def drop(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # dropout follows the host module's mode, so model.eval() turns it off
         return F.dropout(x, self.p, training=True) if self.p and module.training else x
 
     def describe(self) -> str:
-        return f"r={self.r} scale={self.scale:g}"
+        return f"r={self.r} scale={float(self.scale):g}"
 
 
 class LoRALinear(_LoRABase):
@@ -323,6 +356,7 @@ class LoRASlices(_LoRABase):
         rows = torch.cat([slices[n] for n in names])
         super().__init__(cfg, key, key, (len(names) * r, in_f), (len(rows), r), like, in_f)
         self.register_buffer("rows", rows.to(like.device), persistent=False)  # rebuilt from the layout
+        self.rank_dims = {}  # A and B hold one block per slice: not padded at the end
         self.sizes, self.slices, self.out_features = [len(slices[n]) for n in names], tuple(names), out_f
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -432,6 +466,8 @@ class LoRAConv(_LoRABase):
         a_shape, b_shape = (g * r, w.shape[1], *kernel), (w.shape[0], r, *([1] * len(kernel)))
         super().__init__(cfg, key, key, a_shape, b_shape, like, fan_in)
         self.groups = g
+        if g > 1:
+            self.rank_dims = {}  # A holds g blocks of r rows: not padded at the end
         self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the conv layer {key!r}")
@@ -454,6 +490,7 @@ class LoRAParameter(_LoRABase):
     last two dims, one update per leading index (per expert of a fused MoE weight)."""
 
     hooks = frozenset()  # it only swaps
+    rank_dims = {"lora_A": -2, "lora_B": -1}
 
     def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
         w = module._parameters[name]
