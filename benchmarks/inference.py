@@ -1,5 +1,5 @@
 """Inference rows: the forward pass with a delta unmerged (B1), merged (B2), after detach (B3),
-with stacked deltas (B8), and with a bottleneck adapter (B10)."""
+with stacked deltas (B8), with a bottleneck adapter (B10), and a batch mixing 4 adapters (B11)."""
 
 from __future__ import annotations
 
@@ -101,4 +101,62 @@ def b10_adapter(p: Profile) -> Row:
     return row
 
 
-ROWS = [b1_unmerged, b2_merged, b3_detached, b8_stacked, b10_adapter]
+def b11_mixed_batch(p: Profile) -> Row:
+    """4 LoRAs (r=16, all-linear) on one base; a batch whose rows use different adapters, against
+    the same batch with one adapter, and against PEFT's adapter_names on the same factors."""
+    from peft import LoraConfig, get_peft_model
+
+    layers, width, batch, seq = (4, 512, 8, 64) if p.name != "smoke" else (2, 64, 4, 16)
+    bare = llama(layers, width)
+    names = ["a", "b", "c", "d"]
+    ours = copy.deepcopy(bare)
+    for i, n in enumerate(names):
+        perturb(hd.attach(ours, hd.LoRAConfig(r=16, alpha=32, targets="all-linear"), name=n), std=0.02, seed=i + 1)
+    single = copy.deepcopy(bare)
+    hd.attach(single, hd.LoRAConfig(r=16, alpha=32, targets="all-linear"), name="a").load_state_dict(
+        hd.deltas(ours)["a"].state_dict())
+    theirs = get_peft_model(copy.deepcopy(bare), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), "a")
+    for n in names[1:]:
+        theirs.add_adapter(n, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for n in names:
+            for piece in hd.deltas(ours)[n].pieces.values():
+                layer = theirs.base_model.model.get_submodule(piece.key)
+                layer.lora_A[n].weight.copy_(piece.lora_A)
+                layer.lora_B[n].weight.copy_(piece.lora_B)
+    theirs.eval()
+    rows = (names * batch)[:batch]
+    ids = torch.randint(0, 2048, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def hd_mixed() -> torch.Tensor:
+        with torch.inference_mode(), hd.route(ours, rows):
+            return ours(input_ids=ids).logits
+
+    def peft_mixed() -> torch.Tensor:
+        with torch.inference_mode():
+            return theirs(input_ids=ids, adapter_names=rows).logits
+
+    def peft_single() -> torch.Tensor:
+        with torch.inference_mode():
+            return theirs(input_ids=ids).logits
+
+    theirs.set_adapter("a")
+    row = Row("B11", "mixed batch: each row through its own LoRA (4 adapters, r=16, all-linear)",
+              f"Llama {layers}x{width}, batch {batch}x{seq}, fp32, rows a,b,c,d,a,b,c,d")
+    row.times = interleave({"hookdelta mixed": hd_mixed, "hookdelta single": forward(single, ids),
+                            "peft mixed": peft_mixed, "peft single": peft_single, "bare": forward(bare, ids)},
+                           p.rounds, p.calls)
+    row.ratio("hookdelta mixed", "hookdelta single", 1.10, "the same batch with one adapter")
+    row.ratio("hookdelta mixed", "peft mixed", 0.50, "PEFT's adapter_names")
+    row.ratio("peft mixed", "peft single")
+    row.ratio("bare", "peft mixed", note="the floor: no adapter at all")
+    got = hd_mixed()
+    row.checks["same logits as peft mixed"] = bool(torch.allclose(got, peft_mixed(), atol=1e-4, rtol=1e-4))
+    with torch.inference_mode():
+        alone = single(input_ids=ids).logits
+    row.checks["rows of 'a' equal its single-adapter run"] = bool(torch.allclose(got[::4], alone[::4], atol=1e-4,
+                                                                                   rtol=1e-4))
+    return row
+
+
+ROWS = [b1_unmerged, b2_merged, b3_detached, b8_stacked, b10_adapter, b11_mixed_batch]

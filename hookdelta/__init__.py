@@ -5,7 +5,7 @@ hooks, without replacing a module or changing a state-dict key.
     delta = hd.attach(model, hd.LoRAConfig(r=8, targets=["q_proj", "v_proj"]))
 """
 
-from .combine import combine
+from .combine import average, combine, fuse, split
 from .config import DeltaConfig
 from .delta import Delta, attach, deltas, include_in_state_dict, route, set_active
 from .errors import (
@@ -24,6 +24,9 @@ from .errors import (
 from .hotswap import prepare_hotswap
 from .methods import (
     AdapterConfig,
+    AverageConfig,
+    FuseConfig,
+    SplitConfig,
     BitFitConfig,
     CompacterConfig,
     IA3Config,
@@ -57,5 +60,6 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "__version__",
+    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
+    "FuseConfig", "SplitConfig", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Weighted combination of LoRA deltas into a new one (PEFT's `add_weighted_adapter`, with
+"""Several deltas made into one: a weighted combination of LoRA deltas into a new one (PEFT's `add_weighted_adapter`, with
 its formulas, so the results match): task arithmetic, TIES, DARE and magnitude pruning on the
 factors, concatenation, or an SVD of the combined weight change.
 
@@ -7,11 +7,14 @@ scale s becomes sign(w·s)·sqrt|w·s| on A and sqrt|w·s| on B: a negative weig
 side only, so task arithmetic (`{"a": 1.0, "b": -1.0}`) subtracts. `cat` stacks the scaled
 factors (exact: the sum of the weighted updates). The `*svd` kinds combine the full updates
 s·B·A and keep the top `svd_rank` singular directions. The new delta has scale 1.
+
+The composition blocks (average, fuse, split: methods/composition.py) instead keep their
+sources and run them together at each layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -19,6 +22,7 @@ import torch.nn as nn
 from .config import exact
 from .delta import attach
 from .errors import ConfigError, DeltaStateError, UnsupportedModuleError
+from .methods.composition import AverageConfig, FuseConfig, SplitConfig
 from .methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear
 from .store import check_model, deltas_of
 
@@ -50,6 +54,23 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
             piece.lora_A.copy_(a)
             piece.lora_B.copy_(b)
     return delta
+
+
+def average(model: nn.Module, weights: Mapping[str, float], name: str | None = None, normalize: bool = True) -> Any:
+    """A block that runs the deltas {name: weight} side by side at each of their layers and adds
+    their weighted changes (AdapterHub's Average); the sources are disabled while it is attached."""
+    return attach(model, AverageConfig(sources=dict(weights), normalize=normalize), name=name)
+
+
+def fuse(model: nn.Module, names: Sequence[str], name: str | None = None, temperature: float = 1.0) -> Any:
+    """AdapterFusion over the deltas `names`: a trainable attention over their changes at each
+    layer. The returned delta's parameters are the fusion weights only; the sources are frozen."""
+    return attach(model, FuseConfig(sources=list(names), temperature=temperature), name=name)
+
+
+def split(model: nn.Module, ranges: Mapping[str, slice], name: str | None = None) -> Any:
+    """Each delta acts on its token range only, e.g. {"a": slice(0, 16), "b": slice(16, None)}."""
+    return attach(model, SplitConfig(sources=dict(ranges)), name=name)
 
 
 def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, density: float | None,

@@ -97,6 +97,12 @@ class DeltaConfig:
         """Create the method's pieces for the selected module paths (nothing is attached yet)."""
         raise NotImplementedError
 
+    def attached(self, model: nn.Module, delta: Any) -> None:
+        """Called once the delta is hooked in (composition blocks disable their sources here)."""
+
+    def detached(self, model: nn.Module, delta: Any) -> None:
+        """Called once the delta is removed (blocks enable their sources again)."""
+
     def portable(self, delta: Any) -> dict[str, Any]:
         """The config as `delta.json` stores it. Callable selectors cannot be written, so they
         become the exact sites the delta has (a method with selectors of its own, such as

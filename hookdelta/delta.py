@@ -353,7 +353,9 @@ class Delta(nn.Module):
     def detach(self) -> None:
         """Remove the delta: weights, flags and hooks are exactly as before it was attached."""
         self._check_attached("detach")
+        model = self._model
         self._remove(restore_weights=True)
+        self.config.detached(model, self)
 
     def save(self, directory: Any, overwrite: bool = False) -> None:
         """Write the delta's tensors (safetensors) and description (JSON) to `directory`."""
@@ -467,6 +469,7 @@ def _install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str],
         if created and store_of(model) is store and not len(store.deltas):
             close_store(model)  # refused before anything was hooked in: leave no store behind
         raise
+    config.attached(model, delta)
     return delta
 
 

@@ -172,7 +172,11 @@ class DeltaStore(nn.Module):
         forget_compiled_code()
 
     def keyword_start(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Root pre-hook: PEFT's spelling, `model(**inputs, adapter_names=[...])`, routes this call."""
+        """Root pre-hook: PEFT's spelling, `model(**inputs, adapter_names=[...])`, routes this call;
+        and a delta that acts on token positions (hd.split) refuses a call continuing a KV cache."""
+        for name in ("cache", "past_key_values", "cache_params"):  # (transformers 5.2x renamed it "cache")
+            if kwargs.get(name) is not None:
+                self._check_full_sequence(kwargs[name])
         if "adapter_names" not in kwargs:
             return None
         kwargs = dict(kwargs)
@@ -185,6 +189,18 @@ class DeltaStore(nn.Module):
             raise
         self.keyword_call = True
         return args, kwargs
+
+    def _check_full_sequence(self, cache: Any) -> None:
+        positional = [d.name for d in self.deltas.values() if d.enabled and getattr(d.config, "full_sequence", False)]
+        if not positional:
+            return
+        length = (cache.get_seq_length() if hasattr(cache, "get_seq_length")
+                  else len(cache) if isinstance(cache, (tuple, list)) else 1)  # unknown kind: assume filled
+        if length:
+            raise UnsupportedModuleError(
+                f"delta {positional[0]!r} acts on token positions of a whole sequence, but this call continues "
+                f"from a KV cache of {length} tokens, so its positions would shift; call generate(use_cache=False) "
+                "or run full sequences")
 
     def keyword_stop(self, model: nn.Module, args: tuple, output: Any) -> None:
         if self.keyword_call and self.router is not None:

@@ -144,3 +144,17 @@ def test_refusals_leave_the_model_as_it_was(call, error, match):
     with pytest.raises(error, match=match):
         hd.combine(model, **call)
     assert_same(model, snap)
+
+
+@pytest.mark.parametrize("arch, targets", [("gpt2", ["c_attn", "c_proj"]), ("bert", ["query", "value"])])
+@pytest.mark.parametrize("how, kw", [("linear", {}), ("cat", {}), ("svd", {}), ("ties", {"density": 0.5})])
+def test_equals_peft_on_other_architectures(tmp_path, arch, targets, how, kw):
+    base, inputs, _ = build(arch)
+    _peft_adapter(base, tmp_path / "a", 4, 8, 1, targets)
+    _peft_adapter(base, tmp_path / "b", 4, 2, 2, targets)
+    saved = (tmp_path, base, inputs)
+    ref = _peft_combined(saved, ["a", "b"], [0.7, -0.4], how, **kw)
+    model, _ = _ours(saved, ["a", "b"], [0.7, -0.4], how, **kw)
+    want = outputs(ref, inputs)
+    torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)
+    assert (want - outputs(base, inputs)).abs().max() > 1e-4

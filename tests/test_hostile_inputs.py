@@ -33,6 +33,7 @@ BAD_BY_TYPE = {
     "dict[str, int] | None": ["x", {"(": 2}, {"q": 0}, {"q": "2"}, {"q": 1.5}],
     "dict[str, float] | None": ["x", {"(": 2.0}, {"q": -1.0}, {"q": math.nan}],
     "Sequence[str] | None": ["q", ["x"], [], ["q", "q"], 3],
+    "Any": [None, 3, "x", [], ["a"], {"a": 1.0}, ["a", "a"]],  # composition blocks' sources
 }
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
             "layers": ["0", [-1], [1.5], [], [True]]}

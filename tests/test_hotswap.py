@@ -127,3 +127,16 @@ def test_prepare_refusals():
     with pytest.raises(hd.DeltaStateError, match="no delta named"):
         hd.prepare_hotswap(model, max_rank=8, names=["zz"])
     assert hd.deltas(model)["a"].pieces["model-layers-0-self_attn-q_proj"].lora_A.shape[0] == 8
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_swap_on_other_architectures(tmp_path, arch):
+    source, inputs, targets = build(arch)
+    perturb(hd.attach(source, hd.LoRAConfig(r=2, alpha=6.0, targets=targets), name="s"), std=0.3)
+    want = outputs(source, inputs)
+    hd.deltas(source)["s"].save(tmp_path / "s")
+    model, _, _ = build(arch)
+    perturb(hd.attach(model, hd.LoRAConfig(r=8, targets=targets), name="a"), std=0.1)
+    hd.prepare_hotswap(model, max_rank=8)
+    hd.load(model, tmp_path / "s", into="a")
+    torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)

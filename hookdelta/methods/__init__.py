@@ -3,6 +3,7 @@
 from .adapter import AdapterConfig
 from .bitfit import BitFitConfig
 from .compacter import CompacterConfig
+from .composition import AverageConfig, FuseConfig, SplitConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
 from .lora import LoRAConfig
@@ -12,6 +13,6 @@ from .prefix import PrefixConfig
 from .soft_prompt import SoftPromptConfig
 
 __all__ = [
-    "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]
