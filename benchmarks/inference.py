@@ -150,6 +150,9 @@ def b11_mixed_batch(p: Profile) -> Row:
     row.ratio("hookdelta mixed", "peft mixed", 0.50, "PEFT's adapter_names")
     row.ratio("peft mixed", "peft single")
     row.ratio("bare", "peft mixed", note="the floor: no adapter at all")
+    med = {k: v.median for k, v in row.times.items()}
+    row.extra["adapter cost above bare, hookdelta mixed / peft mixed"] = round(
+        (med["hookdelta mixed"] - med["bare"]) / max(med["peft mixed"] - med["bare"], 1e-9), 3)
     got = hd_mixed()
     row.checks["same logits as peft mixed"] = bool(torch.allclose(got, peft_mixed(), atol=1e-4, rtol=1e-4))
     with torch.inference_mode():
