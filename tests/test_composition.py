@@ -88,7 +88,7 @@ def test_fuse_equals_adapter_fusion_by_hand_and_trains_only_the_fusion(arch):
     assert all(p.grad is None for n in ("a0", "a1", "a2") for p in hd.deltas(model)[n].parameters())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_split_gives_each_delta_its_tokens(arch):
     model, inputs = _adapters(arch, n=2)
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(3))
