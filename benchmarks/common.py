@@ -45,11 +45,39 @@ class Profile:
     real_model: bool  # B9 on the real MiniLM and reviews; smoke uses a tiny BERT and made-up data
 
 
+# where the models run: run.py's --device / --dtype set these (CPU fp32 unless asked)
+TARGET = {"device": torch.device("cpu"), "dtype": torch.float32}
+
+
+def configure(device: str, dtype: str) -> None:
+    TARGET["device"], TARGET["dtype"] = torch.device(device), getattr(torch, dtype)
+
+
+def place(model: torch.nn.Module) -> torch.nn.Module:
+    return model.to(device=TARGET["device"], dtype=TARGET["dtype"])
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to the precision of the run's dtype (1e-4 in float32; bf16 keeps 8 bits)."""
+    tol = 1e-4 if TARGET["dtype"] == torch.float32 else 5e-2
+    return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+
+
+def sync() -> None:
+    if TARGET["device"].type == "cuda":
+        torch.cuda.synchronize()
+
+
 PROFILES = {
     "full": Profile("full", layers=8, width=512, batch=4, seq=128, rounds=21, calls=3, deep_layers=24,
                     switch_rounds=200, finetune_steps=40, finetune_test=400, real_model=True),
     "quick": Profile("quick", layers=4, width=512, batch=4, seq=64, rounds=9, calls=2, deep_layers=24,
                      switch_rounds=50, finetune_steps=10, finetune_test=100, real_model=True),
+    # one GPU (--device cuda --dtype bfloat16): a 1.1B Llama (TinyLlama's shape), batch 8x512
+    "gpu": Profile("gpu", layers=16, width=2048, batch=8, seq=512, rounds=15, calls=3, deep_layers=24,
+                   switch_rounds=100, finetune_steps=10, finetune_test=100, real_model=False),
+    "gpu-quick": Profile("gpu-quick", layers=4, width=2048, batch=8, seq=512, rounds=7, calls=2, deep_layers=8,
+                         switch_rounds=50, finetune_steps=5, finetune_test=50, real_model=False),
     "smoke": Profile("smoke", layers=2, width=64, batch=2, seq=16, rounds=2, calls=1, deep_layers=3,
                      switch_rounds=3, finetune_steps=2, finetune_test=8, real_model=False),
 }
@@ -60,22 +88,27 @@ PROFILES = {
 def llama(layers: int, width: int, seed: int = 0) -> tf.LlamaForCausalLM:
     """A Llama of the given depth and width: random weights, 8 heads, GQA with 4 kv heads."""
     torch.manual_seed(seed)
-    heads = 8 if width % 8 == 0 else 4
-    cfg = tf.LlamaConfig(vocab_size=2048, hidden_size=width, intermediate_size=width * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                         max_position_embeddings=512)
-    return tf.LlamaForCausalLM(cfg).eval()
+    if width >= 2048:  # TinyLlama-1.1B's shape: 32 heads of 64, 4 kv heads, FFN 5632
+        heads, kv, ffn = width // 64, 4, width * 11 // 4
+    else:
+        heads = 8 if width % 8 == 0 else 4
+        kv, ffn = heads // 2, width * 8 // 3
+    cfg = tf.LlamaConfig(vocab_size=2048 if width < 2048 else 32000, hidden_size=width, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                         max_position_embeddings=2048)
+    return place(tf.LlamaForCausalLM(cfg).eval())
 
 
 def bert(layers: int, width: int, seed: int = 0) -> tf.BertModel:
     torch.manual_seed(seed)
     cfg = tf.BertConfig(vocab_size=2048, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers,
                         num_attention_heads=8 if width % 8 == 0 else 4, max_position_embeddings=512)
-    return tf.BertModel(cfg).eval()
+    return place(tf.BertModel(cfg).eval())
 
 
 def token_ids(p: Profile, vocab: int = 2048) -> torch.Tensor:
-    return torch.randint(0, vocab, (p.batch, p.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (p.batch, p.seq), generator=torch.Generator().manual_seed(0))
+    return ids.to(TARGET["device"])
 
 
 def peft_twin(model: torch.nn.Module, delta: Any, targets: Any, r: int = 8) -> torch.nn.Module:
@@ -144,9 +177,11 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, calls: int = 1, w
         for name in order:
             if setup:
                 setup(name)
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 fns[name]()
+            sync()  # (a CUDA call only queues its kernels)
             samples[name].append((time.perf_counter() - start) / calls)
     return {k: Stats(statistics.median(v), min(v), max(v), len(v)) for k, v in samples.items()}
 

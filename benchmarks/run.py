@@ -4,6 +4,7 @@ contenders interleaved, medians and ratios reported.
     python -m benchmarks.run            # full run (RESULTS.md), under 15 minutes on 2 cores
     python -m benchmarks.run --quick    # smaller shapes, fewer repeats (~2 minutes)
     python -m benchmarks.run --only B1,B7
+    python -m benchmarks.run --device cuda --dtype bfloat16   # one GPU: a 1.1B Llama, the GPU rows
 
 Writes benchmarks/results/latest.json and latest.md (or --out DIR).
 """
@@ -27,11 +28,13 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from benchmarks import inference, lifecycle, quantized, training  # noqa: E402
-from benchmarks.common import PROFILES, Profile, Row  # noqa: E402
+from benchmarks import fused, inference, lifecycle, quantized, training  # noqa: E402
+from benchmarks.common import PROFILES, TARGET, Profile, Row, configure  # noqa: E402
 
-ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS + quantized.ROWS}
+ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS + quantized.ROWS
+        + fused.ROWS}
 ORDER = sorted(ROWS, key=lambda k: int(k[1:]))
+GPU_ROWS = ["B1", "B2", "B3", "B4", "B8", "B10", "B11", "B13", "B14", "B15"]  # the rest are CPU / bitsandbytes rows
 
 
 def machine() -> dict[str, Any]:
@@ -44,9 +47,13 @@ def machine() -> dict[str, Any]:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    device = TARGET["device"]
+    if device.type == "cuda":
+        cpu = f"{torch.cuda.get_device_name(device)} (host {cpu})"
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "dtype": "float32", "device": "cpu"}
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "dtype": str(TARGET["dtype"]).removeprefix("torch."), "device": device.type}
 
 
 def verdict(met: bool | None) -> str:
@@ -96,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated row ids, e.g. B1,B7")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU profile, a 1.1B Llama")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
-    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
-    wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or ORDER
+    configure(args.device, args.dtype)
+    gpu = TARGET["device"].type == "cuda"
+    profile = PROFILES["smoke" if args.smoke else ("gpu-quick" if gpu else "quick") if args.quick
+                       else "gpu" if gpu else "full"]
+    wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or (GPU_ROWS if gpu else ORDER)
     unknown = [x for x in wanted if x not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {ORDER}")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import hookdelta as hd
 
-from .common import Profile, Row, interleave, lora_contenders, token_ids, training_memory
+from .common import TARGET, Profile, Row, interleave, lora_contenders, token_ids, training_memory
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -51,6 +51,16 @@ def b4_train_step(p: Profile) -> Row:
     row.extra["trainable params"] = {"hookdelta": delta.num_trainable,
                                      "peft": sum(t.numel() for t in _trainable(theirs))}
     row.checks["memory <= peft"] = memory["hookdelta"]["total"] <= memory["peft"]["total"]
+    if TARGET["device"].type == "cuda":  # the allocator's own peak, one step each
+        peaks = {}
+        for name, step in steps.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated()
+        row.extra["cuda peak MB"] = {k: round(v / 2**20, 1) for k, v in peaks.items()}
+        row.extra["cuda peak hookdelta / peft"] = round(peaks["hookdelta"] / peaks["peft"], 4)
     return row
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
 from .errors import DeltaStateError, MergeError
-from .modules import STORE_NAME
+from .modules import STORE_NAME, is_conv1d
 from .placement import WeightSlot, kept_names, open_slot
 from .probe import Probe
 from .quantized import dequantize, is_quantized
@@ -215,6 +215,17 @@ def hook_clock() -> int:
 def is_ours(hook: Any) -> bool:
     """A hook hookdelta registered (dispatchers, the store's and the router's root hooks)."""
     return getattr(getattr(hook, "__self__", None), "hookdelta_internal", False) is True
+
+
+def owns_output(module: nn.Module) -> bool:
+    """Whether a post-forward piece may add into the module's output in place: no other code can
+    hold that tensor yet. True when no global forward hooks exist, hookdelta's dispatcher is the
+    module's first forward hook, and the module is a plain nn.Linear or transformers Conv1D
+    (their forward keeps no reference to the output; autograd saves only their input)."""
+    if torch.nn.modules.module._global_forward_hooks or not (type(module) is nn.Linear or is_conv1d(module)):
+        return False
+    hooks = module._forward_hooks
+    return bool(hooks) and is_ours(next(iter(hooks.values())))
 
 
 class Dispatcher:

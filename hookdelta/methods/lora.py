@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int, exact,
                       has_callable, normalize_selector, pattern_value)
-from ..engine import Piece, current, first_input
+from ..engine import Piece, current, first_input, owns_output
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
 from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
@@ -314,9 +314,20 @@ class LoRALinear(_LoRABase):
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
+        a, b = self.lora_A, self.lora_B
         # the scale goes on the r-wide product, not on the output-wide one: a pass over [.., r]
-        # instead of [.., out]. (Not torch.add(alpha=): inductor in torch 2.13 drops the alpha.)
-        delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale, self.lora_B)
+        # instead of [.., out]. (Not alpha=: inductor in torch 2.13 drops torch.add's alpha.)
+        t = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a) * self.scale
+        if self.lora_bias is None and isinstance(output, torch.Tensor) and output.dtype == b.dtype \
+                and output.is_contiguous():
+            # the add inside the B GEMM: one kernel, and no output-wide temporary. In place when
+            # nothing else can hold the output yet (engine.owns_output), out of place otherwise.
+            flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
+            if owns_output(module):
+                flat.addmm_(t, b.t())
+                return output
+            return torch.addmm(flat, t, b.t()).view(output.shape)
+        delta = F.linear(t, b)
         if self.lora_bias is not None:
             delta = delta + self.lora_bias
         return output + delta.to(output.dtype)

@@ -1,0 +1,174 @@
+"""Rows of issue 15. B13: the unmerged LoRA path before issue 15 (A GEMM, scale, B GEMM, then an
+output-wide add) against today's (the add inside the B GEMM, in place where safe), in the same
+run, with PEFT, the bare model and the floor: the bare model plus the least extra memory traffic
+any unfused LoRA needs, at this machine's measured bandwidth. B14: decoding at batch 1. B15: a
+torch.compile'd forward."""
+
+from __future__ import annotations
+
+import copy
+import time
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import hookdelta as hd
+from hookdelta.engine import first_input
+from hookdelta.methods.lora import LoRALinear
+
+from .common import (ALL_LINEAR, TARGET, Profile, Row, Stats, close, forward, interleave, llama, peft_twin, perturb, sync,
+                     token_ids)
+
+
+def _before(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """LoRALinear.post_forward as it was before issue 15."""
+    x = self.drop(module, first_input(args, kwargs))
+    delta = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale, self.lora_B)
+    return output + delta.to(output.dtype)
+
+
+def as_before(delta: Any) -> None:
+    for piece in delta.pieces.values():
+        if isinstance(piece, LoRALinear):
+            object.__setattr__(piece, "post_forward", types.MethodType(_before, piece))
+
+
+def bandwidth(megabytes: int = 256) -> float:
+    """Bytes per second of a large copy (read + write), the median of 5."""
+    src = torch.empty(megabytes * 2**20 // 4, device=TARGET["device"])
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / sorted(times)[2]
+
+
+def floor_extra(delta: Any, tokens: int, per_second: float) -> float:
+    """Seconds of the least extra traffic of an unfused LoRA per forward: read each layer's input
+    once more, write and read the r-wide product, read and write the output once."""
+    total = 0
+    for piece in delta.pieces.values():
+        r, width_in = piece.lora_A.shape
+        width_out = piece.lora_B.shape[0]
+        total += tokens * (width_in + 2 * r + 2 * width_out) * piece.lora_A.element_size()
+    return total / per_second
+
+
+def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
+    params = [t for t in model.parameters() if t.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def b13_before_after(p: Profile) -> Row:
+    bare = llama(p.layers, p.width)
+    after = copy.deepcopy(bare)
+    delta = hd.attach(after, hd.LoRAConfig(**ALL_LINEAR))
+    perturb(delta, std=0.02)
+    before = copy.deepcopy(after)
+    as_before(hd.deltas(before)[delta.name])
+    theirs = peft_twin(bare, delta, "all-linear")
+    ids = token_ids(p)
+    for m in (after, before):  # the first call after an attach is a watched one
+        forward(m, ids)()
+    fns = {"bare": forward(bare, ids), "before": forward(before, ids), "after": forward(after, ids),
+           "peft": forward(theirs, ids), }
+    row = Row("B13", "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
+              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; "
+              "training step with AdamW")
+    row.times = interleave(fns, p.rounds, p.calls)
+    extra = floor_extra(delta, p.batch * p.seq, bandwidth())
+    row.times["floor"] = Stats(row.times["bare"].median + extra, row.times["bare"].low + extra,
+                               row.times["bare"].high + extra, 0)
+    row.ratio("after", "bare", 1.05)
+    row.ratio("after", "peft", 0.95)
+    row.ratio("before", "bare")
+    row.ratio("before", "peft")
+    row.ratio("after", "before")
+    row.ratio("after", "floor", note="the least extra traffic of an unfused LoRA at the measured bandwidth")
+    for m in (after, before, theirs):
+        m.train()
+    trains = {"train before": _train_step(before, ids), "train after": _train_step(after, ids),
+              "train peft": _train_step(theirs, ids)}
+    row.times.update(interleave(trains, max(3, p.rounds // 2), 1))
+    row.ratio("train after", "train peft", 0.92)
+    row.ratio("train after", "train before")
+    with torch.inference_mode():
+        same = close(after(input_ids=ids).logits, before(input_ids=ids).logits)
+    row.checks["same logits before and after"] = bool(same)
+    return row
+
+
+
+def b14_decode(p: Profile) -> Row:
+    """Generating 64 tokens at batch 1: launch-bound on a GPU (kernels per site matter most)."""
+    bare = llama(p.layers, p.width)
+    ours = copy.deepcopy(bare)
+    delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
+    perturb(delta, std=0.02)
+    theirs = peft_twin(bare, delta, "all-linear")
+    merged_ours, merged_theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+    hd.deltas(merged_ours)[delta.name].merge()
+    merged_theirs.merge_adapter()
+    prompt = token_ids(p)[:1, :16]
+    tokens = 64 if p.name != "smoke" else 4
+
+    def generate(model: torch.nn.Module) -> Any:
+        def call() -> None:
+            with torch.inference_mode():
+                model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                               pad_token_id=0)
+        return call
+
+    models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
+              "peft merged": merged_theirs}
+    generate(ours)()  # (the watched first call)
+    row = Row("B14", f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
+              f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache")
+    row.times = interleave({k: generate(m) for k, m in models.items()}, max(3, p.rounds // 3), 1)
+    row.ratio("hookdelta", "bare")
+    row.ratio("peft", "bare")
+    row.ratio("hookdelta", "peft")
+    row.ratio("hookdelta merged", "bare", 1.01)
+    row.ratio("peft merged", "bare")
+    return row
+
+
+def b15_compiled_prefill(p: Profile) -> Row:
+    """torch.compile'd forward (4 layers), hookdelta and PEFT against the compiled bare model."""
+    layers = min(p.layers, 4)
+    bare = llama(layers, p.width)
+    ours = copy.deepcopy(bare)
+    delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
+    perturb(delta, std=0.02)
+    theirs = peft_twin(bare, delta, "all-linear")
+    ids = token_ids(p)
+    forward(ours, ids)()  # (the watched first call, before compiling)
+    torch._dynamo.reset()
+    compiled = {k: torch.compile(m) for k, m in (("bare", bare), ("hookdelta", ours), ("peft", theirs))}
+    row = Row("B15", "compiled prefill: torch.compile'd forward, LoRA r=8 all-linear", f"Llama {layers}x{p.width}, "
+              f"batch {p.batch}x{p.seq}; compile time not counted (warm-up)")
+    row.times = interleave({k: forward(m, ids) for k, m in compiled.items()}, p.rounds, p.calls, warmup=2)
+    row.ratio("hookdelta", "bare")
+    row.ratio("peft", "bare")
+    row.ratio("hookdelta", "peft")
+    with torch.inference_mode():
+        same = close(compiled["hookdelta"](input_ids=ids).logits, compiled["peft"](input_ids=ids).logits)
+    row.checks["same logits as peft"] = bool(same)
+    torch._dynamo.reset()
+    return row
+
+
+ROWS = [b13_before_after, b14_decode, b15_compiled_prefill]

@@ -1,0 +1,114 @@
+"""The fast LoRA path (issue 15): the add folded into the B GEMM, in place when nothing else can
+hold the layer's output, out of place otherwise. Checked against the formula computed by hand in
+float64, forward and gradients, and the cases where the in-place form must step aside (another
+hook holds the output) are checked to step aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hookdelta as hd
+from helpers import perturb
+from tiny_models import Holder, build, layer_cases
+
+
+def _lora_by_hand(layer, piece, x):
+    """W·x + b + s·B·A·x in float64 (Conv1D stores W as [in, out])."""
+    w = layer.weight.double()
+    w = w.T if type(layer).__name__ == "Conv1D" else w
+    bias = layer.bias.double() if layer.bias is not None else 0
+    xd = x.double()
+    return xd @ w.T + bias + float(piece.scale) * (xd @ piece.lora_A.double().T) @ piece.lora_B.double().T
+
+
+@pytest.mark.parametrize("name", ["linear", "linear-nobias", "conv1d-transformers"])
+@pytest.mark.parametrize("where", ["in place", "user hook first", "global hook"])
+def test_folded_add_equals_the_formula_forward_and_backward(name, where):
+    model, x = next((m, x) for n, m, x in layer_cases() if n == name)
+    stored = []
+    handles = []
+    if where == "user hook first":  # registered before attach: it must keep seeing the layer's own output
+        handles.append(model.layer.register_forward_hook(lambda m, a, out: stored.append((out, out.clone()))))
+    delta = hd.attach(model, hd.LoRAConfig(r=3, alpha=5.0, targets=["layer"]))
+    perturb(delta, std=0.3)
+    piece = delta.piece("layer")
+    if where == "global hook":
+        handles.append(nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: stored.append((out, out.clone())) if m is model.layer else None))
+    try:
+        with torch.no_grad():
+            model(x)  # (the first call after an attach is a watched one: time the second)
+        stored.clear()
+        x = x.clone().requires_grad_(True)
+        out = model(x)
+        torch.testing.assert_close(out.double(), _lora_by_hand(model.layer, piece, x), rtol=1e-4, atol=1e-5)
+        out.square().sum().backward()
+        xd = x.detach().double().requires_grad_(True)
+        ref = _lora_by_hand(model.layer, piece, xd)
+        a, b = piece.lora_A.detach().double().requires_grad_(True), piece.lora_B.detach().double().requires_grad_(True)
+        w = model.layer.weight.double()
+        w = w.T if name == "conv1d-transformers" else w
+        bias = model.layer.bias.double() if model.layer.bias is not None else 0
+        ref = xd @ w.T + bias + float(piece.scale) * (xd @ a.T) @ b.T
+        ref.square().sum().backward()
+        for got, want in ((x.grad, xd.grad), (piece.lora_A.grad, a.grad), (piece.lora_B.grad, b.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+        for seen, copy in stored:  # what other hooks were handed was not changed behind their back
+            assert torch.equal(seen, copy)
+        if where != "in place":
+            assert stored
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_stacked_deltas_and_dropout_equal_the_formula():
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(6, 5))
+    x = torch.randn(3, 4, 6)
+    first = hd.attach(model, hd.LoRAConfig(r=2, targets=["layer"]), name="a")
+    second = hd.attach(model, hd.LoRAConfig(r=3, alpha=1.5, dropout=0.5, targets=["layer"]), name="b")
+    adapter = hd.attach(model, hd.AdapterConfig(bottleneck_dim=2, targets=["layer"]), name="c")
+    third = hd.attach(model, hd.LoRAConfig(r=2, targets=["layer"]), name="d")
+    for i, d in enumerate((first, second, adapter, third)):
+        perturb(d, std=0.3, seed=i)
+    model.train()
+    torch.manual_seed(5)
+    got = model(x)
+    torch.manual_seed(5)
+    h = F.linear(x, model.layer.weight, model.layer.bias).double()
+    for d in (first, second):
+        p = d.piece("layer")
+        xin = F.dropout(x, p.p, training=True) if p.p else x
+        h = h + float(p.scale) * (xin.double() @ p.lora_A.double().T) @ p.lora_B.double().T
+    p = adapter.piece("layer")
+    h = h + p.scale * F.linear(F.relu(F.linear(h.float(), p.down.weight, p.down.bias)), p.up.weight, p.up.bias).double()
+    p = third.piece("layer")
+    h = h + float(p.scale) * (x.double() @ p.lora_A.double().T) @ p.lora_B.double().T
+    torch.testing.assert_close(got.double(), h, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_bf16_and_compile_equal_eager():
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(delta, std=0.2)
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = model(**inputs).logits
+        compiled = torch.compile(model)(**inputs).logits
+    torch.testing.assert_close(cast.float(), eager, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    # gradients through the compiled model equal eager ones
+    model.train()
+    compiled_model = torch.compile(model)
+    compiled_model(**inputs).logits.square().mean().backward()
+    got = [p.grad.clone() for p in delta.parameters()]
+    model.zero_grad()
+    model(**inputs).logits.square().mean().backward()
+    for g, p in zip(got, delta.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
