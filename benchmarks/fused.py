@@ -7,6 +7,7 @@ torch.compile'd forward."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import types
 from typing import Any
@@ -18,8 +19,7 @@ import hookdelta as hd
 from hookdelta.engine import first_input
 from hookdelta.methods.lora import LoRALinear
 
-from .common import (ALL_LINEAR, TARGET, Profile, Row, Stats, close, forward, interleave, llama, peft_twin, perturb, sync,
-                     token_ids)
+from .common import TARGET, Profile, Row, Stats, close, forward, interleave, lora_contenders, sync, token_ids
 
 
 def _before(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -73,18 +73,14 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
 
 
 def b13_before_after(p: Profile) -> Row:
-    bare = llama(p.layers, p.width)
-    after = copy.deepcopy(bare)
-    delta = hd.attach(after, hd.LoRAConfig(**ALL_LINEAR))
-    perturb(delta, std=0.02)
+    bare, after, delta, theirs = lora_contenders(p)
     before = copy.deepcopy(after)
     as_before(hd.deltas(before)[delta.name])
-    theirs = peft_twin(bare, delta, "all-linear")
     ids = token_ids(p)
     for m in (after, before):  # the first call after an attach is a watched one
         forward(m, ids)()
     fns = {"bare": forward(bare, ids), "before": forward(before, ids), "after": forward(after, ids),
-           "peft": forward(theirs, ids), }
+           "peft": forward(theirs, ids)}
     row = Row("B13", "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
               f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; "
               "training step with AdamW")
@@ -111,14 +107,9 @@ def b13_before_after(p: Profile) -> Row:
     return row
 
 
-
 def b14_decode(p: Profile) -> Row:
     """Generating 64 tokens at batch 1: launch-bound on a GPU (kernels per site matter most)."""
-    bare = llama(p.layers, p.width)
-    ours = copy.deepcopy(bare)
-    delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
-    perturb(delta, std=0.02)
-    theirs = peft_twin(bare, delta, "all-linear")
+    bare, ours, delta, theirs = lora_contenders(p)
     merged_ours, merged_theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
     hd.deltas(merged_ours)[delta.name].merge()
     merged_theirs.merge_adapter()
@@ -149,11 +140,7 @@ def b14_decode(p: Profile) -> Row:
 def b15_compiled_prefill(p: Profile) -> Row:
     """torch.compile'd forward (4 layers), hookdelta and PEFT against the compiled bare model."""
     layers = min(p.layers, 4)
-    bare = llama(layers, p.width)
-    ours = copy.deepcopy(bare)
-    delta = hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR))
-    perturb(delta, std=0.02)
-    theirs = peft_twin(bare, delta, "all-linear")
+    bare, ours, delta, theirs = lora_contenders(dataclasses.replace(p, layers=layers))
     ids = token_ids(p)
     forward(ours, ids)()  # (the watched first call, before compiling)
     torch._dynamo.reset()

@@ -36,8 +36,8 @@ class Piece(nn.Module):
 
     - `hooks = {"pre"}`: `pre_forward` may rewrite the module's inputs (soft prompts, prefixes,
       IA3 on a layer's input);
-    - `hooks = {"post"}`: `post_forward` may rewrite its output, never in place (LoRA, adapters,
-      BitFit, IA3 on a layer's output);
+    - `hooks = {"post"}`: `post_forward` may rewrite its output (LoRA, adapters, BitFit, IA3 on a
+      layer's output), in place only where `owns_output(module)` says nothing else holds it;
     - `swaps = ("weight", ...)`: `swap` gives a stand-in for each named parameter for the length
       of one call, put back afterwards even when the call raises (LoRA on a parameter, LN
       tuning, also_train copies).
