@@ -40,7 +40,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
     fraction kept by ties / dare / magnitude_prune; DARE draws its masks from `generator`."""
     model = check_model(model)
     found = deltas_of(model)
-    sources = _check(found, weights, how, name, density, svd_rank, majority_sign_method)
+    sources = _check(found, weights, how, name, density, svd_rank, svd_clamp, majority_sign_method)
     how = "linear" if len(sources) == 1 else how  # one delta: only a weighting (as PEFT)
     keys = _keys(sources[0][0])
     per_site = {key: _combine_site([(d.piece(key), w) for d, w in sources], how, density, svd_rank, svd_clamp,
@@ -59,22 +59,29 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
 def average(model: nn.Module, weights: Mapping[str, float], name: str | None = None, normalize: bool = True) -> Any:
     """A block that runs the deltas {name: weight} side by side at each of their layers and adds
     their weighted changes (AdapterHub's Average); the sources are disabled while it is attached."""
-    return attach(model, AverageConfig(sources=dict(weights), normalize=normalize), name=name)
+    return attach(model, AverageConfig(sources=_plain(weights), normalize=normalize), name=name)
 
 
 def fuse(model: nn.Module, names: Sequence[str], name: str | None = None, temperature: float = 1.0) -> Any:
     """AdapterFusion over the deltas `names`: a trainable attention over their changes at each
     layer. The returned delta's parameters are the fusion weights only; the sources are frozen."""
-    return attach(model, FuseConfig(sources=list(names), temperature=temperature), name=name)
+    return attach(model, FuseConfig(sources=_plain(names), temperature=temperature), name=name)
 
 
 def split(model: nn.Module, ranges: Mapping[str, slice], name: str | None = None) -> Any:
     """Each delta acts on its token range only, e.g. {"a": slice(0, 16), "b": slice(16, None)}."""
-    return attach(model, SplitConfig(sources=dict(ranges)), name=name)
+    return attach(model, SplitConfig(sources=_plain(ranges)), name=name)
+
+
+def _plain(sources: Any) -> Any:
+    """A mapping as a dict, a list or tuple as a list; anything else as given, for the config to refuse."""
+    if isinstance(sources, Mapping):
+        return dict(sources)
+    return list(sources) if isinstance(sources, (list, tuple)) else sources
 
 
 def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, density: float | None,
-           svd_rank: int | None, majority_sign_method: str) -> list[tuple[Any, float]]:
+           svd_rank: int | None, svd_clamp: float | None, majority_sign_method: str) -> list[tuple[Any, float]]:
     """The (delta, weight) pairs, after checking every argument; raises before anything changes."""
     if not isinstance(weights, Mapping) or not weights:
         raise ConfigError(f"hd.combine needs {{delta name: weight}}, got {weights!r}")
@@ -93,6 +100,9 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
         raise ConfigError(f"hd.combine: how={how!r} needs density= in [0, 1] (the fraction kept), got {density!r}")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ConfigError(f"hd.combine: svd_rank must be a positive integer, got {svd_rank!r}")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
+                                  or not 0 <= svd_clamp <= 1):
+        raise ConfigError(f"hd.combine: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
     if majority_sign_method not in ("total", "frequency"):
         raise ConfigError(f"hd.combine: majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     sources = [(found[n], float(w)) for n, w in weights.items()]

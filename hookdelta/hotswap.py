@@ -19,17 +19,17 @@ import torch.nn as nn
 from .config import DeltaConfig
 from .engine import forget_compiled_code
 from .errors import ConfigError, DeltaFileError, DeltaStateError
-from .store import deltas_of
+from .store import check_model, deltas_of
 
 
-def prepare_hotswap(model: nn.Module, max_rank: int, names: list[str] | None = None) -> None:
+def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | None = None) -> None:
     """Pad the LoRA deltas `names` (default: all) to rank `max_rank` and hold their scales as
     tensors, so adapters up to that rank (any alpha) hot-swap in without recompiling. The
     outputs do not change. Call it before torch.compile."""
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise ConfigError(f"prepare_hotswap: max_rank must be a positive integer, got {max_rank!r}")
-    found = deltas_of(model)
-    chosen = list(found) if names is None else list(names)
+    found = deltas_of(check_model(model))
+    chosen = list(found) if names is None else [names] if isinstance(names, str) else list(names)
     unknown = [n for n in chosen if n not in found]
     if unknown:
         raise DeltaStateError(f"the model has no delta named {unknown}; its deltas are {list(found)}")
@@ -60,6 +60,8 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: list[str] | None = N
 
 def swap_target(model: nn.Module, name: str) -> Any:
     """The attached delta a hot-swap writes into, checked before any file is read."""
+    if not isinstance(name, str):
+        raise ConfigError(f"hd.load(into=...) takes the name of an attached delta, got {name!r}")
     found = deltas_of(model)
     if name not in found:
         raise DeltaStateError(f"hd.load(into={name!r}): the model has no delta named {name!r}; its deltas are "

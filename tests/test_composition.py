@@ -176,3 +176,17 @@ def test_refusals():
     hd.deltas(model)["a0"].disable()
     model(**inputs)
     block.detach()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: hd.average(m, ["a0", "a1"]),  # weights, not names
+    lambda m: hd.fuse(m, "a0a1"),  # a string is not a list of names
+    lambda m: hd.split(m, [1, 2]),
+    lambda m: hd.combine(m, {"a0": 1.0, "a1": 1.0}, how="svd", svd_clamp=5.0),
+])
+def test_wrong_kinds_of_arguments_get_a_config_error(call):
+    model, inputs = _adapters("llama", n=2)
+    snap = snapshot(model)
+    with pytest.raises(hd.ConfigError):
+        call(model)
+    assert_same(model, snap)

@@ -140,3 +140,14 @@ def test_swap_on_other_architectures(tmp_path, arch):
     hd.prepare_hotswap(model, max_rank=8)
     hd.load(model, tmp_path / "s", into="a")
     torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_get_clear_errors(files):
+    model, inputs = _attached(r=8)
+    snap = snapshot(model)
+    with pytest.raises(hd.ConfigError, match="name of an attached delta"):
+        hd.load(model, files["r4"], into=["a"])
+    with pytest.raises(hd.UnsupportedModuleError):
+        hd.prepare_hotswap(object(), max_rank=8)
+    assert_same(model, snap)
+    hd.prepare_hotswap(model, max_rank=8, names="a")  # one name as a string
