@@ -58,9 +58,19 @@ def place(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal to the precision of the run's dtype (1e-4 in float32; bf16 keeps 8 bits)."""
-    tol = 1e-4 if TARGET["dtype"] == torch.float32 else 5e-2
-    return bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+    """Equal to the precision of the run's dtype: elementwise 1e-4 in float32; in bf16/fp16, where
+    every kernel order rounds differently and the rounding grows with depth, within 8% in norm.
+    Measured on an H200 (Llama 16x2048, bf16): the bare model, hookdelta and PEFT each differ from
+    their own fp32 logits by 2.4-2.7% in norm (hookdelta and PEFT agree exactly in fp32), while the
+    benchmarks' LoRA moves the logits by over 100%."""
+    a, b = a.float(), b.float()
+    if TARGET["dtype"] == torch.float32:
+        return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4))
+    return bool((a - b).norm() <= 8e-2 * b.norm())
+
+
+def dtype_name() -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[TARGET["dtype"]]
 
 
 def sync() -> None:

@@ -9,11 +9,11 @@ import torch
 
 import hookdelta as hd
 
-from .common import ALL_LINEAR, TARGET, Profile, Row, bert, close, forward, interleave, llama, lora_contenders, perturb, token_ids
+from .common import ALL_LINEAR, TARGET, Profile, Row, bert, close, dtype_name, forward, interleave, llama, lora_contenders, perturb, token_ids
 
 
 def _shape(p: Profile, kind: str = "Llama") -> str:
-    return f"{kind} {p.layers}x{p.width}, batch {p.batch}x{p.seq}, fp32"
+    return f"{kind} {p.layers}x{p.width}, batch {p.batch}x{p.seq}, {dtype_name()}"
 
 
 def b1_unmerged(p: Profile) -> Row:
@@ -144,7 +144,7 @@ def b11_mixed_batch(p: Profile) -> Row:
 
     theirs.set_adapter("a")
     row = Row("B11", "mixed batch: each row through its own LoRA (4 adapters, r=16, all-linear)",
-              f"Llama {layers}x{width}, batch {batch}x{seq}, fp32, rows a,b,c,d,a,b,c,d")
+              f"Llama {layers}x{width}, batch {batch}x{seq}, {dtype_name()}, rows a,b,c,d,a,b,c,d")
     row.times = interleave({"hookdelta mixed": hd_mixed, "hookdelta single": forward(single, ids),
                             "peft mixed": peft_mixed, "peft single": peft_single, "bare": forward(bare, ids)},
                            p.rounds, p.calls)

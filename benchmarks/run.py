@@ -96,6 +96,16 @@ def markdown(rows: list[Row], info: dict[str, Any], profile: Profile, seconds: f
     return "\n".join(out) + "\n"
 
 
+def save(out: str, rows: list[Row], info: dict[str, Any], profile: Profile, seconds: float, failed: list[str]) -> None:
+    """Write latest.json and latest.md under `out`."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "latest.json"), "w") as f:
+        json.dump({"profile": profile.name, "machine": info, "seconds": seconds, "failed": failed,
+                   "rows": [r.as_dict() for r in rows]}, f, indent=1)
+    with open(os.path.join(out, "latest.md"), "w") as f:
+        f.write(markdown(rows, info, profile, seconds))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="hookdelta vs PEFT vs the bare model")
     ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats (~2 minutes)")
@@ -130,14 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         row.extra["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         console.print(f"{row_id} done in {time.time() - t0:.0f} s")
+        save(args.out, rows, info, profile, time.time() - start, failed)  # after each row: a cut-off run keeps its rows
     seconds = time.time() - start
     console.print(table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "latest.json"), "w") as f:
-        json.dump({"profile": profile.name, "machine": info, "seconds": seconds, "failed": failed,
-                   "rows": [r.as_dict() for r in rows]}, f, indent=1)
-    with open(os.path.join(args.out, "latest.md"), "w") as f:
-        f.write(markdown(rows, info, profile, seconds))
+    save(args.out, rows, info, profile, seconds, failed)
     missed = [r.id for r in rows if r.met is False]
     console.print(f"{len(rows)} rows in {seconds:.0f} s; targets missed: {missed or 'none'}; failed: {failed or 'none'}")
     return 1 if failed else 0

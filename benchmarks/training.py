@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import hookdelta as hd
 
-from .common import TARGET, Profile, Row, interleave, lora_contenders, token_ids, training_memory
+from .common import TARGET, Profile, Row, dtype_name, interleave, lora_contenders, token_ids, training_memory
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -41,7 +41,7 @@ def b4_train_step(p: Profile) -> Row:
         memory[name] = training_memory(loss_of, params)
         steps[name] = _step(model, torch.optim.AdamW(params, lr=1e-4), loss_of)
     row = Row("B4", "training step (forward + backward + AdamW), LoRA r=8 all-linear",
-              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, fp32, causal-LM loss")
+              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, {dtype_name()}, causal-LM loss")
     row.times = interleave(steps, p.rounds, 1)
     row.ratio("hookdelta", "peft", 1.00)
     ratio = memory["hookdelta"]["total"] / memory["peft"]["total"]

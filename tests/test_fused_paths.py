@@ -112,3 +112,22 @@ def test_autocast_bf16_and_compile_equal_eager():
     for g, p in zip(got, delta.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_compiled_forward_has_no_graph_break_and_skips_the_hook_dict_test(monkeypatch):
+    """Under torch.compile the in-place test is skipped: dynamo before torch 2.12 cannot trace a
+    test of a module's hook dict and broke the graph at every LoRA site (found on an H200)."""
+    from hookdelta.engine import owns_output
+
+    model, inputs, _ = build("llama")
+    hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert owns_output(layer)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not owns_output(layer)
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, explained.break_reasons
