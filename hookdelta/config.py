@@ -250,6 +250,25 @@ def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> An
     return default
 
 
+def check_patterns(cfg: DeltaConfig) -> None:
+    """rank_pattern ({regex: positive int}) and alpha_pattern ({regex: positive number}), PEFT's."""
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = getattr(cfg, name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ConfigError(f"{type(cfg).__name__}.{name} must be a dict {{regex: value}}, got {patterns!r}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError):
+                raise ConfigError(f"{type(cfg).__name__}.{name} key {pattern!r} is not a valid regex") from None
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+            if isinstance(value, bool) or not ok or value <= 0:
+                raise ConfigError(f"{type(cfg).__name__}.{name}[{pattern!r}] must be a positive "
+                                  f"{'integer' if integer else 'number'}, got {value!r}")
+
+
 def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:
     value = getattr(cfg, name)
     if value not in choices:

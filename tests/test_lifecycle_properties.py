@@ -32,10 +32,11 @@ from hookdelta.methods.adapter import ACTIVATIONS
 
 accelerate = pytest.importorskip("accelerate")
 
-pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter]
+pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
+              pytest.mark.lokr]
 
 LAYERS = ["a", "b", "c"]
-METHODS = ["lora", "bitfit", "ia3", "adapter"]
+METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr"]
 EXAMPLES = int(os.environ.get("HOOKDELTA_PROPERTY_EXAMPLES", "200"))
 
 
@@ -56,6 +57,10 @@ def config(method, layers, r):
         return hd.BitFitConfig(targets=layers)
     if method == "ia3":
         return hd.IA3Config(targets=layers)
+    if method == "loha":
+        return hd.LoHaConfig(r=r, alpha=3.0, targets=layers)
+    if method == "lokr":
+        return hd.LoKrConfig(r=r, alpha=3.0, targets=layers)
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
 
 
@@ -75,7 +80,8 @@ def reference(model, base, x, hooks=(), only=None):
     """The output by hand: each layer computes W0·x + b0 from the original weights, then each
     enabled delta (merged or not; with `only`, just those named) and each user hook there, in
     the order they were added (a delta counts from its attach): LoRA adds s·B·A·x, BitFit adds
-    its bias, IA3 multiplies by l, an adapter adds s·up(f(down(h))), a user hook is its function."""
+    its bias, IA3 multiplies by l, an adapter adds s·up(f(down(h))), LoHa and LoKr add their ΔW·x,
+    a user hook is its function."""
     h = x.to(base["a.weight"].dtype)
     for i, name in enumerate(LAYERS):
         inp = h
@@ -94,6 +100,13 @@ def reference(model, base, x, hooks=(), only=None):
                 h = h + p["bias"]
             elif d.method == "ia3":
                 h = h * p["ia3_l"]
+            elif d.method == "loha":  # s·(W1a·W1b ⊙ W2a·W2b)·x
+                dw = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+                h = h + d.pieces[name].scale * inp @ dw.T
+            elif d.method == "lokr":  # s·(W1 ⊗ W2)·x, W1 or W2 low-rank where the rank is small
+                w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+                w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
+                h = h + d.pieces[name].scale * inp @ torch.kron(w1, w2).T
             else:
                 f = ACTIVATIONS[d.pieces[name].non_linearity]
                 h = h + d.pieces[name].scale * (f(h @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])

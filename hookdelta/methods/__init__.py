@@ -6,6 +6,8 @@ from .compacter import CompacterConfig
 from .composition import AverageConfig, FuseConfig, SplitConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
+from .loha import LoHaConfig
+from .lokr import LoKrConfig
 from .lora import LoRAConfig
 from .low_rank_adapter import LowRankAdapterConfig
 from .parallel_adapter import ParallelAdapterConfig
@@ -13,6 +15,6 @@ from .prefix import PrefixConfig
 from .soft_prompt import SoftPromptConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int, exact,
-                      has_callable, normalize_selector, pattern_value)
+from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
+                      check_patterns, exact, has_callable, normalize_selector, pattern_value)
 from ..engine import Piece, current, first_input, owns_output
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
@@ -86,8 +86,7 @@ class LoRAConfig(DeltaConfig):
         check_choice(self, "bias", ["none", "lora_only"])
         for name in ("use_rslora", "tie_weights", "use_dora"):
             check_bool(self, name)
-        for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
-            _check_pattern(name, getattr(self, name), integer)
+        check_patterns(self)
         if self.fused_slices is not None:
             slices = self.fused_slices
             if isinstance(slices, str) or not isinstance(slices, (list, tuple)) or not slices or any(
@@ -172,21 +171,6 @@ class LoRAConfig(DeltaConfig):
                 done[id(weight)] = primary
                 pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
         return pieces
-
-
-def _check_pattern(name: str, patterns: Any, integer: bool) -> None:
-    if patterns is None:
-        return
-    if not isinstance(patterns, dict):
-        raise ConfigError(f"LoRAConfig.{name} must be a dict {{regex: value}}, got {patterns!r}")
-    for pattern, value in patterns.items():
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError):
-            raise ConfigError(f"LoRAConfig.{name} key {pattern!r} is not a valid regex") from None
-        ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
-        if isinstance(value, bool) or not ok or value <= 0:
-            raise ConfigError(f"LoRAConfig.{name}[{pattern!r}] must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:

@@ -1,0 +1,101 @@
+"""The shared part of methods whose update is a whole ΔW built from small factors (LoHa, LoKr):
+the forward hook adds the host layer's own operation applied with ΔW to its input (F.linear,
+or the host conv's `_conv_forward` with its stride, padding and groups), and merge adds ΔW.
+This is how PEFT and LyCORIS compute them; a method only says how its factors make ΔW."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import DeltaConfig, pattern_value
+from ..engine import Piece, first_input
+from ..errors import UnsupportedModuleError
+from ..modules import is_conv1d, is_linear_like, layer_dims
+
+SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d"
+
+
+def weight_shape(model: nn.Module, key: str, module: nn.Module, method: str) -> tuple[int, ...]:
+    """The logical shape of the host's weight: [out, in] for linear layers (quantized ones
+    too), [out, in/groups, *kernel] for convolutions; any other module is refused."""
+    if is_linear_like(module):
+        in_f, out_f = layer_dims(model, module, key)
+        return (out_f, in_f)
+    if type(module) in (nn.Conv1d, nn.Conv2d):
+        return tuple(module.weight.shape)
+    raise UnsupportedModuleError(f"{method} adapts {SUPPORTED}; {key!r} is a {type(module).__name__}. "
+                                 "Narrow the targets.")
+
+
+def rank_and_scale(cfg: DeltaConfig, key: str) -> tuple[int, float]:
+    """(r, alpha / r) at a site, with PEFT's rank_pattern / alpha_pattern."""
+    r = pattern_value(cfg.rank_pattern, key, cfg.r)
+    return r, pattern_value(cfg.alpha_pattern, key, cfg.alpha) / r
+
+
+def kaiming_(t: torch.Tensor) -> torch.Tensor:
+    """nn.init.kaiming_uniform_(a=sqrt(5)), what PEFT and nn.Linear use."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class DenseDelta(Piece):
+    """A piece whose effect is the host's operation with ΔW = `delta()` on the same input."""
+
+    hooks = frozenset({"post"})
+    additive = True
+
+    def __init__(self, key: str, module: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__(key)
+        self.shape = shape  # the host weight's logical shape, [out, in] or a conv's
+        self.conv1d = is_conv1d(module)
+        self.linear = len(shape) == 2
+
+    def delta(self) -> torch.Tensor:
+        """ΔW in `shape`, scaled, differentiable in the piece's tensors."""
+        raise NotImplementedError
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        dw = self.delta()
+        x = first_input(args, kwargs)
+        x = x if x.dtype == dw.dtype else x.to(dw.dtype)
+        y = F.linear(x, dw) if self.linear else module._conv_forward(x, dw, None)
+        return output + (y if y.dtype == output.dtype else y.to(output.dtype))
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        dw = self.delta().float()
+        return {"weight": dw.T if self.conv1d else dw}
+
+
+def peft_rank_fields(peft_config: dict[str, Any], named: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
+    """r, alpha and exact-path rank_pattern / alpha_pattern from a PEFT config; `ranks` holds the
+    ranks read off the tensors (as PEFT's loader does), other sites follow the config's patterns."""
+    r, alpha = int(peft_config.get("r", 8)), float(peft_config.get("alpha", 8))
+    ranks = {s: ranks.get(s, pattern_value(peft_config.get("rank_pattern"), s, r)) for s in named}
+    alphas = {re.escape(s): float(v) for s in named
+              if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
+    return {"r": r, "alpha": alpha, "rank_pattern": {re.escape(s): k for s, k in ranks.items() if k != r} or None,
+            "alpha_pattern": alphas or None}
+
+
+def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
+    """PEFT's rank_pattern / alpha_pattern for the sites whose r or alpha differ from the config's."""
+    ranks = {re.escape(p.key): p.r for p in pieces if p.r != cfg.r}
+    alphas = {re.escape(p.key): p.scale * p.r for p in pieces if abs(p.scale * p.r - cfg.alpha) > 1e-9 * cfg.alpha}
+    return {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+
+def lycoris_targets(delta: Any, pieces: list[Any]) -> dict[str, Any]:
+    """PEFT's target_modules for a LoHa / LoKr file; PEFT's LyCORIS layers do not take
+    transformers' Conv1D (GPT-2), so a delta on one cannot be written for it."""
+    odd = [p.key for p in pieces if p.conv1d]
+    if odd:
+        raise UnsupportedModuleError(
+            f"PEFT's {delta.config.method} cannot adapt transformers Conv1D layers such as {odd[0]!r}, so it could "
+            "not load this file; save it with delta.save() instead")
+    return {"target_modules": [p.key for p in pieces]}

@@ -1,0 +1,138 @@
+"""The second-wave methods against PEFT's own implementations: PEFT builds an adapter (random,
+non-zero), saves it; hookdelta loads the file onto the bare model and must give PEFT's outputs
+and gradients (to 1e-5). Then hookdelta saves its delta in PEFT's format and PEFT's
+`from_pretrained` must give hookdelta's outputs. The reference is PEFT, never our own code."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hookdelta as hd
+from tiny_models import build, main_output
+
+peft = pytest.importorskip("peft")
+
+
+class ConvNet(nn.Module):
+    """Conv1d and Conv2d (3×3 and 1×1, one grouped) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv1d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c2(torch.relu(self.c1(x))))  # [b, 8, 5, 5]
+        h = self.c3(h.flatten(2))  # [b, 6, 25]
+        return self.head(h.mean(-1))
+
+
+def conv_model():
+    torch.manual_seed(0)
+    return ConvNet().eval(), {"x": torch.randn(2, 4, 5, 5)}
+
+
+def model_for(arch):
+    if arch == "conv":
+        return conv_model()
+    model, inputs, _ = build(arch)
+    return model, inputs
+
+
+# id -> (architecture, PEFT config, hookdelta mark)
+CASES = {
+    "loha-llama": ("llama", lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]), "loha"),
+    "loha-conv": ("conv", lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c1", "c2", "c3", "head"]), "loha"),
+    "loha-conv-cp": ("conv", lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c1", "c3"],
+                                                     use_effective_conv2d=True), "loha"),
+    "loha-patterns": ("llama", lambda: peft.LoHaConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"],
+                                                       rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 12}), "loha"),
+    "lokr-llama": ("llama", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]), "lokr"),
+    "lokr-both": ("llama", lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "gate_proj"],
+                                                   decompose_both=True, decompose_factor=4), "lokr"),
+    "lokr-conv": ("conv", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["c1", "c2", "c3", "head"]), "lokr"),
+    # (PEFT 0.21's LoKr with use_effective_conv2d fails on Conv1d inside torch.kron: Conv2d only)
+    "lokr-conv-cp": ("conv", lambda: peft.LoKrConfig(r=1, alpha=3, target_modules=["c1", "c2"],
+                                                     use_effective_conv2d=True), "lokr"),
+    "lokr-lycoris": ("llama", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["k_proj"],
+                                                      init_weights="lycoris"), "lokr"),
+}
+
+
+def plain_loha_cp(t1, w1a, w1b, t2, w2a, w2b, scale):
+    """PEFT's LoHa CP weight by plain autograd. PEFT's hand-written backward (HadaWeightCP, from
+    LyCORIS) builds w1_a's and t1's gradients from the *second* factor's tensors: wrong
+    gradients (outputs are right), so its gradients are not a reference for that case."""
+    one = torch.einsum("ijkl,jr,ip->prkl", t1, w1b, w1a)
+    return one * torch.einsum("ijkl,jr,ip->prkl", t2, w2b, w2a) * scale
+
+
+def peft_adapter(model, peft_cfg, seed=5):
+    """PEFT's adapter on a copy of `model`, every trainable tensor given random values."""
+    twin = peft.get_peft_model(copy.deepcopy(model), peft_cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return twin.eval()
+
+
+def ours_grads(delta):
+    return {k: p.grad for k, p in delta.named_tensors().items()} if hasattr(delta, "named_tensors") else None
+
+
+def grads_by_key(twin):
+    """PEFT's gradients keyed as hookdelta keys its tensors: `<site>.<name>`."""
+    out = {}
+    for name, p in twin.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            key = name.removeprefix("base_model.model.").replace(".default", "")
+            out[key.removesuffix(".weight") if ".lora_" in key else key] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypatch):
+    arch, make, mark = CASES[case]
+    monkeypatch.setattr(peft.tuners.loha.layer, "make_weight_cp", plain_loha_cp)
+    model, inputs = model_for(arch)
+    twin = peft_adapter(model, make())
+    twin.save_pretrained(tmp_path)
+    ours = copy.deepcopy(model)
+    delta = hd.load_peft(ours, tmp_path)
+    theirs_out, ours_out = main_output(twin(**inputs)), main_output(ours(**inputs))
+    assert not torch.allclose(theirs_out, main_output(model(**inputs)), atol=1e-3), "the adapter must do something"
+    torch.testing.assert_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
+    theirs_out.square().mean().backward()
+    ours_out.square().mean().backward()
+    theirs = grads_by_key(twin)
+    named = {f"{p.key}.{n}": t for p in delta.pieces.values() for n, t in p.named_parameters()}
+    assert set(named) == set(theirs), "hookdelta trains exactly PEFT's tensors"
+    for key, t in named.items():
+        torch.testing.assert_close(t.grad, theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saved_in_peft_format_loads_in_peft_to_our_outputs(case, tmp_path):
+    arch, make, mark = CASES[case]
+    model, inputs = model_for(arch)
+    twin = peft_adapter(model, make())
+    twin.save_pretrained(tmp_path / "theirs")
+    ours = copy.deepcopy(model)
+    delta = hd.load_peft(ours, tmp_path / "theirs")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # move away from PEFT's values, so the round trip carries our tensors
+        for p in delta.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    expected = main_output(ours(**inputs)).detach()
+    delta.save_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(back(**inputs)), expected, rtol=1e-5, atol=1e-5)
