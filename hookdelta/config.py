@@ -172,6 +172,10 @@ class PeftCodec:
     suffixes: ClassVar[dict[str, str]] = {}  # PEFT tensor name at the end of a key -> ours
     fits_paths: ClassVar[bool] = True  # place() gives module paths as saved (to fit onto the model)
 
+    # tensors of the whole adapter rather than of one site (VeRA's shared projections), as they
+    # are keyed in the file: load_peft hands them to to_config in peft_config["__shared__"]
+    shared_keys: ClassVar[frozenset[str]] = frozenset()
+
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         """Values of understood fields this method cannot load (named in the error)."""
         return []

@@ -125,7 +125,9 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     codec = codecs()[config["peft_type"]]
     named: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}  # modules_to_save: full copies under the modules' own names
-    for key, tensor in read_peft_tensors(directory).items():
+    tensors = read_peft_tensors(directory)
+    config = {**config, "__shared__": {k: tensors.pop(k) for k in codec.shared_keys if k in tensors}}
+    for key, tensor in tensors.items():
         key = key[len(codec.prefix):] if key.startswith(codec.prefix) else key
         placed = codec.place(model, key)
         if placed is None:

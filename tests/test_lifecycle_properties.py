@@ -33,10 +33,10 @@ from hookdelta.methods.adapter import ACTIVATIONS
 accelerate = pytest.importorskip("accelerate")
 
 pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
-              pytest.mark.lokr]
+              pytest.mark.lokr, pytest.mark.vera]
 
 LAYERS = ["a", "b", "c"]
-METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr"]
+METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera"]
 EXAMPLES = int(os.environ.get("HOOKDELTA_PROPERTY_EXAMPLES", "200"))
 
 
@@ -61,6 +61,8 @@ def config(method, layers, r):
         return hd.LoHaConfig(r=r, alpha=3.0, targets=layers)
     if method == "lokr":
         return hd.LoKrConfig(r=r, alpha=3.0, targets=layers)
+    if method == "vera":
+        return hd.VeRAConfig(r=r + 2, targets=layers)
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
 
 
@@ -107,6 +109,9 @@ def reference(model, base, x, hooks=(), only=None):
                 w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
                 w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
                 h = h + d.pieces[name].scale * inp @ torch.kron(w1, w2).T
+            elif d.method == "vera":  # b ⊙ B(d ⊙ A x), A and B the frozen shared projections
+                a, b = (d.pieces[name].vera_A.double(), d.pieces[name].vera_B.double())
+                h = h + p["vera_lambda_b"] * ((p["vera_lambda_d"] * (inp @ a.T)) @ b.T)
             else:
                 f = ACTIVATIONS[d.pieces[name].non_linearity]
                 h = h + d.pieces[name].scale * (f(h @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])

@@ -62,6 +62,9 @@ CASES = {
                                                      use_effective_conv2d=True), "lokr"),
     "lokr-lycoris": ("llama", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["k_proj"],
                                                       init_weights="lycoris"), "lokr"),
+    "vera-llama": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                    projection_prng_key=3), "vera"),
+    "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vera"),
 }
 
 
@@ -98,7 +101,7 @@ def grads_by_key(twin):
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=getattr(pytest.mark, CASES[c][2])) for c in CASES])
 def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypatch):
     arch, make, mark = CASES[case]
     monkeypatch.setattr(peft.tuners.loha.layer, "make_weight_cp", plain_loha_cp)
@@ -119,7 +122,7 @@ def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypat
         torch.testing.assert_close(t.grad, theirs[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=getattr(pytest.mark, CASES[c][2])) for c in CASES])
 def test_saved_in_peft_format_loads_in_peft_to_our_outputs(case, tmp_path):
     arch, make, mark = CASES[case]
     model, inputs = model_for(arch)
@@ -136,3 +139,41 @@ def test_saved_in_peft_format_loads_in_peft_to_our_outputs(case, tmp_path):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(main_output(back(**inputs)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.vera
+def test_vera_projections_come_from_the_seed_and_are_not_saved(tmp_path):
+    """hookdelta's own files hold only d and b; PEFT's file without projections
+    (save_projection=False) loads the same; projections that the seed does not give are refused."""
+    from safetensors.torch import load_file, save_file
+
+    model, inputs = model_for("llama")
+    twin = peft_adapter(model, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=9,
+                                               save_projection=False))
+    twin.save_pretrained(tmp_path / "noproj")
+    ours = copy.deepcopy(model)
+    delta = hd.load_peft(ours, tmp_path / "noproj")
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(ours(**inputs)), main_output(twin(**inputs)), rtol=1e-5, atol=1e-5)
+    delta.save(tmp_path / "ours")
+    saved = load_file(str(tmp_path / "ours" / "delta.safetensors"))
+    assert saved and all("lambda" in k for k in saved), sorted(saved)
+    expected = outputs_of(ours, inputs)
+    delta.detach()
+    hd.load(ours, tmp_path / "ours")
+    torch.testing.assert_close(outputs_of(ours, inputs), expected, rtol=0, atol=0)
+    # a PEFT file whose projections differ from what its key gives
+    delta2 = peft_adapter(model, peft.VeraConfig(r=8, target_modules=["q_proj"], projection_prng_key=9))
+    delta2.save_pretrained(tmp_path / "proj")
+    tensors = load_file(str(tmp_path / "proj" / "adapter_model.safetensors"))
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"] * 2
+    save_file(tensors, str(tmp_path / "proj" / "adapter_model.safetensors"))
+    fresh = copy.deepcopy(model)
+    with pytest.raises(hd.DeltaFileError, match="projection_prng_key"):
+        hd.load_peft(fresh, tmp_path / "proj")
+    assert not hd.deltas(fresh)
+
+
+def outputs_of(model, inputs):
+    with torch.no_grad():
+        return main_output(model(**inputs))
