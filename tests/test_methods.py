@@ -30,6 +30,7 @@ METHODS = {
     "loha": (lambda: hd.LoHaConfig(r=2, alpha=4), FIVE, True, True),
     "lokr": (lambda: hd.LoKrConfig(r=2, alpha=4), FIVE, True, True),
     "vera": (lambda: hd.VeRAConfig(r=4), FIVE, True, True),
+    "trainable_tokens": (lambda: hd.TrainableTokensConfig(token_indices=list(range(60))), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),
     "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),

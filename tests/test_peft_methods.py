@@ -65,6 +65,10 @@ CASES = {
     "vera-llama": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"],
                                                     projection_prng_key=3), "vera"),
     "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vera"),
+    "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                                 token_indices=[3, 5, 7]), "trainable_tokens"),
+    "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
+                         "trainable_tokens"),
 }
 
 
