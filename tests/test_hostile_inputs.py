@@ -34,13 +34,18 @@ BAD_BY_TYPE = {
     "dict[str, float] | None": ["x", {"(": 2.0}, {"q": -1.0}, {"q": math.nan}],
     "Sequence[str] | None": ["q", ["x"], [], ["q", "q"], 3],
     "Any": [None, 3, "x", [], ["a"], {"a": 1.0}, ["a", "a"]],  # composition blocks' sources
+    "Sequence[int]": [[], [-1], [1, 1], "12", [1.5], [True], 3],
 }
+# fields whose valid range differs from their type's: their own bad values
+BAD_FIELD = {"decompose_factor": [0, -2, 2.5, "8", True, None], "projection_prng_key": [-1, 2.5, "8", True, None],
+             "d_initial": [math.nan, math.inf, "x", None, True]}
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
             "layers": ["0", [-1], [1.5], [], [True]]}
 CONFIGS = hd.DeltaConfig.registered()
 FIELD_CASES = [(method, f.name, value)
                for method, cls in sorted(CONFIGS.items()) for f in dataclasses.fields(cls)
-               for value in BAD_BASE.get(f.name) or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])]
+               for value in BAD_BASE.get(f.name) or BAD_FIELD.get(f.name)
+               or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])]
 
 
 @pytest.mark.parametrize("method,field,value", FIELD_CASES, ids=[f"{m}.{f}={v!r}" for m, f, v in FIELD_CASES])

@@ -31,13 +31,13 @@ class TrainableTokensConfig(DeltaConfig):
     method = "trainable_tokens"
 
     def validate(self) -> None:
+        check_bool(self, "tie_weights")
         idx = self.token_indices
         if isinstance(idx, (str, bytes)) or not isinstance(idx, (list, tuple, range)) or not idx or any(
                 isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx) or len(set(idx)) != len(idx):
             raise ConfigError("TrainableTokensConfig.token_indices must be a non-empty list of distinct token ids "
                               f">= 0, got {idx!r}")
         object.__setattr__(self, "token_indices", tuple(idx))
-        check_bool(self, "tie_weights")
 
     def select(self, model: nn.Module) -> list[str]:
         if self.targets is not None:
