@@ -163,7 +163,7 @@ def test_gaussian_init_and_lora_only_bias():
     assert torch.equal(model(x), pristine(x))
     with torch.no_grad():
         piece.lora_bias.fill_(0.25)
-    torch.testing.assert_close(model(x), pristine(x) + 0.25)
+    torch.testing.assert_close(model(x), pristine(x) + 0.25 * piece.scale)  # B's bias, scaled with B (PEFT)
     expected = model(x)
     delta.merge()
     torch.testing.assert_close(model(x), expected)

@@ -31,12 +31,14 @@ METHODS = {
     "lokr": (lambda: hd.LoKrConfig(r=2, alpha=4), FIVE, True, True),
     "vera": (lambda: hd.VeRAConfig(r=4), FIVE, True, True),
     "trainable_tokens": (lambda: hd.TrainableTokensConfig(token_indices=list(range(60))), FIVE, True, True),
+    "loreft": (lambda: hd.LoReFTConfig(r=2, positions="f1+l1"), FIVE, False, False),
+    "direft": (lambda: hd.DiReFTConfig(r=2, positions="f2+l1"), FIVE, False, False),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),
     "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
                    ["llama"], False, False),
 }
-MARK = {"adapter_pfeiffer": "adapter", "prefix_mlp": "prefix"}
+MARK = {"adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
 
 CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
          for m, (_, archs, _, _) in METHODS.items() for a in archs]

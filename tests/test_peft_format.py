@@ -124,7 +124,7 @@ def test_adapter_for_another_size_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("use_qalora", True), ("layer_replication", [[0, 1]]), ("bias", "all"),
-                                         ("lora_bias", True), ("trainable_token_indices", [1, 2])])
+                                         ("init_lora_weights", "pissa"), ("trainable_token_indices", [1, 2])])
 def test_unsupported_peft_fields_are_named(field, value, tmp_path):
     directory, _, _ = peft_adapter("llama", "lora", tmp_path)
     path = directory / "adapter_config.json"
@@ -138,8 +138,8 @@ def test_unsupported_peft_fields_are_named(field, value, tmp_path):
 def test_other_peft_types_and_pickles(tmp_path):
     directory, _, _ = peft_adapter("llama", "lora", tmp_path)
     config = json.loads((directory / "adapter_config.json").read_text())
-    (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
-    with pytest.raises(hd.DeltaFileError, match="LOHA"):
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "HRA"}))
+    with pytest.raises(hd.DeltaFileError, match="HRA"):
         hd.load_peft(build("llama")[0], directory)
     (directory / "adapter_config.json").write_text(json.dumps(config))
 

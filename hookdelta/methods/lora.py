@@ -34,6 +34,8 @@ from ..modules import is_conv1d, is_internal, is_linear_like, layer_dims, named_
 from ..selection import match_parameters
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
+RESIDUAL = ("pissa", "olora")  # inits that take a part out of the base weight (as a frozen delta here)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +45,15 @@ class LoRAConfig(DeltaConfig):
     r: rank; alpha: scale numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora);
     dropout: on the delta's input, active only while the host module is training;
     target_parameters: selectors over parameter paths, for weights used outside a layer
-    (e.g. "mlp.experts.gate_up_proj"); init: "default" (A kaiming-uniform, B zero) or
-    "gaussian"; bias: "none" or "lora_only" (a trainable bias delta on each adapted layer);
+    (e.g. "mlp.experts.gate_up_proj"); init: "default" (A kaiming-uniform, B zero), "gaussian",
+    "orthogonal" (even r; A and B from one random orthogonal matrix, PEFT's), or, on linear layers,
+    "pissa" / "pissa_niter_K" (the weight's top-r singular triplets, exact or K-iteration
+    randomized SVD) and "olora" (the weight's QR): these take the principal part out of the base,
+    which hookdelta never writes, so the delta adds s·(B·A − B₀·A₀) with the initial factors A₀, B₀
+    kept frozen (a fresh delta changes nothing; in PEFT's files it becomes a plain LoRA of rank 2r
+    on the original base, as PEFT's path_initial_model_for_weight_conversion writes it);
+    bias: "none" or "lora_only" (a trainable bias b on B, so the layer gains s·(B·A·x + b): PEFT's
+    lora_bias, for LoRAs extracted from full fine-tunes; not with DoRA);
     tie_weights: a weight shared by several modules (tied embedding and output head) is
     adapted in all of them (True) or refused (False), never in one only.
     use_dora: DoRA (Liu et al. 2024), W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ per output row, with
@@ -82,7 +91,14 @@ class LoRAConfig(DeltaConfig):
         check_int(self, "r")
         check_float(self, "alpha", low=0.0, low_open=True)
         check_float(self, "dropout", low=0.0, high=1.0)
-        check_choice(self, "init", ["default", "gaussian"])
+        if not (self.init in INITS or isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
+            raise ConfigError(f"LoRAConfig.init must be one of {list(INITS)} or 'pissa_niter_K' (K >= 1 iterations), "
+                              f"got {self.init!r}")
+        if self.use_dora and self.bias != "none":
+            raise ConfigError("LoRAConfig.bias='lora_only' does not go with use_dora=True (DoRA rescales each row, "
+                              "the bias with it)")
+        if self.use_dora and self.init not in ("default", "gaussian"):
+            raise ConfigError(f"LoRAConfig.init={self.init!r} does not go with use_dora=True")
         check_choice(self, "bias", ["none", "lora_only"])
         for name in ("use_rslora", "tie_weights", "use_dora"):
             check_bool(self, name)
@@ -191,7 +207,8 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     if param_name is not None:
         return LoRAParameter(cfg, key, module, param_name, like)
     if is_linear_like(module):
-        return LoRALinear(cfg, key, module, like)
+        return LoRALinear(cfg, key, module, like, real_weight(model, path) if cfg.init in RESIDUAL
+                          or cfg.init.startswith("pissa_niter_") else None)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(cfg, key, module, like)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -249,6 +266,9 @@ class _LoRABase(Piece):
         kw = {"device": like.device, "dtype": like.dtype}
         self.lora_A = nn.Parameter(torch.empty(*a_shape, **kw))
         self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
+        if cfg.init != "default" and cfg.init != "gaussian" and type(self) is not LoRALinear:
+            raise UnsupportedModuleError(f"LoRA init={cfg.init!r} is for linear layers; {key!r} is not one. "
+                                         "Narrow the targets or use init='default'.")
         with torch.no_grad():
             if cfg.init == "gaussian":
                 self.lora_A.normal_(0.0, 1.0 / self.r)
@@ -288,17 +308,70 @@ class _LoRABase(Piece):
 class LoRALinear(_LoRABase):
     """LoRA on nn.Linear and transformers Conv1D (whose weight is stored [in, out])."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)  # the logical shape (a quantized weight is packed)
         r = cfg.rank_for(key)
         super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
         self.lora_bias = (nn.Parameter(torch.zeros(out_f, dtype=like.dtype, device=like.device))
                           if cfg.bias == "lora_only" else None)
+        self.residual = False  # PiSSA / OLoRA: s·(B·A − B₀·A₀), the initial factors frozen
+        if cfg.init in ("orthogonal",) or cfg.init.startswith("pissa_niter_"):
+            # these draw from the global RNG: draw first what PEFT's nn.Linear(r, out) draws when it
+            # makes lora_B (A's draw was made above), so a seed gives PEFT's factors exactly
+            torch.empty(out_f, r).uniform_()
+        if cfg.init == "orthogonal":
+            self._orthogonal(in_f, out_f)
+        elif cfg.init.startswith(RESIDUAL):
+            self._principal(cfg.init, weight)
+
+    def _orthogonal(self, in_f: int, out_f: int) -> None:
+        """PEFT's orthogonal init, draw for draw (global RNG): A and B from one orthogonal Q."""
+        r = self.r
+        if r % 2:
+            raise ConfigError(f"LoRA init='orthogonal' needs an even rank; {self.key!r} has r={r}")
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        a = torch.randn(in_f, r // 2).mm(q[0::2, :]).T / 10.0
+        b = torch.randn(r // 2, out_f).T.mm(q[1::2, :]) / 10.0
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+
+    def _principal(self, init: str, weight: torch.Tensor) -> None:
+        """PiSSA (the weight's top-r SVD, split as √S) or OLoRA (its QR), as PEFT computes them;
+        the same factors are kept frozen as A₀, B₀ so the fresh delta adds exactly nothing."""
+        w = weight.detach().float()
+        w = w.T if self.conv1d else w  # [out, in]
+        r, s = self.r, float(self.scale)
+        if init == "olora":
+            q, rr = torch.linalg.qr(w)
+            a, b = rr[:r], q[:, :r]
+        else:
+            if init == "pissa":
+                v, sv, uh = torch.linalg.svd(w, full_matrices=False)
+                v, sv, uh = v[:, :r], sv[:r], uh[:r]
+            else:  # pissa_niter_K: randomized SVD with K subspace iterations
+                v, sv, u = torch.svd_lowrank(w, r, niter=int(init.rpartition("_")[2]))
+                uh = u.t()
+            sv = sv / s
+            a, b = torch.diag(sv.sqrt()) @ uh, v @ torch.diag(sv.sqrt())
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+        self.register_buffer("base_A", self.lora_A.detach().clone())
+        self.register_buffer("base_B", self.lora_B.detach().clone())
+        self.residual = True
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         a, b = self.lora_A, self.lora_B
+        if self.residual:  # two terms that cancel bit for bit while A, B are still A₀, B₀
+            x = x if x.dtype == a.dtype else x.to(a.dtype)
+            delta = F.linear(F.linear(x, a) * self.scale, b) - F.linear(F.linear(x, self.base_A) * self.scale, self.base_B)
+            if self.lora_bias is not None:
+                delta = delta + self.lora_bias * self.scale
+            return output + delta.to(output.dtype)
         # the scale goes on the r-wide product, not on the output-wide one: a pass over [.., r]
         # instead of [.., out]. (Not alpha=: inductor in torch 2.13 drops torch.add's alpha.)
         t = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a) * self.scale
@@ -312,17 +385,25 @@ class LoRALinear(_LoRABase):
                 return output
             return torch.addmm(flat, t, b.t()).view(output.shape)
         delta = F.linear(t, b)
-        if self.lora_bias is not None:
-            delta = delta + self.lora_bias
+        if self.lora_bias is not None:  # B's bias, scaled with B as in PEFT: s·(B·A·x + b)
+            delta = delta + self.lora_bias * self.scale
         return output + delta.to(output.dtype)
 
     def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if self.lora_bias is not None or (self.p and module.training):
             return None
-        return self.lora_A, self.lora_B, self.scale
+        return self.plain_factors() + (self.scale,)
+
+    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the same update as one plain LoRA: a residual one becomes rank 2r,
+        [A; A₀] and [B, −B₀] (what PEFT's weight conversion writes)."""
+        if not self.residual:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.base_A]), torch.cat([self.lora_B, -self.base_B], dim=1)
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        dw = (self.lora_B.float() * self.scale) @ self.lora_A.float()  # scale the small factor
+        a, b = self.plain_factors()
+        dw = (b.float() * self.scale) @ a.float()  # scale the small factor
         out = {"weight": dw.T if self.conv1d else dw}
         if self.lora_bias is not None:
             if module._parameters.get("bias") is None:
@@ -330,7 +411,7 @@ class LoRALinear(_LoRABase):
                     f"{self.key!r} has no bias of its own, so its LoRA bias delta (bias='lora_only') "
                     "cannot be merged without adding a parameter; keep this delta unmerged"
                 )
-            out["bias"] = self.lora_bias.float()
+            out["bias"] = self.lora_bias.float() * self.scale
         return out
 
     def describe(self) -> str:
@@ -409,8 +490,6 @@ class DoRALinear(LoRALinear):
         else:  # PEFT computes the base term on the dropped-out input
             base = F.linear(dropped, self._rows(live_weight(module)).to(c.dtype))
         delta = (c - 1) * base + c * lora
-        if self.lora_bias is not None:
-            delta = delta + self.lora_bias
         return output + delta.to(output.dtype)
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -418,8 +497,6 @@ class DoRALinear(LoRALinear):
         updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
         merged = updated * (self.magnitude.float() / updated.norm(dim=1).detach()).unsqueeze(1)
         out = {"weight": merged.T if self.conv1d else merged}
-        if self.lora_bias is not None:
-            out["bias"] = LoRALinear.delta_weights(self, module)["bias"] + current(module, "bias").float()
         return out
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -575,12 +652,19 @@ class LoRACodec(PeftCodec):
 
     peft_type = "LORA"
     understood = frozenset({"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias"})
+                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias", "lora_bias"})
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
-                ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude"}
+                ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".lora_B.bias": "lora_bias"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        out = [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        init = peft_config.get("init_lora_weights")
+        if isinstance(init, str) and (init.startswith(RESIDUAL) or init in ("corda", "loftq")):
+            # trained against PEFT's *changed* base (W minus its principal part): on the original
+            # base it would give other outputs, silently
+            out.append(f"init_lora_weights={init!r} (an adapter for PEFT's modified base weights: save it with "
+                       "save_pretrained(path_initial_model_for_weight_conversion=...) to get one for the original base)")
+        return out
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
@@ -590,6 +674,7 @@ class LoRACodec(PeftCodec):
                   if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
+            bias="lora_only" if peft_config.get("lora_bias") else "none",
             use_dora=bool(peft_config.get("use_dora")), dropout=float(peft_config.get("lora_dropout") or 0.0),
             tie_weights=True, targets=[exact(s) for s in named],
             rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
@@ -598,32 +683,39 @@ class LoRACodec(PeftCodec):
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: LoRAConfig = delta.config
-        odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))
-               or getattr(p, "lora_bias", None) is not None]
+        odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))]
         if odd:
             raise UnsupportedModuleError(
                 f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
-                f"targets, fused_slices or bias='lora_only') at {odd[:3]}; save it with delta.save() instead"
+                f"targets or fused_slices) at {odd[:3]}; save it with delta.save() instead"
             )
+        residual = any(getattr(p, "residual", False) for p in pieces)
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
+        factor = (2 ** 0.5 if cfg.use_rslora else 2) if residual else 1  # alpha for the doubled rank
         for piece in pieces:
             embedding = isinstance(delta.model.get_submodule(piece.key), nn.Embedding)
             a, b = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
-            tensors[piece.key + a] = piece.lora_A.detach().contiguous()
-            tensors[piece.key + b] = piece.lora_B.detach().contiguous()
+            # PiSSA / OLoRA: the rank-2r plain LoRA of the same update on the original base (PEFT's
+            # path_initial_model_for_weight_conversion), so the config's r and alpha double too
+            fa, fb = piece.plain_factors() if isinstance(piece, LoRALinear) else (piece.lora_A, piece.lora_B)
+            tensors[piece.key + a] = fa.detach().contiguous()
+            tensors[piece.key + b] = fb.detach().contiguous()
             if hasattr(piece, "magnitude"):
                 tensors[piece.key + ".lora_magnitude_vector"] = piece.magnitude.detach().contiguous()
-            r = cfg.rank_for(piece.key)
-            if r != cfg.r:
+            if getattr(piece, "lora_bias", None) is not None:
+                tensors[piece.key + ".lora_B.bias"] = piece.lora_bias.detach().contiguous()
+            r = fa.shape[0]
+            if r != cfg.r * (2 if residual else 1):
                 ranks[re.escape(piece.key)] = r
             alpha = cfg.scale_for(piece.key) * (r ** 0.5 if cfg.use_rslora else r)
-            if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
+            if abs(alpha - cfg.alpha * factor) > 1e-12 * max(1.0, abs(cfg.alpha)):
                 alphas[re.escape(piece.key)] = alpha
-        fields = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-                  "rank_pattern": ranks, "alpha_pattern": alphas, "use_rslora": cfg.use_rslora,
-                  "use_dora": cfg.use_dora, "bias": "none", "init_lora_weights": True, "layers_to_transform": None,
+        fields = {"peft_type": "LORA", "r": cfg.r * (2 if residual else 1), "lora_alpha": cfg.alpha * factor,
+                  "lora_dropout": cfg.dropout, "rank_pattern": ranks, "alpha_pattern": alphas,
+                  "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none",
+                  "lora_bias": cfg.bias == "lora_only", "init_lora_weights": True, "layers_to_transform": None,
                   **self.tuner_fields(delta, pieces)}
         return fields, tensors
 
