@@ -41,6 +41,7 @@ from .methods import (
     TrainableTokensConfig,
     LoReFTConfig,
     DiReFTConfig,
+    OFTConfig,
     VeRAConfig,
 )
 from .peft_format import load_peft
@@ -64,7 +65,7 @@ __all__ = [
     "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LowRankAdapterConfig",
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
-    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "MergeError", "SelectorError",
+    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
     "FuseConfig", "SplitConfig", "__version__",

@@ -39,13 +39,16 @@ BAD_BY_TYPE = {
 }
 # fields whose valid range differs from their type's: their own bad values
 BAD_FIELD = {"decompose_factor": [0, -2, 2.5, "8", True, None], "projection_prng_key": [-1, 2.5, "8", True, None],
-             "d_initial": [math.nan, math.inf, "x", None, True]}
+             "d_initial": [math.nan, math.inf, "x", None, True],
+             "oft_block_size": [-1, 2.5, "8", True, None]}
+# (OFT's r may be 0: it is the other way to give the block size)
+BAD_FIELD["r@oft"] = [-1, 2.5, "8", True, None]
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
             "layers": ["0", [-1], [1.5], [], [True]]}
 CONFIGS = hd.DeltaConfig.registered()
 FIELD_CASES = [(method, f.name, value)
                for method, cls in sorted(CONFIGS.items()) for f in dataclasses.fields(cls)
-               for value in BAD_BASE.get(f.name) or BAD_FIELD.get(f.name)
+               for value in BAD_BASE.get(f.name) or BAD_FIELD.get(f"{f.name}@{method}") or BAD_FIELD.get(f.name)
                or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])]
 
 

@@ -33,10 +33,10 @@ from hookdelta.methods.adapter import ACTIVATIONS
 accelerate = pytest.importorskip("accelerate")
 
 pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
-              pytest.mark.lokr, pytest.mark.vera]
+              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft]
 
 LAYERS = ["a", "b", "c"]
-METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera"]
+METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera", "oft"]
 EXAMPLES = int(os.environ.get("HOOKDELTA_PROPERTY_EXAMPLES", "200"))
 
 
@@ -63,6 +63,8 @@ def config(method, layers, r):
         return hd.LoKrConfig(r=r, alpha=3.0, targets=layers)
     if method == "vera":
         return hd.VeRAConfig(r=r + 2, targets=layers)
+    if method == "oft":
+        return hd.OFTConfig(oft_block_size=2, use_cayley_neumann=False, targets=layers)
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
 
 
@@ -83,13 +85,23 @@ def reference(model, base, x, hooks=(), only=None):
     enabled delta (merged or not; with `only`, just those named) and each user hook there, in
     the order they were added (a delta counts from its attach): LoRA adds s·B·A·x, BitFit adds
     its bias, IA3 multiplies by l, an adapter adds s·up(f(down(h))), LoHa and LoKr add their ΔW·x,
-    a user hook is its function."""
+    OFT rotates the input (x -> x·R, R block-diagonal Cayley) before all of them, a user hook is
+    its function."""
     h = x.to(base["a.weight"].dtype)
     for i, name in enumerate(LAYERS):
         inp = h
+        # OFT rotates the layer's input in a pre-hook: the layer, every post piece and every user
+        # hook there see the rotated input (in attach order when several rotate)
+        rotations = sorted((d.pieces[name].stamp, d) for d in hd.deltas(model).values()
+                           if d.enabled and d.method == "oft" and name in d.pieces and (only is None or d.name in only))
+        for _, d in rotations:
+            q = d.pieces[name].oft_R.detach().to(h.dtype)[:, 0]
+            eye = torch.eye(2, dtype=h.dtype)
+            skew = [torch.tensor([[0.0, v], [-v, 0.0]], dtype=h.dtype) for v in q.tolist()]
+            inp = inp @ torch.block_diag(*[torch.linalg.solve(eye + k, eye - k, left=False) for k in skew])
         h = inp @ base[f"{name}.weight"].T + base[f"{name}.bias"]
         steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values()
-                 if d.enabled and name in d.pieces and (only is None or d.name in only)]
+                 if d.enabled and d.method != "oft" and name in d.pieces and (only is None or d.name in only)]
         steps += [(key, fn) for key, layer, fn in hooks if layer == name]
         for _, d in sorted(steps, key=lambda step: step[0]):
             if not isinstance(d, hd.Delta):
@@ -379,12 +391,15 @@ class Lifecycle(RuleBasedStateMachine):
         for name in LAYERS:
             layer = getattr(self.model, name)
             live = [d for d in hd.deltas(self.model).values() if d.enabled and not d.merged and name in d.pieces]
+            pre = [d for d in live if d.method == "oft"]  # OFT rotates the input: a pre hook only
+            live = [d for d in live if d.method != "oft"]
             ours = sum(1 for h in layer._forward_hooks.values() if is_ours(h))
             if not self.hooked.get(name):
                 assert ours == (1 if live else 0), "one dispatcher, only where a live delta is"
             else:  # one more per user hook it ran on either side of, at most (until the next change there)
                 assert (ours > 0) == bool(live) and ours <= 1 + self.hooked[name]
-            assert len(layer._forward_pre_hooks) == 0
+            ours_pre = sum(1 for h in layer._forward_pre_hooks.values() if is_ours(h))
+            assert ours_pre == (1 if pre else 0) and len(layer._forward_pre_hooks) == ours_pre
 
     def teardown(self):
         for d in list(hd.deltas(self.model).values())[::-1]:

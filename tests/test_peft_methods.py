@@ -65,6 +65,11 @@ CASES = {
     "vera-llama": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"],
                                                     projection_prng_key=3), "vera"),
     "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vera"),
+    "oft-llama": ("llama", lambda: peft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), "oft"),
+    "oft-exact-shared": ("llama", lambda: peft.OFTConfig(oft_block_size=4, target_modules=["q_proj", "o_proj"],
+                                                         use_cayley_neumann=False, block_share=True), "oft"),
+    "oft-coft": ("llama", lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["k_proj"], coft=True, eps=2.0,
+                                                 num_cayley_neumann_terms=3), "oft"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -101,7 +106,7 @@ def grads_by_key(twin):
     for name, p in twin.named_parameters():
         if p.requires_grad and p.grad is not None:
             key = name.removeprefix("base_model.model.").replace(".default", "")
-            out[key.removesuffix(".weight") if ".lora_" in key else key] = p.grad
+            out[key.removesuffix(".weight") if ".lora_" in key or key.endswith(".oft_R.weight") else key] = p.grad
     return out
 
 

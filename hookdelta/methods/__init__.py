@@ -11,6 +11,7 @@ from .lokr import LoKrConfig
 from .lora import LoRAConfig
 from .low_rank_adapter import LowRankAdapterConfig
 from .parallel_adapter import ParallelAdapterConfig
+from .oft import OFTConfig
 from .prefix import PrefixConfig
 from .reft import DiReFTConfig, LoReFTConfig
 from .soft_prompt import SoftPromptConfig
@@ -18,6 +19,6 @@ from .trainable_tokens import TrainableTokensConfig
 from .vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]
