@@ -186,3 +186,51 @@ def test_vera_projections_come_from_the_seed_and_are_not_saved(tmp_path):
 def outputs_of(model, inputs):
     with torch.no_grad():
         return main_output(model(**inputs))
+
+
+class EmbedConv(nn.Module):
+    """An embedding feeding a Conv1d and a Conv2d (1×1 and 3×3), for DoRA beyond linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, ids):
+        h = self.c1(self.emb(ids).transpose(1, 2))  # [b, 8, seq=4]
+        h = self.c2(h.reshape(h.shape[0], 2, 4, 4))  # [b, 4, 4, 4]
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@pytest.mark.dora
+@pytest.mark.parametrize("targets", [["emb"], ["c1", "c2"], ["emb", "c1", "c2", "head"]])
+def test_dora_on_embedding_and_conv_matches_peft(targets, tmp_path):
+    torch.manual_seed(0)
+    model, inputs = EmbedConv().eval(), {"ids": torch.randint(0, 20, (3, 4))}
+    twin = peft_adapter(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, use_dora=True))
+    twin.save_pretrained(tmp_path)
+    ours = copy.deepcopy(model)
+    delta = hd.load_peft(ours, tmp_path)
+    theirs_out, ours_out = twin(**inputs), ours(**inputs)
+    torch.testing.assert_close(ours_out, theirs_out, rtol=1e-5, atol=1e-5)
+    theirs_out.square().mean().backward()
+    ours_out.square().mean().backward()
+    theirs = grads_by_key(twin)
+    for piece in delta.pieces.values():
+        for name, t in piece.named_parameters():
+            peft_name = {"lora_A": "lora_A", "lora_B": "lora_B", "magnitude": "lora_magnitude_vector"}[name]
+            want = theirs.get(f"{piece.key}.{peft_name}") if f"{piece.key}.{peft_name}" in theirs else \
+                theirs.get(f"{piece.key}.lora_embedding_{name[-1]}") if name != "magnitude" else \
+                theirs[f"{piece.key}.lora_magnitude_vector.weight"]
+            torch.testing.assert_close(t.grad, want.reshape(t.shape), rtol=1e-4, atol=1e-6, msg=f"{piece.key}.{name}")
+    # merge is exact, unmerge restores; saved back in PEFT's format, PEFT loads our outputs
+    expected = ours(**inputs).detach()
+    delta.merge()
+    torch.testing.assert_close(ours(**inputs), expected, rtol=1e-4, atol=1e-5)
+    delta.unmerge()
+    delta.save_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**inputs), expected, rtol=1e-5, atol=1e-5)
