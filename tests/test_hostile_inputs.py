@@ -35,6 +35,7 @@ BAD_BY_TYPE = {
     "Sequence[str] | None": ["q", ["x"], [], ["q", "q"], 3],
     "Any": [None, 3, "x", [], ["a"], {"a": 1.0}, ["a", "a"]],  # composition blocks' sources
     "Sequence[int]": [[], [-1], [1, 1], "12", [1.5], [True], 3],
+    "Sequence[int] | None": [[], [-1], "12", [1.5], [True], 3],
     "Positions": ["x1", "f0", "l", "f1+", 3, None, ["l1"]],
 }
 # fields whose valid range differs from their type's: their own bad values

@@ -32,6 +32,7 @@ from ..roles import fused_rows, roles
 from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
 from ..modules import is_conv1d, is_internal, is_linear_like, layer_dims, named_modules, resolve_site
 from ..selection import match_parameters
+from .alora import Activation, InvocationScanner, activated
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
@@ -63,6 +64,8 @@ class LoRAConfig(DeltaConfig):
     fused_slices: on fused q/k/v projections (GPT-2 c_attn, Phi-3 qkv_proj, GPT-NeoX / Bloom
     query_key_value, Falcon), adapt only these slices, e.g. ("q", "v"), each with its own
     rank-r A and B, as loralib's MergedLinear; other sites get plain LoRA.
+    activate_after_tokens: aLoRA (PEFT's alora_invocation_tokens): the adapter acts only from the
+    last occurrence of this token sequence on (linear layers; not mergeable; see methods/alora.py).
     Default targets: the attention query and value projections of the model's family.
     """
 
@@ -78,6 +81,7 @@ class LoRAConfig(DeltaConfig):
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
     fused_slices: Sequence[str] | None = None
+    activate_after_tokens: Sequence[int] | None = None
 
     method = "lora"
     default_targets = ("attn.q", "attn.v")
@@ -112,6 +116,14 @@ class LoRAConfig(DeltaConfig):
             if self.use_dora:
                 raise ConfigError("LoRAConfig.fused_slices does not go with use_dora=True (DoRA normalizes whole rows)")
             object.__setattr__(self, "fused_slices", tuple(s for s in ("q", "k", "v") if s in slices))
+        if self.activate_after_tokens is not None:
+            toks = self.activate_after_tokens
+            if isinstance(toks, (str, bytes)) or not isinstance(toks, (list, tuple)) or not toks or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks):
+                raise ConfigError(f"LoRAConfig.activate_after_tokens must be a non-empty list of token ids, got {toks!r}")
+            if self.use_dora:
+                raise ConfigError("LoRAConfig.activate_after_tokens (aLoRA) does not go with use_dora=True")
+            object.__setattr__(self, "activate_after_tokens", tuple(toks))
         if self.target_parameters is not None:
             object.__setattr__(self, "target_parameters",
                                normalize_selector("target_parameters", self.target_parameters))
@@ -186,7 +198,22 @@ class LoRAConfig(DeltaConfig):
             if weight is not None:
                 done[id(weight)] = primary
                 pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
+        if self.activate_after_tokens is not None:
+            return _activate(self, pieces)
         return pieces
+
+
+def _activate(cfg: LoRAConfig, pieces: list[Piece]) -> list[Piece]:
+    """aLoRA: the pieces act only where a scanner on the model finds the invocation."""
+    odd = [p.key for p in pieces if type(p) is not LoRALinear]
+    if odd:
+        raise UnsupportedModuleError(f"aLoRA (activate_after_tokens) adapts linear layers only; {odd[0]!r} is not "
+                                     "one. Narrow the targets.")
+    activation = Activation(cfg.activate_after_tokens)
+    for p in pieces:
+        p.activation = activation
+        p.mergeable = False  # the update holds only from the invocation on: no weight can hold it
+    return pieces + [InvocationScanner(activation, ":alora_invocation")]
 
 
 def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:
@@ -320,6 +347,7 @@ class LoRALinear(_LoRABase):
         super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
         self.lora_bias = (nn.Parameter(torch.zeros(out_f, dtype=like.dtype, device=like.device))
                           if cfg.bias == "lora_only" else None)
+        self.activation = None  # aLoRA: where the adapter acts (methods/alora.py)
         self.residual = False  # PiSSA / OLoRA: s·(B·A − B₀·A₀), the initial factors frozen
         if cfg.init in ("orthogonal",) or cfg.init.startswith("pissa_niter_"):
             # these draw from the global RNG: draw first what PEFT's nn.Linear(r, out) draws when it
@@ -370,6 +398,10 @@ class LoRALinear(_LoRABase):
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         a, b = self.lora_A, self.lora_B
+        if self.activation is not None:
+            x = x if x.dtype == a.dtype else x.to(a.dtype)
+            delta = F.linear(F.linear(x, a) * self.scale, b)
+            return activated(self, output, delta if self.lora_bias is None else delta + self.lora_bias * self.scale)
         if self.residual:  # two terms that cancel bit for bit while A, B are still A₀, B₀
             x = x if x.dtype == a.dtype else x.to(a.dtype)
             delta = F.linear(F.linear(x, a) * self.scale, b) - F.linear(F.linear(x, self.base_A) * self.scale, self.base_B)
@@ -394,7 +426,7 @@ class LoRALinear(_LoRABase):
         return output + delta.to(output.dtype)
 
     def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        if self.lora_bias is not None or (self.p and module.training):
+        if self.lora_bias is not None or (self.p and module.training) or self.activation is not None:
             return None
         return self.plain_factors() + (self.scale,)
 
@@ -739,7 +771,8 @@ class LoRACodec(PeftCodec):
 
     peft_type = "LORA"
     understood = frozenset({"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias", "lora_bias"})
+                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias", "lora_bias",
+                            "alora_invocation_tokens"})
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
                 ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".lora_B.bias": "lora_bias"}
 
@@ -762,6 +795,7 @@ class LoRACodec(PeftCodec):
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
             bias="lora_only" if peft_config.get("lora_bias") else "none",
+            activate_after_tokens=peft_config.get("alora_invocation_tokens") or None,
             use_dora=bool(peft_config.get("use_dora")), dropout=float(peft_config.get("lora_dropout") or 0.0),
             tie_weights=True, targets=[exact(s) for s in named],
             rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
@@ -770,6 +804,7 @@ class LoRACodec(PeftCodec):
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: LoRAConfig = delta.config
+        pieces = [p for p in pieces if not isinstance(p, InvocationScanner)]  # aLoRA's: no tensors
         odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))]
         if odd:
             raise UnsupportedModuleError(
@@ -803,6 +838,8 @@ class LoRACodec(PeftCodec):
                   "lora_dropout": cfg.dropout, "rank_pattern": ranks, "alpha_pattern": alphas,
                   "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none",
                   "lora_bias": cfg.bias == "lora_only", "init_lora_weights": True, "layers_to_transform": None,
+                  **({"alora_invocation_tokens": list(cfg.activate_after_tokens), "task_type": "CAUSAL_LM"}
+                     if cfg.activate_after_tokens else {}),
                   **self.tuner_fields(delta, pieces)}
         return fields, tensors
 
