@@ -42,6 +42,7 @@ from .methods import (
     LoReFTConfig,
     DiReFTConfig,
     OFTConfig,
+    BOFTConfig,
     VeRAConfig,
 )
 from .peft_format import load_peft
@@ -65,7 +66,7 @@ __all__ = [
     "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LowRankAdapterConfig",
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
-    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "MergeError", "SelectorError",
+    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
     "FuseConfig", "SplitConfig", "__version__",

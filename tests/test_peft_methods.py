@@ -70,6 +70,10 @@ CASES = {
                                                          use_cayley_neumann=False, block_share=True), "oft"),
     "oft-coft": ("llama", lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["k_proj"], coft=True, eps=2.0,
                                                  num_cayley_neumann_terms=3), "oft"),
+    "boft-llama": ("llama", lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+                   "boft"),
+    "boft-bert": ("bert", lambda: peft.BOFTConfig(boft_block_num=4, boft_block_size=0, target_modules=["query", "dense"]),
+                  "boft"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -234,3 +238,53 @@ def test_dora_on_embedding_and_conv_matches_peft(targets, tmp_path):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(**inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.boft
+def test_boft_butterfly_factors_follow_peft_arithmetic():
+    """Several butterfly factors (PEFT runs them only with its CUDA kernel): the rotation equals
+    PEFT's own permutations and product, built here from PEFT's functions."""
+    from peft.tuners.boft.layer import BOFTLayer
+
+    model, inputs = model_for("llama")
+    delta = hd.attach(model, hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, targets=["q_proj"]))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    piece = next(iter(delta.pieces.values()))
+    n, (m, d, h, _) = 32, piece.boft_R.shape
+    perms = torch.stack([BOFTLayer.perm2mat(None, BOFTLayer.block_butterfly_perm(None, n, d // 2 ** i, h // 2, m - 1))
+                         for i in range(m)])
+    data = piece.boft_R.detach().reshape(m * d, h, h)
+    rot = BOFTLayer.cayley_batch(None, data).reshape(m, d, h, h)
+    bd = torch.stack([torch.block_diag(*rot[i].unbind(0)) for i in range(m)])
+    batch = torch.bmm(perms, torch.bmm(bd, perms.permute(0, 2, 1)))
+    want = batch[0]
+    for i in range(1, m):
+        want = batch[i] @ want
+    torch.testing.assert_close(piece.rotation().detach(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(want.T @ want, torch.eye(n), rtol=1e-5, atol=1e-5)
+    out = outputs_of(model, inputs)
+    delta.merge()
+    torch.testing.assert_close(outputs_of(model, inputs), out, rtol=1e-4, atol=1e-5)
+    delta.unmerge()
+    assert torch.equal(outputs_of(model, inputs), out)
+
+
+@pytest.mark.oft
+def test_oft_files_with_another_parametrization_are_refused(tmp_path):
+    import json
+
+    model, _ = model_for("llama")
+    twin = peft_adapter(model, peft.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
+    twin.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for change, words in ((dict(peft_version="0.17.1"), "changed in 0.18"), (dict(peft_version=None), "before 0.18")):
+        path.write_text(json.dumps({**config, **change}))
+        with pytest.raises(hd.DeltaFileError, match=words):
+            hd.load_peft(copy.deepcopy(model), tmp_path)
+    path.write_text(json.dumps({k: v for k, v in config.items() if k != "oft_block_size"}))
+    with pytest.raises(hd.DeltaFileError, match="before 0.14"):
+        hd.load_peft(copy.deepcopy(model), tmp_path)

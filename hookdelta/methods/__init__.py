@@ -2,6 +2,7 @@
 
 from .adapter import AdapterConfig
 from .bitfit import BitFitConfig
+from .boft import BOFTConfig
 from .compacter import CompacterConfig
 from .composition import AverageConfig, FuseConfig, SplitConfig
 from .ia3 import IA3Config
@@ -19,6 +20,6 @@ from .trainable_tokens import TrainableTokensConfig
 from .vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]

@@ -175,7 +175,14 @@ class OFTCodec(PeftCodec):
     suffixes = {".oft_R.weight": "oft_R"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        out = [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        if "oft_block_size" not in peft_config:
+            out.append("an OFT adapter from PEFT before 0.14 (another parametrization)")
+        version = str(peft_config.get("peft_version") or "0").partition("@")[0]
+        if peft_config.get("use_cayley_neumann") and _older(version, (0, 18)):
+            out.append(f"use_cayley_neumann from PEFT {version if version != '0' else 'before 0.18'} (its series "
+                       "changed in 0.18; hookdelta computes the new one)")
+        return out
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
@@ -204,8 +211,17 @@ class OFTCodec(PeftCodec):
         fields = {"peft_type": "OFT", "r": 0, "oft_block_size": sizes.pop(), "coft": cfg.coft, "eps": cfg.eps,
                   "block_share": cfg.block_share, "use_cayley_neumann": cfg.use_cayley_neumann,
                   "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "module_dropout": 0.0,
-                  "init_weights": True, "bias": "none", **self.tuner_fields(delta, pieces)}
+                  "init_weights": True, "bias": "none", **self.tuner_fields(delta, pieces),
+                  "peft_version": "0.18.0"}  # the file format (and Cayley-Neumann series) of PEFT 0.18 and later
         return fields, tensors
+
+
+def _older(version: str, than: tuple[int, ...]) -> bool:
+    parts = []
+    for piece in version.split(".")[:len(than)]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) < than
 
 
 OFTConfig.peft_codec = OFTCodec()
