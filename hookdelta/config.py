@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .engine import Piece
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModuleError
 from .modules import is_conv1d, resolve_site
 from .selection import match, match_defaults
 
@@ -200,6 +200,31 @@ class PeftCodec:
     def file_key(self, key: str) -> str:
         """The key a tensor from `from_delta` gets in the file."""
         return self.prefix + key
+
+    @staticmethod
+    def flat(named: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Placed tensors {site: {name: t}} as a delta holds them: {"<site>.<name>": t}."""
+        return {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+
+    @staticmethod
+    def piece_tensors(pieces: list[Piece]) -> dict[str, torch.Tensor]:
+        """The pieces' saved tensors keyed "<site>.<name>", where PEFT's names are the pieces'."""
+        return {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
+
+    @staticmethod
+    def refuse_bias(peft_config: dict[str, Any]) -> list[str]:
+        """PEFT's bias="all" / "<method>_only" trains the base layers' biases: not loaded."""
+        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+
+    @staticmethod
+    def refuse_conv1d(delta: Any, pieces: list[Piece]) -> None:
+        """Methods whose PEFT layers do not take transformers' Conv1D (GPT-2): PEFT could not
+        load the file, so it is not written."""
+        odd = [p.key for p in pieces if getattr(p, "conv1d", False)]
+        if odd:
+            raise UnsupportedModuleError(
+                f"PEFT's {delta.config.method} cannot adapt transformers Conv1D layers such as {odd[0]!r}, so it "
+                "could not load this file; save it with delta.save() instead")
 
     @staticmethod
     def tuner_fields(delta: Any, pieces: list[Piece]) -> dict[str, Any]:

@@ -190,6 +190,14 @@ def first_input(args: tuple, kwargs: dict) -> Any:
     return next(iter(kwargs.values()))
 
 
+def map_first_input(args: tuple, kwargs: dict, fn: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) with `fn` applied to the main input, wherever it was passed."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    name = next(iter(kwargs))
+    return args, {**kwargs, name: fn(kwargs[name])}
+
+
 def map_output(output: Any, fn: Any) -> Any:
     """Apply `fn` to the main tensor of a module output: a tensor, tuple, dict or ModelOutput."""
     if isinstance(output, torch.Tensor):

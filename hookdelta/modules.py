@@ -113,3 +113,13 @@ def resolve_site(model: nn.Module, key: str) -> tuple[nn.Module, str | None]:
 def module_path(model: nn.Module, key: str) -> str:
     """The module a site key belongs to: the key itself, or a parameter key's owner."""
     return key if resolve_site(model, key)[1] is None else key.rpartition(".")[0]
+
+
+def linear_layer(model: nn.Module, key: str, method: str, what: str) -> nn.Module:
+    """The linear layer at `key` (nn.Linear, Conv1D, quantized linear), or an
+    UnsupportedModuleError saying that `method` `what` (e.g. "rotates the input of") such layers."""
+    module = model.get_submodule(key)
+    if not is_linear_like(module):
+        raise UnsupportedModuleError(f"{method} {what} linear layers; {key!r} is a {type(module).__name__}. "
+                                     "Narrow the targets.")
+    return module

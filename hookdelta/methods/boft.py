@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, PeftCodec, check_int, exact
-from ..engine import Piece, current
+from ..engine import Piece, current, map_first_input
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
-from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
 
 
@@ -83,10 +83,7 @@ class BOFTConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         for key in sites:
-            module = model.get_submodule(key)
-            if not is_linear_like(module):
-                raise UnsupportedModuleError(f"BOFT rotates the input of linear layers; {key!r} is a "
-                                             f"{type(module).__name__}. Narrow the targets.")
+            module = linear_layer(model, key, "BOFT", "rotates the input of")
             in_f, out_f = layer_dims(model, module, key)
             blocks, size = self.shape_for(key, in_f)
             pieces.append(Butterfly(self, key, module, in_f, out_f, blocks, size, layer_like(model, key, module)))
@@ -131,10 +128,7 @@ class Butterfly(Piece):
         def turn(x: torch.Tensor) -> torch.Tensor:
             return (x.to(rot.dtype) @ rot).to(x.dtype)
 
-        if args:
-            return (turn(args[0]),) + tuple(args[1:]), kwargs
-        name = next(iter(kwargs))
-        return args, {**kwargs, name: turn(kwargs[name])}
+        return map_first_input(args, kwargs, turn)
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         s = self.boft_s.reshape(-1)
@@ -169,7 +163,7 @@ class BOFTCodec(PeftCodec):
     suffixes = {".boft_R": "boft_R", ".boft_s": "boft_s"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        return self.refuse_bias(peft_config)
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
@@ -181,15 +175,12 @@ class BOFTCodec(PeftCodec):
         size, num = (sizes.pop(), 0) if len(sizes) == 1 else (0, blocks.pop())
         cfg = BOFTConfig(boft_block_size=size, boft_block_num=num, boft_n_butterfly_factor=factors.pop(),
                          targets=[exact(s) for s in named], **common)
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        odd = [p.key for p in pieces if p.conv1d]
-        if odd:
-            raise UnsupportedModuleError(f"PEFT's BOFT cannot adapt transformers Conv1D layers such as {odd[0]!r}; save "
-                                         "it with delta.save() instead")
+        self.refuse_conv1d(delta, pieces)
         cfg: BOFTConfig = delta.config
-        tensors = {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
+        tensors = self.piece_tensors(pieces)
         fields = {"peft_type": "BOFT", "boft_block_size": cfg.boft_block_size, "boft_block_num": cfg.boft_block_num,
                   "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor, "boft_dropout": 0.0, "init_weights": True,
                   "bias": "none", **self.tuner_fields(delta, pieces)}

@@ -17,6 +17,7 @@ from ..config import DeltaConfig, pattern_value
 from ..engine import Piece, first_input
 from ..errors import UnsupportedModuleError
 from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..placement import layer_like
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d"
 
@@ -50,11 +51,14 @@ class DenseDelta(Piece):
     hooks = frozenset({"post"})
     additive = True
 
-    def __init__(self, key: str, module: nn.Module, shape: tuple[int, ...]) -> None:
+    def __init__(self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str) -> None:
         super().__init__(key)
-        self.shape = shape  # the host weight's logical shape, [out, in] or a conv's
+        self.shape = weight_shape(model, key, module, method)  # the host weight's logical shape
         self.conv1d = is_conv1d(module)
-        self.linear = len(shape) == 2
+        self.linear = len(self.shape) == 2
+        like = layer_like(model, key, module)  # where and in what dtype the layer computes
+        self.kw = {"device": like.device, "dtype": like.dtype}
+        self.r, self.scale = rank_and_scale(cfg, key)
 
     def delta(self) -> torch.Tensor:
         """ΔW in `shape`, scaled, differentiable in the piece's tensors."""
@@ -88,14 +92,3 @@ def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
     ranks = {re.escape(p.key): p.r for p in pieces if p.r != cfg.r}
     alphas = {re.escape(p.key): p.scale * p.r for p in pieces if abs(p.scale * p.r - cfg.alpha) > 1e-9 * cfg.alpha}
     return {"rank_pattern": ranks, "alpha_pattern": alphas}
-
-
-def lycoris_targets(delta: Any, pieces: list[Any]) -> dict[str, Any]:
-    """PEFT's target_modules for a LoHa / LoKr file; PEFT's LyCORIS layers do not take
-    transformers' Conv1D (GPT-2), so a delta on one cannot be written for it."""
-    odd = [p.key for p in pieces if p.conv1d]
-    if odd:
-        raise UnsupportedModuleError(
-            f"PEFT's {delta.config.method} cannot adapt transformers Conv1D layers such as {odd[0]!r}, so it could "
-            "not load this file; save it with delta.save() instead")
-    return {"target_modules": [p.key for p in pieces]}

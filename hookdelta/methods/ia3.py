@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, PeftCodec, Selector, exact, has_callable, normalize_selector
-from ..engine import Piece, current, map_output
+from ..engine import Piece, current, map_first_input, map_output
 from ..errors import SelectorError, UnsupportedModuleError
 from ..placement import layer_like
 from ..modules import is_conv1d, is_linear_like, layer_dims
@@ -34,10 +34,7 @@ class Rescale(Piece):
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not self.on_input:
             return args, kwargs
-        if args:
-            return (args[0] * self.ia3_l.to(args[0].dtype),) + tuple(args[1:]), kwargs
-        name = next(iter(kwargs))
-        return args, {**kwargs, name: kwargs[name] * self.ia3_l.to(kwargs[name].dtype)}
+        return map_first_input(args, kwargs, lambda x: x * self.ia3_l.to(x.dtype))
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.on_input:

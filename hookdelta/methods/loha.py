@@ -16,9 +16,7 @@ import torch.nn as nn
 
 from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
 from ..engine import Piece
-from ..placement import layer_like
-from .dense_delta import (DenseDelta, kaiming_, lycoris_targets, pattern_fields, peft_rank_fields, rank_and_scale,
-                          weight_shape)
+from .dense_delta import DenseDelta, kaiming_, pattern_fields, peft_rank_fields
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -51,11 +49,8 @@ class LoHaConfig(DeltaConfig):
 
 class Hadamard(DenseDelta):
     def __init__(self, cfg: LoHaConfig, key: str, module: nn.Module, model: nn.Module) -> None:
-        shape = weight_shape(model, key, module, "LoHa")
-        super().__init__(key, module, shape)
-        like = layer_like(model, key, module)
-        self.r, self.scale = rank_and_scale(cfg, key)
-        kw = {"device": like.device, "dtype": like.dtype}
+        super().__init__(cfg, key, module, model, "LoHa")
+        shape, kw = self.shape, self.kw
         out, rest = shape[0], math.prod(shape[1:])
         self.cp = cfg.use_effective_conv2d and len(shape) > 2 and math.prod(shape[2:]) > 1
         r = self.r
@@ -97,14 +92,15 @@ class LoHaCodec(PeftCodec):
         ranks = {s: int(ts["hada_w1_b"].shape[0]) for s, ts in named.items() if "hada_w1_b" in ts}
         cfg = LoHaConfig(targets=[exact(s) for s in named], **peft_rank_fields(peft_config, named, ranks),
                          use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")), **common)
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        self.refuse_conv1d(delta, pieces)
         cfg = delta.config
-        tensors = {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
+        tensors = self.piece_tensors(pieces)
         fields = {"peft_type": "LOHA", "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                   "use_effective_conv2d": cfg.use_effective_conv2d, "init_weights": True,
-                  **pattern_fields(pieces, cfg), **lycoris_targets(delta, pieces)}
+                  **pattern_fields(pieces, cfg), "target_modules": [p.key for p in pieces]}
         return fields, tensors
 
 

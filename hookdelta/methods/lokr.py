@@ -17,9 +17,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
 from ..engine import Piece
 from ..errors import ConfigError
-from ..placement import layer_like
-from .dense_delta import (DenseDelta, kaiming_, lycoris_targets, pattern_fields, peft_rank_fields, rank_and_scale,
-                          weight_shape)
+from .dense_delta import DenseDelta, kaiming_, pattern_fields, peft_rank_fields
 
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -82,11 +80,8 @@ class LoKrConfig(DeltaConfig):
 
 class Kronecker(DenseDelta):
     def __init__(self, cfg: LoKrConfig, key: str, module: nn.Module, model: nn.Module) -> None:
-        shape = weight_shape(model, key, module, "LoKr")
-        super().__init__(key, module, shape)
-        like = layer_like(model, key, module)
-        self.r, self.scale = rank_and_scale(cfg, key)
-        kw = {"device": like.device, "dtype": like.dtype}
+        super().__init__(cfg, key, module, model, "LoKr")
+        shape, kw = self.shape, self.kw
         r, kernel = self.r, tuple(shape[2:])
         (a, b), (c, d) = factorization(shape[0], cfg.decompose_factor), factorization(shape[1], cfg.decompose_factor)
         full1 = not (cfg.decompose_both and r < max(a, c) / 2)
@@ -149,16 +144,17 @@ class LoKrCodec(PeftCodec):
                          decompose_both=bool(peft_config.get("decompose_both")),
                          decompose_factor=int(peft_config.get("decompose_factor", -1)),
                          use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")), init=init, **common)
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        self.refuse_conv1d(delta, pieces)
         cfg = delta.config
-        tensors = {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
+        tensors = self.piece_tensors(pieces)
         fields = {"peft_type": "LOKR", "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                   "decompose_both": cfg.decompose_both, "decompose_factor": cfg.decompose_factor,
                   "use_effective_conv2d": cfg.use_effective_conv2d,
                   "init_weights": "lycoris" if cfg.init == "lycoris" else True,
-                  **pattern_fields(pieces, cfg), **lycoris_targets(delta, pieces)}
+                  **pattern_fields(pieces, cfg), "target_modules": [p.key for p in pieces]}
         return fields, tensors
 
 

@@ -777,7 +777,7 @@ class LoRACodec(PeftCodec):
                 ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".lora_B.bias": "lora_bias"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        out = [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        out = self.refuse_bias(peft_config)
         init = peft_config.get("init_lora_weights")
         if isinstance(init, str) and (init.startswith(RESIDUAL) or init in ("corda", "loftq")):
             # trained against PEFT's *changed* base (W minus its principal part): on the original
@@ -800,7 +800,7 @@ class LoRACodec(PeftCodec):
             tie_weights=True, targets=[exact(s) for s in named],
             rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
             alpha_pattern=alphas or None, **common)
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: LoRAConfig = delta.config

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
-from ..engine import Piece, current
+from ..engine import Piece, current, map_first_input
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
-from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
 
 
@@ -71,10 +71,7 @@ class OFTConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         for key in sites:
-            module = model.get_submodule(key)
-            if not is_linear_like(module):
-                raise UnsupportedModuleError(f"OFT rotates the input of linear layers; {key!r} is a "
-                                             f"{type(module).__name__}. Narrow the targets.")
+            module = linear_layer(model, key, "OFT", "rotates the input of")
             in_f = layer_dims(model, module, key)[0]
             wanted = self.oft_block_size or self.r
             fitted = fit_blocks(in_f, wanted)
@@ -146,10 +143,7 @@ class Rotation(Piece):
             y = x.to(rot.dtype).reshape(*x.shape[:-1], self.blocks, self.block)
             return torch.einsum("...rk,rkc->...rc", y, rot).reshape(x.shape).to(x.dtype)
 
-        if args:
-            return (turn(args[0]),) + tuple(args[1:]), kwargs
-        name = next(iter(kwargs))
-        return args, {**kwargs, name: turn(kwargs[name])}
+        return map_first_input(args, kwargs, turn)
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         full = torch.block_diag(*self.blocks_R().float())  # [in, in]: y = x·R_bd·Wᵀ
@@ -175,7 +169,7 @@ class OFTCodec(PeftCodec):
     suffixes = {".oft_R.weight": "oft_R"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        out = [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        out = self.refuse_bias(peft_config)
         if "oft_block_size" not in peft_config:
             out.append("an OFT adapter from PEFT before 0.14 (another parametrization)")
         version = str(peft_config.get("peft_version") or "0").partition("@")[0]
@@ -195,13 +189,10 @@ class OFTCodec(PeftCodec):
                         use_cayley_neumann=bool(peft_config.get("use_cayley_neumann", True)),
                         num_cayley_neumann_terms=int(peft_config.get("num_cayley_neumann_terms", 5)),
                         targets=[exact(s) for s in named], **common)
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        odd = [p.key for p in pieces if p.conv1d]
-        if odd:
-            raise UnsupportedModuleError(f"PEFT's OFT cannot adapt transformers Conv1D layers such as {odd[0]!r}, so "
-                                         "it could not load this file; save it with delta.save() instead")
+        self.refuse_conv1d(delta, pieces)
         sizes = {p.block for p in pieces}
         if len(sizes) != 1:
             raise UnsupportedModuleError(f"delta {delta.name!r} uses OFT blocks of sizes {sorted(sizes)} on different "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ..config import DeltaConfig, PeftCodec, check_float, check_int, exact
 from ..engine import Piece, first_input
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
-from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
 
 
@@ -57,10 +57,7 @@ class VeRAConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         dims = {}
         for key in sites:
-            module = model.get_submodule(key)
-            if not is_linear_like(module):
-                raise UnsupportedModuleError(f"VeRA adapts linear layers; {key!r} is a {type(module).__name__}. "
-                                             "Narrow the targets.")
+            module = linear_layer(model, key, "VeRA", "adapts")
             dims[key] = layer_dims(model, module, key)
         a, b = projections(self.r, max(i for i, _ in dims.values()), max(o for _, o in dims.values()),
                            self.projection_prng_key)
@@ -116,7 +113,7 @@ class VeRACodec(PeftCodec):
     shared_keys = frozenset({"base_model.vera_A", "base_model.vera_B"})
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
-        return [f"bias={peft_config['bias']!r}"] if peft_config.get("bias", "none") != "none" else []
+        return self.refuse_bias(peft_config)
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
@@ -134,11 +131,11 @@ class VeRACodec(PeftCodec):
                 raise DeltaFileError("the VeRA file's saved projections (vera_A / vera_B) differ from the ones its "
                                      f"projection_prng_key={cfg.projection_prng_key} gives; hookdelta regenerates them "
                                      "from the key, so it cannot load this file")
-        return cfg, {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
+        return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: VeRAConfig = delta.config
-        tensors = {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
+        tensors = self.piece_tensors(pieces)
         a, b = projections(cfg.r, max(p.vera_A.shape[1] for p in pieces), max(p.vera_B.shape[0] for p in pieces),
                            cfg.projection_prng_key)
         tensors.update({"vera_A": a, "vera_B": b})  # PEFT's save_projection=True, its default
