@@ -52,6 +52,8 @@ class Piece(nn.Module):
     | `additive = True` | it adds a term that depends only on the layer's input, so it commutes with other additive pieces at the layer (a merge may move it inside them) | LoRA, BitFit |
     | `reads_weight = True` | its output depends on the layer's current weight, so a merge below it would change it | DoRA |
     | `weight_path_exact = False` | its merged weights do not reproduce it exactly | LoRA with input dropout |
+    | `rewrites_input = True` | its pre hook changes the layer's input, which every post piece there then reads | OFT, BOFT, IA3 on inputs |
+    | `rescales = True` | it only multiplies inputs or outputs elementwise: such pieces commute with each other | IA3 |
 
     `merged_weights` / `delta_weights` stay differentiable in the piece's own tensors: where an
     enclosing module uses the layer's weights without calling it (`through`), the piece runs as
@@ -71,6 +73,8 @@ class Piece(nn.Module):
     reads_weight: bool = False
     weight_path_exact: bool = True
     routable: bool = True
+    rewrites_input: bool = False
+    rescales: bool = False
 
     def __init__(self, site_path: str, key: str | None = None) -> None:
         super().__init__()

@@ -33,10 +33,12 @@ from hookdelta.methods.adapter import ACTIVATIONS
 accelerate = pytest.importorskip("accelerate")
 
 pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
-              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft]
+              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft, pytest.mark.boft]
 
 LAYERS = ["a", "b", "c"]
-METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera", "oft"]
+# (BOFT is left out: its output scale sets the layer's current bias aside, so the reference would
+# have to track which bias deltas were merged before it; tests/test_peft_methods.py covers it)
+METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera", "oft", "pissa"]
 EXAMPLES = int(os.environ.get("HOOKDELTA_PROPERTY_EXAMPLES", "200"))
 
 
@@ -65,6 +67,10 @@ def config(method, layers, r):
         return hd.VeRAConfig(r=r + 2, targets=layers)
     if method == "oft":
         return hd.OFTConfig(oft_block_size=2, use_cayley_neumann=False, targets=layers)
+    if method == "boft":
+        return hd.BOFTConfig(boft_block_size=2, targets=layers)
+    if method == "pissa":  # LoRA started from the weight's SVD, its principal part a frozen residual
+        return hd.LoRAConfig(r=r, alpha=2.0, targets=layers, init="pissa")
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
 
 
@@ -85,19 +91,25 @@ def reference(model, base, x, hooks=(), only=None):
     enabled delta (merged or not; with `only`, just those named) and each user hook there, in
     the order they were added (a delta counts from its attach): LoRA adds s·B·A·x, BitFit adds
     its bias, IA3 multiplies by l, an adapter adds s·up(f(down(h))), LoHa and LoKr add their ΔW·x,
-    OFT rotates the input (x -> x·R, R block-diagonal Cayley) before all of them, a user hook is
-    its function."""
+    OFT and BOFT rotate the input (x -> x·R, R block-diagonal Cayley) before all of them, BOFT
+    also scales the output (bias aside) at its turn, PiSSA is a LoRA minus its frozen initial
+    factors, a user hook is its function."""
     h = x.to(base["a.weight"].dtype)
     for i, name in enumerate(LAYERS):
         inp = h
         # OFT rotates the layer's input in a pre-hook: the layer, every post piece and every user
         # hook there see the rotated input (in attach order when several rotate)
         rotations = sorted((d.pieces[name].stamp, d) for d in hd.deltas(model).values()
-                           if d.enabled and d.method == "oft" and name in d.pieces and (only is None or d.name in only))
-        for _, d in rotations:
-            q = d.pieces[name].oft_R.detach().to(h.dtype)[:, 0]
-            eye = torch.eye(2, dtype=h.dtype)
-            skew = [torch.tensor([[0.0, v], [-v, 0.0]], dtype=h.dtype) for v in q.tolist()]
+                           if d.enabled and d.method in ("oft", "boft") and name in d.pieces
+                           and (only is None or d.name in only))
+        eye = torch.eye(2, dtype=h.dtype)
+        for _, d in rotations:  # 2×2 Cayley blocks (I − Q)(I + Q)⁻¹, Q = [[0, v], [−v, 0]]
+            if d.method == "oft":
+                vs = d.pieces[name].oft_R.detach().to(h.dtype)[:, 0].tolist()
+            else:  # BOFT's Q is the skew part of a trained 2×2 matrix: v = (m01 − m10) / 2
+                m = d.pieces[name].boft_R.detach().to(h.dtype)[0]
+                vs = (0.5 * (m[:, 0, 1] - m[:, 1, 0])).tolist()
+            skew = [torch.tensor([[0.0, v], [-v, 0.0]], dtype=h.dtype) for v in vs]
             inp = inp @ torch.block_diag(*[torch.linalg.solve(eye + k, eye - k, left=False) for k in skew])
         h = inp @ base[f"{name}.weight"].T + base[f"{name}.bias"]
         steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values()
@@ -110,6 +122,12 @@ def reference(model, base, x, hooks=(), only=None):
             p = {k: t.detach().to(h.dtype) for k, t in d.pieces[name].named_parameters()}
             if d.method == "lora":
                 h = h + d.pieces[name].scale * inp @ p["lora_A"].T @ p["lora_B"].T
+                if getattr(d.pieces[name], "residual", False):  # PiSSA: minus the frozen initial factors
+                    a0, b0 = d.pieces[name].base_A.double(), d.pieces[name].base_B.double()
+                    h = h - d.pieces[name].scale * inp @ a0.T @ b0.T
+            elif d.method == "boft":  # the output scale, bias aside (the rotation was applied above)
+                bias = base[f"{name}.bias"]
+                h = (h - bias) * p["boft_s"].reshape(-1) + bias
             elif d.method == "bitfit":
                 h = h + p["bias"]
             elif d.method == "ia3":
@@ -170,8 +188,18 @@ class Lifecycle(RuleBasedStateMachine):
         return list(hd.deltas(self.model))
 
     def new(self, method, layers, r):
+        """A new perturbed delta, or None where it would go on top of another's input rewrite
+        (OFT, BOFT): refused, with nothing changed."""
         self.count += 1
-        d = hd.attach(self.model, config(method, layers, r), name=f"d{self.count}")
+        before = state(self.model)
+        try:
+            d = hd.attach(self.model, config(method, layers, r), name=f"d{self.count}")
+        except hd.UnsupportedModuleError as exc:
+            assert "rewrites the input" in str(exc)
+            assert any(p.rewrites_input for dd in hd.deltas(self.model).values() for p in dd.pieces.values()
+                       if p.key in layers)
+            assert_state(self.model, before)
+            return None
         perturb(d, std=0.3, seed=self.count)
         return d
 
@@ -187,8 +215,10 @@ class Lifecycle(RuleBasedStateMachine):
 
     def hook_ahead(self, d):
         """Whether a user hook was registered before the delta at one of its layers (it must then
-        refuse to merge: the hook would see the merged delta)."""
-        return any(layer in d.pieces and key < d.pieces[layer].stamp for key, layer, _, _ in self.hooks)
+        refuse to merge: the hook would see the merged delta). Not for input rewrites (OFT): an
+        earlier hook sees their effect on the output merged or not."""
+        return any(layer in d.pieces and key < d.pieces[layer].stamp and not d.pieces[layer].rewrites_input
+                   for key, layer, _, _ in self.hooks)
 
     @rule(data=st.data(), kind=st.sampled_from(sorted(USER_HOOKS)))
     def user_hook(self, data, kind):
@@ -215,7 +245,12 @@ class Lifecycle(RuleBasedStateMachine):
     @rule(data=st.data())
     def detach(self, data):
         d = self.pick(data)
-        d.detach()
+        before = state(self.model)
+        try:
+            d.detach()
+        except hd.MergeError:  # merged under a later, non-commuting merge: unmerging it is refused
+            assert_state(self.model, before)
+            return
         with pytest.raises(hd.DeltaStateError):  # a detached delta refuses everything
             d.enable()
 
@@ -268,7 +303,11 @@ class Lifecycle(RuleBasedStateMachine):
         except hd.MergeError:  # merged under a later, non-commuting merge: unmerging it is refused
             assert_state(self.model, before)
             return
-        loaded = hd.load(self.model, directory)
+        try:
+            loaded = hd.load(self.model, directory)
+        except hd.UnsupportedModuleError as exc:  # it would now go on top of another delta's input rewrite
+            assert "rewrites the input" in str(exc)
+            return
         assert loaded.name == name and not loaded.merged and loaded.enabled
 
     @precondition(lambda self: self.names())
@@ -318,6 +357,10 @@ class Lifecycle(RuleBasedStateMachine):
             assert "same layers" in str(e) and len({tuple(sorted(d.pieces)) for d in sources}) > 1
             assert_state(self.model, before)
             return
+        except hd.UnsupportedModuleError as e:  # the new delta would go on top of an input rewrite
+            assert "rewrites the input" in str(e)
+            assert_state(self.model, before)
+            return
         for piece in new.pieces.values():
             got = piece.scale * piece.lora_B.detach().double() @ piece.lora_A.detach().double()
             want = sum(weights[d.name] * d.piece(piece.key).scale * d.piece(piece.key).lora_B.detach().double()
@@ -331,10 +374,14 @@ class Lifecycle(RuleBasedStateMachine):
         with torch.no_grad():
             out = self.model(self.x)
         try:
-            with self.new(method, layers, 2):
+            outer = self.new(method, layers, 2)
+            if outer is None:
+                return
+            with outer:
                 self.check()
-                if nested == "attach":
-                    with self.new("lora", layers[:1], 1):
+                inner = self.new("lora", layers[:1], 1) if nested == "attach" else None
+                if inner is not None:
+                    with inner:
                         self.check()
                         if fail == "inner":
                             raise Boom
@@ -391,7 +438,7 @@ class Lifecycle(RuleBasedStateMachine):
         for name in LAYERS:
             layer = getattr(self.model, name)
             live = [d for d in hd.deltas(self.model).values() if d.enabled and not d.merged and name in d.pieces]
-            pre = [d for d in live if d.method == "oft"]  # OFT rotates the input: a pre hook only
+            pre = [d for d in live if d.method in ("oft", "boft")]  # they rotate the input in a pre hook
             live = [d for d in live if d.method != "oft"]
             ours = sum(1 for h in layer._forward_hooks.values() if is_ours(h))
             if not self.hooked.get(name):
@@ -399,7 +446,8 @@ class Lifecycle(RuleBasedStateMachine):
             else:  # one more per user hook it ran on either side of, at most (until the next change there)
                 assert (ours > 0) == bool(live) and ours <= 1 + self.hooked[name]
             ours_pre = sum(1 for h in layer._forward_pre_hooks.values() if is_ours(h))
-            assert ours_pre == (1 if pre else 0) and len(layer._forward_pre_hooks) == ours_pre
+            assert len(layer._forward_pre_hooks) == ours_pre and (ours_pre > 0) == bool(pre)
+            assert ours_pre <= 1 + self.hooked.get(name, 0)  # split around user hooks as the post side is
 
     def teardown(self):
         for d in list(hd.deltas(self.model).values())[::-1]:

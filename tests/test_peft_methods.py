@@ -288,3 +288,46 @@ def test_oft_files_with_another_parametrization_are_refused(tmp_path):
     path.write_text(json.dumps({k: v for k, v in config.items() if k != "oft_block_size"}))
     with pytest.raises(hd.DeltaFileError, match="before 0.14"):
         hd.load_peft(copy.deepcopy(model), tmp_path)
+
+
+@pytest.mark.oft
+def test_no_delta_goes_on_top_of_an_input_rewrite():
+    """Deltas stack in attach order, each around the layer as it was: a LoRA attached before an
+    OFT sees the rotated input (the rotation wraps it); one attached after an OFT at the same
+    layer would see it too, which is not attach order, so it is refused. IA3 scalings commute."""
+    from helpers import assert_same, snapshot
+
+    model, inputs = model_for("llama")
+    lora = hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
+    oft = hd.attach(model, hd.OFTConfig(oft_block_size=8, targets=["q_proj"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in list(lora.parameters()) + list(oft.parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    rot = torch.block_diag(*oft.piece("model.layers.0.self_attn.q_proj").blocks_R().detach())
+    lp = lora.piece("model.layers.0.self_attn.q_proj")
+    want = (x @ rot) @ layer.weight.T + lp.scale * (x @ rot) @ lp.lora_A.T @ lp.lora_B.T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    out = outputs_of(model, inputs)
+    with pytest.raises(hd.MergeError, match="Merge 'lora' first"):  # the LoRA would lose the rotation
+        oft.merge()
+    lora.merge()
+    oft.merge()
+    torch.testing.assert_close(outputs_of(model, inputs), out, rtol=1e-4, atol=1e-5)
+    oft.unmerge()
+    lora.unmerge()
+    assert torch.equal(outputs_of(model, inputs), out)
+    snap = snapshot(model)
+    with pytest.raises(hd.UnsupportedModuleError, match="rewrites the input"):
+        hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
+    with pytest.raises(hd.UnsupportedModuleError, match="rewrites the input"):
+        hd.attach(model, hd.OFTConfig(oft_block_size=4, targets=["q_proj"]))
+    assert_same(model, snap)
+    assert sorted(hd.deltas(model)) == sorted([lora.name, oft.name])
+    for d in list(hd.deltas(model).values()):
+        d.detach()
+    hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="one")
+    hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="two")

@@ -18,7 +18,7 @@ from ..config import DeltaConfig, PeftCodec, check_int, exact
 from ..engine import Piece, current, map_first_input
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
 from ..modules import is_conv1d, layer_dims, linear_layer
-from ..placement import layer_like
+from ..placement import layer_like, live_weight
 
 
 def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor:
@@ -92,6 +92,8 @@ class BOFTConfig(DeltaConfig):
 
 class Butterfly(Piece):
     hooks = frozenset({"pre", "post"})
+    rewrites_input = True
+    reads_weight = True  # "bias aside" reads the layer's current bias: nothing may merge below it
     merges_by = "value"  # diag(s)·W·Mᵀ: only the kept original undoes it
 
     def __init__(self, cfg: BOFTConfig, key: str, module: nn.Module, in_f: int, out_f: int, blocks: int, size: int,
@@ -132,9 +134,9 @@ class Butterfly(Piece):
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         s = self.boft_s.reshape(-1)
-        bias = module._parameters.get("bias")
-        if bias is None:
+        if module._parameters.get("bias") is None:
             return output * s.to(output.dtype)
+        bias = live_weight(module, "bias").to(output.dtype)  # (real values also where accelerate offloads)
         return (output - bias) * s.to(output.dtype) + bias
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:

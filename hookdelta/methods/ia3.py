@@ -23,11 +23,12 @@ class Rescale(Piece):
     """l ⊙ output (on_input=False) or the layer applied to l ⊙ input (on_input=True)."""
 
     merges_by = "value"  # the merge multiplies; only the kept original undoes it
+    rescales = True
 
     def __init__(self, key: str, module: nn.Module, width: int, on_input: bool, like: torch.Tensor) -> None:
         super().__init__(key)
         self.ia3_l = nn.Parameter(torch.ones(width, device=like.device, dtype=like.dtype))
-        self.on_input = on_input
+        self.on_input = self.rewrites_input = on_input
         self.hooks = frozenset({"pre"} if on_input else {"post"})  # one hook, on the side that is scaled
         self.conv1d = is_conv1d(module)
 

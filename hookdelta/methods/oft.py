@@ -85,6 +85,7 @@ class OFTConfig(DeltaConfig):
 
 class Rotation(Piece):
     hooks = frozenset({"pre"})
+    rewrites_input = True
     merges_by = "value"  # W Rᵀ: only the kept original undoes it
 
     def __init__(self, cfg: OFTConfig, key: str, module: nn.Module, in_f: int, block: int, like: torch.Tensor) -> None:
