@@ -48,6 +48,7 @@ METHODS = [
     ("LoHa (q, v)", hd.LoHaConfig(r=8, alpha=16, also_train=HEAD), 1e-2),
     ("LoKr (q, v)", hd.LoKrConfig(r=8, alpha=16, also_train=HEAD), 1e-2),
     ("OFT (q, v)", hd.OFTConfig(oft_block_size=32, also_train=HEAD), 1e-2),
+    ("BOFT (q, v)", hd.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, also_train=HEAD), 1e-2),
     ("LoReFT (f1+l1)", hd.LoReFTConfig(r=4, positions="f1+l1", also_train=HEAD), 4e-3),
     ("DiReFT (f1+l1)", hd.DiReFTConfig(r=4, positions="f1+l1", also_train=HEAD), 4e-3),
     ("Trainable tokens", hd.TrainableTokensConfig(token_indices=[101, 102], also_train=HEAD), 1e-2),  # [CLS], [SEP]
