@@ -77,19 +77,19 @@ class DeltaStore(nn.Module):
         forget_compiled_code()
 
     def check_stacking(self, delta: Any) -> None:
-        """Refuse a delta on top of another one's input rewrite at the same layer. Deltas stack in
-        attach order, each around the layer as it was; a rewrite's pre-hook would instead feed
-        the rewritten input to the later delta too (and merging the rewrite would change what
-        the later one sees). Rescalings (IA3) commute, so they may share a layer."""
+        """An input rewrite (OFT, BOFT, IA3 on inputs) acts before every delta at its layer: they
+        all see the rewritten input. Merged into the weight it no longer rewrites the input a new
+        delta would read, so a delta is refused at a layer whose input rewrite is merged (IA3 on
+        IA3 excepted: rescalings commute)."""
         for piece in delta.pieces.values():
             site = self.sites.get(piece.site_path)
-            below = [p for p in (site.pieces if site else []) if p.rewrites_input]
+            below = [p for p, _ in (site.merged if site else []) if p.rewrites_input]
             if below and not (piece.rescales and all(p.rescales for p in below)):
                 owner = next((d.name for d in self.deltas.values() if below[0] in d.pieces.values()), "?")
                 raise UnsupportedModuleError(
-                    f"delta {owner!r} rewrites the input of {piece.site_path!r} ({below[0].describe()}); a delta "
-                    "attached after it there would see the rewritten input, which is not what stacking in attach "
-                    "order means. Attach this delta first (then the rewrite wraps it), or target other layers")
+                    f"delta {owner!r} rewrites the input of {piece.site_path!r} ({below[0].describe()}) and is merged "
+                    "into the weight, so a new delta there would not see the rewritten input as every other delta "
+                    f"there does. Unmerge {owner!r} first, or target other layers")
 
     def remove(self, model: nn.Module, delta: Any) -> None:
         """Take a delta's (unmerged) pieces off their sites and unregister it; close when empty."""

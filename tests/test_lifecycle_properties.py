@@ -188,8 +188,8 @@ class Lifecycle(RuleBasedStateMachine):
         return list(hd.deltas(self.model))
 
     def new(self, method, layers, r):
-        """A new perturbed delta, or None where it would go on top of another's input rewrite
-        (OFT, BOFT): refused, with nothing changed."""
+        """A new perturbed delta, or None where it would go beside another's merged input rewrite
+        (OFT): refused, with nothing changed."""
         self.count += 1
         before = state(self.model)
         try:

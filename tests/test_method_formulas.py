@@ -190,8 +190,10 @@ def test_dora_formula(bias):
 
 
 @pytest.mark.dora
-def test_dora_refuses_layers_other_than_linear():
-    model = Holder(nn.Embedding(10, 4))
+def test_dora_refuses_layers_it_cannot_normalize():
+    """DoRA takes linear layers, nn.Embedding and ungrouped convolutions (as PEFT); a grouped
+    convolution or a transposed one is refused."""
+    model = Holder(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(hd.UnsupportedModuleError, match="DoRA"):
         hd.attach(model, hd.LoRAConfig(targets="layer", use_dora=True))
     assert not hd.deltas(model)

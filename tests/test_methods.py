@@ -29,6 +29,7 @@ METHODS = {
     "dora": (lambda: hd.LoRAConfig(r=4, alpha=8, use_dora=True), FIVE, True, True),
     "loha": (lambda: hd.LoHaConfig(r=2, alpha=4), FIVE, True, True),
     "lokr": (lambda: hd.LoKrConfig(r=2, alpha=4), FIVE, True, True),
+    "pissa": (lambda: hd.LoRAConfig(r=2, alpha=4, init="pissa"), FIVE, True, True),
     "vera": (lambda: hd.VeRAConfig(r=4), FIVE, True, True),
     "trainable_tokens": (lambda: hd.TrainableTokensConfig(token_indices=list(range(60))), FIVE, True, True),
     "loreft": (lambda: hd.LoReFTConfig(r=2, positions="f1+l1"), FIVE, False, False),
@@ -40,7 +41,7 @@ METHODS = {
     "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
                    ["llama"], False, False),
 }
-MARK = {"adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
+MARK = {"pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
 
 CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
          for m, (_, archs, _, _) in METHODS.items() for a in archs]

@@ -291,43 +291,49 @@ def test_oft_files_with_another_parametrization_are_refused(tmp_path):
 
 
 @pytest.mark.oft
-def test_no_delta_goes_on_top_of_an_input_rewrite():
-    """Deltas stack in attach order, each around the layer as it was: a LoRA attached before an
-    OFT sees the rotated input (the rotation wraps it); one attached after an OFT at the same
-    layer would see it too, which is not attach order, so it is refused. IA3 scalings commute."""
+def test_an_input_rewrite_acts_before_every_delta_at_its_layer():
+    """OFT rotates the layer's input for every delta there, attached before or after it (IA3 on
+    inputs likewise). Merging the rotation would stop it feeding the others, so that merge (and
+    its unmerge, and a new delta beside a merged rotation) is refused; merging the others is not."""
     from helpers import assert_same, snapshot
 
     model, inputs = model_for("llama")
     lora = hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
     oft = hd.attach(model, hd.OFTConfig(oft_block_size=8, targets=["q_proj"]))
+    late = hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]), name="late")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in list(lora.parameters()) + list(oft.parameters()):
+        for p in list(lora.parameters()) + list(oft.parameters()) + list(late.parameters()):
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 32)
     rot = torch.block_diag(*oft.piece("model.layers.0.self_attn.q_proj").blocks_R().detach())
-    lp = lora.piece("model.layers.0.self_attn.q_proj")
-    want = (x @ rot) @ layer.weight.T + lp.scale * (x @ rot) @ lp.lora_A.T @ lp.lora_B.T
+    want = (x @ rot) @ layer.weight.T
+    for d in (lora, late):
+        lp = d.piece("model.layers.0.self_attn.q_proj")
+        want = want + lp.scale * (x @ rot) @ lp.lora_A.T @ lp.lora_B.T
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
-    out = outputs_of(model, inputs)
-    with pytest.raises(hd.MergeError, match="Merge 'lora' first"):  # the LoRA would lose the rotation
+    with pytest.raises(hd.MergeError):  # the LoRAs would lose the rotation
         oft.merge()
+    with pytest.raises(hd.MergeError, match="neither can be merged"):  # merged after the rotation it reads
+        late.merge()
+    late.detach()
+    out = outputs_of(model, inputs)
     lora.merge()
-    oft.merge()
+    oft.merge()  # nothing unmerged left to feed
     torch.testing.assert_close(outputs_of(model, inputs), out, rtol=1e-4, atol=1e-5)
+    snap = snapshot(model)
+    with pytest.raises(hd.UnsupportedModuleError, match="is merged"):
+        hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
+    assert_same(model, snap)
     oft.unmerge()
     lora.unmerge()
+    with pytest.raises(hd.MergeError, match="Merge 'lora' first"):
+        oft.merge()
     assert torch.equal(outputs_of(model, inputs), out)
-    snap = snapshot(model)
-    with pytest.raises(hd.UnsupportedModuleError, match="rewrites the input"):
-        hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
-    with pytest.raises(hd.UnsupportedModuleError, match="rewrites the input"):
-        hd.attach(model, hd.OFTConfig(oft_block_size=4, targets=["q_proj"]))
-    assert_same(model, snap)
-    assert sorted(hd.deltas(model)) == sorted([lora.name, oft.name])
     for d in list(hd.deltas(model).values()):
         d.detach()
-    hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="one")
+    one = hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="one")
     hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="two")
+    one.merge()  # rescalings commute
