@@ -152,7 +152,13 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     # PEFT's modules_to_save copies are used at the named module only, unless ensure_weight_tying
     common = {"also_train": [exact(t) for t in train] or None, "tie_also_train": bool(config.get("ensure_weight_tying"))}
     try:
-        cfg, tensors = codec.to_config(model, config, named, common)
+        try:
+            cfg, tensors = codec.to_config(model, config, named, common)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            if isinstance(exc, HookdeltaError):
+                raise
+            # a config value of the wrong type, a tensor of the wrong rank, a missing companion tensor
+            raise DeltaFileError(f"the PEFT adapter in {directory} is malformed: {type(exc).__name__}: {exc}") from None
         tensors.update({fix(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
         return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors)
     except HookdeltaError as exc:

@@ -337,3 +337,40 @@ def test_an_input_rewrite_acts_before_every_delta_at_its_layer():
     one = hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="one")
     hd.attach(model, hd.IA3Config(targets=["k_proj"], feedforward_targets=["down_proj"]), name="two")
     one.merge()  # rescalings commute
+
+
+def test_malformed_second_wave_peft_files_give_one_clear_error(tmp_path):
+    """A config value of the wrong type, or a shared tensor without its partner, is a
+    DeltaFileError naming the problem, never a raw exception; the model is untouched."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers import assert_restored, snapshot
+
+    model, _ = model_for("llama")
+    snap = snapshot(model)
+    twin = peft_adapter(model, peft.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
+    twin.save_pretrained(tmp_path / "oft")
+    path = tmp_path / "oft" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_cayley_neumann_terms": "many"}))
+    with pytest.raises(hd.DeltaFileError, match="malformed|num_cayley"):
+        hd.load_peft(model, tmp_path / "oft")
+    assert_restored(model, snap)
+    twin = peft_adapter(model, peft.VeraConfig(r=4, target_modules=["q_proj"]))
+    twin.save_pretrained(tmp_path / "vera")
+    weights = tmp_path / "vera" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["base_model.vera_B"]
+    save_file(tensors, str(weights))
+    with pytest.raises(hd.DeltaFileError, match="partner"):
+        hd.load_peft(model, tmp_path / "vera")
+    assert_restored(model, snap)
+
+
+@pytest.mark.reft
+def test_reft_positions_callable_giving_nonsense_is_a_config_error():
+    model, inputs = model_for("llama")
+    hd.attach(model, hd.LoReFTConfig(r=2, positions=lambda h: "first", layers=[0]))
+    with pytest.raises(hd.ConfigError, match="positions"):
+        model(**inputs)

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrizations
 from ..config import DeltaConfig, check_float, check_int
 from ..engine import Piece, map_output
 from ..errors import ConfigError, UnsupportedModuleError
-from ..modules import named_modules
+from ..modules import hidden_size, named_modules
 from ..roles import blocks
 
 Positions = Union[str, Callable[[torch.Tensor], Any]]
@@ -86,7 +86,9 @@ class LoReFTConfig(DeltaConfig):
         return found
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        width = _hidden_size(model)
+        width = hidden_size(model)
+        if width is None:
+            raise UnsupportedModuleError(f"cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)")
         like = next((p for p in model.parameters() if p.is_floating_point()), None)
         if like is None:
             raise UnsupportedModuleError("ReFT needs a model with floating-point weights")
@@ -101,15 +103,6 @@ class DiReFTConfig(LoReFTConfig):
     orthogonal = False
 
 
-def _hidden_size(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    for name in ("hidden_size", "d_model", "n_embd", "dim"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
-    raise UnsupportedModuleError(f"cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)")
-
-
 class Rotation(nn.Module):
     """R as pyreft's LowRankRotateLayer: weight [d, r] (R = weightᵀ), orthogonally initialised."""
 
@@ -122,7 +115,6 @@ class Rotation(nn.Module):
 class Intervention(Piece):
     hooks = frozenset({"post"})
     mergeable = False  # it acts on hidden states at some positions: no weight can hold it
-    routable = True
 
     def __init__(self, cfg: LoReFTConfig, key: str, width: int, like: torch.Tensor) -> None:
         super().__init__(key)
@@ -156,7 +148,11 @@ class Intervention(Piece):
             first, last = self.span
             idx = sorted(set(range(min(first, t))) | set(range(max(t - last, 0), t)))
             return torch.tensor(idx, device=h.device).expand(b, -1)
-        pos = torch.as_tensor(self.positions(h), device=h.device, dtype=torch.long)
+        try:
+            pos = torch.as_tensor(self.positions(h), device=h.device, dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"the positions callable must give a [batch={b}, k] array of positions; its result "
+                              f"could not be read as one ({exc})") from None
         if pos.dim() != 2 or pos.shape[0] != b or (pos.numel() and (pos.min() < 0 or pos.max() >= t)):
             raise ConfigError(f"the positions callable must give a [batch={b}, k] array of positions in [0, {t}), "
                               f"got shape {tuple(pos.shape)}")

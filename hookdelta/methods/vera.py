@@ -124,6 +124,8 @@ class VeRACodec(PeftCodec):
         except ConfigError as exc:
             raise DeltaFileError(f"PEFT's VeRA config does not fit: {exc}") from None
         shared = peft_config.get("__shared__", {})
+        if len(shared) == 1:
+            raise DeltaFileError(f"the VeRA file holds {sorted(shared)[0]} without its partner projection")
         if shared:  # the file's projections must be the ones the seed gives, or the adapter means something else
             a, b = projections(cfg.r, shared["base_model.vera_A"].shape[1], shared["base_model.vera_B"].shape[0],
                                cfg.projection_prng_key)
