@@ -1,7 +1,8 @@
 """Rows of issue 15. B13: the unmerged LoRA path before issue 15 (A GEMM, scale, B GEMM, then an
 output-wide add) against today's (the add inside the B GEMM, in place where safe), in the same
 run, with PEFT, the bare model and the floor: the bare model plus the least extra memory traffic
-any unfused LoRA needs, at this machine's measured bandwidth. B14: decoding at batch 1. B15: a
+any unfused LoRA needs, at this machine's measured bandwidth; and today's path with sibling
+grouping (q/k/v and gate/up sharing one A GEMM) against the same path with it off. B14: decoding at batch 1. B15: a
 torch.compile'd forward."""
 
 from __future__ import annotations
@@ -33,6 +34,20 @@ def as_before(delta: Any) -> None:
     for piece in delta.pieces.values():
         if isinstance(piece, LoRALinear):
             object.__setattr__(piece, "post_forward", types.MethodType(_before, piece))
+
+
+def siblings_off(delta: Any) -> None:
+    """Every LoRA layer computes its own A GEMM (no sibling grouping)."""
+    for piece in delta.pieces.values():
+        if getattr(piece, "siblings", None) is not None:
+            piece.siblings = None
+
+
+def _forward_no_grad(model: torch.nn.Module, ids: torch.Tensor) -> Any:
+    def call() -> None:  # grouping is off under inference_mode (no version counters): time it here
+        with torch.no_grad():
+            model(input_ids=ids)
+    return call
 
 
 def bandwidth(megabytes: int = 256) -> float:
@@ -74,13 +89,15 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
 
 def b13_before_after(p: Profile) -> Row:
     bare, after, delta, theirs = lora_contenders(p)
-    before = copy.deepcopy(after)
+    before, alone = copy.deepcopy(after), copy.deepcopy(after)
     as_before(hd.deltas(before)[delta.name])
+    siblings_off(hd.deltas(alone)[delta.name])
     ids = token_ids(p)
-    for m in (after, before):  # the first call after an attach is a watched one
+    for m in (after, before, alone):  # the first call after an attach is a watched one
         forward(m, ids)()
     fns = {"bare": forward(bare, ids), "before": forward(before, ids), "after": forward(after, ids),
-           "peft": forward(theirs, ids)}
+           "peft": forward(theirs, ids), "after, no_grad": _forward_no_grad(after, ids),
+           "siblings off, no_grad": _forward_no_grad(alone, ids), "bare, no_grad": _forward_no_grad(bare, ids)}
     row = Row("B13", "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
               f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; "
               "training step with AdamW")
@@ -94,16 +111,22 @@ def b13_before_after(p: Profile) -> Row:
     row.ratio("before", "peft")
     row.ratio("after", "before")
     row.ratio("after", "floor", note="the least extra traffic of an unfused LoRA at the measured bandwidth")
-    for m in (after, before, theirs):
+    row.ratio("after, no_grad", "siblings off, no_grad")
+    row.ratio("after, no_grad", "bare, no_grad")
+    for m in (after, before, theirs, alone):
         m.train()
     trains = {"train before": _train_step(before, ids), "train after": _train_step(after, ids),
-              "train peft": _train_step(theirs, ids)}
+              "train peft": _train_step(theirs, ids), "train siblings off": _train_step(alone, ids)}
     row.times.update(interleave(trains, max(3, p.rounds // 2), 1))
     row.ratio("train after", "train peft", 0.92)
     row.ratio("train after", "train before")
+    row.ratio("train after", "train siblings off")
     with torch.inference_mode():
         same = close(after(input_ids=ids).logits, before(input_ids=ids).logits)
     row.checks["same logits before and after"] = bool(same)
+    with torch.no_grad():
+        same = close(after(input_ids=ids).logits, alone(input_ids=ids).logits)
+    row.checks["same logits with siblings on and off"] = bool(same)
     return row
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .config import DeltaConfig
 from .engine import forget_compiled_code
 from .errors import ConfigError, DeltaFileError, DeltaStateError
-from .store import check_model, deltas_of
+from .store import check_model, deltas_of, store_of
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | None = None) -> None:
@@ -46,7 +46,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | No
                    f"pieces whose rank cannot be padded (fused slices, grouped conv) at {fixed[:3]}"))
         if delta.merged:
             raise DeltaStateError(f"delta {delta.name!r} is merged; unmerge() it before prepare_hotswap")
-    store = targets[0]._store()
+    store = store_of(targets[0].model)
     with store.guard.changing("prepare_hotswap"), torch.inference_mode(False):
         for delta in targets:
             for piece in _lora_pieces(delta):
@@ -84,7 +84,7 @@ def swap_in(delta: Any, config: DeltaConfig, sites: list[str], train: list[str],
     lora = delta.method == "lora"
     scales = {p.key: config.scale_for(p.key) for p in _lora_pieces(delta)} if lora else {}
     first = any(not isinstance(p.scale, torch.Tensor) for p in _lora_pieces(delta))
-    with delta._store().guard.changing("hot-swap"), torch.inference_mode(False), torch.no_grad():
+    with store_of(delta.model).guard.changing("hot-swap"), torch.inference_mode(False), torch.no_grad():
         for current, value in values:
             current.copy_(value)
         if first:  # the scales become tensors: code compiled with them as constants must go (once)
@@ -117,7 +117,7 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
     """(attached tensor, the saved value in its shape): a smaller rank zero-padded; a larger
     rank or another shape is refused, naming the tensors."""
     values, bad = [], []
-    for piece in delta._pieces():
+    for piece in delta.pieces.values():
         for tensor_name, current in piece.state_dict(keep_vars=True).items():
             key = f"{piece.key}.{tensor_name}"
             if key not in tensors:

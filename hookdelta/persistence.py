@@ -57,7 +57,7 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
                 "than this one, even if the names match); pass overwrite=True to replace it, or choose another "
                 "directory"
             )
-    model = delta._model
+    model = delta.model
     meta = {
         "format": "hookdelta",
         "format_version": FORMAT_VERSION,

@@ -26,6 +26,7 @@ from .errors import ConfigError, DeltaStateError, RoutingError, UnsupportedModul
 from .modules import STORE_NAME, host, is_internal
 from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
 from .routing import Router, build_router
+from .shared_input import new_forward
 
 
 class DeltaStore(nn.Module):
@@ -230,6 +231,7 @@ class DeltaStore(nn.Module):
         """Checks at the start of each forward of the model: the deltas still hold real tensors,
         and bitsandbytes' CPU inference packing is undone where gradients are wanted."""
         self.check_alive()
+        new_forward()
         if self.packed and torch.is_grad_enabled():
             unpack_for_training(self.packed)
 

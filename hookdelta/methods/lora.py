@@ -29,9 +29,10 @@ from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice
 from ..engine import Piece, current, first_input, owns_output
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
-from ..errors import ConfigError, MergeError, SelectorError, UnsupportedModuleError
+from ..errors import ConfigError, HookdeltaError, MergeError, SelectorError, UnsupportedModuleError
 from ..modules import is_conv1d, is_internal, is_linear_like, layer_dims, named_modules, resolve_site
 from ..selection import match_parameters
+from ..shared_input import SharedInput
 from .alora import Activation, InvocationScanner, activated
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
@@ -200,7 +201,32 @@ class LoRAConfig(DeltaConfig):
                 pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
         if self.activate_after_tokens is not None:
             return _activate(self, pieces)
+        _group_siblings(model, pieces)
         return pieces
+
+
+def _group_siblings(model: nn.Module, pieces: list[Piece]) -> None:
+    """Plain LoRA pieces on layers that read the same input by design (attn.q/k/v of one
+    attention module, the ffn.in layers of one feed-forward module, same input width, dtype and
+    device) share one A GEMM (shared_input.py). Only an optimisation: where the roles cannot be
+    found, every piece computes alone."""
+    try:
+        found = roles(model)
+    except HookdeltaError:
+        return
+    family = {p: fam for fam, names in (("attn", ("attn.q", "attn.k", "attn.v")), ("ffn", ("ffn.in",)))
+              for name in names for p in found.get(name, ())}
+    groups: dict[tuple, list[LoRALinear]] = {}
+    for piece in pieces:
+        if type(piece) is LoRALinear and not piece.residual and piece.lora_bias is None and piece.key in family:
+            a = piece.lora_A
+            groups.setdefault((piece.key.rpartition(".")[0], family[piece.key], a.shape[1], a.dtype, a.device),
+                              []).append(piece)
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedInput(members)
+            for piece in members:
+                piece.siblings = shared
 
 
 def _activate(cfg: LoRAConfig, pieces: list[Piece]) -> list[Piece]:
@@ -286,6 +312,7 @@ class _LoRABase(Piece):
 
     hooks = frozenset({"post"})
     additive = True
+    siblings: SharedInput | None = None  # layers reading the same input: one A GEMM (shared_input.py)
 
     def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
                  b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
@@ -410,7 +437,12 @@ class LoRALinear(_LoRABase):
             return output + delta.to(output.dtype)
         # the scale goes on the r-wide product, not on the output-wide one: a pass over [.., r]
         # instead of [.., out]. (Not alpha=: inductor in torch 2.13 drops torch.add's alpha.)
-        t = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a) * self.scale
+        x = x if x.dtype == a.dtype else x.to(a.dtype)
+        group = self.siblings
+        if group is not None and group.usable(x) and not (self.p and module.training):
+            t = group.product(self, x) * self.scale  # q/k/v (gate/up) share one GEMM over their A's
+        else:
+            t = F.linear(x, a) * self.scale
         if self.lora_bias is None and isinstance(output, torch.Tensor) and output.dtype == b.dtype \
                 and output.is_contiguous():
             # the add inside the B GEMM: one kernel, and no output-wide temporary. In place when
