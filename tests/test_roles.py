@@ -170,6 +170,7 @@ def test_coverage():
         pytest.skip("run together with test_roles_and_default_positions")
     kinds = Counter(RESULTS.values())
     print(f"\nroles discovered on {len(RESULTS)} model types: {dict(kinds)}")
+    print({k: sorted(t for t, v in RESULTS.items() if v == k) for k in kinds if k != "attention + ffn"})
     assert len(RESULTS) >= 60
 
 
