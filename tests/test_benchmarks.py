@@ -34,7 +34,7 @@ def test_every_benchmark_row_runs_in_smoke_mode(tmp_path):
     assert checks["B7"]["hookdelta bit-exact"] and checks["B6"]["exactly one adapter live"]
     assert checks["B12"]["same logits as peft"] and checks["B12"]["memory <= peft"]
     assert all(checks["B11"].values()) and len(checks["B11"]) == 2
-    assert checks["B13"] == {"same logits before and after": True} and checks["B15"]["same logits as peft"]
+    assert checks["B13"] == {"same logits before and after": True, "same logits with siblings on and off": True} and checks["B15"]["same logits as peft"]
     table = (tmp_path / "latest.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
 
