@@ -435,26 +435,32 @@ class LoRALinear(_LoRABase):
             if self.lora_bias is not None:
                 delta = delta + self.lora_bias * self.scale
             return output + delta.to(output.dtype)
-        # the scale goes on the r-wide product, not on the output-wide one: a pass over [.., r]
-        # instead of [.., out]. (Not alpha=: inductor in torch 2.13 drops torch.add's alpha.)
         x = x if x.dtype == a.dtype else x.to(a.dtype)
         group = self.siblings
         if group is not None and group.usable(x) and not (self.p and module.training):
-            t = group.product(self, x) * self.scale  # q/k/v (gate/up) share one GEMM over their A's
+            t = group.product(self, x)  # q/k/v (gate/up) share one GEMM over their A's
         else:
-            t = F.linear(x, a) * self.scale
+            t = F.linear(x, a)
+        s = self.scale
         if self.lora_bias is None and isinstance(output, torch.Tensor) and output.dtype == b.dtype \
                 and output.is_contiguous():
             # the add inside the B GEMM: one kernel, and no output-wide temporary. In place when
             # nothing else can hold the output yet (engine.owns_output), out of place otherwise.
+            # The scale rides along as the GEMM's alpha (no kernel of its own: decoding is
+            # launch-bound) except in compiled code, where inductor has dropped alpha= before
+            # (torch.add in 2.13), and for a scale held as a tensor (hot-swap).
             flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
+            if type(s) is float and not torch.compiler.is_compiling():
+                alpha = s
+            else:  # the scale on the r-wide product: a pass over [.., r], not [.., out]
+                t, alpha = t * s, 1.0
             if owns_output(module):
-                flat.addmm_(t, b.t())
+                flat.addmm_(t, b.t(), alpha=alpha)
                 return output
-            return torch.addmm(flat, t, b.t()).view(output.shape)
-        delta = F.linear(t, b)
+            return torch.addmm(flat, t, b.t(), alpha=alpha).view(output.shape)
+        delta = F.linear(t * s, b)
         if self.lora_bias is not None:  # B's bias, scaled with B as in PEFT: s·(B·A·x + b)
-            delta = delta + self.lora_bias * self.scale
+            delta = delta + self.lora_bias * s
         return output + delta.to(output.dtype)
 
     def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
