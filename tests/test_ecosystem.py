@@ -20,9 +20,15 @@ def test_two_processes_train_the_delta_identically(mode, tmp_path):
     """DDP, and FSDP2 (fully_shard, which shards the delta's tensors too), on 2 CPU processes."""
     result = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result), mode],
-                         capture_output=True, text=True, env=env, timeout=180)
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result), mode],
+                             capture_output=True, text=True, env=env, timeout=180)
+        # one retry for gloo's rare abort while the two processes connect on this shared machine
+        # ("terminate called without an active exception", seen once in many runs, nothing written):
+        # a real failure fails twice
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
     assert run.returncode == 0, run.stderr[-3000:]
     verdict = json.loads(result.read_text())
     assert verdict["identical"], "delta parameters differ across ranks"
