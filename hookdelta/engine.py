@@ -236,8 +236,12 @@ def owns_output(module: nn.Module) -> bool:
     (their forward keeps no reference to the output; autograd saves only their input). Under
     torch.compile always False: inductor fuses the add anyway, and dynamo before torch 2.12 cannot
     trace a test of a module's hook dict (a graph break at every site, 3-5x slower on an H200)."""
-    if torch.compiler.is_compiling() or torch.nn.modules.module._global_forward_hooks \
-            or not (type(module) is nn.Linear or is_conv1d(module)):
+    return not torch.compiler.is_compiling() and first_hook_is_ours(module)
+
+
+def first_hook_is_ours(module: nn.Module) -> bool:
+    """owns_output outside compiled code (for callers that already know they are not compiling)."""
+    if torch.nn.modules.module._global_forward_hooks or not (type(module) is nn.Linear or is_conv1d(module)):
         return False
     hooks = module._forward_hooks
     return bool(hooks) and is_ours(next(iter(hooks.values())))

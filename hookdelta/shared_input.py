@@ -42,10 +42,6 @@ class SharedInput:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["members"], state["factor"])  # type: ignore[misc]
 
-    def usable(self, x: torch.Tensor) -> bool:
-        """Whether the shared path applies to this call at all (else the member computes alone)."""
-        return not (torch.compiler.is_compiling() or x.is_inference())  # (is_inference breaks a graph)
-
     def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
         """`x @ factorᵀ` of `member`, as a slice of the group's stacked product for this input:
         taken from the sibling that computed it when it is valid for this call, else computed."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
                       check_patterns, exact, has_callable, normalize_selector, pattern_value)
-from ..engine import Piece, current, first_input, owns_output
+from ..engine import Piece, current, first_hook_is_ours, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
 from ..errors import ConfigError, HookdeltaError, MergeError, SelectorError, UnsupportedModuleError
@@ -424,7 +424,8 @@ class LoRALinear(_LoRABase):
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
-        a, b = self.lora_A, self.lora_B
+        params = self._parameters  # (hot path: a dict lookup, not nn.Module.__getattr__)
+        a, b = params["lora_A"], params["lora_B"]
         if self.activation is not None:
             x = x if x.dtype == a.dtype else x.to(a.dtype)
             delta = F.linear(F.linear(x, a) * self.scale, b)
@@ -436,9 +437,12 @@ class LoRALinear(_LoRABase):
                 delta = delta + self.lora_bias * self.scale
             return output + delta.to(output.dtype)
         x = x if x.dtype == a.dtype else x.to(a.dtype)
+        compiling = torch.compiler.is_compiling()
         group = self.siblings
-        if group is not None and group.usable(x) and not (self.p and module.training):
-            t = group.product(self, x)  # q/k/v (gate/up) share one GEMM over their A's
+        # q/k/v (gate/up) share one GEMM over their A's; not in compiled code, not on inference
+        # tensors (no version counter to check the input by), not with dropout (a mask per layer)
+        if group is not None and not compiling and not x.is_inference() and not (self.p and module.training):
+            t = group.product(self, x)
         else:
             t = F.linear(x, a)
         s = self.scale
@@ -450,11 +454,11 @@ class LoRALinear(_LoRABase):
             # launch-bound) except in compiled code, where inductor has dropped alpha= before
             # (torch.add in 2.13), and for a scale held as a tensor (hot-swap).
             flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
-            if type(s) is float and not torch.compiler.is_compiling():
+            if type(s) is float and not compiling:
                 alpha = s
             else:  # the scale on the r-wide product: a pass over [.., r], not [.., out]
                 t, alpha = t * s, 1.0
-            if owns_output(module):
+            if not compiling and first_hook_is_ours(module):
                 flat.addmm_(t, b.t(), alpha=alpha)
                 return output
             return torch.addmm(flat, t, b.t(), alpha=alpha).view(output.shape)
