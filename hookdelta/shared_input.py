@@ -9,7 +9,8 @@ checked per call, on the tensor itself: the same object, at the same version (no
 in between), in the same forward of the model, with the same factors at their same versions, and
 each member takes from one stacked product at most once. A member whose input differs computes
 the stacked product of its own input (the same rounding). Inference tensors have no version
-counter, so under `torch.inference_mode()` and inside compiled code the members compute alone.
+counter, so the caller (LoRA) computes alone under `torch.inference_mode()`, and in compiled
+code (where inductor fuses anyway) and with dropout (a mask per layer) too.
 """
 
 from __future__ import annotations
