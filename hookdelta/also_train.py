@@ -20,7 +20,7 @@ import torch.nn as nn
 from .engine import Piece
 from .errors import MergeError
 from .placement import real_weight
-from .modules import is_internal
+from .modules import parameter_holders
 from .selection import match
 
 
@@ -92,12 +92,7 @@ class TiedCopy(Piece):
 
 def build_copies(model: nn.Module, paths: Sequence[str], tie: bool = True) -> list[Piece]:
     """One FullCopy per module, and (tie) a TiedCopy wherever another module holds a copied parameter."""
-    holders: dict[int, list[tuple[str, str]]] = {}  # id(parameter) -> (module path, name) holding it
-    for path, module in model.named_modules():
-        if not is_internal(path):
-            for name, p in module._parameters.items():
-                if p is not None:
-                    holders.setdefault(id(p), []).append((path, name))
+    holders = parameter_holders(model)
     if not tie:
         return [FullCopy(path, model.get_submodule(path), model, shared=tuple(
             n for n, p in model.get_submodule(path)._parameters.items() if p is not None and len(holders[id(p)]) > 1))
@@ -114,7 +109,7 @@ def build_copies(model: nn.Module, paths: Sequence[str], tie: bool = True) -> li
         for name in primary.swaps:
             copied[id(module._parameters[name])] = primary
     for pid, primary in list(copied.items()):
-        for path, name in holders.get(pid, []):
+        for path, _, name in holders.get(pid, []):
             if path not in paths:  # a holder outside also_train uses the copy too
                 pieces.append(TiedCopy(primary, name, path))
     return pieces

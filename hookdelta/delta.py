@@ -230,8 +230,8 @@ class Delta(nn.Module):
                 if theirs is not None and id(other) not in theirs:
                     continue
                 # an input rewrite merged into the weight stops feeding the others its input
-                rewrite = piece.rewrites_input and not (piece.rescales and other.rescales)
-                if (before and not (piece.additive and other.additive)) or other.reads_weight or rewrite:
+                if (before and not (piece.additive and other.additive)) or other.reads_weight \
+                        or piece.rewrites_input_of(other):
                     owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
                     return piece, other, owner
         return None
@@ -270,7 +270,7 @@ class Delta(nn.Module):
                     continue
                 if not any(p is other for p in merged):
                     why = "reads the weight there" if other.reads_weight else None
-                    if piece.rewrites_input and not (piece.rescales and other.rescales):
+                    if piece.rewrites_input_of(other):
                         why = "reads the layer's input there, which the unmerged rewrite would change"
                 elif attached[id(other)] > attached[id(piece)] and not (piece.additive and other.additive):
                     why = "is merged there after it and does not commute with it"

@@ -177,6 +177,29 @@ class Piece(nn.Module):
             object.__setattr__(self, "_needs", needs)
         return needs
 
+    def rewrites_input_of(self, other: "Piece") -> bool:
+        """Whether this piece's input rewrite changes what `other` at the same layer computes
+        (two rescalings commute, so neither changes the other): merging it, or a delta beside it
+        merged, would then change the result."""
+        return self.rewrites_input and not (self.rescales and other.rescales)
+
+
+class TiedSwap(Piece):
+    """The other holder of a tied weight (an output head tied to the embedding): swaps in what
+    its primary piece swaps in there. It holds no tensors (they are saved once, with the
+    primary) and merges nothing (the primary writes the shared weight once)."""
+
+    def __init__(self, primary: Piece, site_path: str, key: str | None = None) -> None:
+        super().__init__(site_path, key=key or site_path)
+        object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are the primary's
+        self.swaps = primary.swaps
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self.primary.swap(module, name, weight)
+
+    def describe(self) -> str:
+        return f"tied to {self.primary.key}"
+
 
 def current(module: nn.Module, name: str) -> torch.Tensor:
     """A module's tensor as its forward sees it: a parameter, a parametrization's output, or a

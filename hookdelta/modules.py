@@ -28,6 +28,18 @@ def is_internal(path: str) -> bool:
     return STORE_NAME in path.split(".")
 
 
+def parameter_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """id(parameter) -> every (module path, module, name) holding it, outside hookdelta's store:
+    tied weights have several. One scan of the model (a scan per site would be quadratic)."""
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for path, module in model.named_modules():
+        if not is_internal(path):
+            for name, param in module._parameters.items():
+                if param is not None:
+                    holders.setdefault(id(param), []).append((path, module, name))
+    return holders
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]."""
     cls = type(module)

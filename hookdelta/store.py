@@ -84,8 +84,8 @@ class DeltaStore(nn.Module):
         IA3 excepted: rescalings commute)."""
         for piece in delta.pieces.values():
             site = self.sites.get(piece.site_path)
-            below = [p for p, _ in (site.merged if site else []) if p.rewrites_input]
-            if below and not (piece.rescales and all(p.rescales for p in below)):
+            below = [p for p, _ in (site.merged if site else []) if p.rewrites_input_of(piece)]
+            if below:
                 owner = next((d.name for d in self.deltas.values() if below[0] in d.pieces.values()), "?")
                 raise UnsupportedModuleError(
                     f"delta {owner!r} rewrites the input of {piece.site_path!r} ({below[0].describe()}) and is merged "

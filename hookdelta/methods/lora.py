@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
                       check_patterns, exact, has_callable, normalize_selector, pattern_value)
-from ..engine import Piece, current, first_hook_is_ours, first_input
+from ..engine import Piece, TiedSwap, current, first_hook_is_ours, first_input
 from ..placement import layer_like, like_tensor, live_weight, real_weight
 from ..roles import fused_rows, roles
 from ..errors import ConfigError, HookdeltaError, MergeError, SelectorError, UnsupportedModuleError
-from ..modules import is_conv1d, is_internal, is_linear_like, layer_dims, named_modules, resolve_site
+from ..modules import (is_conv1d, is_linear_like, layer_dims, named_modules, parameter_holders,
+                       resolve_site)
 from ..selection import match_parameters
 from ..shared_input import SharedInput
 from .alora import Activation, InvocationScanner, activated
@@ -179,7 +180,7 @@ class LoRAConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         done: dict[int, Piece] = {}  # id(shared weight) -> its primary piece
-        sharers = _shared_weights(model)
+        sharers = parameter_holders(model)
         fused: set[str] = set()
         if self.fused_slices is not None:
             found = roles(model)
@@ -210,6 +211,8 @@ def _group_siblings(model: nn.Module, pieces: list[Piece]) -> None:
     attention module, the ffn.in layers of one feed-forward module, same input width, dtype and
     device) share one A GEMM (shared_input.py). Only an optimisation: where the roles cannot be
     found, every piece computes alone."""
+    if sum(type(p) is LoRALinear for p in pieces) < 2:
+        return  # (no roles discovery for a single layer)
     try:
         found = roles(model)
     except HookdeltaError:
@@ -275,19 +278,6 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
         "Narrow the selector (e.g. to the projection layers inside it), or use "
         "target_parameters=[...] to adapt one of its weights directly."
     )
-
-
-def _shared_weights(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """id(parameter) -> its (module path, module, name) holders, for parameters held more than
-    once. Built once per attach: a scan of all modules per site was quadratic in model size."""
-    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    for path, module in model.named_modules():
-        if is_internal(path):
-            continue
-        for name, param in module._parameters.items():
-            if param is not None:
-                holders.setdefault(id(param), []).append((path, module, name))
-    return {k: v for k, v in holders.items() if len(v) > 1}
 
 
 def _tie_partners(cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], key: str, module: nn.Module,
@@ -426,17 +416,15 @@ class LoRALinear(_LoRABase):
         x = self.drop(module, first_input(args, kwargs))
         params = self._parameters  # (hot path: a dict lookup, not nn.Module.__getattr__)
         a, b = params["lora_A"], params["lora_B"]
+        x = x if x.dtype == a.dtype else x.to(a.dtype)
         if self.activation is not None:
-            x = x if x.dtype == a.dtype else x.to(a.dtype)
             delta = F.linear(F.linear(x, a) * self.scale, b)
             return activated(self, output, delta if self.lora_bias is None else delta + self.lora_bias * self.scale)
         if self.residual:  # two terms that cancel bit for bit while A, B are still A₀, B₀
-            x = x if x.dtype == a.dtype else x.to(a.dtype)
             delta = F.linear(F.linear(x, a) * self.scale, b) - F.linear(F.linear(x, self.base_A) * self.scale, self.base_B)
             if self.lora_bias is not None:
                 delta = delta + self.lora_bias * self.scale
             return output + delta.to(output.dtype)
-        x = x if x.dtype == a.dtype else x.to(a.dtype)
         compiling = torch.compiler.is_compiling()
         group = self.siblings
         # q/k/v (gate/up) share one GEMM over their A's; not in compiled code, not on inference
@@ -790,21 +778,13 @@ class TiedLoRA(Piece):
         return f"tied to {self.primary.key}"
 
 
-class TiedParameter(Piece):
-    """A parameter target shared by another module: swap in the same W + s·B·A there too."""
+class TiedParameter(TiedSwap):
+    """The other holder of a tied weight targeted as a parameter: the primary's swap there too."""
 
     additive = True
 
     def __init__(self, primary: "LoRAParameter", site_path: str) -> None:
-        super().__init__(site_path, key=site_path + "." + primary.param_name)
-        object.__setattr__(self, "primary", primary)
-        self.swaps = primary.swaps
-
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return self.primary.swap(module, name, weight)
-
-    def describe(self) -> str:
-        return f"tied to {self.primary.key}"
+        super().__init__(primary, site_path, key=site_path + "." + primary.param_name)
 
 
 class LoRACodec(PeftCodec):

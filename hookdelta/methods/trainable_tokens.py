@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig, PeftCodec, check_bool, exact
-from ..engine import Piece, current
+from ..engine import Piece, TiedSwap, current
 from ..errors import ConfigError, DeltaFileError, SelectorError, UnsupportedModuleError
-from ..modules import is_internal
+from ..modules import parameter_holders
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +52,7 @@ class TrainableTokensConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         done: dict[int, TokenRows] = {}  # id(weight) -> its primary: a site tied to an earlier one
+        holders = parameter_holders(model)
         # embeddings first: a tied output head then follows its embedding, never the other way
         for key in sorted(sites, key=lambda k: not isinstance(model.get_submodule(k), nn.Embedding)):
             module = model.get_submodule(key)
@@ -67,18 +68,14 @@ class TrainableTokensConfig(DeltaConfig):
             primary = TokenRows(key, module, self.token_indices)
             pieces.append(primary)
             done[id(module.weight)] = primary
-            for path, other in _holders(model, module.weight):
-                if other is module:
+            for path, other, name in holders.get(id(module.weight), ()):
+                if other is module or name != "weight":
                     continue
                 if not self.tie_weights:
                     raise UnsupportedModuleError(f"{key!r} shares its weight with {path!r} (tied weights); set "
                                                  "tie_weights=True to train the rows in both, or untie them")
-                pieces.append(TiedRows(primary, path))
+                pieces.append(TiedSwap(primary, path))
         return pieces
-
-
-def _holders(model: nn.Module, weight: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if not is_internal(n) and m._parameters.get("weight") is weight]
 
 
 class TokenRows(Piece):
@@ -105,22 +102,6 @@ class TokenRows(Piece):
 
     def describe(self) -> str:
         return f"{len(self.token_indices)} trainable rows"
-
-
-class TiedRows(Piece):
-    """The other holder of a tied weight (the output head): the same rows swapped in there.
-    Merge writes nothing here: the primary writes the shared weight once."""
-
-    def __init__(self, primary: TokenRows, site_path: str) -> None:
-        super().__init__(site_path, key=site_path)
-        object.__setattr__(self, "primary", primary)  # not a submodule: its rows are saved once
-        self.swaps = primary.swaps
-
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return self.primary.swap(module, name, weight)
-
-    def describe(self) -> str:
-        return f"tied to {self.primary.key}"
 
 
 class TrainableTokensCodec(PeftCodec):
