@@ -7,19 +7,46 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, pattern_value
+from ..config import DeltaConfig, check_bool, check_float, check_int, check_patterns, pattern_value
 from ..engine import Piece, first_input
 from ..errors import UnsupportedModuleError
 from ..modules import is_conv1d, is_linear_like, layer_dims
 from ..placement import layer_like
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseDeltaConfig(DeltaConfig):
+    """The fields LoHa and LoKr share: r, the rank of the factors; alpha, the scale numerator
+    (scale = alpha / r); use_effective_conv2d, a CP core over a convolution's kernel dims;
+    rank_pattern / alpha_pattern, per-site r / alpha by PEFT's regex rules. A method adds its
+    own fields and names its piece class; the default targets are the attention q and v."""
+
+    r: int = 8
+    alpha: float = 8.0
+    use_effective_conv2d: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+
+    default_targets = ("attn.q", "attn.v")
+    piece_class: ClassVar[type]
+
+    def validate(self) -> None:
+        check_int(self, "r")
+        check_float(self, "alpha", low=0.0, low_open=True)
+        check_bool(self, "use_effective_conv2d")
+        check_patterns(self)
+
+    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
+        return [self.piece_class(self, key, model.get_submodule(key), model) for key in sites]
 
 
 def weight_shape(model: nn.Module, key: str, module: nn.Module, method: str) -> tuple[int, ...]:
@@ -92,3 +119,11 @@ def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
     ranks = {re.escape(p.key): p.r for p in pieces if p.r != cfg.r}
     alphas = {re.escape(p.key): p.scale * p.r for p in pieces if abs(p.scale * p.r - cfg.alpha) > 1e-9 * cfg.alpha}
     return {"rank_pattern": ranks, "alpha_pattern": alphas}
+
+
+def peft_fields(peft_type: str, delta: Any, pieces: list[Any], **own: Any) -> dict[str, Any]:
+    """The PEFT config of a LoHa / LoKr delta: the shared fields, the per-site patterns, `own`."""
+    cfg = delta.config
+    return {"peft_type": peft_type, "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+            "use_effective_conv2d": cfg.use_effective_conv2d, **own, **pattern_fields(pieces, cfg),
+            "target_modules": [p.key for p in pieces]}

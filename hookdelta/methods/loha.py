@@ -9,42 +9,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
+from ..config import DeltaConfig, PeftCodec, exact
 from ..engine import Piece
-from .dense_delta import DenseDelta, kaiming_, pattern_fields, peft_rank_fields
+from .dense_delta import DenseDelta, DenseDeltaConfig, kaiming_, peft_fields, peft_rank_fields
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoHaConfig(DeltaConfig):
-    """LoHa. r: rank of each of the two products; alpha: scale numerator (scale = alpha / r);
-    use_effective_conv2d: a CP core over the kernel dims of convolutions (not for 1×1 kernels);
-    rank_pattern / alpha_pattern: per-site r / alpha, PEFT's regex rules.
-    Default targets: the attention query and value projections."""
-
-    r: int = 8
-    alpha: float = 8.0
-    use_effective_conv2d: bool = False
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
+class LoHaConfig(DenseDeltaConfig):
+    """LoHa: ΔW = (W1a·W1b) ⊙ (W2a·W2b), each product of rank r (fields: DenseDeltaConfig's;
+    use_effective_conv2d is not for 1×1 kernels)."""
 
     method = "loha"
-    default_targets = ("attn.q", "attn.v")
-
-    def validate(self) -> None:
-        check_int(self, "r")
-        check_float(self, "alpha", low=0.0, low_open=True)
-        check_bool(self, "use_effective_conv2d")
-        check_patterns(self)
-
-    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        return [Hadamard(self, key, model.get_submodule(key), model) for key in sites]
 
 
 class Hadamard(DenseDelta):
@@ -96,12 +78,10 @@ class LoHaCodec(PeftCodec):
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
-        cfg = delta.config
-        tensors = self.piece_tensors(pieces)
-        fields = {"peft_type": "LOHA", "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
-                  "use_effective_conv2d": cfg.use_effective_conv2d, "init_weights": True,
-                  **pattern_fields(pieces, cfg), "target_modules": [p.key for p in pieces]}
-        return fields, tensors
+        return peft_fields("LOHA", delta, pieces, init_weights=True), self.piece_tensors(pieces)
 
 
 LoHaConfig.peft_codec = LoHaCodec()
+
+
+LoHaConfig.piece_class = Hadamard

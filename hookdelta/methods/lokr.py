@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
+from ..config import DeltaConfig, PeftCodec, check_bool, exact
 from ..engine import Piece
 from ..errors import ConfigError
-from .dense_delta import DenseDelta, kaiming_, pattern_fields, peft_rank_fields
+from .dense_delta import DenseDelta, DenseDeltaConfig, kaiming_, peft_fields, peft_rank_fields
 
 FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -42,40 +42,26 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoKrConfig(DeltaConfig):
-    """LoKr. r: rank of the low-rank factors; alpha: scale numerator (scale = alpha / r);
-    decompose_both: W1 low-rank too (when r is below half its size); decompose_factor: the size
-    of W1's sides (-1: near the square root); use_effective_conv2d: a CP core over a conv's
-    kernel; init: "default" (W1 zero) or "lycoris" (W2's second factor zero);
-    rank_pattern / alpha_pattern: per-site r / alpha. Default targets: attention q and v."""
+class LoKrConfig(DenseDeltaConfig):
+    """LoKr: ΔW = W1 ⊗ W2 (fields: DenseDeltaConfig's, and) decompose_both: W1 low-rank too (when
+    r is below half its size); decompose_factor: the size of W1's sides (-1: near the square
+    root); init: "default" (W1 zero) or "lycoris" (W2's second factor zero)."""
 
-    r: int = 8
-    alpha: float = 8.0
     decompose_both: bool = False
     decompose_factor: int = -1
-    use_effective_conv2d: bool = False
     init: str = "default"
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
 
     method = "lokr"
-    default_targets = ("attn.q", "attn.v")
 
     def validate(self) -> None:
-        check_int(self, "r")
-        check_float(self, "alpha", low=0.0, low_open=True)
-        for name in ("decompose_both", "use_effective_conv2d"):
-            check_bool(self, name)
+        super().validate()
+        check_bool(self, "decompose_both")
         f = self.decompose_factor
         if isinstance(f, bool) or not isinstance(f, int) or (f != -1 and f < 1):
             raise ConfigError(f"LoKrConfig.decompose_factor must be -1 (near the square root) or an integer >= 1, "
                               f"got {f!r}")
         if self.init not in ("default", "lycoris"):
             raise ConfigError(f"LoKrConfig.init must be one of ['default', 'lycoris'], got {self.init!r}")
-        check_patterns(self)
-
-    def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        return [Kronecker(self, key, model.get_submodule(key), model) for key in sites]
 
 
 class Kronecker(DenseDelta):
@@ -149,13 +135,13 @@ class LoKrCodec(PeftCodec):
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg = delta.config
-        tensors = self.piece_tensors(pieces)
-        fields = {"peft_type": "LOKR", "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
-                  "decompose_both": cfg.decompose_both, "decompose_factor": cfg.decompose_factor,
-                  "use_effective_conv2d": cfg.use_effective_conv2d,
-                  "init_weights": "lycoris" if cfg.init == "lycoris" else True,
-                  **pattern_fields(pieces, cfg), "target_modules": [p.key for p in pieces]}
-        return fields, tensors
+        fields = peft_fields("LOKR", delta, pieces, decompose_both=cfg.decompose_both,
+                             decompose_factor=cfg.decompose_factor,
+                             init_weights="lycoris" if cfg.init == "lycoris" else True)
+        return fields, self.piece_tensors(pieces)
 
 
 LoKrConfig.peft_codec = LoKrCodec()
+
+
+LoKrConfig.piece_class = Kronecker
