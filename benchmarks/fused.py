@@ -131,24 +131,26 @@ def b13_before_after(p: Profile) -> Row:
 
 
 def b14_decode(p: Profile) -> Row:
-    """Generating 64 tokens at batch 1: launch-bound on a GPU (kernels per site matter most)."""
+    """Generating 64 tokens at batch 1: launch-bound on a GPU (kernels per site matter most).
+    Called as users call it, so under generate()'s own no_grad (where sibling grouping works)."""
     bare, ours, delta, theirs = lora_contenders(p)
-    merged_ours, merged_theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+    merged_ours, merged_theirs, alone = copy.deepcopy(ours), copy.deepcopy(theirs), copy.deepcopy(ours)
     hd.deltas(merged_ours)[delta.name].merge()
+    siblings_off(hd.deltas(alone)[delta.name])
     merged_theirs.merge_adapter()
     prompt = token_ids(p)[:1, :16]
     tokens = 64 if p.name != "smoke" else 4
 
     def generate(model: torch.nn.Module) -> Any:
-        def call() -> None:
-            with torch.inference_mode():
-                model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                               pad_token_id=0)
+        def call() -> None:  # as users call it: generate() turns autograd off itself (no_grad)
+            model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=0)
         return call
 
     models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
-              "peft merged": merged_theirs}
+              "peft merged": merged_theirs, "hookdelta, siblings off": alone}
     generate(ours)()  # (the watched first call)
+    generate(alone)()
     row = Row("B14", f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
               f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache")
     row.times = interleave({k: generate(m) for k, m in models.items()}, max(3, p.rounds // 3), 1)
@@ -157,6 +159,7 @@ def b14_decode(p: Profile) -> Row:
     row.ratio("hookdelta", "peft")
     row.ratio("hookdelta merged", "bare", 1.01)
     row.ratio("peft merged", "bare")
+    row.ratio("hookdelta", "hookdelta, siblings off")
     return row
 
 
@@ -181,4 +184,42 @@ def b15_compiled_prefill(p: Profile) -> Row:
     return row
 
 
-ROWS = [b13_before_after, b14_decode, b15_compiled_prefill]
+def b16_compiled_decode(p: Profile) -> Row:
+    """Decoding with a static KV cache and transformers' own compile of the forward (CUDA graphs
+    on a GPU, `mode="reduce-overhead"`): the launch-bound case with the launches captured. The
+    unmerged LoRA hooks trace into the graph (no graph break); tokens must equal eager ones."""
+    from transformers import CompileConfig
+
+    layers = min(p.layers, 4)
+    bare, ours, delta, theirs = lora_contenders(dataclasses.replace(p, layers=layers))
+    prompt = token_ids(p)[:1, :16]
+    tokens = 64 if p.name != "smoke" else 4
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles on its own only on accelerators
+
+    def generate(model: torch.nn.Module, compiled: bool = True) -> Any:
+        kw = {"cache_implementation": "static", "compile_config": config} if compiled else {"disable_compile": True}
+
+        def call() -> Any:
+            return model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                  pad_token_id=0, **kw)
+        return call
+
+    torch._dynamo.reset()
+    models = {"bare": bare, "hookdelta": ours, "peft": theirs}
+    row = Row("B16", f"compiled decode: generate {tokens} tokens at batch 1 with a static cache and transformers' "
+              "compile of the forward, LoRA r=8 all-linear unmerged",
+              f"Llama {layers}x{p.width}, prompt 16 tokens, greedy; compile time not counted (warm-up)")
+    row.times = interleave({k: generate(m) for k, m in models.items()}, p.rounds, 1, warmup=2)
+    row.ratio("hookdelta", "bare")
+    row.ratio("peft", "bare")
+    row.ratio("hookdelta", "peft")
+    compiled_tokens, eager_tokens = generate(ours)(), generate(ours, compiled=False)()
+    row.checks["same tokens as eager"] = bool(torch.equal(compiled_tokens, eager_tokens))
+    row.checks["the LoRA changes the tokens"] = not torch.equal(compiled_tokens, generate(bare, compiled=False)())
+    row.checks["no graph break"] = not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()
+    return row
+
+
+ROWS = [b13_before_after, b14_decode, b15_compiled_prefill, b16_compiled_decode]

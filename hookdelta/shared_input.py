@@ -30,39 +30,67 @@ def new_forward() -> None:
 
 class SharedInput:
     """The members (pieces with a `lora_A`-like factor named `factor`) of one group; the last
-    stacked product and who may still take from it."""
+    stacked product and who may still take from it. Every call is on the hot path: the checks
+    below are the few that decide correctness, in the cheapest order."""
 
     def __init__(self, members: Sequence[Any], factor: str = "lora_A") -> None:
         self.members = tuple(members)
         self.factor = factor
+        self.index = {m: i for i, m in enumerate(self.members)}
+        # (input ref, its version, grad mode, forward, the slices, (factor, version) each was made
+        # from, who may still take)
         self.entry: tuple | None = None
+        self.stacked: tuple | None = None  # ((factor, version, storage) per member, their concatenation)
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: the members, no product
-        return {"members": self.members, "factor": self.factor}
+        return {"members": self.members, "factor": self.factor}  # (the kept stack is rebuilt)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["members"], state["factor"])  # type: ignore[misc]
 
+    def stack(self, factors: list[torch.Tensor]) -> torch.Tensor | None:
+        """The factors concatenated, or None when a member was moved alone to another dtype or
+        device (never mix them). Without autograd the concatenation is kept while every factor
+        is the same tensor at the same version and storage (decoding: one kernel fewer per group
+        per token); with autograd it is made per call, inside the graph."""
+        grad = torch.is_grad_enabled()
+        if not grad:
+            kept = self.stacked
+            if kept is not None and all(k is f and f._version == v and f.data_ptr() == d
+                                        for (k, v, d), f in zip(kept[0], factors)):
+                return kept[1]
+        first = factors[0]
+        if any(f.dtype != first.dtype or f.device != first.device for f in factors):
+            return None
+        stacked = torch.cat(factors)
+        if not grad:
+            self.stacked = (tuple((f, f._version, f.data_ptr()) for f in factors), stacked)
+        return stacked
+
     def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
         """`x @ factorᵀ` of `member`, as a slice of the group's stacked product for this input:
         taken from the sibling that computed it when it is valid for this call, else computed."""
+        mine = member._parameters[self.factor]
+        i = self.index[member]
         entry = self.entry
-        factors = [getattr(m, self.factor) for m in self.members]
-        mine = getattr(member, self.factor)
-        if any(f.dtype != mine.dtype or f.device != mine.device for f in factors):
-            return torch.nn.functional.linear(x, mine)  # a member was moved alone: never mix dtypes
         if entry is not None:
-            ref, version, grad, forward, sources, left, slices = entry
-            if (member in left and ref() is x and x._version == version and grad == torch.is_grad_enabled()
-                    and forward == _forward[0] and all(s is f and s._version == v for (s, v), f in zip(sources, factors))):
-                left.discard(member)
-                if not left:
+            ref, version, grad, forward, parts, made, left = entry
+            # the same input tensor, unwritten since, in the same forward and grad mode, this
+            # member's own factor unchanged since the product was made, and not taken before
+            if (left[i] and ref() is x and forward == _forward[0] and x._version == version
+                    and grad == torch.is_grad_enabled() and made[i][0] is mine and mine._version == made[i][1]):
+                left[i] = False
+                if not any(left):
                     self.entry = None  # all took: let the product go with the graph
-                return slices[member]
-        out = torch.nn.functional.linear(x, torch.cat(factors))
+                return parts[i]
+        factors = [m._parameters[self.factor] for m in self.members]
+        stacked = self.stack(factors)
+        if stacked is None:
+            return torch.nn.functional.linear(x, mine)
         # one split (one backward node that concatenates the members' gradients), not a slice each
-        slices = dict(zip(self.members, out.split([f.shape[0] for f in factors], dim=-1)))
-        left = set(self.members) - {member}
-        sources = tuple((f, f._version) for f in factors)
-        self.entry = (weakref.ref(x), x._version, torch.is_grad_enabled(), _forward[0], sources, left, slices)
-        return slices[member]
+        parts = torch.nn.functional.linear(x, stacked).split([f.shape[0] for f in factors], dim=-1)
+        left = [True] * len(factors)
+        left[i] = False
+        made = [(f, f._version) for f in factors]
+        self.entry = (weakref.ref(x), x._version, torch.is_grad_enabled(), _forward[0], parts, made, left)
+        return parts[i]

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = [f"B{i}" for i in range(1, 16)]
+ROWS = [f"B{i}" for i in range(1, 17)]
 
 
 @pytest.mark.slow
@@ -35,6 +35,7 @@ def test_every_benchmark_row_runs_in_smoke_mode(tmp_path):
     assert checks["B12"]["same logits as peft"] and checks["B12"]["memory <= peft"]
     assert all(checks["B11"].values()) and len(checks["B11"]) == 2
     assert checks["B13"] == {"same logits before and after": True, "same logits with siblings on and off": True} and checks["B15"]["same logits as peft"]
+    assert all(checks["B16"].values()) and len(checks["B16"]) == 3
     table = (tmp_path / "latest.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
 
@@ -50,7 +51,7 @@ def test_the_gpu_rows_run_in_another_dtype(tmp_path):
     """--device / --dtype reach every model the GPU rows build (here bf16 on the CPU)."""
     pytest.importorskip("peft")
     run = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--dtype", "bfloat16",
-                          "--only", "B1,B4,B11,B13,B14,B15", "--out", str(tmp_path)],
+                          "--only", "B1,B4,B11,B13,B14,B15,B16", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

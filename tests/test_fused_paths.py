@@ -131,3 +131,117 @@ def test_compiled_forward_has_no_graph_break_and_skips_the_hook_dict_test(monkey
         explained = torch._dynamo.explain(model)(**inputs)
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def _nodes(fn, depth: int = 4) -> set[str]:
+    """Names of the autograd nodes within `depth` steps of `fn`."""
+    if fn is None or depth == 0:
+        return set()
+    return {type(fn).__name__}.union(*(_nodes(f, depth - 1) for f, _ in fn.next_functions))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (3, 4, 6), (2, 3, 4, 6)], ids=["1-D", "2-D", "3-D", "4-D"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_every_input_rank_equals_the_formula(shape, grad, bias):
+    """Under autograd the add is written into the output itself (addmm_ for 2-D, baddbmm_ for
+    3-D, out of place otherwise), not through a view: checked against the formula, forward and
+    gradients, for each rank, and no graph has a CopySlices node (whose backward copies the
+    output-wide gradient twice). With a bias, nn.Linear's 3-D output is itself a view."""
+    torch.manual_seed(0)
+    model = Holder(nn.Linear(6, 5, bias=bias))
+    delta = hd.attach(model, hd.LoRAConfig(r=2, alpha=3.0, targets=["layer"]))
+    perturb(delta, std=0.3)
+    piece = delta.piece("layer")
+    model(torch.randn(shape))  # (the first call after an attach is a watched one)
+    x = torch.randn(shape, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = model(x)
+    torch.testing.assert_close(out.double(), _lora_by_hand(model.layer, piece, x.detach()), rtol=1e-5, atol=1e-6)
+    if not grad:
+        return
+    assert "CopySlices" not in _nodes(out.grad_fn)
+    out.square().sum().backward()
+    xd = x.detach().double().requires_grad_(True)
+    a = piece.lora_A.detach().double().requires_grad_(True)
+    b = piece.lora_B.detach().double().requires_grad_(True)
+    w = model.layer.weight.double()
+    (xd @ w.T + (model.layer.bias.double() if bias else 0) + float(piece.scale) * (xd @ a.T) @ b.T).square().sum().backward()
+    for got, want in ((x.grad, xd.grad), (piece.lora_A.grad, a.grad), (piece.lora_B.grad, b.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_whose_output_is_a_view_gets_the_add_out_of_place():
+    """transformers' Conv1D returns a view of its 2-D product: under autograd the add goes out of
+    place rather than through the view, and gradients equal the formula."""
+    model, x = next((m, x) for n, m, x in layer_cases() if n == "conv1d-transformers")
+    delta = hd.attach(model, hd.LoRAConfig(r=3, targets=["layer"]))
+    perturb(delta, std=0.3)
+    piece = delta.piece("layer")
+    model(x)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    assert "CopySlices" not in _nodes(out.grad_fn)
+    out.square().sum().backward()
+    xd = x.detach().double().requires_grad_(True)
+    _lora_by_hand(model.layer, piece, xd).square().sum().backward()
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_decoding_with_a_static_cache_has_no_graph_break_and_equal_tokens():
+    """Decoding is launch-bound on a GPU; transformers' own answer is a static cache plus a
+    compiled forward (CUDA graphs there). The unmerged LoRA must trace into that graph without a
+    break, and the compiled model must generate the eager model's tokens, which the LoRA changes."""
+    model, inputs, _ = build("llama")
+    bare_tokens = _generate_tokens(model, inputs, compiled=False)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(delta, std=0.5)
+    eager = _generate_tokens(model, inputs, compiled=False)
+    assert not torch.equal(eager, bare_tokens)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        compiled = _generate_tokens(model, inputs, compiled=True)
+        assert torch.equal(compiled, eager)
+        assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
+    finally:
+        torch._dynamo.reset()
+
+
+def _generate_tokens(model, inputs, compiled: bool):
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles on its own only on accelerators
+    kw = {"cache_implementation": "static", "compile_config": config} if compiled else {"disable_compile": True}
+    return model.generate(inputs["input_ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
+@pytest.mark.parametrize("shape", [(64,), (4, 64), (1, 1, 64), (4, 3, 64), (2, 3, 4, 64)],
+                         ids=["1-D", "2-D", "decode", "3-D", "4-D"])
+def test_the_same_input_gives_the_same_bits_in_every_mode(shape, bias):
+    """The kernel is chosen by the call's shape alone: the watched first call (foreign hooks, out
+    of place), later calls (in place), with and without autograd, and with a user hook holding
+    the output all give the same bits (CPU kernels for small batched GEMMs round differently
+    from one flat GEMM, so a mode-dependent choice would show here)."""
+    torch.manual_seed(1)
+    model = Holder(nn.Linear(64, 48, bias=bias))
+    perturb(hd.attach(model, hd.LoRAConfig(r=4, alpha=3.0, targets=["layer"])), std=0.3)
+    x = torch.randn(shape)
+    first = model(x).detach()  # (watched: out of place)
+    with torch.no_grad():
+        quiet = model(x)
+    loud = model(x).detach()
+    handle = model.layer.register_forward_hook(lambda m, a, out: None)  # after ours: still ours first
+    held = nn.modules.module.register_module_forward_hook(lambda m, a, out: None)  # global: out of place
+    try:
+        with torch.no_grad():
+            foreign = model(x)
+    finally:
+        handle.remove()
+        held.remove()
+    for got in (quiet, loud, foreign):
+        assert torch.equal(got, first)

@@ -231,8 +231,8 @@ def test_qlora_training_holds_no_dequantized_weight_for_backward(float_dir):
     full_sizes = {m.out_features * m.in_features for m in model.modules() if is_quantized(m)}
     saved = []
 
-    def pack(t):
-        saved.append((t.shape, t.dtype, t.numel()))
+    def pack(t):  # the elements its storage holds (an expanded LoRA factor is not a full weight)
+        saved.append((t.shape, t.dtype, t.untyped_storage().nbytes() // t.element_size()))
         return t
 
     model.train()

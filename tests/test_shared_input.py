@@ -220,3 +220,47 @@ def test_hotswap_padding_and_a_member_moved_alone():
     assert out.dtype == k.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref.q_proj(x.double()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k.double(), ref.k_proj(x.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_stack_kept_without_autograd_follows_every_change_of_the_factors(monkeypatch):
+    """Without autograd the concatenated A's are kept between calls (decoding: one kernel fewer
+    per group per token); an optimizer step, a copy into A, a new `.data` and a new parameter
+    (hot-swap padding) must each be seen at the next forward, and with autograd gradients reach
+    every member's own A."""
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "k_proj", "v_proj"]))
+    perturb(delta, std=0.3)
+    cats = []
+    real_cat = torch.cat
+    def counting(ts, *a, **k):  # (the model itself concatenates other tensors)
+        if all(isinstance(t, torch.nn.Parameter) for t in ts):
+            cats.append(len(ts))
+        return real_cat(ts, *a, **k)
+    monkeypatch.setattr(torch, "cat", counting)
+
+    def check():
+        with torch.no_grad():
+            got = model(**inputs).logits
+            want = _merged_by_hand(model, delta)(**inputs).logits
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+    check()
+    made = len(cats)
+    assert made == 2  # one stack per layer's q/k/v
+    with torch.no_grad():
+        model(**inputs)
+    assert len(cats) == made  # nothing changed: the kept stacks were used
+    q = delta.piece("model.layers.0.self_attn.q_proj")
+    k = delta.piece("model.layers.1.self_attn.k_proj")
+    optimizer = torch.optim.SGD(delta.parameters(), lr=0.5)
+    model(**inputs).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in delta.named_parameters() if "lora_A" in n)
+    optimizer.step()  # in place on every A (and B)
+    check()
+    with torch.no_grad():
+        k.lora_A.copy_(torch.randn_like(k.lora_A))
+    check()
+    q.lora_A.data = torch.randn_like(q.lora_A)  # new storage, version counter may stay
+    check()
+    hd.prepare_hotswap(model, max_rank=6)  # new, zero-padded parameters
+    check()

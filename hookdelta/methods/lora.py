@@ -436,17 +436,29 @@ class LoRALinear(_LoRABase):
         s = self.scale
         if self.lora_bias is None and isinstance(output, torch.Tensor) and output.dtype == b.dtype \
                 and output.is_contiguous():
-            # the add inside the B GEMM: one kernel, and no output-wide temporary. In place when
-            # nothing else can hold the output yet (engine.owns_output), out of place otherwise.
-            # The scale rides along as the GEMM's alpha (no kernel of its own: decoding is
-            # launch-bound) except in compiled code, where inductor has dropped alpha= before
-            # (torch.add in 2.13), and for a scale held as a tensor (hot-swap).
-            flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
+            # the add inside the B GEMM: one kernel, and no output-wide temporary. The scale rides
+            # along as the GEMM's alpha (no kernel of its own: decoding is launch-bound) except in
+            # compiled code, where inductor has dropped alpha= before (torch.add in 2.13), and for
+            # a scale held as a tensor (hot-swap).
             if type(s) is float and not compiling:
                 alpha = s
             else:  # the scale on the r-wide product: a pass over [.., r], not [.., out]
                 t, alpha = t * s, 1.0
-            if not compiling and first_hook_is_ours(module):
+            # In place when nothing else can hold the output yet. The kernel is chosen by the call
+            # alone (rank, view, compiled), never by grad mode or by who holds the output: the
+            # same input gives the same bits with and without autograd, and a recomputed
+            # checkpoint saves the same tensors as its forward (whose first call is watched).
+            # Never in place through a view under autograd: that makes the whole output a
+            # CopySlices node, whose backward copies the output-wide gradient twice. So 2-D and
+            # 3-D outputs are written directly (for 3-D, B broadcast over the batch).
+            owned = not compiling and first_hook_is_ours(module)
+            if not compiling and not output._is_view() and output.dim() in (2, 3):
+                if output.dim() == 2:
+                    return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
+                bt = b.t().expand(output.shape[0], -1, -1)
+                return output.baddbmm_(t, bt, alpha=alpha) if owned else torch.baddbmm(output, t, bt, alpha=alpha)
+            flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
+            if owned and not torch.is_grad_enabled():  # without autograd the view costs nothing
                 flat.addmm_(t, b.t(), alpha=alpha)
                 return output
             return torch.addmm(flat, t, b.t(), alpha=alpha).view(output.shape)
