@@ -130,6 +130,14 @@ def b13_before_after(p: Profile) -> Row:
     return row
 
 
+def _generator(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, **kw: Any) -> Any:
+    """A call that greedily generates exactly `tokens` tokens after `prompt` (and returns them)."""
+    def call() -> Any:
+        return model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                              pad_token_id=0, **kw)
+    return call
+
+
 def b14_decode(p: Profile) -> Row:
     """Generating 64 tokens at batch 1: launch-bound on a GPU (kernels per site matter most).
     Called as users call it, so under generate()'s own no_grad (where sibling grouping works)."""
@@ -141,11 +149,8 @@ def b14_decode(p: Profile) -> Row:
     prompt = token_ids(p)[:1, :16]
     tokens = 64 if p.name != "smoke" else 4
 
-    def generate(model: torch.nn.Module) -> Any:
-        def call() -> None:  # as users call it: generate() turns autograd off itself (no_grad)
-            model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=0)
-        return call
+    def generate(model: torch.nn.Module) -> Any:  # as users call it: under generate()'s own no_grad
+        return _generator(model, prompt, tokens)
 
     models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
               "peft merged": merged_theirs, "hookdelta, siblings off": alone}
@@ -199,11 +204,7 @@ def b16_compiled_decode(p: Profile) -> Row:
 
     def generate(model: torch.nn.Module, compiled: bool = True) -> Any:
         kw = {"cache_implementation": "static", "compile_config": config} if compiled else {"disable_compile": True}
-
-        def call() -> Any:
-            return model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                  pad_token_id=0, **kw)
-        return call
+        return _generator(model, prompt, tokens, **kw)
 
     torch._dynamo.reset()
     models = {"bare": bare, "hookdelta": ours, "peft": theirs}

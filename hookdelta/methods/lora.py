@@ -444,17 +444,20 @@ class LoRALinear(_LoRABase):
                 alpha = s
             else:  # the scale on the r-wide product: a pass over [.., r], not [.., out]
                 t, alpha = t * s, 1.0
-            # In place when nothing else can hold the output yet. The kernel is chosen by the call
-            # alone (rank, view, compiled), never by grad mode or by who holds the output: the
-            # same input gives the same bits with and without autograd, and a recomputed
-            # checkpoint saves the same tensors as its forward (whose first call is watched).
-            # Never in place through a view under autograd: that makes the whole output a
-            # CopySlices node, whose backward copies the output-wide gradient twice. So 2-D and
-            # 3-D outputs are written directly (for 3-D, B broadcast over the batch).
-            owned = not compiling and first_hook_is_ours(module)
-            if not compiling and not output._is_view() and output.dim() in (2, 3):
-                if output.dim() == 2:
-                    return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
+            if compiling:  # flat and out of place: inductor fuses it, and never tests the hook dict
+                return torch.addmm(output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1]), b.t(),
+                                   alpha=alpha).view(output.shape)
+            # In place when nothing else can hold the output yet. The kernel is chosen by the call's
+            # shape alone (rank, view), never by grad mode or by who holds the output: the same
+            # input gives the same bits with and without autograd, and a recomputed checkpoint
+            # saves the same tensors as its forward (whose first call is watched). Never in place
+            # through a view under autograd: that makes the whole output a CopySlices node, whose
+            # backward copies the output-wide gradient twice. So 2-D and 3-D outputs are written
+            # directly (for 3-D, B broadcast over the batch).
+            owned = first_hook_is_ours(module)
+            if not output._is_view() and output.dim() == 2:
+                return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
+            if not output._is_view() and output.dim() == 3:
                 bt = b.t().expand(output.shape[0], -1, -1)
                 return output.baddbmm_(t, bt, alpha=alpha) if owned else torch.baddbmm(output, t, bt, alpha=alpha)
             flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
