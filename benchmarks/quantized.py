@@ -21,7 +21,8 @@ R = 16
 
 def _quantized(path: str) -> torch.nn.Module:
     q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = tf.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu")
+    model = tf.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                torch_dtype=torch.float32)  # (transformers 4.x: float16 otherwise)
     # bitsandbytes repacks 4-bit weights for CPU inference at the first eval forward, after which
     # training gets no gradients through them; hookdelta holds that off while attached, and the
     # PEFT twin gets the same switch, so both run the same kernels

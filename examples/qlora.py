@@ -53,7 +53,10 @@ def main() -> dict[str, float]:
         full.config.__dict__.pop("quantization_config", None)
         full.save_pretrained(path)
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="cpu")
+        # float32 for everything left unquantized, the LoRA included (transformers 4.x would pick float16,
+        # where AdamW's epsilon underflows and the first step writes NaN)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="cpu",
+                                                     torch_dtype=torch.float32)
     quantized = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     console.print(f"weights: {sum(p.numel() * p.element_size() for p in full.parameters()) / 2**20:.0f} MB in fp32, "
                   f"{quantized:.0f} MB with the linear layers in 4-bit")

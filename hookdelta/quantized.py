@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .compat import bnb_cpu_unpack
 from .errors import MergeError, UnsupportedModuleError
 
 
@@ -102,8 +103,10 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
         if granularity is not None:
             new = type(old).from_hp(weight.to(old.dtype), granularity)
             return {"weight": nn.Parameter(new, requires_grad=False)}
-    raise MergeError(f"merge(requantize=True) cannot rebuild {backend(module)} weights; keep the delta unmerged, or "
-                     "use delta.merged_copy(dtype=...) for a full-precision model with the delta baked in")
+    hint = (" (torchao 0.18 and later store int8 weights as Int8Tensor, which it can rebuild)"
+            if name == "AffineQuantizedTensor" else "")
+    raise MergeError(f"merge(requantize=True) cannot rebuild {backend(module)} weights{hint}; keep the delta unmerged, "
+                     "or use delta.merged_copy(dtype=...) for a full-precision model with the delta baked in")
 
 
 # -- bitsandbytes' CPU inference packing --------------------------------------------------------
@@ -144,12 +147,10 @@ def canonical_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     """The standard-layout (data, quant_state) of a CPU-packed 4-bit weight, with the same
     values (the bf16 block scales as they are); the inputs are not changed. (bitsandbytes'
     own inverse leaves the scales transposed when there is no double quantization.)"""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     scales = state.absmax  # [K / blocksize, N] in bf16
     flat = copy.copy(state)
     flat.original_nested = False  # keep the scales as they are: no re-quantization of them
-    qweight, flat = _convert_weight_packed_for_cpu_inverse(data, flat)
+    qweight, flat = bnb_cpu_unpack()(data, flat)
     flat.absmax = scales.T.reshape(-1).float()
     flat.nested = False
     return qweight, flat
@@ -195,6 +196,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
+    if config is not None:  # (transformers 4.x keeps this dtype beside the quantization config and
+        config.__dict__.pop("_pre_quantization_dtype", None)  # cannot write it without that)
     for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if flag in model.__dict__:
             setattr(model, flag, False)

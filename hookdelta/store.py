@@ -45,6 +45,7 @@ class DeltaStore(nn.Module):
         self.root_hooks: list[Any] = []
         self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
         self.packing: list[Any] = []  # their repacking switches, given back when the store closes
+        self.input_grads: Any = None  # (embeddings, hook handle) that makes their output require grad
         self.router: Router | None = None  # while hd.route(...) (or a call with adapter_names=) runs
         self.router_handles: list[Any] = []
         self.keyword_call = False
@@ -229,11 +230,14 @@ class DeltaStore(nn.Module):
 
     def before_forward(self, model: nn.Module) -> None:
         """Checks at the start of each forward of the model: the deltas still hold real tensors,
-        and bitsandbytes' CPU inference packing is undone where gradients are wanted."""
+        bitsandbytes' CPU inference packing is undone where gradients are wanted, and under
+        gradient checkpointing the input embeddings' output requires grad."""
         self.check_alive()
         new_forward()
         if self.packed and torch.is_grad_enabled():
             unpack_for_training(self.packed)
+        if torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+            self.input_grads = require_input_grads(model, self.input_grads)
 
     def check_alive(self) -> None:
         """Refuse a forward when the deltas' tensors were moved to meta after attach (accelerate's
@@ -309,6 +313,39 @@ def close_store(model: nn.Module) -> None:
     for handle in getattr(store, "root_hooks", []):
         handle.remove()
     release_packing(getattr(store, "packing", []))
+    if getattr(store, "input_grads", None) is not None:
+        store.input_grads[1].remove()
+
+
+class _RequireGrad:
+    """Forward hook on the input embeddings: their output requires grad (as transformers'
+    `enable_input_require_grads`), so reentrant checkpointing over a frozen base passes the
+    gradient on to the deltas inside the checkpointed blocks (else they get none, silently)."""
+
+    hookdelta_internal = True  # (engine.is_ours)
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and torch.is_grad_enabled():
+            output.requires_grad_(True)
+
+
+def require_input_grads(model: nn.Module, held: tuple[nn.Module, Any] | None) -> tuple[nn.Module, Any] | None:
+    """`_RequireGrad` on the model's current input embeddings (moved there if they were replaced,
+    e.g. by resize_token_embeddings); returns (embeddings, handle), or None where the model has
+    none. (transformers 5 hooks them itself on `gradient_checkpointing_enable()`; 4.x only for its
+    own PEFT integration.)"""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:
+        embeddings = None
+    if held is not None and held[0] is embeddings:
+        return held
+    if held is not None:
+        held[1].remove()
+    if not isinstance(embeddings, nn.Module):
+        return None
+    return embeddings, embeddings.register_forward_hook(_RequireGrad().hook)
 
 
 def base_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import hookdelta as hd
 from tiny_models import build, main_output
+from internals import child_names, hook_state
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -41,13 +42,8 @@ def snapshot(model: nn.Module) -> dict:
         "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
         "hooks": {n: hook_state(m) for n, m in model.named_modules()},
         "keys": list(model.state_dict().keys()),
-        "children": {n: list(m._modules) for n, m in model.named_modules()},
+        "children": {n: child_names(m) for n, m in model.named_modules()},
     }
-
-
-def hook_state(m: nn.Module) -> tuple:
-    return (tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._state_dict_hooks),
-            tuple(m._load_state_dict_post_hooks), tuple(m._backward_hooks))
 
 
 def assert_restored(model: nn.Module, snap: dict) -> None:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import transformers as tf
 
 import hookdelta as hd
 from helpers import assert_restored, perturb, snapshot
@@ -127,4 +128,22 @@ def test_torch_compile_is_never_stale(backend):
     second.detach()
     delta.detach()
     check()
+    assert_restored(model, snap)
+
+
+def test_reentrant_checkpointing_over_a_frozen_base_trains_the_delta_and_detach_leaves_no_hook():
+    """Reentrant checkpointing passes gradients only to blocks whose input requires grad; over a
+    frozen base hookdelta makes the input embeddings' output require it (transformers 5 does the
+    same on its own, switched off here so that only hookdelta's hook is tested)."""
+    model, inputs, _ = build("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    if int(tf.__version__.split(".")[0]) >= 5:
+        model.disable_input_require_grads()
+    model.train()
+    snap = snapshot(model)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(delta, std=0.3)
+    model(**inputs).logits.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in delta.parameters())
+    delta.detach()
     assert_restored(model, snap)

@@ -7,6 +7,7 @@ import transformers as tf
 
 import hookdelta as hd
 from tiny_models import TEXT, build
+from internals import child_names
 
 EXPECTED = {  # family -> semantic name -> the leaf names it must select in block 0
     "bert": {"attn.q": {"query"}, "attn.o": {"attention.output.dense"}, "ffn.in": {"intermediate.dense"},
@@ -28,7 +29,10 @@ def block0(paths):
 @pytest.mark.parametrize("arch", list(EXPECTED))
 def test_semantic_names_select_each_familys_layers(arch):
     model = build(arch)[0]
-    for name, leaves in EXPECTED[arch].items():
+    expected = EXPECTED[arch]
+    if arch == "vit" and not any(n.endswith(".q_proj") for n, _ in model.named_modules()):
+        expected = {"attn.q": {"attention.query"}, "ffn.in": {"intermediate.dense"}}  # before transformers 5
+    for name, leaves in expected.items():
         got = block0(hd.match(model, name))
         assert got and all(any(p.endswith("." + leaf) for leaf in leaves) for p in got), (name, got)
         assert {leaf for leaf in leaves if any(p.endswith("." + leaf) for p in got)} == leaves
@@ -67,7 +71,7 @@ def test_unknown_family_asks_for_explicit_targets():
     for cfg in (hd.LoRAConfig(), hd.AdapterConfig(), hd.IA3Config()):
         with pytest.raises(hd.SelectorError, match="Custom.*explicit targets"):
             hd.attach(model, cfg)
-        assert not hd.deltas(model) and "_hookdelta" not in model._modules
+        assert not hd.deltas(model) and "_hookdelta" not in child_names(model)
     assert hd.attach(model, hd.AdapterConfig(targets="q", bottleneck_dim=2)).sites == ["q"]
 
 

@@ -80,3 +80,22 @@ def test_soft_prompt_generate_on_encoder_decoder():
         ext = torch.ones(2, embeds.shape[1], dtype=mask.dtype)
         expected = model.generate(inputs_embeds=embeds, attention_mask=ext, **kw)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.prefix
+def test_prefix_takes_cache_positions_counted_with_or_without_it_and_refuses_others():
+    """generate() on transformers 4.x counts cache positions without the prefix already in the
+    cache; the prefix shifts them (else the causal mask is misplaced, silently). A position that
+    fits neither count is refused."""
+    model, inputs, _ = build("llama")
+    ids = inputs["input_ids"]
+    d = hd.attach(model, hd.PrefixConfig(num_virtual_tokens=4))
+    perturb(d, std=1.0)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        without = model(input_ids=ids, cache_position=torch.arange(ids.shape[1])).logits
+        counted = model(input_ids=ids, cache_position=torch.arange(4, 4 + ids.shape[1])).logits
+        torch.testing.assert_close(without, plain)
+        torch.testing.assert_close(counted, plain)
+        with pytest.raises(hd.UnsupportedModuleError, match="cache_position starts at 2"):
+            model(input_ids=ids, cache_position=torch.arange(2, 2 + ids.shape[1]))

@@ -67,7 +67,7 @@ def _counting():
 def test_swap_under_compile_does_not_recompile(files):
     refs = {which: _fresh(files[which]) for which in ("r4", "r16", "r8")}  # (attaching resets dynamo: first)
     base = outputs(build("llama")[0], build("llama")[1])
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, inputs = _attached(r=8)
     hd.prepare_hotswap(model, max_rank=16)
     graphs, backend = _counting()
@@ -87,7 +87,7 @@ def test_swap_under_compile_does_not_recompile(files):
     hd.deltas(model)["a"].disable()
     with torch.no_grad():
         torch.testing.assert_close(compiled(**inputs).logits, base, rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 @pytest.mark.parametrize("case, error, match", [

@@ -7,6 +7,7 @@ import torch.nn as nn
 import hookdelta as hd
 from helpers import assert_restored, assert_same, outputs, perturb, same_bits, snapshot
 from tiny_models import build
+from internals import forward_hooks, forward_pre_hooks
 
 pytestmark = pytest.mark.lora
 
@@ -19,7 +20,7 @@ def llama():
 
 def q_hooks(model):
     q = model.model.layers[0].self_attn.q_proj
-    return len(q._forward_hooks) + len(q._forward_pre_hooks)
+    return len(forward_hooks(q)) + len(forward_pre_hooks(q))
 
 
 def test_merged_and_disabled_deltas_take_their_hooks_off(llama):

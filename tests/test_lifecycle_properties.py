@@ -29,6 +29,7 @@ import hookdelta as hd
 from helpers import assert_restored, perturb, same_bits, snapshot
 from hookdelta.engine import is_ours
 from hookdelta.methods.adapter import ACTIVATIONS
+from internals import forward_hooks, forward_pre_hooks
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -425,7 +426,7 @@ class Lifecycle(RuleBasedStateMachine):
         for d in list(hd.deltas(clone).values())[::-1]:  # tearing the copy down leaves the model alone
             d.detach()
         assert hd.deltas(clone) == {} and not any(is_ours(h) for m in clone.modules()
-                                                  for h in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()])
+                                                  for h in [*forward_hooks(m).values(), *forward_pre_hooks(m).values()])
         base = clone.state_dict()
         assert all(same_bits(base[k], self.snap["params"][k]) for k in self.snap["params"])
         assert {n: p.requires_grad for n, p in clone.named_parameters()} == self.snap["flags"]
@@ -443,13 +444,13 @@ class Lifecycle(RuleBasedStateMachine):
             live = [d for d in hd.deltas(self.model).values() if d.enabled and not d.merged and name in d.pieces]
             pre = [d for d in live if d.method in ("oft", "boft")]  # they rotate the input in a pre hook
             live = [d for d in live if d.method != "oft"]
-            ours = sum(1 for h in layer._forward_hooks.values() if is_ours(h))
+            ours = sum(1 for h in forward_hooks(layer).values() if is_ours(h))
             if not self.hooked.get(name):
                 assert ours == (1 if live else 0), "one dispatcher, only where a live delta is"
             else:  # one more per user hook it ran on either side of, at most (until the next change there)
                 assert (ours > 0) == bool(live) and ours <= 1 + self.hooked[name]
-            ours_pre = sum(1 for h in layer._forward_pre_hooks.values() if is_ours(h))
-            assert len(layer._forward_pre_hooks) == ours_pre and (ours_pre > 0) == bool(pre)
+            ours_pre = sum(1 for h in forward_pre_hooks(layer).values() if is_ours(h))
+            assert len(forward_pre_hooks(layer)) == ours_pre and (ours_pre > 0) == bool(pre)
             assert ours_pre <= 1 + self.hooked.get(name, 0)  # split around user hooks as the post side is
 
     def teardown(self):

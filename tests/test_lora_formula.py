@@ -12,6 +12,7 @@ from torch.func import functional_call
 import hookdelta as hd
 from helpers import perturb
 from tiny_models import Holder, layer_cases
+from internals import parameter_slot
 
 pytestmark = pytest.mark.lora
 
@@ -139,7 +140,7 @@ def test_swap_is_undone_when_forward_raises():
     hd.attach(model, hd.LoRAConfig(r=1, target_parameters="w"))
     with pytest.raises(RuntimeError, match="boom"):
         model(torch.randn(3))
-    assert model.layer._parameters["w"] is original
+    assert parameter_slot(model.layer, "w") is original
 
 
 def test_dropout_follows_host_training_flag():

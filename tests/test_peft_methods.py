@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import hookdelta as hd
 from tiny_models import build, main_output
+from internals import peft_boft_layer, use_plain_loha_cp
 
 peft = pytest.importorskip("peft")
 
@@ -117,7 +118,7 @@ def grads_by_key(twin):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=getattr(pytest.mark, CASES[c][2])) for c in CASES])
 def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypatch):
     arch, make, mark = CASES[case]
-    monkeypatch.setattr(peft.tuners.loha.layer, "make_weight_cp", plain_loha_cp)
+    use_plain_loha_cp(monkeypatch, plain_loha_cp)
     model, inputs = model_for(arch)
     twin = peft_adapter(model, make())
     twin.save_pretrained(tmp_path)
@@ -244,7 +245,7 @@ def test_dora_on_embedding_and_conv_matches_peft(targets, tmp_path):
 def test_boft_butterfly_factors_follow_peft_arithmetic():
     """Several butterfly factors (PEFT runs them only with its CUDA kernel): the rotation equals
     PEFT's own permutations and product, built here from PEFT's functions."""
-    from peft.tuners.boft.layer import BOFTLayer
+    BOFTLayer = peft_boft_layer()
 
     model, inputs = model_for("llama")
     delta = hd.attach(model, hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, targets=["q_proj"]))

@@ -20,6 +20,7 @@ import transformers as tf
 import hookdelta as hd
 from helpers import perturb, same_bits
 from hookdelta.quantized import dequantize_model, is_quantized
+from internals import forward_hooks, forward_pre_hooks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -70,7 +71,7 @@ def storage(model: nn.Module) -> dict:
     return {"tensors": {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
             "ids": {n: id(p) for n, p in model.named_parameters()},
             "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-            "hooks": {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}}
+            "hooks": {n: (tuple(forward_hooks(m)), tuple(forward_pre_hooks(m))) for n, m in model.named_modules()}}
 
 
 def assert_storage(model: nn.Module, before: dict, hooks: bool = True) -> None:
@@ -169,10 +170,15 @@ def test_requantized_merge_reports_its_error_and_unmerges_exactly(kind, float_di
     with torch.no_grad():
         unmerged = model(**x).logits
     before = storage(model)
+    if kind == "torchao-int8" and type(model.model.layers[0].mlp.up_proj.weight).__name__ != "Int8Tensor":
+        with pytest.raises(hd.MergeError, match="torchao 0.18 and later"):  # older torchao: its older tensor type
+            delta.merge(requantize=True)
+        assert_storage(model, before)
+        return
     report = delta.merge(requantize=True)
     assert set(report) == {p.key for p in delta.pieces.values()} and all(v >= 0 for v in report.values())
     assert max(report.values()) > 0, "requantizing rounds: the report is not vacuous"
-    assert not any(is_quantized(m) and m._forward_hooks for m in model.modules())
+    assert not any(is_quantized(m) and forward_hooks(m) for m in model.modules())
     with torch.no_grad():
         merged = model(**x).logits
     assert (merged.float() - unmerged.float()).abs().max() < 1.0
@@ -218,7 +224,7 @@ def test_the_cli_merges_a_quantized_checkpoint_into_a_plain_one(float_dir, tmp_p
     run = subprocess.run([sys.executable, "-m", "hookdelta", "merge", str(tmp_path / "base4bit"), str(tmp_path / "delta"),
                           str(tmp_path / "merged")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype="auto")  # (4.x: float32 otherwise)
     assert merged.dtype == torch.bfloat16 and getattr(merged.config, "quantization_config", None) is None
     x = inputs()
     with torch.no_grad():
@@ -268,3 +274,29 @@ def test_bitsandbytes_packing_is_held_off_while_attached_and_given_back(float_di
     assert layer.support_avx512bf16_for_cpu is False
     delta.detach()
     assert layer.support_avx512bf16_for_cpu == switch
+
+
+def test_a_bitsandbytes_release_without_the_cpu_unpacking_is_refused_clearly(float_dir, monkeypatch):
+    """hookdelta reads bitsandbytes' CPU-packed 4-bit layout back with a private bitsandbytes
+    function (hookdelta/compat.py). Where a release lacks it, a training forward over a layer
+    packed before the attach is one clear UnsupportedModuleError, and inference still runs."""
+    import hookdelta.compat as compat
+
+    model = quantized("bnb-nf4", float_dir)
+    x = inputs()
+    with torch.no_grad():
+        model(**x)  # inference first: bitsandbytes repacks here, where the CPU supports it
+    layer = model.model.layers[0].self_attn.q_proj
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU or bitsandbytes release does not repack 4-bit weights for inference")
+    monkeypatch.setattr(compat, "BNB_CPU_UNPACK", "bitsandbytes.functional.no_such_inverse")
+    delta = hd.attach(model, hd.LoRAConfig(r=4))
+    perturb(delta, std=0.05)
+    with torch.no_grad():
+        assert torch.isfinite(model(**x).logits).all()
+    model.train()
+    with pytest.raises(hd.UnsupportedModuleError, match=r"repacked by bitsandbytes .* no no_such_inverse"):
+        model(**x, labels=x["input_ids"])
+    monkeypatch.undo()
+    model(**x, labels=x["input_ids"]).loss.backward()  # with the function there, the same call trains
+    assert all(p.grad is not None for p in delta.parameters())

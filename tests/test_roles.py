@@ -36,11 +36,13 @@ FIXES = {  # model_type -> config fields the generic shrinking gets wrong
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, qk_nope_head_dim=8,
                         qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16, first_k_dense_replace=1,
-                        n_group=1, topk_group=1, num_key_value_heads=4, head_dim=4),
+                        n_group=1, topk_group=1, num_key_value_heads=4, head_dim=4,
+                        qk_head_dim=12),  # (nope + rope: transformers 4.x reads the stored sum)
     "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, patch_size=4),
     "gptj": dict(rotary_dim=4), "codegen": dict(rotary_dim=4),
     "jamba": dict(num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                  expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4),
+                  expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4,
+                  use_mamba_kernels=False),  # (transformers 4.x refuses the CPU otherwise)
 }
 MODEL_TYPES = [
     # decoders: dense, GQA, fused qkv, parallel attention, MLA, mixture of experts
@@ -194,8 +196,11 @@ def test_visualize_shows_the_roles():
 # -- LoRA on slices of fused q/k/v projections ------------------------------------------------------
 
 def _split_qkv(model_type, model, out):
-    """The fused output split the way the model's own attention code splits it."""
+    """The fused output split into q, k, v from the config alone, by the layout each model's attention
+    code documents (written out here, so the check does not lean on hookdelta's layouts or on the
+    models' private helpers)."""
     config = model.config
+    b, s, _ = out.shape
     if model_type == "gpt2":
         return out.split(config.n_embd, dim=-1)
     if model_type == "gpt_bigcode":
@@ -205,16 +210,23 @@ def _split_qkv(model_type, model, out):
         hd = config.hidden_size // config.num_attention_heads
         q_end = config.num_attention_heads * hd
         return out[..., :q_end], out[..., q_end:q_end + config.num_key_value_heads * hd], out[..., q_end + config.num_key_value_heads * hd:]
-    if model_type == "gpt_neox":
-        b, s, _ = out.shape
-        return out.view(b, s, config.num_attention_heads, -1).chunk(3, dim=-1)
-    if model_type == "bloom":
-        return model.h[0].self_attention._reshape(out)
-    return model.h[0].self_attention._split_heads(out)  # falcon
+    if model_type in ("gpt_neox", "bloom"):  # per head: [h0: q k v | h1: q k v | ...]
+        heads = config.num_attention_heads if model_type == "gpt_neox" else config.n_head
+        return out.view(b, s, heads, 3, -1).unbind(3)
+    # falcon: per kv-group [q.. k v] (new architecture), per head [q k v], or multi-query [q.. | k | v]
+    heads = config.num_attention_heads
+    if config.new_decoder_architecture:
+        grouped = out.view(b, s, config.num_kv_heads, heads // config.num_kv_heads + 2, -1)
+        return grouped[..., :-2, :], grouped[..., -2, :], grouped[..., -1, :]
+    if not config.multi_query:
+        return out.view(b, s, heads, 3, -1).unbind(3)
+    flat = out.view(b, s, heads + 2, -1)
+    return flat[..., :-2, :], flat[..., -2, :], flat[..., -1, :]
 
 
 FUSED = {"gpt2": {}, "gpt_bigcode": {}, "phi3": {}, "gpt_neox": {}, "bloom": {},
-         "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2}, "falcon-per-head": {}}
+         "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2}, "falcon-per-head": {},
+         "falcon-multi-query": {"new_decoder_architecture": False, "multi_query": True}}
 
 
 @pytest.mark.parametrize("case", list(FUSED))

@@ -197,7 +197,7 @@ def test_dropout_autocast_compile_and_deepcopy():
     with torch.no_grad():
         eager = model(**inputs).logits
         compiled = torch.compile(model)(**inputs).logits
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 

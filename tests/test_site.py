@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hookdelta.engine import Piece, Site, is_ours
+from internals import forward_hooks, forward_pre_hooks, parameter_slot
 
 
 class Add(Piece):
@@ -74,10 +75,10 @@ def test_a_post_piece_rewrites_the_output_and_costs_nothing_when_off(layer):
     piece = Add(1.5)
     site = live_site(module, piece)
     assert torch.equal(module(x), F.linear(x, module.weight, module.bias) + 1.5)
-    assert len(module._forward_hooks) == 1 and not module._forward_pre_hooks
+    assert len(forward_hooks(module)) == 1 and not forward_pre_hooks(module)
     piece.set_live(False)
     site.refresh()
-    assert not module._forward_hooks and not module._forward_pre_hooks  # off: no hook at all
+    assert not forward_hooks(module) and not forward_pre_hooks(module)  # off: no hook at all
     assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
 
 
@@ -85,7 +86,7 @@ def test_a_pre_piece_rewrites_the_input(layer):
     module, x = layer
     live_site(module, ScaleInput(2.0))
     assert torch.equal(module(x), F.linear(2.0 * x, module.weight, module.bias))
-    assert len(module._forward_pre_hooks) == 1 and not module._forward_hooks
+    assert len(forward_pre_hooks(module)) == 1 and not forward_hooks(module)
 
 
 def test_a_swap_lasts_one_call_even_when_it_raises(layer):
@@ -93,10 +94,10 @@ def test_a_swap_lasts_one_call_even_when_it_raises(layer):
     weight = module.weight
     live_site(module, NegateWeight())
     assert torch.equal(module(x), F.linear(x, -weight, module.bias))
-    assert module._parameters["weight"] is weight
+    assert parameter_slot(module, "weight") is weight
     with pytest.raises(RuntimeError):
         module(torch.randn(2, 5))  # wrong width: the forward raises inside the swap
-    assert module._parameters["weight"] is weight
+    assert parameter_slot(module, "weight") is weight
 
 
 def test_pieces_at_one_site_run_in_attach_order_with_one_hook(layer):
@@ -105,7 +106,7 @@ def test_pieces_at_one_site_run_in_attach_order_with_one_hook(layer):
     site = live_site(module, add, times)
     base = F.linear(x, module.weight, module.bias)
     assert torch.equal(module(x), (base + 1.0) * 3.0)
-    assert len(module._forward_hooks) == 1
+    assert len(forward_hooks(module)) == 1
     add.set_live(False)  # off and on again: it keeps its place, first
     site.refresh()
     assert torch.equal(module(x), base * 3.0)
@@ -118,7 +119,7 @@ def test_pre_post_and_swap_pieces_together(layer):
     module, x = layer
     live_site(module, ScaleInput(2.0), NegateWeight(), Add(0.5))
     assert torch.equal(module(x), F.linear(2.0 * x, -module.weight, module.bias) + 0.5)
-    assert len(module._forward_pre_hooks) == 1 and len(module._forward_hooks) == 1
+    assert len(forward_pre_hooks(module)) == 1 and len(forward_hooks(module)) == 1
 
 
 def test_discarding_every_piece_leaves_no_hook(layer):
@@ -127,7 +128,7 @@ def test_discarding_every_piece_leaves_no_hook(layer):
     site = live_site(module, *pieces)
     for piece in pieces:
         site.discard(piece)
-    assert not site.pieces and not module._forward_hooks and not module._forward_pre_hooks
+    assert not site.pieces and not forward_hooks(module) and not forward_pre_hooks(module)
     assert torch.equal(module(x), F.linear(x, module.weight, module.bias))
 
 
@@ -143,7 +144,7 @@ def test_another_hook_keeps_its_place_among_the_pieces(layer):
         first.set_live(True)
         site.refresh()
         assert torch.equal(module(x), (base + 1.0) * 2.0)
-    assert sum(is_ours(h) for h in module._forward_hooks.values()) == 1
+    assert sum(is_ours(h) for h in forward_hooks(module).values()) == 1
     handle.remove()
 
 
@@ -167,4 +168,4 @@ def test_a_piece_through_a_childs_weight_swaps_it_for_the_parents_call():
     piece.through = "child"
     live_site(parent, piece)
     assert torch.equal(parent(x), F.linear(x, parent.child.weight + 1, parent.child.bias))
-    assert isinstance(parent.child._parameters["weight"], nn.Parameter)  # put back after the call
+    assert isinstance(parameter_slot(parent.child, "weight"), nn.Parameter)  # put back after the call

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import transformers as tf
-from transformers.pytorch_utils import Conv1D
+from transformers import Conv1D
 
 V, H, L = 96, 32, 2  # vocab, hidden, layers
 TEXT = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=48)
@@ -64,7 +64,7 @@ def vit():
     m = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
                                                   intermediate_size=48, image_size=16, patch_size=8, num_labels=3))
     px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    return m, {"pixel_values": px}, ["q_proj", "v_proj"]
+    return m, {"pixel_values": px}, ["attn.q", "attn.v"]  # (query/value before transformers 5, q_proj/v_proj since)
 
 
 def mixtral():

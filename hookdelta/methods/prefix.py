@@ -99,6 +99,15 @@ class Prefix(Piece):
             kw[self.cache_arg] = cache
             past = P
         widen_mask(kw, P, past + new - P)
+        at = kw.get("cache_position")
+        if isinstance(at, torch.Tensor) and at.numel():  # where the new tokens go in the cache
+            first = int(at.reshape(-1)[0])
+            if first == past - P:  # counted without the prefix (generate() on transformers 4.x): it holds P more
+                kw["cache_position"] = at + P
+            elif first != past:
+                raise UnsupportedModuleError(
+                    f"prefix tuning: cache_position starts at {first}, but the cache holds {past} entries "
+                    f"({P} of them the prefix); pass cache_position counted with or without the prefix, or none")
         if self.positions and kw.get("position_ids") is None:
             start = past - P
             kw["position_ids"] = torch.arange(start, start + new, device=source.device).unsqueeze(0).expand(batch, -1)

@@ -65,7 +65,8 @@ class SoftPrompt(Piece):
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         widen_mask(kw, P, seq)  # unless the encoder-decoder model hook widened it already
-        kw["token_type_ids"] = prepend(kw.get("token_type_ids"), P, 0)
+        if kw.get("token_type_ids") is not None:  # (set only where given: T5's stack takes none before transformers 5)
+            kw["token_type_ids"] = prepend(kw["token_type_ids"], P, 0)
         position_ids = kw.get("position_ids")
         if position_ids is not None:
             ahead = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(position_ids.shape[0], -1)

@@ -1,0 +1,46 @@
+"""Other libraries' private names that hookdelta's own code must use, found in one place.
+
+Each is looked up once, when first needed; where a release no longer has it, the feature that
+needs it refuses with a `HookdeltaError` naming the release, instead of failing somewhere deep.
+(torch's `nn.Module` internals, `_parameters`, `_modules`, `_forward_hooks` and the like, are the
+module protocol that accelerate and PEFT rely on too; the README's compatibility section lists
+them with the rest.)
+"""
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+from .errors import UnsupportedModuleError
+
+BNB_CPU_UNPACK = "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse"
+
+
+def package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(dotted: str) -> Callable[..., Any] | None:
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name, None)
+    except ImportError:
+        return None
+
+
+def bnb_cpu_unpack() -> Callable[..., Any]:
+    """bitsandbytes' inverse of the layout it packs 4-bit weights into for CPU inference
+    (bitsandbytes 0.50); refused clearly where the release has none."""
+    found = _lookup(BNB_CPU_UNPACK)
+    if found is None:
+        raise UnsupportedModuleError(
+            f"this 4-bit weight was repacked by bitsandbytes {package_version('bitsandbytes')} for CPU inference, and "
+            f"that release has no {BNB_CPU_UNPACK.rpartition('.')[2]} to read it back; attach deltas before the first "
+            "inference forward (hookdelta then holds the repacking off), or use a bitsandbytes release hookdelta "
+            "is tested with (README, Compatibility)")
+    return found

@@ -1,0 +1,118 @@
+"""The one place where tests touch other libraries' private names.
+
+A test that reads another library's internals breaks when that library renames them, and then
+says nothing about hookdelta. So every such read lives here, each with the reason no public
+call does the job, and `tests/test_packaging.py` fails if a private name of another library
+shows up in any other test file. Each accessor either works or skips the test with a message
+naming what went missing, so a rename in a new release is one clear skip, never a wrong result.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+def _missing(what: str) -> None:
+    pytest.skip(f"{what} is gone from this release: update tests/internals.py")
+
+
+# -- torch.nn.Module: invariants 1 and 2 promise that hooks, slots and children are as before, and
+# torch offers no public read of a module's hook dicts, its raw parameter slots or its child dict.
+
+def forward_hooks(module: nn.Module) -> dict:
+    """The module's forward hooks, in call order (torch has no public getter)."""
+    return module._forward_hooks
+
+
+def forward_pre_hooks(module: nn.Module) -> dict:
+    """The module's forward-pre hooks, in call order."""
+    return module._forward_pre_hooks
+
+
+def hook_state(module: nn.Module) -> tuple:
+    """Every kind of hook a module holds, as ids: what detach must leave as it found it."""
+    return (tuple(module._forward_hooks), tuple(module._forward_pre_hooks), tuple(module._state_dict_hooks),
+            tuple(module._load_state_dict_post_hooks), tuple(module._backward_hooks))
+
+
+def no_global_forward_hooks() -> bool:
+    """True when no global forward (pre-)hook is registered (torch has no public getter)."""
+    module = nn.modules.module
+    return not module._global_forward_hooks and not module._global_forward_pre_hooks
+
+
+def child_names(module: nn.Module) -> list[str]:
+    """Names of the module's child slots, including slots set to None (named_children skips those)."""
+    return list(module._modules)
+
+
+def parameter_slot(module: nn.Module, name: str) -> Any:
+    """The object stored in the module's parameter slot `name`, past any `parametrize` property."""
+    return module._parameters[name]
+
+
+# -- torch.compile: graph breaks and graph counts have no public counter.
+
+def compile_stats() -> tuple[dict, int]:
+    """(graph breaks by reason, unique graphs) dynamo counted since `reset_compile_stats()`."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        _missing("torch._dynamo.utils.counters")
+    return dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+
+def reset_compile_stats() -> None:
+    torch.compiler.reset()
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        _missing("torch._dynamo.utils.counters")
+    counters.clear()
+
+
+def explain(model: nn.Module, **inputs: Any) -> Any:
+    """dynamo's report (graph_break_count, break_reasons) of one call of `model`."""
+    fn = getattr(getattr(torch, "_dynamo", None), "explain", None)
+    if fn is None:
+        _missing("torch._dynamo.explain")
+    return fn(model)(**inputs)
+
+
+# -- transformers: generate() compiles its forward on its own only on accelerators; the switch that
+# allows it on the CPU is private.
+
+def compile_config_for_cpu() -> Any:
+    """A transformers CompileConfig that generate() also honours on the CPU."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    if not hasattr(config, "_compile_all_devices"):
+        _missing("transformers CompileConfig._compile_all_devices")
+    config._compile_all_devices = True
+    return config
+
+
+# -- peft: reference arithmetic that PEFT keeps in its layer modules only.
+
+def _peft_internal(module: str, name: str) -> Any:
+    try:
+        found = importlib.import_module(module)
+        getattr(found, name)
+    except (ImportError, AttributeError):
+        _missing(f"{module}.{name}")
+    return found
+
+
+def peft_boft_layer() -> Any:
+    """PEFT's BOFTLayer class: its butterfly permutations and block product are the reference."""
+    return getattr(_peft_internal("peft.tuners.boft.layer", "BOFTLayer"), "BOFTLayer")
+
+
+def use_plain_loha_cp(monkeypatch: pytest.MonkeyPatch, fn: Any) -> None:
+    """Replace PEFT's LoHa CP-decomposition helper for one test (its einsum's rounding differs)."""
+    monkeypatch.setattr(_peft_internal("peft.tuners.loha.layer", "make_weight_cp"), "make_weight_cp", fn)
