@@ -41,7 +41,6 @@ class Router:
         self.batch: list[int] = []  # rows of the model calls in progress (innermost last)
         self._codes: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._rows: dict[tuple[int, torch.device, int], torch.Tensor | None] = {}
-        self._tables: dict[str, tuple[Any, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # -- rows ------------------------------------------------------------------------------
 
@@ -143,7 +142,7 @@ class Router:
     def _lowrank(self, path: str, x: torch.Tensor, h: torch.Tensor, codes: torch.Tensor,
                  run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
         """h + s·B·A·x with each row's own A, B, s: gathered [rows, r, in] and [rows, out, r]."""
-        a_table, b_table = self._table(path, run)
+        a_table, b_table = self._table(run)
         rows = codes.shape[0]
         xs = x.reshape(rows, -1, x.shape[-1]).to(a_table.dtype)
         t = torch.bmm(xs, a_table.index_select(0, codes).transpose(1, 2))  # [rows, tokens, r]
@@ -152,17 +151,11 @@ class Router:
             return torch.baddbmm(h.reshape(rows, -1, h.shape[-1]), t, b).reshape(h.shape)
         return h + torch.bmm(t, b).reshape(h.shape).to(h.dtype)
 
-    def _table(self, path: str, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
+    def _table(self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per delta code, A [r_max, in] and s·B [out, r_max] zero-padded (code 0 and deltas not
-        in the run: zeros). Kept between calls while no factor changed and none needs gradients."""
-        grad = torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for _, (a, b, _) in run)
-        key = (torch.is_inference_mode_enabled(),
-               tuple((w, id(a), a._version, id(b), b._version, float(s)) for w, (a, b, s) in run))
-        if not grad:
-            kept = self._tables.get(path)
-            if kept is not None and kept[0] == key:
-                return kept[1]
+        in the run: zeros). Made per call: an optimizer step or a `.data` write can change a factor
+        without a trace hookdelta could check, so no table is kept between calls."""
         r_max = max(a.shape[0] for _, (a, _, _) in run)
         by_code = {w: (a, b, s) for w, (a, b, s) in run}
         a0, b0 = run[0][1][0], run[0][1][1]
@@ -178,10 +171,7 @@ class Router:
             else:
                 a_rows.append(zeros_a)
                 b_rows.append(zeros_b)
-        tables = (torch.stack(a_rows), torch.stack(b_rows).to(a0.dtype))
-        if not grad:
-            self._tables[path] = (key, tables)
-        return tables
+        return torch.stack(a_rows), torch.stack(b_rows).to(a0.dtype)
 
 
 def build_router(deltas: dict[str, Any], sites: dict[str, Any], names: Sequence[Any],

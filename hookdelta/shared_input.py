@@ -40,32 +40,22 @@ class SharedInput:
         # (input ref, its version, grad mode, forward, the slices, (factor, version) each was made
         # from, who may still take)
         self.entry: tuple | None = None
-        self.stacked: tuple | None = None  # ((factor, version, storage) per member, their concatenation)
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: the members, no product
-        return {"members": self.members, "factor": self.factor}  # (the kept stack is rebuilt)
+        return {"members": self.members, "factor": self.factor}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["members"], state["factor"])  # type: ignore[misc]
 
     def stack(self, factors: list[torch.Tensor]) -> torch.Tensor | None:
         """The factors concatenated, or None when a member was moved alone to another dtype or
-        device (never mix them). Without autograd the concatenation is kept while every factor
-        is the same tensor at the same version and storage (decoding: one kernel fewer per group
-        per token); with autograd it is made per call, inside the graph."""
-        grad = torch.is_grad_enabled()
-        if not grad:
-            kept = self.stacked
-            if kept is not None and all(k is f and f._version == v and f.data_ptr() == d
-                                        for (k, v, d), f in zip(kept[0], factors)):
-                return kept[1]
+        device (never mix them). Made per call and never kept: an optimizer step (fused,
+        foreach, 8-bit) or a write through `.data` changes a factor without touching its
+        version counter or storage, so nothing here could tell a kept stack was stale."""
         first = factors[0]
         if any(f.dtype != first.dtype or f.device != first.device for f in factors):
             return None
-        stacked = torch.cat(factors)
-        if not grad:
-            self.stacked = (tuple((f, f._version, f.data_ptr()) for f in factors), stacked)
-        return stacked
+        return torch.cat(factors)
 
     def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
         """`x @ factorᵀ` of `member`, as a slice of the group's stacked product for this input:

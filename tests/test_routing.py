@@ -252,3 +252,19 @@ def test_detach_after_routing_restores_the_model():
     for delta in list(hd.deltas(model).values())[::-1]:
         delta.detach()
     assert_restored(model, snap)
+
+
+def test_a_factor_written_without_a_trace_shows_in_the_next_routed_call():
+    """Inside one hd.route block, a write through `.data` (EMA code, 8-bit optimizers) changes a
+    LoRA factor without touching its version counter or storage; the next routed forward must
+    use the new values (the gathered tables are made per call, never kept)."""
+    model, inputs, targets = build("llama")
+    names = _attach(model, ["lora", "lora"], targets)
+    rows = [names[0], names[1], None, names[0]]
+    inputs = _batch(inputs, len(rows))
+    with torch.no_grad(), hd.route(model, rows):
+        main_output(model(**inputs))
+        for p in hd.deltas(model)[names[0]].parameters():
+            p.data.mul_(-3.0)
+        got = main_output(model(**inputs))
+    torch.testing.assert_close(got, _reference(model, inputs, rows), rtol=1e-5, atol=1e-5)
