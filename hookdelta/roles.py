@@ -123,7 +123,8 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
     for rel, _ in members:
         parts = rel.split(".")
         named_parts = [p for p in parts if not p.isdigit()]  # to_out.0 is named to_out; ff.net.2 net
-        leaf, owners = named_parts[-1].lower(), [p.lower() for p in named_parts[:-1]]
+        # (a block that is a plain nn.Sequential has layers named only by their index: no leaf name)
+        leaf, owners = (named_parts[-1].lower(), [p.lower() for p in named_parts[:-1]]) if named_parts else ("", [])
         d_in, d_out = dims[rel]
         path = f"{block}.{rel}"
         if d_out in experts and d_in == width and re.search(r"gate|router", leaf):

@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn as nn
 import transformers as tf
 
 import hookdelta as hd
@@ -268,3 +269,27 @@ def test_fused_slices_refuse_an_unknown_layout():
     model.config.model_type = "unknown-mpt"
     with pytest.raises(hd.SelectorError, match="layout hookdelta does not know"):
         hd.attach(model, hd.LoRAConfig(r=2, targets=["attn.q"], fused_slices=["q"]))
+
+
+def test_blocks_that_are_plain_sequentials_get_roles_and_take_deltas():
+    """Layers named only by their index (a ModuleList of nn.Sequential(Linear, Tanh, Linear))."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 4)) for _ in range(3)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 4)
+    assert hd.roles(model) == {"ffn.in": [f"blocks.{i}.0" for i in range(3)],
+                               "ffn.out": [f"blocks.{i}.2" for i in range(3)]}
+    snap, bare = snapshot(model), model(x).detach()
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets=nn.Linear))
+    perturb(delta, std=0.3)
+    assert not torch.allclose(model(x), bare)
+    delta.detach()
+    assert_restored(model, snap)
