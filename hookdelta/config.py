@@ -50,6 +50,9 @@ class DeltaConfig:
     default_targets: ClassVar[tuple[str, ...]] = ()
     # how this method's deltas map to and from PEFT's adapter files (None: PEFT has no such file)
     peft_codec: ClassVar["PeftCodec | None"] = None
+    # fields a hot-swap (hd.load(into=...)) takes from the file besides the tensors: any other field
+    # that differs between the file and the live delta is refused (where it goes is compared as sites)
+    hot_swappable: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -80,6 +80,7 @@ def swap_in(delta: Any, config: DeltaConfig, sites: list[str], train: list[str],
         raise DeltaFileError(f"the delta in {directory} is {config.method}; {name!r} is {delta.method}: a hot-swap "
                              "needs the same method")
     _check_same_sites(delta, sites, train, directory)
+    _check_same_settings(delta, config, directory)
     values = _fitted_values(delta, tensors, directory)
     lora = delta.method == "lora"
     scales = {p.key: config.scale_for(p.key) for p in _lora_pieces(delta)} if lora else {}
@@ -112,6 +113,21 @@ def _check_same_sites(delta: Any, sites: list[str], train: list[str], directory:
                              f"({'; '.join(parts)}). Attach it as a new delta (hd.load without into=)")
 
 
+_WHERE = frozenset({"targets", "exclude", "layers", "also_train", "target_parameters"})  # compared as sites
+
+
+def _check_same_settings(delta: Any, config: DeltaConfig, directory: Any) -> None:
+    """Every config field that changes the computation and that the swap does not take over must
+    be the same in the file and in the live delta (else the swapped delta would compute neither)."""
+    saved, live = config.to_dict(), delta.config.to_dict()
+    differ = sorted(k for k in set(saved) | set(live)
+                    if k not in _WHERE and k not in type(delta.config).hot_swappable and saved.get(k) != live.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} in the file, {live.get(k)!r} in {delta.name!r}" for k in differ[:4])
+        raise DeltaFileError(f"the delta in {directory} is set up differently from {delta.name!r} ({shown}); a "
+                             "hot-swap copies tensors only. Attach it as a new delta (hd.load without into=)")
+
+
 def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(attached tensor, the saved value in its shape): a smaller rank zero-padded; a larger
@@ -133,6 +149,11 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
                 padded.narrow(dim, 0, saved.shape[dim]).copy_(saved)
                 saved = padded
             values.append((current, saved.to(device=current.device, dtype=current.dtype)))
+    used = {f"{piece.key}.{n}" for piece in delta.pieces.values() for n in piece.state_dict(keep_vars=True)}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise DeltaFileError(f"the delta in {directory} has tensors {delta.name!r} lacks ({len(extra)}, e.g. "
+                             f"{extra[:3]}): it computes something else. Attach it as a new delta (hd.load without into=)")
     if bad:
         raise DeltaFileError(
             f"the delta in {directory} does not fit {delta.name!r} in place ({len(bad)} tensors, e.g. {bad[:3]}): a "

@@ -151,3 +151,30 @@ def test_bad_arguments_get_clear_errors(files):
         hd.prepare_hotswap(object(), max_rank=8)
     assert_same(model, snap)
     hd.prepare_hotswap(model, max_rank=8, names="a")  # one name as a string
+
+
+@pytest.mark.parametrize("live, saved, match", [
+    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, use_dora=True), "use_dora: True in the file"),
+    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, bias="lora_only"), "bias"),
+    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, init="pissa"), "has tensors 'a' lacks"),
+    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, activate_after_tokens=[5, 9]), "activate_after_tokens"),
+    (hd.LoHaConfig(r=4, alpha=4.0), hd.LoHaConfig(r=4, alpha=8.0), "alpha: 8.0 in the file"),
+    (hd.LoKrConfig(r=4, alpha=4.0), hd.LoKrConfig(r=4, alpha=8.0), "alpha"),
+    (hd.OFTConfig(r=4, oft_block_size=0), hd.OFTConfig(r=4, oft_block_size=0, coft=True), "coft"),
+    (hd.VeRAConfig(r=8), hd.VeRAConfig(r=8, projection_prng_key=7), "projection_prng_key"),
+], ids=["dora", "lora_bias", "pissa", "alora", "loha-alpha", "lokr-alpha", "oft-coft", "vera-key"])
+def test_a_file_that_computes_otherwise_is_refused_and_nothing_changes(tmp_path, live, saved, match):
+    """A hot-swap copies tensors; a file whose other settings or extra tensors would make it
+    compute something else than the live delta after the copy is refused, naming them."""
+    other, _, _ = build("llama")
+    perturb(hd.attach(other, saved.replace(targets=["q_proj", "v_proj"]), name="s"), std=0.2)
+    hd.deltas(other)["s"].save(tmp_path / "s")
+    model, inputs, _ = build("llama")
+    perturb(hd.attach(model, live.replace(targets=["q_proj", "v_proj"]), name="a"), std=0.1)
+    snap, want = snapshot(model), outputs(model, inputs)
+    config = hd.deltas(model)["a"].config
+    with pytest.raises(hd.DeltaFileError, match=match):
+        hd.load(model, tmp_path / "s", into="a")
+    assert_same(model, snap)
+    assert hd.deltas(model)["a"].config == config
+    torch.testing.assert_close(outputs(model, inputs), want, rtol=0, atol=0)

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,10 @@ class LoRAConfig(DeltaConfig):
     Default targets: the attention query and value projections of the model's family.
     """
 
+    # a hot-swap zero-pads the rank and holds the scale as a tensor (hotswap.py); the init only
+    # made the first values, and a residual (PiSSA, OLoRA) is a tensor the files must share
+    hot_swappable: ClassVar[frozenset[str]] = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
+                                                        "use_rslora", "init"})
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
