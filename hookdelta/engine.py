@@ -386,6 +386,7 @@ class Site:
         self.dispatchers: list[Dispatcher] = []
         self.counts = (0, 0)  # our registered (pre-hooks, forward hooks) at the module
         self.leaf = path.rpartition(".")[2]
+        self.rows = getattr(module, "num_embeddings", None)  # resize_token_embeddings resizes some in place
         self.router: Any = None  # set while hd.route(...) is active: it runs the pieces per row
         # swapping writes the module's parameter dict for the length of one call, so calls of
         # this module from several threads take turns (only at sites with swap pieces)
@@ -416,8 +417,10 @@ class Site:
         return ".".join(p for p in (self.path, piece.through) if p)
 
     def replaced(self) -> bool:
-        """The module is no longer at its path (a wrapper or a converter swapped it out)."""
-        return self.parent is not None and self.parent._modules.get(self.leaf) is not self.module
+        """The module is no longer at its path (a wrapper or a converter swapped it out), or an
+        embedding no longer has the rows the deltas were built for (resized in place)."""
+        return ((self.parent is not None and self.parent._modules.get(self.leaf) is not self.module)
+                or (self.rows is not None and self.module.num_embeddings != self.rows))
 
     # -- hook lifecycle ------------------------------------------------------------------
 

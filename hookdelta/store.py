@@ -132,7 +132,8 @@ class DeltaStore(nn.Module):
         if replaced:
             raise DeltaStateError(
                 f"cannot {action}(): the module at {replaced[0]!r} was replaced after the delta was attached (by a "
-                "wrapper or a converter), so the delta's hooks sit on a module the model no longer calls there. "
+                "wrapper, a converter or resize_token_embeddings), so the delta's hooks sit on a module the model "
+                "no longer calls there. "
                 "detach() the delta and attach it again to the model as it is now"
             )
 
@@ -229,10 +230,12 @@ class DeltaStore(nn.Module):
     # -- called by the root hooks ----------------------------------------------------------------
 
     def before_forward(self, model: nn.Module) -> None:
-        """Checks at the start of each forward of the model: the deltas still hold real tensors,
+        """Checks at the start of each forward of the model: the deltas still hold real tensors
+        and sit on the modules the model calls,
         bitsandbytes' CPU inference packing is undone where gradients are wanted, and under
         gradient checkpointing the input embeddings' output requires grad."""
         self.check_alive()
+        self.check_sites("forward")  # (a replaced layer would silently run without its delta)
         new_forward()
         if self.packed and torch.is_grad_enabled():
             unpack_for_training(self.packed)

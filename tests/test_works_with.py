@@ -851,9 +851,25 @@ def test_a_layer_replaced_after_attach_is_noticed():
     delta = _lora_on(model, "a")
     original = model.a
     model.a = nn.Linear(4, 4)
-    for call in (delta.disable, delta.merge, lambda: delta.save("unused")):
+    for call in (delta.disable, delta.merge, lambda: delta.save("unused"), lambda: model(torch.randn(2, 4))):
         with pytest.raises(hd.DeltaStateError, match="was replaced after the delta was attached"):
             call()
     delta.detach()  # always possible, and leaves the old layer as it was
     model.a = original
     assert_restored(model, snap)
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_resize_token_embeddings_after_attach_is_refused_at_the_next_forward(target):
+    """transformers puts new embedding / head modules in place: a delta on the old one would run
+    nowhere (silently) or index out of range; the next forward says so, detach still works."""
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets=[target]))
+    perturb(delta, std=0.3)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    with pytest.raises(hd.DeltaStateError, match="resize_token_embeddings"):
+        model(**inputs)
+    with pytest.raises(hd.DeltaStateError, match="was replaced"):
+        delta.merge()
+    delta.detach()
+    assert hd.deltas(model) == {} and model(**inputs).logits.shape[-1] == model.config.vocab_size
