@@ -243,3 +243,44 @@ def test_the_same_input_gives_the_same_bits_in_every_mode(shape, bias):
         held.remove()
     for got in (quiet, loud, foreign):
         assert torch.equal(got, first)
+
+
+def _sac(policy_ops):
+    """Selective activation checkpointing that saves the outputs of `policy_ops` (torchtitan's
+    way: a save list of ATen ops), as a context_fn for torch.utils.checkpoint."""
+    from functools import partial
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in policy_ops else CheckpointPolicy.PREFER_RECOMPUTE
+    return partial(create_selective_checkpoint_contexts, policy)
+
+
+@pytest.mark.parametrize("save", ["mm", "mm+addmm", "none"])
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 64)], ids=["2-D", "3-D"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_selective_checkpointing_gives_the_plain_gradients(save, shape, bias):
+    """A policy that saves `aten.mm` caches the layer's own output; an in-place LoRA add into it
+    would be added again at the recompute (wrong gradients, silently). Gradients under the
+    policy equal those without checkpointing, after a first (watched) call and before one."""
+    from torch.utils.checkpoint import checkpoint
+
+    ops = {"mm": [torch.ops.aten.mm.default], "mm+addmm": [torch.ops.aten.mm.default, torch.ops.aten.addmm.default],
+           "none": []}[save]
+    for warm in (False, True):
+        torch.manual_seed(3)
+        model = Holder(nn.Linear(64, 48, bias=bias))
+        delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=3.0, targets=["layer"]))
+        perturb(delta, std=0.3)
+        x = torch.randn(shape)
+        if warm:
+            with torch.no_grad():
+                model(x)
+        model(x).square().sum().backward()
+        want = [p.grad.clone() for p in delta.parameters()]
+        for p in delta.parameters():
+            p.grad = None
+        checkpoint(model, x, use_reentrant=False, context_fn=_sac(ops)).square().sum().backward()
+        for got, ref in zip((p.grad for p in delta.parameters()), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

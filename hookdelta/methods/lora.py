@@ -451,21 +451,22 @@ class LoRALinear(_LoRABase):
             if compiling:  # flat and out of place: inductor fuses it, and never tests the hook dict
                 return torch.addmm(output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1]), b.t(),
                                    alpha=alpha).view(output.shape)
-            # In place when nothing else can hold the output yet. The kernel is chosen by the call's
-            # shape alone (rank, view), never by grad mode or by who holds the output: the same
-            # input gives the same bits with and without autograd, and a recomputed checkpoint
-            # saves the same tensors as its forward (whose first call is watched). Never in place
-            # through a view under autograd: that makes the whole output a CopySlices node, whose
-            # backward copies the output-wide gradient twice. So 2-D and 3-D outputs are written
-            # directly (for 3-D, B broadcast over the batch).
-            owned = first_hook_is_ours(module)
+            # The kernel is chosen by the call's shape alone (rank, view), never by grad mode or by
+            # who holds the output: the same input gives the same bits with and without autograd,
+            # and a recomputed checkpoint saves the same tensors as its forward (2-D and 3-D
+            # outputs directly, for 3-D with B broadcast over the batch; addmm and addmm_ round
+            # alike). In place only without autograd and when nothing else can hold the output yet:
+            # under autograd, selective checkpointing may have cached the layer's output as the
+            # `mm` it saved, and an in-place add would go into that cache (the recompute would add
+            # the LoRA twice), so the add is out of place there.
+            owned = not torch.is_grad_enabled() and first_hook_is_ours(module)
             if not output._is_view() and output.dim() == 2:
                 return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
             if not output._is_view() and output.dim() == 3:
                 bt = b.t().expand(output.shape[0], -1, -1)
                 return output.baddbmm_(t, bt, alpha=alpha) if owned else torch.baddbmm(output, t, bt, alpha=alpha)
             flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
-            if owned and not torch.is_grad_enabled():  # without autograd the view costs nothing
+            if owned:  # (without autograd the view costs nothing)
                 flat.addmm_(t, b.t(), alpha=alpha)
                 return output
             return torch.addmm(flat, t, b.t(), alpha=alpha).view(output.shape)
