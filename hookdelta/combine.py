@@ -14,6 +14,7 @@ sources and run them together at each layer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -93,8 +94,8 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
     if name is not None and name in found:
         raise DeltaStateError(f"the model already has a delta named {name!r}; choose another name")
     for n, w in weights.items():
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ConfigError(f"hd.combine: the weight of {n!r} must be a number, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ConfigError(f"hd.combine: the weight of {n!r} must be a finite number, got {w!r}")
     needs_density = how not in ("linear", "cat", "svd")
     if needs_density and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 <= density <= 1):
         raise ConfigError(f"hd.combine: how={how!r} needs density= in [0, 1] (the fraction kept), got {density!r}")
