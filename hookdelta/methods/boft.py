@@ -115,7 +115,10 @@ class Butterfly(Piece):
         data = self.boft_R.reshape(m * d, h, h)
         skew = 0.5 * (data - data.transpose(1, 2))
         eye = torch.eye(h, device=data.device, dtype=data.dtype).expand_as(skew)
-        blocks = torch.linalg.solve(eye + skew, eye - skew, left=False).reshape(m, d, h, h)
+        # (solved in float32 at least: torch's CPU LU has no bf16/fp16 kernel; a no-op for float32)
+        wide = torch.promote_types(data.dtype, torch.float32)
+        blocks = torch.linalg.solve((eye + skew).to(wide), (eye - skew).to(wide), left=False)
+        blocks = blocks.to(data.dtype).reshape(m, d, h, h)
         total = None
         for i in range(m):
             bd = torch.block_diag(*blocks[i].unbind(0))

@@ -123,7 +123,8 @@ class Rotation(Piece):
         q = self._skew(self.oft_R)
         eye = torch.eye(self.block, device=q.device, dtype=q.dtype).expand_as(q)
         if not self.neumann:
-            rot = torch.linalg.solve(eye + q, eye - q, left=False)
+            wide = torch.promote_types(q.dtype, torch.float32)  # (no bf16/fp16 LU on the CPU)
+            rot = torch.linalg.solve((eye + q).to(wide), (eye - q).to(wide), left=False).to(q.dtype)
         else:  # PEFT's truncated series, term for term: I + 2Q + 2Q² + ... + 2Q^(n-2) + Q^(n-1)
             n, rot = self.neumann, eye
             if n > 1:

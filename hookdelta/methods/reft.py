@@ -108,8 +108,9 @@ class Rotation(nn.Module):
 
     def __init__(self, d: int, r: int, like: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d, r, device=like.device, dtype=like.dtype))
-        nn.init.orthogonal_(self.weight)
+        start = torch.empty(d, r, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+        nn.init.orthogonal_(start)  # (in float32 at least: torch's CPU QR has no bf16/fp16 kernel)
+        self.weight = nn.Parameter(start.to(like.dtype))
 
 
 class Intervention(Piece):
@@ -120,6 +121,10 @@ class Intervention(Piece):
         super().__init__(key)
         if cfg.r > width:
             raise ConfigError(f"{type(cfg).__name__}.r={cfg.r} exceeds the hidden size {width}")
+        if cfg.orthogonal and like.is_floating_point() and like.element_size() < 4:
+            # torch's orthogonal parametrization does not run in bf16/fp16 (no QR there): the
+            # intervention keeps float32 tensors and edits in float32 (edit casts back)
+            like = like.float()
         self.rotate_layer = Rotation(width, cfg.r, like)
         if cfg.orthogonal:  # orthonormal columns of weight = orthonormal rows of R
             # matrix_exp, not torch's default for a tall matrix (householder): in torch 2.13 that
