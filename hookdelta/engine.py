@@ -662,7 +662,7 @@ class ForwardGuard:
                 self.watching = None
         if probe is not None:
             probe.finish()
-        if output is not None and module.training and torch.is_grad_enabled() and _checkpointing(module):
+        if output is not None and module.training and torch.is_grad_enabled() and checkpointing(module):
             for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
                 key = id(t)
                 self.pending[key] = weakref.ref(t)
@@ -690,7 +690,7 @@ class ForwardGuard:
             yield
 
 
-def _checkpointing(model: nn.Module) -> bool:
+def checkpointing(model: nn.Module) -> bool:
     """Whether a transformers model re-runs its layers in backward (activation checkpointing)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name first
         if hasattr(type(model), name):

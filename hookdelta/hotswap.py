@@ -132,10 +132,11 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(attached tensor, the saved value in its shape): a smaller rank zero-padded; a larger
     rank or another shape is refused, naming the tensors."""
-    values, bad = [], []
+    values, bad, used = [], [], set()
     for piece in delta.pieces.values():
         for tensor_name, current in piece.state_dict(keep_vars=True).items():
             key = f"{piece.key}.{tensor_name}"
+            used.add(key)
             if key not in tensors:
                 raise DeltaFileError(f"the delta in {directory} has no tensor {key!r}, which {delta.name!r} has")
             saved = tensors[key]
@@ -149,7 +150,6 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
                 padded.narrow(dim, 0, saved.shape[dim]).copy_(saved)
                 saved = padded
             values.append((current, saved.to(device=current.device, dtype=current.dtype)))
-    used = {f"{piece.key}.{n}" for piece in delta.pieces.values() for n in piece.state_dict(keep_vars=True)}
     extra = sorted(set(tensors) - used)
     if extra:
         raise DeltaFileError(f"the delta in {directory} has tensors {delta.name!r} lacks ({len(extra)}, e.g. "

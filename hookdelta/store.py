@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .engine import ForwardGuard, Site, forget_compiled_code, hook_clock
+from .engine import ForwardGuard, Site, checkpointing, forget_compiled_code, hook_clock
 from .errors import ConfigError, DeltaStateError, RoutingError, UnsupportedModuleError
 from .modules import STORE_NAME, host, is_internal
 from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
@@ -230,16 +230,15 @@ class DeltaStore(nn.Module):
     # -- called by the root hooks ----------------------------------------------------------------
 
     def before_forward(self, model: nn.Module) -> None:
-        """Checks at the start of each forward of the model: the deltas still hold real tensors
-        and sit on the modules the model calls,
-        bitsandbytes' CPU inference packing is undone where gradients are wanted, and under
-        gradient checkpointing the input embeddings' output requires grad."""
+        """Checks at the start of each forward of the model: the deltas still hold real tensors and
+        sit on the modules the model calls, bitsandbytes' CPU inference packing is undone where
+        gradients are wanted, and under checkpointing the input embeddings' output requires grad."""
         self.check_alive()
         self.check_sites("forward")  # (a replaced layer would silently run without its delta)
         new_forward()
         if self.packed and torch.is_grad_enabled():
             unpack_for_training(self.packed)
-        if torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and checkpointing(model):
             self.input_grads = require_input_grads(model, self.input_grads)
 
     def check_alive(self) -> None:
