@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from .errors import DeltaStateError, MergeError
 from .modules import STORE_NAME, is_conv1d
 from .placement import WeightSlot, kept_names, open_slot
-from .probe import Probe
+from .probe import Probe, clean_up
 from .quantized import dequantize, is_quantized
 
 
@@ -621,11 +621,16 @@ class ForwardGuard:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.depth: dict[int, int] = {}  # thread id -> nesting depth of forwards of the model
+        # thread id -> the frames that called the root pre-hook of each forward of the model under way
+        # (innermost last). A frame is on its thread's stack exactly while its call runs, so a
+        # forward that a KeyboardInterrupt left (no forward hook runs then, always_call or not) is
+        # told from a live one by looking (see _drop_stale), not trusted to have said goodbye.
+        self.calls: dict[int, list[Any]] = {}
         self.pending: dict[int, weakref.ref] = {}  # outputs of checkpointed forwards awaiting backward
         self.probe_next = False  # watch the next forward for bypassed layers (set by attach)
         self.watching: Probe | None = None
         self.holding: str | None = None  # a block that needs the deltas to stay as they are (hd.route)
+        self.owner: Any = None  # weakref to the store: told of the forwards a BaseException ended
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
         return {"fresh": True}  # (an empty state would skip __setstate__)
@@ -637,13 +642,19 @@ class ForwardGuard:
         if torch.compiler.is_compiling():  # traced code runs as one graph: nothing to watch there
             return
         me = threading.get_ident()
+        frame = sys._getframe(1)  # the module call's own frame: on the stack until the call ends
+        clean_up()
+        with self.lock:
+            if self.calls.get(me):  # a nested forward, or one interrupted earlier: which?
+                self._drop_stale(me, frame)
         module._modules[STORE_NAME].before_forward(module)
         with self.lock:
-            self.depth[me] = self.depth.get(me, 0) + 1
-            start = self.probe_next and self.watching is None and self.depth[me] == 1
+            calls = self.calls.setdefault(me, [])
+            calls.append(frame)
+            start = self.probe_next and self.watching is None and len(calls) == 1
             if start:
                 self.probe_next = False
-                self.watching = Probe(module, module._modules[STORE_NAME].watch())
+                self.watching = Probe(module, module._modules[STORE_NAME].watch(), frame)
         if start:
             self.watching.start()
 
@@ -651,13 +662,14 @@ class ForwardGuard:
         if torch.compiler.is_compiling():
             return
         me = threading.get_ident()
+        frame = sys._getframe(1)
         with self.lock:
-            left = self.depth.get(me, 1) - 1
-            if left:
-                self.depth[me] = left
-            else:
-                self.depth.pop(me, None)
-            probe = self.watching if not left and self.watching is not None and self.watching.thread == me else None
+            calls = self.calls.get(me, [])
+            if frame in calls:  # (identity: frames compare by identity)
+                del calls[len(calls) - 1 - calls[::-1].index(frame):]
+            if not calls:
+                self.calls.pop(me, None)
+            probe = self.watching if not calls and self.watching is not None and self.watching.thread == me else None
             if probe is not None:
                 self.watching = None
         if probe is not None:
@@ -668,14 +680,50 @@ class ForwardGuard:
                 self.pending[key] = weakref.ref(t)
                 t.register_hook(lambda grad, key=key: self.pending.pop(key, None) and None)
 
+    def _drop_stale(self, thread: int, top: Any) -> None:
+        """Forget the forwards of `thread` whose frames are no longer on its stack (from `top`
+        up): a KeyboardInterrupt (or another BaseException) ended them without any forward hook.
+        Their probe, if any, is abandoned and its next forward is watched again. Holds the lock."""
+        live: set[int] = set()
+        while top is not None:
+            live.add(id(top))
+            top = top.f_back
+        calls = self.calls.get(thread, [])
+        kept = [f for f in calls if id(f) in live]
+        if len(kept) == len(calls):
+            return
+        if kept:
+            self.calls[thread] = kept
+        else:
+            self.calls.pop(thread, None)
+        store = self.owner() if self.owner is not None else None
+        if store is not None:
+            store.interrupted([f for f in calls if id(f) not in live])
+        probe = self.watching
+        if probe is not None and probe.thread == thread and all(f is not probe.frame for f in kept):
+            self.watching = None
+            self.probe_next = True
+            probe.abandon()
+
+    def busy_threads(self) -> list[int]:
+        """Other threads inside a forward of the model now. Holds the lock."""
+        frames = sys._current_frames()
+        for thread in [t for t in self.calls if t != threading.get_ident()]:
+            self._drop_stale(thread, frames.get(thread))  # (a finished thread has no frame: all stale)
+        return [t for t, calls in self.calls.items() if calls and t != threading.get_ident()]
+
     @contextlib.contextmanager
     def changing(self, action: str) -> Iterator[None]:
         with self.lock:
+            me = threading.get_ident()
+            clean_up()
+            if self.calls.get(me):
+                self._drop_stale(me, sys._getframe())
+            busy = self.busy_threads()  # (first: a call with adapter_names= that Ctrl-C ended holds no more)
             if self.holding:
                 raise DeltaStateError(f"cannot {action}() inside {self.holding}: it was set up for the deltas as "
                                       "they are; leave the block first")
-            others = [t for t, d in self.depth.items() if d and t != threading.get_ident()]
-            if others:
+            if busy:
                 raise DeltaStateError(
                     f"cannot {action}() while another thread runs a forward pass of this model; change "
                     "deltas between forward passes (forwards from several threads at once are fine)"

@@ -4,16 +4,23 @@ a delta's hooks never run there, so it would be a silent no-op. Each such layer 
 `BypassWarning` naming it and the module that read its weights. Afterwards nothing is
 watched, so it costs nothing.
 
-How: for that one forward, a global pre-hook marks each module whose call starts (global hooks
-run before a module's own, so its pre-hooks count as inside it), a forward hook appended last
-on each watched layer marks its call's end (after every other hook there, ours included), and
-a TorchFunctionMode sees every torch function's tensor arguments: a watched weight used while
-no module holding it is in a call is a bypass. A layer that does not run at all (an expert no
+How: for that one forward, a pre-hook on each of the model's modules marks its call's start (the
+probe's pre-hooks go first, so a module's own pre-hooks count as inside it), a forward hook
+appended last marks its end (after every other hook there, ours included), and a
+TorchFunctionMode sees every torch function's tensor arguments: a watched weight used while no
+module holding it is in a call is a bypass. A layer that does not run at all (an expert no
 token was routed to) uses no weight and stays quiet.
+
+Nothing outlives the forward: the hooks sit on this model's modules only (no global module
+hooks), and the mode is this thread's. A KeyboardInterrupt runs no forward hook, always_call or
+not, so the mode also checks on each call that the forward's frame is still on the stack: once
+it is not, the probe removes its hooks and the mode passes everything through until the next
+call of the model (or delta change) takes it off the thread's mode stack.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from typing import Any, Iterator
@@ -47,25 +54,31 @@ class _Watch(TorchFunctionMode):
         self.probe = probe
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if getattr(func, "__name__", "") not in _METADATA:
-            self.probe.seen(args, kwargs)
+        probe = self.probe
+        if probe.active and getattr(func, "__name__", "") not in _METADATA and threading.get_ident() == probe.thread:
+            if probe.running():
+                probe.seen(args, kwargs)
+            else:  # the forward ended without its hooks (KeyboardInterrupt): stop watching now
+                probe.abandon(inside_mode=True)
         return func(*args, **(kwargs or {}))
 
 
 class Probe:
-    """One watched forward. `watch`: id(weight) -> (the weight, its layer path, the deltas there);
-    holding the weights keeps their ids from being reused by other tensors meanwhile."""
+    """One watched forward, called from `frame`. `watch`: id(weight) -> (the weight, its layer
+    path, the deltas there); holding the weights keeps their ids from being reused meanwhile."""
 
-    def __init__(self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, str, list[str]]]) -> None:
+    def __init__(self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, str, list[str]]], frame: Any) -> None:
         self.watch = watch
+        self.frame = frame
         self.holders: dict[int, set[int]] = {}  # id(weight) -> ids of the modules holding it
         self.names: dict[int, str] = {}
+        self.modules = [m for _, m in model.named_modules()]
         for path, module in model.named_modules():
             self.names[id(module)] = path or type(model).__name__
             for p in module._parameters.values():
                 if p is not None and id(p) in watch:
                     self.holders.setdefault(id(p), set()).add(id(module))
-        self.holder_modules = [m for m in model.modules()
+        self.holder_modules = [m for m in self.modules
                                if any(p is not None and id(p) in watch for p in m._parameters.values())]
         self.thread = threading.get_ident()
         self.stack: list[int] = [id(model)]  # modules whose forward is running, innermost last
@@ -73,17 +86,61 @@ class Probe:
         self.found: dict[str, tuple[str, list[str]]] = {}  # layer -> (reader, deltas)
         self.handles: list[Any] = []
         self.mode = _Watch(self)
+        self.active = False
 
     def start(self) -> None:
-        self.handles = [nn.modules.module.register_module_forward_pre_hook(self._enter),
-                        nn.modules.module.register_module_forward_hook(self._leave, always_call=True)]
-        self.handles += [m.register_forward_hook(self._done, always_call=True) for m in self.holder_modules]
-        self.mode.__enter__()
+        try:
+            for m in self.modules:
+                self.handles.append(m.register_forward_pre_hook(self._enter, prepend=True))
+                self.handles.append(m.register_forward_hook(self._leave, always_call=True, prepend=True))
+            self.handles += [m.register_forward_hook(self._done, always_call=True) for m in self.holder_modules]
+            self.mode.__enter__()
+            self.active = True
+        except BaseException:
+            self._remove()
+            raise
 
-    def finish(self) -> None:
-        self.mode.__exit__(None, None, None)
+    def running(self) -> bool:
+        """Whether the watched forward is still under way: its frame is on this thread's stack."""
+        f = sys._getframe(2)
+        target = self.frame
+        while f is not None:
+            if f is target:
+                return True
+            f = f.f_back
+        return False
+
+    def _remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.handles = []
+
+    def _pop_mode(self) -> bool:
+        """Take the mode off this thread's stack if it is on top (it always is, unless someone
+        pushed a mode inside the forward and was interrupted too)."""
+        if self.mode in _mode_stack():
+            if _mode_stack()[-1] is not self.mode:
+                return False
+            self.mode.__exit__(None, None, None)
+        return True
+
+    def abandon(self, inside_mode: bool = False) -> None:
+        """The forward ended by a BaseException: drop everything, warn about nothing (it saw part
+        of a forward only). Inside the mode's handler the mode is stashed off the stack and put
+        back afterwards, so it is left to clean_up() (it passes everything through meanwhile)."""
+        if not self.active:
+            return
+        self.active = False
+        self._remove()
+        self.frame = None
+        if inside_mode or threading.get_ident() != self.thread or not self._pop_mode():
+            _left_over.append(self.mode)
+
+    def finish(self) -> None:
+        self.active = False
+        self._pop_mode()
+        self._remove()
+        self.frame = None
         for layer, (reader, owners) in self.found.items():
             warnings.warn(
                 f"{reader!r} used the weights of {layer!r} without calling its forward, so the hooks of "
@@ -91,12 +148,12 @@ class Probe:
                 "the targets, or adapt the module that reads the weights instead", BypassWarning, stacklevel=4)
 
     def _enter(self, module: nn.Module, args: Any) -> None:
-        if threading.get_ident() == self.thread:
+        if self.active and threading.get_ident() == self.thread:
             self.stack.append(id(module))
             self.inside[id(module)] = self.inside.get(id(module), 0) + 1
 
     def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        if threading.get_ident() == self.thread and self.stack and self.stack[-1] == id(module):
+        if self.active and threading.get_ident() == self.thread and self.stack and self.stack[-1] == id(module):
             self.stack.pop()  # (the module's own forward hooks still run: see _done)
 
     def _done(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -112,3 +169,25 @@ class Probe:
                 continue
             reader = self.names.get(self.stack[-1], "?") if self.stack else "the caller"
             self.found.setdefault(entry[1], (reader, entry[2]))
+
+
+# modes of abandoned probes that could not be popped where they were found (inside a torch
+# function's dispatch, where the mode is stashed); they pass everything through meanwhile
+_left_over: list[_Watch] = []
+
+
+def _mode_stack() -> list[Any]:
+    """This thread's torch-function modes, innermost last (torch has no public name for it)."""
+    return torch.overrides._get_current_function_mode_stack()
+
+
+def clean_up() -> None:
+    """Pop this thread's modes of abandoned probes that are on top of its mode stack (called at
+    the start of each forward of a model with deltas, and of each delta change)."""
+    if _left_over:
+        stack = _mode_stack()
+        while stack and any(stack[-1] is m for m in _left_over):
+            mode = stack[-1]
+            mode.__exit__(None, None, None)
+            _left_over.remove(mode)
+            stack = _mode_stack()

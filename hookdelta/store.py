@@ -16,6 +16,8 @@ Its tensors stay out of the model's `state_dict()` and out of `load_state_dict`'
 
 from __future__ import annotations
 
+import sys
+import weakref
 from typing import Any
 
 import torch
@@ -42,6 +44,7 @@ class DeltaStore(nn.Module):
         self.freezers: list[str] = []  # names of the deltas that froze the backbone
         self.include_in_state_dict = False
         self.guard = ForwardGuard()
+        self.guard.owner = weakref.ref(self)
         self.root_hooks: list[Any] = []
         self.packed: list[nn.Module] = []  # bitsandbytes 4-bit layers (see quantized.py)
         self.packing: list[Any] = []  # their repacking switches, given back when the store closes
@@ -52,6 +55,10 @@ class DeltaStore(nn.Module):
         # plain functions (they get the store as `module`), so copies of the model stay consistent
         self.register_state_dict_post_hook(_hide_from_state_dict)
         self.register_load_state_dict_post_hook(_hide_missing_keys)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # deepcopy / pickle: the new guard's owner
+        super().__setstate__(state)
+        self.guard.owner = weakref.ref(self)
 
     def extra_repr(self) -> str:
         return f"deltas={list(self.deltas)}"
@@ -206,7 +213,7 @@ class DeltaStore(nn.Module):
         except BaseException:
             self.stop_routing()
             raise
-        self.keyword_call = True
+        self.keyword_call = sys._getframe(1)  # the call's frame (see ForwardGuard.calls)
         return args, kwargs
 
     def _check_full_sequence(self, cache: Any) -> None:
@@ -220,6 +227,12 @@ class DeltaStore(nn.Module):
                 f"delta {positional[0]!r} acts on token positions of a whole sequence, but this call continues "
                 f"from a KV cache of {length} tokens, so its positions would shift; call generate(use_cache=False) "
                 "or run full sequences")
+
+    def interrupted(self, frames: list[Any]) -> None:
+        """Forwards that a KeyboardInterrupt ended: a routing their call set up ends with them."""
+        if self.keyword_call is not False and any(f is self.keyword_call for f in frames):
+            self.keyword_call = False
+            self.stop_routing()
 
     def keyword_stop(self, model: nn.Module, args: tuple, output: Any) -> None:
         if self.keyword_call and self.router is not None:

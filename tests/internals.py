@@ -116,3 +116,9 @@ def peft_boft_layer() -> Any:
 def use_plain_loha_cp(monkeypatch: pytest.MonkeyPatch, fn: Any) -> None:
     """Replace PEFT's LoHa CP-decomposition helper for one test (its einsum's rounding differs)."""
     monkeypatch.setattr(_peft_internal("peft.tuners.loha.layer", "make_weight_cp"), "make_weight_cp", fn)
+
+
+def torch_function_modes() -> list:
+    """This thread's torch-function mode stack (torch has no public getter)."""
+    from torch.overrides import _get_current_function_mode_stack
+    return _get_current_function_mode_stack()

@@ -77,6 +77,25 @@ def test_adapter_names_keyword_equals_route_and_leaves_nothing_behind():
     torch.testing.assert_close(both, main_output(model(**inputs)), rtol=0, atol=0)  # routing ended with the call
 
 
+def test_a_call_with_adapter_names_that_ctrl_c_ended_routes_nothing_after():
+    model, inputs, targets = build("llama")
+    names = _attach(model, ["lora", "lora"], targets)
+    inputs = _batch(inputs, 2)
+    with torch.no_grad():
+        want = main_output(model(**inputs))  # both deltas on every row
+
+    def interrupt(module, args, output):
+        handle.remove()
+        raise KeyboardInterrupt  # no forward hook runs after this, always_call or not
+
+    handle = model.lm_head.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(**inputs, adapter_names=["lora0", None])
+    hd.set_active(model, *names)  # not refused as "inside a call with adapter_names"
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(**inputs)), want, rtol=0, atol=0)
+
+
 def test_keep_runs_a_shared_delta_on_every_row():
     model, inputs, targets = build("llama")
     names = _attach(model, ["lora", "lora", "ia3"], targets)

@@ -24,7 +24,7 @@ import transformers as tf
 import hookdelta as hd
 from helpers import assert_restored, assert_same, bare_copy, perturb, same_bits, snapshot
 from tiny_models import Holder, build
-from internals import no_global_forward_hooks
+from internals import forward_hooks, forward_pre_hooks, no_global_forward_hooks, torch_function_modes
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -210,6 +210,71 @@ def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
         warnings.simplefilter("error")
         model(x)  # once only, and nothing is watched any more
     assert no_global_forward_hooks()
+
+
+class InterruptedOnce(nn.Module):
+    """Reads a child's weight in its own code, and raises KeyboardInterrupt (Ctrl-C) in its first
+    forward after the read: no forward hook runs then, always_call or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+        self.interrupt = True
+
+    def forward(self, x):
+        h = _linear(x, self.proj)
+        if self.interrupt:
+            self.interrupt = False
+            raise KeyboardInterrupt
+        return self.head(h)
+
+
+def test_a_keyboard_interrupt_in_the_first_forward_leaves_nothing_behind():
+    import threading
+    model, x = InterruptedOnce(), torch.randn(3, 6)
+    other = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"), name="mine")
+    modes = list(torch_function_modes())
+    hooks = [(len(forward_hooks(m)), len(forward_pre_hooks(m))) for m in model.modules()]
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    assert no_global_forward_hooks()  # nothing process-wide was ever installed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other(x)  # an unrelated model right after: watched by no one, no warning
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(_try(delta.disable)))
+    worker.start()
+    worker.join()
+    assert errors == [None]  # a change from another thread is not refused by a forward that ended
+    delta.enable()
+    # the next forward is watched again (the first saw half a forward only) and the modes are gone
+    with pytest.warns(hd.BypassWarning, match=r"used the weights of 'proj'"):
+        model(x)
+    assert list(torch_function_modes()) == modes
+    assert [(len(forward_hooks(m)), len(forward_pre_hooks(m))) for m in model.modules()] == hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+
+
+def test_an_interrupted_forward_is_not_counted_as_running_by_a_delta_change_in_the_same_thread():
+    model, x = InterruptedOnce(), torch.randn(3, 6)
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets="head"), name="mine")
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    delta.detach()  # the interrupted forward is over: nothing to wait for
+    assert list(torch_function_modes()) == []
+    torch.testing.assert_close(model(x), model.head(model.proj(x)))
+
+
+def _try(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test reports what was raised
+        return e
+    return None
 
 
 def _detr():
