@@ -1,4 +1,4 @@
-"""Rows of issue 15. B13: the unmerged LoRA path before issue 15 (A GEMM, scale, B GEMM, then an
+"""Rows of issues 15 and 24. B13: the unmerged LoRA path before issue 15 (A GEMM, scale, B GEMM, then an
 output-wide add) against today's (the add inside the B GEMM, in place where safe), in the same
 run, with PEFT, the bare model and the floor: the bare model plus the least extra memory traffic
 any unfused LoRA needs, at this machine's measured bandwidth; and today's path with sibling
@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import hookdelta as hd
-from hookdelta.engine import first_input
-from hookdelta.methods.lora import LoRALinear
+from hookdelta import ops
+from hookdelta.engine import first_hook_is_ours, first_input
+from hookdelta.methods.lora_layers import LoRALinear
+from hookdelta.shared_input import SharedInput
 
 from .common import TARGET, Profile, Row, Stats, close, forward, interleave, lora_contenders, sync, token_ids
 
@@ -34,6 +36,43 @@ def as_before(delta: Any) -> None:
     for piece in delta.pieces.values():
         if isinstance(piece, LoRALinear):
             object.__setattr__(piece, "post_forward", types.MethodType(_before, piece))
+
+
+class _KeptStack(SharedInput):
+    """SharedInput as it was at 11c95c4 (before issue 24): without autograd the stacked A's were
+    kept while every factor was the same tensor at the same version and storage. Unsound (a
+    fused optimizer step or a `.data` write changes a factor without a trace): here only to
+    measure what dropping it cost."""
+
+    def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().product(member, x)
+        factors = [m._parameters[self.factor] for m in self.members]
+        kept = getattr(self, "kept", None)
+        if not (kept is not None and all(k is f and f._version == v and f.data_ptr() == d
+                                          for (k, v, d), f in zip(kept[0], factors))):
+            self.kept = kept = (tuple((f, f._version, f.data_ptr()) for f in factors), torch.cat(factors))
+        return F.linear(x, kept[1]).split([f.shape[0] for f in factors], dim=-1)[self.index[member]]
+
+
+def _at_11c95c4(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """LoRALinear.post_forward as at 11c95c4: the add in place also under autograd (unsound under
+    selective checkpointing), the kept stack without it."""
+    x = self.drop(module, first_input(args, kwargs))
+    a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+    t = self.siblings.product(self, x) if self.siblings is not None and not x.is_inference() else F.linear(x, a)
+    return ops.lowrank_add(output, t, b, self.scale, first_hook_is_ours(module))
+
+
+def as_11c95c4(delta: Any) -> None:
+    """The hot path before issue 24's soundness fixes, for measuring their cost in one run."""
+    groups: dict[int, _KeptStack] = {}
+    for piece in delta.pieces.values():
+        if type(piece) is LoRALinear:
+            if piece.siblings is not None:
+                old = piece.siblings
+                piece.siblings = groups.setdefault(id(old), _KeptStack(old.members))
+            object.__setattr__(piece, "post_forward", types.MethodType(_at_11c95c4, piece))
 
 
 def siblings_off(delta: Any) -> None:
@@ -89,15 +128,17 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
 
 def b13_before_after(p: Profile) -> Row:
     bare, after, delta, theirs = lora_contenders(p)
-    before, alone = copy.deepcopy(after), copy.deepcopy(after)
+    before, alone, kept = copy.deepcopy(after), copy.deepcopy(after), copy.deepcopy(after)
     as_before(hd.deltas(before)[delta.name])
     siblings_off(hd.deltas(alone)[delta.name])
+    as_11c95c4(hd.deltas(kept)[delta.name])
     ids = token_ids(p)
-    for m in (after, before, alone):  # the first call after an attach is a watched one
+    for m in (after, before, alone, kept):  # the first call after an attach is a watched one
         forward(m, ids)()
     fns = {"bare": forward(bare, ids), "before": forward(before, ids), "after": forward(after, ids),
-           "peft": forward(theirs, ids), "after, no_grad": _forward_no_grad(after, ids),
-           "siblings off, no_grad": _forward_no_grad(alone, ids), "bare, no_grad": _forward_no_grad(bare, ids)}
+           "peft": forward(theirs, ids), "11c95c4": forward(kept, ids), "after, no_grad": _forward_no_grad(after, ids),
+           "siblings off, no_grad": _forward_no_grad(alone, ids), "bare, no_grad": _forward_no_grad(bare, ids),
+           "11c95c4, no_grad": _forward_no_grad(kept, ids)}
     row = Row("B13", "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
               f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; "
               "training step with AdamW")
@@ -113,14 +154,18 @@ def b13_before_after(p: Profile) -> Row:
     row.ratio("after", "floor", note="the least extra traffic of an unfused LoRA at the measured bandwidth")
     row.ratio("after, no_grad", "siblings off, no_grad")
     row.ratio("after, no_grad", "bare, no_grad")
-    for m in (after, before, theirs, alone):
+    row.ratio("after", "11c95c4", note="issue 24's soundness fixes: no kept stack, no in-place add under autograd")
+    row.ratio("after, no_grad", "11c95c4, no_grad")
+    for m in (after, before, theirs, alone, kept):
         m.train()
     trains = {"train before": _train_step(before, ids), "train after": _train_step(after, ids),
-              "train peft": _train_step(theirs, ids), "train siblings off": _train_step(alone, ids)}
+              "train peft": _train_step(theirs, ids), "train siblings off": _train_step(alone, ids),
+              "train 11c95c4": _train_step(kept, ids)}
     row.times.update(interleave(trains, max(3, p.rounds // 2), 1))
     row.ratio("train after", "train peft", 0.92)
     row.ratio("train after", "train before")
     row.ratio("train after", "train siblings off")
+    row.ratio("train after", "train 11c95c4")
     with torch.inference_mode():
         same = close(after(input_ids=ids).logits, before(input_ids=ids).logits)
     row.checks["same logits before and after"] = bool(same)
@@ -143,8 +188,10 @@ def b14_decode(p: Profile) -> Row:
     Called as users call it, so under generate()'s own no_grad (where sibling grouping works)."""
     bare, ours, delta, theirs = lora_contenders(p)
     merged_ours, merged_theirs, alone = copy.deepcopy(ours), copy.deepcopy(theirs), copy.deepcopy(ours)
+    kept = copy.deepcopy(ours)
     hd.deltas(merged_ours)[delta.name].merge()
     siblings_off(hd.deltas(alone)[delta.name])
+    as_11c95c4(hd.deltas(kept)[delta.name])
     merged_theirs.merge_adapter()
     prompt = token_ids(p)[:1, :16]
     tokens = 64 if p.name != "smoke" else 4
@@ -153,9 +200,10 @@ def b14_decode(p: Profile) -> Row:
         return _generator(model, prompt, tokens)
 
     models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
-              "peft merged": merged_theirs, "hookdelta, siblings off": alone}
+              "peft merged": merged_theirs, "hookdelta, siblings off": alone, "11c95c4": kept}
     generate(ours)()  # (the watched first call)
     generate(alone)()
+    generate(kept)()
     row = Row("B14", f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
               f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache")
     row.times = interleave({k: generate(m) for k, m in models.items()}, max(3, p.rounds // 3), 1)
@@ -165,6 +213,8 @@ def b14_decode(p: Profile) -> Row:
     row.ratio("hookdelta merged", "bare", 1.01)
     row.ratio("peft merged", "bare")
     row.ratio("hookdelta", "hookdelta, siblings off")
+    row.ratio("hookdelta", "11c95c4", note="issue 24's soundness fixes: no kept stack")
+    row.checks["same tokens as 11c95c4's path"] = bool(torch.equal(generate(ours)(), generate(kept)()))
     return row
 
 

@@ -111,12 +111,12 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
     for delta, _ in sources:
         if delta.method != "lora":
             raise UnsupportedModuleError(f"hd.combine combines LoRA deltas; {delta.name!r} is {delta.method}")
-        odd = [k for k, p in delta.pieces.items() 
-               if type(p) not in (LoRALinear, LoRAEmbedding) or getattr(p, "lora_bias", None) is not None]
+        odd = [k for k, p in delta.pieces.items() if type(p) not in (LoRALinear, LoRAEmbedding)]
         if odd:
             raise UnsupportedModuleError(
-                f"hd.combine: delta {delta.name!r} has pieces it cannot combine at {odd[:3]} (DoRA, LoRA bias, fused "
-                "slices, conv, tied or parameter LoRA); it combines plain LoRA on linear and embedding layers")
+                f"hd.combine: delta {delta.name!r} has pieces it cannot combine at {odd[:3]} (DoRA, LoRA bias, a "
+                "PiSSA/OLoRA start, aLoRA, fused slices, conv, tied or parameter LoRA); it combines plain LoRA on "
+                "linear and embedding layers")
         if set(_keys(delta)) != set(_keys(first)):
             diff = sorted(set(_keys(delta)) ^ set(_keys(first)))
             raise ConfigError(f"hd.combine needs deltas on the same layers; {first.name!r} and {delta.name!r} "

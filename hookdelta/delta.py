@@ -530,9 +530,15 @@ def _weight_path_works(model: nn.Module, piece: Piece) -> bool:
 def set_active(model: nn.Module, *names: str) -> None:
     """Run exactly the named deltas, like PEFT's set_adapter: enable them and disable every
     other unmerged delta, with one hook update per layer, so switching among loaded deltas
-    costs microseconds per layer. Merged deltas must be among `names` (unmerge them first)."""
+    costs microseconds per layer. Merged deltas must be among `names` (unmerge them first).
+    PEFT's spelling, one list of names (`set_active(model, ["a", "b"])`), works too."""
     model = host(model)
     found = deltas(model)
+    if len(names) == 1 and isinstance(names[0], (list, tuple)):
+        names = tuple(names[0])
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        raise DeltaStateError(f"set_active takes delta names (strings), got {odd[0]!r}; its deltas are {list(found)}")
     unknown = [n for n in names if n not in found]
     if unknown:
         raise DeltaStateError(f"the model has no delta named {unknown}; its deltas are {list(found)}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .engine import Piece, first_input, map_output
 from .errors import DeltaStateError, RoutingError, UnsupportedModuleError
 
@@ -143,13 +144,7 @@ class Router:
                  run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
         """h + s·B·A·x with each row's own A, B, s: gathered [rows, r, in] and [rows, out, r]."""
         a_table, b_table = self._table(run)
-        rows = codes.shape[0]
-        xs = x.reshape(rows, -1, x.shape[-1]).to(a_table.dtype)
-        t = torch.bmm(xs, a_table.index_select(0, codes).transpose(1, 2))  # [rows, tokens, r]
-        b = b_table.index_select(0, codes).transpose(1, 2)  # [rows, r, out]
-        if h.dtype == b.dtype:
-            return torch.baddbmm(h.reshape(rows, -1, h.shape[-1]), t, b).reshape(h.shape)
-        return h + torch.bmm(t, b).reshape(h.shape).to(h.dtype)
+        return ops.routed_lowrank(h, x, codes, a_table, b_table)
 
     def _table(self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
                ) -> tuple[torch.Tensor, torch.Tensor]:

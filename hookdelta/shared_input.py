@@ -7,7 +7,9 @@ way (slices of the stacked GEMM, whose rounding can differ from a GEMM over one 
 the model gives the same bits call after call. Whether the siblings really got the same input is
 checked per call, on the tensor itself: the same object, at the same version (no in-place write
 in between), in the same forward of the model, with the same factors at their same versions, and
-each member takes from one stacked product at most once. A member whose input differs computes
+each member takes from one stacked product at most once. (Version counters are trusted only
+within one forward: the writers that skip them, optimizer steps and `.data` writes, do not run
+between two layers of one forward; across forwards nothing is kept.) A member whose input differs computes
 the stacked product of its own input (the same rounding). Inference tensors have no version
 counter, so the caller (LoRA) computes alone under `torch.inference_mode()`, and in compiled
 code (where inductor fuses anyway) and with dropout (a mask per layer) too.
@@ -19,6 +21,8 @@ import weakref
 from typing import Any, Sequence
 
 import torch
+
+from . import ops
 
 _forward = [0]  # counts forwards of models with deltas: a product never outlives its forward
 
@@ -47,16 +51,6 @@ class SharedInput:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["members"], state["factor"])  # type: ignore[misc]
 
-    def stack(self, factors: list[torch.Tensor]) -> torch.Tensor | None:
-        """The factors concatenated, or None when a member was moved alone to another dtype or
-        device (never mix them). Made per call and never kept: an optimizer step (fused,
-        foreach, 8-bit) or a write through `.data` changes a factor without touching its
-        version counter or storage, so nothing here could tell a kept stack was stale."""
-        first = factors[0]
-        if any(f.dtype != first.dtype or f.device != first.device for f in factors):
-            return None
-        return torch.cat(factors)
-
     def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
         """`x @ factorᵀ` of `member`, as a slice of the group's stacked product for this input:
         taken from the sibling that computed it when it is valid for this call, else computed."""
@@ -74,11 +68,9 @@ class SharedInput:
                     self.entry = None  # all took: let the product go with the graph
                 return parts[i]
         factors = [m._parameters[self.factor] for m in self.members]
-        stacked = self.stack(factors)
-        if stacked is None:
-            return torch.nn.functional.linear(x, mine)
-        # one split (one backward node that concatenates the members' gradients), not a slice each
-        parts = torch.nn.functional.linear(x, stacked).split([f.shape[0] for f in factors], dim=-1)
+        if any(f.dtype != mine.dtype or f.device != mine.device for f in factors):
+            return torch.nn.functional.linear(x, mine)  # a member moved alone: never mix dtypes or devices
+        parts = ops.stacked_linear(x, factors)  # stacked per call, never kept (see ops.py)
         left = [True] * len(factors)
         left[i] = False
         made = [(f, f._version) for f in factors]

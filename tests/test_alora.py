@@ -88,3 +88,31 @@ def test_alora_refusals():
     embeds = model.get_input_embeddings()(ids_with_invocation())
     with pytest.raises(hd.UnsupportedModuleError, match="input_ids"):
         model(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_alora_with_a_principal_start_changes_nothing_at_first_and_follows_the_formula(init):
+    """aLoRA with init='pissa' / 'olora': the frozen residual B₀·A₀ is subtracted as in plain
+    LoRA, so a fresh delta gives the base model's outputs (it added s·B₀·A₀·x before)."""
+    model, _, _ = build("llama")
+    ids = ids_with_invocation()
+    with torch.no_grad():
+        bare = model(input_ids=ids).logits
+    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, init=init, targets=["q_proj", "v_proj"],
+                                           activate_after_tokens=INVOKE))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, bare, rtol=1e-5, atol=1e-5)
+    q = delta.piece("model.layers.0.self_attn.q_proj")
+    with torch.no_grad():
+        q.lora_B.add_(0.3)
+    x = torch.randn(1, 8, q.lora_A.shape[1])
+    q.activation.mask = torch.tensor([[False] * 3 + [True] * 5])
+    layer = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        got = layer(x)
+        base = torch.nn.functional.linear(x, layer.weight)
+        update = (x @ q.lora_A.T @ q.lora_B.T - x @ q.base_A.T @ q.base_B.T) * q.scale
+    torch.testing.assert_close(got[:, 3:], (base + update)[:, 3:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[:, :3], base[:, :3])
+    with pytest.raises(hd.UnsupportedModuleError, match="PiSSA"):
+        hd.combine(model, {delta.name: 1.0}, how="cat", name="both")

@@ -213,6 +213,11 @@ def _compiled(model):
     return lambda: hd.attach(compiled, hd.LoRAConfig(r=2, targets=["q_proj"]))
 
 
+def _set_active_odd(model):
+    hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]), name="a")
+    return lambda: hd.set_active(model, ["a"], None)
+
+
 MISUSE = {
     # case: (setup returning the bad call, error type, what the message says)
     "two deltas with the same name": (_same_name, hd.DeltaStateError, "already has a delta named 'x'"),
@@ -231,6 +236,7 @@ MISUSE = {
     "a config that is not a config": (lambda m: lambda: hd.attach(m, {"r": 8}), hd.ConfigError, "delta config"),
     "a model that is not a module": (lambda m: lambda: hd.attach("llama", hd.LoRAConfig()), hd.UnsupportedModuleError,
                                      "nn.Module"),
+    "set_active with a name that is no string": (_set_active_odd, hd.DeltaStateError, "delta names"),
 }
 
 
@@ -246,3 +252,17 @@ def test_misuse_raises_one_clear_error_and_changes_nothing(case):
     assert_same(model, snap)
     assert {n: (d.enabled, d.merged) for n, d in hd.deltas(model).items()} == names
     assert not os.path.exists("never-written")
+
+
+def test_set_active_takes_peft_s_one_list_of_names():
+    model, inputs, _ = build("llama")
+    for name in ("a", "b", "c"):
+        perturb(hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]), name=name), seed=len(name) + ord(name))
+    hd.set_active(model, "a", "c")
+    with torch.no_grad():
+        want = model(**inputs).logits
+    hd.set_active(model, "b")
+    hd.set_active(model, ["a", "c"])  # PEFT's set_adapter(["a", "c"]): a raw TypeError before
+    assert [n for n, d in hd.deltas(model).items() if d.enabled] == ["a", "c"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=0, atol=0)

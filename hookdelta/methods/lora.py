@@ -26,15 +26,17 @@ import torch.nn.functional as F
 
 from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
                       check_patterns, exact, has_callable, normalize_selector, pattern_value)
-from ..engine import Piece, TiedSwap, current, first_hook_is_ours, first_input
-from ..placement import layer_like, like_tensor, live_weight, real_weight
+from ..engine import Piece
+from ..errors import ConfigError, HookdeltaError, SelectorError, UnsupportedModuleError
+from ..modules import is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
+from ..placement import layer_like, like_tensor, real_weight
 from ..roles import fused_rows, roles
-from ..errors import ConfigError, HookdeltaError, MergeError, SelectorError, UnsupportedModuleError
-from ..modules import (is_conv1d, is_linear_like, layer_dims, named_modules, parameter_holders,
-                       resolve_site)
 from ..selection import match_parameters
 from ..shared_input import SharedInput
-from .alora import Activation, InvocationScanner, activated
+from .alora import Activation, InvocationScanner
+from .dora import DoRAConv, DoRAEmbedding, DoRALinear
+from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, LoRAConv, LoRAEmbedding, LoRALinear, LoRAParameter,
+                          LoRASlices, TiedLoRA, TiedParameter)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
@@ -186,6 +188,7 @@ class LoRAConfig(DeltaConfig):
         done: dict[int, Piece] = {}  # id(shared weight) -> its primary piece
         sharers = parameter_holders(model)
         fused: set[str] = set()
+        activation = Activation(self.activate_after_tokens) if self.activate_after_tokens is not None else None
         if self.fused_slices is not None:
             found = roles(model)
             fused = set(found.get("attn.q", [])) & set(found.get("attn.k", [])) & set(found.get("attn.v", []))
@@ -199,13 +202,13 @@ class LoRAConfig(DeltaConfig):
                 rows = fused_rows(model, key, layer_dims(module, module, key)[1])
                 pieces.append(LoRASlices(self, key, module, like, rows))
                 continue
-            primary = _make_piece(self, key, module, param_name, model)
+            primary = _make_piece(self, key, module, param_name, model, activation)
             pieces.append(primary)
             if weight is not None:
                 done[id(weight)] = primary
                 pieces += _tie_partners(self, sharers.get(id(weight), []), key, module, param_name or "weight", primary)
-        if self.activate_after_tokens is not None:
-            return _activate(self, pieces)
+        if activation is not None:
+            return _activate(self, pieces, activation)
         _group_siblings(model, pieces)
         return pieces
 
@@ -225,7 +228,7 @@ def _group_siblings(model: nn.Module, pieces: list[Piece]) -> None:
               for name in names for p in found.get(name, ())}
     groups: dict[tuple, list[LoRALinear]] = {}
     for piece in pieces:
-        if type(piece) is LoRALinear and not piece.residual and piece.lora_bias is None and piece.key in family:
+        if type(piece) is LoRALinear and piece.key in family:  # (the plain class: no variant groups)
             a = piece.lora_A
             groups.setdefault((piece.key.rpartition(".")[0], family[piece.key], a.shape[1], a.dtype, a.device),
                               []).append(piece)
@@ -236,20 +239,17 @@ def _group_siblings(model: nn.Module, pieces: list[Piece]) -> None:
                 piece.siblings = shared
 
 
-def _activate(cfg: LoRAConfig, pieces: list[Piece]) -> list[Piece]:
+def _activate(cfg: LoRAConfig, pieces: list[Piece], activation: Activation) -> list[Piece]:
     """aLoRA: the pieces act only where a scanner on the model finds the invocation."""
-    odd = [p.key for p in pieces if type(p) is not LoRALinear]
+    odd = [p.key for p in pieces if not isinstance(p, ActivatedLoRALinear)]
     if odd:
         raise UnsupportedModuleError(f"aLoRA (activate_after_tokens) adapts linear layers only; {odd[0]!r} is not "
                                      "one. Narrow the targets.")
-    activation = Activation(cfg.activate_after_tokens)
-    for p in pieces:
-        p.activation = activation
-        p.mergeable = False  # the update holds only from the invocation on: no weight can hold it
     return pieces + [InvocationScanner(activation, ":alora_invocation")]
 
 
-def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module) -> Piece:
+def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module,
+                activation: Activation | None = None) -> Piece:
     path = key.rpartition(".")[0] if param_name else key
     if param_name:
         like = like_tensor(model, path, module._parameters[param_name])
@@ -271,8 +271,11 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     if param_name is not None:
         return LoRAParameter(cfg, key, module, param_name, like)
     if is_linear_like(module):
-        return LoRALinear(cfg, key, module, like, real_weight(model, path) if cfg.init in RESIDUAL
-                          or cfg.init.startswith("pissa_niter_") else None)
+        residual = cfg.init in RESIDUAL or cfg.init.startswith("pissa_niter_")
+        cls = LINEAR_VARIANTS[(activation is not None, residual, cfg.bias == "lora_only")]
+        weight = real_weight(model, path) if residual else None
+        return cls(cfg, key, module, like, weight, activation=activation) if activation else cls(cfg, key, module,
+                                                                                                  like, weight)
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(cfg, key, module, like)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -299,512 +302,6 @@ def _tie_partners(cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], ke
             )
         partners.append(TiedParameter(primary, path) if param_is_target else TiedLoRA(primary, path, other))
     return partners
-
-
-class _LoRABase(Piece):
-    """Shared state: the two factors, the scale, the dropout rate."""
-
-    hooks = frozenset({"post"})
-    additive = True
-    siblings: SharedInput | None = None  # layers reading the same input: one A GEMM (shared_input.py)
-
-    def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
-                 b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
-        super().__init__(site_path, key)
-        self.r, self.scale, self.p = cfg.rank_for(key), cfg.scale_for(key), cfg.dropout
-        self.weight_path_exact = not self.p  # dropout acts on the input: no weight can express it
-        if not like.is_floating_point():
-            raise UnsupportedModuleError(f"LoRA needs a floating-point weight at {key!r}, found {like.dtype}")
-        kw = {"device": like.device, "dtype": like.dtype}
-        self.lora_A = nn.Parameter(torch.empty(*a_shape, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
-        if cfg.init != "default" and cfg.init != "gaussian" and type(self) is not LoRALinear:
-            raise UnsupportedModuleError(f"LoRA init={cfg.init!r} is for linear layers; {key!r} is not one. "
-                                         "Narrow the targets or use init='default'.")
-        with torch.no_grad():
-            if cfg.init == "gaussian":
-                self.lora_A.normal_(0.0, 1.0 / self.r)
-            else:  # kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT do
-                bound = 1.0 / math.sqrt(fan_in)
-                self.lora_A.uniform_(-bound, bound)
-
-    rank_dims = {"lora_A": 0, "lora_B": 1}  # where the rank is, for zero-padding (hot-swap)
-
-    def pad_rank(self, r: int) -> None:
-        """Zero-pad A and B to rank r: the product B·A, and so the output, stays the same."""
-        for name, dim in self.rank_dims.items():
-            p = getattr(self, name)
-            dim = dim % p.dim()
-            pad = [0, 0] * (p.dim() - 1 - dim) + [0, r - p.shape[dim]]
-            setattr(self, name, nn.Parameter(F.pad(p.detach(), pad), requires_grad=p.requires_grad))
-        self.r = r
-
-    def hold_scale(self) -> torch.Tensor:
-        """The scale as a (non-persistent) buffer: a new value is then data for torch.compile'd
-        code, not a constant it was specialized on, so setting it does not recompile."""
-        if not isinstance(self.scale, torch.Tensor):
-            value = self.scale
-            del self.scale
-            self.register_buffer("scale", torch.tensor(value, dtype=torch.float32, device=self.lora_A.device),
-                                 persistent=False)
-        return self.scale
-
-    def drop(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        # dropout follows the host module's mode, so model.eval() turns it off
-        return F.dropout(x, self.p, training=True) if self.p and module.training else x
-
-    def describe(self) -> str:
-        return f"r={self.r} scale={float(self.scale):g}"
-
-
-class LoRALinear(_LoRABase):
-    """LoRA on nn.Linear and transformers Conv1D (whose weight is stored [in, out])."""
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
-                 weight: torch.Tensor | None = None) -> None:
-        self.conv1d = is_conv1d(module)
-        in_f, out_f = layer_dims(module, module, key)  # the logical shape (a quantized weight is packed)
-        r = cfg.rank_for(key)
-        super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
-        self.lora_bias = (nn.Parameter(torch.zeros(out_f, dtype=like.dtype, device=like.device))
-                          if cfg.bias == "lora_only" else None)
-        self.activation = None  # aLoRA: where the adapter acts (methods/alora.py)
-        self.residual = False  # PiSSA / OLoRA: s·(B·A − B₀·A₀), the initial factors frozen
-        if cfg.init in ("orthogonal",) or cfg.init.startswith("pissa_niter_"):
-            # these draw from the global RNG: draw first what PEFT's nn.Linear(r, out) draws when it
-            # makes lora_B (A's draw was made above), so a seed gives PEFT's factors exactly
-            torch.empty(out_f, r).uniform_()
-        if cfg.init == "orthogonal":
-            self._orthogonal(in_f, out_f)
-        elif cfg.init.startswith(RESIDUAL):
-            self._principal(cfg.init, weight)
-
-    def _orthogonal(self, in_f: int, out_f: int) -> None:
-        """PEFT's orthogonal init, draw for draw (global RNG): A and B from one orthogonal Q."""
-        r = self.r
-        if r % 2:
-            raise ConfigError(f"LoRA init='orthogonal' needs an even rank; {self.key!r} has r={r}")
-        q, _ = torch.linalg.qr(torch.randn(r, r))
-        a = torch.randn(in_f, r // 2).mm(q[0::2, :]).T / 10.0
-        b = torch.randn(r // 2, out_f).T.mm(q[1::2, :]) / 10.0
-        with torch.no_grad():
-            self.lora_A.copy_(a)
-            self.lora_B.copy_(b)
-
-    def _principal(self, init: str, weight: torch.Tensor) -> None:
-        """PiSSA (the weight's top-r SVD, split as √S) or OLoRA (its QR), as PEFT computes them;
-        the same factors are kept frozen as A₀, B₀ so the fresh delta adds exactly nothing."""
-        w = weight.detach().float()
-        w = w.T if self.conv1d else w  # [out, in]
-        r, s = self.r, float(self.scale)
-        if init == "olora":
-            q, rr = torch.linalg.qr(w)
-            a, b = rr[:r], q[:, :r]
-        else:
-            if init == "pissa":
-                v, sv, uh = torch.linalg.svd(w, full_matrices=False)
-                v, sv, uh = v[:, :r], sv[:r], uh[:r]
-            else:  # pissa_niter_K: randomized SVD with K subspace iterations
-                v, sv, u = torch.svd_lowrank(w, r, niter=int(init.rpartition("_")[2]))
-                uh = u.t()
-            sv = sv / s
-            a, b = torch.diag(sv.sqrt()) @ uh, v @ torch.diag(sv.sqrt())
-        with torch.no_grad():
-            self.lora_A.copy_(a)
-            self.lora_B.copy_(b)
-        self.register_buffer("base_A", self.lora_A.detach().clone())
-        self.register_buffer("base_B", self.lora_B.detach().clone())
-        self.residual = True
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = self.drop(module, first_input(args, kwargs))
-        params = self._parameters  # (hot path: a dict lookup, not nn.Module.__getattr__)
-        a, b = params["lora_A"], params["lora_B"]
-        x = x if x.dtype == a.dtype else x.to(a.dtype)
-        if self.activation is not None:
-            delta = F.linear(F.linear(x, a) * self.scale, b)
-            return activated(self, output, delta if self.lora_bias is None else delta + self.lora_bias * self.scale)
-        if self.residual:  # two terms that cancel bit for bit while A, B are still A₀, B₀
-            delta = F.linear(F.linear(x, a) * self.scale, b) - F.linear(F.linear(x, self.base_A) * self.scale, self.base_B)
-            if self.lora_bias is not None:
-                delta = delta + self.lora_bias * self.scale
-            return output + delta.to(output.dtype)
-        compiling = torch.compiler.is_compiling()
-        group = self.siblings
-        # q/k/v (gate/up) share one GEMM over their A's; not in compiled code, not on inference
-        # tensors (no version counter to check the input by), not with dropout (a mask per layer)
-        if group is not None and not compiling and not x.is_inference() and not (self.p and module.training):
-            t = group.product(self, x)
-        else:
-            t = F.linear(x, a)
-        s = self.scale
-        if self.lora_bias is None and isinstance(output, torch.Tensor) and output.dtype == b.dtype \
-                and output.is_contiguous():
-            # the add inside the B GEMM: one kernel, and no output-wide temporary. The scale rides
-            # along as the GEMM's alpha (no kernel of its own: decoding is launch-bound) except in
-            # compiled code, where inductor has dropped alpha= before (torch.add in 2.13), and for
-            # a scale held as a tensor (hot-swap).
-            if type(s) is float and not compiling:
-                alpha = s
-            else:  # the scale on the r-wide product: a pass over [.., r], not [.., out]
-                t, alpha = t * s, 1.0
-            if compiling:  # flat and out of place: inductor fuses it, and never tests the hook dict
-                return torch.addmm(output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1]), b.t(),
-                                   alpha=alpha).view(output.shape)
-            # The kernel is chosen by the call's shape alone (rank, view), never by grad mode or by
-            # who holds the output: the same input gives the same bits with and without autograd,
-            # and a recomputed checkpoint saves the same tensors as its forward (2-D and 3-D
-            # outputs directly, for 3-D with B broadcast over the batch; addmm and addmm_ round
-            # alike). In place only without autograd and when nothing else can hold the output yet:
-            # under autograd, selective checkpointing may have cached the layer's output as the
-            # `mm` it saved, and an in-place add would go into that cache (the recompute would add
-            # the LoRA twice), so the add is out of place there.
-            owned = not torch.is_grad_enabled() and first_hook_is_ours(module)
-            if not output._is_view() and output.dim() == 2:
-                return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
-            if not output._is_view() and output.dim() == 3:
-                bt = b.t().expand(output.shape[0], -1, -1)
-                return output.baddbmm_(t, bt, alpha=alpha) if owned else torch.baddbmm(output, t, bt, alpha=alpha)
-            flat, t = output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1])
-            if owned:  # (without autograd the view costs nothing)
-                flat.addmm_(t, b.t(), alpha=alpha)
-                return output
-            return torch.addmm(flat, t, b.t(), alpha=alpha).view(output.shape)
-        delta = F.linear(t * s, b)
-        if self.lora_bias is not None:  # B's bias, scaled with B as in PEFT: s·(B·A·x + b)
-            delta = delta + self.lora_bias * s
-        return output + delta.to(output.dtype)
-
-    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        if self.lora_bias is not None or (self.p and module.training) or self.activation is not None:
-            return None
-        return self.plain_factors() + (self.scale,)
-
-    def plain_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the same update as one plain LoRA: a residual one becomes rank 2r,
-        [A; A₀] and [B, −B₀] (what PEFT's weight conversion writes)."""
-        if not self.residual:
-            return self.lora_A, self.lora_B
-        return torch.cat([self.lora_A, self.base_A]), torch.cat([self.lora_B, -self.base_B], dim=1)
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        a, b = self.plain_factors()
-        dw = (b.float() * self.scale) @ a.float()  # scale the small factor
-        out = {"weight": dw.T if self.conv1d else dw}
-        if self.lora_bias is not None:
-            if module._parameters.get("bias") is None:
-                raise MergeError(
-                    f"{self.key!r} has no bias of its own, so its LoRA bias delta (bias='lora_only') "
-                    "cannot be merged without adding a parameter; keep this delta unmerged"
-                )
-            out["bias"] = self.lora_bias.float() * self.scale
-        return out
-
-    def describe(self) -> str:
-        return super().describe() + (" +bias" if self.lora_bias is not None else "")
-
-
-class LoRASlices(_LoRABase):
-    """LoRA on chosen slices of a fused q/k/v projection (loralib's MergedLinear): each slice its
-    own rank-r A and B, written into that slice's output features only. lora_A is the slices'
-    A's stacked [k·r, in], lora_B their B's stacked [rows, r]; `rows` are the output features."""
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
-                 slices: dict[str, torch.Tensor]) -> None:
-        self.conv1d = is_conv1d(module)
-        in_f, out_f = layer_dims(module, module, key)
-        r = cfg.rank_for(key)
-        names = list(cfg.fused_slices or ())
-        rows = torch.cat([slices[n] for n in names])
-        super().__init__(cfg, key, key, (len(names) * r, in_f), (len(rows), r), like, in_f)
-        self.register_buffer("rows", rows.to(like.device), persistent=False)  # rebuilt from the layout
-        self.rank_dims = {}  # A and B hold one block per slice: not padded at the end
-        self.sizes, self.slices, self.out_features = [len(slices[n]) for n in names], tuple(names), out_f
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = self.drop(module, first_input(args, kwargs))
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale  # [.., k·r]
-        parts = [F.linear(a, b) for a, b in zip(h.split(self.r, -1), self.lora_B.split(self.sizes))]
-        return output.index_add(-1, self.rows, torch.cat(parts, -1).to(output.dtype))
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        dw = torch.zeros(self.out_features, self.lora_A.shape[1], device=self.lora_A.device)
-        for a, b, rows in zip(self.lora_A.float().split(self.r), self.lora_B.float().split(self.sizes),
-                              self.rows.split(self.sizes)):
-            dw[rows] = (b * self.scale) @ a
-        return {"weight": dw.T if self.conv1d else dw}
-
-    def describe(self) -> str:
-        return super().describe() + " slices " + "".join(self.slices)
-
-
-class DoRALinear(LoRALinear):
-    """DoRA: the LoRA-updated weight, renormalized per output row and scaled by a trained
-    magnitude. Computed on the output side as PEFT does: with c = m / ‖W + ΔW‖ (the norm
-    detached from the graph, as the DoRA paper recommends),
-    y = base(x) + (c − 1)·(W·x) + c·s·B·A·x, so W + ΔW is never applied to the input."""
-
-    merges_by = "value"  # merging rescales the weight; only the kept original undoes it
-    additive = False
-    reads_weight = True  # the norm of W + ΔW
-
-    def lowrank(self, module: nn.Module) -> None:
-        return None  # the magnitude rescales the base term too
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
-        super().__init__(cfg, key, module, like)
-        with torch.no_grad():
-            self.magnitude = nn.Parameter(self._rows(weight.detach()).norm(dim=1).to(like.device, like.dtype))
-
-    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.T if self.conv1d else weight  # [out, in]
-
-    def _scale(self, module: nn.Module) -> torch.Tensor:
-        with torch.no_grad():  # the norm is a constant for autograd (as the paper and PEFT do): no graph, no
-            w = self._rows(live_weight(module)).to(self.lora_A.dtype)  # saved copy of the weight
-            norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1)
-        return self.magnitude / norm
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = first_input(args, kwargs).to(self.lora_A.dtype)
-        c = self._scale(module)
-        dropped = self.drop(module, x)
-        lora = F.linear(F.linear(dropped, self.lora_A), self.lora_B) * self.scale
-        if dropped is x:  # the host output already holds W·x (+ bias)
-            bias = module._parameters.get("bias")
-            base = output.to(c.dtype) - (bias.to(c.dtype) if bias is not None else 0)
-        else:  # PEFT computes the base term on the dropped-out input
-            base = F.linear(dropped, self._rows(live_weight(module)).to(c.dtype))
-        delta = (c - 1) * base + c * lora
-        return output + delta.to(output.dtype)
-
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = self._rows(current(module, "weight")).float()  # differentiable: also the weight path (see Piece)
-        updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        merged = updated * (self.magnitude.float() / updated.norm(dim=1).detach()).unsqueeze(1)
-        out = {"weight": merged.T if self.conv1d else merged}
-        return out
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return self.delta_from_merged(module)
-
-    def describe(self) -> str:
-        return "DoRA " + super().describe()
-
-
-class LoRAEmbedding(_LoRABase):
-    """LoRA on nn.Embedding: looks up rows of Aᵀ, then projects with Bᵀ."""
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor) -> None:
-        num, dim = module.weight.shape
-        r = cfg.rank_for(key)
-        super().__init__(cfg, key, key, (r, num), (dim, r), like, num)
-        if cfg.bias != "none":
-            raise UnsupportedModuleError(f"bias='lora_only' is not available for the embedding {key!r}")
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        ids = first_input(args, kwargs)
-        after_a = F.embedding(ids, self.lora_A.T, module.padding_idx)
-        return output + ((after_a * self.scale) @ self.lora_B.T).to(output.dtype)
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {"weight": ((self.lora_B.float() * self.scale) @ self.lora_A.float()).T}
-
-
-class LoRAConv(_LoRABase):
-    """LoRA on Conv1d/2d/3d (grouped and 1×1 included): A is a grouped conv with the host's
-    kernel, stride, padding and dilation; B a grouped 1×1 conv. Exact for any groups."""
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
-        w = module.weight  # [out, in/g, *k]
-        g = module.groups
-        kernel = tuple(w.shape[2:])
-        fan_in = w.shape[1] * math.prod(kernel)
-        r = cfg.rank_for(key)
-        a_shape, b_shape = (g * r, w.shape[1], *kernel), (w.shape[0], r, *([1] * len(kernel)))
-        super().__init__(cfg, key, key, a_shape, b_shape, like, fan_in)
-        self.groups = g
-        if g > 1:
-            self.rank_dims = {}  # A holds g blocks of r rows: not padded at the end
-        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
-        if cfg.bias != "none":
-            raise UnsupportedModuleError(f"bias='lora_only' is not available for the conv layer {key!r}")
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = self.drop(module, first_input(args, kwargs)).to(self.lora_A.dtype)
-        h = module._conv_forward(x, self.lora_A, None)  # host's padding mode, stride, ... and groups
-        return output + (self.conv(h, self.lora_B, groups=self.groups) * self.scale).to(output.dtype)
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w = module.weight
-        g, r = self.groups, self.r
-        a = self.lora_A.float().reshape(g, r, -1)
-        b = self.lora_B.float().reshape(g, w.shape[0] // g, r)
-        return {"weight": torch.bmm(b, a).reshape(w.shape) * self.scale}
-
-
-class DoRAEmbedding(LoRAEmbedding):
-    """DoRA on nn.Embedding, as PEFT computes it: the magnitude m and the norm are per embedding
-    dimension (a column of the [num, dim] table), c = m / ‖W + ΔW‖ (the norm detached), and the
-    lookup becomes c ⊙ (W[ids] + s·(Aᵀ[ids])·Bᵀ)."""
-
-    merges_by, additive, reads_weight = "value", False, True
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor, weight: torch.Tensor) -> None:
-        super().__init__(cfg, key, module, like)
-        with torch.no_grad():
-            self.magnitude = nn.Parameter(weight.detach().float().norm(dim=0).to(like.device, like.dtype))
-
-    def lowrank(self, module: nn.Module) -> None:
-        return None  # the magnitude rescales the looked-up rows too
-
-    def _updated(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + ((self.lora_B @ self.lora_A) * self.scale).T.to(weight.dtype)
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        with torch.no_grad():  # the norm is a constant for autograd, as in DoRA and PEFT
-            norm = self._updated(live_weight(module).to(self.lora_A.dtype)).norm(dim=0)
-        c = self.magnitude / norm
-        lora = F.embedding(first_input(args, kwargs), self.lora_A.T, module.padding_idx) @ self.lora_B.T * self.scale
-        return (c * output.to(c.dtype) + c * lora).to(output.dtype)
-
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        updated = self._updated(current(module, "weight").float())
-        return {"weight": updated * (self.magnitude.float() / updated.norm(dim=0).detach())[None, :]}
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return self.delta_from_merged(module)
-
-    def describe(self) -> str:
-        return "DoRA " + super().describe()
-
-
-class DoRAConv(LoRAConv):
-    """DoRA on an ungrouped Conv1d/2d/3d, as PEFT computes it: c = m / ‖W + ΔW‖ per output
-    channel (the norm detached), y = base(x) + (c − 1)·(W ⊛ x) + c·s·B ⊛ A ⊛ x."""
-
-    merges_by, additive, reads_weight = "value", False, True
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
-        super().__init__(cfg, key, module, like)
-        shape = (1, -1) + (1,) * (weight.dim() - 2)  # PEFT's layout: [1, out, 1, ...]
-        with torch.no_grad():
-            self.magnitude = nn.Parameter(weight.detach().float().flatten(1).norm(dim=1).reshape(shape)
-                                          .to(like.device, like.dtype))
-
-    def lowrank(self, module: nn.Module) -> None:
-        return None
-
-    def _updated(self, weight: torch.Tensor) -> torch.Tensor:
-        r = self.r
-        dw = (self.lora_B.reshape(-1, r) @ self.lora_A.reshape(r, -1)).reshape(weight.shape) * self.scale
-        return weight + dw.to(weight.dtype)
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        with torch.no_grad():
-            norm = self._updated(live_weight(module).to(self.lora_A.dtype)).flatten(1).norm(dim=1)
-        c = self.magnitude / norm.reshape(self.magnitude.shape)
-        x = self.drop(module, first_input(args, kwargs)).to(self.lora_A.dtype)
-        lora = self.conv(module._conv_forward(x, self.lora_A, None), self.lora_B) * self.scale
-        if self.p and module.training:  # PEFT computes the base term on the dropped-out input
-            base = module._conv_forward(x, live_weight(module).to(c.dtype), None)
-        else:  # the host output already holds W ⊛ x (+ bias)
-            bias = module._parameters.get("bias")
-            base = output.to(c.dtype) - (bias.to(c.dtype).reshape(self.magnitude.shape) if bias is not None else 0)
-        return output + ((c - 1) * base + c * lora).to(output.dtype)
-
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        updated = self._updated(current(module, "weight").float())
-        norm = updated.flatten(1).norm(dim=1).detach()
-        out = self.magnitude.float().reshape(-1) / norm
-        return {"weight": updated * out.reshape((-1,) + (1,) * (updated.dim() - 1))}
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return self.delta_from_merged(module)
-
-    def describe(self) -> str:
-        return "DoRA " + super().describe()
-
-
-class LoRAParameter(_LoRABase):
-    """LoRA on any parameter of 2 or more dims, swapped in for the call: W + s·B·A over the
-    last two dims, one update per leading index (per expert of a fused MoE weight)."""
-
-    hooks = frozenset()  # it only swaps
-    rank_dims = {"lora_A": -2, "lora_B": -1}
-
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
-        w = module._parameters[name]
-        if w.dim() < 2:
-            raise UnsupportedModuleError(
-                f"LoRA needs a parameter with at least 2 dims; {key!r} has shape {tuple(w.shape)}"
-            )
-        if cfg.bias != "none":
-            raise UnsupportedModuleError(f"bias='lora_only' is not available for the parameter target {key!r}")
-        *lead, m, n = w.shape
-        r = cfg.rank_for(key)
-        super().__init__(cfg, key, key.rpartition(".")[0], (*lead, r, n), (*lead, m, r), like, n)
-        self.swaps = (name,)
-        self.param_name = name
-        if cfg.dropout:
-            raise ConfigError("LoRA dropout acts on layer inputs; it is not available with target_parameters (set dropout=0)")
-
-    def update(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.update().to(weight.dtype)
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {self.param_name: (self.lora_B.float() * self.scale) @ self.lora_A.float()}
-
-    def describe(self) -> str:
-        return f"{self.param_name}: " + super().describe()
-
-
-class TiedLoRA(Piece):
-    """The other end of a tied weight: applies the primary piece's update in this module too.
-
-    Holds no tensors of its own (the primary owns them, and writes the shared weight once
-    on merge), so the two modules stay tied."""
-
-    hooks = frozenset({"post"})
-    additive = True
-
-    def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
-        super().__init__(site_path, key=site_path)
-        object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
-        plain = isinstance(primary, LoRAEmbedding) or (isinstance(primary, LoRALinear) and not primary.conv1d)
-        if not plain or not isinstance(module, (nn.Linear, nn.Embedding)):
-            raise UnsupportedModuleError(
-                f"{site_path!r} ({type(module).__name__}) shares its weight with {primary.key!r}; hookdelta "
-                "ties LoRA only between nn.Linear and nn.Embedding layers. Exclude both or set tie_weights=False."
-            )
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        p = self.primary
-        x = first_input(args, kwargs)
-        if isinstance(p, LoRAEmbedding) and isinstance(module, nn.Linear):  # ΔW=(B·A)ᵀ as a linear: x·B·A
-            delta = F.linear(F.linear(p.drop(module, x).to(p.lora_A.dtype), p.lora_B.T), p.lora_A.T)
-        elif isinstance(p, LoRALinear) and isinstance(module, nn.Embedding):  # ΔW=B·A looked up: B[ids]·A
-            delta = F.embedding(x, p.lora_B, module.padding_idx) @ p.lora_A
-        elif isinstance(p, LoRAEmbedding):  # embedding tied to embedding
-            delta = F.embedding(x, p.lora_A.T, module.padding_idx) @ p.lora_B.T
-        else:  # linear tied to linear
-            delta = F.linear(F.linear(p.drop(module, x).to(p.lora_A.dtype), p.lora_A), p.lora_B)
-        return output + (delta * p.scale).to(output.dtype)
-
-    def describe(self) -> str:
-        return f"tied to {self.primary.key}"
-
-
-class TiedParameter(TiedSwap):
-    """The other holder of a tied weight targeted as a parameter: the primary's swap there too."""
-
-    additive = True
-
-    def __init__(self, primary: "LoRAParameter", site_path: str) -> None:
-        super().__init__(primary, site_path, key=site_path + "." + primary.param_name)
 
 
 class LoRACodec(PeftCodec):
