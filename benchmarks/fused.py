@@ -64,6 +64,22 @@ def _at_11c95c4(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output
     return ops.lowrank_add(output, t, b, self.scale, first_hook_is_ours(module))
 
 
+def _out_of_place(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Today's LoRALinear.post_forward with the in-place add turned off (owned=False)."""
+    x = self.drop(module, first_input(args, kwargs))
+    a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+    group = self.siblings
+    t = group.product(self, x) if group is not None and not x.is_inference() else F.linear(x, a)
+    return ops.lowrank_add(output, t, b, self.scale, False)
+
+
+def out_of_place(delta: Any) -> None:
+    """Every LoRA add out of place, also without autograd: what the in-place add saves."""
+    for piece in delta.pieces.values():
+        if type(piece) is LoRALinear:
+            object.__setattr__(piece, "post_forward", types.MethodType(_out_of_place, piece))
+
+
 def as_11c95c4(delta: Any) -> None:
     """The hot path before issue 24's soundness fixes, for measuring their cost in one run."""
     groups: dict[int, _KeptStack] = {}
@@ -188,10 +204,11 @@ def b14_decode(p: Profile) -> Row:
     Called as users call it, so under generate()'s own no_grad (where sibling grouping works)."""
     bare, ours, delta, theirs = lora_contenders(p)
     merged_ours, merged_theirs, alone = copy.deepcopy(ours), copy.deepcopy(theirs), copy.deepcopy(ours)
-    kept = copy.deepcopy(ours)
+    kept, copying = copy.deepcopy(ours), copy.deepcopy(ours)
     hd.deltas(merged_ours)[delta.name].merge()
     siblings_off(hd.deltas(alone)[delta.name])
     as_11c95c4(hd.deltas(kept)[delta.name])
+    out_of_place(hd.deltas(copying)[delta.name])
     merged_theirs.merge_adapter()
     prompt = token_ids(p)[:1, :16]
     tokens = 64 if p.name != "smoke" else 4
@@ -200,10 +217,10 @@ def b14_decode(p: Profile) -> Row:
         return _generator(model, prompt, tokens)
 
     models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
-              "peft merged": merged_theirs, "hookdelta, siblings off": alone, "11c95c4": kept}
-    generate(ours)()  # (the watched first call)
-    generate(alone)()
-    generate(kept)()
+              "peft merged": merged_theirs, "hookdelta, siblings off": alone, "11c95c4": kept,
+              "hookdelta, no in-place add": copying}
+    for m in (ours, alone, kept, copying):
+        generate(m)()  # (the watched first call)
     row = Row("B14", f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
               f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache")
     row.times = interleave({k: generate(m) for k, m in models.items()}, max(3, p.rounds // 3), 1)
@@ -214,6 +231,7 @@ def b14_decode(p: Profile) -> Row:
     row.ratio("peft merged", "bare")
     row.ratio("hookdelta", "hookdelta, siblings off")
     row.ratio("hookdelta", "11c95c4", note="issue 24's soundness fixes: no kept stack")
+    row.ratio("hookdelta", "hookdelta, no in-place add", note="what the in-place add (no autograd only) saves")
     row.checks["same tokens as 11c95c4's path"] = bool(torch.equal(generate(ours)(), generate(kept)()))
     return row
 
