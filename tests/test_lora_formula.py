@@ -196,3 +196,16 @@ def test_tied_embedding_and_head_stay_tied():
     delta.detach()
     with pytest.raises(hd.UnsupportedModuleError, match="tied"):
         hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens", tie_weights=False))
+
+
+def test_a_tied_weight_with_a_pissa_start_is_refused_not_half_applied():
+    """PiSSA on a tied output head: the residual s·B₀·A₀ would have to act at the embedding end
+    too; the tied end used s·B·A alone before (a fresh delta changed the embeddings)."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    with pytest.raises(hd.UnsupportedModuleError, match="shares its weight"):
+        hd.attach(model, hd.LoRAConfig(r=2, init="pissa", targets="lm_head"))
+    assert not hd.deltas(model)

@@ -13,6 +13,7 @@ import torch
 
 import hookdelta as hd
 from helpers import perturb
+from hookdelta import ops
 from hookdelta.shared_input import new_forward
 from tiny_models import build
 
@@ -57,6 +58,29 @@ class _CountStacked:
                 self.calls += 1
             return real(x, w, *rest)
         monkeypatch.setattr(torch.nn.functional, "linear", counting)
+
+
+@pytest.fixture(autouse=True)
+def _always_stack(monkeypatch):
+    """These tests use a few rows: let grouping act at any size without autograd too (it steps
+    aside below ops.STACK_ROWS rows there, where separate GEMMs are faster)."""
+    monkeypatch.setattr(ops, "STACK_ROWS", 1)
+
+
+def test_grouping_steps_aside_for_few_rows_without_autograd_only(monkeypatch):
+    monkeypatch.setattr(ops, "STACK_ROWS", 128)
+    model, inputs, _ = build("llama")
+    hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    with torch.no_grad():
+        model(**inputs)  # the watched first call
+    counter = _CountStacked(monkeypatch, 4)
+    with torch.no_grad():
+        model(**inputs)  # 2 x 7 rows: decoding-sized, each layer alone
+        assert counter.calls == 0
+        model(input_ids=torch.randint(3, 90, (2, 64)))  # 128 rows: grouped
+        assert counter.calls == 4
+    model(**inputs)  # with autograd: grouped at any size
+    assert counter.calls == 8
 
 
 def test_groups_are_q_k_v_and_gate_up_of_each_block():

@@ -124,10 +124,11 @@ class LoRALinear(_LoRABase):
         a, b = params["lora_A"], params["lora_B"]
         x = x if x.dtype == a.dtype else x.to(a.dtype)
         group = self.siblings
-        # q/k/v (gate/up) share one GEMM over their A's; not in compiled code, not on inference
-        # tensors (no version counter to check the input by), not with dropout (a mask per layer)
+        # q/k/v (gate/up) share one GEMM over their A's where it pays (ops.stack_pays); not in
+        # compiled code, not on inference tensors (no version counter to check the input by), not
+        # with dropout (a mask per layer)
         if (group is not None and ops.fast() and not torch.compiler.is_compiling() and not x.is_inference()
-                and not (self.p and module.training)):
+                and not (self.p and module.training) and ops.stack_pays(x)):
             t = group.product(self, x)
         else:
             t = F.linear(x, a)
@@ -402,8 +403,11 @@ class TiedLoRA(Piece):
     def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
         super().__init__(site_path, key=site_path)
         object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
-        # the plain classes only: a variant's extra term (bias, PiSSA residual) has no tied form here
-        plain = type(primary) is LoRAEmbedding or (type(primary) is LoRALinear and not primary.conv1d)
+        # the update of the shared weight is s·B·A: a PiSSA/OLoRA residual or aLoRA's activation
+        # would have to act at this end too, so those are refused (lora_bias is the primary's own
+        # output bias, not part of the shared weight: it stays there)
+        plain = type(primary) is LoRAEmbedding or (type(primary) in (LoRALinear, BiasedLoRALinear)
+                                                   and not primary.conv1d)
         if not plain or not isinstance(module, (nn.Linear, nn.Embedding)):
             raise UnsupportedModuleError(
                 f"{site_path!r} ({type(module).__name__}) shares its weight with {primary.key!r}; hookdelta "
