@@ -464,3 +464,36 @@ def test_every_input_shape_a_linear_layer_takes_gives_what_a_batch_of_it_gives(n
     close(got.reshape(-1, 6), want)
     if flat.shape[0]:  # the delta acts: the comparison is not vacuous
         assert not torch.allclose(want, F.linear(flat, model.layer.weight, model.layer.bias), atol=1e-4)
+
+
+# -- an interrupt inside forward ----------------------------------------------------------------
+
+@pytest.mark.parametrize("first", [True, False], ids=["first forward", "later forward"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "adapter"])
+def test_a_keyboard_interrupt_inside_forward_leaves_the_model_as_it_was(name, first):
+    import threading
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, SUBJECTS[name](), name=name)
+    perturb(delta, std=0.1)
+    if not first:
+        with torch.no_grad():
+            model(**inputs)
+
+    def interrupt(module, args, output):
+        handle.remove()
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[-1].mlp.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(**inputs)
+    errors = []
+    worker = threading.Thread(target=lambda: errors.append(delta.disable()))
+    worker.start()
+    worker.join()
+    assert errors == [None] and not delta.enabled  # the ended forward does not hold changes off
+    delta.enable()
+    with torch.no_grad():
+        got = main_output(model(**inputs))
+        with ops.plain():
+            want = main_output(model(**inputs))
+    close(got, want)
