@@ -82,8 +82,31 @@ def merge(args: argparse.Namespace) -> None:
             delta.merge_and_detach()
         progress.update(task, advance=1, description=f"writing {args.out_dir}")
         model.save_pretrained(args.out_dir)
+        copy_side_files(args.model_dir, args.out_dir)
         progress.update(task, advance=1, description="done")
     print(f"merged {args.delta_dir} into {args.model_dir} -> {args.out_dir}")
+
+
+# what a serving stack (vLLM, TGI, transformers' pipeline) reads beside the weights and config
+SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+              "*.tiktoken", "chat_template.*", "generation_config.json", "preprocessor_config.json",
+              "processor_config.json")
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer, chat template and generation files of `src` into `dst` (not over
+    what save_pretrained just wrote), so the merged folder serves as the original did."""
+    import fnmatch
+    import shutil
+
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if (os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in SIDE_FILES)
+                and not os.path.exists(os.path.join(dst, name))):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
 
 
 def convert(args: argparse.Namespace) -> None:

@@ -675,10 +675,24 @@ class ForwardGuard:
         if probe is not None:
             probe.finish()
         if output is not None and module.training and torch.is_grad_enabled() and checkpointing(module):
+            store = module._modules[STORE_NAME]
+            which = store.which_run()
             for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
                 key = id(t)
                 self.pending[key] = weakref.ref(t)
-                t.register_hook(lambda grad, key=key: self.pending.pop(key, None) and None)
+                t.register_hook(lambda grad, key=key: self._backward(key, store, which))
+
+    def _backward(self, key: int, store: Any, which: Any) -> None:
+        """A checkpointed forward's backward begins: its recompute re-runs the hooks now, so the
+        deltas that run must be those that ran in the forward (a disable() undone in between is
+        fine: `with delta.disabled():` around a reference model's forward)."""
+        self.pending.pop(key, None)
+        now = store.which_run()
+        if now != which:
+            raise DeltaStateError(
+                "the deltas that run changed between a forward under gradient checkpointing and its backward "
+                f"(then {list(which)}, now {list(now)}), so the recompute would use other deltas and give wrong "
+                "gradients; undo the change (enable/disable/set_active) before backward()")
 
     def _drop_stale(self, thread: int, top: Any) -> None:
         """Forget the forwards of `thread` whose frames are no longer on its stack (from `top`
@@ -712,6 +726,10 @@ class ForwardGuard:
             self._drop_stale(thread, frames.get(thread))  # (a finished thread has no frame: all stale)
         return [t for t, calls in self.calls.items() if calls and t != threading.get_ident()]
 
+    # changes that only switch which deltas run: allowed between a checkpointed forward and its
+    # backward, because the backward checks they were undone (see _backward)
+    SWITCHES = frozenset({"enable", "disable", "set_active"})
+
     @contextlib.contextmanager
     def changing(self, action: str) -> Iterator[None]:
         with self.lock:
@@ -728,13 +746,14 @@ class ForwardGuard:
                     f"cannot {action}() while another thread runs a forward pass of this model; change "
                     "deltas between forward passes (forwards from several threads at once are fine)"
                 )
-            if any(ref() is not None for ref in self.pending.values()):
+            if action not in self.SWITCHES and any(ref() is not None for ref in self.pending.values()):
                 raise DeltaStateError(
                     f"cannot {action}() between a forward and its backward under gradient checkpointing: "
                     "the backward re-runs the forward with the deltas as they are then, which would give "
                     "wrong gradients. Call backward() first, or drop the outputs (del out) if you do not need it"
                 )
-            self.pending.clear()
+            if action not in self.SWITCHES:
+                self.pending.clear()
             yield
 
 

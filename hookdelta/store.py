@@ -228,6 +228,10 @@ class DeltaStore(nn.Module):
                 f"from a KV cache of {length} tokens, so its positions would shift; call generate(use_cache=False) "
                 "or run full sequences")
 
+    def which_run(self) -> tuple:
+        """Which deltas run now, and how: what a checkpointed forward's recompute must see again."""
+        return tuple((n, d.enabled, d.merged) for n, d in self.deltas.items())
+
     def interrupted(self, frames: list[Any]) -> None:
         """Forwards that a KeyboardInterrupt ended: a routing their call set up ends with them."""
         if self.keyword_call is not False and any(f is self.keyword_call for f in frames):

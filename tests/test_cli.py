@@ -80,3 +80,26 @@ def test_bad_input_gives_one_line_and_no_traceback(saved, tmp_path, args, messag
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_merge_copies_the_tokenizer_and_generation_files(saved, tmp_path):
+    """A merged folder serves as the original did (vLLM reads the tokenizer beside the weights)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tmp, _, _ = saved
+    base = tmp_path / "base"
+    shutil.copytree(tmp / "base", base)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(base)
+    (base / "generation_config.json").write_text('{"max_new_tokens": 7, "do_sample": false}')
+    run = cli("merge", base, tmp / "delta", tmp_path / "merged")
+    assert run.returncode == 0, run.stderr
+    back = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert back("hello world")["input_ids"] == tok("hello world")["input_ids"] == [1, 2]
+    assert back.chat_template == tok.chat_template
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(tmp_path / "merged").max_new_tokens == 7

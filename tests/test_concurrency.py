@@ -136,9 +136,14 @@ def test_a_change_between_a_checkpointed_forward_and_its_backward_is_refused():
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out = model(**inputs).logits
-    for change in (delta.disable, delta.merge, delta.detach, lambda: hd.set_active(model)):
+    for change in (delta.merge, delta.detach):
         with pytest.raises(hd.DeltaStateError, match="between a forward and its backward"):
             change()
+    with delta.disabled():  # a switch undone before backward (a reference model's forward): allowed
+        with torch.no_grad():
+            model(**inputs)
+    hd.set_active(model)
+    hd.set_active(model, delta.name)
     out.pow(2).mean().backward()  # the recompute runs with the deltas the forward saw
     grads = {n: p.grad.clone() for n, p in delta.named_parameters()}
     model.gradient_checkpointing_disable()
@@ -152,6 +157,42 @@ def test_a_change_between_a_checkpointed_forward_and_its_backward_is_refused():
     out = model(**inputs).logits
     del out  # ... and so it is when the outputs are dropped without a backward
     delta.enable()
+
+
+def test_a_switch_not_undone_before_the_backward_of_a_checkpointed_forward_is_refused_there():
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(delta, std=0.3)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = model(**inputs).logits
+    delta.disable()  # allowed now: it may still be undone before backward
+    with pytest.raises(hd.DeltaStateError, match="changed between a forward under gradient checkpointing and its"):
+        out.pow(2).mean().backward()
+    assert all(p.grad is None for p in delta.parameters())  # no gradient from the wrong recompute
+
+
+def test_a_reference_forward_under_disabled_between_forward_and_backward_gives_the_plain_gradients():
+    """DPO's reference model without a copy: the policy's checkpointed forward, then the same
+    model under `delta.disabled()`, then the backward: the gradients of the policy alone."""
+    model, inputs, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    perturb(delta, std=0.3)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    policy = model(**inputs).logits
+    with delta.disabled(), torch.no_grad():
+        reference = model(**inputs).logits
+    (policy - reference).pow(2).mean().backward()
+    got = {n: p.grad.clone() for n, p in delta.named_parameters()}
+    model.gradient_checkpointing_disable()
+    delta.zero_grad()
+    with delta.disabled(), torch.no_grad():
+        reference_plain = model(**inputs).logits
+    torch.testing.assert_close(reference, reference_plain, rtol=0, atol=0)
+    (model(**inputs).logits - reference_plain).pow(2).mean().backward()
+    for n, p in delta.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_without_checkpointing_a_forward_does_not_block_changes():

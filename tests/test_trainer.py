@@ -26,11 +26,12 @@ class Reviews(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
 
 
-def make_trainer(model, delta, out, steps=6, **kw):
+def make_trainer(model, delta, out, steps=6, eval_dataset=None, **kw):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=3,
         logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, **kw)
-    return transformers.Trainer(model=model, args=args, train_dataset=Reviews(), callbacks=[hd.TrainerCallback(delta)])
+    return transformers.Trainer(model=model, args=args, train_dataset=Reviews(), eval_dataset=eval_dataset,
+                                callbacks=[hd.TrainerCallback(delta)])
 
 
 def lora(model):
@@ -57,7 +58,7 @@ def test_trainer_trains_checkpoints_and_resumes(tmp_path):
 
     trainer.save_model(str(tmp_path / "final"))
     saved = load_file(tmp_path / "final" / "model.safetensors")
-    assert set(saved) <= set(base) and all(torch.equal(saved[k], base[k]) for k in saved), "base weights untouched"
+    assert all(torch.equal(saved[k], base[k]) for k in base if k in saved), "base weights untouched"
 
     # resume from step 3 on a fresh model: the delta comes back and training ends where it did
     fresh = build("bert")[0]
@@ -77,8 +78,48 @@ def test_resume_without_a_saved_delta_says_so(tmp_path):
     delta = lora(model)
     make_trainer(model, delta, tmp_path / "run", steps=3).train()
     import shutil
-    shutil.rmtree(tmp_path / "run" / "checkpoint-3" / "hookdelta")
+    from safetensors.torch import save_file
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    shutil.rmtree(checkpoint / "hookdelta")  # as if written without the callback: the base weights only
+    weights = load_file(checkpoint / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("_hookdelta")}, checkpoint / "model.safetensors",
+              metadata={"format": "pt"})
     fresh = build("bert")[0]
     with pytest.raises(hd.DeltaFileError, match="no saved delta"):
         make_trainer(fresh, lora(fresh), tmp_path / "run", steps=6).train(
             resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+
+def test_resume_from_a_checkpoint_outside_the_new_output_dir(tmp_path):
+    """The checkpoint was copied elsewhere and the new run writes to another output_dir:
+    Trainer loads the checkpoint's weights, the delta's among them (a DeltaFileError before)."""
+    import shutil
+    model = build("bert")[0]
+    delta = lora(model)
+    make_trainer(model, delta, tmp_path / "run").train()
+    final = delta_state(delta)
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", tmp_path / "elsewhere" / "ckpt")
+    shutil.rmtree(tmp_path / "run")
+    fresh = build("bert")[0]
+    other = lora(fresh)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    again = make_trainer(fresh, other, tmp_path / "new-run")
+    again.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "ckpt"))
+    for k, v in delta_state(other).items():
+        torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6)
+
+
+def test_load_best_model_at_end_brings_the_best_delta_back(tmp_path):
+    model = build("bert")[0]
+    delta = lora(model)
+    trainer = make_trainer(model, delta, tmp_path / "run", eval_dataset=Reviews(16), eval_strategy="steps",
+                           eval_steps=3, load_best_model_at_end=True, metric_for_best_model="loss",
+                           greater_is_better=False)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-3")  # the higher loss: not the last step's delta
+    saved = hd.load(build("bert")[0], os.path.join(best, "hookdelta", delta.name))
+    for k, v in saved.state_dict().items():  # step 3 had the lower eval loss: its delta, not the last
+        torch.testing.assert_close(delta.state_dict()[k], v, rtol=0, atol=0)

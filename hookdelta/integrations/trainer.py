@@ -1,13 +1,16 @@
-"""Training an attached delta with the Hugging Face `Trainer`: one callback.
+"""Training an attached delta with the Hugging Face `Trainer` (and the trainers built on it:
+Seq2SeqTrainer, TRL's): one callback.
 
     trainer = Trainer(model=model, args=args, train_dataset=..., callbacks=[hd.TrainerCallback(delta)])
 
 Trainer's optimizer already gets exactly the delta's tensors (it takes the parameters that
-require grad, and the backbone is frozen). The callback adds what Trainer cannot know: every
-checkpoint gets the delta in hookdelta's format (`checkpoint-N/hookdelta/<name>/`), and
-`trainer.train(resume_from_checkpoint=...)` puts the checkpoint's delta back before the
-first step. `trainer.save_model()` keeps writing the untouched base weights; save the delta
-with `delta.save(...)`.
+require grad, and the backbone is frozen). The callback adds what Trainer cannot know:
+- the delta's tensors join the model's state dict (`hd.include_in_state_dict`), so every
+  checkpoint's weights hold them and Trainer itself restores them when it loads a checkpoint:
+  `train(resume_from_checkpoint=<any path>)` and `load_best_model_at_end` bring the delta back;
+- every checkpoint also gets the delta in hookdelta's format (`checkpoint-N/hookdelta/<name>/`),
+  loadable with `hd.load`;
+- resuming with neither is refused, never continued with a fresh delta and the old optimizer.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from transformers import TrainerCallback as _Base
 
 from ..errors import DeltaFileError
 from ..persistence import read_meta, read_tensors
+from ..store import store_of
 
 
 class TrainerCallback(_Base):
@@ -26,6 +30,16 @@ class TrainerCallback(_Base):
 
     def __init__(self, delta: Any) -> None:
         self.delta = delta
+        self.restored = False  # whether Trainer loaded the delta's tensors from a checkpoint
+        store = store_of(delta.model)
+        if store is not None:
+            store.include_in_state_dict = True
+        delta.register_load_state_dict_post_hook(self._loaded)
+
+    def _loaded(self, module: Any, incompatible: Any) -> None:
+        # called with the whole load's keys: the delta's own are under its path in the model
+        prefix = next(f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta)
+        self.restored = not any(k.startswith(prefix) for k in incompatible.missing_keys)
 
     def folder(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, "hookdelta", self.delta.name)
@@ -38,10 +52,12 @@ class TrainerCallback(_Base):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:
             return  # a fresh run
+        if self.restored:
+            return  # Trainer loaded the checkpoint's weights, the delta's among them
         folder = self.folder(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         if not os.path.isdir(folder):
             raise DeltaFileError(
-                f"resuming at step {state.global_step}, but the checkpoint has no saved delta at {folder}; "
-                "was it written with hd.TrainerCallback(delta)?"
-            )
+                f"resuming at step {state.global_step}, but the checkpoint's weights do not hold delta "
+                f"{self.delta.name!r} and there is no saved delta at {folder}; was it written with "
+                "hd.TrainerCallback(delta)?")
         self.delta.load_tensors(read_tensors(folder, read_meta(folder)))
