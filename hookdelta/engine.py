@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from .errors import DeltaStateError, MergeError
 from .modules import STORE_NAME, is_conv1d
 from .placement import WeightSlot, kept_names, open_slot
-from .probe import Probe, clean_up
+from .probe import Probe, clean_up, quiet
 from .quantized import dequantize, is_quantized
 
 
@@ -342,7 +342,9 @@ class Dispatcher:
             for piece in self.swap_pieces:
                 if piece.through:  # the site bypasses this child's forward: swap its weights in
                     host = module.get_submodule(piece.through)
-                    for name, value in piece.weight_values(host).items():
+                    with quiet():  # (reading the weights here is ours, not a bypass)
+                        values = piece.weight_values(host)
+                    for name, value in values.items():
                         saved.append((host._parameters, name, host._parameters[name]))
                         host._parameters[name] = value
                     continue

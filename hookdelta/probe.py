@@ -48,6 +48,20 @@ def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
             yield from _tensors(item, depth + 1)
 
 
+_ours = threading.local()  # .depth > 0 while hookdelta's own hook code reads weights (see quiet())
+
+
+class quiet:
+    """Around hookdelta's own reads of a watched weight outside its layer's call (the weight path
+    builds W + ΔW in the enclosing module's pre-hook): not a bypass."""
+
+    def __enter__(self) -> None:
+        _ours.depth = getattr(_ours, "depth", 0) + 1
+
+    def __exit__(self, *exc: Any) -> None:
+        _ours.depth -= 1
+
+
 class _Watch(TorchFunctionMode):
     def __init__(self, probe: "Probe") -> None:
         super().__init__()
@@ -55,7 +69,8 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         probe = self.probe
-        if probe.active and getattr(func, "__name__", "") not in _METADATA and threading.get_ident() == probe.thread:
+        if (probe.active and getattr(func, "__name__", "") not in _METADATA and threading.get_ident() == probe.thread
+                and not getattr(_ours, "depth", 0)):
             if probe.running():
                 probe.seen(args, kwargs)
             else:  # the forward ended without its hooks (KeyboardInterrupt): stop watching now
@@ -67,7 +82,8 @@ class Probe:
     """One watched forward, called from `frame`. `watch`: id(weight) -> (the weight, its layer
     path, the deltas there); holding the weights keeps their ids from being reused meanwhile."""
 
-    def __init__(self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, str, list[str]]], frame: Any) -> None:
+    def __init__(self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]],
+                 frame: Any) -> None:
         self.watch = watch
         self.frame = frame
         self.holders: dict[int, set[int]] = {}  # id(weight) -> ids of the modules holding it
@@ -83,7 +99,7 @@ class Probe:
         self.thread = threading.get_ident()
         self.stack: list[int] = [id(model)]  # modules whose forward is running, innermost last
         self.inside: dict[int, int] = {}  # id(watched module) -> calls of it under way
-        self.found: dict[str, tuple[str, list[str]]] = {}  # layer -> (reader, deltas)
+        self.found: dict[tuple[str, ...], tuple[str, list[str]]] = {}  # layers -> (reader, deltas)
         self.handles: list[Any] = []
         self.mode = _Watch(self)
         self.active = False
@@ -141,11 +157,16 @@ class Probe:
         self._pop_mode()
         self._remove()
         self.frame = None
-        for layer, (reader, owners) in self.found.items():
+        for layers, (reader, owners) in self.found.items():
+            if len(layers) == 1:
+                what, fix = f"the weights of {layers[0]!r} without calling its forward", f"Exclude {layers[0]!r}"
+            else:  # a tied weight: the reader bypassed every layer holding it
+                held = " and ".join(repr(p) for p in layers)
+                what, fix = f"the weight tied between {held} without calling their forward", "Exclude them"
             warnings.warn(
-                f"{reader!r} used the weights of {layer!r} without calling its forward, so the hooks of "
-                f"delta(s) {owners} there never ran: they have no effect on this model. Exclude {layer!r} from "
-                "the targets, or adapt the module that reads the weights instead", BypassWarning, stacklevel=4)
+                f"{reader!r} used {what}, so the hooks of delta(s) {owners} there never ran for that use: they "
+                f"have no effect on it. {fix} from the targets, or adapt the module that reads the weights "
+                "instead", BypassWarning, stacklevel=4)
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self.active and threading.get_ident() == self.thread:

@@ -272,9 +272,10 @@ class DeltaStore(nn.Module):
                     "the delta: hookdelta keeps it on the device the layers compute on"
                 )
 
-    def watch(self) -> dict[int, tuple[torch.Tensor, str, list[str]]]:
-        """id(weight) -> (weight, layer, delta names) for every layer a live piece hooks directly:
-        what the first-forward probe watches (offloaded weights, on meta and replaced per call, not)."""
+    def watch(self) -> dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]]:
+        """id(weight) -> (weight, the layers holding it, delta names) for every layer a live piece
+        hooks directly: what the first-forward probe watches (offloaded weights, on meta and
+        replaced per call, not). A tied weight has several layers."""
         owners: dict[str, list[str]] = {}
         for name, delta in self.deltas.items():
             for piece in delta.pieces.values():
@@ -285,7 +286,8 @@ class DeltaStore(nn.Module):
             site = self.sites.get(path)
             for param in (site.module._parameters.values() if site is not None and path else ()):
                 if param is not None and not param.is_meta:
-                    watch[id(param)] = (param, path, sorted(set(names)))
+                    _, paths, before = watch.get(id(param), (param, (), []))
+                    watch[id(param)] = (param, paths + (path,), sorted(set(before + names)))
         return watch
 
 

@@ -123,3 +123,30 @@ def test_load_best_model_at_end_brings_the_best_delta_back(tmp_path):
     saved = hd.load(build("bert")[0], os.path.join(best, "hookdelta", delta.name))
     for k, v in saved.state_dict().items():  # step 3 had the lower eval loss: its delta, not the last
         torch.testing.assert_close(delta.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_checkpoints_hold_the_delta_not_the_base_and_resume_exactly(tmp_path):
+    model = build("bert")[0]
+    delta = lora(model)
+    make_trainer(model, delta, tmp_path / "run").train()
+    final = delta_state(delta)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    weights = load_file(checkpoint / "model.safetensors")
+    delta_bytes = sum(p.numel() * p.element_size() for p in delta.state_dict().values())
+    assert sum(v.numel() * v.element_size() for v in weights.values()) == delta_bytes
+    assert not (checkpoint / "config.json").exists()  # from_pretrained(checkpoint) fails loudly, not randomly
+    with pytest.raises((OSError, ValueError), match="config"):
+        transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    fresh = build("bert")[0]
+    other = lora(fresh)
+    again = make_trainer(fresh, other, tmp_path / "run")
+    again.train(resume_from_checkpoint=str(checkpoint))
+    for k, v in delta_state(other).items():
+        torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6)
+    full = build("bert")[0]  # and the base when asked
+    kept = lora(full)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "full"), max_steps=3, save_steps=3,
+                                          per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    transformers.Trainer(model=full, args=args, train_dataset=Reviews(),
+                         callbacks=[hd.TrainerCallback(kept, save_base=True)]).train()
+    assert set(build("bert")[0].state_dict()) <= set(load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors"))

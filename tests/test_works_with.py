@@ -212,6 +212,54 @@ def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
     assert no_global_forward_hooks()
 
 
+class FusedLossHead(nn.Module):
+    """TRL's / Liger's fused-loss path: the backbone, then the loss straight from lm_head.weight
+    (no call of lm_head)."""
+
+    def __init__(self, lm) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        hidden = self.lm.model(input_ids=input_ids).last_hidden_state
+        return F.linear(hidden, self.lm.lm_head.weight)
+
+
+def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
+    """A LoRA on a tied embedding also adapts the head; a fused loss reads the head's weight in
+    its own code, so the head's part acts through the weight: the logits are the plain forward's,
+    and nothing warns (the warning said the embedding's delta had no effect before)."""
+    config = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = FusedLossHead(tf.LlamaForCausalLM(config))
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
+    perturb(delta, std=0.3)
+    ids = torch.randint(0, 50, (2, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hd.BypassWarning)
+        with torch.no_grad():
+            got = model(ids)
+    piece = delta.pieces["lm-model-embed_tokens"]
+    w = model.lm.lm_head.weight + piece.scale * (piece.lora_B @ piece.lora_A).T
+    with torch.no_grad():
+        hidden = model.lm.model(input_ids=ids).last_hidden_state  # (the embedding's delta in place)
+        torch.testing.assert_close(got, F.linear(hidden, w), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, F.linear(hidden, model.lm.lm_head.weight), atol=1e-3)
+
+
+def test_a_reader_of_a_tied_weight_outside_every_holder_names_all_of_them():
+    config = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    lm = tf.LlamaForCausalLM(config)
+    hd.attach(lm, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
+    with pytest.warns(hd.BypassWarning, match=r"used the weight tied between 'model.embed_tokens' and 'lm_head' "
+                                              r"without calling their forward.*\['tied'\]"):
+        def reads_head(module, args, out):
+            F.linear(out[0], lm.lm_head.weight)  # a loss computed from the head's weight, not by calling it
+        lm.model.register_forward_hook(reads_head)
+        lm(input_ids=torch.randint(0, 50, (2, 5)))
+
+
 class InterruptedOnce(nn.Module):
     """Reads a child's weight in its own code, and raises KeyboardInterrupt (Ctrl-C) in its first
     forward after the read: no forward hook runs then, always_call or not."""

@@ -10,7 +10,11 @@ require grad, and the backbone is frozen). The callback adds what Trainer cannot
   `train(resume_from_checkpoint=<any path>)` and `load_best_model_at_end` bring the delta back;
 - every checkpoint also gets the delta in hookdelta's format (`checkpoint-N/hookdelta/<name>/`),
   loadable with `hd.load`;
-- resuming with neither is refused, never continued with a fresh delta and the old optimizer.
+- resuming with neither is refused, never continued with a fresh delta and the old optimizer;
+- checkpoints do not keep the frozen base (`save_base=False`, the default): after Trainer wrote
+  a checkpoint, its weights file is rewritten to the delta's tensors alone and its config.json
+  is removed, so the folder is a few MB and `from_pretrained(checkpoint)` fails loudly instead of
+  building a model with random base weights. Trainer resumes from it as from any checkpoint.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from ..store import store_of
 class TrainerCallback(_Base):
     """Saves the delta into each Trainer checkpoint and restores it when training resumes."""
 
-    def __init__(self, delta: Any) -> None:
+    def __init__(self, delta: Any, save_base: bool = False) -> None:
         self.delta = delta
+        self.save_base = save_base
         self.restored = False  # whether Trainer loaded the delta's tensors from a checkpoint
         store = store_of(delta.model)
         if store is not None:
@@ -48,6 +53,20 @@ class TrainerCallback(_Base):
         if state.is_world_process_zero:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self.delta.save(self.folder(checkpoint), overwrite=True)
+            if not self.save_base:
+                self._drop_base(checkpoint)
+
+    def _drop_base(self, checkpoint: str) -> None:
+        """Rewrite the checkpoint's weights to the delta's tensors alone (under their keys in the
+        model's state dict, which Trainer's resume loads non-strictly) and remove its config."""
+        from safetensors.torch import save_file
+
+        prefix = next(f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta)
+        tensors = {prefix + k: v.detach().contiguous().cpu() for k, v in self.delta.state_dict().items()}
+        for name in os.listdir(checkpoint):
+            if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
+                os.remove(os.path.join(checkpoint, name))
+        save_file(tensors, os.path.join(checkpoint, "model.safetensors"), metadata={"format": "pt"})
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..engine import Piece, TiedSwap, first_hook_is_ours, first_input
+from ..engine import Piece, TiedSwap, current, first_hook_is_ours, first_input
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
 from ..modules import is_conv1d, layer_dims
 from ..shared_input import SharedInput
@@ -403,6 +403,7 @@ class TiedLoRA(Piece):
     def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
         super().__init__(site_path, key=site_path)
         object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
+        self.weight_path_exact = primary.weight_path_exact  # (dropout acts on inputs: no weight holds it)
         # the update of the shared weight is s·B·A: a PiSSA/OLoRA residual or aLoRA's activation
         # would have to act at this end too, so those are refused (lora_bias is the primary's own
         # output bias, not part of the shared weight: it stays there)
@@ -413,6 +414,17 @@ class TiedLoRA(Piece):
                 f"{site_path!r} ({type(module).__name__}) shares its weight with {primary.key!r}; hookdelta "
                 "ties LoRA only between nn.Linear and nn.Embedding layers. Exclude both or set tie_weights=False."
             )
+
+    def weight_values(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The shared weight with the primary's update, for a parent that reads this layer's
+        weight without calling it (a fused loss reading a tied head): W + s·B·A in the shared
+        layout (the embedding's (B·A)ᵀ), differentiable in the primary's factors."""
+        p = self.primary
+        dw = (p.lora_B * p.scale) @ p.lora_A
+        if isinstance(p, LoRAEmbedding):
+            dw = dw.T
+        w = current(module, "weight")
+        return {"weight": w + dw.to(w.dtype)}
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         p = self.primary
