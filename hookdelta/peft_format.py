@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,25 @@ def codecs() -> dict[str, PeftCodec]:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
+def is_diffusers_file(directory: str | os.PathLike) -> bool:
+    """A diffusers LoRA file (save_lora_adapter, save_lora_weights) with no PEFT config beside it."""
+    return not (Path(directory) / CONFIG).is_file() and (Path(directory) / DIFFUSERS).is_file()
+
+
+def read_peft_config(directory: str | os.PathLike, prefix: str = "",
+                     tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The adapter's PEFT config, checked. For a diffusers file, `prefix` is the pipeline
+    component ("unet", "text_encoder", ...) its keys and metadata are under ("" for a model's own
+    file), and `tensors` (already without the prefix) give the ranks when it has no metadata."""
     path = Path(directory) / CONFIG
-    if not path.is_file() and (Path(directory) / DIFFUSERS).is_file():
-        config, path = _diffusers_config(Path(directory) / DIFFUSERS), Path(directory) / DIFFUSERS
+    if is_diffusers_file(directory):
+        config, path = _diffusers_config(Path(directory) / DIFFUSERS, prefix, tensors), Path(directory) / DIFFUSERS
     else:
         config = read_json(directory, CONFIG, "PEFT adapter")
+    return check_peft_config(config, path)
+
+
+def check_peft_config(config: Any, path: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
     codec = codecs().get(config.get("peft_type"))
@@ -95,25 +109,65 @@ def read_peft_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise DeltaFileError(f"no adapter weights in {directory}: neither {WEIGHTS} nor {PICKLED}")
 
 
-def _diffusers_config(path: Path) -> dict[str, Any]:
-    """diffusers' `save_lora_adapter` writes PEFT's LoRA config into the safetensors metadata."""
+def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """diffusers writes PEFT's LoRA config into the safetensors metadata: as is (a model's
+    `save_lora_adapter`) or with each key under its pipeline component (`save_lora_weights(...,
+    unet_lora_adapter_metadata=...)`: "unet.r", "unet.lora_alpha", ...). A file without it
+    (older training scripts) means what diffusers makes of it: each layer's rank from its
+    tensors and alpha equal to the rank (scale 1)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get("lora_adapter_metadata")
     except Exception as exc:
         raise DeltaFileError(f"{path} is corrupt or truncated ({exc})") from None
     if not text:
-        raise DeltaFileError(f"{path} carries no LoRA config (no adapter_config.json beside it, no "
-                             "lora_adapter_metadata inside it), so its rank and alpha are unknown; save it with "
-                             "diffusers' save_lora_adapter or PEFT's save_pretrained")
+        return _config_from_ranks(path, tensors)
     try:
         config = json.loads(text)
     except ValueError:
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not a PEFT config")
+    components = {k.partition(".")[0] for k in config if "." in k}
+    if prefix and any(k.startswith(prefix + ".") for k in config):
+        config = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")}
+    elif prefix and components and all("." in k for k in config):
+        return _config_from_ranks(path, tensors)  # metadata for other components only
     config.setdefault("peft_type", "LORA")
     return config
+
+
+def _config_from_ranks(path: Path, tensors: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    ranks = {k.rpartition(".lora_A")[0]: int(t.shape[0]) for k, t in (tensors or {}).items() if ".lora_A" in k}
+    if not ranks:
+        raise DeltaFileError(f"{path} carries no LoRA config (no adapter_config.json beside it, no "
+                             "lora_adapter_metadata inside it) and no lora_A tensors to read the ranks from")
+    values = list(ranks.values())
+    r = max(values, key=values.count)
+    odd = {re.escape(k): v for k, v in ranks.items() if v != r}
+    return {"peft_type": "LORA", "r": r, "lora_alpha": r, "rank_pattern": odd, "alpha_pattern": dict(odd)}
+
+
+def diffusers_component(model: nn.Module, keys: list[str], directory: Any) -> str:
+    """The pipeline component whose keys a diffusers file holds for this model: "" when its keys
+    name the model's own modules, else the one prefix ("unet", "text_encoder", ...) under which
+    they do. Several that fit, or none, is an error naming them."""
+    names = {n for n, _ in model.named_modules()}
+
+    def fits(strip: str) -> bool:
+        mods = {k[len(strip):].split(".lora_")[0] for k in keys if k.startswith(strip) and ".lora_" in k}
+        return bool(mods) and mods <= names
+
+    if fits(""):
+        return ""
+    prefixes = sorted({k.partition(".")[0] for k in keys})
+    found = [p for p in prefixes if fits(p + ".")]
+    if len(found) != 1:
+        raise DeltaFileError(
+            f"the diffusers LoRA file in {directory} holds the components {prefixes}; "
+            + (f"several fit this model: {found}" if found else "none of them fits this model's modules")
+            + ". Load it into the component it was saved for (pipe.unet, pipe.text_encoder, ...)")
+    return found[0]
 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
@@ -121,11 +175,16 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     """Attach an adapter saved by PEFT: LoRA (LoRA, rsLoRA, DoRA), IA3 or prompt tuning. Checks the
     config, every key and every shape before touching the model; returns the Delta."""
     model = check_model(model)
-    config = read_peft_config(directory)
+    tensors = read_peft_tensors(directory)
+    prefix = ""
+    if is_diffusers_file(directory):  # a pipeline's file holds several components: take this model's
+        prefix = diffusers_component(model, list(tensors), directory)
+        tensors = {k[len(prefix) + 1:]: t for k, t in tensors.items() if k.startswith(prefix + ".")} if prefix \
+            else tensors
+    config = read_peft_config(directory, prefix, tensors)
     codec = codecs()[config["peft_type"]]
     named: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}  # modules_to_save: full copies under the modules' own names
-    tensors = read_peft_tensors(directory)
     config = {**config, "__shared__": {k: tensors.pop(k) for k in codec.shared_keys if k in tensors}}
     for key, tensor in tensors.items():
         key = key[len(codec.prefix):] if key.startswith(codec.prefix) else key
@@ -184,8 +243,11 @@ def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: A
 # -- writing ------------------------------------------------------------------------------------
 
 
-def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write a delta as a PEFT adapter directory (atomically, safetensors only)."""
+def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False, diffusers: str | bool = False) -> None:
+    """Write a delta as a PEFT adapter directory (atomically, safetensors only); with
+    `diffusers=True` as diffusers writes a model's LoRA (`save_lora_adapter`: one
+    pytorch_lora_weights.safetensors, the config in its metadata), with `diffusers="unet"` (or
+    another component) as a pipeline's (`save_lora_weights`: keys and config under "unet.")."""
     codec = type(delta.config).peft_codec
     if codec is None:
         raise UnsupportedModuleError(
@@ -216,7 +278,26 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False)
     config = {"task_type": None, "inference_mode": True, "modules_to_save": sorted(train) or None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
               **fields}
+    if diffusers:
+        _write_diffusers(directory, tensors, config, delta, "" if diffusers is True else str(diffusers))
+        return
     _write(directory, tensors, config, delta.uid)
+
+
+def _write_diffusers(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], delta: Any,
+                     component: str) -> None:
+    codec = type(delta.config).peft_codec
+    if codec.peft_type != "LORA":
+        raise UnsupportedModuleError(f"diffusers' LoRA files hold LoRA; {delta.name!r} is a {delta.method} delta. "
+                                     "Use save_peft(dir) or delta.save(dir)")
+    if config.get("modules_to_save"):
+        raise UnsupportedModuleError(f"diffusers' LoRA files hold no modules_to_save (also_train) copies; "
+                                     f"{delta.name!r} has some. Use save_peft(dir) or delta.save(dir)")
+    lead = component + "." if component else ""
+    own = {lead + k[len(codec.prefix):]: t for k, t in tensors.items()}
+    meta_config = {lead + k: v for k, v in config.items() if k != "base_model_name_or_path"}
+    meta = {"format": "pt", "hookdelta_delta_id": delta.uid, "lora_adapter_metadata": json.dumps(meta_config)}
+    write_files(directory, [(DIFFUSERS, lambda tmp: save_file(own, str(tmp), metadata=meta))])
 
 
 def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], uid: str) -> None:
@@ -229,8 +310,10 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, 
 
 def _saved_by(directory: Path) -> str | None:
     """The hookdelta delta that wrote the PEFT adapter in `directory`, if one did."""
-    try:
-        with safe_open(str(directory / WEIGHTS), framework="pt") as f:
-            return (f.metadata() or {}).get("hookdelta_delta_id")
-    except Exception:  # missing or unreadable: not ours
-        return None
+    for name in (WEIGHTS, DIFFUSERS):
+        try:
+            with safe_open(str(directory / name), framework="pt") as f:
+                return (f.metadata() or {}).get("hookdelta_delta_id")
+        except Exception:  # missing or unreadable: not ours
+            continue
+    return None

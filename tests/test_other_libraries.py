@@ -110,6 +110,59 @@ def test_a_diffusers_lora_file_loads_with_pefts_outputs(tmp_path):
         torch.testing.assert_close(run(plain), want, rtol=1e-5, atol=1e-5)
 
 
+def _peft_unet(alpha=8):
+    from peft import LoraConfig
+
+    model, run = unet()
+    model.add_adapter(LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        want = run(model)
+    return model, want
+
+
+@pytest.mark.parametrize("metadata", [True, False], ids=["with metadata", "without metadata"])
+def test_a_pipeline_lora_file_loads_into_its_component(tmp_path, metadata):
+    """pipe.save_lora_weights (diffusers' training scripts): keys and config under "unet."; files
+    without the config mean alpha = rank (diffusers' reading). Refused before ("unet."-prefixed)."""
+    pytest.importorskip("peft")
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    model, want = _peft_unet(alpha=8 if metadata else 4)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(model),
+        unet_lora_adapter_metadata=model.peft_config["default"].to_dict() if metadata else None)
+    plain, run = unet()
+    delta = hd.load_peft(plain, tmp_path)
+    assert float(delta.piece(next(iter(delta.sites))).scale) == (2.0 if metadata else 1.0)
+    with torch.no_grad():
+        assert not torch.allclose(want, unet()[1](), atol=1e-4)  # the adapter does something
+        torch.testing.assert_close(run(plain), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("component", [None, "unet"], ids=["a model's file", "a pipeline's file"])
+def test_a_delta_saved_in_diffusers_format_loads_with_diffusers_to_the_same_outputs(tmp_path, component):
+    pytest.importorskip("peft")
+    model, run = unet()
+    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, targets=["to_q", "to_k", "to_v", "to_out.0"]))
+    perturb(delta, std=0.1)
+    with torch.no_grad():
+        want = run(model)
+    delta.save_peft(tmp_path, diffusers=component or True)
+    theirs, run_theirs = unet()
+    theirs.load_lora_adapter(str(tmp_path), prefix=component, weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        assert not torch.allclose(want, unet()[1](), atol=1e-4)
+        torch.testing.assert_close(run_theirs(theirs), want, rtol=1e-5, atol=1e-5)
+    back, run_back = unet()
+    hd.load_peft(back, tmp_path)  # and back into hookdelta
+    with torch.no_grad():
+        torch.testing.assert_close(run_back(back), want, rtol=1e-6, atol=1e-6)
+
+
 # -- timm and torchvision --------------------------------------------------------------------------
 
 
