@@ -59,6 +59,10 @@ def __getattr__(name: str):  # integrations import their framework only when ask
         from .integrations.trainer import TrainerCallback
 
         return TrainerCallback
+    if name == "LightningCallback":
+        from .integrations.lightning import LightningCallback
+
+        return LightningCallback
     raise AttributeError(f"module 'hookdelta' has no attribute {name!r}")
 
 
