@@ -633,6 +633,7 @@ class ForwardGuard:
         self.watching: Probe | None = None
         self.holding: str | None = None  # a block that needs the deltas to stay as they are (hd.route)
         self.owner: Any = None  # weakref to the store: told of the forwards a BaseException ended
+        self.forward: Any = None  # the model's forward (class's, instance's) when last called
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
         return {"fresh": True}  # (an empty state would skip __setstate__)
@@ -650,7 +651,13 @@ class ForwardGuard:
             if self.calls.get(me):  # a nested forward, or one interrupted earlier: which?
                 self._drop_stale(me, frame)
         module._modules[STORE_NAME].before_forward(module)
+        # a forward replaced after attach (TRL's fused loss patches the instance's, Liger the
+        # class's) may read weights without calling their layers: watch its next call again
+        forward = (type(module).forward, module.__dict__.get("forward"))
         with self.lock:
+            if forward != self.forward:
+                self.probe_next = self.probe_next or self.forward is not None
+                self.forward = forward
             calls = self.calls.setdefault(me, [])
             calls.append(frame)
             start = self.probe_next and self.watching is None and len(calls) == 1

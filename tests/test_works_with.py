@@ -260,6 +260,26 @@ def test_a_reader_of_a_tied_weight_outside_every_holder_names_all_of_them():
         lm(input_ids=torch.randint(0, 50, (2, 5)))
 
 
+def test_a_forward_patched_after_attach_is_watched_again():
+    """TRL's fused loss replaces the model's forward with one that reads lm_head.weight without
+    calling lm_head: the first call of the new forward warns, however many calls came before."""
+    import types
+    model, inputs, _ = build("llama")
+    hd.attach(model, hd.LoRAConfig(r=2, targets="lm_head"), name="head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", hd.BypassWarning)
+        model(**inputs)  # the watched first forward: lm_head is called, all quiet
+        model(**inputs)
+
+    def fused(self, input_ids=None, **kw):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        return F.linear(hidden, self.lm_head.weight)
+
+    model.forward = types.MethodType(fused, model)
+    with pytest.warns(hd.BypassWarning, match=r"used the weights of 'lm_head' without calling its forward.*\['head'\]"):
+        model(**inputs)
+
+
 class InterruptedOnce(nn.Module):
     """Reads a child's weight in its own code, and raises KeyboardInterrupt (Ctrl-C) in its first
     forward after the read: no forward hook runs then, always_call or not."""
