@@ -51,6 +51,7 @@ from .roles import roles
 from .selection import match
 from .version import VERSION as __version__
 from .visualize import visualize
+from .integrations.reference import ReferenceModel, reference_model
 
 
 
@@ -73,5 +74,5 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel",
 ]
