@@ -129,12 +129,18 @@ def test_a_forward_waits_for_a_change_in_progress():
     assert done.is_set()
 
 
-def test_a_change_between_a_checkpointed_forward_and_its_backward_is_refused():
+def _checkpointed(reentrant):
+    """A tiny Llama with a perturbed LoRA, training under gradient checkpointing."""
     model, inputs, _ = build("llama")
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     perturb(delta, std=0.3)
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model, inputs, delta
+
+
+def test_a_change_between_a_checkpointed_forward_and_its_backward_is_refused():
+    model, inputs, delta = _checkpointed(reentrant=False)
     out = model(**inputs).logits
     for change in (delta.merge, delta.detach):
         with pytest.raises(hd.DeltaStateError, match="between a forward and its backward"):
@@ -160,11 +166,7 @@ def test_a_change_between_a_checkpointed_forward_and_its_backward_is_refused():
 
 
 def test_a_switch_not_undone_before_the_backward_of_a_checkpointed_forward_is_refused_there():
-    model, inputs, _ = build("llama")
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
-    perturb(delta, std=0.3)
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, inputs, delta = _checkpointed(reentrant=False)
     out = model(**inputs).logits
     delta.disable()  # allowed now: it may still be undone before backward
     with pytest.raises(hd.DeltaStateError, match="changed between a forward under gradient checkpointing and its"):
@@ -175,11 +177,7 @@ def test_a_switch_not_undone_before_the_backward_of_a_checkpointed_forward_is_re
 def test_a_reference_forward_under_disabled_between_forward_and_backward_gives_the_plain_gradients():
     """DPO's reference model without a copy: the policy's checkpointed forward, then the same
     model under `delta.disabled()`, then the backward: the gradients of the policy alone."""
-    model, inputs, _ = build("llama")
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
-    perturb(delta, std=0.3)
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model, inputs, delta = _checkpointed(reentrant=True)
     policy = model(**inputs).logits
     with delta.disabled(), torch.no_grad():
         reference = model(**inputs).logits

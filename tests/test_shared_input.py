@@ -67,12 +67,18 @@ def _always_stack(monkeypatch):
     monkeypatch.setattr(ops, "STACK_ROWS", 1)
 
 
-def test_grouping_steps_aside_for_few_rows_without_autograd_only(monkeypatch):
-    monkeypatch.setattr(ops, "STACK_ROWS", 128)
+def _watched_llama():
+    """A tiny Llama with LoRA on every linear layer, its watched first call done."""
     model, inputs, _ = build("llama")
     hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     with torch.no_grad():
-        model(**inputs)  # the watched first call
+        model(**inputs)
+    return model, inputs
+
+
+def test_grouping_steps_aside_for_few_rows_without_autograd_only(monkeypatch):
+    monkeypatch.setattr(ops, "STACK_ROWS", 128)
+    model, inputs = _watched_llama()
     counter = _CountStacked(monkeypatch, 4)
     with torch.no_grad():
         model(**inputs)  # 2 x 7 rows: decoding-sized, each layer alone
@@ -114,10 +120,7 @@ def test_grouped_equals_the_formula_and_the_plain_path_forward_and_backward(arch
 
 
 def test_siblings_sharing_an_input_compute_one_stacked_gemm(monkeypatch):
-    model, inputs, _ = build("llama")
-    hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
-    with torch.no_grad():
-        model(**inputs)  # the watched first call
+    model, inputs = _watched_llama()
     counter = _CountStacked(monkeypatch, 4)
     with torch.no_grad():
         model(**inputs)
