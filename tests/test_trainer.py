@@ -56,6 +56,11 @@ def test_trainer_trains_checkpoints_and_resumes(tmp_path):
     for step in (3, 6):
         assert os.path.isfile(tmp_path / "run" / f"checkpoint-{step}" / "hookdelta" / "lora" / "delta.safetensors")
 
+    again_model = build("bert")[0]  # the end of training leaves the delta in hookdelta's format
+    loaded = hd.load(again_model, tmp_path / "run" / "hookdelta" / delta.name)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=0, atol=0)
+
     trainer.save_model(str(tmp_path / "final"))
     saved = load_file(tmp_path / "final" / "model.safetensors")
     assert all(torch.equal(saved[k], base[k]) for k in base if k in saved), "base weights untouched"

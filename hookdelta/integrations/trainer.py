@@ -11,6 +11,8 @@ require grad, and the backbone is frozen). The callback adds what Trainer cannot
 - every checkpoint also gets the delta in hookdelta's format (`checkpoint-N/hookdelta/<name>/`),
   loadable with `hd.load`;
 - resuming with neither is refused, never continued with a fresh delta and the old optimizer;
+- at the end of training the delta is saved in hookdelta's format to `<output_dir>/hookdelta/<name>/`
+  (`save_model()` writes the model's weights, the delta's tensors among them, not that folder);
 - checkpoints do not keep the frozen base (`save_base=False`, the default): after Trainer wrote
   a checkpoint, its weights file is rewritten to the delta's tensors alone and its config.json
   is removed, so the folder is a few MB and `from_pretrained(checkpoint)` fails loudly instead of
@@ -67,6 +69,10 @@ class TrainerCallback(_Base):
             if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
                 os.remove(os.path.join(checkpoint, name))
         save_file(tensors, os.path.join(checkpoint, "model.safetensors"), metadata={"format": "pt"})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.delta.save(self.folder(args.output_dir), overwrite=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:
