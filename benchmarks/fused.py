@@ -33,9 +33,7 @@ def _before(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: An
 
 
 def as_before(delta: Any) -> None:
-    for piece in delta.pieces.values():
-        if isinstance(piece, LoRALinear):
-            object.__setattr__(piece, "post_forward", types.MethodType(_before, piece))
+    _patch(delta, _before)
 
 
 class _KeptStack(SharedInput):
@@ -55,40 +53,38 @@ class _KeptStack(SharedInput):
         return F.linear(x, kept[1]).split([f.shape[0] for f in factors], dim=-1)[self.index[member]]
 
 
-def _at_11c95c4(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-    """LoRALinear.post_forward as at 11c95c4: the add in place also under autograd (unsound under
-    selective checkpointing), the kept stack without it."""
-    x = self.drop(module, first_input(args, kwargs))
-    a, b = self._parameters["lora_A"], self._parameters["lora_B"]
-    t = self.siblings.product(self, x) if self.siblings is not None and not x.is_inference() else F.linear(x, a)
-    return ops.lowrank_add(output, t, b, self.scale, first_hook_is_ours(module))
+def _with_owned(owned: bool | None) -> Any:
+    """LoRALinear.post_forward with the in-place decision fixed: True, the add in place also under
+    autograd (as at 11c95c4, unsound under selective checkpointing); False, never in place."""
+    def post_forward(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        x = self.drop(module, first_input(args, kwargs))
+        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        group = self.siblings
+        t = group.product(self, x) if group is not None and not x.is_inference() else F.linear(x, a)
+        return ops.lowrank_add(output, t, b, self.scale, first_hook_is_ours(module) if owned else False)
+    return post_forward
 
 
-def _out_of_place(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Today's LoRALinear.post_forward with the in-place add turned off (owned=False)."""
-    x = self.drop(module, first_input(args, kwargs))
-    a, b = self._parameters["lora_A"], self._parameters["lora_B"]
-    group = self.siblings
-    t = group.product(self, x) if group is not None and not x.is_inference() else F.linear(x, a)
-    return ops.lowrank_add(output, t, b, self.scale, False)
+def _patch(delta: Any, post_forward: Any) -> None:
+    """Every plain LoRALinear piece of the delta runs `post_forward` instead of its own."""
+    for piece in delta.pieces.values():
+        if type(piece) is LoRALinear:
+            object.__setattr__(piece, "post_forward", types.MethodType(post_forward, piece))
 
 
 def out_of_place(delta: Any) -> None:
     """Every LoRA add out of place, also without autograd: what the in-place add saves."""
-    for piece in delta.pieces.values():
-        if type(piece) is LoRALinear:
-            object.__setattr__(piece, "post_forward", types.MethodType(_out_of_place, piece))
+    _patch(delta, _with_owned(False))
 
 
 def as_11c95c4(delta: Any) -> None:
     """The hot path before issue 24's soundness fixes, for measuring their cost in one run."""
     groups: dict[int, _KeptStack] = {}
     for piece in delta.pieces.values():
-        if type(piece) is LoRALinear:
-            if piece.siblings is not None:
-                old = piece.siblings
-                piece.siblings = groups.setdefault(id(old), _KeptStack(old.members))
-            object.__setattr__(piece, "post_forward", types.MethodType(_at_11c95c4, piece))
+        if type(piece) is LoRALinear and piece.siblings is not None:
+            old = piece.siblings
+            piece.siblings = groups.setdefault(id(old), _KeptStack(old.members))
+    _patch(delta, _with_owned(True))
 
 
 def siblings_off(delta: Any) -> None:

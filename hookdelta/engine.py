@@ -729,9 +729,10 @@ class ForwardGuard:
             probe.abandon()
 
     def busy_threads(self) -> list[int]:
-        """Other threads inside a forward of the model now. Holds the lock."""
+        """Other threads inside a forward of the model now, after forgetting every thread's
+        ended forwards (this one's too). Holds the lock."""
         frames = sys._current_frames()
-        for thread in [t for t in self.calls if t != threading.get_ident()]:
+        for thread in list(self.calls):
             self._drop_stale(thread, frames.get(thread))  # (a finished thread has no frame: all stale)
         return [t for t, calls in self.calls.items() if calls and t != threading.get_ident()]
 
@@ -742,10 +743,7 @@ class ForwardGuard:
     @contextlib.contextmanager
     def changing(self, action: str) -> Iterator[None]:
         with self.lock:
-            me = threading.get_ident()
             clean_up()
-            if self.calls.get(me):
-                self._drop_stale(me, sys._getframe())
             busy = self.busy_threads()  # (first: a call with adapter_names= that Ctrl-C ended holds no more)
             if self.holding:
                 raise DeltaStateError(f"cannot {action}() inside {self.holding}: it was set up for the deltas as "

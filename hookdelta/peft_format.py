@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .also_train import TiedCopy
 from .config import DeltaConfig, PeftCodec, exact
 from .delta import install
-from .errors import DeltaFileError, HookdeltaError, UnsupportedModuleError
+from .errors import ConfigError, DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .persistence import read_json, write_files
 from .selection import fit_paths
 from .store import check_model, unique_name
@@ -128,10 +128,9 @@ def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Ten
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not a PEFT config")
-    components = {k.partition(".")[0] for k in config if "." in k}
     if prefix and any(k.startswith(prefix + ".") for k in config):
         config = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")}
-    elif prefix and components and all("." in k for k in config):
+    elif prefix and all("." in k for k in config):
         return _config_from_ranks(path, tensors)  # metadata for other components only
     config.setdefault("peft_type", "LORA")
     return config
@@ -248,6 +247,9 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
     `diffusers=True` as diffusers writes a model's LoRA (`save_lora_adapter`: one
     pytorch_lora_weights.safetensors, the config in its metadata), with `diffusers="unet"` (or
     another component) as a pipeline's (`save_lora_weights`: keys and config under "unet.")."""
+    if not (isinstance(diffusers, bool) or isinstance(diffusers, str) and diffusers.isidentifier()):
+        raise ConfigError(f"save_peft(diffusers=...) takes True (a model's file) or a pipeline component name such "
+                          f"as 'unet' or 'text_encoder', got {diffusers!r}")
     codec = type(delta.config).peft_codec
     if codec is None:
         raise UnsupportedModuleError(

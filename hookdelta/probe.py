@@ -134,10 +134,12 @@ class Probe:
     def _pop_mode(self) -> bool:
         """Take the mode off this thread's stack if it is on top (it always is, unless someone
         pushed a mode inside the forward and was interrupted too)."""
-        if self.mode in _mode_stack():
-            if _mode_stack()[-1] is not self.mode:
-                return False
-            self.mode.__exit__(None, None, None)
+        stack = _mode_stack()
+        if not any(m is self.mode for m in stack):
+            return True
+        if stack[-1] is not self.mode:
+            return False
+        self.mode.__exit__(None, None, None)
         return True
 
     def abandon(self, inside_mode: bool = False) -> None:
@@ -154,7 +156,8 @@ class Probe:
 
     def finish(self) -> None:
         self.active = False
-        self._pop_mode()
+        if not self._pop_mode():  # (a mode pushed inside the forward and left there: ours goes later)
+            _left_over.append(self.mode)
         self._remove()
         self.frame = None
         for layers, (reader, owners) in self.found.items():

@@ -56,3 +56,10 @@ def test_a_checkpoint_without_the_deltas_is_refused_on_resume(tmp_path):
     ckpt = next((tmp_path / "a").iterdir())
     with pytest.raises(hd.DeltaFileError, match="holds no tensors of delta"):
         run(tmp_path / "b", 4, lambda d: [hd.LightningCallback(d)], resume=str(ckpt))
+
+
+def test_the_callback_without_deltas_is_a_config_error():
+    with pytest.raises(hd.ConfigError, match="takes the deltas"):
+        hd.LightningCallback()
+    with pytest.raises(hd.ConfigError, match="takes the deltas"):
+        hd.LightningCallback("lora")

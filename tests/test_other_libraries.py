@@ -129,7 +129,7 @@ def test_a_pipeline_lora_file_loads_into_its_component(tmp_path, metadata):
     without the config mean alpha = rank (diffusers' reading). Refused before ("unet."-prefixed)."""
     pytest.importorskip("peft")
     import diffusers
-    from peft.utils import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     model, want = _peft_unet(alpha=8 if metadata else 4)
     diffusers.StableDiffusionPipeline.save_lora_weights(
@@ -157,6 +157,9 @@ def test_a_delta_saved_in_diffusers_format_loads_with_diffusers_to_the_same_outp
     with torch.no_grad():
         assert not torch.allclose(want, unet()[1](), atol=1e-4)
         torch.testing.assert_close(run_theirs(theirs), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(hd.ConfigError, match="component name"):
+        delta.save_peft(tmp_path / "odd", diffusers="unet.0")
+    assert not (tmp_path / "odd").exists()
     back, run_back = unet()
     hd.load_peft(back, tmp_path)  # and back into hookdelta
     with torch.no_grad():

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from ..errors import DeltaFileError
+from ..errors import ConfigError, DeltaFileError
 
 KEY = "hookdelta"
 
@@ -25,8 +25,9 @@ class LightningCallback(Callback):
     """Saves the deltas into each Lightning checkpoint and restores them when training resumes."""
 
     def __init__(self, *deltas: Any) -> None:
-        if not deltas:
-            raise DeltaFileError("hd.LightningCallback needs the deltas to keep, e.g. LightningCallback(delta)")
+        if not deltas or any(not hasattr(d, "pieces") for d in deltas):
+            raise ConfigError(f"hd.LightningCallback takes the deltas to keep, e.g. LightningCallback(delta); "
+                              f"got {deltas!r}")
         self.deltas = deltas
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

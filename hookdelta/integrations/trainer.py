@@ -43,10 +43,14 @@ class TrainerCallback(_Base):
             store.include_in_state_dict = True
         delta.register_load_state_dict_post_hook(self._loaded)
 
+    def _prefix(self) -> str:
+        """Where the delta's tensors sit in the model's state dict."""
+        return next((f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta), "")
+
     def _loaded(self, module: Any, incompatible: Any) -> None:
         # called with the whole load's keys: the delta's own are under its path in the model
-        prefix = next(f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta)
-        self.restored = not any(k.startswith(prefix) for k in incompatible.missing_keys)
+        prefix = self._prefix()
+        self.restored = bool(prefix) and not any(k.startswith(prefix) for k in incompatible.missing_keys)
 
     def folder(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, "hookdelta", self.delta.name)
@@ -63,7 +67,7 @@ class TrainerCallback(_Base):
         model's state dict, which Trainer's resume loads non-strictly) and remove its config."""
         from safetensors.torch import save_file
 
-        prefix = next(f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta)
+        prefix = self._prefix()
         tensors = {prefix + k: v.detach().contiguous().cpu() for k, v in self.delta.state_dict().items()}
         for name in os.listdir(checkpoint):
             if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
