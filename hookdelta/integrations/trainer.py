@@ -1,7 +1,8 @@
 """Training an attached delta with the Hugging Face `Trainer` (and the trainers built on it:
-Seq2SeqTrainer, TRL's): one callback.
+Seq2SeqTrainer, TRL's): one callback, or one class wrapper.
 
     trainer = Trainer(model=model, args=args, train_dataset=..., callbacks=[hd.TrainerCallback(delta)])
+    trainer = hd.delta_trainer(SFTTrainer)(model=model, args=args, ...)  # also save_model() and quantized bases
 
 Trainer's optimizer already gets exactly the delta's tensors (it takes the parameters that
 require grad, and the backbone is frozen). The callback adds what Trainer cannot know:
@@ -11,24 +12,59 @@ require grad, and the backbone is frozen). The callback adds what Trainer cannot
 - every checkpoint also gets the delta in hookdelta's format (`checkpoint-N/hookdelta/<name>/`),
   loadable with `hd.load`;
 - resuming with neither is refused, never continued with a fresh delta and the old optimizer;
-- at the end of training the delta is saved in hookdelta's format to `<output_dir>/hookdelta/<name>/`
-  (`save_model()` writes the model's weights, the delta's tensors among them, not that folder);
+- at the end of training the delta is saved in hookdelta's format to `<output_dir>/hookdelta/<name>/`;
 - checkpoints do not keep the frozen base (`save_base=False`, the default): after Trainer wrote
-  a checkpoint, its weights file is rewritten to the delta's tensors alone and its config.json
+  a checkpoint, its weights file is rewritten to the deltas' tensors alone and its config.json
   is removed, so the folder is a few MB and `from_pretrained(checkpoint)` fails loudly instead of
-  building a model with random base weights. Trainer resumes from it as from any checkpoint.
+  building a model with random base weights. Trainer resumes from it as from any checkpoint;
+- a quantized base (bitsandbytes, GGUF) passes Trainer's check for "trainable adapters".
+
+`save_model()` is no callback event: `hd.delta_trainer(cls)` is `cls` with a `save_model()` that
+writes what a checkpoint holds (no base unless `save_base=True`), and a callback for each
+attached delta that was not given one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
+import torch
+from transformers import Trainer
 from transformers import TrainerCallback as _Base
 
-from ..errors import DeltaFileError
+from ..compat import declare_adapters
+from ..errors import ConfigError, DeltaFileError
 from ..persistence import read_meta, read_tensors
 from ..store import store_of
+
+WEIGHTS = "model.safetensors"
+
+
+def _prefix(delta: Any) -> str:
+    """Where the delta's tensors sit in its model's state dict."""
+    return next((f"{path}." for path, m in delta.model.named_modules() if m is delta), "")
+
+
+def delta_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every attached delta's tensors under their keys in the model's state dict: what Trainer's
+    resume loads (non-strictly) back into the model."""
+    from ..delta import deltas
+
+    return {_prefix(d) + k: v.detach().contiguous().cpu()
+            for d in deltas(model).values() for k, v in d.state_dict().items()}
+
+
+def write_without_base(folder: str, model: torch.nn.Module) -> None:
+    """Replace the model's weight files and config in `folder` by the deltas' tensors alone."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
+            os.remove(os.path.join(folder, name))
+    save_file(delta_weights(model), os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
 
 
 class TrainerCallback(_Base):
@@ -42,43 +78,33 @@ class TrainerCallback(_Base):
         if store is not None:
             store.include_in_state_dict = True
         delta.register_load_state_dict_post_hook(self._loaded)
-
-    def _prefix(self) -> str:
-        """Where the delta's tensors sit in the model's state dict."""
-        return next((f"{path}." for path, m in self.delta.model.named_modules() if m is self.delta), "")
+        # undone when the Trainer is built (on_init_end): only its check for adapters sees it
+        self.undeclare = declare_adapters(delta.model)
 
     def _loaded(self, module: Any, incompatible: Any) -> None:
         # called with the whole load's keys: the delta's own are under its path in the model
-        prefix = self._prefix()
+        prefix = _prefix(self.delta)
         self.restored = bool(prefix) and not any(k.startswith(prefix) for k in incompatible.missing_keys)
 
     def folder(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, "hookdelta", self.delta.name)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.undeclare()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self.delta.save(self.folder(checkpoint), overwrite=True)
             if not self.save_base:
-                self._drop_base(checkpoint)
-
-    def _drop_base(self, checkpoint: str) -> None:
-        """Rewrite the checkpoint's weights to the delta's tensors alone (under their keys in the
-        model's state dict, which Trainer's resume loads non-strictly) and remove its config."""
-        from safetensors.torch import save_file
-
-        prefix = self._prefix()
-        tensors = {prefix + k: v.detach().contiguous().cpu() for k, v in self.delta.state_dict().items()}
-        for name in os.listdir(checkpoint):
-            if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
-                os.remove(os.path.join(checkpoint, name))
-        save_file(tensors, os.path.join(checkpoint, "model.safetensors"), metadata={"format": "pt"})
+                write_without_base(checkpoint, self.delta.model)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.delta.save(self.folder(args.output_dir), overwrite=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.undeclare()
         if state.global_step == 0:
             return  # a fresh run
         if self.restored:
@@ -90,3 +116,53 @@ class TrainerCallback(_Base):
                 f"{self.delta.name!r} and there is no saved delta at {folder}; was it written with "
                 "hd.TrainerCallback(delta)?")
         self.delta.load_tensors(read_tensors(folder, read_meta(folder)))
+
+
+class _DeltaTrainer:
+    """What `hd.delta_trainer` adds to a Trainer class (kept first in the MRO)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from ..delta import deltas
+
+        model = kwargs.get("model", args[0] if args else None)
+        if not isinstance(model, torch.nn.Module) or not deltas(model):
+            raise ConfigError(
+                f"{type(self).__name__} needs the model object with its deltas attached (hd.attach(model, cfg) "
+                "first), not a name or a bare model; a plain Trainer class trains a model without deltas")
+        given = list(kwargs.get("callbacks") or [])
+        have = {id(c.delta) for c in given if isinstance(c, TrainerCallback)}
+        added = [TrainerCallback(d) for d in deltas(model).values() if id(d) not in have]
+        kwargs["callbacks"] = given + added
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # a Trainer that failed to build leaves no mark on the model
+            for c in kwargs["callbacks"]:
+                if isinstance(c, TrainerCallback):
+                    c.undeclare()
+
+    def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
+        """Like Trainer's, but writes the deltas (hookdelta's format, and their tensors as the weights
+        file Trainer resumes from) and the processing class, not the frozen base, unless a callback
+        says `save_base=True`."""
+        callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, TrainerCallback)]
+        if any(c.save_base for c in callbacks):
+            return super().save_model(output_dir, *args, **kwargs)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        for c in callbacks:
+            c.delta.save(c.folder(output_dir), overwrite=True)
+        write_without_base(output_dir, self.model)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def delta_trainer(trainer_class: type) -> type:
+    """`trainer_class` (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, DPOTrainer, ...) with a
+    `save_model()` that writes the attached deltas, not the frozen base, and an `hd.TrainerCallback`
+    for every attached delta that was not given one."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise ConfigError(f"hd.delta_trainer takes a Trainer class (Trainer, SFTTrainer, ...), got {trainer_class!r}")
+    return type(f"Delta{trainer_class.__name__}", (_DeltaTrainer, trainer_class), {"__module__": __name__})
