@@ -10,7 +10,7 @@ from .config import DeltaConfig
 from .delta import Delta, attach, deltas, include_in_state_dict, route, set_active
 from .errors import (
     BaseWeightsMismatchWarning,
-    BypassWarning,
+    BypassError,
     ConfigError,
     DeltaFileError,
     DeltaStateError,
@@ -77,6 +77,6 @@ __all__ = [
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
-    "include_in_state_dict", "BypassWarning", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
+    "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
     "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel",
 ]

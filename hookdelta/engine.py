@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from .errors import DeltaStateError, MergeError
+from .errors import BypassError, DeltaStateError, MergeError
 from .modules import STORE_NAME, is_conv1d
 from .placement import WeightSlot, kept_names, open_slot
 from .probe import Probe, clean_up, quiet
@@ -634,6 +634,8 @@ class ForwardGuard:
         self.holding: str | None = None  # a block that needs the deltas to stay as they are (hd.route)
         self.owner: Any = None  # weakref to the store: told of the forwards a BaseException ended
         self.forward: Any = None  # the model's forward (class's, instance's) when last called
+        # what a probe found bypassed: (layers, deltas, message), refused while those deltas act there
+        self.bypassed: list[tuple[tuple[str, ...], list[str], str]] = []
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: a fresh, idle guard
         return {"fresh": True}  # (an empty state would skip __setstate__)
@@ -650,7 +652,8 @@ class ForwardGuard:
         with self.lock:
             if self.calls.get(me):  # a nested forward, or one interrupted earlier: which?
                 self._drop_stale(me, frame)
-        module._modules[STORE_NAME].before_forward(module)
+        store = module._modules[STORE_NAME]
+        store.before_forward(module)
         # a forward replaced after attach (TRL's fused loss patches the instance's, Liger the
         # class's) may read weights without calling their layers: watch its next call again
         forward = (type(module).forward, module.__dict__.get("forward"))
@@ -658,6 +661,10 @@ class ForwardGuard:
             if forward != self.forward:
                 self.probe_next = self.probe_next or self.forward is not None
                 self.forward = forward
+                self.bypassed = []  # (the new forward is judged on its own)
+            acting = [message for layers, names, message in self.bypassed if store.acting(layers, names)]
+            if acting:
+                raise BypassError(acting[0])
             calls = self.calls.setdefault(me, [])
             calls.append(frame)
             start = self.probe_next and self.watching is None and len(calls) == 1
@@ -682,7 +689,11 @@ class ForwardGuard:
             if probe is not None:
                 self.watching = None
         if probe is not None:
-            probe.finish()
+            found = probe.finish()
+            if found:
+                with self.lock:
+                    self.bypassed = found
+                raise BypassError(found[0][2])
         if output is not None and module.training and torch.is_grad_enabled() and checkpointing(module):
             store = module._modules[STORE_NAME]
             which = store.which_run()

@@ -43,9 +43,10 @@ class BaseWeightsMismatchWarning(UserWarning):
     """A delta is loaded onto base weights that differ from the ones it was saved with."""
 
 
-class BypassWarning(UserWarning):
-    """A delta's layer had its weights used without its forward being called (its parent
-    bypasses it), so the delta's hooks there never run. Raised once, on the first forward."""
+class BypassError(UnsupportedModuleError):
+    """A delta's layer had its weight used without its forward being called (its parent, or a
+    fused loss, reads the weight itself), so the delta's hooks there never ran for that use.
+    Raised by the first forward that shows it and by every later one while the delta acts there."""
 
 
 class PathPrefixWarning(UserWarning):

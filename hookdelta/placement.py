@@ -21,7 +21,7 @@ import copy
 import functools
 import inspect
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -317,6 +317,26 @@ _TYPE_CHECK = re.compile(r"isinstance\(\s*self\.[\w.]+")  # isinstance(self.wo.w
 ALWAYS: dict[type, frozenset[str]] = {nn.MultiheadAttention: frozenset({"out_proj"})}
 
 
+def _sources(cls: type) -> Iterator[str]:
+    """The source of the class's own methods other than set-up ones (init, load, tie, ...)."""
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch.nn.modules.module"):
+            continue
+        for name, fn in vars(klass).items():
+            if not callable(fn) or any(word in name for word in _NOT_FORWARD):
+                continue
+            try:
+                yield inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+
+
+@functools.lru_cache(maxsize=None)
+def children_called(cls: type) -> frozenset[str]:
+    """Sub-module paths the class's code calls by name (`self.out_proj(x)`)."""
+    return frozenset(m for source in _sources(cls) for m in re.findall(r"self\.([A-Za-z_][\w.]*?)\s*\(", source))
+
+
 @functools.lru_cache(maxsize=None)
 def weights_read(cls: type) -> frozenset[str]:
     """Sub-module paths whose `.weight` / `.bias` the class's own code passes to computations
@@ -325,19 +345,7 @@ def weights_read(cls: type) -> frozenset[str]:
     shape, ...) and assignments do not count."""
     if cls.__name__ in _HOOK_AWARE:
         return frozenset()
-    found: set[str] = set()
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object) or klass.__module__.startswith("torch.nn.modules.module"):
-            continue
-        for name, fn in vars(klass).items():
-            if not callable(fn) or any(word in name for word in _NOT_FORWARD):
-                continue
-            try:
-                source = inspect.getsource(fn)
-            except (OSError, TypeError):
-                continue
-            found.update(_READ.findall(_TYPE_CHECK.sub("", source)))
-    return frozenset(found)
+    return frozenset(m for source in _sources(cls) for m in _READ.findall(_TYPE_CHECK.sub("", source)))
 
 
 def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | None:
@@ -356,7 +364,9 @@ def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | Non
     for owner, ancestor in reversed(chain):
         rel = path[len(owner) + 1:] if owner else path
         if rel in weights_read(type(ancestor)):
-            return owner, rel, any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())
+            # always: torch's functional attention, or code that reads the weight and never calls the layer
+            always = any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())
+            return owner, rel, always or rel not in children_called(type(ancestor))
     return None
 
 

@@ -1,8 +1,8 @@
 """The first forward after an attach is watched once for layers whose parent uses their
 weights without calling their forward (as `nn.MultiheadAttention` does with `out_proj`):
-a delta's hooks never run there, so it would be a silent no-op. Each such layer gets one
-`BypassWarning` naming it and the module that read its weights. Afterwards nothing is
-watched, so it costs nothing.
+a delta's hooks never run there, so it would be a silent no-op. Such a forward raises a
+`BypassError` naming the layer, its deltas and the module that read its weights, and so does every
+later forward while those deltas act there. Afterwards nothing is watched, so it costs nothing.
 
 How: for that one forward, a pre-hook on each of the model's modules marks its call's start (the
 probe's pre-hooks go first, so a module's own pre-hooks count as inside it), a forward hook
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import sys
 import threading
-import warnings
 from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import BypassWarning
 
 # tensor methods that read metadata only (shape, dtype, ...), not the values
 _METADATA = frozenset({"__get__", "numel", "dim", "size", "stride", "is_contiguous", "data_ptr", "element_size",
@@ -96,6 +94,7 @@ class Probe:
                     self.holders.setdefault(id(p), set()).add(id(module))
         self.holder_modules = [m for m in self.modules
                                if any(p is not None and id(p) in watch for p in m._parameters.values())]
+        self.root = self.names[id(model)]
         self.thread = threading.get_ident()
         self.stack: list[int] = [id(model)]  # modules whose forward is running, innermost last
         self.inside: dict[int, int] = {}  # id(watched module) -> calls of it under way
@@ -154,22 +153,28 @@ class Probe:
         if inside_mode or threading.get_ident() != self.thread or not self._pop_mode():
             _left_over.append(self.mode)
 
-    def finish(self) -> None:
+    def finish(self) -> list[tuple[tuple[str, ...], list[str], str]]:
+        """End the watch; (layers, deltas, message) for each layer whose weights were used without
+        its hooks, for the caller to refuse (see ForwardGuard.leave)."""
         self.active = False
         if not self._pop_mode():  # (a mode pushed inside the forward and left there: ours goes later)
             _left_over.append(self.mode)
         self._remove()
         self.frame = None
+        found = []
         for layers, (reader, owners) in self.found.items():
             if len(layers) == 1:
-                what, fix = f"the weights of {layers[0]!r} without calling its forward", f"Exclude {layers[0]!r}"
+                what, fix = f"the weight of {layers[0]!r} without calling its forward", f"exclude {layers[0]!r}"
             else:  # a tied weight: the reader bypassed every layer holding it
                 held = " and ".join(repr(p) for p in layers)
-                what, fix = f"the weight tied between {held} without calling their forward", "Exclude them"
-            warnings.warn(
-                f"{reader!r} used {what}, so the hooks of delta(s) {owners} there never ran for that use: they "
-                f"have no effect on it. {fix} from the targets, or adapt the module that reads the weights "
-                "instead", BypassWarning, stacklevel=4)
+                what, fix = f"the weight tied between {held} without calling their forward", "exclude them"
+            how = (" (the model's forward computes from the weight itself, as the fused losses of TRL and Liger "
+                   "do with the head's)") if reader == self.root else ""
+            found.append((layers, owners, (
+                f"{reader!r} used {what}, so delta(s) {owners} on {layers[0]!r} had no effect on that use{how}. "
+                f"Refused, here and in every later forward while the delta acts there: {fix} from the targets (or "
+                "disable that delta), or adapt the module that reads the weight instead")))
+        return found
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         if self.active and threading.get_ident() == self.thread:

@@ -76,6 +76,7 @@ class DeltaStore(nn.Module):
                 piece.stamp = stamp
                 piece.set_live(True)
             self.guard.probe_next = True  # the next forward is watched for layers whose hooks never run
+            self.guard.bypassed = []  # (and judged anew)
             for piece in delta.pieces.values():
                 self.site(model, piece.site_path).add(piece)
             if freeze:
@@ -271,6 +272,11 @@ class DeltaStore(nn.Module):
                     "delta's too), so its values are gone. Offload the model first, then attach or hd.load "
                     "the delta: hookdelta keeps it on the device the layers compute on"
                 )
+
+    def acting(self, paths: tuple[str, ...], names: list[str]) -> bool:
+        """Whether any of the named deltas still acts, by its hooks, on one of these layers."""
+        return any(p.live and not p.through and p.site_path in paths
+                   for n in names if n in self.deltas for p in self.deltas[n].pieces.values())
 
     def watch(self) -> dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]]:
         """id(weight) -> (weight, the layers holding it, delta names) for every layer a live piece

@@ -69,3 +69,49 @@ def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, 
     for got, want in zip(*runs):
         assert got == pytest.approx(want, abs=1e-4)  # Adam's rounding over three steps
     assert all(d.enabled for d in hd.deltas(ours).values())  # the reference switched them back on
+
+
+def texts():
+    g = torch.Generator().manual_seed(1)
+    return datasets.Dataset.from_dict({"text": [" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (10,), generator=g))
+                                                for _ in range(8)]})
+
+
+def tiny_lm(tied):
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=63, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own head", "tied head"])
+def test_sft_with_a_delta_on_the_head_never_trains_half_of_it_silently(tmp_path, tied):
+    """TRL's SFT computes the loss from lm_head.weight itself (a fused head that patches the
+    model's forward): a LoRA on the head would be ignored there. It is refused at the first
+    step, naming the head; where the release calls the head, the head's LoRA trains."""
+    model = tiny_lm(tied)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "lm_head"]))
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                         report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=texts(), processing_class=tokenizer())
+    head = next(p for p in delta.pieces.values() if p.key == "lm_head")
+    before = head.lora_B.detach().clone()
+    if model.forward.__func__ is type(model).forward:  # this release calls lm_head
+        trainer.train()
+        assert not torch.equal(head.lora_B, before)
+        return
+    with pytest.raises(hd.BypassError, match=r"'lm_head'.*\['lora'\]"):
+        trainer.train()
+    assert torch.equal(head.lora_B, before)  # no step was taken with the head's LoRA ignored
+
+
+def test_sft_with_deltas_off_the_head_trains_through_the_fused_head(tmp_path):
+    model = tiny_lm(True)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    before = {k: v.detach().clone() for k, v in delta.state_dict().items()}
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                         report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0)
+    trl.SFTTrainer(model=model, args=args, train_dataset=texts(), processing_class=tokenizer(),
+                   callbacks=[hd.TrainerCallback(delta)]).train()
+    assert all(not torch.equal(v, before[k]) for k, v in delta.state_dict().items() if "lora_B" in k)

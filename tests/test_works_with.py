@@ -178,10 +178,8 @@ def test_a_parent_reading_a_childs_weight_in_its_code_gets_the_weight_path():
     with torch.no_grad():
         ref.proj.weight += lora_update(delta.pieces["proj"])
         want = ref(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), want)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)
     assert_merge_round_trip(model, delta, lambda: model(x), want, snap)
 
 
@@ -201,15 +199,22 @@ class ReadsThroughAHelper(nn.Module):
         return self.head(_linear(x, self.proj))
 
 
-def test_an_unknown_bypassing_parent_gets_one_warning_on_the_first_forward():
+def test_an_unknown_bypassing_parent_is_refused_from_the_first_forward_on():
     model, x = ReadsThroughAHelper(), torch.randn(3, 6)
     hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"), name="mine")
-    with pytest.warns(hd.BypassWarning, match=r"used the weights of 'proj' without calling its forward.*\['mine'\]"):
+    with pytest.raises(hd.BypassError, match=r"used the weight of 'proj' without calling its forward.*\['mine'\]"):
         model(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(x)  # once only, and nothing is watched any more
+    with pytest.raises(hd.BypassError, match="'proj'"):
+        model(x)  # every later forward too, while the delta acts there (nothing is watched any more)
     assert no_global_forward_hooks()
+    hd.deltas(model)["mine"].disable()
+    model(x)  # off: nothing lost
+    hd.deltas(model)["mine"].enable()
+    with pytest.raises(hd.BypassError):
+        model(x)
+    hd.deltas(model)["mine"].detach()
+    hd.attach(model, hd.LoRAConfig(r=2, targets="head"), name="other")
+    model(x)  # a delta on a layer that is called: judged anew, nothing bypassed
 
 
 class FusedLossHead(nn.Module):
@@ -235,10 +240,8 @@ def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
     perturb(delta, std=0.3)
     ids = torch.randint(0, 50, (2, 5))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        with torch.no_grad():
-            got = model(ids)
+    with torch.no_grad():
+        got = model(ids)
     piece = delta.pieces["lm-model-embed_tokens"]
     w = model.lm.lm_head.weight + piece.scale * (piece.lora_B @ piece.lora_A).T
     with torch.no_grad():
@@ -252,7 +255,7 @@ def test_a_reader_of_a_tied_weight_outside_every_holder_names_all_of_them():
                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     lm = tf.LlamaForCausalLM(config)
     hd.attach(lm, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
-    with pytest.warns(hd.BypassWarning, match=r"used the weight tied between 'model.embed_tokens' and 'lm_head' "
+    with pytest.raises(hd.BypassError, match=r"used the weight tied between 'model.embed_tokens' and 'lm_head' "
                                               r"without calling their forward.*\['tied'\]"):
         def reads_head(module, args, out):
             F.linear(out[0], lm.lm_head.weight)  # a loss computed from the head's weight, not by calling it
@@ -266,17 +269,15 @@ def test_a_forward_patched_after_attach_is_watched_again():
     import types
     model, inputs, _ = build("llama")
     hd.attach(model, hd.LoRAConfig(r=2, targets="lm_head"), name="head")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        model(**inputs)  # the watched first forward: lm_head is called, all quiet
-        model(**inputs)
+    model(**inputs)  # the watched first forward: lm_head is called, all quiet
+    model(**inputs)
 
     def fused(self, input_ids=None, **kw):
         hidden = self.model(input_ids=input_ids).last_hidden_state
         return F.linear(hidden, self.lm_head.weight)
 
     model.forward = types.MethodType(fused, model)
-    with pytest.warns(hd.BypassWarning, match=r"used the weights of 'lm_head' without calling its forward.*\['head'\]"):
+    with pytest.raises(hd.BypassError, match=r"used the weight of 'lm_head' without calling its forward.*\['head'\]"):
         model(**inputs)
 
 
@@ -318,13 +319,10 @@ def test_a_keyboard_interrupt_in_the_first_forward_leaves_nothing_behind():
     assert errors == [None]  # a change from another thread is not refused by a forward that ended
     delta.enable()
     # the next forward is watched again (the first saw half a forward only) and the modes are gone
-    with pytest.warns(hd.BypassWarning, match=r"used the weights of 'proj'"):
+    with pytest.raises(hd.BypassError, match=r"used the weight of 'proj'"):
         model(x)
     assert list(torch_function_modes()) == modes
     assert [(len(forward_hooks(m)), len(forward_pre_hooks(m))) for m in model.modules()] == hooks
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(x)
 
 
 def test_an_interrupted_forward_is_not_counted_as_running_by_a_delta_change_in_the_same_thread():
@@ -377,10 +375,8 @@ def test_real_transformers_models_that_read_weights_themselves(kind):
     with torch.no_grad():
         ref.get_submodule(target).weight += lora_update(next(iter(delta.pieces.values())))
         want = out(ref)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        with torch.no_grad():
-            got = out(model)
+    with torch.no_grad():
+        got = out(model)
     with delta.disabled(), torch.no_grad():
         assert not torch.allclose(out(model), want, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -402,19 +398,15 @@ class TopOneMoE(nn.Module):
 def test_experts_that_simply_do_not_run_stay_quiet():
     model, x = TopOneMoE(), torch.randn(3, 6)
     hd.attach(model, hd.LoRAConfig(r=2, targets=["experts.*"]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        model(x)
+    model(x)
 
 
-def test_real_architectures_raise_no_bypass_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", hd.BypassWarning)
-        for arch in ("llama", "gpt2", "bert", "t5"):
-            model, inputs, targets = build(arch)
-            hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"))
-            hd.attach(model, hd.LoRAConfig(r=2, targets=targets, use_dora=True))
-            model(**inputs)
+def test_real_architectures_raise_no_bypass_error():
+    for arch in ("llama", "gpt2", "bert", "t5"):
+        model, inputs, targets = build(arch)
+        hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"))
+        hd.attach(model, hd.LoRAConfig(r=2, targets=targets, use_dora=True))
+        model(**inputs)
 
 
 # -- 2. offloaded and meta-initialised models -------------------------------------------------
