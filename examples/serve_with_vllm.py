@@ -85,12 +85,21 @@ def main() -> dict[str, float]:
     subprocess.run([sys.executable, "-m", "hookdelta", "merge", base, os.path.join(work, "delta"), merged,
                     "--dtype", "float32"], check=True)
 
-    ours = []
-    for prompt in PROMPTS:
-        enc = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        ours.append(out[0, enc["input_ids"].shape[1]:].tolist())
+    def greedy() -> list[list[int]]:
+        runs = []
+        for prompt in PROMPTS:
+            enc = tokenizer(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     pad_token_id=tokenizer.eos_token_id)
+            runs.append(out[0, enc["input_ids"].shape[1]:].tolist())
+        return runs
+
+    ours = greedy()
+    with delta.disabled():
+        bare = greedy()
+    changed = sum(a != b for x, y in zip(ours, bare) for a, b in zip(x, y))
+    console.print(f"the LoRA changes {changed}/{sum(map(len, ours))} greedy tokens of the base model")
 
     python = os.environ.get("VLLM_PYTHON")
     if not python:
@@ -101,7 +110,7 @@ def main() -> dict[str, float]:
     subprocess.run([python, os.path.abspath(__file__), "--serve", base, adapter, merged, out], check=True, env=env)
     with open(out) as f:
         served = json.load(f)
-    result = {}
+    result = {"changed by the LoRA": changed / sum(map(len, ours))}
     for how, runs in served.items():
         same = sum(a == b for got, want in zip(runs, ours) for a, b in zip(got, want))
         total = sum(len(w) for w in ours)
