@@ -247,3 +247,31 @@ def test_a_gguf_base_trains_through_trainer(tmp_path):
                                           use_cpu=True, seed=0)
     hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=Tokens()).train()
     assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items())
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(3, 96, (7,), generator=g), "labels": torch.randint(3, 96, (5,), generator=g)}
+
+
+def test_seq2seq_trainer_trains_and_saves_the_delta(tmp_path):
+    model = build("t5")[0]
+    model.config.decoder_start_token_id = model.config.pad_token_id = 0  # (labels are shifted right into decoder inputs)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q", "v"]))
+    before = delta_state(delta)
+    args = transformers.Seq2SeqTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no",
+                                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                                                 use_cpu=True, seed=0)
+    trainer = hd.delta_trainer(transformers.Seq2SeqTrainer)(model=model, args=args, train_dataset=Pairs())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items())
+    loaded = hd.load(build("t5")[0], tmp_path / "final" / "hookdelta" / delta.name)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, delta.state_dict()[k], rtol=0, atol=0)
+    assert not set(load_file(tmp_path / "final" / "model.safetensors")) & set(base)
