@@ -21,6 +21,7 @@ from .errors import ConfigError, DeltaFileError, DeltaStateError, MergeError, Se
 from .modules import host, module_path
 from .placement import bypassing_parent, meta_message, offload_source
 from .quantized import dequantize_model
+from .sharding import assign, full, is_dtensor, is_sharded, shape, whole
 from .store import DeltaStore, check_model, close_store, deltas_of, open_store, store_of, unique_name
 
 
@@ -160,21 +161,35 @@ class Delta(nn.Module):
                              f"(sites: {blocked[:3]}); keep it attached unmerged")
         store = self._store()
         self._check_merge_order(store)
+        self._check_unsharded(store, "merge")
         if not keep_original:  # without copies a failed write could not be undone exactly: check first
             for piece in self._pieces():
-                store.sites[piece.site_path].merged_values(piece)
+                with whole(_site_tensors(store, piece)):
+                    store.sites[piece.site_path].merged_values(piece)
         done: list[Piece] = []
         try:
-            for piece in self._pieces():
-                store.sites[piece.site_path].merge(piece, keep_original, requantize)
+            for piece in self._pieces():  # (one site's weights gathered at a time under ZeRO-3)
+                with whole(_site_tensors(store, piece), modify=True):
+                    store.sites[piece.site_path].merge(piece, keep_original, requantize)
                 done.append(piece)
         except BaseException:
             for piece in reversed(done):
-                store.sites[piece.site_path].unmerge(piece)
+                with whole(_site_tensors(store, piece), modify=True):
+                    store.sites[piece.site_path].unmerge(piece)
             raise
         self.merged = True
         self._refresh()
         return {k: v for p in self._pieces() for k, v in p.__dict__.get("_requantize_error", {}).items()}
+
+    def _check_unsharded(self, store: DeltaStore, action: str) -> None:
+        """Refuse a merge into DTensor weights (FSDP2, tensor parallelism) before anything changes."""
+        for piece in self._pieces():
+            if any(is_dtensor(t) for t in _site_tensors(store, piece)):
+                raise MergeError(
+                    f"cannot {action}() delta {self.name!r}: the weights at {piece.site_path!r} are sharded DTensors "
+                    "(FSDP2 or tensor parallelism), and hookdelta has no sharded merge yet. Keep the delta unmerged "
+                    "(it trains and runs sharded), or merge in a process that holds the whole model (hd.load the "
+                    "saved delta there); nothing was changed")
 
     def _check_merge_order(self, store: DeltaStore) -> None:
         """Merging moves a piece inside every hook still running at its layer. That keeps the
@@ -243,11 +258,13 @@ class Delta(nn.Module):
         if not self.merged:
             raise DeltaStateError(f"delta {self.name!r} is not merged")
         store = self._store()
+        self._check_unsharded(store, "unmerge")
         self._check_unmerge_order(store)
         for piece in reversed(self._pieces()):
             site = store.sites[piece.site_path]
             if any(p is piece for p, _ in site.merged):
-                site.unmerge(piece)
+                with whole(_site_tensors(store, piece), modify=True):
+                    site.unmerge(piece)
         self.merged = False
         self._refresh()
 
@@ -292,8 +309,10 @@ class Delta(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The delta's own tensors, keyed `<site key>.<tensor name>`, on CPU (merge copies excluded):
         what a save writes."""
-        return {f"{p.key}.{n}": t.detach().to("cpu").contiguous()
-                for p in self._pieces() for n, t in p.state_dict().items()}
+        own = {f"{p.key}.{n}": t for p in self._pieces() for n, t in p.state_dict(keep_vars=True).items()}
+        with whole(own.values()):  # (a ZeRO-3 partition holds its values only inside; so the clone)
+            return {k: full(t).detach().to("cpu").contiguous().clone() if is_sharded(t) else t.detach().to("cpu").contiguous()
+                    for k, t in own.items()}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into this delta's, checking every key and shape first (nothing is
@@ -304,13 +323,13 @@ class Delta(nn.Module):
         if missing or unexpected:
             raise DeltaFileError(f"the saved tensors do not fit the delta: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
-        bad = [f"{k}: saved {tuple(tensors[k].shape)}, model needs {tuple(t.shape)}"
-               for k, t in expected.items() if tuple(t.shape) != tuple(tensors[k].shape)]
+        bad = [f"{k}: saved {tuple(tensors[k].shape)}, model needs {shape(t)}"
+               for k, t in expected.items() if shape(t) != tuple(tensors[k].shape)]
         if bad:
             raise DeltaFileError("shape mismatch between the saved delta and this model: " + "; ".join(bad[:5]))
-        with torch.no_grad():
+        with torch.no_grad(), whole(expected.values(), modify=True):
             for key, target in expected.items():
-                target.copy_(tensors[key].to(target.device, target.dtype))
+                assign(target, tensors[key].to(target.device, target.dtype))
 
     def merged_copy(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A new full-precision model with this delta baked in; the model and the delta stay as
@@ -528,6 +547,13 @@ def _weight_path_works(model: nn.Module, piece: Piece) -> bool:
         return True
     except MergeError:
         return False
+
+
+def _site_tensors(store: DeltaStore, piece: Piece) -> list[torch.Tensor]:
+    """The tensors a merge at the piece's site reads or writes: the layer's, and those of every
+    piece there (an unmerge redoes later merges at the same site)."""
+    site = store.sites[piece.site_path]
+    return list(site.module.parameters()) + [t for p in site.pieces for t in p.parameters()]
 
 
 def set_active(model: nn.Module, *names: str) -> None:

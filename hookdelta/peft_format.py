@@ -29,6 +29,7 @@ from .delta import install
 from .errors import ConfigError, DeltaFileError, HookdeltaError, UnsupportedModuleError
 from .persistence import read_json, write_files
 from .selection import fit_paths
+from .sharding import full, whole, writes_files
 from .store import check_model, unique_name
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -270,12 +271,15 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
         )
     train = set(delta.also_train)
     tensors: dict[str, torch.Tensor] = {}
-    for piece in delta.pieces.values():
-        if piece.key in train:  # modules_to_save: the trained copies under the module's own names
-            for n, t in piece.named_parameters(recurse=False):
-                tensors[f"{codec.prefix}{piece.key}.{n}"] = t.detach().contiguous()
-    fields, own = codec.from_delta(delta, [p for p in delta.pieces.values() if p.key not in train])
-    tensors.update({codec.file_key(k): t for k, t in own.items()})
+    with whole(delta.parameters()):  # (ZeRO-3 partitions hold their values only inside: so the clones)
+        for piece in delta.pieces.values():
+            if piece.key in train:  # modules_to_save: the trained copies under the module's own names
+                for n, t in piece.named_parameters(recurse=False):
+                    tensors[f"{codec.prefix}{piece.key}.{n}"] = full(t).detach().contiguous().clone()
+        fields, own = codec.from_delta(delta, [p for p in delta.pieces.values() if p.key not in train])
+        tensors.update({codec.file_key(k): full(t).detach().contiguous().clone() for k, t in own.items()})
+    if not writes_files(delta.parameters()):
+        return  # a collective save of sharded tensors: rank 0 writes
     model = delta.model
     config = {"task_type": None, "inference_mode": True, "modules_to_save": sorted(train) or None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,

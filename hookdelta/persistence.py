@@ -27,6 +27,7 @@ from .hotswap import swap_in, swap_target
 from .modules import resolve_site
 from .placement import kept_name, real_weight
 from .selection import fit_paths
+from .sharding import full, shape, whole, writes_files
 from .store import check_model, unique_name
 from .version import VERSION
 
@@ -69,10 +70,15 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
         "sites": delta.sites,
         "also_train": delta.also_train,
         "backbone": type(model).__name__,
-        "base_shapes": {k: list(_base_tensor(delta, model, k).shape) for k in delta.sites},
-        "fingerprint": {k: fingerprint(_base_tensor(delta, model, k)) for k in delta.sites},
+        "base_shapes": {},
+        "fingerprint": {},
     }
+    for key in delta.sites:  # (one base weight gathered at a time where it is sharded)
+        base = _base_tensor(delta, model, key)
+        meta["base_shapes"][key], meta["fingerprint"][key] = list(shape(base)), _whole_fingerprint(base)
     tensors = delta.tensors()
+    if not writes_files(delta.parameters()):
+        return  # a collective save of sharded tensors: rank 0 writes
     meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
                        for k, t in tensors.items()}
     meta["save_id"] = uuid.uuid4().hex  # ties the two files of one save together
@@ -266,20 +272,25 @@ def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[dict[str, Any
     meta = {**meta, **{field: {fix(k): v for k, v in meta.get(field, {}).items()}
                        for field in ("base_shapes", "fingerprint", "tensors")}}
     shapes = meta.get("base_shapes", {})
-    bad = [f"{k}: saved for {shapes[k]}, model has {list(_weight(model, k).shape)}"
-           for k in sites if k in shapes and list(_weight(model, k).shape) != shapes[k]]
+    bad = [f"{k}: saved for {shapes[k]}, model has {list(shape(_weight(model, k)))}"
+           for k in sites if k in shapes and list(shape(_weight(model, k))) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
     tensors = {fix(k): t for k, t in _read_save(directory, meta.get("save_id")).items()}
     check_tensors(meta, tensors, directory)
     prints = meta.get("fingerprint", {})
-    differ = [k for k in sites if k in prints and not _close(prints[k], fingerprint(_weight(model, k)))]
+    differ = [k for k in sites if k in prints and not _close(prints[k], _whole_fingerprint(_weight(model, k)))]
     if differ:
         warnings.warn(
             f"the delta in {directory} was saved on different base weights ({len(differ)} of {len(sites)} "
             f"sites differ, e.g. {differ[0]!r}); its outputs will not match the ones it was trained with",
             BaseWeightsMismatchWarning, stacklevel=3)
     return meta, config, sites, train, tensors
+
+
+def _whole_fingerprint(tensor: torch.Tensor) -> float:
+    with whole([tensor]):  # (a sharded weight gathered for the read: every rank loads)
+        return fingerprint(full(tensor))
 
 
 def _weight(model: nn.Module, key: str) -> torch.Tensor:

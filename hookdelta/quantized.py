@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .compat import bnb_cpu_unpack
 from .errors import MergeError, UnsupportedModuleError
+from .sharding import is_dtensor
 
 
 def quantized_weight(module: nn.Module) -> Any:
@@ -35,8 +36,8 @@ def quantized_weight(module: nn.Module) -> Any:
     weight = module._parameters.get("weight")
     if weight is None:
         return None
-    if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
-        return None
+    if (type(weight) in (torch.Tensor, nn.Parameter) or is_dtensor(weight)) and weight.is_floating_point():
+        return None  # (a DTensor of FSDP2 or tensor parallelism is a sharded float weight)
     return weight
 
 

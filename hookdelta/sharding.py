@@ -1,0 +1,79 @@
+"""Sharded tensors seen whole: DeepSpeed ZeRO-3 partitions and torch DTensors (FSDP2, tensor
+parallelism).
+
+Under ZeRO-3 a parameter outside its module's forward is an empty tensor (its values are spread
+over the ranks), so a save would write `(0,)` tensors and a merge would add into nothing. Every
+lifecycle call that reads or writes whole values (save, save_peft, load, merge, unmerge) does
+it inside `whole(...)`, which gathers the ZeRO-3 partitions for the block with DeepSpeed's own
+`GatheredParameters` (collective: every rank must make the call, as with DeepSpeed's own saves)
+and, when the block writes, partitions rank 0's values again on exit. DTensors are read with
+`full_tensor()` and written with `distribute_tensor`; merging into one is refused (`MergeError`)
+until a sharded merge exists. Nothing here imports DeepSpeed unless a tensor is partitioned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator
+
+import torch
+
+
+def is_partitioned(t: Any) -> bool:
+    """A ZeRO-3 parameter (DeepSpeed marks each with `ds_id`)."""
+    return hasattr(t, "ds_id")
+
+
+def is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # (torch built without distributed)
+        return False
+    return isinstance(t, DTensor)
+
+
+def is_sharded(t: Any) -> bool:
+    return is_partitioned(t) or is_dtensor(t)
+
+
+@contextlib.contextmanager
+def whole(tensors: Iterable[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """Inside the block the ZeRO-3 partitions among `tensors` hold their whole values; with
+    `modify`, what rank 0 wrote into them is partitioned again on exit."""
+    parts = [t for t in tensors if is_partitioned(t)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=0 if modify else None):
+        yield
+
+
+def shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The whole shape of `t` (a ZeRO-3 partition is empty outside its module's forward)."""
+    return tuple(t.ds_shape) if is_partitioned(t) else tuple(t.shape)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of `t` (a DTensor is gathered: collective; a ZeRO-3 partition must be inside `whole`)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Write a whole value into `target` in place: a DTensor gets its shard of it (every rank
+    calls this with the same value), a ZeRO-3 partition must be inside `whole(modify=True)`."""
+    if is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+    target.copy_(value)
+
+
+def writes_files(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether this process writes the files of a save: with sharded tensors the save is
+    collective and rank 0 writes; otherwise every process that calls it writes."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        return True
+    return not any(is_sharded(t) for t in tensors)
