@@ -21,7 +21,7 @@ from .errors import ConfigError, DeltaFileError, DeltaStateError, MergeError, Se
 from .modules import host, module_path
 from .placement import bypassing_parent, meta_message, offload_source
 from .quantized import dequantize_model
-from .sharding import assign, full, is_dtensor, is_sharded, shape, whole
+from .sharding import assign, full, is_sharded, shape, whole
 from .store import DeltaStore, check_model, close_store, deltas_of, open_store, store_of, unique_name
 
 
@@ -161,7 +161,6 @@ class Delta(nn.Module):
                              f"(sites: {blocked[:3]}); keep it attached unmerged")
         store = self._store()
         self._check_merge_order(store)
-        self._check_unsharded(store, "merge")
         if not keep_original:  # without copies a failed write could not be undone exactly: check first
             for piece in self._pieces():
                 with whole(_site_tensors(store, piece)):
@@ -180,16 +179,6 @@ class Delta(nn.Module):
         self.merged = True
         self._refresh()
         return {k: v for p in self._pieces() for k, v in p.__dict__.get("_requantize_error", {}).items()}
-
-    def _check_unsharded(self, store: DeltaStore, action: str) -> None:
-        """Refuse a merge into DTensor weights (FSDP2, tensor parallelism) before anything changes."""
-        for piece in self._pieces():
-            if any(is_dtensor(t) for t in _site_tensors(store, piece)):
-                raise MergeError(
-                    f"cannot {action}() delta {self.name!r}: the weights at {piece.site_path!r} are sharded DTensors "
-                    "(FSDP2 or tensor parallelism), and hookdelta has no sharded merge yet. Keep the delta unmerged "
-                    "(it trains and runs sharded), or merge in a process that holds the whole model (hd.load the "
-                    "saved delta there); nothing was changed")
 
     def _check_merge_order(self, store: DeltaStore) -> None:
         """Merging moves a piece inside every hook still running at its layer. That keeps the
@@ -258,7 +247,6 @@ class Delta(nn.Module):
         if not self.merged:
             raise DeltaStateError(f"delta {self.name!r} is not merged")
         store = self._store()
-        self._check_unsharded(store, "unmerge")
         self._check_unmerge_order(store)
         for piece in reversed(self._pieces()):
             site = store.sites[piece.site_path]

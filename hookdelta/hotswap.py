@@ -20,6 +20,7 @@ from .config import DeltaConfig
 from .engine import forget_compiled_code
 from .errors import ConfigError, DeltaFileError, DeltaStateError
 from .store import check_model, deltas_of, store_of
+from .sharding import assign, shape, whole
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | None = None) -> None:
@@ -85,9 +86,10 @@ def swap_in(delta: Any, config: DeltaConfig, sites: list[str], train: list[str],
     lora = delta.method == "lora"
     scales = {p.key: config.scale_for(p.key) for p in _lora_pieces(delta)} if lora else {}
     first = any(not isinstance(p.scale, torch.Tensor) for p in _lora_pieces(delta))
-    with store_of(delta.model).guard.changing("hot-swap"), torch.inference_mode(False), torch.no_grad():
+    with store_of(delta.model).guard.changing("hot-swap"), torch.inference_mode(False), torch.no_grad(), \
+            whole([current for current, _ in values], modify=True):
         for current, value in values:
-            current.copy_(value)
+            assign(current, value)
         if first:  # the scales become tensors: code compiled with them as constants must go (once)
             forget_compiled_code()
         for piece in _lora_pieces(delta):
@@ -141,12 +143,13 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
                 raise DeltaFileError(f"the delta in {directory} has no tensor {key!r}, which {delta.name!r} has")
             saved = tensors[key]
             dim = getattr(piece, "rank_dims", {}).get(tensor_name)
-            if saved.shape != current.shape and not _pads_to(saved, current, dim):
-                bad.append(f"{key} {tuple(saved.shape)} -> {tuple(current.shape)}")
+            whole_shape = shape(current)  # (a ZeRO-3 partition is empty outside a forward)
+            if tuple(saved.shape) != whole_shape and not _pads_to(saved, whole_shape, dim):
+                bad.append(f"{key} {tuple(saved.shape)} -> {whole_shape}")
                 continue
-            if saved.shape != current.shape:
+            if tuple(saved.shape) != whole_shape:
                 dim = dim % saved.dim()
-                padded = saved.new_zeros(current.shape)
+                padded = saved.new_zeros(whole_shape)
                 padded.narrow(dim, 0, saved.shape[dim]).copy_(saved)
                 saved = padded
             values.append((current, saved.to(device=current.device, dtype=current.dtype)))
@@ -161,9 +164,9 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
     return values
 
 
-def _pads_to(saved: torch.Tensor, current: torch.Tensor, dim: int | None) -> bool:
-    """Whether `saved` fits `current` by zero-padding its rank dimension `dim`."""
-    if dim is None or saved.dim() != current.dim():
+def _pads_to(saved: torch.Tensor, current: tuple[int, ...], dim: int | None) -> bool:
+    """Whether `saved` fits the shape `current` by zero-padding its rank dimension `dim`."""
+    if dim is None or saved.dim() != len(current):
         return False
     dim = dim % saved.dim()
-    return all(s == c if i != dim else s <= c for i, (s, c) in enumerate(zip(saved.shape, current.shape)))
+    return all(s == c if i != dim else s <= c for i, (s, c) in enumerate(zip(saved.shape, current)))

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MergeError, UnsupportedModuleError
+from .sharding import like
 from .quantized import backend, dequantize, is_quantized, quantized_weight, requantize, swap_state
 
 
@@ -265,7 +266,7 @@ class WeightSlot:
             self.write(self.value().detach().float() + delta.float())
             return
         with torch.inference_mode(self.param.is_inference()), torch.no_grad():
-            self.param.add_(delta.to(self.param.device))
+            self.param.add_(like(delta.to(self.param.device), self.param))
 
     def write(self, new: torch.Tensor, owner: nn.Module | None = None) -> None:
         """value := new, in place (same tensors, same addresses)."""

@@ -6,9 +6,10 @@ over the ranks), so a save would write `(0,)` tensors and a merge would add into
 lifecycle call that reads or writes whole values (save, save_peft, load, merge, unmerge) does
 it inside `whole(...)`, which gathers the ZeRO-3 partitions for the block with DeepSpeed's own
 `GatheredParameters` (collective: every rank must make the call, as with DeepSpeed's own saves)
-and, when the block writes, partitions rank 0's values again on exit. DTensors are read with
-`full_tensor()` and written with `distribute_tensor`; merging into one is refused (`MergeError`)
-until a sharded merge exists. Nothing here imports DeepSpeed unless a tensor is partitioned.
+and, when the block writes, partitions rank 0's values again on exit. DTensors (FSDP2) are read
+with `full_tensor()` and written in their own layout (`like`): a merge adds ΔW, redistributed to
+the weight's placements, into each rank's shard, which is exactly the shard of W + ΔW. Nothing
+here imports DeepSpeed unless a tensor is partitioned.
 """
 
 from __future__ import annotations
@@ -60,14 +61,22 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def like(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`value` laid out as `target` is: a DTensor target gets it as a DTensor with the same mesh
+    and placements (redistributed, or distributed from a whole value every rank holds)."""
+    if not is_dtensor(target):
+        return value
+    if is_dtensor(value):
+        return value.redistribute(target.device_mesh, target.placements)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.detach(), target.device_mesh, target.placements)
+
+
 def assign(target: torch.Tensor, value: torch.Tensor) -> None:
     """Write a whole value into `target` in place: a DTensor gets its shard of it (every rank
     calls this with the same value), a ZeRO-3 partition must be inside `whole(modify=True)`."""
-    if is_dtensor(target):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
-    target.copy_(value)
+    target.copy_(like(value.to(target.device, target.dtype), target))
 
 
 def writes_files(tensors: Iterable[torch.Tensor]) -> bool:

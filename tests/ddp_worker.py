@@ -99,28 +99,10 @@ def main() -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in full])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
-    verdict = {"identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
-               "first": losses[0], "last": losses[-1], "unwrapped": unwrapped}
-    if mode == "fsdp":  # sharded tensors: a collective save that rank 0 writes whole; merge refused
-        folder = os.path.join(os.path.dirname(sys.argv[1]), "fsdp-delta")
-        delta.save(folder, overwrite=True)
-        whole = {f"{p.key}.{n}": (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
-                 for p in delta.pieces.values() for n, t in p.named_parameters()}  # (collective, every rank)
-        try:
-            delta.merge()
-            verdict["merge"] = "merged"
-        except hd.MergeError as exc:
-            verdict["merge"] = str(exc)
-        verdict["unmerged"] = not delta.merged
-    dist.barrier()
     if rank == 0:
-        if mode == "fsdp":
-            from safetensors.torch import load_file
-
-            saved = load_file(os.path.join(folder, "delta.safetensors"))
-            verdict["saved_whole"] = set(saved) == set(whole) and all(torch.equal(saved[k], whole[k]) for k in saved)
         with open(sys.argv[1], "w") as f:
-            json.dump(verdict, f)
+            json.dump({"identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
+                       "first": losses[0], "last": losses[-1], "unwrapped": unwrapped}, f)
     finish()
 
 

@@ -35,9 +35,6 @@ def test_two_processes_train_the_delta_identically(mode, tmp_path):
     assert verdict["identical"], "delta parameters differ across ranks"
     assert abs(verdict["first"] - verdict["unwrapped"]) < 1e-5, "the wrapped model computes what the plain one does"
     assert verdict["last"] < verdict["first"]
-    if mode == "fsdp":  # the save gathers the shards (rank 0 writes whole tensors); a merge is refused, unchanged
-        assert verdict["saved_whole"]
-        assert "sharded DTensors" in verdict["merge"] and verdict["unmerged"]
 
 
 def test_accelerate_prepare_trains_the_delta():
