@@ -33,6 +33,8 @@ def test_every_lifecycle_call_under_zero3_equals_one_plain_process(tmp_path, wor
     assert v["reference_loss_diff"] < 1e-5
     for kind in ("hookdelta", "peft"):  # a whole file, written once, equal to one process's save
         assert v["files"][kind] == {"keys_equal": True, "empty": [], "bit_equal": True}, kind
+    assert v["disabled_loss_diff"] < 1e-5 and v["enabled_loss_diff"] < 1e-6
+    assert v["route_max_diff"] < 1e-5, "each row with its own delta, as the plain model computes it"
     assert v["merge_changed_weights"] and v["merged_loss_diff"] < 1e-5
     assert v["unmerge_exact"] and v["unmerged_loss_diff"] < 1e-6
     assert v["loaded_loss_diff"] < 1e-5, "a saved delta loads into another sharded model"
@@ -65,3 +67,22 @@ def test_every_lifecycle_call_under_fsdp2_equals_one_plain_process(tmp_path):
     assert v["loaded_loss_diff"] < 1e-5 and v["zeroed_loss_diff"] < 1e-5 and v["hotswap_loss_diff"] < 1e-5
     assert v["hotswap_sharded_loss_diff"] < 1e-5, "a hot-swap into sharded delta tensors writes each rank's shard"
     assert v["detach_exact"] and v["detached_loss_diff"] < 1e-5
+
+
+def test_the_trainer_under_zero3_checkpoints_and_saves_the_whole_delta(tmp_path):
+    """HF Trainer + DeepSpeed ZeRO-3 (2 processes) through hd.delta_trainer: every rank takes part
+    in the gather, rank 0 writes; before, rank 0 gathered alone (a hang) and the weights file
+    held (0,)-shaped tensors."""
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (test-extra)")
+    result = tmp_path / "verdict.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(os.path.dirname(__file__), "zero3_trainer_worker.py"), str(result),
+                              str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
+    assert run.returncode == 0, run.stderr[-3000:]
+    v = json.loads(result.read_text())
+    assert v["partitioned"]
+    assert all(v["files"].values()), v["files"]

@@ -80,6 +80,19 @@ def main() -> None:
         ref_delta.save_peft(os.path.join(folder, "plain-peft"), overwrite=True)
     dist.barrier()
 
+    bare = reference_bare(reference, batch)
+    with delta.disabled():
+        verdict["disabled_loss_diff"] = abs(loss_now() - bare)
+    verdict["enabled_loss_diff"] = abs(loss_now() - unmerged)
+    with torch.no_grad():
+        with hd.route(model, ["lora", None, "lora", None]):
+            routed = engine(input_ids=batch).logits
+        plain_on = reference(input_ids=batch).logits
+        with ref_delta.disabled():
+            plain_off = reference(input_ids=batch).logits
+    expect = torch.stack([plain_on[0], plain_off[1], plain_on[2], plain_off[3]])
+    verdict["route_max_diff"] = (routed - expect).abs().max().item()
+
     base = [p for n, p in model.named_parameters() if "_hookdelta" not in n]
     before = gathered(base)
     delta.merge()
@@ -98,7 +111,6 @@ def main() -> None:
     with torch.no_grad():
         verdict["loaded_loss_diff"] = abs(other_engine(input_ids=batch, labels=batch).loss.item() - unmerged)
         loaded.load_tensors({k: torch.zeros_like(v) for k, v in loaded.tensors().items()})
-        bare = reference_bare(reference, batch)
         verdict["zeroed_loss_diff"] = abs(other_engine(input_ids=batch, labels=batch).loss.item() - bare)
     hd.load(other, os.path.join(folder, "sharded"), into="lora")
     with torch.no_grad():

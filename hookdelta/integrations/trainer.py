@@ -37,6 +37,7 @@ from transformers import TrainerCallback as _Base
 from ..compat import declare_adapters
 from ..errors import ConfigError, DeltaFileError
 from ..persistence import read_meta, read_tensors
+from ..sharding import full, is_sharded, whole
 from ..store import store_of
 
 WEIGHTS = "model.safetensors"
@@ -49,22 +50,37 @@ def _prefix(delta: Any) -> str:
 
 def delta_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every attached delta's tensors under their keys in the model's state dict: what Trainer's
-    resume loads (non-strictly) back into the model."""
+    resume loads (non-strictly) back into the model. Sharded tensors are gathered (collective)."""
     from ..delta import deltas
 
-    return {_prefix(d) + k: v.detach().contiguous().cpu()
-            for d in deltas(model).values() for k, v in d.state_dict().items()}
+    out = {}
+    for d in deltas(model).values():
+        own = d.state_dict(keep_vars=True)
+        with whole(own.values()):  # (a ZeRO-3 partition holds its values only inside: so the clones)
+            out.update({_prefix(d) + k: full(v).detach().cpu().contiguous().clone() for k, v in own.items()})
+    return out
 
 
-def write_without_base(folder: str, model: torch.nn.Module) -> None:
-    """Replace the model's weight files and config in `folder` by the deltas' tensors alone."""
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether the deltas' tensors are sharded: then saving them is collective (every rank calls)."""
+    from ..delta import deltas
+
+    return any(is_sharded(p) for d in deltas(model).values() for p in d.parameters())
+
+
+def write_without_base(folder: str, model: torch.nn.Module, write: bool = True) -> None:
+    """Replace the model's weight files and config in `folder` by the deltas' tensors alone
+    (gathered on every rank that calls it; written only where `write`)."""
     from safetensors.torch import save_file
 
+    tensors = delta_weights(model)
+    if not write:
+        return
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):
         if name.startswith(("model.safetensors", "model-", "pytorch_model")) or name == "config.json":
             os.remove(os.path.join(folder, name))
-    save_file(delta_weights(model), os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
 
 
 class TrainerCallback(_Base):
@@ -93,14 +109,15 @@ class TrainerCallback(_Base):
         self.undeclare()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        # sharded tensors (DeepSpeed ZeRO-3, FSDP2): every rank gathers, rank 0 writes
+        if state.is_world_process_zero or sharded(self.delta.model):
             checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self.delta.save(self.folder(checkpoint), overwrite=True)
             if not self.save_base:
-                write_without_base(checkpoint, self.delta.model)
+                write_without_base(checkpoint, self.delta.model, write=state.is_world_process_zero)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
+        if state.is_world_process_zero or sharded(self.delta.model):
             self.delta.save(self.folder(args.output_dir), overwrite=True)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -148,12 +165,13 @@ class _DeltaTrainer:
         if any(c.save_base for c in callbacks):
             return super().save_model(output_dir, *args, **kwargs)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
+        model = callbacks[0].delta.model if callbacks else self.model
+        if not (self.args.should_save or sharded(model)):
             return None
-        for c in callbacks:
+        for c in callbacks:  # (sharded: every rank gathers, rank 0 writes)
             c.delta.save(c.folder(output_dir), overwrite=True)
-        write_without_base(output_dir, self.model)
-        if self.processing_class is not None:
+        write_without_base(output_dir, model, write=self.args.should_save)
+        if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         return None
 
