@@ -86,3 +86,29 @@ def writes_files(tensors: Iterable[torch.Tensor]) -> bool:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         return True
     return not any(is_sharded(t) for t in tensors)
+
+
+def fsdp_managed(model: Any) -> bool:
+    """Whether FSDP2 manages the model (`fully_shard` on its root): it gathers every shard for the
+    forward, so the deltas' hooks see whole weights."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def tensor_parallel_sites(model: Any, sites: Iterable[tuple[str, Any]]) -> list[str]:
+    """Paths of the sites (path, module) whose weight is a DTensor that no FSDP2 root gathers
+    (tensor parallelism): the deltas' math there would mix whole and sharded tensors."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or fsdp_managed(model):
+        return []
+    return [path for path, module in sites if is_dtensor(module._parameters.get("weight"))]
+
+
+def tensor_parallel_message(path: str) -> str:
+    return (f"{path!r} is tensor-parallel (its weight is a DTensor sharded across ranks in the forward, as "
+            "parallelize_module or transformers' tp_plan make it), and hookdelta's deltas are not sharded to "
+            "match yet. Train and serve the delta without tensor parallelism (FSDP2 and DeepSpeed ZeRO-3 work), "
+            "or merge it into the weights before parallelizing")

@@ -29,6 +29,7 @@ from .modules import STORE_NAME, host, is_internal
 from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
 from .routing import Router, build_router
 from .shared_input import new_forward
+from .sharding import tensor_parallel_message, tensor_parallel_sites
 
 
 class DeltaStore(nn.Module):
@@ -68,6 +69,10 @@ class DeltaStore(nn.Module):
     def add(self, model: nn.Module, delta: Any, freeze: bool) -> None:
         """Register a built delta and hook its pieces in; all or nothing."""
         self.check_stacking(delta)
+        tensor_parallel = tensor_parallel_sites(model, ((p.site_path, model.get_submodule(p.site_path))
+                                                        for p in delta.pieces.values()))
+        if tensor_parallel:
+            raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         try:
             self.deltas[delta.name] = delta
             delta.attached = True
@@ -253,6 +258,9 @@ class DeltaStore(nn.Module):
         gradients are wanted, and under checkpointing the input embeddings' output requires grad."""
         self.check_alive()
         self.check_sites("forward")  # (a replaced layer would silently run without its delta)
+        tensor_parallel = tensor_parallel_sites(model, ((s.path, s.module) for s in self.sites.values()))
+        if tensor_parallel:
+            raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         new_forward()
         if self.packed and torch.is_grad_enabled():
             unpack_for_training(self.packed)

@@ -86,3 +86,22 @@ def test_the_trainer_under_zero3_checkpoints_and_saves_the_whole_delta(tmp_path)
     v = json.loads(result.read_text())
     assert v["partitioned"]
     assert all(v["files"].values()), v["files"]
+
+
+def test_tensor_parallel_layers_are_refused_clearly(tmp_path):
+    """Deltas are not sharded to match a tensor-parallel layer yet: attached before
+    parallelize_module, the next forward says so (not torch's mixed Tensor/DTensor error); after
+    it, attach says so and leaves the model as it was."""
+    result = tmp_path / "verdict.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for attempt in range(2):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              os.path.join(os.path.dirname(__file__), "tp_worker.py"), str(result)],
+                             capture_output=True, text=True, env=env, timeout=300)
+        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+            break
+    assert run.returncode == 0, run.stderr[-3000:]
+    v = json.loads(result.read_text())
+    for when in ("before", "after"):
+        assert "is tensor-parallel" in v[when] and "self_attn" in v[when], v[when]
+    assert v["untouched"]
