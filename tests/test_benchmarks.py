@@ -57,3 +57,15 @@ def test_the_gpu_rows_run_in_another_dtype(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "latest.json").read_text())
     assert result["machine"]["dtype"] == "bfloat16" and result["failed"] == []
+
+
+def test_the_distributed_row_runs():
+    """benchmarks/distributed.py end to end at its smallest: one launch each, one process."""
+    pytest.importorskip("peft")
+    run = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--sizes", "1", "--repeats", "1",
+                          "--steps", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| 1 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) > 0
