@@ -54,6 +54,7 @@ class Piece(nn.Module):
     | `weight_path_exact = False` | its merged weights do not reproduce it exactly | LoRA with input dropout |
     | `rewrites_input = True` | its pre hook changes the layer's input, which every post piece there then reads | OFT, BOFT, IA3 on inputs |
     | `rescales = True` | it only multiplies inputs or outputs elementwise: such pieces commute with each other | IA3 |
+    | `tensor_parallel = True` | its tensors are sharded to match a tensor-parallel layer (sharding.py refuses other pieces there) | LoRA built on a parallelized nn.Linear |
 
     `merged_weights` / `delta_weights` stay differentiable in the piece's own tensors: where an
     enclosing module uses the layer's weights without calling it (`through`), the piece runs as
@@ -71,6 +72,7 @@ class Piece(nn.Module):
     merges_by: str = "delta"
     additive: bool = False
     reads_weight: bool = False
+    tensor_parallel: bool = False  # matches a tensor-parallel layer's sharding (TensorParallelLoRALinear)
     weight_path_exact: bool = True
     routable: bool = True
     rewrites_input: bool = False
@@ -498,7 +500,10 @@ class Site:
             return None
         m = self.module
         if "post" in piece.hooks:
-            before = [h for k, h in m._forward_hooks.items() if not is_ours(h) and k < piece.stamp]
+            before = [h for k, h in m._forward_hooks.items() if not is_ours(h) and k < piece.stamp
+                      and not (piece.tensor_parallel and _name(h).startswith("distribute_module."))]
+            # (a tensor-parallel layout hook only converts the output's layout, which commutes with a
+            # change of the weight; a renamed one is refused, as any unknown hook)
             if before:
                 return f"a forward hook registered before it ({_name(before[0])}) would then see its effect"
         if "pre" in piece.hooks:

@@ -109,6 +109,6 @@ def tensor_parallel_sites(model: Any, sites: Iterable[tuple[str, Any]]) -> list[
 
 def tensor_parallel_message(path: str) -> str:
     return (f"{path!r} is tensor-parallel (its weight is a DTensor sharded across ranks in the forward, as "
-            "parallelize_module or transformers' tp_plan make it), and hookdelta's deltas are not sharded to "
-            "match yet. Train and serve the delta without tensor parallelism (FSDP2 and DeepSpeed ZeRO-3 work), "
-            "or merge it into the weights before parallelizing")
+            "parallelize_module or transformers' tp_plan make it), and this delta's tensors are not sharded to "
+            "match. Attach after parallelizing, on every rank: a plain LoRA is then built sharded like its layer "
+            "(other methods are not yet); or merge the delta before parallelizing")

@@ -70,7 +70,7 @@ class DeltaStore(nn.Module):
         """Register a built delta and hook its pieces in; all or nothing."""
         self.check_stacking(delta)
         tensor_parallel = tensor_parallel_sites(model, ((p.site_path, model.get_submodule(p.site_path))
-                                                        for p in delta.pieces.values()))
+                                                        for p in delta.pieces.values() if not p.tensor_parallel))
         if tensor_parallel:
             raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         try:
@@ -258,7 +258,8 @@ class DeltaStore(nn.Module):
         gradients are wanted, and under checkpointing the input embeddings' output requires grad."""
         self.check_alive()
         self.check_sites("forward")  # (a replaced layer would silently run without its delta)
-        tensor_parallel = tensor_parallel_sites(model, ((s.path, s.module) for s in self.sites.values()))
+        tensor_parallel = tensor_parallel_sites(model, ((s.path, s.module) for s in self.sites.values()
+                                                        if not all(p.tensor_parallel for p in s.pieces)))
         if tensor_parallel:
             raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         new_forward()

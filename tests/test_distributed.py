@@ -88,20 +88,29 @@ def test_the_trainer_under_zero3_checkpoints_and_saves_the_whole_delta(tmp_path)
     assert all(v["files"].values()), v["files"]
 
 
-def test_tensor_parallel_layers_are_refused_clearly(tmp_path):
-    """Deltas are not sharded to match a tensor-parallel layer yet: attached before
-    parallelize_module, the next forward says so (not torch's mixed Tensor/DTensor error); after
-    it, attach says so and leaves the model as it was."""
+def test_tensor_parallel_lora_equals_one_plain_process_and_the_rest_is_refused(tmp_path):
+    """DTensor tensor parallelism (colwise q/k/v, gate/up; rowwise o, down), 2 processes. A LoRA
+    attached after parallelizing is sharded like its layers: outputs, gradients, training, save,
+    load, hot-swap, merge and detach equal one plain process with the same values. A delta attached
+    before parallelizing is refused at the next forward (not torch's "mixed torch.Tensor and
+    DTensor"), a method without a sharded form at attach, leaving the model as it was."""
     result = tmp_path / "verdict.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for attempt in range(2):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              os.path.join(os.path.dirname(__file__), "tp_worker.py"), str(result)],
+                              os.path.join(os.path.dirname(__file__), "tp_worker.py"), str(result), str(tmp_path)],
                              capture_output=True, text=True, env=env, timeout=300)
         if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     assert run.returncode == 0, run.stderr[-3000:]
     v = json.loads(result.read_text())
-    for when in ("before", "after"):
-        assert "is tensor-parallel" in v[when] and "self_attn" in v[when], v[when]
-    assert v["untouched"]
+    for refused in ("before", "ia3"):
+        assert "is tensor-parallel" in v[refused] and "Attach after parallelizing" in v[refused], v[refused]
+    assert v["untouched"] and v["sharded_factors"]
+    assert v["forward_max_diff"] < 1e-5 and v["grad_max_diff"] < 1e-6
+    assert v["train_max_diff"] < 1e-4 and v["trained_max_diff"] < 1e-5  # (Adam magnifies grads' last bits)
+    assert v["disabled_max_diff"] < 1e-5
+    assert v["save_bit_equal"] and v["peft_whole"]
+    assert v["merge_changed_weights"] and v["merged_max_diff"] < 1e-5 and v["unmerge_exact"]
+    assert v["loaded_max_diff"] < 1e-5 and v["zeroed_max_diff"] < 1e-5 and v["hotswap_max_diff"] < 1e-5
+    assert v["detach_exact"] and v["detached_max_diff"] < 1e-5

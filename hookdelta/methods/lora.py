@@ -33,10 +33,11 @@ from ..placement import layer_like, like_tensor, real_weight
 from ..roles import fused_rows, roles
 from ..selection import match_parameters
 from ..shared_input import SharedInput
+from ..sharding import tensor_parallel_sites
 from .alora import Activation, InvocationScanner
 from .dora import DoRAConv, DoRAEmbedding, DoRALinear
 from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, LoRAConv, LoRAEmbedding, LoRALinear, LoRAParameter,
-                          LoRASlices, TiedLoRA, TiedParameter)
+                          LoRASlices, TensorParallelLoRALinear, TiedLoRA, TiedParameter)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
@@ -273,6 +274,12 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     if is_linear_like(module):
         residual = cfg.init in RESIDUAL or cfg.init.startswith("pissa_niter_")
         cls = LINEAR_VARIANTS[(activation is not None, residual, cfg.bias == "lora_only")]
+        if tensor_parallel_sites(model, [(key, module)]):
+            if cls is not LoRALinear:
+                raise UnsupportedModuleError(
+                    f"{key!r} is tensor-parallel; hookdelta's LoRA there is the plain one (no PiSSA/OLoRA init, "
+                    "lora_only bias or aLoRA yet): attach those before parallelizing is not possible either")
+            return TensorParallelLoRALinear(cfg, key, module, like)
         weight = real_weight(model, path) if residual else None
         return cls(cfg, key, module, like, weight, activation=activation) if activation else cls(cfg, key, module,
                                                                                                   like, weight)

@@ -452,3 +452,56 @@ class TiedParameter(TiedSwap):
         super().__init__(primary, site_path, key=site_path + "." + primary.param_name)
 
 
+
+
+class TensorParallelLoRALinear(LoRALinear):
+    """LoRA on a tensor-parallel linear layer (its weight a DTensor on a 1-D mesh, as
+    parallelize_module's ColwiseParallel / RowwiseParallel or transformers' tp_plan make it),
+    with its factors sharded to match, as PEFT's tensor-parallel LoRA does:
+
+    - column-parallel (W split by output rows, Shard(0)): B is split by rows, A replicated; each
+      rank adds its own output features' part, no communication;
+    - row-parallel (W split by input columns, Shard(1)): A is split by columns, B replicated; the
+      rank-r partial products A·x are reduced once (the layer's own output is reduced by its style).
+
+    Built when the delta is attached after parallelizing (every rank attaches, with the same seed).
+    The formula is LoRALinear's; the plain fast paths (fused add, sibling stacks) are not used."""
+
+    tensor_parallel = True
+    siblings = None
+
+    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        super().__init__(cfg, key, module, like, *rest)
+        weight = module._parameters["weight"]
+        mesh, placements = weight.device_mesh, tuple(weight.placements)
+        dim = placements[0].dim if len(placements) == 1 and isinstance(placements[0], Shard) else None
+        if self.conv1d or dim not in (0, 1) or self.p:
+            raise UnsupportedModuleError(
+                f"{key!r} is tensor-parallel with placements {placements} on a {mesh.ndim}-D mesh; hookdelta's "
+                "LoRA matches column-parallel (Shard(0)) and row-parallel (Shard(1)) nn.Linear weights on a 1-D "
+                "mesh, without dropout (a replicated input would get another mask on each rank)")
+        self.colwise = dim == 0
+        a_place, b_place = ((Replicate(), Shard(0)) if self.colwise else (Shard(1), Replicate()))
+        self.lora_A = nn.Parameter(distribute_tensor(self.lora_A.detach(), mesh, [a_place]))
+        self.lora_B = nn.Parameter(distribute_tensor(self.lora_B.detach(), mesh, [b_place]))
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        a, b = self._parameters["lora_A"], self._parameters["lora_B"]
+        x = first_input(args, kwargs)
+        if not isinstance(x, DTensor):  # (the layer's input, as the parallel style laid it out)
+            x = DTensor.from_local(x, a.device_mesh, [Replicate() if self.colwise else Shard(-1)])
+        if isinstance(output, DTensor):
+            raise UnsupportedModuleError(
+                f"{self.key!r} returns a DTensor (a parallel style with use_local_output=False); hookdelta's "
+                "tensor-parallel LoRA adds to the local output the default styles return")
+        h = F.linear(x.to(a.dtype), a)  # column-parallel: whole; row-parallel: a partial sum
+        if not self.colwise:
+            h = h.redistribute(h.device_mesh, [Replicate()])  # the layer's output is reduced: reduce ours once
+        return output + F.linear(h * self.scale, b).to_local().to(output.dtype)
+
+    def lowrank(self, module: nn.Module) -> None:
+        return None  # (no plain fast path over sharded factors)
