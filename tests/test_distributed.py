@@ -90,8 +90,8 @@ def test_the_trainer_under_zero3_checkpoints_and_saves_the_whole_delta(tmp_path)
 
 def test_tensor_parallel_lora_equals_one_plain_process_and_the_rest_is_refused(tmp_path):
     """DTensor tensor parallelism (colwise q/k/v, gate/up; rowwise o, down), 2 processes. A LoRA
-    attached after parallelizing is sharded like its layers: outputs, gradients, training, save,
-    load, hot-swap, merge and detach equal one plain process with the same values. A delta attached
+    attached after parallelizing is sharded like its layers: outputs, gradients, training, route,
+    save, load, hot-swap, merge and detach equal one plain process with the same values. A delta attached
     before parallelizing is refused at the next forward (not torch's "mixed torch.Tensor and
     DTensor"), a method without a sharded form at attach, leaving the model as it was."""
     result = tmp_path / "verdict.json"
@@ -109,7 +109,7 @@ def test_tensor_parallel_lora_equals_one_plain_process_and_the_rest_is_refused(t
     assert v["untouched"] and v["sharded_factors"]
     assert v["forward_max_diff"] < 1e-5 and v["grad_max_diff"] < 1e-6
     assert v["train_max_diff"] < 1e-4 and v["trained_max_diff"] < 1e-5  # (Adam magnifies grads' last bits)
-    assert v["disabled_max_diff"] < 1e-5
+    assert v["disabled_max_diff"] < 1e-5 and v["route_max_diff"] < 1e-5  # (route: each row with its own delta)
     assert v["save_bit_equal"] and v["peft_whole"]
     assert v["merge_changed_weights"] and v["merged_max_diff"] < 1e-5 and v["unmerge_exact"]
     assert v["loaded_max_diff"] < 1e-5 and v["zeroed_max_diff"] < 1e-5 and v["hotswap_max_diff"] < 1e-5

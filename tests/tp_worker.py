@@ -104,6 +104,12 @@ def main() -> None:
         off = logits(reference)
     with delta.disabled():
         verdict["disabled_max_diff"] = (logits(model) - off).abs().max().item()
+    try:
+        with hd.route(model, ["lora", None]):
+            routed = logits(model)
+        verdict["route_max_diff"] = (routed - torch.stack([on[0], off[1]])).abs().max().item()
+    except hd.HookdeltaError as exc:
+        verdict["route_max_diff"] = f"{type(exc).__name__}: {exc}"
     delta.save(os.path.join(folder, "tp"), overwrite=True)
     delta.save_peft(os.path.join(folder, "tp-peft"), overwrite=True)
     if rank == 0:
