@@ -69,23 +69,26 @@ def test_every_lifecycle_call_under_fsdp2_equals_one_plain_process(tmp_path):
     assert v["detach_exact"] and v["detached_loss_diff"] < 1e-5
 
 
-def test_the_trainer_under_zero3_checkpoints_and_saves_the_whole_delta(tmp_path):
-    """HF Trainer + DeepSpeed ZeRO-3 (2 processes) through hd.delta_trainer: every rank takes part
-    in the gather, rank 0 writes; before, rank 0 gathered alone (a hang) and the weights file
-    held (0,)-shaped tensors."""
-    pytest.importorskip("deepspeed", reason="deepspeed is not installed (test-extra)")
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_the_trainer_on_a_sharded_engine_checkpoints_saves_and_resumes_the_whole_delta(tmp_path, engine):
+    """HF Trainer + DeepSpeed ZeRO-3 or FSDP2 (2 processes) through hd.delta_trainer: every rank
+    takes part in the gather, rank 0 writes; before, rank 0 gathered alone (a hang) and under
+    ZeRO-3 the weights file held (0,)-shaped tensors. A resumed run ends with the same delta."""
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (test-extra)")
     result = tmp_path / "verdict.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
     for attempt in range(2):
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              os.path.join(os.path.dirname(__file__), "zero3_trainer_worker.py"), str(result),
-                              str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+                              os.path.join(os.path.dirname(__file__), "trainer_worker.py"), str(result),
+                              str(tmp_path / "run"), engine], capture_output=True, text=True, env=env, timeout=300)
         if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
             break
     assert run.returncode == 0, run.stderr[-3000:]
     v = json.loads(result.read_text())
-    assert v["partitioned"]
+    assert v["sharded"]
     assert all(v["files"].values()), v["files"]
+    assert v["resumed_equal"]
 
 
 def test_tensor_parallel_lora_equals_one_plain_process_and_the_rest_is_refused(tmp_path):

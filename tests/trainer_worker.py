@@ -1,0 +1,72 @@
+"""Run by tests/test_distributed.py under `torch.distributed.run` (2 processes, gloo, CPU): the HF
+Trainer through hd.delta_trainer on a sharded engine, argv[3] "deepspeed" (ZeRO-3, every parameter
+partitioned) or "fsdp" (FSDP2 through accelerate). Checkpoints and save_model() must hold the whole
+delta, gathered from the shards (not the (0,)-shaped tensors a plain state-dict read gives under
+ZeRO-3), and a new run resumed from the checkpoint must end with the same delta. Rank 0 writes the
+verdict to argv[1]; argv[2] is the output folder."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hookdelta as hd  # noqa: E402
+from tiny_models import build  # noqa: E402
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        ids = torch.randint(3, 96, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def trainer(folder: str, engine: str):
+    model, _, _ = build("llama")
+    model.config.use_cache = False
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    if engine == "deepspeed":
+        kw = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                            "train_batch_size": "auto",
+                            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}
+    else:
+        kw = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2,
+                                                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    args = tf.TrainingArguments(output_dir=folder, max_steps=2, save_steps=2, per_device_train_batch_size=2,
+                                report_to=[], learning_rate=1e-2, use_cpu=True, seed=0, **kw)
+    return model, delta, hd.delta_trainer(tf.Trainer)(model=model, args=args, train_dataset=Tokens())
+
+
+def main() -> None:
+    out, folder, engine = sys.argv[1:4]
+    model, delta, run = trainer(folder, engine)
+    run.train()
+    run.save_model(os.path.join(folder, "final"))
+    final = delta.tensors()  # gathered, every rank
+    _, again, resumed = trainer(os.path.join(folder, "again"), engine)
+    resumed.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-2"))
+    resumed_values = again.tensors()
+    if run.args.process_index == 0:
+        verdict = {"sharded": all(p.numel() == 0 or hasattr(p, "full_tensor") for p in model.model.layers.parameters()),
+                   "files": {}}
+        for name in ("checkpoint-2/hookdelta/lora/delta.safetensors", "final/hookdelta/lora/delta.safetensors"):
+            saved = load_file(os.path.join(folder, name))
+            verdict["files"][name] = set(saved) == set(final) and all(torch.equal(saved[k], final[k]) for k in final)
+        for name in ("checkpoint-2/model.safetensors", "final/model.safetensors"):
+            saved = load_file(os.path.join(folder, name))
+            verdict["files"][name] = sorted(v.numel() for v in saved.values()) == sorted(v.numel() for v in final.values())
+        verdict["resumed_equal"] = all(torch.equal(resumed_values[k], final[k]) for k in final)
+        with open(out, "w") as f:
+            json.dump(verdict, f)
+
+
+if __name__ == "__main__":
+    main()
