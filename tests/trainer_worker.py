@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under `torch.distributed.run` (2 processes, gloo, CPU): the HF
-Trainer through hd.delta_trainer on a sharded engine, argv[3] "deepspeed" (ZeRO-3, every parameter
-partitioned) or "fsdp" (FSDP2 through accelerate). Checkpoints and save_model() must hold the whole
+Trainer through hd.delta_trainer on DeepSpeed ZeRO-3 (every parameter partitioned; argv[3] names the
+engine: the Trainer enables FSDP only on accelerators, on this CPU it falls back to DDP). Checkpoints and save_model() must hold the whole
 delta, gathered from the shards (not the (0,)-shaped tensors a plain state-dict read gives under
 ZeRO-3), and a new run resumed from the checkpoint must end with the same delta. Rank 0 writes the
 verdict to argv[1]; argv[2] is the output folder."""
@@ -33,16 +33,19 @@ def trainer(folder: str, engine: str):
     model, _, _ = build("llama")
     model.config.use_cache = False
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
-    if engine == "deepspeed":
-        kw = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                            "train_batch_size": "auto",
-                            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}
-    else:
-        kw = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2,
-                                                              "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+    if engine != "deepspeed":
+        raise SystemExit(f"unknown engine {engine!r}")
+    kw = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                        "train_batch_size": "auto",
+                        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}
     args = tf.TrainingArguments(output_dir=folder, max_steps=2, save_steps=2, per_device_train_batch_size=2,
                                 report_to=[], learning_rate=1e-2, use_cpu=True, seed=0, **kw)
     return model, delta, hd.delta_trainer(tf.Trainer)(model=model, args=args, train_dataset=Tokens())
+
+
+def sharded(run, model) -> bool:
+    """ZeRO-3: every parameter is an empty partition outside a forward."""
+    return run.is_deepspeed_enabled and all(p.numel() == 0 for p in model.parameters())
 
 
 def main() -> None:
@@ -55,7 +58,7 @@ def main() -> None:
     resumed.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-2"))
     resumed_values = again.tensors()
     if run.args.process_index == 0:
-        verdict = {"sharded": all(p.numel() == 0 or hasattr(p, "full_tensor") for p in model.model.layers.parameters()),
+        verdict = {"sharded": sharded(run, model),
                    "files": {}}
         for name in ("checkpoint-2/hookdelta/lora/delta.safetensors", "final/hookdelta/lora/delta.safetensors"):
             saved = load_file(os.path.join(folder, name))
