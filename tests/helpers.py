@@ -107,3 +107,27 @@ def save_lora(directory: Path, *, std: float = 0.05, base: bool = False, name: s
     adapted = outputs(model, inputs)
     delta.save(directory / "delta")
     return Saved(directory / "delta", inputs, adapted, model)
+
+
+def run_workers(script: str, *args: str, processes: int = 2, timeout: int = 300) -> dict:
+    """Run tests/<script> under torch.distributed.run (gloo, CPU) with the verdict file as its
+    first argument, and return the verdict rank 0 wrote there (JSON)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "verdict.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+        for _ in range(2):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={processes}", str(Path(__file__).parent / script), str(result),
+                                  *args], capture_output=True, text=True, env=env, timeout=timeout)
+            # one retry for gloo's rare abort while processes connect or part on this shared machine
+            # ("terminate called without an active exception", nothing written): a real failure fails twice
+            if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
+                break
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(result.read_text())

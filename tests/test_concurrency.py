@@ -7,10 +7,6 @@ DeltaStateError, and a forward that starts during a change waits for it to finis
 gradient checkpointing, a change between a forward and its backward is refused too.
 """
 
-import json
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -18,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, perturb, snapshot
+from helpers import assert_restored, assert_same, perturb, run_workers, snapshot
 from tiny_models import build
 
 
@@ -209,13 +205,7 @@ def test_without_checkpointing_a_forward_does_not_block_changes():
 def test_ddp_with_a_delta_disabled_on_some_steps(tmp_path):
     """Plain DDP fails with its own error that names find_unused_parameters=True; with it set,
     two deltas (one disabled on odd steps) train identically on both ranks."""
-    result = tmp_path / "toggle.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result), "ddp_toggle"],
-                         capture_output=True, text=True, env=env, timeout=180)
-    assert run.returncode == 0, run.stderr[-3000:]
-    verdict = json.loads(result.read_text())
+    verdict = run_workers("ddp_worker.py", "ddp_toggle", timeout=180)
     assert "find_unused_parameters=True" in verdict["plain_error"]
     assert verdict["identical"]
     losses = verdict["losses"]

@@ -1,10 +1,6 @@
 """hookdelta under the training stack: DDP (torchrun, 2 CPU processes), Accelerate,
 gradient checkpointing, bf16 autocast and torch.compile, each against the plain reference."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,26 +8,14 @@ import torch.nn as nn
 import transformers as tf
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, snapshot
+from helpers import assert_restored, perturb, run_workers, snapshot
 from tiny_models import build
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_train_the_delta_identically(mode, tmp_path):
     """DDP, and FSDP2 (fully_shard, which shards the delta's tensors too), on 2 CPU processes."""
-    result = tmp_path / "ddp.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for attempt in range(2):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(result), mode],
-                             capture_output=True, text=True, env=env, timeout=180)
-        # one retry for gloo's rare abort while the two processes connect on this shared machine
-        # ("terminate called without an active exception", seen once in many runs, nothing written):
-        # a real failure fails twice
-        if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
-            break
-    assert run.returncode == 0, run.stderr[-3000:]
-    verdict = json.loads(result.read_text())
+    verdict = run_workers("ddp_worker.py", mode, timeout=180)
     assert verdict["identical"], "delta parameters differ across ranks"
     assert abs(verdict["first"] - verdict["unwrapped"]) < 1e-5, "the wrapped model computes what the plain one does"
     assert verdict["last"] < verdict["first"]
