@@ -131,3 +131,16 @@ def run_workers(script: str, *args: str, processes: int = 2, timeout: int = 300)
                 break
         assert run.returncode == 0, run.stderr[-3000:]
         return json.loads(result.read_text())
+
+
+def report(verdict: dict, out: str) -> None:
+    """A worker's end: rank 0 writes the verdict for run_workers; every rank waits for the others
+    before gloo is torn down (a rank leaving early aborted the other now and then)."""
+    import json
+
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(verdict))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -5,7 +5,6 @@ the root), against one plain process on the same global batch. Rank 0 writes the
 to argv[1]; argv[2] is a folder for the saves."""
 
 import copy
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hookdelta as hd  # noqa: E402
+from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 STEPS, LR = 3, 1e-2
@@ -178,10 +178,7 @@ def main() -> None:
             b = load_file(os.path.join(folder, "plain" + suffix, name))
             verdict["files"][kind] = {"keys_equal": set(a) == set(b), "empty": [k for k, v in a.items() if v.numel() == 0],
                                       "bit_equal": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)}
-        with open(out, "w") as f:
-            json.dump(verdict, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(verdict, out)
 
 
 if __name__ == "__main__":

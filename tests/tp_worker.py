@@ -6,7 +6,6 @@ merge, detach, disable. A delta attached before parallelizing, and a method with
 form, are refused clearly. Rank 0 writes the verdict as JSON to argv[1]; argv[2] is a folder."""
 
 import copy
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hookdelta as hd  # noqa: E402
+from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 ATTENTION = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
@@ -146,10 +146,7 @@ def main() -> None:
         verdict["save_bit_equal"] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
         verdict["peft_whole"] = all(v.numel() > 0 for v in load_file(os.path.join(folder, "tp-peft",
                                                                                    "adapter_model.safetensors")).values())
-        with open(out, "w") as f:
-            json.dump(verdict, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    report(verdict, out)
 
 
 if __name__ == "__main__":
