@@ -5,6 +5,9 @@ their own processes). Before hookdelta gathered the partitions, a ZeRO-3 save wr
 tensors and merge wrote nothing while saying it merged; under FSDP2 merge was refused, and a
 tensor-parallel layer failed inside torch with "mixed torch.Tensor and DTensor"."""
 
+import re
+from importlib.metadata import version
+
 import pytest
 
 from helpers import run_workers
@@ -36,10 +39,25 @@ def test_the_trainer_under_zero3_checkpoints_saves_and_resumes_the_whole_delta(t
     in the gather, rank 0 writes; before, rank 0 gathered alone (a hang) and the weights file held
     (0,)-shaped tensors. A resumed run ends with the same delta."""
     pytest.importorskip("deepspeed", reason="deepspeed is not installed (test-extra)")
-    v = run_workers("trainer_worker.py", str(tmp_path / "run"), "deepspeed")
+    try:
+        v = run_workers("trainer_worker.py", str(tmp_path / "run"), "deepspeed")
+    except AssertionError as failure:
+        try:  # the same Trainer and config without hookdelta: does this release set train at all?
+            run_workers("trainer_worker.py", str(tmp_path / "control"), "control")
+        except AssertionError as control:
+            pytest.skip("the Trainer cannot train under ZeRO-3 with these releases even without hookdelta "
+                        f"(transformers {version('transformers')}, accelerate {version('accelerate')}, deepspeed "
+                        f"{version('deepspeed')}): {_error_line(str(control))}")
+        raise failure
     assert v["sharded"]
     assert all(v["files"].values()), v["files"]
     assert v["resumed_equal"]
+
+
+def _error_line(text: str) -> str:
+    """The last `SomeError: message` line of a worker's output."""
+    found = re.findall(r"\b\w*(?:Error|Exception): \S[^\n]*", text)
+    return found[-1][:300] if found else text.strip().splitlines()[-1][:300]
 
 
 def test_tensor_parallel_lora_equals_one_plain_process_and_the_rest_is_refused(tmp_path):

@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under `torch.distributed.run` (2 processes, gloo, CPU): the HF
-Trainer through hd.delta_trainer on DeepSpeed ZeRO-3 (every parameter partitioned; argv[3] names the
-engine: the Trainer enables FSDP only on accelerators, on this CPU it falls back to DDP). Checkpoints and save_model() must hold the whole
+Trainer through hd.delta_trainer on DeepSpeed ZeRO-3 (every parameter partitioned). argv[3] is
+"deepspeed", or "control": the same Trainer and DeepSpeed config without hookdelta, one weight
+matrix per layer trainable, to tell a release combination that cannot train this way at all. Checkpoints and save_model() must hold the whole
 delta, gathered from the shards (not the (0,)-shaped tensors a plain state-dict read gives under
 ZeRO-3), and a new run resumed from the checkpoint must end with the same delta. Rank 0 writes the
 verdict to argv[1]; argv[2] is the output folder."""
@@ -32,15 +33,21 @@ class Tokens(torch.utils.data.Dataset):
 def trainer(folder: str, engine: str):
     model, _, _ = build("llama")
     model.config.use_cache = False
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
-    if engine != "deepspeed":
+    if engine == "control":  # no hookdelta: only the q_proj weights train (one parameter group, as a LoRA's)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("q_proj.weight"))
+        delta = None
+    else:
+        delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    if engine not in ("deepspeed", "control"):
         raise SystemExit(f"unknown engine {engine!r}")
     kw = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                         "train_batch_size": "auto",
                         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}
     args = tf.TrainingArguments(output_dir=folder, max_steps=2, save_steps=2, per_device_train_batch_size=2,
                                 report_to=[], learning_rate=1e-2, use_cpu=True, seed=0, **kw)
-    return model, delta, hd.delta_trainer(tf.Trainer)(model=model, args=args, train_dataset=Tokens())
+    cls = tf.Trainer if delta is None else hd.delta_trainer(tf.Trainer)
+    return model, delta, cls(model=model, args=args, train_dataset=Tokens())
 
 
 def sharded(run, model) -> bool:
@@ -52,6 +59,11 @@ def main() -> None:
     out, folder, engine = sys.argv[1:4]
     model, delta, run = trainer(folder, engine)
     run.train()
+    if delta is None:  # the control ran: the engine trains here without hookdelta
+        if run.args.process_index == 0:
+            with open(out, "w") as f:
+                json.dump({"control": "trained"}, f)
+        return
     run.save_model(os.path.join(folder, "final"))
     final = delta.tensors()  # gathered, every rank
     _, again, resumed = trainer(os.path.join(folder, "again"), engine)
