@@ -15,6 +15,7 @@ here imports DeepSpeed unless a tensor is partitioned.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -25,12 +26,18 @@ def is_partitioned(t: Any) -> bool:
     return hasattr(t, "ds_id")
 
 
-def is_dtensor(t: Any) -> bool:
+@functools.lru_cache(maxsize=None)
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # (torch built without distributed)
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = _dtensor_class()  # (checked per site in each forward under a process group: no import there)
+    return cls is not None and isinstance(t, cls)
 
 
 def is_sharded(t: Any) -> bool:
