@@ -275,3 +275,24 @@ def test_seq2seq_trainer_trains_and_saves_the_delta(tmp_path):
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, delta.state_dict()[k], rtol=0, atol=0)
     assert not set(load_file(tmp_path / "final" / "model.safetensors")) & set(base)
+
+
+def test_a_callback_left_unused_leaves_the_quantized_model_as_it_was(tmp_path):
+    """The mark for Trainer's adapter check goes with the callback when no Trainer was built with it
+    (a Trainer that failed to build): save_pretrained then writes the model, not a PEFT adapter."""
+    import gc
+    pytest.importorskip("bitsandbytes")
+    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir(tmp_path), quantization_config=nf4,
+                                                          device_map="cpu", dtype=torch.float32)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
+    callback = hd.TrainerCallback(delta)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    with pytest.raises(TypeError):
+        transformers.Trainer(model=model, args=args, callbacks=[callback], no_such_argument=1)
+    del callback
+    gc.collect()
+    delta.detach()
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").exists() and not (tmp_path / "saved" / "adapter_config.json").exists()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -83,6 +84,11 @@ def write_without_base(folder: str, model: torch.nn.Module, write: bool = True) 
     save_file(tensors, os.path.join(folder, WEIGHTS), metadata={"format": "pt"})
 
 
+def _release(hook: Any, undeclare: Any) -> None:
+    hook.remove()
+    undeclare()
+
+
 class TrainerCallback(_Base):
     """Saves the delta into each Trainer checkpoint and restores it when training resumes."""
 
@@ -93,9 +99,12 @@ class TrainerCallback(_Base):
         store = store_of(delta.model)
         if store is not None:
             store.include_in_state_dict = True
-        delta.register_load_state_dict_post_hook(self._loaded)
-        # undone when the Trainer is built (on_init_end): only its check for adapters sees it
+        loaded = weakref.WeakMethod(self._loaded)  # (the delta must not keep a finished callback alive)
+        hook = delta.register_load_state_dict_post_hook(lambda module, found: loaded() and loaded()(module, found))
+        # undone when the Trainer is built (on_init_end): only its check for adapters sees it; and
+        # when this callback goes away unused (a Trainer that failed to build), the model is as it was
         self.undeclare = declare_adapters(delta.model)
+        weakref.finalize(self, _release, hook, self.undeclare)
 
     def _loaded(self, module: Any, incompatible: Any) -> None:
         # called with the whole load's keys: the delta's own are under its path in the model
