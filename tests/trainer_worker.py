@@ -6,7 +6,6 @@ delta, gathered from the shards (not the (0,)-shaped tensors a plain state-dict 
 ZeRO-3), and a new run resumed from the checkpoint must end with the same delta. Rank 0 writes the
 verdict to argv[1]; argv[2] is the output folder."""
 
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import hookdelta as hd  # noqa: E402
+from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
 
 
@@ -60,15 +60,14 @@ def main() -> None:
     model, delta, run = trainer(folder, engine)
     run.train()
     if delta is None:  # the control ran: the engine trains here without hookdelta
-        if run.args.process_index == 0:
-            with open(out, "w") as f:
-                json.dump({"control": "trained"}, f)
+        report({"control": "trained"}, out)
         return
     run.save_model(os.path.join(folder, "final"))
     final = delta.tensors()  # gathered, every rank
     _, again, resumed = trainer(os.path.join(folder, "again"), engine)
     resumed.train(resume_from_checkpoint=os.path.join(folder, "checkpoint-2"))
     resumed_values = again.tensors()
+    verdict = {}
     if run.args.process_index == 0:
         verdict = {"sharded": sharded(run, model),
                    "files": {}}
@@ -79,8 +78,7 @@ def main() -> None:
             saved = load_file(os.path.join(folder, name))
             verdict["files"][name] = sorted(v.numel() for v in saved.values()) == sorted(v.numel() for v in final.values())
         verdict["resumed_equal"] = all(torch.equal(resumed_values[k], final[k]) for k in final)
-        with open(out, "w") as f:
-            json.dump(verdict, f)
+    report(verdict, out)
 
 
 if __name__ == "__main__":
