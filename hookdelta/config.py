@@ -23,7 +23,7 @@ import torch.nn as nn
 from .engine import Piece
 from .errors import ConfigError, UnsupportedModuleError
 from .modules import is_conv1d, resolve_site
-from .selection import match, match_defaults
+from .selection import match, match_defaults, place_expert_sites
 
 # A selector: a name suffix / glob / "re:" regex string, a module type, a predicate
 # (name, module) -> bool, or a list of these.
@@ -48,6 +48,9 @@ class DeltaConfig:
     method: ClassVar[str] = ""
     # semantic layer names (see roles.py) used when `targets` is None
     default_targets: ClassVar[tuple[str, ...]] = ()
+    # what a fused-experts tensor among the sites means to this method (selection.place_expert_sites):
+    # "parameter" (adapted per expert), "block" (acts on outputs: the mixture block's) or "" (refused)
+    expert_sites: ClassVar[str] = ""
     # how this method's deltas map to and from PEFT's adapter files (None: PEFT has no such file)
     peft_codec: ClassVar["PeftCodec | None"] = None
     # fields a hot-swap (hd.load(into=...)) takes from the file besides the tensors: any other field
@@ -86,8 +89,10 @@ class DeltaConfig:
     def select(self, model: nn.Module) -> list[str]:
         """The site paths this config adapts on `model` (its targets, or the method's defaults)."""
         if self.targets is not None:
-            return match(model, self.targets, self.exclude, self.layers)
-        return match_defaults(model, self.target_selectors(model), self.exclude, self.layers, type(self).__name__)
+            sites = match(model, self.targets, self.exclude, self.layers)
+        else:
+            sites = match_defaults(model, self.target_selectors(model), self.exclude, self.layers, type(self).__name__)
+        return place_expert_sites(model, sites, self.expert_sites, type(self).__name__)
 
     def target_selectors(self, model: nn.Module | None = None) -> Any:
         if self.targets is not None:

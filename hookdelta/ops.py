@@ -17,7 +17,7 @@ Rules every fast path here keeps:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +144,167 @@ def routed_lowrank_plain(h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, 
     xs = x.reshape(rows, -1, x.shape[-1]).to(a_table.dtype)
     delta = torch.stack([F.linear(F.linear(xs[j], a_table[c]), b_table[c]) for j, c in enumerate(codes.tolist())])
     return h + delta.reshape(h.shape).to(h.dtype)
+
+
+# -- a LoRA on fused expert tensors: W + s·B·A used without building it ---------------------------
+
+class LowRankWeight(torch.Tensor):
+    """A stand-in for a fused experts tensor W [experts, out, in] with LoRA terms: its value is
+    W + Σ s·B·A (per expert, over the last two dims), but the products a mixture layer makes
+    with it are taken as x·Wᵀ + s·(x·Aᵀ)·Bᵀ on the tokens routed to each expert, never building
+    W + s·B·A for all experts (which costs experts × out × in per call, and in backward the full
+    weight gradient of every expert).
+
+    What it recognises (transformers' experts code, eager, batched_mm and grouped_mm):
+    indexing the experts dim, transposing the last two dims, F.linear, bmm / matmul, grouped_mm.
+    Equal to the plain twin (`W + s·B·A` built, then the same op) up to rounding: the same
+    products summed in another order. Any other use of it gets the plain twin itself (the weight
+    built), and so does every use where the factors' dtype is not the weight's (mixed-precision
+    GEMMs are not one op). Built per call from live factors, never cached."""
+
+    base: torch.Tensor
+    terms: tuple[tuple[torch.Tensor, torch.Tensor, float | torch.Tensor], ...]
+
+    @staticmethod
+    def __new__(cls, base: torch.Tensor, terms: tuple) -> "LowRankWeight":
+        out = base.detach().as_subclass(cls)  # (shares the base's storage: the metadata is the base's)
+        out.base, out.terms = base, terms
+        return out
+
+    def __repr__(self) -> str:  # (the default repr would print the values: the plain twin)
+        return f"LowRankWeight(shape={tuple(self.base.shape)}, terms={len(self.terms)})"
+
+    def value(self) -> torch.Tensor:
+        """The plain twin: W + Σ s·B·A, built."""
+        w = self.base
+        for a, b, s in self.terms:
+            w = w + ((b @ a) * s).to(w.dtype)
+        return w
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _METADATA:  # the base's shape, dtype, device, strides (no values read)
+            return func(*_swap_args(args, lambda w: w.base), **kwargs)
+        rule = _RULES.get(func)
+        if rule is not None:
+            out = rule(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return func(*_swap_args(args, LowRankWeight.value), **_swap_args(kwargs, LowRankWeight.value))
+
+
+def _swap_args(value: Any, fn: Any) -> Any:
+    """`value` (an op's args: tensors in tuples, lists and dicts) with fn(w) for each LowRankWeight w."""
+    if isinstance(value, LowRankWeight):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_swap_args(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _swap_args(v, fn) for k, v in value.items()}
+    return value
+
+
+def lowrank_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """The stand-in a LoRA on a fused experts tensor swaps in for one call: a `LowRankWeight`
+    (terms of other LoRAs on the same tensor kept beside), or the plain twin W + s·B·A where
+    fast paths may not run: inside `plain()`, while compiling, under functorch (vmap, grad,
+    jvp) and for tensors of fewer than 3 dims."""
+    if isinstance(weight, LowRankWeight):
+        return LowRankWeight(weight.base, weight.terms + ((a, b, s),))
+    if not fast() or weight.dim() < 3 or torch.compiler.is_compiling():
+        return lowrank_weight_plain(weight, a, b, s)
+    return LowRankWeight(weight, ((a, b, s),))
+
+
+def lowrank_weight_plain(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """The twin of `lowrank_weight`: W + s·B·A, built for every expert."""
+    return weight + ((b @ a) * s).to(weight.dtype)
+
+
+def _same_dtype(w: LowRankWeight, *others: torch.Tensor) -> bool:
+    return all(a.dtype == w.base.dtype and b.dtype == w.base.dtype for a, b, _ in w.terms) and all(
+        o.dtype == w.base.dtype for o in others)
+
+
+def _lead_index(w: LowRankWeight, index) -> Any:
+    """w[index] where index picks along the leading (experts) dims only, else NotImplemented."""
+    def leading(i) -> bool:
+        return (isinstance(i, (int, slice)) and not isinstance(i, bool)) or (
+            isinstance(i, torch.Tensor) and not i.is_floating_point() and i.dtype != torch.bool)
+    parts = index if isinstance(index, tuple) else (index,)
+    if not isinstance(w, LowRankWeight) or not all(leading(i) for i in parts) or w.dim() - len(parts) < 2:
+        return NotImplemented
+    return LowRankWeight(w.base[index], tuple((a[index], b[index], s) for a, b, s in w.terms))
+
+
+def _transpose(w: LowRankWeight, d0: int = -2, d1: int = -1) -> Any:
+    """wᵀ over the last two dims: Wᵀ + s·Aᵀ·Bᵀ (the factors swap roles)."""
+    n = w.dim()
+    if not isinstance(w, LowRankWeight) or {d0 % n, d1 % n} != {n - 2, n - 1}:
+        return NotImplemented
+    return LowRankWeight(w.base.transpose(-2, -1), tuple((b.mT, a.mT, s) for a, b, s in w.terms))
+
+
+def _linear(x: torch.Tensor, w: Any, bias: torch.Tensor | None = None) -> Any:
+    """x·(W + s·B·A)ᵀ = x·Wᵀ + s·(x·Aᵀ)·Bᵀ for one expert's [out, in]."""
+    if not isinstance(w, LowRankWeight) or isinstance(x, LowRankWeight) or w.dim() != 2 or not _same_dtype(w, x):
+        return NotImplemented
+    out = F.linear(x, w.base, bias)
+    for a, b, s in w.terms:
+        out = out + F.linear(F.linear(x, a), b) * s
+    return out
+
+
+def _matmul(x: Any, y: Any) -> Any:
+    """(W + s·B·A)·y = W·y + s·B·(A·y) and x·(W + s·B·A) = x·W + s·(x·B)·A, batched."""
+    if isinstance(x, LowRankWeight) and not isinstance(y, LowRankWeight) and _same_dtype(x, y):
+        out = torch.matmul(x.base, y)
+        for a, b, s in x.terms:
+            out = out + torch.matmul(b, torch.matmul(a, y)) * s
+        return out
+    if isinstance(y, LowRankWeight) and not isinstance(x, LowRankWeight) and _same_dtype(y, x):
+        out = torch.matmul(x, y.base)
+        for a, b, s in y.terms:
+            out = out + torch.matmul(torch.matmul(x, b), a) * s
+        return out
+    return NotImplemented
+
+
+def _grouped(x: torch.Tensor, w: Any, *, offs: torch.Tensor | None = None, bias: Any = None,
+             out_dtype: Any = None) -> Any:
+    """x·(W_g + s·B_g·A_g) for the rows of each group g (offs): x·W_g + s·((x·B_g)·A_g), the
+    rank padded with zeros to the grouped GEMM's 16-byte stride rule (exact: zeros add zeros)."""
+    if (not isinstance(w, LowRankWeight) or isinstance(x, LowRankWeight) or w.dim() != 3 or offs is None
+            or bias is not None or out_dtype is not None or not _same_dtype(w, x)):
+        return NotImplemented
+    grouped = F.grouped_mm
+    out = grouped(x, w.base, offs=offs)
+    for a, b, s in w.terms:  # here b is [groups, in, r] and a [groups, r, out] (W_g is [in, out])
+        r = a.shape[-2]
+        step = max(1, 16 // a.element_size())
+        if r % step:
+            pad = step - r % step
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        out = out + grouped(grouped(x, b.contiguous(), offs=offs), a.contiguous(), offs=offs) * s
+    return out
+
+
+_METADATA = frozenset({
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.data_ptr,
+    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.__len__,
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__,
+    torch.Tensor.is_meta.__get__, torch.Tensor.is_quantized.__get__, torch.Tensor.__format__,
+})
+_RULES: dict[Any, Any] = {
+    torch.Tensor.__getitem__: _lead_index,
+    torch.Tensor.transpose: _transpose, torch.transpose: _transpose,
+    torch.Tensor.mT.__get__: _transpose,
+    F.linear: _linear,
+    torch.bmm: _matmul, torch.Tensor.bmm: _matmul, torch.matmul: _matmul, torch.Tensor.matmul: _matmul,
+    torch.Tensor.__matmul__: _matmul, torch.Tensor.__rmatmul__: lambda y, x: _matmul(x, y),
+}
+if hasattr(F, "grouped_mm"):  # (torch >= 2.10; before it, transformers' experts build the weight: the plain twin)
+    # F.grouped_mm hands its operands on to torch._grouped_mm, which is where the stand-in is seen
+    _RULES.update({F.grouped_mm: _grouped, getattr(torch, "_grouped_mm", F.grouped_mm): _grouped})

@@ -195,6 +195,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
             named.setdefault(placed[0], {})[placed[1]] = tensor
     if not named:
         raise DeltaFileError(f"the adapter in {directory} holds no {config['peft_type']} tensors")
+    named = _parameter_targets(model, config, named, directory)
     # PEFT saves the whole embedding next to a LoRA on it (save_embedding_layers): checked below
     copies = {k: rest.pop(k) for k in list(rest) if k.endswith(".base_layer.weight")}
     unknown = sorted(k for k in rest if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k
@@ -222,6 +223,37 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
         return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
+
+
+def _parameter_targets(model: nn.Module, config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
+                       directory: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT's target_parameters: a module with k targeted parameters is wrapped k times, in the
+    order the module holds them, the first one deepest, so a key's `.base_layer` count says
+    which parameter its factors adapt. Returns the placed tensors under parameter paths."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return named
+    stripped: dict[str, tuple[str, int]] = {}
+    for path in named:
+        owner, depth = path, 0
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[: -len(".base_layer")], depth + 1
+        stripped[path] = owner, depth
+    fix = fit_paths(model, sorted({o for o, _ in stripped.values()}), directory)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for path, tensors in named.items():
+        owner, depth = stripped[path]
+        module = model.get_submodule(fix(owner))
+        own = [n for n in module._parameters if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t)
+                                                    for t in targets if isinstance(t, str))]
+        if not own and not depth:
+            out[path] = tensors  # a target module beside the parameters
+            continue
+        if not 0 <= len(own) - 1 - depth < len(own):
+            raise DeltaFileError(f"the adapter in {directory} holds {path!r}, but its target_parameters {targets} "
+                                 f"name {len(own)} parameter(s) of {owner!r}: the nesting does not fit")
+        out[f"{owner}.{own[len(own) - 1 - depth]}"] = tensors
+    return out
 
 
 def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: Any, directory: Any) -> None:

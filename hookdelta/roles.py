@@ -18,9 +18,16 @@ whole feed-forward module) and `norm` to module paths, with no table of model fa
    is checked against the result: q/k/v colwise, o rowwise.
 
 A fused q/k/v projection (GPT-2 `c_attn`, Phi-3 `qkv_proj`, GPT-NeoX `query_key_value`,
-MPT `Wqkv`) appears under each of attn.q, attn.k and attn.v. Routers of mixture-of-experts
-layers (width -> number of experts) are no feed-forward layers. `norm` is every
+MPT `Wqkv`) appears under each of attn.q, attn.k and attn.v. `norm` is every
 normalization layer, found by type.
+
+Mixture-of-experts layers: experts kept as fused 3-D parameters [experts, out, in] (transformers
+5: `mlp.experts.gate_up_proj`, `down_proj`; `[experts, in, out]` where the module says
+`is_transposed`) appear under ffn.in / ffn.out as *parameter* paths, one site holding every
+expert; experts kept as modules (transformers 4) as their linear layers. `ffn` is the whole
+mixture block (router, experts and any shared experts, whose layers are ordinary ffn.in /
+ffn.out), and `moe.router` the router: a linear layer (width -> number of experts) or the
+router module's 2-D weight (a parameter path) where the router is no linear layer.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import torch.nn as nn
 from .errors import SelectorError
 from .modules import exists, host, is_linear_like, layer_dims, named_modules
 
-ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn", "norm")
+ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn", "moe.router", "norm")
 SEMANTIC = ROLES  # the names selectors accept
 
 _ATTN = re.compile(r"attn|attention")
@@ -52,6 +59,7 @@ _FFN_NAMES = {
     "ffn.in": r"fc1|c_fc|wi|wi_\d|up_proj|gate_proj|gate_up_proj|dense_h_to_4h|w1|w3|lin1|intermediate|fc_in|up",
     "ffn.out": r"fc2|c_proj|wo|down_proj|dense_4h_to_h|w2|lin2|output|fc_out|down",
 }
+_ROUTER = r"gate|router|routing|classifier|moe_gate"  # names of mixture-of-experts routers (and their modules)
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
                  "num_decoder_layers", "num_encoder_layers", "depth")
 _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_layer")
@@ -70,11 +78,22 @@ def _configs(model: nn.Module) -> list[Any]:
             continue
         out.append(c)
         todo += [v for k, v in vars(c).items() if hasattr(v, "to_dict") and k.endswith(("config", "encoder", "decoder"))]
+        layers = _field(c, "per_layer_config")  # heterogeneous configs: the per-layer ones name the expert counts
+        todo += [v for v in (layers if isinstance(layers, (list, tuple)) else []) if hasattr(v, "to_dict")]
     return out
 
 
+def _field(config: Any, name: str) -> Any:
+    """config.name or None; configs whose fields vary per layer raise on a global read (transformers'
+    heterogeneous configs), which counts as absent here."""
+    try:
+        return getattr(config, name, None)
+    except Exception:
+        return None
+
+
 def _counts(model: nn.Module, names: tuple[str, ...]) -> set[int]:
-    return {v for c in _configs(model) for n in names for v in [getattr(c, n, None)] if isinstance(v, int) and v > 0}
+    return {v for c in _configs(model) for n in names for v in [_field(c, n)] if isinstance(v, int) and v > 0}
 
 
 def blocks(model: nn.Module, paths: list[tuple[str, nn.Module]]) -> list[str]:
@@ -127,8 +146,13 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         leaf, owners = (named_parts[-1].lower(), [p.lower() for p in named_parts[:-1]]) if named_parts else ("", [])
         d_in, d_out = dims[rel]
         path = f"{block}.{rel}"
-        if d_out in experts and d_in == width and re.search(r"gate|router", leaf):
-            continue  # a mixture-of-experts router
+        in_router = bool(experts) and any(_full(_ROUTER, o) for o in owners)
+        if d_out in experts and d_in == width and (in_router or re.search(_ROUTER, leaf) and not any(
+                _full(pat, leaf) for pat in _FFN_NAMES.values())):
+            out["moe.router"].append(path)  # (width -> one logit per expert: no feed-forward layer)
+            continue
+        if in_router:
+            continue  # the hidden layers of a router that is a small MLP
         in_attn = any(_ATTN.search(p) for p in owners)
         if in_attn:
             named = next((r for r, pat in _NAMES.items() if _full(pat, leaf)), None)
@@ -157,9 +181,78 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         if module_path not in named_attn:  # (else its other layers are compressions, convolutions, gates)
             _by_shape(block, paths, dims, width, out)
     ffn = _ffn_module(ffn_side, members_by_rel)
-    if ffn:
+    mixtures = _fused_experts(block, members_by_rel, experts, width, out)
+    if ffn and not any(ffn == m or ffn.startswith(m + ".") for m in mixtures):  # (shared experts are inside)
         out["ffn"].append(f"{block}.{ffn}")
+    if not mixtures and ffn and out["moe.router"]:
+        mixtures = [ffn]  # experts kept as modules: the feed-forward module is the mixture block
+    out["ffn"] += [f"{block}.{m}" for m in mixtures if f"{block}.{m}" not in out["ffn"]]
     return out
+
+
+def _fused_experts(block: str, members_by_rel: dict[str, nn.Module], experts: set[int], width: int,
+                   out: dict[str, list[str]]) -> list[str]:
+    """Fused expert tensors ([experts, out, in], or [experts, in, out] where the module says
+    `is_transposed`) as ffn.in / ffn.out parameter paths, by name and else by which side reads the
+    width; routers that are no linear layer (a 2-D weight [experts, width]) as moe.router
+    parameter paths. Returns the mixture blocks (relative paths): the parents of the experts."""
+    mixtures: list[str] = []
+    for rel, module in members_by_rel.items():
+        if not rel or any(_ATTN.search(p) for p in rel.lower().split(".")):
+            continue  # (experts inside attention, JetMoE's mixture of attention heads, are no feed-forward)
+        fused = [(n, p) for n, p in module._parameters.items() if p is not None and p.dim() == 3
+                 and (p.shape[0] in experts or "expert" in rel.rpartition(".")[2].lower())]
+        if not fused:
+            continue
+        transposed = _transposed(module, fused, width)
+        for name, p in fused:
+            d_in, d_out = (p.shape[-2], p.shape[-1]) if transposed else (p.shape[-1], p.shape[-2])
+            named = next((r for r, pat in _FFN_NAMES.items() if _full(pat, name.lower())), None)
+            if named is not None and (d_in if named == "ffn.in" else d_out) != width:
+                named = None  # the name says one side, the shape the other: shapes decide
+            if named is None:
+                named = "ffn.in" if d_in == width else "ffn.out" if d_out == width else None
+            if named is not None:
+                out[named].append(f"{block}.{rel}.{name}")
+        parent = rel.rpartition(".")[0]
+        if parent not in mixtures:
+            mixtures.append((parent, rel))
+    for mixture, experts_rel in mixtures:
+        inside = [(rel, m) for rel, m in members_by_rel.items()
+                  if (rel.startswith(mixture + ".") or not mixture) and not rel.startswith(experts_rel)]
+        for rel, module in inside:
+            w = module._parameters.get("weight")
+            if (w is not None and w.dim() == 2 and not is_linear_like(module) and not is_norm(rel, module)
+                    and w.shape[0] in experts and w.shape[1] == width):
+                out["moe.router"].append(f"{block}.{rel}.weight")
+    return list(dict.fromkeys(m for m, _ in mixtures))
+
+
+def experts_transposed(model: nn.Module, key: str) -> bool:
+    """Whether the fused experts tensor at `key` is stored [experts, in, out] (see `_transposed`;
+    the width is the config's hidden size)."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner)
+    width = next((v for c in _configs(model) for v in [_field(c, "hidden_size")] if isinstance(v, int)), 0)
+    return _transposed(module, [(name, module._parameters[name])], width)
+
+
+def _transposed(module: nn.Module, fused: list[tuple[str, torch.Tensor]], width: int) -> bool:
+    """Whether fused experts store [experts, in, out]: as the module says (transformers'
+    `is_transposed`), else as their names read against the width (Llama 4's gate_up_proj
+    [experts, width, 2·inner] reads the width on its middle dim)."""
+    said = getattr(module, "is_transposed", None)
+    if isinstance(said, bool):
+        return said
+    votes = Counter()
+    for name, p in fused:
+        named = next((r for r, pat in _FFN_NAMES.items() if _full(pat, name.lower())), None)
+        if named is not None and p.shape[-1] != p.shape[-2]:
+            plain = (p.shape[-1] if named == "ffn.in" else p.shape[-2]) == width
+            flipped = (p.shape[-2] if named == "ffn.in" else p.shape[-1]) == width
+            if plain != flipped:
+                votes[flipped] += 1
+    return bool(votes) and votes.most_common(1)[0][0]
 
 
 def _by_shape(block: str, paths: list[str], dims: dict[str, tuple[int, int]], width: int,

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch.nn as nn
 
 from .errors import ConfigError, DeltaFileError, PathPrefixWarning, SelectorError, UnsupportedModuleError
-from .modules import block_index, exists, host, is_internal, is_linear_like, named_modules
-from .roles import expand, is_semantic
+from .modules import block_index, exists, host, is_internal, is_linear_like, named_modules, resolve_site
+from .roles import discover, expand, is_semantic
 
 # children of a model that are its task head (excluded from "all-linear", like the output embedding)
 HEAD_NAMES = ("classifier", "score", "head", "heads", "fc", "lm_head", "qa_outputs")
@@ -129,9 +129,12 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
     foreign = foreign_layers(model) if any(type(m).__module__.startswith(FOREIGN_PACKAGES)
                                            for _, m in entries if m is not None) else {}
     chosen: dict[str, None] = {}
+    known = set(names)
     for sel in selectors:
         alternatives = expand(model, sel) if is_semantic(sel) else [sel]
         hit = [n for n, m in entries if any(_hits(s, n, m, heads) for s in alternatives)]
+        if is_semantic(sel) and what == "module":  # fused experts: a role may name parameters (roles.py)
+            hit += [a for a in alternatives if isinstance(a, str) and a not in known and exists(model, a)]
         if foreign:
             named = [n for n in hit if n in foreign and any(isinstance(s, str) and s != "all-linear" for s in alternatives)]
             if named:
@@ -148,12 +151,11 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
     excluded = [s for e in _as_list(exclude) for s in (expand(model, e) if is_semantic(e) else [e])]
     if excluded:
         by_name = dict(entries)
-        chosen = {n: None for n in chosen if not any(_hits(s, n, by_name[n], heads) for s in excluded)}
+        chosen = {n: None for n in chosen if not any(_hits(s, n, by_name.get(n), heads) for s in excluded)}
     if layers is not None:
         wanted = set(layers)
         chosen = {n: None for n in chosen if block_index(n) in wanted}
-    order = {n: i for i, n in enumerate(names)}
-    chosen = dict.fromkeys(sorted(chosen, key=order.__getitem__))  # model order, not selector order
+    chosen = dict.fromkeys(model_order(model, chosen, names))  # model order, not selector order
     if not chosen:
         raise SelectorError(
             f"targets {_describe(targets)} matched {what}s, but exclude={_describe(exclude)} and "
@@ -189,8 +191,47 @@ def match_defaults(model: nn.Module, selectors: Any, exclude: Any = None, layers
     if not found:
         raise SelectorError(f"{owner}'s default positions {list(_as_list(selectors))} matched nothing in "
                             f"{type(model).__name__}: " + " / ".join(dict.fromkeys(why)))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    return sorted(found, key=order.__getitem__)
+    return model_order(model, found)
+
+
+def model_order(model: nn.Module, paths: Iterable[str], names: Sequence[str] | None = None) -> list[str]:
+    """Module (and parameter) paths in the model's order (`names`, else its modules'), each
+    parameter right after the module that holds it, in the order the module registered them."""
+    order = {n: i for i, n in enumerate(names if names is not None else [n for n, _ in model.named_modules()])}
+
+    def key(path: str) -> tuple[int, int]:
+        if path in order:
+            return order[path], -1
+        owner, _, name = path.rpartition(".")
+        return order.get(owner, len(order)), list(model.get_submodule(owner)._parameters).index(name)
+    return sorted(dict.fromkeys(paths), key=key)
+
+
+def place_expert_sites(model: nn.Module, sites: list[str], how: str, owner: str) -> list[str]:
+    """What a method does with fused-experts tensors among its sites (roles such as ffn.out name
+    them on mixture-of-experts layers): `how` = "parameter" keeps them (the method adapts each
+    expert's matrix), "block" puts an ffn.out tensor's site on its mixture block (the method acts
+    on outputs, and the feed-forward's output is the block's), "" refuses them, saying why."""
+    if all(resolve_site(model, k)[1] is None for k in sites):
+        return sites
+    found = discover(model)
+    mixtures = found.get("ffn", [])
+    out: list[str] = []
+    for key in sites:
+        if resolve_site(model, key)[1] is None or how == "parameter":
+            out.append(key)
+            continue
+        block = next((m for m in mixtures if key.startswith(m + ".")), None)
+        if how == "block" and block is not None and key in found.get("ffn.out", []):
+            out.append(block)
+            continue
+        raise UnsupportedModuleError(
+            f"{key!r} is a fused experts tensor (every expert's matrix in one parameter, as transformers 5 keeps "
+            f"mixture-of-experts layers); {owner} adapts layers, not such tensors. LoRA (also with use_dora=True) and "
+            "IA3 adapt it per expert" + (f"; a method acting on outputs can take the whole mixture block {block!r} "
+                                         "(role 'ffn')" if block else "") + ". Narrow the targets (exclude=...)"
+        )
+    return model_order(model, out)
 
 
 def match_parameters(model: nn.Module, targets: Any, exclude: Any = None,

@@ -41,6 +41,7 @@ class BottleneckConfig(DeltaConfig):
     scaling: float = 1.0
 
     parallel: ClassVar[bool] = False
+    expert_sites = "block"  # an adapter after ffn.out on a mixture-of-experts layer: after the mixture block
 
     def validate(self) -> None:
         if self.bottleneck_dim is not None:

@@ -14,9 +14,10 @@ import torch.nn as nn
 from ..config import DeltaConfig, PeftCodec, Selector, exact, has_callable, normalize_selector
 from ..engine import Piece, current, map_first_input, map_output
 from ..errors import SelectorError, UnsupportedModuleError
-from ..placement import layer_like
-from ..modules import is_conv1d, is_linear_like, layer_dims
-from ..selection import match
+from ..placement import layer_like, like_tensor
+from ..modules import is_conv1d, is_linear_like, layer_dims, resolve_site
+from ..roles import experts_transposed
+from ..selection import match, model_order
 
 
 class Rescale(Piece):
@@ -62,6 +63,41 @@ class Rescale(Piece):
         return f"ia3 ⊙{'input' if self.on_input else 'output'}[{self.ia3_l.shape[0]}]"
 
 
+class RescaleExperts(Piece):
+    """IA³ on a fused experts tensor [experts, out, in] (or [experts, in, out], `transposed`):
+    one vector per expert, l [experts, width], scaling each expert's inputs (on_input: the
+    feed-forward's down projection) or outputs. Acts as the weight it would merge, W ⊙ l over
+    the scaled dim, swapped in for the call (the scaled activations live inside the experts'
+    own code, where no hook reaches)."""
+
+    merges_by = "value"
+    rescales = True
+
+    def __init__(self, key: str, name: str, weight: torch.Tensor, on_input: bool, transposed: bool,
+                 like: torch.Tensor) -> None:
+        super().__init__(key.rpartition(".")[0], key)
+        self.swaps, self.param_name, self.on_input = (name,), name, on_input
+        # the scaled dim: the input dim is the last one, or the middle one when stored [experts, in, out]
+        self.dim = -1 if on_input != transposed else -2
+        self.ia3_l = nn.Parameter(torch.ones(weight.shape[0], weight.shape[self.dim], device=like.device,
+                                             dtype=like.dtype))
+
+    def _value(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.ia3_l.to(weight.dtype).unsqueeze(-1 if self.dim == -2 else -2)
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._value(weight)
+
+    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {self.param_name: self._value(current(module, self.param_name).float())}
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return self.delta_from_merged(module)
+
+    def describe(self) -> str:
+        return f"{self.param_name}: ia3 ⊙{'input' if self.on_input else 'output'}{list(self.ia3_l.shape)}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class IA3Config(DeltaConfig):
     """IA³. targets: layers whose output is rescaled (default: keys and values);
@@ -70,6 +106,7 @@ class IA3Config(DeltaConfig):
     feedforward_targets: Selector | None = None
 
     method = "ia3"
+    expert_sites = "parameter"
     default_targets = ("attn.k", "attn.v")
 
     def validate(self) -> None:
@@ -78,9 +115,7 @@ class IA3Config(DeltaConfig):
 
     def select(self, model: nn.Module) -> list[str]:
         sites = super().select(model)
-        ff = self._feedforward(model)
-        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return sorted(dict.fromkeys(sites + ff), key=order.__getitem__)
+        return model_order(model, sites + self._feedforward(model))
 
     def portable(self, delta: Any) -> dict[str, Any]:
         data = super().portable(delta)
@@ -102,8 +137,13 @@ class IA3Config(DeltaConfig):
         ff = set(self._feedforward(model))
         pieces: list[Piece] = []
         for path in sites:
-            module = model.get_submodule(path)
-            if not is_linear_like(module):
+            module, name = resolve_site(model, path)
+            if name is not None and module._parameters[name].dim() == 3:  # fused experts, per expert
+                pieces.append(RescaleExperts(path, name, module._parameters[name], path in ff,
+                                             experts_transposed(model, path), like_tensor(model, path.rpartition(".")[0],
+                                                                                          module._parameters[name])))
+                continue
+            if name is not None or not is_linear_like(module):
                 raise UnsupportedModuleError(
                     f"IA3 rescales linear layers; {path!r} is a {type(module).__name__}. Narrow the targets."
                 )
@@ -130,6 +170,10 @@ class IA3Codec(PeftCodec):
         return cfg, {f"{s}.{n}": t.reshape(-1) for s, ts in named.items() for n, t in ts.items()}
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        odd = [p.key for p in pieces if isinstance(p, RescaleExperts)]
+        if odd:
+            raise UnsupportedModuleError(f"PEFT's IA3 has no fused experts tensors (target_parameters), such as "
+                                         f"{odd[0]!r}; save delta {delta.name!r} with delta.save() instead")
         tensors = {p.key + ".ia3_l": p.ia3_l.detach().reshape((1, -1) if p.on_input else (-1, 1)).contiguous()
                    for p in pieces}
         fields = {"peft_type": "IA3", "init_ia3_weights": True, "feedforward_modules": [p.key for p in pieces if p.on_input],

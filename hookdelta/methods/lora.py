@@ -27,16 +27,16 @@ import torch.nn.functional as F
 from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
                       check_patterns, exact, has_callable, normalize_selector, pattern_value)
 from ..engine import Piece
-from ..errors import ConfigError, HookdeltaError, SelectorError, UnsupportedModuleError
+from ..errors import ConfigError, DeltaFileError, HookdeltaError, SelectorError, UnsupportedModuleError
 from ..modules import is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
 from ..placement import layer_like, like_tensor, real_weight
-from ..roles import fused_rows, roles
+from ..roles import experts_transposed, fused_rows, roles
 from ..selection import match_parameters
 from ..shared_input import SharedInput
 from ..sharding import tensor_parallel_sites
 from .alora import Activation, InvocationScanner
 from .dora import DoRAConv, DoRAEmbedding, DoRALinear
-from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, LoRAConv, LoRAEmbedding, LoRALinear, LoRAParameter,
+from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, DoRAParameter, LoRAConv, LoRAEmbedding, LoRALinear, LoRAParameter,
                           LoRASlices, TensorParallelLoRALinear, TiedLoRA, TiedParameter)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
@@ -93,6 +93,7 @@ class LoRAConfig(DeltaConfig):
     activate_after_tokens: Sequence[int] | None = None
 
     method = "lora"
+    expert_sites = "parameter"
     default_targets = ("attn.q", "attn.v")
 
     def target_selectors(self, model: nn.Module | None = None) -> Any:
@@ -259,6 +260,9 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     else:
         like = None
     if cfg.use_dora:
+        if param_name is not None and module._parameters[param_name].dim() == 3:  # fused experts
+            return DoRAParameter(cfg, key, module, param_name, like, real_weight(model, path, param_name),
+                                 experts_transposed(model, key))
         if param_name is None and is_linear_like(module):
             return DoRALinear(cfg, key, module, like, real_weight(model, path))
         if param_name is None and type(module) is nn.Embedding:
@@ -266,7 +270,8 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
         if param_name is None and type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.groups == 1:
             return DoRAConv(cfg, key, module, like, real_weight(model, path))
         raise UnsupportedModuleError(
-            f"DoRA (use_dora=True) adapts linear layers, nn.Embedding and ungrouped nn.Conv1d/2d/3d; {key!r} is "
+            f"DoRA (use_dora=True) adapts linear layers, nn.Embedding, ungrouped nn.Conv1d/2d/3d and fused experts "
+            f"tensors; {key!r} is "
             f"{'a parameter target' if param_name else type(module).__name__}. Narrow the targets or use plain LoRA."
         )
     if param_name is not None:
@@ -318,7 +323,7 @@ class LoRACodec(PeftCodec):
     peft_type = "LORA"
     understood = frozenset({"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
                             "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias", "lora_bias",
-                            "alora_invocation_tokens"})
+                            "alora_invocation_tokens", "target_parameters"})
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
                 ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".lora_B.bias": "lora_bias"}
 
@@ -335,15 +340,20 @@ class LoRACodec(PeftCodec):
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         r, alpha = int(peft_config.get("r", 8)), float(peft_config.get("lora_alpha", 8))
-        ranks = {s: int(t["lora_A"].shape[0]) for s, t in named.items() if "lora_A" in t}
         alphas = {re.escape(s): float(v) for s in named
                   if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
+        params = [s for s in named if resolve_site(model, s)[1] is not None]
+        for site in params:  # PEFT's target_parameters: its factor layout, ours (see peft_parameter_factors)
+            a, b = named[site]["lora_A"], named[site]["lora_B"]
+            named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(model, site, a, b)))}
+        ranks = {s: int(t["lora_A"].shape[-2]) for s, t in named.items() if "lora_A" in t}
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
             bias="lora_only" if peft_config.get("lora_bias") else "none",
             activate_after_tokens=peft_config.get("alora_invocation_tokens") or None,
             use_dora=bool(peft_config.get("use_dora")), dropout=float(peft_config.get("lora_dropout") or 0.0),
-            tie_weights=True, targets=[exact(s) for s in named],
+            tie_weights=True, targets=[exact(s) for s in named if s not in params] or None,
+            target_parameters=[exact(s) for s in params] or None,
             rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
             alpha_pattern=alphas or None, **common)
         return cfg, self.flat(named)
@@ -351,7 +361,7 @@ class LoRACodec(PeftCodec):
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: LoRAConfig = delta.config
         pieces = [p for p in pieces if not isinstance(p, InvocationScanner)]  # aLoRA's: no tensors
-        odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, LoRAParameter, LoRASlices))]
+        odd = [p.key for p in pieces if isinstance(p, (TiedLoRA, TiedParameter, DoRAParameter, LoRASlices))]
         if odd:
             raise UnsupportedModuleError(
                 f"delta {delta.name!r} uses LoRA features PEFT's files cannot express here (tied weights, parameter "
@@ -362,7 +372,18 @@ class LoRACodec(PeftCodec):
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
         factor = (2 ** 0.5 if cfg.use_rslora else 2) if residual else 1  # alpha for the doubled rank
+        params = [p for p in pieces if isinstance(p, LoRAParameter)]
         for piece in pieces:
+            if isinstance(piece, LoRAParameter):  # PEFT's ParamWrapper: its layout and nesting
+                nested = peft_parameter_key(delta.model, piece.key, [p.key for p in params])
+                fa, fb = peft_parameter_factors(delta.model, piece.key, piece.lora_A, piece.lora_B, to_peft=True)
+                tensors[nested + ".lora_A.weight"], tensors[nested + ".lora_B.weight"] = fa.contiguous(), fb.contiguous()
+                if piece.r != cfg.r:
+                    ranks[re.escape(piece.key)] = piece.r
+                alpha = cfg.scale_for(piece.key) * (piece.r ** 0.5 if cfg.use_rslora else piece.r)
+                if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
+                    alphas[re.escape(piece.key)] = alpha
+                continue
             embedding = isinstance(delta.model.get_submodule(piece.key), nn.Embedding)
             a, b = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
             # PiSSA / OLoRA: the rank-2r plain LoRA of the same update on the original base (PEFT's
@@ -386,8 +407,47 @@ class LoRACodec(PeftCodec):
                   "lora_bias": cfg.bias == "lora_only", "init_lora_weights": True, "layers_to_transform": None,
                   **({"alora_invocation_tokens": list(cfg.activate_after_tokens), "task_type": "CAUSAL_LM"}
                      if cfg.activate_after_tokens else {}),
-                  **self.tuner_fields(delta, pieces)}
+                  **self.tuner_fields(delta, [p for p in pieces if p not in params]),
+                  **({"target_parameters": [p.key for p in params]} if params else {})}
         return fields, tensors
+
+
+def peft_parameter_key(model: nn.Module, key: str, targets: list[str]) -> str:
+    """Where PEFT keeps the factors of a parameter target: it wraps the module once per targeted
+    parameter, in the module's parameter order, each wrapper around the last, so the first one
+    sits deepest: `<module>` + `.base_layer` × (number of targets on it after this one)."""
+    owner, _, name = key.rpartition(".")
+    on_module = [n for n in model.get_submodule(owner)._parameters if f"{owner}.{n}" in targets]
+    return owner + ".base_layer" * (len(on_module) - 1 - on_module.index(name))
+
+
+def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor,
+                           to_peft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's lora_A [r·E, in] / lora_B [out, r·E] of a parameter target <-> ours, A [E, r, n] and
+    B [E, m, r] with ΔW = B·A over a tensor stored [E, m, n]. PEFT reads a 3-D tensor as
+    [E, in, out] where its module says `is_transposed`, else as [E, out, in]; its expert e has
+    A_e = lora_A[e·r:(e+1)·r] and B_e = lora_B[:, e::E] (B is reshaped [out, r, E]). A 2-D tensor
+    is a plain [out, in] weight in both."""
+    owner, _, name = key.rpartition(".")
+    module = model.get_submodule(owner)
+    weight = module._parameters[name]
+    if weight.dim() == 2:
+        return a, b
+    experts = weight.shape[0]
+    transposed = getattr(module, "is_transposed", False) is True  # (PEFT's own rule: the flag only)
+    if to_peft:
+        r = a.shape[-2]
+        if transposed:  # ΔW_e = A_eᵀ·B_eᵀ in the stored [in, out]: our B is PEFT's Aᵀ, our A its Bᵀ
+            return b.transpose(1, 2).reshape(experts * r, -1), a.permute(2, 1, 0).reshape(-1, r * experts)
+        return a.reshape(experts * r, -1), b.permute(1, 2, 0).reshape(b.shape[1], r * experts)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0]:
+        raise DeltaFileError(f"PEFT's factors for the parameter target {key!r} ({experts} experts) have shapes "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}; expected [r·{experts}, in] and [out, r·{experts}]")
+    r = a.shape[0] // experts
+    pa, pb = a.reshape(experts, r, -1), b.reshape(b.shape[0], r, experts)
+    if transposed:
+        return pb.permute(2, 1, 0), pa.transpose(1, 2)
+    return pa, pb.permute(2, 0, 1)
 
 
 LoRAConfig.peft_codec = LoRACodec()

@@ -382,13 +382,49 @@ class LoRAParameter(_LoRABase):
         return (self.lora_B @ self.lora_A) * self.scale
 
     def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.update().to(weight.dtype)
+        # fused experts: the products with W + s·B·A are taken on each expert's routed tokens
+        # (ops.lowrank_weight; its plain twin builds W + s·B·A, as here for 2-D weights)
+        return ops.lowrank_weight(weight, self.lora_A, self.lora_B, self.scale)
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         return {self.param_name: (self.lora_B.float() * self.scale) @ self.lora_A.float()}
 
     def describe(self) -> str:
         return f"{self.param_name}: " + super().describe()
+
+
+class DoRAParameter(LoRAParameter):
+    """DoRA on a fused experts tensor, per expert: m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per
+    output feature of each expert (over the input dim: the last one, or the middle one where the
+    tensor is stored [experts, in, out]) and detached, as DoRALinear. Acts as the weight it would
+    merge (swapped in for the call): the norm needs W + s·B·A built anyway."""
+
+    merges_by = "value"
+    additive = False
+    reads_weight = True
+
+    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, name: str, like: torch.Tensor,
+                 weight: torch.Tensor, transposed: bool) -> None:
+        super().__init__(cfg, key, module, name, like)
+        self.in_dim = -2 if transposed else -1
+        with torch.no_grad():
+            self.magnitude = nn.Parameter(weight.detach().norm(dim=self.in_dim).to(like.device, like.dtype))
+
+    def _value(self, weight: torch.Tensor) -> torch.Tensor:
+        updated = weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        return updated * (self.magnitude.float() / updated.norm(dim=self.in_dim).detach()).unsqueeze(self.in_dim)
+
+    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return self._value(weight).to(weight.dtype)
+
+    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {self.param_name: self._value(current(module, self.param_name))}
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return self.delta_from_merged(module)
+
+    def describe(self) -> str:
+        return "DoRA " + super().describe()
 
 
 class TiedLoRA(Piece):
