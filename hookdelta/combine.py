@@ -24,7 +24,7 @@ from .config import exact
 from .delta import attach
 from .errors import ConfigError, DeltaStateError, UnsupportedModuleError
 from .methods.composition import AverageConfig, FuseConfig, SplitConfig
-from .methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear
+from .methods.lora import LoRAConfig, LoRAEmbedding, LoRALinear, LoRAParameter
 from .store import check_model, deltas_of
 
 ON_FACTORS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -46,8 +46,10 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
     keys = _keys(sources[0][0])
     per_site = {key: _combine_site([(d.piece(key), w) for d, w in sources], how, density, svd_rank, svd_clamp,
                                    majority_sign_method, generator) for key in keys}
-    config = LoRAConfig(targets=[exact(k) for k in keys]).fitted({k: a.shape[0] for k, (a, _) in per_site.items()},
-                                                                 dict.fromkeys(keys, 1.0))
+    params = [k for k in keys if type(sources[0][0].piece(k)) is LoRAParameter]
+    config = LoRAConfig(targets=[exact(k) for k in keys if k not in params] or None,
+                        target_parameters=[exact(k) for k in params] or None
+                        ).fitted({k: a.shape[-2] for k, (a, _) in per_site.items()}, dict.fromkeys(keys, 1.0))
     delta = attach(model, config, name=name)
     with torch.no_grad():
         for key, (a, b) in per_site.items():
@@ -111,19 +113,25 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
     for delta, _ in sources:
         if delta.method != "lora":
             raise UnsupportedModuleError(f"hd.combine combines LoRA deltas; {delta.name!r} is {delta.method}")
-        odd = [k for k, p in delta.pieces.items() if type(p) not in (LoRALinear, LoRAEmbedding)]
+        odd = [k for k, p in delta.pieces.items() if type(p) not in (LoRALinear, LoRAEmbedding, LoRAParameter)]
         if odd:
             raise UnsupportedModuleError(
                 f"hd.combine: delta {delta.name!r} has pieces it cannot combine at {odd[:3]} (DoRA, LoRA bias, a "
-                "PiSSA/OLoRA start, aLoRA, fused slices, conv, tied or parameter LoRA); it combines plain LoRA on "
-                "linear and embedding layers")
+                "PiSSA/OLoRA start, aLoRA, fused slices, conv or tied LoRA); it combines plain LoRA on linear and "
+                "embedding layers and on parameters (fused experts)")
+        experts = [k for k, p in delta.pieces.items() if type(p) is LoRAParameter]
+        if experts and how not in ("linear", "cat", "svd"):
+            raise UnsupportedModuleError(
+                f"hd.combine(how={how!r}) prunes by magnitude or draws masks over a whole tensor; on a parameter "
+                f"target such as {experts[0]!r} (every expert in one tensor) it is unclear whether per expert or over "
+                "all, so it is refused: use how='linear', 'cat' or 'svd' (these act per expert)")
         if set(_keys(delta)) != set(_keys(first)):
             diff = sorted(set(_keys(delta)) ^ set(_keys(first)))
             raise ConfigError(f"hd.combine needs deltas on the same layers; {first.name!r} and {delta.name!r} "
                               f"differ at {diff[:4]}")
     if how in ON_FACTORS and len(sources) > 1:
         for key in _keys(first):
-            ranks = {d.name: d.piece(key).r for d, _ in sources}
+            ranks = {d.name: d.piece(key).r for d, _ in sources}  # (per expert for parameter targets)
             if len(set(ranks.values())) > 1:
                 raise ConfigError(f"hd.combine(how={how!r}) needs equal ranks, found {ranks} at {key!r}; "
                                   "use how='cat' or how='svd'")
@@ -140,9 +148,9 @@ def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | Non
                   svd_clamp: float | None, sign_method: str, generator: torch.Generator | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the combined delta at one site, for scale 1."""
-    if how == "cat":
-        a = torch.cat([p.lora_A.detach() * (w * float(p.scale)) for p, w in parts])
-        return a, torch.cat([p.lora_B.detach() for p, _ in parts], dim=1)
+    if how == "cat":  # (the rank is dim -2 of A and -1 of B: per expert too, for parameter targets)
+        a = torch.cat([p.lora_A.detach() * (w * float(p.scale)) for p, w in parts], dim=-2)
+        return a, torch.cat([p.lora_B.detach() for p, _ in parts], dim=-1)
     if how in ON_FACTORS:
         scaled = [w * float(p.scale) for p, w in parts]
         wa = torch.tensor([(1 if s >= 0 else -1) * abs(s) ** 0.5 for s in scaled])
@@ -152,12 +160,12 @@ def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | Non
         a = merge([p.lora_A.detach() for p, _ in parts], wa, density, sign_method, generator)
         b = merge([p.lora_B.detach() for p, _ in parts], wb, density, sign_method, generator)
         return a.to(dtype), b.to(dtype)
-    updates = [(p.lora_B.detach() * float(p.scale)) @ p.lora_A.detach() for p, _ in parts]  # [out, in]
+    updates = [(p.lora_B.detach() * float(p.scale)) @ p.lora_A.detach() for p, _ in parts]  # [(experts,) out, in]
     dw = _MERGES[how.removesuffix("_svd")](updates, torch.tensor([w for _, w in parts]), density, sign_method,
                                           generator)
     rank = svd_rank or max(p.r for p, _ in parts)
-    u, s, vh = torch.linalg.svd(dw, full_matrices=True)
-    u, vh = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
+    u, s, vh = torch.linalg.svd(dw, full_matrices=True)  # (batched over experts)
+    u, vh = u[..., :, :rank] @ torch.diag_embed(s[..., :rank]), vh[..., :rank, :]
     if svd_clamp is not None:
         high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), svd_clamp)
         u, vh = u.clamp(-high, high), vh.clamp(-high, high)

@@ -376,16 +376,19 @@ class Delta(nn.Module):
         self._store().check_sites("save")
         save_delta(self, directory, overwrite=overwrite)
 
-    def save_peft(self, directory: Any, overwrite: bool = False, diffusers: str | bool = False) -> None:
+    def save_peft(self, directory: Any, overwrite: bool = False, diffusers: str | bool = False,
+                  split_experts: bool = False) -> None:
         """Write a LoRA or IA3 delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it);
         a LoRA with `diffusers=True` as diffusers' `save_lora_adapter` writes it (`model.load_lora_adapter`
         loads it), with `diffusers="unet"` (a pipeline component) as `save_lora_weights` does
-        (`pipe.load_lora_weights`)."""
+        (`pipe.load_lora_weights`). `split_experts=True`: a LoRA on fused experts one expert and
+        projection at a time, under the checkpoint's names (the layout vLLM reads for Mixtral,
+        Qwen3-MoE, OLMoE, ...)."""
         from .peft_format import save_peft  # the facade's one call back up the layers (peft_format imports delta)
 
         self._check_attached("save_peft")
         self._store().check_sites("save_peft")
-        save_peft(self, directory, overwrite=overwrite, diffusers=diffusers)
+        save_peft(self, directory, overwrite=overwrite, diffusers=diffusers, split_experts=split_experts)
 
     def __enter__(self) -> "Delta":
         return self

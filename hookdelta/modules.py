@@ -73,6 +73,12 @@ def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     inner = [m for m in module.modules() if m is not module and is_linear_like(m)]
+    if inner and (any(n.rpartition(".")[2] == "experts" for n, _ in module.named_modules())
+                  or any(p.dim() == 3 for p in module.parameters())):
+        # a mixture-of-experts block writes what it reads (its last linear layer may be a shared
+        # expert's scalar gate or an expert's input projection): its first one reads the width
+        width = layer_dims(model, inner[0], path)[0]
+        return width, width
     if inner:  # a block (an MLP): what its first linear layer reads and its last one writes
         return layer_dims(model, inner[0], path)[0], layer_dims(model, inner[-1], path)[1]
     width = hidden_size(model)

@@ -275,11 +275,15 @@ def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: A
 # -- writing ------------------------------------------------------------------------------------
 
 
-def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False, diffusers: str | bool = False) -> None:
+def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False, diffusers: str | bool = False,
+              split_experts: bool = False) -> None:
     """Write a delta as a PEFT adapter directory (atomically, safetensors only); with
     `diffusers=True` as diffusers writes a model's LoRA (`save_lora_adapter`: one
     pytorch_lora_weights.safetensors, the config in its metadata), with `diffusers="unet"` (or
-    another component) as a pipeline's (`save_lora_weights`: keys and config under "unet.")."""
+    another component) as a pipeline's (`save_lora_weights`: keys and config under "unet.").
+    `split_experts=True` writes a LoRA on fused experts one expert and projection at a time,
+    under the checkpoint's names (experts.py): the layout vLLM reads for MoE models whose
+    checkpoints keep experts apart."""
     if not (isinstance(diffusers, bool) or isinstance(diffusers, str) and diffusers.isidentifier()):
         raise ConfigError(f"save_peft(diffusers=...) takes True (a model's file) or a pipeline component name such "
                           f"as 'unet' or 'text_encoder', got {diffusers!r}")
@@ -308,7 +312,11 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
             if piece.key in train:  # modules_to_save: the trained copies under the module's own names
                 for n, t in piece.named_parameters(recurse=False):
                     tensors[f"{codec.prefix}{piece.key}.{n}"] = full(t).detach().contiguous().clone()
-        fields, own = codec.from_delta(delta, [p for p in delta.pieces.values() if p.key not in train])
+        pieces = [p for p in delta.pieces.values() if p.key not in train]
+        fused = _fused_experts(delta, pieces) if split_experts else []
+        fields, own = codec.from_delta(delta, [p for p in pieces if p not in fused])
+        if fused:
+            own, fields = _split_experts(delta, fused, own, fields)
         tensors.update({codec.file_key(k): full(t).detach().contiguous().clone() for k, t in own.items()})
     if not writes_files(delta.parameters()):
         return  # a collective save of sharded tensors: rank 0 writes
@@ -320,6 +328,47 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
         _write_diffusers(directory, tensors, config, delta, "" if diffusers is True else str(diffusers))
         return
     _write(directory, tensors, config, delta.uid)
+
+
+def _fused_experts(delta: Any, pieces: list[Any]) -> list[Any]:
+    """The plain LoRA pieces on fused expert tensors, which split_experts writes per expert."""
+    from .methods.lora_layers import LoRAParameter
+
+    fused = [p for p in pieces if type(p) is LoRAParameter and p.lora_A.dim() == 3]
+    if delta.method != "lora" or not fused:
+        raise UnsupportedModuleError(
+            f"save_peft(split_experts=True) writes a LoRA on fused expert tensors per expert; delta {delta.name!r} "
+            f"({delta.method}) has no such tensors" + (" (DoRA on experts has no PEFT file)" if any(
+                type(p).__name__ == "DoRAParameter" for p in pieces) else ""))
+    return fused
+
+
+def _split_experts(delta: Any, fused: list[Any], own: dict[str, torch.Tensor],
+                   fields: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The file's tensors and config with the fused pieces written one expert and projection at a
+    time, every module under the checkpoint's names (experts.py)."""
+    from .experts import checkpoint_name, split_factors
+
+    cfg, model = delta.config, delta.model
+    suffix = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_[AB]|lora_magnitude_vector)$")
+    out = {}
+    for key, t in own.items():
+        match = suffix.search(key)
+        out[(checkpoint_name(model, key[: match.start()]) + key[match.start():]) if match else key] = t
+    ranks, alphas, targets = dict(fields.get("rank_pattern") or {}), dict(fields.get("alpha_pattern") or {}), []
+    for piece in fused:
+        for path, (a, b) in split_factors(model, piece.key, piece.lora_A.detach(), piece.lora_B.detach()).items():
+            out[path + ".lora_A.weight"], out[path + ".lora_B.weight"] = a.contiguous(), b.contiguous()
+            targets.append(path)
+            if piece.r != cfg.r:
+                ranks[re.escape(path)] = piece.r
+            alpha = cfg.scale_for(piece.key) * (piece.r ** 0.5 if cfg.use_rslora else piece.r)
+            if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
+                alphas[re.escape(path)] = alpha
+    modules = [checkpoint_name(model, m) for m in fields.get("target_modules") or []]
+    fields = {k: v for k, v in fields.items() if k != "target_parameters"}
+    fields.update(target_modules=modules + targets, rank_pattern=ranks, alpha_pattern=alphas)
+    return out, fields
 
 
 def _write_diffusers(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], delta: Any,

@@ -216,8 +216,9 @@ def _check_routable(name: str, piece: Piece) -> None:
     if piece.swapping():
         raise UnsupportedModuleError(
             f"delta {name!r} changes the weights of {piece.site_path!r} for the whole call (weight swaps: LN "
-            "tuning, target_parameters, also_train, or a layer its parent bypasses), which cannot differ per row; "
-            "route deltas that act on layer outputs (LoRA, DoRA, IA3, BitFit, adapters)")
+            "tuning, target_parameters and LoRA / IA3 on fused experts, also_train, or a layer its parent bypasses), "
+            "which cannot differ per row; route deltas that act on layer outputs (LoRA, DoRA, IA3, BitFit, adapters "
+            "on layers), or give each delta its own batch (hd.set_active)")
     if any(part in ("experts", "expert") for part in piece.site_path.split(".")):
         raise UnsupportedModuleError(
             f"delta {name!r} sits on {piece.site_path!r}, an expert layer that sees tokens gathered across rows; "

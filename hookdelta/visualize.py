@@ -43,9 +43,14 @@ class _Builder:
     def __init__(self, model: nn.Module, depth: int | None, show_params: bool, show_roles: bool = False) -> None:
         self.labels = _site_labels(model)
         if show_roles:  # the discovered semantic roles, as a first label on their modules
+            modules = {n for n, _ in model.named_modules()}
             for role, paths in roles(model).items():
                 for path in paths:
-                    self.labels.setdefault(path, []).insert(0, f"⟨{role}⟩")
+                    if path in modules:
+                        self.labels.setdefault(path, []).insert(0, f"⟨{role}⟩")
+                    else:  # a parameter (fused experts, a router's weight): on the module holding it
+                        owner, _, name = path.rpartition(".")
+                        self.labels.setdefault(owner, []).insert(0, f"⟨{role}: {name}⟩")
         self.depth = depth
         self.show_params = show_params
         self.sigs: dict[str, str] = {}

@@ -346,7 +346,7 @@ class LoRACodec(PeftCodec):
         for site in params:  # PEFT's target_parameters: its factor layout, ours (see peft_parameter_factors)
             a, b = named[site]["lora_A"], named[site]["lora_B"]
             named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(model, site, a, b)))}
-        ranks = {s: int(t["lora_A"].shape[-2]) for s, t in named.items() if "lora_A" in t}
+        ranks = {s: int(t["lora_A"].shape[-2 if s in params else 0]) for s, t in named.items() if "lora_A" in t}
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
             bias="lora_only" if peft_config.get("lora_bias") else "none",
