@@ -198,16 +198,20 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, calls: int = 1, w
 
 # -- memory --------------------------------------------------------------------------------
 
-def training_memory(step: Callable[[], torch.Tensor], trainable: list[torch.Tensor]) -> dict[str, int]:
+def training_memory(step: Callable[[], torch.Tensor], trainable: list[torch.Tensor],
+                    weights: list[torch.Tensor] | None = None) -> dict[str, int]:
     """Bytes a training step holds at its peak beyond the model's own weights: the tensors autograd
     saves for backward (each storage counted once; these are alive together when forward ends),
     plus the gradients and AdamW's two moment buffers of the trainable tensors. Exact and
-    deterministic, unlike RSS, which the CPU allocator's caching blurs."""
+    deterministic, unlike RSS, which the CPU allocator's caching blurs. `weights`: the model's own
+    tensors, not counted when autograd saves them (a GEMM keeps its weight for the input's gradient)."""
     storages: dict[int, int] = {}
+    own = {w.untyped_storage().data_ptr() for w in weights or []}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in own:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

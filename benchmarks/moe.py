@@ -119,7 +119,8 @@ def main() -> None:
         def held(name):
             model = models[name]
             with ops.plain() if name == "hookdelta plain" else _nothing():
-                out = training_memory(lambda: model(input_ids=ids).logits.float().square().mean(), params[name])
+                out = training_memory(lambda: model(input_ids=ids).logits.float().square().mean(), params[name],
+                                      weights=list(bare.parameters()) + list(model.parameters()))
             model.zero_grad(set_to_none=True)
             return out["total"]
 

@@ -408,3 +408,25 @@ def test_router_only_tuning_changes_which_experts_tokens_go_to():
     handle.remove()
     assert not torch.equal(chosen[0], chosen[1]), "the router's delta changed no routing decision"
     assert delta.num_trainable < 1000
+
+
+def test_without_autograd_many_tokens_per_expert_take_the_built_weight_and_equal_the_formula(monkeypatch):
+    """ops._builds: past rows·(in + out) = 2·experts·in·out the built W + s·B·A is the faster; the
+    result is the same formula either way (here against the routed path on the same tokens)."""
+    model, _ = fused_mixtral("grouped_mm")
+    block = model.model.layers[0].mlp
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["ffn.in", "ffn.out"], layers=[0]))
+    perturb(delta, std=0.2)
+    d, e, f = block.experts.gate_up_proj.shape[-1], block.experts.gate_up_proj.shape[0], block.experts.down_proj.shape[-1]
+    tokens = 2 * e * d * 2 * f // (d + 2 * f) + 64  # past the bound for gate_up_proj [e, 2f, d]
+    x = torch.randn(1, tokens, d, generator=torch.Generator().manual_seed(5))
+    built = []
+    value = ops.LowRankWeight.value
+    monkeypatch.setattr(ops.LowRankWeight, "value", lambda self: built.append(1) or value(self))
+    with torch.no_grad():
+        got = block(x)
+    assert built, "the weight was not built past the bound"
+    monkeypatch.setattr(ops, "_builds", lambda *a, **k: False)
+    with torch.no_grad():
+        routed = block(x)
+    torch.testing.assert_close(got, routed, rtol=1e-5, atol=1e-6)
