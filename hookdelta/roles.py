@@ -46,7 +46,7 @@ ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ffn", "mo
 SEMANTIC = ROLES  # the names selectors accept
 
 _ATTN = re.compile(r"attn|attention")
-_FFN = re.compile(r"mlp|ffn|^ff$|feed_?forward|intermediate|densereludense|^output$|shared_expert")
+_FFN = re.compile(r"mlp|ffn|^ff$|feed_?forward|intermediate|densereludense|^output$|shared_expert|^experts?$|moe")
 _NAMES = {  # leaf name (lowercase) -> role inside an attention module
     "attn.q": r"q|query|q_proj|query_proj|q_lin|wq|to_q|q_b_proj|query_global|qproj",
     "attn.k": r"k|key|k_proj|key_proj|k_lin|wk|to_k|key_global|kproj",

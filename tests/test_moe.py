@@ -57,7 +57,10 @@ def moe_model(model_type: str):
     FIXES[model_type] = {**{k: v for k, v in SMALL.items() if _has(config, k)}, **MOE_FIXES.get(model_type, {}),
                          **(before or {})}
     try:
-        return build_type(model_type)
+        try:
+            return build_type(model_type)
+        except (AttributeError, TypeError, ValueError) as exc:  # (transformers' own code, before any hookdelta)
+            pytest.skip(f"transformers {tf.__version__} cannot build {model_type!r} from its default config: {exc}")
     finally:
         FIXES.pop(model_type) if before is None else FIXES.__setitem__(model_type, before)
 
@@ -287,6 +290,9 @@ def test_peft_target_parameters_files_both_ways(model_type, tmp_path):
     assert sorted(delta.sites) == sorted(f"layers.{i}.{t}" for i in range(2) for t in targets)
     with torch.no_grad():
         torch.testing.assert_close(_first(ours(**inputs)), want, rtol=1e-5, atol=1e-5)
+    from packaging.version import Version
+    if Version(peft.__version__) < Version("0.20"):
+        return  # (older PEFT reads 3-D targets in another layout; hookdelta writes 0.20's, see peft_parameter_factors)
     delta.save_peft(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
     with torch.no_grad():
@@ -396,16 +402,19 @@ def test_router_only_tuning_changes_which_experts_tokens_go_to():
     layer = model.model.layers[0]
     block = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe  # (transformers 5 / 4)
     chosen = []
-    handle = block.gate.register_forward_hook(lambda m, a, o: chosen.append(o[-1] if isinstance(o, tuple) else
-                                                                          o.topk(2, dim=-1).indices))
-    with torch.no_grad():
-        model(**inputs)
+
+    def run():  # (the observer is registered last, so it sees what the router's delta made of its output)
+        handle = block.gate.register_forward_hook(lambda m, a, o: chosen.append(
+            o[-1] if isinstance(o, tuple) else o.topk(2, dim=-1).indices))
+        with torch.no_grad():
+            model(**inputs)
+        handle.remove()
+
+    run()
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets="moe.router"))
     assert all("gate" in s for s in delta.sites) and len(delta.sites) == 2
     perturb(delta, std=2.0)
-    with torch.no_grad():
-        model(**inputs)
-    handle.remove()
+    run()
     assert not torch.equal(chosen[0], chosen[1]), "the router's delta changed no routing decision"
     assert delta.num_trainable < 1000
 

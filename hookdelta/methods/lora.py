@@ -345,7 +345,8 @@ class LoRACodec(PeftCodec):
         params = [s for s in named if resolve_site(model, s)[1] is not None]
         for site in params:  # PEFT's target_parameters: its factor layout, ours (see peft_parameter_factors)
             a, b = named[site]["lora_A"], named[site]["lora_B"]
-            named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(model, site, a, b)))}
+            named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(
+                model, site, a, b, version=peft_config.get("peft_version"))))}
         ranks = {s: int(t["lora_A"].shape[-2 if s in params else 0]) for s, t in named.items() if "lora_A" in t}
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
@@ -408,7 +409,8 @@ class LoRACodec(PeftCodec):
                   **({"alora_invocation_tokens": list(cfg.activate_after_tokens), "task_type": "CAUSAL_LM"}
                      if cfg.activate_after_tokens else {}),
                   **self.tuner_fields(delta, [p for p in pieces if p not in params]),
-                  **({"target_parameters": [p.key for p in params]} if params else {})}
+                  # the layout of 3-D parameter targets that PEFT 0.20 and later read (see peft_parameter_factors)
+                  **({"target_parameters": [p.key for p in params], "peft_version": "0.20.0"} if params else {})}
         return fields, tensors
 
 
@@ -421,33 +423,48 @@ def peft_parameter_key(model: nn.Module, key: str, targets: list[str]) -> str:
     return owner + ".base_layer" * (len(on_module) - 1 - on_module.index(name))
 
 
-def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor,
-                           to_peft: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's lora_A [r·E, in] / lora_B [out, r·E] of a parameter target <-> ours, A [E, r, n] and
-    B [E, m, r] with ΔW = B·A over a tensor stored [E, m, n]. PEFT reads a 3-D tensor as
-    [E, in, out] where its module says `is_transposed`, else as [E, out, in]; its expert e has
-    A_e = lora_A[e·r:(e+1)·r] and B_e = lora_B[:, e::E] (B is reshaped [out, r, E]). A 2-D tensor
-    is a plain [out, in] weight in both."""
+def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor, to_peft: bool = False,
+                           version: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's lora_A [r·E, k] / lora_B [j, r·E] of a parameter target <-> ours, A [E, r, n] and
+    B [E, m, r] with ΔW = B·A over a tensor stored [E, m, n]. Expert e has A_e = lora_A[e·r:(e+1)·r]
+    and B_e = lora_B[:, e::E] (B is reshaped [j, r, E]); PEFT's update in the stored layout is
+    either B_e·A_e ("e o i": k = n) or its transpose ("e i o": k = m). Which one PEFT takes has
+    changed: 0.18 always "e i o", 0.19 "e o i" where the module says `is_transposed`, 0.20 and later
+    "e o i" where it does not. A file's shapes say which when m ≠ n; for square expert matrices
+    only the writer's version does, and a file from before 0.20 (or without a version) is refused.
+    hookdelta writes the 0.20 layout. A 2-D tensor is a plain [out, in] weight in every version."""
     owner, _, name = key.rpartition(".")
     module = model.get_submodule(owner)
     weight = module._parameters[name]
     if weight.dim() == 2:
         return a, b
-    experts = weight.shape[0]
-    transposed = getattr(module, "is_transposed", False) is True  # (PEFT's own rule: the flag only)
+    experts, m, n = weight.shape[0], weight.shape[-2], weight.shape[-1]
+    current = not getattr(module, "is_transposed", False)  # "e o i" in PEFT 0.20 and later
     if to_peft:
         r = a.shape[-2]
-        if transposed:  # ΔW_e = A_eᵀ·B_eᵀ in the stored [in, out]: our B is PEFT's Aᵀ, our A its Bᵀ
+        if not current:  # "e i o": ΔW_e = A_eᵀ·B_eᵀ in the stored layout: our B is PEFT's Aᵀ, our A its Bᵀ
             return b.transpose(1, 2).reshape(experts * r, -1), a.permute(2, 1, 0).reshape(-1, r * experts)
         return a.reshape(experts * r, -1), b.permute(1, 2, 0).reshape(b.shape[1], r * experts)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0]:
-        raise DeltaFileError(f"PEFT's factors for the parameter target {key!r} ({experts} experts) have shapes "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}; expected [r·{experts}, in] and [out, r·{experts}]")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0] or \
+            {a.shape[1], b.shape[0]} != {m, n}:
+        raise DeltaFileError(f"PEFT's factors for the parameter target {key!r} ({experts} experts of [{m}, {n}]) "
+                             f"have shapes {tuple(a.shape)} and {tuple(b.shape)}; expected [r·{experts}, in] and "
+                             f"[out, r·{experts}]")
+    if m != n:
+        eoi = a.shape[1] == n
+    else:
+        release = tuple(int(p) for p in re.findall(r"\d+", str(version or "").partition("@")[0])[:2])
+        if len(release) < 2 or release < (0, 20):
+            raise DeltaFileError(
+                f"{key!r} holds square expert matrices [{m}, {n}], and PEFT has read such a tensor's factors in "
+                f"different layouts over its releases; this file says peft_version={version!r}, so its layout is "
+                "unknown. Re-save it with PEFT 0.20 or later")
+        eoi = current
     r = a.shape[0] // experts
     pa, pb = a.reshape(experts, r, -1), b.reshape(b.shape[0], r, experts)
-    if transposed:
-        return pb.permute(2, 1, 0), pa.transpose(1, 2)
-    return pa, pb.permute(2, 0, 1)
+    if eoi:
+        return pa, pb.permute(2, 0, 1)
+    return pb.permute(2, 1, 0), pa.transpose(1, 2)
 
 
 LoRAConfig.peft_codec = LoRACodec()
