@@ -122,3 +122,15 @@ def torch_function_modes() -> list:
     """This thread's torch-function mode stack (torch has no public getter)."""
     from torch.overrides import _get_current_function_mode_stack
     return _get_current_function_mode_stack()
+
+
+# -- PEFT's LoRA-FA optimizer computes B's projected gradient under bf16 autocast wherever bf16 is
+# available (on this CPU too): a rounding of the gradient that no option turns off. To compare the
+# arithmetic, its availability check (a name its module imports from accelerate) is turned off.
+
+def peft_lorafa_in_float32(monkeypatch: Any) -> None:
+    """PEFT's LoraFAOptimizer with the projection in float32 (the test's monkeypatch undoes it)."""
+    module = importlib.import_module("peft.optimizers.lorafa")
+    if not hasattr(module, "is_bf16_available"):
+        _missing("peft.optimizers.lorafa.is_bf16_available")
+    monkeypatch.setattr(module, "is_bf16_available", lambda: False)
