@@ -46,6 +46,7 @@ from .methods import (
     VeRAConfig,
 )
 from . import optim
+from .as_lora import as_lora
 from .peft_format import load_peft
 from .persistence import load
 from .roles import roles
@@ -79,5 +80,5 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora",
 ]

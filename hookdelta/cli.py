@@ -111,10 +111,21 @@ def copy_side_files(src: str, dst: str) -> list[str]:
 
 def convert(args: argparse.Namespace) -> None:
     check_dir(args.src)
-    if (args.to == "peft") == is_peft_dir(args.src):
+    if args.to != "lora" and (args.to == "peft") == is_peft_dir(args.src):
         raise CLIError(f"{args.src} is already in {args.to} format")
+    if args.to != "lora" and (args.rank is not None or args.tolerance is not None):
+        raise CLIError("--rank and --tolerance are for --to lora")
     model = load_model(args.base)
     delta = load_any(model, args.src)
+    if args.to == "lora":  # any mergeable delta as a plain LoRA, written in PEFT's format
+        tolerance = args.tolerance if args.tolerance is not None or args.rank is not None else 1e-3
+        lora = delta.as_lora(rank=args.rank, tolerance=tolerance)
+        lora.save_peft(args.dst, overwrite=args.overwrite)
+        worst = max(lora.conversion.items(), key=lambda kv: kv[1][1])
+        ranks = sorted({r for r, _ in lora.conversion.values()})
+        print(f"converted {args.src} -> {args.dst} (a LoRA in PEFT's format; ranks {ranks[0]}..{ranks[-1]}, largest "
+              f"relative error {worst[1][1]:.2e} at {worst[0]})")
+        return
     if args.to == "peft":
         delta.save_peft(args.dst, overwrite=args.overwrite)
     else:
@@ -138,8 +149,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="write the merged model in this dtype (default: the model's own; bfloat16 for a quantized base)")
     m.set_defaults(run=merge)
-    c = sub.add_parser("convert", help="convert a delta between hookdelta's and PEFT's formats")
-    c.add_argument("--to", choices=["peft", "hookdelta"], required=True)
+    c = sub.add_parser("convert", help="convert a delta between hookdelta's and PEFT's formats, or into a LoRA")
+    c.add_argument("--to", choices=["peft", "hookdelta", "lora"], required=True)
+    c.add_argument("--rank", type=int, default=None, help="--to lora: the LoRA's rank (default: --tolerance 1e-3)")
+    c.add_argument("--tolerance", type=float, default=None,
+                   help="--to lora: the largest relative error per layer (the smallest rank within it)")
     c.add_argument("--base", required=True, help="the base model directory (to check the delta fits)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("src")

@@ -390,6 +390,15 @@ class Delta(nn.Module):
         self._store().check_sites("save_peft")
         save_peft(self, directory, overwrite=overwrite, diffusers=diffusers, split_experts=split_experts)
 
+    def as_lora(self, rank: int | None = None, tolerance: float | None = None, name: str | None = None) -> "Delta":
+        """This delta's weight change as a plain LoRA (truncated SVD per site, at `rank` or within
+        `tolerance`), attached beside it; its `conversion` maps each site to (rank, relative error).
+        See hookdelta/as_lora.py."""
+        from .as_lora import as_lora  # (as_lora attaches: it sits above this module)
+
+        self._check_attached("as_lora")
+        return as_lora(self, rank=rank, tolerance=tolerance, name=name)
+
     def __enter__(self) -> "Delta":
         return self
 
