@@ -44,6 +44,7 @@ from .methods import (
     OFTConfig,
     BOFTConfig,
     VeRAConfig,
+    FourierFTConfig,
 )
 from . import optim
 from .as_lora import as_lora
@@ -77,7 +78,7 @@ __all__ = [
     "AdapterConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LowRankAdapterConfig",
     "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
     "BaseWeightsMismatchWarning", "ConfigError", "Delta", "DeltaConfig", "DeltaFileError",
-    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "MergeError", "SelectorError",
+    "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
     "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora",

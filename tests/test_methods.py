@@ -35,6 +35,7 @@ METHODS = {
     "loreft": (lambda: hd.LoReFTConfig(r=2, positions="f1+l1"), FIVE, False, False),
     "direft": (lambda: hd.DiReFTConfig(r=2, positions="f2+l1"), FIVE, False, False),
     "oft": (lambda: hd.OFTConfig(oft_block_size=8), FIVE, True, True),
+    "fourierft": (lambda: hd.FourierFTConfig(n_frequency=24, scaling=20.0, init_weights=True), FIVE, True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),

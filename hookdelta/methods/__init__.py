@@ -5,6 +5,7 @@ from .bitfit import BitFitConfig
 from .boft import BOFTConfig
 from .compacter import CompacterConfig
 from .composition import AverageConfig, FuseConfig, SplitConfig
+from .fourierft import FourierFTConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
 from .loha import LoHaConfig
@@ -20,6 +21,6 @@ from .trainable_tokens import TrainableTokensConfig
 from .vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]

@@ -78,14 +78,16 @@ class DenseDelta(Piece):
     hooks = frozenset({"post"})
     additive = True
 
-    def __init__(self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str) -> None:
+    def __init__(self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str,
+                 ranked: bool = True) -> None:
         super().__init__(key)
         self.shape = weight_shape(model, key, module, method)  # the host weight's logical shape
         self.conv1d = is_conv1d(module)
         self.linear = len(self.shape) == 2
         like = layer_like(model, key, module)  # where and in what dtype the layer computes
         self.kw = {"device": like.device, "dtype": like.dtype}
-        self.r, self.scale = rank_and_scale(cfg, key)
+        if ranked:  # (r and alpha / r: LoHa, LoKr; methods without a rank set their own scale)
+            self.r, self.scale = rank_and_scale(cfg, key)
 
     def delta(self) -> torch.Tensor:
         """ΔW in `shape`, scaled, differentiable in the piece's tensors."""
