@@ -44,8 +44,12 @@ def train(model, optimizer, inputs, steps=3):
                                     dict(targets=["q_proj", "v_proj"], use_dora=True)],
                          ids=["embedding", "lora-bias", "dora"])
 def test_loraplus_trains_as_peft_does(tmp_path, config):
+    from packaging.version import Version
     from peft.optimizers import create_loraplus_optimizer
 
+    if "embed_tokens" in str(config.get("targets")) and Version(peft.__version__) < Version("0.21"):
+        pytest.skip("PEFT before 0.21 never found an embedding's LoRA (its lookup of the owning layer returned the "
+                    "tensor itself), so it trained it in the A / B groups; hookdelta follows PEFT 0.21's groups")
     ours, delta, theirs, inputs = twins(tmp_path, **config)
     kw = dict(lr=1e-2, weight_decay=0.1, lr_embedding=1e-3)
     mine = hd.optim.loraplus(delta, torch.optim.AdamW, ratio=16, **kw)
