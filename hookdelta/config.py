@@ -287,9 +287,11 @@ def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> An
     return default
 
 
-def check_patterns(cfg: DeltaConfig) -> None:
-    """rank_pattern ({regex: positive int}) and alpha_pattern ({regex: positive number}), PEFT's."""
-    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+def check_patterns(cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("rank_pattern", True),
+                                                                            ("alpha_pattern", False))) -> None:
+    """PEFT's per-layer pattern fields, {regex: positive int} (integer) or {regex: positive number}:
+    rank_pattern and alpha_pattern unless `fields` names others (FourierFT's n_frequency_pattern)."""
+    for name, integer in fields:
         patterns = getattr(cfg, name)
         if patterns is None:
             continue

@@ -130,6 +130,11 @@ def _full(pattern: str, text: str) -> bool:
     return re.fullmatch(f"(?:{pattern})", text) is not None
 
 
+def _ffn_name(leaf: str) -> str | None:
+    """The feed-forward role a layer's (or expert tensor's) own name says, if any."""
+    return next((r for r, pat in _FFN_NAMES.items() if _full(pat, leaf)), None)
+
+
 def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: set[int],
                     members_by_rel: dict[str, nn.Module]) -> dict[str, list[str]]:
     """Roles of the linear layers of one block (paths relative to the model)."""
@@ -167,7 +172,7 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         in_ffn = any(_FFN.search(p) for p in owners) or not owners or _FFN.search(leaf) is not None
         if not in_ffn:
             continue  # a state-space mixer, a convolution module, ...: no role
-        named = next((r for r, pat in _FFN_NAMES.items() if _full(pat, leaf)), None)
+        named = _ffn_name(leaf)
         if named is None and owners and _full(_FFN_NAMES["ffn.in"], owners[-1]):
             named = "ffn.in"  # BERT: intermediate.dense
         if named is None and owners and owners[-1] == "output" and leaf == "dense":
@@ -207,7 +212,7 @@ def _fused_experts(block: str, members_by_rel: dict[str, nn.Module], experts: se
         transposed = _transposed(module, fused, width)
         for name, p in fused:
             d_in, d_out = (p.shape[-2], p.shape[-1]) if transposed else (p.shape[-1], p.shape[-2])
-            named = next((r for r, pat in _FFN_NAMES.items() if _full(pat, name.lower())), None)
+            named = _ffn_name(name.lower())
             if named is not None and (d_in if named == "ffn.in" else d_out) != width:
                 named = None  # the name says one side, the shape the other: shapes decide
             if named is None:
@@ -246,7 +251,7 @@ def _transposed(module: nn.Module, fused: list[tuple[str, torch.Tensor]], width:
         return said
     votes = Counter()
     for name, p in fused:
-        named = next((r for r, pat in _FFN_NAMES.items() if _full(pat, name.lower())), None)
+        named = _ffn_name(name.lower())
         if named is not None and p.shape[-1] != p.shape[-2]:
             plain = (p.shape[-1] if named == "ffn.in" else p.shape[-2]) == width
             flipped = (p.shape[-2] if named == "ffn.in" else p.shape[-1]) == width

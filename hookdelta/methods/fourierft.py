@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
+from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
 from ..modules import is_linear_like
@@ -43,18 +43,7 @@ class FourierFTConfig(DeltaConfig):
         check_float(self, "scaling", low=0.0, low_open=True)
         check_int(self, "random_loc_seed", minimum=0)
         check_bool(self, "init_weights")
-        patterns = self.n_frequency_pattern
-        if patterns is not None:
-            if not isinstance(patterns, dict):
-                raise ConfigError(f"FourierFTConfig.n_frequency_pattern must be a dict {{regex: count}}, got {patterns!r}")
-            for key, value in patterns.items():
-                try:
-                    re.compile(key)
-                except (re.error, TypeError):
-                    raise ConfigError(f"FourierFTConfig.n_frequency_pattern key {key!r} is not a valid regex") from None
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"FourierFTConfig.n_frequency_pattern[{key!r}] must be an integer >= 1, "
-                                      f"got {value!r}")
+        check_patterns(self, (("n_frequency_pattern", True),))
 
     def frequencies_for(self, key: str) -> int:
         """PEFT's rule for n_frequency_pattern, the first key that matches the end of the path after
