@@ -45,6 +45,12 @@ from .methods import (
     BOFTConfig,
     VeRAConfig,
     FourierFTConfig,
+    HiRAConfig,
+    DeLoRAConfig,
+    GraLoRAConfig,
+    MiSSConfig,
+    C3AConfig,
+    HRAConfig,
 )
 from . import optim
 from .as_lora import as_lora
@@ -82,4 +88,5 @@ __all__ = [
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
     "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora",
+    "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
 ]

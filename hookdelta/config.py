@@ -235,10 +235,13 @@ class PeftCodec:
                 "could not load this file; save it with delta.save() instead")
 
     @staticmethod
-    def tuner_fields(delta: Any, pieces: list[Piece]) -> dict[str, Any]:
-        """The fields every PEFT tuner config (LoRA, IA3) has: its target modules and layout."""
-        return {"target_modules": [p.key for p in pieces],
-                "fan_in_fan_out": any(is_conv1d(delta.model.get_submodule(p.key)) for p in pieces)}
+    def tuner_fields(delta: Any, pieces: list[Piece], layout: bool = True) -> dict[str, Any]:
+        """The fields PEFT tuner configs (LoRA, IA3) have: target modules and, unless `layout` is
+        False (configs without the field), fan_in_fan_out."""
+        fields: dict[str, Any] = {"target_modules": [p.key for p in pieces]}
+        if layout:
+            fields["fan_in_fan_out"] = any(is_conv1d(delta.model.get_submodule(p.key)) for p in pieces)
+        return fields
 
 
 # -- field checks shared by the methods ---------------------------------------------------
@@ -285,6 +288,12 @@ def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> An
         if re.fullmatch(rf"(.*\.)?(?:{pattern})", key):
             return value
     return default
+
+
+def after_dot_pattern(path: str) -> str:
+    """A pattern key naming one layer under the rule of PEFT's FourierFT and C3A (a regex matched
+    after a dot at the end of the path): the escaped path without its first component."""
+    return re.escape(path.partition(".")[2] or path)
 
 
 def check_patterns(cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("rank_pattern", True),

@@ -118,6 +118,21 @@ def use_plain_loha_cp(monkeypatch: pytest.MonkeyPatch, fn: Any) -> None:
     monkeypatch.setattr(_peft_internal("peft.tuners.loha.layer", "make_weight_cp"), "make_weight_cp", fn)
 
 
+def use_plain_c3a(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run PEFT's C3A through plain autograd for one test: PEFT 0.21's hand-written backward
+    (BlockCircularConvolution) returns wrong *input* gradients (the kernel's are right), so every
+    gradient below a C3A layer is wrong there; its forward is kept, as PEFT's own dense circulant."""
+    module = _peft_internal("peft.tuners.c3a.layer", "BlockCircularConvolution")
+    circulant = getattr(_peft_internal("peft.tuners.c3a.utils", "get_circulant_fast"), "get_circulant_fast")
+
+    class Plain:
+        @staticmethod
+        def apply(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return x @ circulant(w).T
+
+    monkeypatch.setattr(module, "BlockCircularConvolution", Plain)
+
+
 def torch_function_modes() -> list:
     """This thread's torch-function mode stack (torch has no public getter)."""
     from torch.overrides import _get_current_function_mode_stack

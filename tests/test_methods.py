@@ -36,6 +36,12 @@ METHODS = {
     "direft": (lambda: hd.DiReFTConfig(r=2, positions="f2+l1"), FIVE, False, False),
     "oft": (lambda: hd.OFTConfig(oft_block_size=8), FIVE, True, True),
     "fourierft": (lambda: hd.FourierFTConfig(n_frequency=24, scaling=20.0, init_weights=True), FIVE, True, True),
+    "hira": (lambda: hd.HiRAConfig(r=4), FIVE, True, True),
+    "delora": (lambda: hd.DeLoRAConfig(r=4, delora_lambda=2.0), FIVE, True, True),
+    "gralora": (lambda: hd.GraLoRAConfig(r=4, gralora_k=2, alpha=8.0), FIVE, True, True),
+    "miss": (lambda: hd.MiSSConfig(r=4), FIVE, True, True),
+    "c3a": (lambda: hd.C3AConfig(block_size=8, init_weights="zero"), FIVE, True, True),
+    "hra": (lambda: hd.HRAConfig(r=4), FIVE, True, False),  # (its cancelling pairs: the same up to rounding)
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import hookdelta as hd
 from tiny_models import build, main_output
-from internals import peft_boft_layer, use_plain_loha_cp
+from internals import peft_boft_layer, use_plain_c3a, use_plain_loha_cp
 
 peft = pytest.importorskip("peft")
 
@@ -82,6 +82,29 @@ CASES = {
                        "fourierft"),
     "fourierft-pattern": ("llama", lambda: peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"],
                                                                 n_frequency_pattern={"q_proj": 7}), "fourierft"),
+    "hira-llama": ("llama", lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hira"),
+    "hira-patterns": ("llama", lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
+                      "hira"),
+    "hira-gpt2": ("gpt2", lambda: peft.HiraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "hira"),
+    "delora-llama": ("llama", lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "up_proj"]),
+                     "delora"),
+    "delora-patterns": ("llama", lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                           rank_pattern={"v_proj": 2}), "delora"),
+    "gralora-llama": ("llama", lambda: peft.GraloraConfig(r=4, gralora_k=2, alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                                   "down_proj"]), "gralora"),
+    "gralora-hybrid": ("llama", lambda: peft.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=6,
+                                                           target_modules=["q_proj", "k_proj"]), "gralora"),
+    "gralora-gpt2": ("gpt2", lambda: peft.GraloraConfig(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True),
+                     "gralora"),
+    "miss-llama": ("llama", lambda: peft.MissConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "miss"),
+    "miss-uneven": ("llama", lambda: peft.MissConfig(r=5, target_modules=["q_proj", "up_proj"]), "miss"),
+    "miss-mini": ("llama", lambda: peft.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "v_proj"]),
+                  "miss"),
+    "c3a-llama": ("llama", lambda: peft.C3AConfig(block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), "c3a"),
+    "c3a-pattern": ("llama", lambda: peft.C3AConfig(block_size=8, block_size_pattern={"q_proj": 4},
+                                                    target_modules=["q_proj", "v_proj"]), "c3a"),
+    "hra-llama": ("llama", lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hra"),
+    "hra-gs": ("llama", lambda: peft.HRAConfig(r=3, apply_GS=True, target_modules=["q_proj", "o_proj"]), "hra"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -118,7 +141,7 @@ def grads_by_key(twin):
     for name, p in twin.named_parameters():
         if p.requires_grad and p.grad is not None:
             key = name.removeprefix("base_model.model.").replace(".default", "")
-            out[key.removesuffix(".weight") if ".lora_" in key or key.endswith(".oft_R.weight") else key] = p.grad
+            out[key.removesuffix(".weight") if ".lora_" in key or key.endswith((".oft_R.weight", "_general.weight")) else key] = p.grad
     return out
 
 
@@ -126,6 +149,8 @@ def grads_by_key(twin):
 def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypatch):
     arch, make, mark = CASES[case]
     use_plain_loha_cp(monkeypatch, plain_loha_cp)
+    if mark == "c3a":
+        use_plain_c3a(monkeypatch)
     model, inputs = model_for(arch)
     twin = peft_adapter(model, make())
     twin.save_pretrained(tmp_path)
@@ -140,7 +165,7 @@ def test_peft_file_loads_to_peft_outputs_and_gradients(case, tmp_path, monkeypat
     named = {f"{p.key}.{n}": t for p in delta.pieces.values() for n, t in p.named_parameters()}
     assert set(named) == set(theirs), "hookdelta trains exactly PEFT's tensors"
     for key, t in named.items():
-        torch.testing.assert_close(t.grad, theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(t.grad, theirs[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=getattr(pytest.mark, CASES[c][2])) for c in CASES])

@@ -3,17 +3,23 @@
 from .adapter import AdapterConfig
 from .bitfit import BitFitConfig
 from .boft import BOFTConfig
+from .c3a import C3AConfig
 from .compacter import CompacterConfig
 from .composition import AverageConfig, FuseConfig, SplitConfig
+from .delora import DeLoRAConfig
 from .fourierft import FourierFTConfig
+from .gralora import GraLoRAConfig
+from .hira import HiRAConfig
+from .hra import HRAConfig
 from .ia3 import IA3Config
 from .ln_tuning import LNTuningConfig
 from .loha import LoHaConfig
 from .lokr import LoKrConfig
 from .lora import LoRAConfig
 from .low_rank_adapter import LowRankAdapterConfig
-from .parallel_adapter import ParallelAdapterConfig
+from .miss import MiSSConfig
 from .oft import OFTConfig
+from .parallel_adapter import ParallelAdapterConfig
 from .prefix import PrefixConfig
 from .reft import DiReFTConfig, LoReFTConfig
 from .soft_prompt import SoftPromptConfig
@@ -22,5 +28,6 @@ from .vera import VeRAConfig
 
 __all__ = [
     "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig",
+    "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]

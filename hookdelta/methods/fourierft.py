@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact
+from ..config import DeltaConfig, PeftCodec, after_dot_pattern, check_bool, check_float, check_int, check_patterns, exact
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
 from ..modules import is_linear_like
@@ -111,8 +111,7 @@ class FourierFTCodec(PeftCodec):
         cfg: FourierFTConfig = delta.config
         fields = {"peft_type": "FOURIERFT", "n_frequency": cfg.n_frequency, "scaling": cfg.scaling,
                   "random_loc_seed": cfg.random_loc_seed, "init_weights": cfg.init_weights,
-                  # (PEFT matches a pattern after a dot: the path without its first component names the layer)
-                  "n_frequency_pattern": {re.escape(p.key.partition(".")[2] or p.key): p.n for p in pieces
+                  "n_frequency_pattern": {after_dot_pattern(p.key): p.n for p in pieces
                                           if p.n != cfg.n_frequency},
                   **self.tuner_fields(delta, pieces)}
         return fields, self.piece_tensors(pieces)
