@@ -9,6 +9,8 @@
   gradient gives within that space. `lorafa` freezes A, puts the projection on B's gradient (a
   tensor hook: it is linear, so projecting each backward's gradient equals projecting their sum)
   and returns a torch AdamW over the rest; `LoRAFA.remove()` takes the hooks off and unfreezes A.
+- AdaLoRA (Zhang et al. 2023): `adalora(delta)` is the rank schedule of an AdaLoRA delta; it
+  writes only the delta's E entries, between steps, as PEFT's `update_and_allocate` does.
 """
 
 from __future__ import annotations
@@ -143,3 +145,12 @@ def lorafa(target: Any, *, lr: float, weight_decay: float = 0.0, betas: tuple[fl
 
 
 __all__: Iterable[str] = ("loraplus", "loraplus_groups", "lorafa", "LoRAFA")
+
+
+def adalora(delta: Any, total_step: int | None = None) -> Any:
+    """The rank schedule of an AdaLoRA delta (`methods.adalora.RankAllocator`): call
+    `update_and_allocate(step)` after each optimizer step, add `penalty()` to the loss.
+    `total_step` overrides the config's."""
+    from .methods.adalora import RankAllocator
+
+    return RankAllocator(delta, total_step)

@@ -42,6 +42,7 @@ METHODS = {
     "miss": (lambda: hd.MiSSConfig(r=4), FIVE, True, True),
     "c3a": (lambda: hd.C3AConfig(block_size=8, init_weights="zero"), FIVE, True, True),
     "hra": (lambda: hd.HRAConfig(r=4), FIVE, True, False),  # (its cancelling pairs: the same up to rounding)
+    "adalora": (lambda: hd.AdaLoRAConfig(init_r=4, target_r=2), FIVE, True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),

@@ -96,6 +96,7 @@ class TrainerCallback(_Base):
         self.delta = delta
         self.save_base = save_base
         self.restored = False  # whether Trainer loaded the delta's tensors from a checkpoint
+        self.allocator: Any = None  # AdaLoRA's rank schedule, made when training begins
         store = store_of(delta.model)
         if store is not None:
             store.include_in_state_dict = True
@@ -129,8 +130,16 @@ class TrainerCallback(_Base):
         if state.is_world_process_zero or sharded(self.delta.model):
             self.delta.save(self.folder(args.output_dir), overwrite=True)
 
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.allocator is not None:  # AdaLoRA's rank schedule runs while the gradients are there
+            self.allocator.update_and_allocate(state.global_step)
+
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.undeclare()
+        if self.delta.method == "adalora":  # its schedule; the steps come from Trainer unless the config has them
+            from ..optim import adalora
+
+            self.allocator = adalora(self.delta, None if self.delta.config.total_step else state.max_steps)
         if state.global_step == 0:
             return  # a fresh run
         if self.restored:
@@ -165,6 +174,20 @@ class _DeltaTrainer:
             for c in kwargs["callbacks"]:
                 if isinstance(c, TrainerCallback):
                     c.undeclare()
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """Trainer's loss, plus the orthogonality penalty of AdaLoRA deltas while training (PEFT adds
+        it in its model's forward)."""
+        out = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        if not model.training:
+            return out
+        extra = [c.allocator.penalty() for c in self.callback_handler.callbacks
+                 if isinstance(c, TrainerCallback) and c.allocator is not None]
+        if not extra:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] + sum(extra),) + tuple(out[1:])
+        return out + sum(extra)
 
     def save_model(self, output_dir: str | None = None, *args: Any, **kwargs: Any) -> None:
         """Like Trainer's, but writes the deltas (hookdelta's format, and their tensors as the weights
