@@ -45,11 +45,14 @@ METHODS = {
     "adalora": (lambda: hd.AdaLoRAConfig(init_r=4, target_r=2), FIVE, True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
+    "p_tuning": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), FIVE, False, False),
+    "p_tuning_lstm": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder="LSTM", encoder_hidden_size=8),
+                      ["llama"], False, False),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),
     "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
                    ["llama"], False, False),
 }
-MARK = {"pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
+MARK = {"p_tuning_lstm": "p_tuning", "pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
 
 CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
          for m, (_, archs, _, _) in METHODS.items() for a in archs]

@@ -177,6 +177,43 @@ def assert_both_ways(pm, arch, inputs, method, tmp_path):
     theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
     torch.testing.assert_close(outputs(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
 
+@pytest.mark.p_tuning
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_is_peft_prompt_encoder_and_its_files_go_both_ways(encoder, tmp_path):
+    """PEFT's trainable P-tuning model and ours with PEFT's encoder tensors copied in: same outputs
+    and gradients; PEFT's file (the encoder's output) loads as that prompt, and ours loads in PEFT."""
+    model, inputs, _ = build("llama")
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=12, encoder_reparameterization_type=encoder))
+    ours = copy.deepcopy(model)
+    delta = hd.attach(ours, hd.PTuningConfig(num_virtual_tokens=3, encoder=encoder, encoder_hidden_size=12))
+    (piece,) = delta.pieces.values()
+    theirs = dict(pm.prompt_encoder["default"].named_parameters())
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, t in piece.named_parameters():
+            source = theirs["embedding.weight" if name == "prompt_embedding" else name]
+            source.copy_(torch.randn(source.shape, generator=g) * 0.5)
+            t.copy_(source)
+    labels = inputs["input_ids"]
+    a, b = pm(**inputs, labels=labels), ours(**inputs, labels=labels)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+    a.loss.backward(), b.loss.backward()
+    for name, t in piece.named_parameters():
+        want = theirs["embedding.weight" if name == "prompt_embedding" else name].grad
+        torch.testing.assert_close(t.grad, want, rtol=1e-4, atol=1e-6, msg=name)
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = outputs(ours, inputs)
+    fresh = build("llama")[0]
+    loaded = hd.load_peft(fresh, tmp_path / "peft")
+    assert loaded.method == "soft_prompt"  # the file holds the encoder's output only
+    torch.testing.assert_close(outputs(fresh, inputs), expected, rtol=1e-5, atol=1e-5)
+    delta.save_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "ours").eval()
+    torch.testing.assert_close(outputs(back, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.ia3
 @pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
                                      ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],

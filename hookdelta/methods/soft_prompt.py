@@ -33,13 +33,18 @@ class SoftPrompt(Piece):
     mergeable = False
     routable = False  # virtual tokens change the sequence length: rows would differ
 
-    def __init__(self, key: str, site_path: str, prompt: torch.Tensor, embedding: nn.Module,
+    def __init__(self, key: str, site_path: str, prompt: torch.Tensor | None, embedding: nn.Module,
                  pad_labels: bool, cache_arg: str | None) -> None:
         super().__init__(site_path, key)
-        self.prompt = nn.Parameter(prompt)
+        if prompt is not None:  # (None: a subclass computes its prompt, see `virtual`)
+            self.prompt = nn.Parameter(prompt)
         object.__setattr__(self, "embedding", embedding)  # the model's own layer: not a child
         self.pad_labels = pad_labels  # labels follow the input sequence: pad them with -100
         self.cache_arg = cache_arg
+
+    def virtual(self) -> torch.Tensor:
+        """The virtual tokens' embeddings [P, hidden] for this call."""
+        return self.prompt
 
     @property
     def length(self) -> int:
@@ -62,7 +67,7 @@ class SoftPrompt(Piece):
                 raise ValueError("the soft prompt needs input_ids or inputs_embeds")
             embeds = self.embedding(ids)
         seq = embeds.shape[1]
-        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        prompt = self.virtual().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         widen_mask(kw, P, seq)  # unless the encoder-decoder model hook widened it already
         if kw.get("token_type_ids") is not None:  # (set only where given: T5's stack takes none before transformers 5)
@@ -105,6 +110,28 @@ class EncoderMask(Piece):
         return f"widens the encoder mask for {self.primary.key}"
 
 
+def place_prompt(model: nn.Module, sites: Sequence[str], make: Any) -> list[Piece]:
+    """A prompt piece in front of the input: `make(path, site, embedding, pad_labels, cache_arg)`
+    builds it. Decoder-only and encoder-only models: on the model (labels padded, the cache
+    argument watched); encoder-decoder models: on the encoder, plus the mask-widening piece."""
+    (path,) = sites
+    embedding = model.get_submodule(path)
+    if not isinstance(embedding, nn.Embedding):
+        raise UnsupportedModuleError(f"the input embedding {path!r} is a {type(embedding).__name__}, not nn.Embedding")
+    if is_encoder_decoder(model):
+        primary = make(path, path_of(model, model.get_encoder()), embedding, False, None)
+        return [primary, EncoderMask(primary, "")]
+    cache_arg = cache_argument(model) if accepts(model, "cache") or accepts(model, "past_key_values") else None
+    return [make(path, "", embedding, True, cache_arg)]
+
+
+def prompt_task(model: nn.Module) -> str:
+    """PEFT's task_type for a prompt file written from `model`."""
+    name = type(model).__name__
+    return ("CAUSAL_LM" if name.endswith("CausalLM") else "SEQ_CLS" if name.endswith("SequenceClassification")
+            else "TOKEN_CLS" if name.endswith("TokenClassification") else "FEATURE_EXTRACTION")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SoftPromptConfig(PromptConfig):
     """Prompt tuning. num_virtual_tokens: prompt length; init: "random" (normal, with the
@@ -127,17 +154,8 @@ class SoftPromptConfig(PromptConfig):
             raise ConfigError('SoftPromptConfig(init="text") needs init_text="..." and tokenizer="<path or name>"')
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        (path,) = sites
-        embedding = model.get_submodule(path)
-        if not isinstance(embedding, nn.Embedding):
-            raise UnsupportedModuleError(f"the input embedding {path!r} is a {type(embedding).__name__}, not nn.Embedding")
-        prompt = self._init(embedding.weight.detach())
-        if is_encoder_decoder(model):
-            encoder = model.get_encoder()
-            primary = SoftPrompt(path, path_of(model, encoder), prompt, embedding, False, None)
-            return [primary, EncoderMask(primary, "")]
-        cache_arg = cache_argument(model) if accepts(model, "cache") or accepts(model, "past_key_values") else None
-        return [SoftPrompt(path, "", prompt, embedding, True, cache_arg)]
+        return place_prompt(model, sites, lambda path, site, embedding, pad, cache: SoftPrompt(
+            path, site, self._init(embedding.weight.detach()), embedding, pad, cache))
 
     def _init(self, vocab: torch.Tensor) -> torch.Tensor:
         P = self.num_virtual_tokens
@@ -191,10 +209,7 @@ class PromptTuningCodec(PeftCodec):
             raise UnsupportedModuleError("hookdelta writes PEFT prompt-tuning files for decoder-only and encoder-only models")
         (piece,) = [p for p in pieces if isinstance(p, SoftPrompt)]
         layers, _, _ = attention_shape(model)
-        name = type(model).__name__
-        task = ("CAUSAL_LM" if name.endswith("CausalLM") else "SEQ_CLS" if name.endswith("SequenceClassification")
-                else "TOKEN_CLS" if name.endswith("TokenClassification") else "FEATURE_EXTRACTION")
-        fields = {"peft_type": "PROMPT_TUNING", "task_type": task, "num_virtual_tokens": piece.length,
+        fields = {"peft_type": "PROMPT_TUNING", "task_type": prompt_task(model), "num_virtual_tokens": piece.length,
                   "token_dim": piece.prompt.shape[1], "num_transformer_submodules": 1, "num_layers": layers,
                   "num_attention_heads": model.config.num_attention_heads, "prompt_tuning_init": "RANDOM"}
         return fields, {"prompt_embeddings": piece.prompt.detach().contiguous()}
