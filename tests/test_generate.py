@@ -19,8 +19,9 @@ def prompt_inputs(model, inputs):
 def cases():
     for method, make in (("soft_prompt", lambda: hd.SoftPromptConfig(num_virtual_tokens=4)),
                          ("p_tuning", lambda: hd.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=8)),
+                         ("llama_adapter", lambda: hd.LlamaAdapterConfig(adapter_len=4, adapter_layers=2)),
                          ("prefix", lambda: hd.PrefixConfig(num_virtual_tokens=4))):
-        for arch in ("llama", "gpt2", "opt"):
+        for arch in ("llama", "gpt2") if method == "llama_adapter" else ("llama", "gpt2", "opt"):
             yield pytest.param(make, arch, id=f"{method}-{arch}", marks=getattr(pytest.mark, method))
 
 

@@ -45,6 +45,7 @@ METHODS = {
     "adalora": (lambda: hd.AdaLoRAConfig(init_r=4, target_r=2), FIVE, True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
+    "llama_adapter": (lambda: hd.LlamaAdapterConfig(adapter_len=3, adapter_layers=2), ["llama", "gpt2"], False, True),
     "p_tuning": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), FIVE, False, False),
     "p_tuning_lstm": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder="LSTM", encoder_hidden_size=8),
                       ["llama"], False, False),

@@ -109,6 +109,12 @@ CASES = {
                                                           target_modules=["q_proj", "v_proj", "down_proj"]), "adalora"),
     "adalora-gpt2": ("gpt2", lambda: peft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c_attn"],
                                                         fan_in_fan_out=True), "adalora"),
+    "llama-adapter-llama": ("llama", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
+                                                                       adapter_layers=1), "llama_adapter"),
+    "llama-adapter-all": ("llama", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
+                                                                     adapter_layers=2), "llama_adapter"),
+    "llama-adapter-gpt2": ("gpt2", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
+                                                                     adapter_layers=2), "llama_adapter"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -411,3 +417,23 @@ def test_reft_positions_callable_giving_nonsense_is_a_config_error():
     hd.attach(model, hd.LoReFTConfig(r=2, positions=lambda h: "first", layers=[0]))
     with pytest.raises(hd.ConfigError, match="positions"):
         model(**inputs)
+
+
+@pytest.mark.llama_adapter
+def test_llama_adapter_refuses_what_peft_does_not_build_or_would_get_wrong():
+    import transformers as tf
+
+    from tiny_models import TEXT
+
+    opt, _, _ = build("opt")
+    with pytest.raises(hd.UnsupportedModuleError, match="llama"):
+        hd.attach(opt, hd.LlamaAdapterConfig(adapter_layers=1))
+    biased = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, attention_bias=True))
+    with pytest.raises(hd.UnsupportedModuleError, match="bias"):
+        hd.attach(biased, hd.LlamaAdapterConfig(adapter_layers=1))
+    llama, _, _ = build("llama")
+    with pytest.raises(hd.ConfigError, match="adapter_layers"):
+        hd.attach(llama, hd.LlamaAdapterConfig(adapter_layers=3))
+    with pytest.raises(hd.ConfigError, match="targets"):
+        hd.LlamaAdapterConfig(targets=["q_proj"])
+    assert not hd.deltas(opt) and not hd.deltas(biased) and not hd.deltas(llama)
