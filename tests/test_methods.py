@@ -43,6 +43,8 @@ METHODS = {
     "c3a": (lambda: hd.C3AConfig(block_size=8, init_weights="zero"), FIVE, True, True),
     "hra": (lambda: hd.HRAConfig(r=4), FIVE, True, False),  # (its cancelling pairs: the same up to rounding)
     "adalora": (lambda: hd.AdaLoRAConfig(init_r=4, target_r=2), FIVE, True, True),
+    "road": (lambda: hd.RoAdConfig(group_size=8), FIVE, True, True),
+    "road_4": (lambda: hd.RoAdConfig(variant="road_4", group_size=4), ["llama", "bert"], True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "llama_adapter": (lambda: hd.LlamaAdapterConfig(adapter_len=3, adapter_layers=2), ["llama", "gpt2"], False, True),
@@ -53,7 +55,7 @@ METHODS = {
     "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
                    ["llama"], False, False),
 }
-MARK = {"p_tuning_lstm": "p_tuning", "pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
+MARK = {"road_4": "road", "p_tuning_lstm": "p_tuning", "pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
 
 CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
          for m, (_, archs, _, _) in METHODS.items() for a in archs]

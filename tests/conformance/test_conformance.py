@@ -472,6 +472,8 @@ LINEAR_METHODS = {
     "miss": lambda: hd.MiSSConfig(r=4, targets=["layer"]),
     "c3a": lambda: hd.C3AConfig(block_size=3, targets=["layer"]),
     "hra": lambda: hd.HRAConfig(r=2, targets=["layer"]),
+    "road": lambda: hd.RoAdConfig(group_size=2, targets=["layer"]),
+    "adalora": lambda: hd.AdaLoRAConfig(init_r=2, target_r=1, targets=["layer"]),
     "adapter": lambda: hd.AdapterConfig(bottleneck_dim=3, targets=["layer"]),
     "parallel_adapter": lambda: hd.ParallelAdapterConfig(bottleneck_dim=3, targets=["layer"]),
     "low_rank_adapter": lambda: hd.LowRankAdapterConfig(bottleneck_dim=4, targets=["layer"]),
