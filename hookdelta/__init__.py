@@ -55,6 +55,7 @@ from .methods import (
     PTuningConfig,
     LlamaAdapterConfig,
     RoAdConfig,
+    VBLoRAConfig,
 )
 from . import optim
 from .as_lora import as_lora
@@ -91,6 +92,6 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
 ]

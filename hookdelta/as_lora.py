@@ -94,6 +94,8 @@ def _changes(delta: Any) -> dict[str, torch.Tensor]:
         except MergeError as exc:  # (BitFit on a layer without a bias of its own)
             raise UnsupportedModuleError(f"as_lora: a plain LoRA carries the weight of a linear layer (or a parameter "
                                          f"target) only, and {delta.name!r} cannot be written as one: {exc}") from None
+        if not change:  # (a piece that holds shared tensors, such as VB-LoRA's bank, changes no weight)
+            continue
         name = getattr(piece, "param_name", None)
         if name is not None and set(change) == {name}:  # a parameter target (fused experts: per expert)
             out[piece.key] = change[name].float()

@@ -25,6 +25,16 @@ SOURCES = {
     "boft": lambda: hd.BOFTConfig(boft_block_size=4, targets=QV),
     "vera": lambda: hd.VeRAConfig(r=8, targets=QV),
     "ia3": lambda: hd.IA3Config(),
+    "fourierft": lambda: hd.FourierFTConfig(n_frequency=30, targets=QV),
+    "hira": lambda: hd.HiRAConfig(r=2, targets=QV),
+    "delora": lambda: hd.DeLoRAConfig(r=2, targets=QV),
+    "gralora": lambda: hd.GraLoRAConfig(r=4, gralora_k=2, targets=QV),
+    "miss": lambda: hd.MiSSConfig(r=4, targets=QV),
+    "c3a": lambda: hd.C3AConfig(block_size=8, targets=QV),
+    "hra": lambda: hd.HRAConfig(r=4, targets=QV),
+    "road": lambda: hd.RoAdConfig(group_size=8, targets=QV),
+    "adalora": lambda: hd.AdaLoRAConfig(init_r=4, target_r=2, targets=QV),
+    "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8, targets=QV),
 }
 
 

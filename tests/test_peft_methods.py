@@ -119,6 +119,10 @@ CASES = {
     "road-2": ("llama", lambda: peft.RoadConfig(variant="road_2", group_size=4, target_modules=["q_proj", "up_proj"]), "road"),
     "road-4-bias": ("bert", lambda: peft.RoadConfig(variant="road_4", group_size=8, target_modules=["query", "dense"]),
                     "road"),
+    "vblora-llama": ("llama", lambda: peft.VBLoRAConfig(r=4, vector_length=8, num_vectors=16, topk=2,
+                                                        target_modules=["q_proj", "v_proj", "down_proj"]), "vblora"),
+    "vblora-gpt2": ("gpt2", lambda: peft.VBLoRAConfig(r=2, vector_length=16, num_vectors=8, topk=3,
+                                                      target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vblora"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -155,6 +159,8 @@ def grads_by_key(twin):
     for name, p in twin.named_parameters():
         if p.requires_grad and p.grad is not None:
             key = name.removeprefix("base_model.model.").replace(".default", "")
+            if key.endswith(".vblora_vector_bank"):  # (the bank is shared: PEFT names it at its first layer)
+                key = "vblora_vector_bank.bank"
             out[key.removesuffix(".weight") if ".lora_" in key or key.endswith((".oft_R.weight", "_general.weight")) else key] = p.grad
     return out
 

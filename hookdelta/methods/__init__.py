@@ -28,10 +28,11 @@ from .reft import DiReFTConfig, LoReFTConfig
 from .road import RoAdConfig
 from .soft_prompt import SoftPromptConfig
 from .trainable_tokens import TrainableTokensConfig
+from .vblora import VBLoRAConfig
 from .vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]
