@@ -35,6 +35,7 @@ SOURCES = {
     "road": lambda: hd.RoAdConfig(group_size=8, targets=QV),
     "adalora": lambda: hd.AdaLoRAConfig(init_r=4, target_r=2, targets=QV),
     "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8, targets=QV),
+    "randlora": lambda: hd.RandLoRAConfig(r=8, randlora_alpha=16.0, targets=QV),
 }
 
 

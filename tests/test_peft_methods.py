@@ -123,6 +123,12 @@ CASES = {
                                                         target_modules=["q_proj", "v_proj", "down_proj"]), "vblora"),
     "vblora-gpt2": ("gpt2", lambda: peft.VBLoRAConfig(r=2, vector_length=16, num_vectors=8, topk=3,
                                                       target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vblora"),
+    "randlora-llama": ("llama", lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                                "down_proj"]), "randlora"),
+    "randlora-sparse": ("llama", lambda: peft.RandLoraConfig(r=8, sparse=True, projection_prng_key=3,
+                                                             target_modules=["q_proj", "up_proj"]), "randlora"),
+    "randlora-gpt2": ("gpt2", lambda: peft.RandLoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+                      "randlora"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -447,3 +453,22 @@ def test_llama_adapter_refuses_what_peft_does_not_build_or_would_get_wrong():
     with pytest.raises(hd.ConfigError, match="targets"):
         hd.LlamaAdapterConfig(targets=["q_proj"])
     assert not hd.deltas(opt) and not hd.deltas(biased) and not hd.deltas(llama)
+
+
+@pytest.mark.randlora
+@pytest.mark.parametrize("kw", [{}, {"sparse": True}, {"very_sparse": True}], ids=["dense", "sparse", "very_sparse"])
+def test_randlora_draws_the_bases_peft_draws_from_the_same_key(kw):
+    model, _ = model_for("llama")
+    twin = peft.get_peft_model(copy.deepcopy(model), peft.RandLoraConfig(r=4, projection_prng_key=7,
+                                                                         target_modules=["q_proj", "down_proj"], **kw))
+    ours = hd.attach(copy.deepcopy(model), hd.RandLoRAConfig(r=4, projection_prng_key=7, targets=["q_proj", "down_proj"],
+                                                             **kw))
+    # (named once, under the first layer that holds them)
+    theirs = {n.split(".")[-2]: b for n, b in twin.named_buffers() if ".randlora_" in n}
+    bases = ours.pieces["randlora_bases"]
+    is_bf16_available = pytest.importorskip("accelerate.utils").is_bf16_available
+
+    if not kw and not is_bf16_available():
+        pytest.skip("PEFT draws its bases in float16 where bfloat16 is unavailable")
+    torch.testing.assert_close(bases.randlora_A, theirs["randlora_A"].float(), rtol=0, atol=0)
+    torch.testing.assert_close(bases.randlora_B, theirs["randlora_B"].float(), rtol=0, atol=0)
