@@ -129,6 +129,9 @@ CASES = {
                                                              target_modules=["q_proj", "up_proj"]), "randlora"),
     "randlora-gpt2": ("gpt2", lambda: peft.RandLoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
                       "randlora"),
+    "lily-llama": ("llama", lambda: peft.LilyConfig(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]), "lily"),
+    "lily-stride": ("llama", lambda: peft.LilyConfig(r=4, num_B=3, stride_A=2, scaling=0.5,
+                                                     target_modules=["q_proj", "k_proj"]), "lily"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -167,7 +170,7 @@ def grads_by_key(twin):
             key = name.removeprefix("base_model.model.").replace(".default", "")
             if key.endswith(".vblora_vector_bank"):  # (the bank is shared: PEFT names it at its first layer)
                 key = "vblora_vector_bank.bank"
-            out[key.removesuffix(".weight") if ".lora_" in key or key.endswith((".oft_R.weight", "_general.weight")) else key] = p.grad
+            out[key.removesuffix(".weight") if ".lora_" in key or ".lily_" in key or key.endswith((".oft_R.weight", "_general.weight")) else key] = p.grad
     return out
 
 
@@ -472,3 +475,18 @@ def test_randlora_draws_the_bases_peft_draws_from_the_same_key(kw):
         pytest.skip("PEFT draws its bases in float16 where bfloat16 is unavailable")
     torch.testing.assert_close(bases.randlora_A, theirs["randlora_A"].float(), rtol=0, atol=0)
     torch.testing.assert_close(bases.randlora_B, theirs["randlora_B"].float(), rtol=0, atol=0)
+
+
+@pytest.mark.lily
+def test_lily_shares_by_kind_and_refuses_a_peft_file_that_cannot_say_so(tmp_path):
+    model, _ = model_for("llama")
+    delta = hd.attach(model, hd.LilyConfig(r=2, num_B=2, stride_A=2, targets=["q_proj", "v_proj"]))
+    first = next(p for p in delta.pieces.values() if p.key == "model.layers.0.self_attn.q_proj")
+    shared = {p.key: p.factor("lily_A") is first.factor("lily_A") for p in delta.pieces.values()}
+    assert shared == {"model.layers.0.self_attn.q_proj": True, "model.layers.1.self_attn.q_proj": True,
+                      "model.layers.0.self_attn.v_proj": False, "model.layers.1.self_attn.v_proj": False}
+    delta.detach()
+    part = hd.attach(model, hd.LilyConfig(r=2, targets=["q_proj"], layers=[1]))
+    with pytest.raises(hd.UnsupportedModuleError, match="all of them"):
+        part.save_peft(tmp_path / "part")
+    assert not (tmp_path / "part").exists()
