@@ -58,6 +58,7 @@ from .methods import (
     VBLoRAConfig,
     RandLoRAConfig,
     LilyConfig,
+    SHiRAConfig,
 )
 from . import optim
 from .as_lora import as_lora
@@ -94,6 +95,6 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
 ]

@@ -36,6 +36,7 @@ SOURCES = {
     "adalora": lambda: hd.AdaLoRAConfig(init_r=4, target_r=2, targets=QV),
     "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8, targets=QV),
     "randlora": lambda: hd.RandLoRAConfig(r=8, randlora_alpha=16.0, targets=QV),
+    "shira": lambda: hd.SHiRAConfig(r=2, targets=QV),
 }
 
 

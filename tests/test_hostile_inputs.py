@@ -43,7 +43,7 @@ BAD_FIELD = {"decompose_factor": [0, -2, 2.5, "8", True, None], "projection_prng
              "random_loc_seed": [-1, 2.5, "8", True, None], "n_frequency_pattern": [{"q": 0}, {"(": 3}, [3], {"q": 2.5}],
              "d_initial": [math.nan, math.inf, "x", None, True],
              "oft_block_size": [-1, 2.5, "8", True, None], "hybrid_r": [-1, 2.5, "8", True, None],
-             "tinit": [-1, 2.5, "8", True, None], "tfinal": [-1, 2.5, "8", True, None], "boft_block_num": [-1, 2.5, "8", True, None]}
+             "tinit": [-1, 2.5, "8", True, None], "random_seed": [-1, 2.5, "8", True], "tfinal": [-1, 2.5, "8", True, None], "boft_block_num": [-1, 2.5, "8", True, None]}
 # (OFT's r may be 0: it is the other way to give the block size)
 BAD_FIELD["r@oft"] = [-1, 2.5, "8", True, None]
 BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],

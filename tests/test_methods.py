@@ -48,6 +48,7 @@ METHODS = {
     "vblora": (lambda: hd.VBLoRAConfig(r=2, vector_length=4, num_vectors=8), FIVE, True, False),
     "randlora": (lambda: hd.RandLoRAConfig(r=8, randlora_alpha=16.0), FIVE, True, True),
     "lily": (lambda: hd.LilyConfig(r=4, num_B=2, stride_A=2), FIVE, False, True),
+    "shira": (lambda: hd.SHiRAConfig(r=2, random_seed=1), FIVE, True, True),
     "boft": (lambda: hd.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2), FIVE, True, True),
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "llama_adapter": (lambda: hd.LlamaAdapterConfig(adapter_len=3, adapter_layers=2), ["llama", "gpt2"], False, True),

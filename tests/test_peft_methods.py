@@ -132,6 +132,8 @@ CASES = {
     "lily-llama": ("llama", lambda: peft.LilyConfig(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]), "lily"),
     "lily-stride": ("llama", lambda: peft.LilyConfig(r=4, num_B=3, stride_A=2, scaling=0.5,
                                                      target_modules=["q_proj", "k_proj"]), "lily"),
+    "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), "shira"),
+    "shira-seed": ("llama", lambda: peft.ShiraConfig(r=3, random_seed=11, target_modules=["q_proj", "up_proj"]), "shira"),
     "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
                                                                  token_indices=[3, 5, 7]), "trainable_tokens"),
     "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
@@ -490,3 +492,20 @@ def test_lily_shares_by_kind_and_refuses_a_peft_file_that_cannot_say_so(tmp_path
     with pytest.raises(hd.UnsupportedModuleError, match="all of them"):
         part.save_peft(tmp_path / "part")
     assert not (tmp_path / "part").exists()
+
+
+@pytest.mark.shira
+def test_a_shira_file_with_another_mask_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = model_for("llama")
+    twin = peft_adapter(model, peft.ShiraConfig(r=2, random_seed=5, target_modules=["q_proj"]))
+    twin.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("shira_indices"))
+    tensors[key] = tensors[key].flip(1).contiguous()  # the same entries, listed in another order: another mapping
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    fresh = copy.deepcopy(model)
+    with pytest.raises(hd.DeltaFileError, match="random_seed"):
+        hd.load_peft(fresh, tmp_path)
+    assert not hd.deltas(fresh)

@@ -28,13 +28,14 @@ from .prefix import PrefixConfig
 from .randlora import RandLoRAConfig
 from .reft import DiReFTConfig, LoReFTConfig
 from .road import RoAdConfig
+from .shira import SHiRAConfig
 from .soft_prompt import SoftPromptConfig
 from .trainable_tokens import TrainableTokensConfig
 from .vblora import VBLoRAConfig
 from .vera import VeRAConfig
 
 __all__ = [
-    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig",
+    "AdapterConfig", "AverageConfig", "FuseConfig", "SplitConfig", "BitFitConfig", "CompacterConfig", "IA3Config", "LNTuningConfig", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
     "LowRankAdapterConfig", "ParallelAdapterConfig", "PrefixConfig", "SoftPromptConfig",
 ]
