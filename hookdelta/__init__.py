@@ -60,7 +60,7 @@ from .methods import (
     LilyConfig,
     SHiRAConfig,
 )
-from . import optim
+from . import inits, optim
 from .as_lora import as_lora
 from .peft_format import load_peft
 from .persistence import load
@@ -95,6 +95,6 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "inits", "as_lora", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
 ]

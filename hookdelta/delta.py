@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.nn as nn
 
+from . import inits
 from .also_train import also_train_paths, build_copies
 from .config import DeltaConfig
 from .engine import Piece
@@ -470,7 +471,9 @@ def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], 
 def _install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
              freeze_base: bool, tensors: dict[str, Any] | None, uid: str | None) -> Delta:
     _check_real(model, sites + train)
-    pieces = config.build(model, sites) + build_copies(model, train, tie=config.tie_also_train)
+    # (a saved delta: data-driven inits make placeholders, the file holds the values)
+    with inits.loading() if tensors is not None else contextlib.nullcontext():
+        pieces = config.build(model, sites) + build_copies(model, train, tie=config.tie_also_train)
     for piece in pieces:
         _route(model, piece)
     delta = Delta(name, config, pieces, sites, train)

@@ -794,3 +794,20 @@ def _grad_tensors(output: Any) -> list[torch.Tensor]:
         return [output] if output.requires_grad else []
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
     return [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@contextlib.contextmanager
+def watching_inputs(model: nn.Module, paths: list[str], see: Any) -> Iterator[None]:
+    """For the length of the block, `see(path, input)` is called with the main input of every call
+    of the modules at `paths` (data-driven initialisations read activations this way). The hooks
+    are this block's only: removed on exit, even when the block raises."""
+    handles: list[RemovableHandle] = []
+    try:
+        for path in paths:
+            def pre(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
+                see(path, first_input(args, kwargs))
+            handles.append(model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

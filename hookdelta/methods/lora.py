@@ -40,8 +40,9 @@ from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, DoRAParameter, L
                           LoRASlices, TensorParallelLoRALinear, TiedLoRA, TiedParameter)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
-INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")
-RESIDUAL = ("pissa", "olora")  # inits that take a part out of the base weight (as a frozen delta here)
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "lora_ga", "corda", "loftq")
+# inits that take a part out of the base weight (as a frozen delta here)
+RESIDUAL = ("pissa", "olora", "lora_ga", "corda")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,7 +286,7 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
                     f"{key!r} is tensor-parallel; hookdelta's LoRA there is the plain one (no PiSSA/OLoRA init, "
                     "lora_only bias or aLoRA yet): attach those before parallelizing is not possible either")
             return TensorParallelLoRALinear(cfg, key, module, like)
-        weight = real_weight(model, path) if residual else None
+        weight = real_weight(model, path) if residual or cfg.init == "loftq" else None
         return cls(cfg, key, module, like, weight, activation=activation) if activation else cls(cfg, key, module,
                                                                                                   like, weight)
     if isinstance(module, nn.Embedding):
@@ -330,7 +331,7 @@ class LoRACodec(PeftCodec):
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         out = self.refuse_bias(peft_config)
         init = peft_config.get("init_lora_weights")
-        if isinstance(init, str) and (init.startswith(RESIDUAL) or init in ("corda", "loftq")):
+        if isinstance(init, str) and (init.startswith(RESIDUAL) or init == "loftq"):
             # trained against PEFT's *changed* base (W minus its principal part): on the original
             # base it would give other outputs, silently
             out.append(f"init_lora_weights={init!r} (an adapter for PEFT's modified base weights: save it with "

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import inits, ops
 from ..engine import Piece, TiedSwap, current, first_hook_is_ours, first_input
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
 from ..modules import is_conv1d, layer_dims
@@ -95,12 +95,17 @@ class LoRALinear(_LoRABase):
         super().__init__(cfg, key, key, (r, in_f), (out_f, r), like, in_f)
         self.out_features = out_f
         self.lora_bias = None
-        if cfg.init in ("orthogonal",) or cfg.init.startswith("pissa_niter_"):
+        if cfg.init in ("orthogonal", "lora_ga") or cfg.init.startswith("pissa_niter_"):
             # these draw from the global RNG: draw first what PEFT's nn.Linear(r, out) draws when it
             # makes lora_B (A's draw was made above), so a seed gives PEFT's factors exactly
             torch.empty(out_f, r).uniform_()
         if cfg.init == "orthogonal":
             self._orthogonal(in_f, out_f)
+        if cfg.init == "loftq" and (data := inits.supplied("loftq", key)) is not None:
+            a, b = inits.loftq_factors(data, weight, r, float(self.scale), self.conv1d, self.lora_A.dtype)
+            with torch.no_grad():
+                self.lora_A.copy_(a)
+                self.lora_B.copy_(b)
 
     def _orthogonal(self, in_f: int, out_f: int) -> None:
         """PEFT's orthogonal init, draw for draw (global RNG): A and B from one orthogonal Q."""
@@ -188,9 +193,10 @@ class BiasedLoRALinear(_TermLoRALinear):
 
 
 class ResidualLoRALinear(_TermLoRALinear):
-    """PiSSA (the weight's top-r SVD, split as √S) or OLoRA (its QR), as PEFT computes them. PEFT
-    takes that principal part out of the base weight; hookdelta never writes the base, so the
-    same factors are kept frozen as A₀, B₀ and the update is s·(B·A − B₀·A₀): nothing at first."""
+    """PiSSA (the weight's top-r SVD, split as √S), OLoRA (its QR), LoRA-GA and CorDA (from data,
+    hookdelta/inits.py), as PEFT computes them. PEFT takes that principal part out of the base
+    weight; hookdelta never writes the base, so the same factors are kept frozen as A₀, B₀ and the
+    update is s·(B·A − B₀·A₀): nothing at first."""
 
     residual = True
 
@@ -200,7 +206,12 @@ class ResidualLoRALinear(_TermLoRALinear):
         w = weight.detach().float()
         w = w.T if self.conv1d else w  # [out, in]
         r, s = self.r, float(self.scale)
-        if cfg.init == "olora":
+        if cfg.init in ("lora_ga", "corda"):  # from data gathered by hd.inits (None: a saved delta loads)
+            data = inits.supplied(cfg.init, key)
+            make = inits.lora_ga_factors if cfg.init == "lora_ga" else inits.corda_factors
+            a, b = (make(data, weight, r, s, self.conv1d, self.lora_A.dtype) if data is not None
+                    else (torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B)))
+        elif cfg.init == "olora":
             q, rr = torch.linalg.qr(w)
             a, b = rr[:r], q[:, :r]
         else:

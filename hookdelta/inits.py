@@ -1,0 +1,308 @@
+"""LoRA initialisations that read the model's data or its full-precision weights (PEFT's
+`init_lora_weights` "lora_ga", "corda", "loftq"): plain functions that gather what the init needs,
+then attach the LoRA, whose pieces take their first factors from it.
+
+    delta = hd.inits.lora_ga(model, hd.LoRAConfig(r=8, init="lora_ga"), train_step)
+    delta = hd.inits.corda(model, hd.LoRAConfig(r=8, init="corda"), run_model, method="ipm")
+    delta = hd.inits.loftq(qmodel, hd.LoRAConfig(r=8, init="loftq"), "path/to/float/model")
+
+Each gives PEFT's factors from the same weights, data and seed. PEFT then writes the base
+(LoRA-GA and CorDA take their principal part out of it); hookdelta never does: as for PiSSA, the
+first factors stay as a frozen residual, so a fresh LoRA-GA or CorDA delta changes nothing.
+LoftQ is for quantized bases: its factors carry the quantization error, s·B·A ≈ W − Q (PEFT
+writes B·A ≈ W − Q whatever the scale s; the two agree when alpha = r).
+
+The gathered statistics reach the pieces through `supplied()` for the length of one attach; a
+saved delta loads without them (its tensors, residual included, come from the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import ConfigError, UnsupportedModuleError
+
+_local = threading.local()
+DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+SCALES = ("stable", "weight_svd", "gd_scale", "unit")
+DATA_INITS = ("lora_ga", "corda", "loftq")
+
+
+@contextlib.contextmanager
+def _supplying(init: str, data: dict[str, Any]) -> Iterator[None]:
+    previous = getattr(_local, "data", None)
+    _local.data = (init, data)
+    try:
+        yield
+    finally:
+        _local.data = previous
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """A saved delta being rebuilt: data inits make placeholders (the file holds the values)."""
+    previous = getattr(_local, "loading", False)
+    _local.loading = True
+    try:
+        yield
+    finally:
+        _local.loading = previous
+
+
+def supplied(init: str, key: str) -> Any:
+    """What the running hd.inits call gathered for site `key`; None while a saved delta loads."""
+    if getattr(_local, "loading", False):
+        return None
+    held = getattr(_local, "data", None)
+    if held is None or held[0] != init or key not in held[1]:
+        raise ConfigError(f"LoRAConfig(init={init!r}) takes its first factors from data or weights: attach it "
+                          f"with hd.inits.{init}(model, config, ...), not hd.attach")
+    return held[1][key]
+
+
+def _check(model: nn.Module, config: Any, init: str) -> list[str]:
+    from .methods.lora import LoRAConfig
+    from .modules import is_linear_like
+    from .quantized import is_quantized
+
+    if not isinstance(config, LoRAConfig) or config.init != init:
+        raise ConfigError(f"hd.inits.{init} takes a LoRAConfig(init={init!r}), got {config!r}")
+    if config.use_dora or config.target_parameters is not None or config.fused_slices is not None:
+        raise ConfigError(f"hd.inits.{init} initialises plain LoRA on linear layers (no DoRA, fused slices or "
+                          "parameter targets)")
+    sites = config.select(model)
+    for key in sites:
+        module = model.get_submodule(key)
+        if not is_linear_like(module):
+            raise UnsupportedModuleError(f"hd.inits.{init} initialises LoRA on linear layers; {key!r} is a "
+                                         f"{type(module).__name__}. Narrow the targets.")
+        if (init == "loftq") != is_quantized(module):
+            raise UnsupportedModuleError(
+                f"hd.inits.{init}: {key!r} is {'not ' if init == 'loftq' else ''}quantized; "
+                + ("LoftQ starts a LoRA on a quantized base from the quantization error" if init == "loftq"
+                   else "it needs full-precision weights and gradients"))
+    return sites
+
+
+def _attach(model: nn.Module, config: Any, init: str, data: dict[str, Any], name: str | None) -> Any:
+    from .delta import attach
+
+    with _supplying(init, data):
+        return attach(model, config, name=name)
+
+
+# -- LoRA-GA (Wang et al. 2024): the factors from the SVD of the full weights' gradient -----------
+
+def lora_ga(model: nn.Module, config: Any, train_step: Callable[[], Any], *, direction: str = "ArB2r",
+            scale: str = "stable", stable_gamma: float = 16, name: str | None = None) -> Any:
+    """LoRA-GA: `train_step()` runs forward and backward on a few batches (PEFT's
+    `preprocess_loraga`); the adapted layers' weight gradients, averaged over the backward passes,
+    give the factors by PEFT's rule (`direction`, `scale`, `stable_gamma`: its LoraGAConfig)."""
+    if direction not in DIRECTIONS or scale not in SCALES:
+        raise ConfigError(f"hd.inits.lora_ga: direction must be one of {list(DIRECTIONS)} and scale one of "
+                          f"{list(SCALES)}, got {direction!r}, {scale!r}")
+    if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or not stable_gamma > 0:
+        raise ConfigError(f"hd.inits.lora_ga: stable_gamma must be a positive number, got {stable_gamma!r}")
+    sites = _check(model, config, "lora_ga")
+    weights = {key: model.get_submodule(key).weight for key in sites}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    counts = dict.fromkeys(sites, 0)
+    handles = []
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for key, w in weights.items():
+            w.grad = None
+            w.requires_grad_(True)
+            handles.append(w.register_hook(lambda g, key=key: counts.__setitem__(key, counts[key] + 1)))
+        model.train()
+        with torch.enable_grad():
+            train_step()
+        grads = {}
+        for key, w in weights.items():
+            if not counts[key] or w.grad is None:
+                raise ConfigError(f"hd.inits.lora_ga: train_step() gave no gradient at {key!r}; it must run the "
+                                  "model forward and call backward()")
+            grads[key] = (w.grad.detach() / counts[key], direction, scale, float(stable_gamma))
+    finally:
+        for h in handles:
+            h.remove()
+        ours = {id(w) for w in weights.values()}
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            if id(p) in ours:
+                p.grad = None
+        model.train(was_training)
+    return _attach(model, config, "lora_ga", grads, name)
+
+
+def lora_ga_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's lora_ga_init, step for step (its randomized SVD draws from the global RNG)."""
+    grad, direction, scale, gamma = data
+    grad = grad.float()
+    grad = grad.T if conv1d else grad  # [out, in]
+    u, sv, v = torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=4)
+    vh = v.t()
+    u, sv, vh = u[:, :2 * r], sv[:2 * r], vh[:2 * r]
+    if direction == "ArBr":
+        a, b, s_b = vh[1:2 * r:2], u[:, 0:2 * r:2], sv[0:2 * r:2]
+    elif direction == "A2rBr":
+        a, b, s_b = vh[r:2 * r], u[:, :r], sv[:r]
+    elif direction == "ArB2r":
+        a, b, s_b = vh[:r], u[:, r:2 * r], sv[r:2 * r]
+    else:
+        idx = torch.randperm(2 * r)[:r]
+        a, b, s_b = vh[idx], u[:, idx], sv[idx]
+    b = b @ torch.diag(s_b)
+    if scale == "stable":  # (PEFT takes the stored weight's first dim: the input width for Conv1D)
+        b = b * (weight.shape[0] ** 0.25) / (gamma ** 0.5)
+    elif scale == "weight_svd":
+        w = weight.detach().float()
+        _, w_s, _ = torch.svd_lowrank(w.T if conv1d else w, q=r, niter=4)
+        if s_b[0] > 0:
+            b = b * (w_s[0] / s_b[0])
+    elif scale == "gd_scale":
+        a, b = a / s, b / s
+    return a.to(dtype), b.to(dtype)
+
+
+# -- CorDA (Yang et al. 2024): the SVD of W·C, C the inputs' covariance ---------------------------
+
+def corda(model: nn.Module, config: Any, run_model: Callable[[], Any], *, method: str = "ipm",
+          name: str | None = None) -> Any:
+    """CorDA: `run_model()` runs the model on calibration samples, one per call (PEFT's
+    `preprocess_corda`); each adapted layer's input covariance C gives the SVD of W·C, whose top r
+    triplets ("ipm", instruction-previewed) or bottom r ("kpm", knowledge-preserved) start the LoRA."""
+    if method not in ("ipm", "kpm"):
+        raise ConfigError(f"hd.inits.corda: method must be 'ipm' or 'kpm', got {method!r}")
+    sites = _check(model, config, "corda")
+    sums: dict[str, Any] = dict.fromkeys(sites, 0)
+    counts = dict.fromkeys(sites, 0)
+
+    def see(path: str, x: torch.Tensor) -> None:
+        x = x.detach().squeeze(0).float()
+        if x.dim() != 2:
+            raise ConfigError(f"hd.inits.corda: {path!r} got an input of shape {tuple(x.shape)}; CorDA (as PEFT's) "
+                              "reads one sample per call: run_model must feed batches of one")
+        x = x / torch.max(x).abs()  # (PEFT's normalisation: by the largest value's magnitude)
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"hd.inits.corda: a calibration input at {path!r} is not finite")
+        sums[path] = sums[path] + x.t() @ x
+        counts[path] += 1
+
+    from .engine import watching_inputs
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), watching_inputs(model, sites, see):
+            run_model()
+    finally:
+        model.train(was_training)
+    missing = [k for k in sites if not counts[k]]
+    if missing:
+        raise ConfigError(f"hd.inits.corda: run_model() never reached {missing[:3]}")
+    data = {k: (sums[k] / counts[k], method) for k in sites}
+    return _attach(model, config, "corda", data, name)
+
+
+def corda_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's collect_eigens_for_layer, crop and corda_init."""
+    cov, method = data
+    w = weight.detach().float()
+    w = w.T if conv1d else w
+    cov = cov.float()
+    damp = 0.01
+    eye = torch.eye(cov.shape[0], device=cov.device)
+    while True:  # (PEFT's damping: doubled until the inverse is good)
+        fixed = cov + eye * torch.mean(torch.diag(cov)) * damp
+        inv = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inv, eye).item() < 0.05:
+            break
+        damp *= 2
+    u, sv, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+    v = (vh @ inv).transpose(0, 1)
+    keep = slice(None, r) if method == "ipm" else slice(-r, None)
+    u, sv, v = u[:, keep], sv[keep] / s, v[:, keep]
+    return v.t().mul(sv.sqrt().view(-1, 1)).to(dtype), u.mul(sv.sqrt()).to(dtype)
+
+
+# -- LoftQ (Li et al. 2023): the factors carry the quantization error -----------------------------
+
+def loftq(model: nn.Module, config: Any, weights: Any, *, name: str | None = None) -> Any:
+    """LoftQ on a quantized base (PEFT's `replace_lora_weights_loftq`): `weights` holds the float
+    weights the model was quantized from (a state dict, a safetensors file, or a model folder with
+    model.safetensors or its sharded index); each layer's factors are the top-r SVD of W − Q."""
+    sites = _check(model, config, "loftq")
+    floats = _float_weights(model, weights, sites)
+    return _attach(model, config, "loftq", floats, name)
+
+
+def _float_weights(model: nn.Module, weights: Any, sites: list[str]) -> dict[str, torch.Tensor]:
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    names = {key: [f"{key}.weight"] + ([f"{key[len(prefix) + 1:]}.weight"] if prefix and key.startswith(prefix + ".")
+                                         else []) for key in sites}
+    if isinstance(weights, dict):
+        lookup: Callable[[str], torch.Tensor | None] = weights.get
+    elif isinstance(weights, (str, os.PathLike)):
+        lookup = _safetensors_lookup(os.fspath(weights))
+    else:
+        raise ConfigError(f"hd.inits.loftq: weights must be a state dict or a path, got {type(weights).__name__}")
+    out = {}
+    for key, candidates in names.items():
+        found = next((t for t in (lookup(n) for n in candidates) if t is not None), None)
+        if found is None:
+            raise ConfigError(f"hd.inits.loftq: the float weights have no {candidates[0]!r}")
+        out[key] = found
+    return out
+
+
+def _safetensors_lookup(path: str) -> Callable[[str], torch.Tensor | None]:
+    from safetensors import safe_open
+
+    files: dict[str, str] = {}
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        else:
+            path = os.path.join(path, "model.safetensors")
+    if not files:
+        if not os.path.isfile(path):
+            raise ConfigError(f"hd.inits.loftq: no safetensors weights at {path}")
+        with safe_open(path, framework="pt") as f:
+            files = {k: path for k in f.keys()}
+
+    def lookup(name: str) -> torch.Tensor | None:
+        if name not in files:
+            return None
+        with safe_open(files[name], framework="pt") as f:
+            return f.get_tensor(name)
+    return lookup
+
+
+def loftq_factors(data: Any, quantized: torch.Tensor, r: int, s: float, conv1d: bool,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's _loftq_init_new: L = U·√S, R = √S·Vh of W − Q; A = R, B = L / s."""
+    w = data.float().to(quantized.device)
+    q = quantized.detach().float()
+    if w.shape != q.shape:
+        w = w.T  # (a Conv1D checkpoint stores [in, out])
+    if w.shape != q.shape:
+        raise ConfigError(f"hd.inits.loftq: the float weight is {tuple(data.shape)}, the layer {tuple(q.shape)}")
+    residual = w - q
+    residual = residual.T if conv1d else residual
+    u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = sv[:r].sqrt()
+    return (root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root / s).to(dtype)

@@ -1,0 +1,166 @@
+"""The data-driven LoRA initialisations (hd.inits) against PEFT's own on the same weights, data
+and seed: the same first factors; PEFT writes the base, hookdelta keeps its part as a frozen
+residual, so the two models give the same outputs, fresh and after the factors move. LoftQ (PEFT
+runs it on CUDA only) is checked against its formula on the dequantized base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hookdelta as hd
+from tiny_models import build, main_output
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.lora
+QV = ["q_proj", "v_proj"]
+
+
+def batches(n=3, batch=2):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 96, (batch, 7), generator=g) for _ in range(n)]
+
+
+def same_factors_and_outputs(twin, delta, ours, model, ids):
+    for piece in delta.pieces.values():
+        layer = twin.base_model.model.get_submodule(piece.key)
+        torch.testing.assert_close(piece.lora_A, layer.lora_A["default"].weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(piece.lora_B, layer.lora_B["default"].weight, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        bare = main_output(model(input_ids=ids))
+        torch.testing.assert_close(main_output(ours(input_ids=ids)), bare, rtol=0, atol=0)  # ours: nothing yet
+        torch.testing.assert_close(main_output(twin(input_ids=ids)), bare, rtol=1e-4, atol=1e-5)  # PEFT: rounding
+        g = torch.Generator().manual_seed(3)
+        for piece in delta.pieces.values():  # move both the same way: the same model after the move
+            layer = twin.base_model.model.get_submodule(piece.key)
+            for name in ("lora_A", "lora_B"):
+                step = torch.randn(getattr(piece, name).shape, generator=g) * 0.05
+                getattr(piece, name).add_(step)
+                getattr(layer, name)["default"].weight.add_(step)
+        torch.testing.assert_close(main_output(ours(input_ids=ids)), main_output(twin(input_ids=ids)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("ArBr", "weight_svd"), ("A2rBr", "gd_scale"),
+                                             ("random", "unit")])
+def test_lora_ga_gives_peft_factors(direction, scale):
+    if not hasattr(peft, "preprocess_loraga"):
+        pytest.skip("this PEFT has no LoRA-GA (0.19 and later)")
+    model, _, _ = build("llama")
+    data = batches()
+
+    def step(m):
+        return lambda: [m(input_ids=ids, labels=ids).loss.backward() for ids in data]
+
+    theirs = copy.deepcopy(model)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=QV, init_lora_weights="lora_ga",
+                          lora_ga_config=peft.LoraGAConfig(direction=direction, scale=scale))
+    peft.preprocess_loraga(theirs, cfg, step(theirs))
+    torch.manual_seed(11)
+    twin = peft.get_peft_model(theirs, cfg).eval()
+    ours = copy.deepcopy(model)
+    torch.manual_seed(11)  # (the factors come from a randomized SVD: the same draws)
+    delta = hd.inits.lora_ga(ours, hd.LoRAConfig(r=2, alpha=4, targets=QV, init="lora_ga"), step(ours),
+                             direction=direction, scale=scale)
+    assert all(not p.requires_grad for n, p in ours.named_parameters() if "lora" not in n and ".base_" not in n)
+    ours.eval()
+    same_factors_and_outputs(twin, delta, ours, model, data[0])
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_corda_gives_peft_factors(method):
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    model, _, _ = build("llama")
+    samples = batches(n=4, batch=1)  # (CorDA reads one sample per call)
+
+    def run(m):
+        return lambda: [m(input_ids=ids) for ids in samples]
+
+    theirs = copy.deepcopy(model)
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=QV, init_lora_weights="corda",
+                          corda_config=CordaConfig(corda_method=method))
+    preprocess_corda(theirs, cfg, run_model=run(theirs))
+    twin = peft.get_peft_model(theirs, cfg).eval()
+    ours = copy.deepcopy(model)
+    delta = hd.inits.corda(ours, hd.LoRAConfig(r=2, alpha=4, targets=QV, init="corda"), run(ours), method=method)
+    same_factors_and_outputs(twin, delta, ours, model, samples[0])
+
+
+def test_data_inits_save_and_load_without_their_data(tmp_path):
+    model, _, _ = build("llama")
+    data = batches(n=2, batch=1)
+    delta = hd.inits.corda(model, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [model(input_ids=i) for i in data])
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(0.1)
+        want = main_output(model(input_ids=data[0]))
+    delta.save(tmp_path / "d")
+    delta.detach()
+    hd.load(model, tmp_path / "d")  # (no calibration data here: the file holds factors and residual)
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(model(input_ids=data[0])), want, rtol=0, atol=0)
+
+
+def test_data_inits_refuse_a_plain_attach_and_bad_inputs():
+    model, _, _ = build("llama")
+    for init in ("lora_ga", "corda"):
+        with pytest.raises(hd.ConfigError, match=f"hd.inits.{init}"):
+            hd.attach(model, hd.LoRAConfig(r=2, init=init))
+    with pytest.raises(hd.ConfigError, match="LoRAConfig"):
+        hd.inits.corda(model, hd.LoRAConfig(r=2), lambda: None)
+    with pytest.raises(hd.ConfigError, match="one sample"):
+        hd.inits.corda(model, hd.LoRAConfig(r=2, init="corda"), lambda: model(input_ids=batches()[0]))
+    with pytest.raises(hd.ConfigError, match="no gradient"):
+        hd.inits.lora_ga(model, hd.LoRAConfig(r=2, init="lora_ga"), lambda: None)
+    with pytest.raises(hd.UnsupportedModuleError, match="quantized"):
+        hd.inits.loftq(model, hd.LoRAConfig(r=2, init="loftq"), {})
+    assert not hd.deltas(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_loftq_factors_carry_the_quantization_error(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    float_model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, num_key_value_heads=2,
+                                                     intermediate_size=128)).eval()
+    float_model.save_pretrained(tmp_path)
+    q = tf.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+    from hookdelta.quantized import dequantize
+
+    delta = hd.inits.loftq(q, hd.LoRAConfig(r=4, alpha=8, targets=QV, init="loftq"), str(tmp_path))
+    for piece in delta.pieces.values():
+        w = float_model.get_submodule(piece.key).weight.detach()
+        quant = dequantize(q.get_submodule(piece.key)).float()
+        u, s, vh = torch.linalg.svd(w - quant, full_matrices=False)  # the reference: best rank-r approximation
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        torch.testing.assert_close(piece.scale * piece.lora_B @ piece.lora_A, best, rtol=1e-4, atol=1e-5)
+        assert (w - quant - best).norm() < (w - quant).norm()
+    ids = batches()[0]
+    with torch.no_grad():
+        err_after = (main_output(q(input_ids=ids)) - main_output(float_model(input_ids=ids))).abs().mean()
+        with delta.disabled():
+            err_before = (main_output(q(input_ids=ids)) - main_output(float_model(input_ids=ids))).abs().mean()
+    assert err_after < err_before, "the LoftQ start is closer to the float model than the quantized base"
+
+
+def test_a_data_init_delta_saves_for_peft_on_the_original_base(tmp_path):
+    model, _, _ = build("llama")
+    data = batches(n=2, batch=1)
+    ours = copy.deepcopy(model)
+    delta = hd.inits.corda(ours, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [ours(input_ids=i) for i in data])
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(0.05)
+        want = main_output(ours(input_ids=data[0]))
+    delta.save_peft(tmp_path)
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(back(input_ids=data[0])), want, rtol=1e-4, atol=1e-5)
