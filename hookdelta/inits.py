@@ -1,10 +1,11 @@
 """LoRA initialisations that read the model's data or its full-precision weights (PEFT's
-`init_lora_weights` "lora_ga", "corda", "loftq"): plain functions that gather what the init needs,
+`init_lora_weights` "lora_ga", "corda", "loftq", "eva"): plain functions that gather what the init needs,
 then attach the LoRA, whose pieces take their first factors from it.
 
     delta = hd.inits.lora_ga(model, hd.LoRAConfig(r=8, init="lora_ga"), train_step)
     delta = hd.inits.corda(model, hd.LoRAConfig(r=8, init="corda"), run_model, method="ipm")
     delta = hd.inits.loftq(qmodel, hd.LoRAConfig(r=8, init="loftq"), "path/to/float/model")
+    delta = hd.inits.eva(model, hd.LoRAConfig(r=8, init="eva"), batches)
 
 Each gives PEFT's factors from the same weights, data and seed. PEFT then writes the base
 (LoRA-GA and CorDA take their principal part out of it); hookdelta never does: as for PiSSA, the
@@ -32,7 +33,7 @@ from .errors import ConfigError, UnsupportedModuleError
 _local = threading.local()
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 SCALES = ("stable", "weight_svd", "gd_scale", "unit")
-DATA_INITS = ("lora_ga", "corda", "loftq")
+DATA_INITS = ("lora_ga", "corda", "loftq", "eva")
 
 
 @contextlib.contextmanager
@@ -83,11 +84,13 @@ def _check(model: nn.Module, config: Any, init: str) -> list[str]:
         if not is_linear_like(module):
             raise UnsupportedModuleError(f"hd.inits.{init} initialises LoRA on linear layers; {key!r} is a "
                                          f"{type(module).__name__}. Narrow the targets.")
-        if (init == "loftq") != is_quantized(module):
-            raise UnsupportedModuleError(
-                f"hd.inits.{init}: {key!r} is {'not ' if init == 'loftq' else ''}quantized; "
-                + ("LoftQ starts a LoRA on a quantized base from the quantization error" if init == "loftq"
-                   else "it needs full-precision weights and gradients"))
+        quantized = is_quantized(module)
+        if init == "loftq" and not quantized:
+            raise UnsupportedModuleError(f"hd.inits.loftq: {key!r} is not quantized; LoftQ starts a LoRA on a "
+                                         "quantized base from its quantization error")
+        if init in ("lora_ga", "corda") and quantized:
+            raise UnsupportedModuleError(f"hd.inits.{init}: {key!r} is quantized; it needs full-precision weights"
+                                         + (" and gradients" if init == "lora_ga" else ""))
     return sites
 
 
@@ -306,3 +309,168 @@ def loftq_factors(data: Any, quantized: torch.Tensor, r: int, s: float, conv1d: 
     u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
     root = sv[:r].sqrt()
     return (root[:, None] * vh[:r]).to(dtype), (u[:, :r] * root / s).to(dtype)
+
+
+# -- EVA (Paischer et al. 2024): A from the principal directions of each layer's inputs -----------
+
+class _IncrementalPCA:
+    """PEFT's IncrementalPCA (sklearn's, in torch) as EVA runs it: randomized SVD with q = 2k, four
+    iterations and its own seed 42 (the global RNG is left alone), signs by the largest |Vt| entry."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.components: torch.Tensor | None = None
+
+    def partial_fit(self, x: torch.Tensor) -> None:
+        x = x.clone()
+        n = x.shape[0]
+        first = self.components is None
+        if first:
+            self.mean, self.var, self.seen = None, None, torch.tensor([0])
+        mean, var, total = self._mean_var(x)
+        if first:
+            x -= mean
+        else:
+            batch_mean = torch.mean(x, dim=0)
+            x -= batch_mean
+            correction = torch.sqrt(self.seen.double() / total * n) * (self.mean - batch_mean)
+            x = torch.vstack((self.singular.view(-1, 1) * self.components, x, correction))
+        with torch.random.fork_rng():
+            torch.manual_seed(42)
+            _, s, v = torch.svd_lowrank(x, q=2 * self.k, niter=4)
+        vt = v.mH
+        signs = torch.sign(vt[range(vt.shape[0]), torch.argmax(torch.abs(vt), dim=1)])
+        vt = vt * signs.view(-1, 1)
+        self.seen, self.mean, self.var = total, mean, var
+        self.components, self.singular = vt[:self.k], s[:self.k]
+        self.ratio = (s ** 2 / torch.sum(var * total))[:self.k]
+
+    def _mean_var(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        new_count = torch.tensor([x.shape[0]])
+        total = self.seen + new_count
+        last_sum = torch.zeros(x.shape[1], dtype=torch.float64) if self.mean is None else self.mean * self.seen
+        new_sum = x.sum(dim=0, dtype=torch.float64)
+        mean = (last_sum + new_sum) / total
+        t = x - new_sum / new_count
+        correction = t.sum(dim=0, dtype=torch.float64).square()
+        new_var = t.square().sum(dim=0, dtype=torch.float64) - correction / new_count
+        if self.var is None:
+            return mean, new_var / total, total
+        ratio = self.seen.double() / new_count
+        var = (self.var * self.seen + new_var + ratio / total * (last_sum / ratio - new_sum).square()) / total
+        return mean, var, total
+
+
+def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: float = 0.99, whiten: bool = False,
+        adjust_scaling_factors: bool = True, use_label_mask: bool = True, label_mask_value: int = -100,
+        name: str | None = None) -> Any:
+    """EVA (PEFT's `get_eva_state_dict` + `initialize_lora_eva_weights`): each adapted layer's
+    inputs over `batches` (dicts of model inputs, cycled until every kept direction's cosine to its
+    last estimate is at least `tau`) give A = their top principal directions, B = 0; the rank
+    budget r·layers is redistributed by explained variance, each layer capped at round(r·rho)
+    (layers that get no rank are left out; alpha follows the rank when adjust_scaling_factors).
+    Padding (attention_mask) and, with use_label_mask, label_mask_value positions are skipped."""
+    import dataclasses
+    import itertools
+    import re
+
+    from .config import exact, pattern_value
+    from .engine import watching_inputs
+
+    for what, value, low in (("rho", rho, 1.0), ("tau", tau, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+            raise ConfigError(f"hd.inits.eva: {what} must be a number >= {low}, got {value!r}")
+    batches = list(batches)
+    if not batches or not all(isinstance(b, dict) for b in batches):
+        raise ConfigError("hd.inits.eva: batches must be a non-empty list of dicts of model inputs")
+    sites = _check(model, config, "eva")
+    ranks = {k: config.rank_for(k) for k in sites}
+    budget = sum(ranks.values())
+    cap = {k: round(r * rho) for k, r in ranks.items()}
+    positions: list[Any] = [None]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x[positions[0].T.unbind()].float()
+
+    def select(inputs: dict[str, Any]) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        if use_label_mask and "labels" in inputs:
+            mask = mask & (inputs["labels"] != label_mask_value)
+        return mask.nonzero()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            seen: dict[str, torch.Tensor] = {}  # layers that read the same input share one PCA (q, k, v)
+            positions[0] = select(batches[0])
+            with watching_inputs(model, sites, lambda k, x: seen.setdefault(k, rows(x))):
+                model(**batches[0])
+            owner: dict[str, str] = {}
+            for k in sites:
+                owner[k] = next((o for o in dict.fromkeys(owner.values()) if torch.equal(seen[o], seen[k])), k)
+            for group in {o for o in owner.values()}:
+                members = [k for k in sites if owner[k] == group]
+                top = max(cap[k] for k in members)
+                for k in members:
+                    cap[k] = top
+            pca = {k: _IncrementalPCA(cap[k]) for k in sites if owner[k] == k}
+            converged = {k: torch.zeros(cap[k], dtype=torch.bool) for k in pca}
+            done = dict.fromkeys(pca, False)
+            dist = dict(cap)
+
+            def see(k: str, x: torch.Tensor) -> None:
+                if k not in pca or done[k]:
+                    return
+                states = rows(x)
+                if states.shape[0] < cap[k]:
+                    return
+                before = pca[k].components
+                pca[k].partial_fit(states)
+                if before is not None:
+                    converged[k] = torch.nn.functional.cosine_similarity(pca[k].components, before) >= tau
+
+            with watching_inputs(model, list(pca), see):
+                for inputs in itertools.cycle(batches):
+                    for k in pca:  # (PEFT's bookkeeping: a layer stops, or starts again, by its current ranks)
+                        done[k] = bool(torch.all(converged[k][:dist[k]]))
+                    if all(done.values()):
+                        break
+                    positions[0] = select(inputs)
+                    model(**inputs)
+                    if all(p.components is not None for p in pca.values()):
+                        dist = _distribute(pca, owner, sites, budget, cap)
+    finally:
+        model.train(was_training)
+    directions: dict[str, torch.Tensor] = {}
+    for k in sites:
+        p, rank = pca[owner[k]], dist[k]
+        u = p.components[:rank]
+        if whiten:
+            u = u / p.singular[:rank].sqrt().reshape(-1, 1)
+        directions[k] = u
+    kept = [k for k in sites if dist[k] > 0]
+    if not kept:
+        raise ConfigError("hd.inits.eva gave every layer rank 0")
+    alphas = {k: pattern_value(config.alpha_pattern, k, config.alpha) * (dist[k] / ranks[k] if adjust_scaling_factors
+                                                                         else 1) for k in kept}
+    fitted = dataclasses.replace(config, targets=[exact(k) for k in kept], exclude=None, layers=None,
+                                 rank_pattern={re.escape(k): dist[k] for k in kept if dist[k] != config.r} or None,
+                                 alpha_pattern={re.escape(k): a for k, a in alphas.items() if a != config.alpha} or None)
+    return _attach(model, fitted, "eva", directions, name)
+
+
+def _distribute(pca: dict[str, Any], owner: dict[str, str], sites: list[str], budget: int,
+                cap: dict[str, int]) -> dict[str, int]:
+    """PEFT's _get_rank_distribution: the budget goes to the largest explained-variance ratios."""
+    from collections import Counter
+
+    keys, values = zip(*[(k, c) for k in sites for c in pca[owner[k]].ratio[:cap[k]]])
+    order = torch.stack(values).argsort(descending=True)
+    counts = Counter(keys[i] for i in order[:budget])
+    dist = {k: counts.get(k, 0) for k in sites}
+    for k in sites:  # a layer that shares another's PCA never has more rank than its owner
+        if owner[k] != k and dist[owner[k]] < dist[k]:
+            dist[owner[k]], dist[k] = dist[k], dist[owner[k]]
+    return dist

@@ -107,7 +107,7 @@ def test_data_inits_save_and_load_without_their_data(tmp_path):
 
 def test_data_inits_refuse_a_plain_attach_and_bad_inputs():
     model, _, _ = build("llama")
-    for init in ("lora_ga", "corda"):
+    for init in ("lora_ga", "corda", "loftq", "eva"):
         with pytest.raises(hd.ConfigError, match=f"hd.inits.{init}"):
             hd.attach(model, hd.LoRAConfig(r=2, init=init))
     with pytest.raises(hd.ConfigError, match="LoRAConfig"):
@@ -118,6 +118,10 @@ def test_data_inits_refuse_a_plain_attach_and_bad_inputs():
         hd.inits.lora_ga(model, hd.LoRAConfig(r=2, init="lora_ga"), lambda: None)
     with pytest.raises(hd.UnsupportedModuleError, match="quantized"):
         hd.inits.loftq(model, hd.LoRAConfig(r=2, init="loftq"), {})
+    with pytest.raises(hd.ConfigError, match="batches"):
+        hd.inits.eva(model, hd.LoRAConfig(r=2, init="eva"), [])
+    with pytest.raises(hd.ConfigError, match="rho"):
+        hd.inits.eva(model, hd.LoRAConfig(r=2, init="eva"), [{"input_ids": batches()[0]}], rho=0.5)
     assert not hd.deltas(model)
     assert all(p.grad is None for p in model.parameters())
 
@@ -164,3 +168,70 @@ def test_a_data_init_delta_saves_for_peft_on_the_original_base(tmp_path):
     back = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(main_output(back(input_ids=data[0])), want, rtol=1e-4, atol=1e-5)
+
+
+def eva_data():
+    g = torch.Generator().manual_seed(9)
+    data = []
+    for _ in range(6):
+        ids = torch.randint(3, 96, (4, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # some padding: left out of the statistics
+        data.append({"input_ids": ids, "attention_mask": mask})
+    return data
+
+
+EVA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj"]
+
+
+def peft_eva(model, data, **kw):
+    """PEFT's EVA directions {layer: A} and its LoRA model."""
+    from peft.tuners.lora.config import EvaConfig
+    from peft.tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
+
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
+                          eva_config=EvaConfig(tau=0.9, **kw))
+    twin = peft.get_peft_model(copy.deepcopy(model), cfg, low_cpu_mem_usage=True)
+    state = get_eva_state_dict(twin, data, show_progress_bar=False)
+    initialize_lora_eva_weights(twin, eva_state_dict=state)
+    return twin, {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): p.detach()
+                  for n, p in twin.named_parameters() if n.endswith("lora_A.default.weight")}
+
+
+@pytest.mark.parametrize("kw", [dict(rho=2.0), dict(rho=1.0), dict(rho=1.5, adjust_scaling_factors=False)],
+                         ids=["redistribute", "fixed-ranks", "fixed-alpha"])
+def test_eva_gives_peft_directions_and_ranks(kw):
+    model, _, _ = build("llama")
+    data = eva_data()
+    twin, theirs = peft_eva(model, data, **kw)
+    ours = copy.deepcopy(model)
+    delta = hd.inits.eva(ours, hd.LoRAConfig(r=4, alpha=8, targets=EVA_TARGETS, init="eva"), data, tau=0.9, **kw)
+    assert {p.key for p in delta.pieces.values()} == set(theirs)
+    for piece in delta.pieces.values():
+        torch.testing.assert_close(piece.lora_A, theirs[piece.key], rtol=1e-4, atol=1e-5, msg=piece.key)
+        layer = twin.base_model.model.get_submodule(piece.key)
+        assert piece.scale == pytest.approx(layer.scaling["default"])
+        assert not piece.lora_B.any()
+
+
+def test_eva_whitens_each_layer_once():
+    """whiten=True divides each direction by √(its singular value). PEFT 0.21 divides in place in
+    the PCA it shares between layers that read the same input (q, k, v), so those get it once per
+    sharing layer (here three times); its layers with their own input are the reference there."""
+    model, _, _ = build("llama")
+    data = eva_data()
+    _, plain = peft_eva(model, data, rho=1.0)
+    _, whitened = peft_eva(model, data, rho=1.0, whiten=True)
+    delta = hd.inits.eva(copy.deepcopy(model), hd.LoRAConfig(r=4, alpha=8, targets=EVA_TARGETS, init="eva"), data,
+                         tau=0.9, rho=1.0, whiten=True)
+    for piece in delta.pieces.values():
+        if piece.key.endswith("up_proj"):  # its own input: PEFT whitens it once
+            torch.testing.assert_close(piece.lora_A, whitened[piece.key], rtol=1e-4, atol=1e-6)
+        gain = piece.lora_A.norm(dim=1) / plain[piece.key].norm(dim=1)  # the same directions, rescaled per row
+        torch.testing.assert_close(piece.lora_A, plain[piece.key] * gain[:, None], rtol=1e-4, atol=1e-6)
+        if not piece.key.endswith("up_proj"):  # PEFT's = plain / s^(3/2), ours = plain / s^(1/2)
+            s_ = piece.lora_A.norm(dim=1) / whitened[piece.key].norm(dim=1)
+            torch.testing.assert_close(gain ** -2, s_, rtol=1e-3, atol=0)
+        if piece.key.endswith("q_proj"):  # q, k and v share one PCA: the same rows, whitened once
+            k = delta.pieces[piece.key.replace("q_proj", "k_proj").replace(".", "-")]
+            torch.testing.assert_close(k.lora_A, piece.lora_A, rtol=0, atol=0)

@@ -40,7 +40,7 @@ from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, DoRAParameter, L
                           LoRASlices, TensorParallelLoRALinear, TiedLoRA, TiedParameter)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
-INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "lora_ga", "corda", "loftq")
+INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "lora_ga", "corda", "loftq", "eva")
 # inits that take a part out of the base weight (as a frozen delta here)
 RESIDUAL = ("pissa", "olora", "lora_ga", "corda")
 

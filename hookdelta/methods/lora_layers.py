@@ -106,6 +106,9 @@ class LoRALinear(_LoRABase):
             with torch.no_grad():
                 self.lora_A.copy_(a)
                 self.lora_B.copy_(b)
+        if cfg.init == "eva" and (data := inits.supplied("eva", key)) is not None:
+            with torch.no_grad():  # (B stays zero: a fresh EVA delta changes nothing)
+                self.lora_A.copy_(data)
 
     def _orthogonal(self, in_f: int, out_f: int) -> None:
         """PEFT's orthogonal init, draw for draw (global RNG): A and B from one orthogonal Q."""
