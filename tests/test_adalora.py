@@ -81,6 +81,20 @@ def test_schedule_cuts_what_peft_cuts_and_trains_to_the_same_tensors(tmp_path):
         torch.testing.assert_close(main_output(back(input_ids=ids)), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_the_schedule_leaves_also_trained_modules_alone():
+    model, _, _ = build("llama")
+    delta = hd.attach(model, hd.AdaLoRAConfig(init_r=4, target_r=1, total_step=3, also_train=["lm_head"]))
+    alloc = hd.optim.adalora(delta)
+    head = model.lm_head.weight.detach().clone()
+    for step in range(4):
+        ids = batches()[step]
+        (model(input_ids=ids, labels=ids).loss + alloc.penalty()).backward()
+        alloc.update_and_allocate(step)
+        delta.zero_grad()
+    assert sum(p.kept() for p in alloc.pieces) == len(alloc.pieces) == 4
+    assert torch.equal(model.lm_head.weight, head)
+
+
 def test_the_schedule_refuses_what_it_cannot_run():
     model, _, _ = build("llama")
     lora = hd.attach(model, hd.LoRAConfig(r=2), name="plain")
@@ -112,13 +126,18 @@ def test_trainer_runs_the_schedule_and_the_penalty(tmp_path):
     real = trainer.compute_loss
 
     def watch(m, inputs, *a, **k):
+        callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, hd.TrainerCallback))
+        with torch.no_grad():  # Trainer's own loss (its normalisation differs across releases), and the penalty
+            plain = transformers.Trainer.compute_loss(trainer, m, dict(inputs), *a, **k)
+            plain = float(plain[0] if isinstance(plain, tuple) else plain)
+            penalty = callback.allocator.penalty().item()
         out = real(m, inputs, *a, **k)
-        with torch.no_grad():
-            plain = m(**inputs).loss
-        seen.append(float(out if not isinstance(out, tuple) else out[0]) - float(plain))
+        seen.append((float(out if not isinstance(out, tuple) else out[0]), plain, penalty))
         return out
 
     trainer.compute_loss = watch
     trainer.train()
     assert sum(p.kept() for p in delta.pieces.values()) == len(delta.pieces), "target_r=1 per layer at the end"
-    assert all(d > 0 for d in seen), "the orthogonality penalty is in the training loss"
+    assert len(seen) == 6 and all(pen > 0 for _, _, pen in seen)
+    for out, plain, penalty in seen:  # the training loss is the model's plus the orthogonality penalty
+        assert out == pytest.approx(plain + penalty, rel=1e-4), seen

@@ -145,7 +145,9 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
         quant = dequantize(q.get_submodule(piece.key)).float()
         u, s, vh = torch.linalg.svd(w - quant, full_matrices=False)  # the reference: best rank-r approximation
         best = (u[:, :4] * s[:4]) @ vh[:4]
-        torch.testing.assert_close(piece.scale * piece.lora_B @ piece.lora_A, best, rtol=1e-4, atol=1e-5)
+        half = piece.lora_A.dtype != torch.float32  # (transformers 4.x loads a 4-bit model in float16)
+        torch.testing.assert_close(piece.scale * piece.lora_B.float() @ piece.lora_A.float(), best,
+                                   rtol=1e-2 if half else 1e-4, atol=1e-3 if half else 1e-5)
         assert (w - quant - best).norm() < (w - quant).norm()
     ids = batches()[0]
     with torch.no_grad():

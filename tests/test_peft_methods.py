@@ -46,6 +46,14 @@ def model_for(arch):
     return model, inputs
 
 
+def newer(name):
+    """PEFT's config class `name`, or a skip where this PEFT predates it (the floor lane's)."""
+    cls = getattr(peft, name, None)
+    if cls is None:
+        pytest.skip(f"PEFT {peft.__version__} has no {name}")
+    return cls
+
+
 # id -> (architecture, PEFT config, hookdelta mark)
 CASES = {
     "loha-llama": ("llama", lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]), "loha"),
@@ -82,19 +90,19 @@ CASES = {
                        "fourierft"),
     "fourierft-pattern": ("llama", lambda: peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"],
                                                                 n_frequency_pattern={"q_proj": 7}), "fourierft"),
-    "hira-llama": ("llama", lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hira"),
-    "hira-patterns": ("llama", lambda: peft.HiraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
+    "hira-llama": ("llama", lambda: newer("HiraConfig")(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hira"),
+    "hira-patterns": ("llama", lambda: newer("HiraConfig")(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
                       "hira"),
-    "hira-gpt2": ("gpt2", lambda: peft.HiraConfig(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "hira"),
+    "hira-gpt2": ("gpt2", lambda: newer("HiraConfig")(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "hira"),
     "delora-llama": ("llama", lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "up_proj"]),
                      "delora"),
     "delora-patterns": ("llama", lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                            rank_pattern={"v_proj": 2}), "delora"),
-    "gralora-llama": ("llama", lambda: peft.GraloraConfig(r=4, gralora_k=2, alpha=8, target_modules=["q_proj", "v_proj",
+    "gralora-llama": ("llama", lambda: newer("GraloraConfig")(r=4, gralora_k=2, alpha=8, target_modules=["q_proj", "v_proj",
                                                                                                    "down_proj"]), "gralora"),
-    "gralora-hybrid": ("llama", lambda: peft.GraloraConfig(r=8, gralora_k=4, hybrid_r=2, alpha=6,
+    "gralora-hybrid": ("llama", lambda: newer("GraloraConfig")(r=8, gralora_k=4, hybrid_r=2, alpha=6,
                                                            target_modules=["q_proj", "k_proj"]), "gralora"),
-    "gralora-gpt2": ("gpt2", lambda: peft.GraloraConfig(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True),
+    "gralora-gpt2": ("gpt2", lambda: newer("GraloraConfig")(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True),
                      "gralora"),
     "miss-llama": ("llama", lambda: peft.MissConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "miss"),
     "miss-uneven": ("llama", lambda: peft.MissConfig(r=5, target_modules=["q_proj", "up_proj"]), "miss"),
@@ -129,8 +137,8 @@ CASES = {
                                                              target_modules=["q_proj", "up_proj"]), "randlora"),
     "randlora-gpt2": ("gpt2", lambda: peft.RandLoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
                       "randlora"),
-    "lily-llama": ("llama", lambda: peft.LilyConfig(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]), "lily"),
-    "lily-stride": ("llama", lambda: peft.LilyConfig(r=4, num_B=3, stride_A=2, scaling=0.5,
+    "lily-llama": ("llama", lambda: newer("LilyConfig")(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]), "lily"),
+    "lily-stride": ("llama", lambda: newer("LilyConfig")(r=4, num_B=3, stride_A=2, scaling=0.5,
                                                      target_modules=["q_proj", "k_proj"]), "lily"),
     "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), "shira"),
     "shira-seed": ("llama", lambda: peft.ShiraConfig(r=3, random_seed=11, target_modules=["q_proj", "up_proj"]), "shira"),

@@ -133,7 +133,7 @@ class RankAllocator:
         if cfg.total_step is None:
             raise ConfigError("AdaLoRA's schedule needs AdaLoRAConfig.total_step (the number of training steps)")
         self.delta, self.cfg = delta, cfg
-        self.pieces: list[SVDLoRA] = list(delta.pieces.values())
+        self.pieces = [p for p in delta.pieces.values() if isinstance(p, SVDLoRA)]  # (not also_train copies)
         self.init_budget = sum(p.r for p in self.pieces)
         self.target_budget = cfg.target_r * len(self.pieces)
         self.reset()
