@@ -75,6 +75,8 @@ class Piece(nn.Module):
     tensor_parallel: bool = False  # matches a tensor-parallel layer's sharding (TensorParallelLoRALinear)
     weight_path_exact: bool = True
     routable: bool = True
+    # why a piece is not routable, completing "delta 'x' (...) ..." in routing's refusal
+    unroutable: str = "adds virtual tokens, so its rows would be longer than the others"
     rewrites_input: bool = False
     rescales: bool = False
 

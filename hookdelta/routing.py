@@ -211,8 +211,8 @@ def build_router(deltas: dict[str, Any], sites: dict[str, Any], names: Sequence[
 def _check_routable(name: str, piece: Piece) -> None:
     if not piece.routable:
         raise UnsupportedModuleError(
-            f"delta {name!r} ({piece.describe() or type(piece).__name__}) adds virtual tokens, so its rows would "
-            "be longer than the others; route it alone (all rows) or keep prompts out of mixed batches")
+            f"delta {name!r} ({piece.describe() or type(piece).__name__}) {piece.unroutable}; route it alone (all "
+            "rows) or keep it out of mixed batches")
     if piece.swapping():
         raise UnsupportedModuleError(
             f"delta {name!r} changes the weights of {piece.site_path!r} for the whole call (weight swaps: LN "

@@ -287,3 +287,38 @@ def test_a_factor_written_without_a_trace_shows_in_the_next_routed_call():
             p.data.mul_(-3.0)
         got = main_output(model(**inputs))
     torch.testing.assert_close(got, _reference(model, inputs, rows), rtol=1e-5, atol=1e-5)
+
+
+CATALOGUE = {"hira": lambda: hd.HiRAConfig(r=2), "delora": lambda: hd.DeLoRAConfig(r=2),
+             "gralora": lambda: hd.GraLoRAConfig(r=2, gralora_k=2), "miss": lambda: hd.MiSSConfig(r=4),
+             "c3a": lambda: hd.C3AConfig(block_size=8), "hra": lambda: hd.HRAConfig(r=2),
+             "road": lambda: hd.RoAdConfig(group_size=8), "adalora": lambda: hd.AdaLoRAConfig(init_r=2, target_r=1),
+             "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8),
+             "randlora": lambda: hd.RandLoRAConfig(r=8), "shira": lambda: hd.SHiRAConfig(r=2),
+             "fourierft": lambda: hd.FourierFTConfig(n_frequency=20)}
+
+
+@pytest.mark.parametrize("kind", list(CATALOGUE))
+def test_the_catalogue_methods_route_per_row(kind):
+    model, inputs, _ = build("llama")
+    perturb(hd.attach(model, CATALOGUE[kind](), name="a"), std=0.2, seed=1)
+    perturb(hd.attach(model, hd.LoRAConfig(r=2), name="b"), std=0.2, seed=2)
+    rows = ["a", "b", None, "a"]
+    inputs = _batch(inputs, len(rows))
+    want = _reference(model, inputs, rows)
+    with torch.no_grad(), hd.route(model, rows):
+        got = main_output(model(**inputs))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want[0] - want[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("make,why", [(lambda: hd.LilyConfig(r=2), "whole batch"),
+                                      (lambda: hd.LlamaAdapterConfig(adapter_layers=1), "position embeddings")],
+                         ids=["lily", "llama_adapter"])
+def test_methods_that_read_the_whole_batch_refuse_routing_and_say_why(make, why):
+    model, inputs, _ = build("llama")
+    hd.attach(model, make(), name="a")
+    hd.attach(model, hd.LoRAConfig(r=2), name="b")
+    with pytest.raises(hd.UnsupportedModuleError, match=why):
+        with hd.route(model, ["a", "b"]):
+            model(**_batch(inputs, 2))

@@ -46,6 +46,7 @@ class InvocationScanner(Piece):
     hooks = frozenset({"pre"})
     mergeable = False
     routable = False
+    unroutable = "finds each row's invocation tokens over the whole batch before any layer runs"
 
     def __init__(self, activation: Activation, key: str) -> None:
         super().__init__("", key=key)

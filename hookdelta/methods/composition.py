@@ -110,6 +110,7 @@ class BlockPiece(Piece):
     hooks = frozenset({"post"})
     mergeable = False
     routable = False
+    unroutable = "combines its sources' outputs at each layer, which cannot differ per row"
 
     def __init__(self, site: str, parts: list[tuple[Any, Piece]]) -> None:
         super().__init__(site)

@@ -74,6 +74,7 @@ class InterconnectedLoRA(Piece):
     hooks = frozenset({"post"})
     mergeable = False  # the B mix depends on the batch
     routable = False  # ... on the whole batch: a row's output depends on the other rows
+    unroutable = "mixes its B's by the router's average over the whole batch, so a row's output depends on the other rows"
 
     def __init__(self, cfg: LilyConfig, key: str, dims: tuple[int, int], like: torch.Tensor,
                  owner_a: "InterconnectedLoRA | None", owner_b: "InterconnectedLoRA | None") -> None:

@@ -70,6 +70,7 @@ class GatedPrompt(Piece):
     hooks = frozenset({"post"})
     mergeable = False
     routable = False  # it reads the call's position embeddings, shared by the batch's rows
+    unroutable = "reads the attention call's position embeddings, which belong to the whole batch"
 
     def __init__(self, cfg: LlamaAdapterConfig, key: str, attn: nn.Module, kind: str, heads: int) -> None:
         super().__init__(key)
