@@ -133,6 +133,12 @@ def use_plain_c3a(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "BlockCircularConvolution", Plain)
 
 
+def peft_low_rank_decomposition() -> Any:
+    """PEFT's LoftQ split of a residual into L = U·√S and R = √S·Vh (its LoftQ entry points run on
+    CUDA or XPU only, this step runs anywhere)."""
+    return getattr(_peft_internal("peft.utils.loftq_utils", "_low_rank_decomposition"), "_low_rank_decomposition")
+
+
 def torch_function_modes() -> list:
     """This thread's torch-function mode stack (torch has no public getter)."""
     from torch.overrides import _get_current_function_mode_stack

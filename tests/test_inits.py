@@ -138,7 +138,9 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
     q = tf.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
     from hookdelta.quantized import dequantize
+    from internals import peft_low_rank_decomposition
 
+    split = peft_low_rank_decomposition()
     delta = hd.inits.loftq(q, hd.LoRAConfig(r=4, alpha=8, targets=QV, init="loftq"), str(tmp_path))
     for piece in delta.pieces.values():
         w = float_model.get_submodule(piece.key).weight.detach()
@@ -149,6 +151,11 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
         torch.testing.assert_close(piece.scale * piece.lora_B.float() @ piece.lora_A.float(), best,
                                    rtol=1e-2 if half else 1e-4, atol=1e-3 if half else 1e-5)
         assert (w - quant - best).norm() < (w - quant).norm()
+        theirs = split(w - quant, reduced_rank=4)  # PEFT's factors: A = R, B = L (hookdelta: B = L / s)
+        torch.testing.assert_close(piece.lora_A.float(), theirs["R"], rtol=1e-2 if half else 1e-4,
+                                   atol=1e-3 if half else 1e-5)
+        torch.testing.assert_close(piece.scale * piece.lora_B.float(), theirs["L"], rtol=1e-2 if half else 1e-4,
+                                   atol=1e-3 if half else 1e-5)
     ids = batches()[0]
     with torch.no_grad():
         err_after = (main_output(q(input_ids=ids)) - main_output(float_model(input_ids=ids))).abs().mean()
