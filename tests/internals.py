@@ -133,6 +133,14 @@ def use_plain_c3a(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "BlockCircularConvolution", Plain)
 
 
+def peft_corda() -> tuple[Any, Any]:
+    """PEFT's CorDA entry points (CordaConfig, preprocess_corda): PEFT does not export them at its top
+    level, its examples import them from peft.tuners.lora."""
+    config = _peft_internal("peft.tuners.lora.config", "CordaConfig")
+    corda = _peft_internal("peft.tuners.lora.corda", "preprocess_corda")
+    return config.CordaConfig, corda.preprocess_corda
+
+
 def peft_low_rank_decomposition() -> Any:
     """PEFT's LoftQ split of a residual into L = U·√S and R = √S·Vh (its LoftQ entry points run on
     CUDA or XPU only, this step runs anywhere)."""

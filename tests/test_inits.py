@@ -71,8 +71,9 @@ def test_lora_ga_gives_peft_factors(direction, scale):
 
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
 def test_corda_gives_peft_factors(method):
-    from peft.tuners.lora.config import CordaConfig
-    from peft.tuners.lora.corda import preprocess_corda
+    from internals import peft_corda
+
+    CordaConfig, preprocess_corda = peft_corda()
 
     model, _, _ = build("llama")
     samples = batches(n=4, batch=1)  # (CorDA reads one sample per call)
@@ -195,9 +196,8 @@ EVA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj"]
 
 def peft_eva(model, data, **kw):
     """PEFT's EVA directions {layer: A} and its LoRA model."""
-    from peft.tuners.lora.config import EvaConfig
-    from peft.tuners.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
-
+    EvaConfig, get_eva_state_dict, initialize_lora_eva_weights = (
+        peft.EvaConfig, peft.get_eva_state_dict, peft.initialize_lora_eva_weights)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
                           eva_config=EvaConfig(tau=0.9, **kw))
     twin = peft.get_peft_model(copy.deepcopy(model), cfg, low_cpu_mem_usage=True)
