@@ -17,7 +17,10 @@ require grad, and the backbone is frozen). The callback adds what Trainer cannot
   a checkpoint, its weights file is rewritten to the deltas' tensors alone and its config.json
   is removed, so the folder is a few MB and `from_pretrained(checkpoint)` fails loudly instead of
   building a model with random base weights. Trainer resumes from it as from any checkpoint;
-- a quantized base (bitsandbytes, GGUF) passes Trainer's check for "trainable adapters".
+- a quantized base (bitsandbytes, GGUF) passes Trainer's check for "trainable adapters";
+- an AdaLoRA delta gets its rank schedule after every optimizer step (over Trainer's max_steps
+  unless its config sets total_step); `hd.delta_trainer` also adds its orthogonality penalty to
+  the training loss (PEFT adds it in its model's forward).
 
 `save_model()` is no callback event: `hd.delta_trainer(cls)` is `cls` with a `save_model()` that
 writes what a checkpoint holds (no base unless `save_base=True`), and a callback for each
