@@ -34,12 +34,16 @@ from internals import forward_hooks, forward_pre_hooks
 accelerate = pytest.importorskip("accelerate")
 
 pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
-              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft, pytest.mark.boft]
+              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft, pytest.mark.boft, pytest.mark.fourierft,
+              pytest.mark.delora, pytest.mark.gralora, pytest.mark.miss, pytest.mark.c3a, pytest.mark.shira,
+              pytest.mark.vblora, pytest.mark.randlora, pytest.mark.adalora]
 
 LAYERS = ["a", "b", "c"]
 # (BOFT is left out: its output scale sets the layer's current bias aside, so the reference would
 # have to track which bias deltas were merged before it; tests/test_peft_methods.py covers it)
 METHODS = ["lora", "bitfit", "ia3", "adapter", "loha", "lokr", "vera", "oft", "pissa"]
+# PEFT's catalogue (issue 28), in a machine of their own (CatalogueLifecycle) beside the first ones
+CATALOGUE = ["fourierft", "delora", "gralora", "miss", "c3a", "shira", "vblora", "randlora", "adalora"]
 EXAMPLES = int(os.environ.get("HOOKDELTA_PROPERTY_EXAMPLES", "200"))
 
 
@@ -72,7 +76,89 @@ def config(method, layers, r):
         return hd.BOFTConfig(boft_block_size=2, targets=layers)
     if method == "pissa":  # LoRA started from the weight's SVD, its principal part a frozen residual
         return hd.LoRAConfig(r=r, alpha=2.0, targets=layers, init="pissa")
+    if method == "fourierft":
+        return hd.FourierFTConfig(n_frequency=4 * r, scaling=3.0, targets=layers)
+    if method == "delora":
+        return hd.DeLoRAConfig(r=r, delora_lambda=2.0, targets=layers)
+    if method == "gralora":
+        return hd.GraLoRAConfig(r=2 * r, gralora_k=2, alpha=3.0, targets=layers)
+    if method == "miss":
+        return hd.MiSSConfig(r=r + 1, targets=layers)
+    if method == "c3a":
+        return hd.C3AConfig(block_size=2, targets=layers)
+    if method == "shira":
+        return hd.SHiRAConfig(r=1, random_seed=r, targets=layers)
+    if method == "vblora":
+        return hd.VBLoRAConfig(r=r, vector_length=2, num_vectors=4, targets=layers)
+    if method == "randlora":
+        return hd.RandLoRAConfig(r=r, randlora_alpha=2.0, targets=layers)
+    if method == "adalora":
+        return hd.AdaLoRAConfig(init_r=r, target_r=1, alpha=2.0, targets=layers)
     return hd.AdapterConfig(targets=layers, bottleneck_dim=r, non_linearity="tanh")
+
+
+def weight_change(d, piece, p):
+    """ΔW [out, in] of the additive weight methods, by hand from the piece's tensors (float64)."""
+    m = d.method
+    if m == "fourierft":  # Re(IFFT2) of the spectrum placed at the seed's frequencies, times scaling
+        out, inp = piece.shape
+        dense = torch.zeros(out, inp, dtype=torch.complex128)
+        for k, (i, j) in enumerate(piece.indices.T.tolist()):
+            dense[i, j] = p["fourierft_spectrum"][k]
+        return torch.fft.ifft2(dense).real * piece.scale
+    if m == "delora":  # Σₖ λ/r · bₖaₖᵀ / (‖aₖ‖‖bₖ‖), columns scaled by the base's column norms
+        a, b, lam = p["delora_A"], p["delora_B"], p["delora_lambda"]
+        dw = sum(lam / a.shape[0] * torch.outer(b[:, k], a[k]) / (a[k].norm().clamp(min=1e-4) * b[:, k].norm().clamp(min=1e-4))
+                 for k in range(a.shape[0]))
+        return dw * piece.delora_w_norm.double()
+    if m == "gralora":  # block (input n, output c): A[n][:, c-th rank group] @ B[c][n-th rank group]
+        a, b, k = p["gralora_A"], p["gralora_B"], piece.k
+        s_, ins, outs = a.shape[2] // k, a.shape[1], b.shape[2]
+        dw = torch.zeros(k * outs, k * ins, dtype=a.dtype)
+        for n in range(k):
+            for c in range(k):
+                block = a[n][:, c * s_:(c + 1) * s_] @ b[c][n * s_:(n + 1) * s_]
+                dw[c * outs:(c + 1) * outs, n * ins:(n + 1) * ins] = block.T
+        return dw * piece.scale
+    if m == "miss":  # ΔW[o, i] = block[i mod r, o]
+        block = p["miss_block"]
+        inp = piece.shape[1]
+        return torch.stack([block[i % block.shape[0]] for i in range(inp)], dim=1)
+    if m == "c3a":  # block-circulant, ΔW[m·b+q, n·b+j] = kernel[m, n, (j − q) mod b] / in
+        kern = p["c3a_kernel"]
+        mm, nn_, b = kern.shape
+        dw = torch.zeros(mm * b, nn_ * b, dtype=kern.dtype)
+        for i in range(mm * b):
+            for j in range(nn_ * b):
+                dw[i, j] = kern[i // b, j // b, (j % b - i % b) % b]
+        return dw / (nn_ * b)
+    if m == "shira":  # the values at the seed's entries
+        out, inp = piece.shape
+        dw = torch.zeros(out * inp, dtype=torch.float64)
+        dw[piece.flat] = p["shira_weight"]
+        return dw.view(out, inp)
+    if m == "vblora":  # each length-L piece: softmax over its top-k logits of the bank's vectors
+        bank = d.pieces["vblora_vector_bank"].bank.detach().double()
+
+        def mix(logits):
+            top, idx = logits.topk(piece.topk, dim=-1)
+            return (torch.softmax(top, -1)[..., None] * bank[idx]).sum(-2)
+        a = mix(p["vblora_logits_A"]).reshape(piece.r, -1)
+        b = mix(p["vblora_logits_B"]).transpose(1, 2).reshape(-1, piece.r)
+        return b @ a
+    if m == "randlora":  # PEFT's: scaled bases λ ⊙ A ⊙ γ against the shared B, in PEFT's index order
+        bases = d.pieces["randlora_bases"]
+        small, big, n = min(piece.in_f, piece.out_f), max(piece.in_f, piece.out_f), piece.n_bases
+        scaled = (p["randlora_lambda"][:, :, None] * bases.randlora_A.double()[:, :n, :small]
+                  * p["randlora_gamma"][None]).flatten(end_dim=1)
+        up = bases.randlora_B.double()[:big, :n, :].flatten(start_dim=1)
+        dw = up @ scaled if small == piece.in_f else (scaled.T @ up.T)
+        return dw * piece.scale
+    # adalora: s·B·diag(E)·A
+    return piece.scale * p["lora_B"] @ (p["lora_A"] * p["lora_E"])
+
+
+WEIGHT_METHODS = tuple(CATALOGUE)
 
 
 def user_scale(module, args, output):
@@ -140,6 +226,8 @@ def reference(model, base, x, hooks=(), only=None):
                 w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
                 w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
                 h = h + d.pieces[name].scale * inp @ torch.kron(w1, w2).T
+            elif d.method in WEIGHT_METHODS:
+                h = h + inp @ weight_change(d, d.pieces[name], p).T
             elif d.method == "vera":  # b ⊙ B(d ⊙ A x), A and B the frozen shared projections
                 a, b = (d.pieces[name].vera_A.double(), d.pieces[name].vera_B.double())
                 h = h + p["vera_lambda_b"] * ((p["vera_lambda_d"] * (inp @ a.T)) @ b.T)
@@ -467,6 +555,15 @@ class OffloadedLifecycle(Lifecycle):
     offloaded = True
 
 
+class CatalogueLifecycle(Lifecycle):
+    """The same machine, also attaching the catalogue's additive weight methods."""
+
+    @rule(method=st.sampled_from(CATALOGUE), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
+          r=st.integers(1, 3))
+    def attach_catalogue(self, method, layers, r):
+        self.new(method, layers, r)
+
+
 SETTINGS = dict(stateful_step_count=15, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -481,6 +578,11 @@ def test_lifecycle_fixed_seed():
 
 def test_lifecycle_random_seed():
     run_state_machine_as_test(Lifecycle, settings=settings(max_examples=max(20, EXAMPLES // 4), **SETTINGS))
+
+
+def test_lifecycle_with_the_catalogue_methods():
+    run_state_machine_as_test(CatalogueLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 2),
+                                                                    derandomize=True, **SETTINGS))
 
 
 def test_lifecycle_on_an_offloaded_model():
