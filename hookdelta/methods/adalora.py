@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import DeltaConfig, PeftCodec, check_float, check_int, check_patterns, exact, pattern_value
-from ..engine import Piece, first_input
+from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError
 from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
+from .dense_delta import LowRankDelta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +80,7 @@ class AdaLoRAConfig(DeltaConfig):
         return pieces
 
 
-class SVDLoRA(Piece):
-    hooks = frozenset({"post"})
-    additive = True
+class SVDLoRA(LowRankDelta):
 
     def __init__(self, cfg: AdaLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int],
                  like: torch.Tensor) -> None:
@@ -100,17 +98,8 @@ class SVDLoRA(Piece):
         # the triplets the schedule keeps (1) or has cut (0); saved, so a reloaded delta keeps its ranks
         self.register_buffer("rank_mask", torch.ones(r, device=like.device))
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        x = first_input(args, kwargs)
-        x = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
-        if self.p and module.training:
-            x = F.dropout(x, self.p, training=True)
-        y = F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * self.scale
-        return output + (y if y.dtype == output.dtype else y.to(output.dtype))
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        dw = self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float()) * self.scale
-        return {"weight": dw.T if self.conv1d else dw}
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A * self.lora_E, self.lora_B
 
     def kept(self) -> int:
         return int(self.rank_mask.sum().item())

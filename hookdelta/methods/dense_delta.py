@@ -105,6 +105,36 @@ class DenseDelta(Piece):
         return {"weight": dw.T if self.conv1d else dw}
 
 
+class LowRankDelta(Piece):
+    """A piece whose effect is s·up·(down·x) with factors its `factors()` builds from its tensors
+    (AdaLoRA's B·diag(E)·A, VB-LoRA's bank mixes, RandLoRA's scaled bases): added after the layer,
+    with dropout on the input while training; merge adds s·up·down. Subclasses set scale, p, conv1d."""
+
+    hooks = frozenset({"post"})
+    additive = True
+    scale: float = 1.0
+    p: float = 0.0
+    conv1d: bool = False
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down [k, in], up [out, k]), differentiable in the piece's tensors."""
+        raise NotImplementedError
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        down, up = self.factors()
+        x = first_input(args, kwargs)
+        x = x if x.dtype == down.dtype else x.to(down.dtype)
+        if self.p and module.training:
+            x = F.dropout(x, self.p, training=True)
+        y = F.linear(F.linear(x, down), up) * self.scale
+        return output + (y if y.dtype == output.dtype else y.to(output.dtype))
+
+    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        down, up = self.factors()
+        dw = up.float() @ down.float() * self.scale
+        return {"weight": dw.T if self.conv1d else dw}
+
+
 def peft_rank_fields(peft_config: dict[str, Any], named: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
     """r, alpha and exact-path rank_pattern / alpha_pattern from a PEFT config; `ranks` holds the
     ranks read off the tensors (as PEFT's loader does), other sites follow the config's patterns."""

@@ -17,13 +17,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
-from ..engine import Piece, first_input
+from ..engine import Piece
 from ..errors import DeltaFileError
 from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
+from .dense_delta import LowRankDelta
 
 BASES = "randlora_bases"
 
@@ -99,9 +99,7 @@ class RandomBases(Piece):
         return f"RandLoRA bases {tuple(self.randlora_B.shape)}"
 
 
-class ScaledBases(Piece):
-    hooks = frozenset({"post"})
-    additive = True
+class ScaledBases(LowRankDelta):
 
     def __init__(self, cfg: RandLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int], like: torch.Tensor,
                  bases: RandomBases) -> None:
@@ -127,20 +125,6 @@ class ScaledBases(Piece):
         scaled = (self.randlora_lambda[:, :, None] * a * self.randlora_gamma[None]).flatten(end_dim=1)  # [r·n, small]
         b = self._bases.randlora_B[:big, :n, :].flatten(start_dim=1)  # [big, n·r]
         return (scaled, b) if small == self.in_f else (b.T, scaled.T)
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        down, up = self.factors()
-        x = first_input(args, kwargs)
-        x = x if x.dtype == down.dtype else x.to(down.dtype)
-        if self.p and module.training:
-            x = F.dropout(x, self.p, training=True)
-        y = F.linear(F.linear(x, down), up) * self.scale
-        return output + (y if y.dtype == output.dtype else y.to(output.dtype))
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        down, up = self.factors()
-        dw = up.float() @ down.float() * self.scale
-        return {"weight": dw.T if self.conv1d else dw}
 
     def describe(self) -> str:
         return f"RandLoRA r={self.r} × {self.n_bases} bases"

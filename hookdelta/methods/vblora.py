@@ -16,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig, PeftCodec, check_float, check_int, exact
-from ..engine import Piece, first_input
+from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError
 from ..modules import is_conv1d, layer_dims, linear_layer
 from ..placement import layer_like
+from .dense_delta import LowRankDelta
 
 BANK = "vblora_vector_bank"
 
@@ -77,9 +78,7 @@ class VectorBank(Piece):
         return f"VB-LoRA vector bank {tuple(self.bank.shape)}"
 
 
-class BankLoRA(Piece):
-    hooks = frozenset({"post"})
-    additive = True
+class BankLoRA(LowRankDelta):
 
     def __init__(self, cfg: VBLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int], like: torch.Tensor,
                  bank: VectorBank) -> None:
@@ -106,20 +105,6 @@ class BankLoRA(Piece):
         a = self._mix(self.vblora_logits_A).reshape(self.r, -1)
         b = self._mix(self.vblora_logits_B).transpose(1, 2).reshape(-1, self.r)
         return a, b
-
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        a, b = self.factors()
-        x = first_input(args, kwargs)
-        x = x if x.dtype == a.dtype else x.to(a.dtype)
-        if self.p and module.training:
-            x = F.dropout(x, self.p, training=True)
-        y = F.linear(F.linear(x, a), b)
-        return output + (y if y.dtype == output.dtype else y.to(output.dtype))
-
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        a, b = self.factors()
-        dw = b.float() @ a.float()
-        return {"weight": dw.T if self.conv1d else dw}
 
     def describe(self) -> str:
         return f"VB-LoRA r={self.r} top-{self.topk}"
