@@ -154,3 +154,36 @@ def test_the_cli_converts_to_lora(tmp_path, capsys):
     assert loaded.method == "lora"
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["loha", "fourierft", "c3a"])
+def test_a_fixed_rank_gives_the_lora_peft_save_as_lora_gives(kind, tmp_path):
+    """PEFT's own conversion (save_as_lora, PEFT 0.20 and later) of the same adapter to the same rank:
+    the same update s·B·A per layer (the factors' signs may differ, their product does not). FourierFT's
+    and C3A's updates have their singular values in (near-)equal pairs, where a cut is not unique: the
+    rank is one where every layer's spectrum has a gap."""
+    peft = pytest.importorskip("peft")
+    if not hasattr(peft, "save_as_lora"):
+        pytest.skip("this PEFT has no save_as_lora")
+    peft_cfg = {"loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=QV),
+                "fourierft": lambda: peft.FourierFTConfig(n_frequency=30, target_modules=QV),
+                "c3a": lambda: peft.C3AConfig(block_size=8, target_modules=QV)}[kind]()
+    model, _, _ = build("llama")
+    twin = peft.get_peft_model(copy.deepcopy(model), peft_cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    twin.save_pretrained(tmp_path / "src")
+    source = hd.load_peft(copy.deepcopy(model), tmp_path / "src")
+    spectra = [torch.linalg.svdvals(merged_changes(source.model, source)[k]) for k in source.sites]
+    rank = next(k for k in range(3, 16) if all(s[k - 1] - s[k] > 1e-2 * s[0] for s in spectra))
+    peft.save_as_lora(tmp_path / "theirs", twin, rank=rank)
+    theirs = hd.load_peft(copy.deepcopy(model), tmp_path / "theirs")
+    ours = source.as_lora(rank=rank, name="lora")
+    for piece in ours.pieces.values():
+        other = theirs.piece(piece.key)
+        got = piece.scale * piece.lora_B.detach() @ piece.lora_A.detach()
+        want = other.scale * other.lora_B.detach() @ other.lora_A.detach()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
