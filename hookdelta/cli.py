@@ -1,5 +1,5 @@
 """The `hookdelta` command line: inspect a model with a delta, merge a delta into a
-transformers checkpoint, convert between hookdelta's and PEFT's formats.
+transformers checkpoint, convert between hookdelta's and PEFT's formats, report where it learned.
 
 Bad paths and files that do not fit give one line on stderr and exit status 1."""
 
@@ -133,6 +133,14 @@ def convert(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {args.dst} ({args.to})")
 
 
+def report(args: argparse.Namespace) -> None:
+    from .reporting import report as write
+
+    model = load_model(args.base)
+    delta = load_any(model, args.delta_dir)
+    print(f"wrote {write(delta, args.out)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookdelta", description="Inspect, merge and convert hookdelta deltas.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -159,6 +167,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.set_defaults(run=convert)
+    r = sub.add_parser("report", help="write an HTML page of where a delta learned (update norms by layer and role)")
+    r.add_argument("delta_dir")
+    r.add_argument("--base", required=True, help="the base model directory")
+    r.add_argument("-o", "--out", default="report.html")
+    r.set_defaults(run=report)
     return p
 
 
