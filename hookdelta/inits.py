@@ -381,8 +381,9 @@ def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: f
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
             raise ConfigError(f"hd.inits.eva: {what} must be a number >= {low}, got {value!r}")
     batches = list(batches)
-    if not batches or not all(isinstance(b, dict) for b in batches):
-        raise ConfigError("hd.inits.eva: batches must be a non-empty list of dicts of model inputs")
+    if not batches or not all(isinstance(b, dict) and isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
+        raise ConfigError("hd.inits.eva: batches must be a non-empty list of dicts of model inputs, each with "
+                          "input_ids (the attention_mask and labels say which positions count)")
     sites = _check(model, config, "eva")
     ranks = {k: config.rank_for(k) for k in sites}
     budget = sum(ranks.values())

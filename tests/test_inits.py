@@ -119,8 +119,9 @@ def test_data_inits_refuse_a_plain_attach_and_bad_inputs():
         hd.inits.lora_ga(model, hd.LoRAConfig(r=2, init="lora_ga"), lambda: None)
     with pytest.raises(hd.UnsupportedModuleError, match="quantized"):
         hd.inits.loftq(model, hd.LoRAConfig(r=2, init="loftq"), {})
-    with pytest.raises(hd.ConfigError, match="batches"):
-        hd.inits.eva(model, hd.LoRAConfig(r=2, init="eva"), [])
+    for bad in ([], [{"attention_mask": batches()[0]}], [batches()[0]]):
+        with pytest.raises(hd.ConfigError, match="batches"):
+            hd.inits.eva(model, hd.LoRAConfig(r=2, init="eva"), bad)
     with pytest.raises(hd.ConfigError, match="rho"):
         hd.inits.eva(model, hd.LoRAConfig(r=2, init="eva"), [{"input_ids": batches()[0]}], rho=0.5)
     assert not hd.deltas(model)

@@ -13,6 +13,7 @@ the tensors and listed in `rank_pattern`; the scale keeps init_r, as in PEFT."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -118,7 +119,7 @@ class RankAllocator:
             raise ConfigError(f"the AdaLoRA schedule is for AdaLoRA deltas, got {delta!r}")
         cfg: AdaLoRAConfig = delta.config
         if total_step is not None:  # (a Trainer knows its step count when the config does not)
-            cfg = AdaLoRAConfig(**{**vars(cfg), "total_step": total_step})
+            cfg = dataclasses.replace(cfg, total_step=total_step)
         if cfg.total_step is None:
             raise ConfigError("AdaLoRA's schedule needs AdaLoRAConfig.total_step (the number of training steps)")
         self.delta, self.cfg = delta, cfg

@@ -41,7 +41,15 @@ SUBJECTS = {  # each: a method with a fast path or per-call state on every linea
     "oft": lambda: hd.OFTConfig(oft_block_size=4, targets=["q_proj", "v_proj"]),
     "vera": lambda: hd.VeRAConfig(r=8, targets=["q_proj", "v_proj"]),
     "adapter": lambda: hd.AdapterConfig(bottleneck_dim=4),
+    # issue 28's methods with a shared tensor, a per-batch mix, a hook reading the call's kwargs, a
+    # Python loop building the rotation, or a schedule writing E between steps
+    "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8, targets="all-linear"),
+    "lily": lambda: hd.LilyConfig(r=2, stride_A=2, targets="all-linear"),
+    "hra": lambda: hd.HRAConfig(r=4, targets=["q_proj", "v_proj"]),
+    "llama-adapter": lambda: hd.LlamaAdapterConfig(adapter_len=3, adapter_layers=2),
+    "adalora": lambda: hd.AdaLoRAConfig(init_r=4, target_r=2, targets="all-linear"),
 }
+CATALOGUE = ["vblora", "lily", "hra", "llama-adapter", "adalora"]
 # a LoRA on a tiny Mixtral's fused experts (transformers 5), under each of transformers' experts
 # implementations: the products with W + s·B·A taken on routed tokens (ops.LowRankWeight)
 EXPERTS = {"experts-grouped": "grouped_mm", "experts-eager": "eager", "experts-batched": "batched_mm"}
@@ -225,7 +233,7 @@ def _checkpointed_grads(name, how, plain):
 
 
 @pytest.mark.parametrize("how", list(CHECKPOINTS))
-@pytest.mark.parametrize("name", ["lora", "lora-bias", "pissa", "dora", "ia3", "vera", *EXPERTS])
+@pytest.mark.parametrize("name", ["lora", "lora-bias", "pissa", "dora", "ia3", "vera", *EXPERTS, *CATALOGUE])
 def test_checkpointing_gives_the_gradients_of_the_plain_uncheckpointed_path(name, how):
     loss, got = _checkpointed_grads(name, how, plain=False)
     want_loss, want = _checkpointed_grads(name, "none", plain=True)
@@ -308,7 +316,7 @@ def test_vmap_over_stacked_adapter_parameters_equals_each_adapter_alone():
 
 # -- torch.compile ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "experts-grouped", "experts-eager"])
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "experts-grouped", "experts-eager", *CATALOGUE])
 @pytest.mark.parametrize("grad", [False, True])
 def test_compiled_with_the_eager_backend_equals_the_plain_path(name, grad):
     torch.compiler.reset()  # a fresh cache per cell
