@@ -85,6 +85,10 @@ def __getattr__(name: str):  # integrations import their framework only when ask
         from .reporting import report
 
         return report
+    if name == "pick":  # (its web server loads on use)
+        from .picker import pick
+
+        return pick
     if name == "LightningCallback":
         from .integrations.lightning import LightningCallback
 
@@ -99,6 +103,6 @@ __all__ = [
     "DeltaStateError", "HookdeltaError", "LoRAConfig", "LoHaConfig", "LoKrConfig", "VeRAConfig", "TrainableTokensConfig", "LoReFTConfig", "DiReFTConfig", "OFTConfig", "BOFTConfig", "FourierFTConfig", "MergeError", "SelectorError",
     "UnsupportedModuleError", "attach", "deltas", "set_active", "load", "match", "visualize", "load_peft", "PathPrefixWarning",
     "include_in_state_dict", "BypassError", "roles", "route", "RoutingError", "combine", "prepare_hotswap", "average", "fuse", "split", "AverageConfig",
-    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "inits", "as_lora", "report", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
+    "FuseConfig", "SplitConfig", "__version__", "reference_model", "ReferenceModel", "optim", "inits", "as_lora", "report", "pick", "AdaLoRAConfig", "PTuningConfig", "LlamaAdapterConfig", "RoAdConfig", "VBLoRAConfig", "RandLoRAConfig", "LilyConfig", "SHiRAConfig",
     "HiRAConfig", "DeLoRAConfig", "GraLoRAConfig", "MiSSConfig", "C3AConfig", "HRAConfig",
 ]

@@ -1,5 +1,6 @@
 """The `hookdelta` command line: inspect a model with a delta, merge a delta into a
-transformers checkpoint, convert between hookdelta's and PEFT's formats, report where it learned.
+transformers checkpoint, convert between hookdelta's and PEFT's formats, report where it learned,
+pick the layers to adapt in a browser page.
 
 Bad paths and files that do not fit give one line on stderr and exit status 1."""
 
@@ -32,10 +33,18 @@ class CLIError(Exception):
 
 
 def load_model(model_dir: str) -> Any:
-    """A transformers model from a local directory, as the class its config names."""
+    """A transformers model from a local directory, as the class its config names, or from a
+    GGUF file (or a directory holding one GGUF file and no config.json), dequantized."""
     transformers.utils.logging.disable_progress_bar()  # stderr is for errors only
-    if not (Path(model_dir) / "config.json").is_file():
-        raise CLIError(f"{model_dir} is not a transformers model directory (no config.json)")
+    path = Path(model_dir)
+    ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").is_file() else []
+    if path.suffix == ".gguf" and path.is_file() or len(ggufs) == 1:
+        gguf = path if path.is_file() else ggufs[0]
+        return transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                 local_files_only=True)
+    if not (path / "config.json").is_file():
+        several = f"; it holds {len(ggufs)} GGUF files: name one" if ggufs else ""
+        raise CLIError(f"{model_dir} is not a transformers model directory (no config.json){several}")
     config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
     names = getattr(config, "architectures", None) or []
     cls = getattr(transformers, names[0], None) if names else None
@@ -141,6 +150,20 @@ def report(args: argparse.Namespace) -> None:
     print(f"wrote {write(delta, args.out)}")
 
 
+def pick(args: argparse.Namespace) -> None:
+    import json
+
+    from .picker import pick as run, python_text
+
+    model = load_model(args.model)
+    config = run(model, args.method, args.r, port=args.port, open_browser=not args.no_browser)
+    if config is None:
+        print("nothing was picked")
+        return
+    print(f"import hookdelta as hd\nconfig = {python_text(config)}")
+    print(json.dumps(config.to_dict()))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookdelta", description="Inspect, merge and convert hookdelta deltas.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -172,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--base", required=True, help="the base model directory")
     r.add_argument("-o", "--out", default="report.html")
     r.set_defaults(run=report)
+    k = sub.add_parser("pick", help="choose the layers to adapt in a browser page; prints the config")
+    k.add_argument("model", help="a transformers model directory or a GGUF file")
+    k.add_argument("--method", default="lora", help="the delta method (default lora)")
+    k.add_argument("-r", type=int, default=8, help="the rank (default 8)")
+    k.add_argument("--port", type=int, default=0, help="the port on 127.0.0.1 (default: a free one)")
+    k.add_argument("--no-browser", action="store_true", help="only print the page's address")
+    k.set_defaults(run=pick)
     return p
 
 

@@ -95,17 +95,21 @@ class _Builder:
         if self.depth is not None and level >= self.depth:
             node.add(Text(f"… {len(children)} children", style="dim"))
             return
-        i = 0
-        while i < len(children):
-            cname, child = children[i]
-            j = i + 1
-            if cname.isdigit():  # fold a run of identical numbered siblings
-                sig = self.signature(_join(path, cname), child)
-                while (j < len(children) and children[j][0].isdigit()
-                       and self.signature(_join(path, children[j][0]), children[j][1]) == sig):
-                    j += 1
-            self.add(node, cname, child, _join(path, cname), level + 1, j - i, children[j - 1][0])
-            i = j
+        for run in self.runs(path, children):
+            cname, child = run[0]
+            self.add(node, cname, child, _join(path, cname), level + 1, len(run), run[-1][0])
+
+    def runs(self, path: str, children: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+        """The children in runs: each run of identical numbered siblings is one (folded) run."""
+        out: list[list[tuple[str, nn.Module]]] = []
+        for cname, child in children:
+            last = out[-1][-1] if out else None
+            if (last is not None and cname.isdigit() and last[0].isdigit()
+                    and self.signature(_join(path, cname), child) == self.signature(_join(path, last[0]), last[1])):
+                out[-1].append((cname, child))
+            else:
+                out.append([(cname, child)])
+        return out
 
 
 def _join(path: str, name: str) -> str:
