@@ -195,8 +195,8 @@ class Picker:
                 continue
             if set(got) == set(wanted):
                 exact_ones.append(cfg)
-        if exact_ones:  # the shortest to read; the first proposed (roles before globs) among equals
-            return min(exact_ones, key=lambda c: len(selector_text(c)))
+        if exact_ones:  # the fewest selectors; among equals the first proposed (roles before names)
+            return min(exact_ones, key=_items)
         raise ConfigError(f"no {self.cls.__name__} selects exactly {wanted[:3]}{'...' if len(wanted) > 3 else ''}: "
                           + (tried[-1] if tried else "it cannot express them"))
 
@@ -368,6 +368,15 @@ def _prune(use: list[str], sets: dict[str, set[str]]) -> list[str]:
         if sets[role] <= others:
             keep.remove(role)
     return keep
+
+
+def _items(cfg: DeltaConfig) -> int:
+    """How many selectors a config names (a layers= list counts as one)."""
+    count = 0
+    for name in ("targets", "target_parameters", "exclude"):
+        value = getattr(cfg, name, None)
+        count += 0 if value is None else 1 if isinstance(value, str) else len(value)
+    return count + (cfg.layers is not None)
 
 
 def selector_text(cfg: DeltaConfig) -> str:

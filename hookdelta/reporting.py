@@ -155,8 +155,8 @@ def render(delta: Any, data: list[SiteRow] | None = None) -> str:
         for r in data)
     style = ("body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
              "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hookdelta report: {html.escape(delta.name)}"
-            f"</title><style>{style}</style></head><body>{head}{_heatmap(data)}"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+            f"<title>hookdelta report: {html.escape(delta.name)}</title><style>{style}</style></head><body>{head}{_heatmap(data)}"
             f"<h2>Share of the update by role</h2><table id='roles'><tr><th>role</th><th>share of Σ‖·‖²</th></tr>"
             f"{roles_table}</table><h2>Sites</h2><table id='sites'><tr><th>site</th><th>role</th><th>layer</th>"
             f"<th>‖update‖</th><th>‖ΔW‖/‖W‖</th><th>effective rank</th><th>singular values</th></tr>{site_rows}"

@@ -93,3 +93,20 @@ def test_the_cli_writes_the_report(tmp_path):
     assert sorted(page.sites) == sorted(delta.sites)
     with pytest.raises(hd.ConfigError):
         hd.report(object())
+
+
+def test_the_page_opens_in_a_browser_without_errors(tmp_path):
+    from browser import browser_page, screenshot
+
+    model, _, _ = build("llama")
+    delta = hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"))
+    perturb(delta, std=0.3)
+    path = hd.report(delta, tmp_path / "r.html")
+    with browser_page() as (page, errors):
+        page.goto(f"file://{path}")
+        shown = page.eval_on_selector_all("[data-site]", "rows => rows.map(r => r.dataset.site)")
+        cells = page.locator("svg rect").count()
+        screenshot(page, "report-tiny-llama.png")
+    assert errors == []
+    assert sorted(shown) == sorted(delta.sites)
+    assert cells >= 2 * 6  # a heatmap cell per layer and role: q, k, v, o, ffn.in (gate and up), ffn.out
