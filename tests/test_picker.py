@@ -277,3 +277,33 @@ def test_import_hookdelta_does_not_load_the_picker():
     code = "import sys, hookdelta; print('hookdelta.picker' in sys.modules, 'http.server' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_the_server_refuses_other_hosts_and_bad_requests_and_keeps_answering():
+    from hookdelta.picker import serve
+    import http.client
+    import urllib.parse
+
+    model, _, _ = build("llama")
+    with serve(model) as session:
+        port = urllib.parse.urlsplit(session.url).port
+
+        def ask(method, path, body=None, host=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request(method, path, body=body, headers={"Host": host or f"127.0.0.1:{port}"})
+            r = conn.getresponse()
+            return r.status, r.read().decode()
+
+        assert ask("GET", "/", host="evil.example:80")[0] == 403  # a rebound DNS name
+        assert ask("POST", "/act", b'{"op": "done"}', host=f"evil.example:{port}")[0] == 403
+        assert ask("POST", "/act", b"not json")[0] == 400
+        assert ask("POST", "/act", b"[1, 2]")[0] == 400
+        status, text = ask("POST", "/act", b'{"op": "method", "method": "prefix", "r": 2}')
+        assert status == 200 and "offers" in json.loads(text)["error"]
+        status, text = ask("POST", "/act", b'{"op": "method", "method": "lora", "r": 0}')
+        assert "rank" in json.loads(text)["error"]
+        status, text = ask("POST", "/act", b'{"op": "toggle", "path": "no.such.row"}')
+        assert "no row" in json.loads(text)["error"]
+        status, text = ask("POST", "/act", b'{"op": "toggle", "path": "role:attn.q"}')
+        assert json.loads(text)["selector"] == "targets=['attn.q']"
+        assert not session.server.done.is_set()  # none of it ended the session
