@@ -239,6 +239,25 @@ def test_hookdelta_pick_prints_the_config_as_python_and_json(tmp_path):
     assert scope["config"] == cfg
 
 
+def test_ctrl_c_ends_hookdelta_pick_with_the_selection_so_far(tmp_path):
+    import signal
+
+    model, _, _ = build("llama")
+    model.save_pretrained(tmp_path / "m")
+    proc = subprocess.Popen([sys.executable, "-m", "hookdelta", "pick", str(tmp_path / "m"), "--no-browser"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = re.search(r"http://127\.0\.0\.1:\d+/", proc.stdout.readline()).group(0)
+        req = urllib.request.Request(url + "act", data=b'{"op": "toggle", "path": "role:attn.k"}', method="POST")
+        assert json.load(urllib.request.urlopen(req, timeout=30))["sites"] == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "config = hd.LoRAConfig(targets=['attn.k'], r=8)" in out
+
+
 def sites_of(cfg):
     return attach_count("llama", cfg)[0]
 
