@@ -10,10 +10,10 @@ from PEFT's adapter files; persistence.py and peft_format.py only dispatch to th
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence, Union
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .engine import Piece
-from .errors import ConfigError, UnsupportedModuleError
+from .errors import ConfigError, DeltaFileError, UnsupportedModuleError
 from .modules import is_conv1d, resolve_site
 from .selection import match, match_defaults, place_expert_sites
 
@@ -145,7 +145,7 @@ class DeltaConfig:
         if not isinstance(data, dict) or "method" not in data:
             raise ConfigError("a saved config must be a JSON object with a 'method' field")
         method = data["method"]
-        cls = _REGISTRY.get(method)
+        cls = _REGISTRY.get(method) if isinstance(method, str) else None
         if cls is None:
             raise ConfigError(f"unknown delta method {method!r}; known: {sorted(_REGISTRY)}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -253,6 +253,11 @@ def check_int(cfg: DeltaConfig, name: str, *, minimum: int = 1) -> None:
         raise ConfigError(f"{type(cfg).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
 
 
+# the largest alpha a config takes: alpha / r scales the update, and far beyond this it overflows
+# half precision (and float32 at 1e38) at the first forward instead of at the load
+MAX_ALPHA = 1e6
+
+
 def check_float(cfg: DeltaConfig, name: str, *, low: float, high: float = math.inf,
                 low_open: bool = False, high_open: bool = True) -> None:
     value = getattr(cfg, name)
@@ -290,6 +295,24 @@ def pattern_value(patterns: dict[str, Any] | None, key: str, default: Any) -> An
     return default
 
 
+def file_rank(peft_config: dict[str, Any], ranks: dict[str, int], default: int) -> int:
+    """A PEFT file's `r`, checked against the ranks its tensors have (`ranks`: site -> rank): each
+    site's rank must be what `r` and the file's `rank_pattern` say (PEFT's rule). A file whose
+    tensors say otherwise is refused, never fitted: its scale (alpha / r) would silently be wrong."""
+    r = peft_config.get("r", default)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise DeltaFileError(f"adapter_config.json: r must be a whole number >= 1, got {r!r}")
+    patterns = peft_config.get("rank_pattern")
+    for site, rank in ranks.items():
+        want = pattern_value(patterns, site, r)
+        if rank != want:
+            said = f"rank_pattern gives {want}" if want != r else f"r={r}"
+            raise DeltaFileError(f"adapter_config.json says {said} for {site!r}, but its tensors have rank {rank}; "
+                                 "the config and the tensors disagree (edited by hand?), so the adapter's scale "
+                                 "would be wrong. Fix r (or rank_pattern) in the config")
+    return r
+
+
 def after_dot_pattern(path: str) -> str:
     """A pattern key naming one layer under the rule of PEFT's FourierFT and C3A (a regex matched
     after a dot at the end of the path): the escaped path without its first component."""
@@ -312,9 +335,9 @@ def check_patterns(cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("ran
             except (re.error, TypeError):
                 raise ConfigError(f"{type(cfg).__name__}.{name} key {pattern!r} is not a valid regex") from None
             ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
-            if isinstance(value, bool) or not ok or value <= 0:
+            if isinstance(value, bool) or not ok or value <= 0 or not integer and value > MAX_ALPHA:
                 raise ConfigError(f"{type(cfg).__name__}.{name}[{pattern!r}] must be a positive "
-                                  f"{'integer' if integer else 'number'}, got {value!r}")
+                                  f"{'integer' if integer else f'number up to {MAX_ALPHA:g}'}, got {value!r}")
 
 
 def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:
@@ -359,13 +382,16 @@ def _from_json(value: Any) -> Any:
     if isinstance(value, list):
         return [_from_json(v) for v in value]
     if isinstance(value, dict) and set(value) == {"type"}:
-        module, _, name = value["type"].rpartition(".")
-        try:
-            obj: Any = importlib.import_module(module)
-            for part in name.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError):
-            raise ConfigError(f"cannot import the module type {value['type']!r} named in a saved config") from None
+        # a module type named in a file: looked up among the modules already imported (a file must
+        # not make Python import anything), and only a class of torch.nn.Module is taken
+        where = value["type"]
+        module, _, name = where.rpartition(".") if isinstance(where, str) else ("", "", "")
+        obj: Any = sys.modules.get(module)
+        for part in name.split(".") if obj is not None else []:
+            obj = getattr(obj, part, None)
+        if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+            raise ConfigError(f"the saved config names the module type {str(where)[:80]!r}, which is not an "
+                              "nn.Module class of a module imported here; import the library that defines it first")
         return obj
     if isinstance(value, dict) and set(value) == {"callable"}:
         raise ConfigError(

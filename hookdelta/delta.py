@@ -462,8 +462,17 @@ def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
 
 
 def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
-            freeze_base: bool, tensors: dict[str, Any] | None = None, uid: str | None = None) -> Delta:
-    """Build the pieces for known sites, optionally fill in saved tensors, and hook them in."""
+            freeze_base: bool, tensors: dict[str, Any] | None = None, uid: str | None = None,
+            checked: bool = False, max_bytes: int | None = None) -> Delta:
+    """Build the pieces for known sites, optionally fill in saved tensors, and hook them in.
+    Saved tensors come from an untrusted file: unless `checked` (the caller compared the file's
+    header already), the delta is first built on a meta copy of the model and its shapes compared
+    with the tensors', so a config that disagrees with them allocates nothing (untrusted.Plan)."""
+    if tensors is not None and not checked:
+        from .untrusted import Plan
+
+        Plan(model, config, sites, train).check({k: tuple(t.shape) for k, t in tensors.items()},
+                                                "the saved delta", max_bytes)
     with torch.inference_mode(False):  # the delta's tensors must be normal, trainable tensors
         return _install(model, config, name, sites, train, freeze_base, tensors, uid)
 

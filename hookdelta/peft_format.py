@@ -13,6 +13,7 @@ prompt tuning) in hookdelta/methods/.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,7 @@ from .errors import ConfigError, DeltaFileError, HookdeltaError, UnsupportedModu
 from .persistence import read_json, write_files
 from .selection import fit_paths
 from .sharding import full, whole, writes_files
+from . import untrusted
 from .store import check_model, unique_name
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -40,6 +42,36 @@ _HARMLESS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
     "peft_version", "init_lora_weights", "megatron_core", "qalora_group_size", "layers_pattern",
     "target_modules", "exclude_modules", "loftq_config", "lora_dropout", "ensure_weight_tying",
+}
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _names(v: Any) -> bool:
+    return v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _patterns(v: Any) -> bool:
+    return v is None or isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())
+
+
+# the types of the fields PEFT's configs share (the file is untrusted: untrusted.py); a codec
+# checks the values of its own fields
+FIELD_TYPES: dict[str, Any] = {
+    "peft_type": lambda v: isinstance(v, str), "task_type": lambda v: v is None or isinstance(v, str),
+    "r": _int, "lora_alpha": _number, "alpha": _number, "rank_pattern": _patterns, "alpha_pattern": _patterns,
+    "target_modules": _names, "exclude_modules": _names, "modules_to_save": _names, "layers_pattern": _names,
+    "layers_to_transform": lambda v: v is None or _int(v) or isinstance(v, list) and all(_int(x) for x in v),
+    "lora_dropout": _number, "use_rslora": lambda v: isinstance(v, bool), "use_dora": lambda v: isinstance(v, bool),
+    "bias": lambda v: isinstance(v, str), "fan_in_fan_out": lambda v: isinstance(v, bool),
+    "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
+    "init_lora_weights": lambda v: isinstance(v, (bool, str)), "inference_mode": lambda v: isinstance(v, bool),
 }
 
 
@@ -72,6 +104,10 @@ def read_peft_config(directory: str | os.PathLike, prefix: str = "",
 def check_peft_config(config: Any, path: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
+    wrong = [k for k, ok in FIELD_TYPES.items() if k in config and not ok(config[k])]
+    if wrong:
+        raise DeltaFileError(f"{path}: {wrong[0]!r} holds {str(config[wrong[0]])[:80]!r}, not a value PEFT writes "
+                             "there; the file was edited or damaged")
     codec = codecs().get(config.get("peft_type"))
     if codec is None:
         raise DeltaFileError(
@@ -125,8 +161,11 @@ def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Ten
         return _config_from_ranks(path, tensors)
     try:
         config = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not valid JSON") from None
+    if untrusted.depth(config) > untrusted.MAX_DEPTH:
+        raise DeltaFileError(f"{path}: its lora_adapter_metadata nests too deeply; it was damaged or crafted")
+    untrusted.screen(config, f"{path}'s lora_adapter_metadata")
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not a PEFT config")
     if prefix and any(k.startswith(prefix + ".") for k in config):
@@ -171,9 +210,11 @@ def diffusers_component(model: nn.Module, keys: list[str], directory: Any) -> st
 
 
 def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-              freeze_base: bool = True) -> Any:
-    """Attach an adapter saved by PEFT: LoRA (LoRA, rsLoRA, DoRA), IA3 or prompt tuning. Checks the
-    config, every key and every shape before touching the model; returns the Delta."""
+              freeze_base: bool = True, max_bytes: int | None = None) -> Any:
+    """Attach an adapter saved by PEFT (any method PEFT and hookdelta share). Checks the config
+    against its tensors (a rank that is not the config's is refused, never fitted) and the
+    delta it describes against the model before building it (untrusted.py); returns the Delta.
+    `max_bytes` refuses a delta that would take more memory."""
     model = check_model(model)
     tensors = read_peft_tensors(directory)
     prefix = ""
@@ -214,13 +255,14 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     try:
         try:
             cfg, tensors = codec.to_config(model, config, named, common)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             if isinstance(exc, HookdeltaError):
                 raise
             # a config value of the wrong type, a tensor of the wrong rank, a missing companion tensor
             raise DeltaFileError(f"the PEFT adapter in {directory} is malformed: {type(exc).__name__}: {exc}") from None
         tensors.update({fix(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
-        return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors)
+        return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors,
+                       max_bytes=max_bytes)
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
 

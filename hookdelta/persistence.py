@@ -27,6 +27,7 @@ from .hotswap import swap_in, swap_target
 from .modules import resolve_site
 from .placement import kept_name, real_weight
 from .selection import fit_paths
+from . import untrusted
 from .sharding import full, shape, whole, writes_files
 from .store import check_model, unique_name
 from .version import VERSION
@@ -156,10 +157,7 @@ def read_json(directory: str | os.PathLike, name: str, what: str) -> Any:
         raise DeltaFileError(f"no {what} at {directory}: not a directory")
     if not path.is_file():
         raise DeltaFileError(f"no {what} at {directory}: {name} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DeltaFileError(f"{path} is not valid JSON ({exc}); the save is corrupt or truncated") from None
+    return untrusted.read_json(path, what)
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -180,9 +178,38 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if unknown:
         raise DeltaFileError(f"{path} has fields this hookdelta does not know: {unknown}; it was written by "
                              "another tool or edited by hand. Remove them, or upgrade hookdelta.")
-    if not isinstance(meta["tensors"], dict) or not isinstance(meta["sites"], list):
-        raise DeltaFileError(f"{path}: 'tensors' must be an object and 'sites' a list; the save is corrupt")
+    _check_types(meta, path)
     return meta
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_types(meta: dict[str, Any], path: Any) -> None:
+    """Every field of delta.json has the type a save writes (the file is untrusted)."""
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+    def mapping(v: Any, ok: Callable[[Any], bool]) -> bool:
+        return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
+    def tensor(v: Any) -> bool:
+        return (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"]))
+
+    checks = {"name": lambda v: isinstance(v, str) and bool(v), "config": lambda v: isinstance(v, dict),
+              "sites": names, "also_train": names, "tensors": lambda v: mapping(v, tensor),
+              "base_shapes": lambda v: mapping(v, lambda x: isinstance(x, list) and all(
+                  isinstance(d, int) and not isinstance(d, bool) for d in x)),
+              "fingerprint": lambda v: mapping(v, _is_number),
+              "save_id": lambda v: isinstance(v, str), "delta_id": lambda v: isinstance(v, str),
+              "backbone": lambda v: isinstance(v, str), "method": lambda v: isinstance(v, str),
+              "hookdelta_version": lambda v: isinstance(v, str)}
+    for field, ok in checks.items():
+        if field in meta and not ok(meta[field]):
+            raise DeltaFileError(f"{path}: the field {field!r} holds {str(meta[field])[:80]!r}, not what a save "
+                                 "writes there; the file was edited or damaged")
 
 
 def check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> None:
@@ -212,6 +239,16 @@ def read_tensors(directory: str | os.PathLike, meta: dict[str, Any]) -> dict[str
 
 
 def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, torch.Tensor]:
+    candidate = _tensor_file(directory, save_id)
+    try:
+        with safe_open(str(candidate), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
+        raise DeltaFileError(f"{candidate} is corrupt or truncated ({exc}); re-save the delta") from None
+
+
+def _tensor_file(directory: str | os.PathLike, save_id: str | None) -> Path:
+    """`delta.safetensors`, or its `.prev` backup when a save was cut off between its renames."""
     path = Path(directory) / TENSOR_FILE
     if not path.is_file():
         raise DeltaFileError(f"{path} is missing; the delta's tensors were not saved")
@@ -221,49 +258,56 @@ def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, t
         try:
             with safe_open(str(candidate), framework="pt") as f:
                 found = (f.metadata() or {}).get("save_id")
-                if save_id is not None and found is not None and found != save_id:
-                    continue  # written by another save (one cut off between its renames)
-                return {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
             raise DeltaFileError(f"{candidate} is corrupt or truncated ({exc}); re-save the delta") from None
+        if save_id is None or found is None or found == save_id:
+            return candidate  # (else written by another save, one cut off between its renames)
     raise DeltaFileError(f"{path} belongs to another save than {CONFIG_FILE} (an interrupted save?); re-save the delta")
 
 
 def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-         freeze_base: bool = True, into: str | None = None) -> Any:
+         freeze_base: bool = True, into: str | None = None, max_bytes: int | None = None) -> Any:
     """Attach a delta saved with `delta.save(directory)`. Checks the files, the sites and
-    every shape first; on any error the model is untouched. Returns the Delta. With `into`,
-    the saved values go into that attached delta in place instead (a hot-swap: hotswap.py)."""
+    every shape first, before allocating anything (the file is untrusted: untrusted.py); on
+    any error the model is untouched. Returns the Delta. With `into`, the saved values go into
+    that attached delta in place instead (a hot-swap: hotswap.py). `max_bytes` refuses a delta
+    that would take more memory."""
     model = check_model(model)
     if into is not None:
         if name is not None:
             raise ConfigError("hd.load: give name= (attach a new delta) or into= (hot-swap an attached one), not both")
         target = swap_target(model, into)
-        return swap_in(target, *_read(model, directory)[1:], directory)
-    meta, config, sites, train, tensors = _read(model, directory)
+        return swap_in(target, *_read(model, directory, max_bytes, plan=False)[1:], directory)
+    meta, config, sites, train, tensors = _read(model, directory, max_bytes)
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
         wanted = None  # saved name taken: pick a fresh one
     name = unique_name(model, wanted, config.method)
     uid = meta.get("delta_id") if isinstance(meta.get("delta_id"), str) else None
     try:
-        return install(model, config, name, sites, train, freeze_base, tensors, uid=uid)
+        return install(model, config, name, sites, train, freeze_base, tensors, uid=uid, checked=True)
     except HookdeltaError:
         raise
     except Exception as exc:
         raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
 
 
-def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[dict[str, Any], DeltaConfig, list[str],
-                                                                     list[str], dict[str, torch.Tensor]]:
+def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None = None, plan: bool = True
+          ) -> tuple[dict[str, Any], DeltaConfig, list[str], list[str], dict[str, torch.Tensor]]:
     """A saved delta, checked against the model: (meta, config, sites, also_train, tensors),
-    paths fitted to the model's (a wrapper's prefix added or dropped)."""
+    paths fitted to the model's (a wrapper's prefix added or dropped). The tensors are read
+    last, once the header's names and shapes are the ones the config builds (`plan`; a hot-swap
+    checks them against the live delta instead)."""
     meta = read_meta(directory)
     try:
         config = DeltaConfig.from_dict(meta["config"])
     except ConfigError as exc:
         raise DeltaFileError(f"the config saved in {directory} is invalid: {exc}") from None
     sites, train = list(meta["sites"]), list(meta["also_train"])
+    limit = sum(1 for _ in model.named_parameters()) + sum(1 for _ in model.named_modules())
+    if len(sites) + len(train) > limit or len(meta["tensors"]) > 64 * limit:
+        raise DeltaFileError(f"{directory}: {len(sites) + len(train)} sites and {len(meta['tensors'])} tensors "
+                             f"listed for a model of {limit} modules and parameters; the file was damaged or crafted")
     try:
         fix = fit_paths(model, sites + train, directory)
     except DeltaFileError as exc:
@@ -276,6 +320,14 @@ def _read(model: nn.Module, directory: str | os.PathLike) -> tuple[dict[str, Any
            for k in sites if k in shapes and list(shape(_weight(model, k))) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
+    if plan:  # header first: the names and shapes, against the delta the config builds (nothing allocated)
+        found = {fix(k): v for k, v in untrusted.header(_tensor_file(directory, meta.get("save_id"))).items()}
+        try:
+            untrusted.Plan(model, config, sites, train).check(found, directory, max_bytes)
+        except DeltaFileError:
+            raise
+        except HookdeltaError as exc:
+            raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from None
     tensors = {fix(k): t for k, t in _read_save(directory, meta.get("save_id")).items()}
     check_tensors(meta, tensors, directory)
     prints = meta.get("fingerprint", {})

@@ -17,6 +17,8 @@ wherever an exact write is impossible.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import inspect
@@ -29,6 +31,20 @@ import torch.nn as nn
 from .errors import MergeError, UnsupportedModuleError
 from .sharding import like
 from .quantized import backend, dequantize, is_quantized, quantized_weight, requantize, swap_state
+
+
+# inside dry_run(): meta tensors are taken as they are (a delta is built on a meta copy of the
+# model to learn its shapes and size before anything is allocated: persistence.dry_build)
+_DRY = contextvars.ContextVar("hookdelta_dry_run", default=False)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    token = _DRY.set(True)
+    try:
+        yield
+    finally:
+        _DRY.reset(token)
 
 
 def _offload_hooks(module: nn.Module) -> list[Any]:
@@ -84,7 +100,7 @@ def real_weight(model: nn.Module, path: str, name: str = "weight") -> torch.Tens
     if name == "weight" and is_quantized(module):
         return dequantize(module)
     value = getattr(module, name)
-    if not (isinstance(value, torch.Tensor) and value.is_meta):
+    if not (isinstance(value, torch.Tensor) and value.is_meta) or _DRY.get():
         return value
     source = offload_source(model, path)
     if source is None:
@@ -104,7 +120,7 @@ def meta_message(path: str) -> str:
 def like_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> torch.Tensor:
     """A tensor with the dtype of `tensor` and the device the module computes on, for
     creating a delta's own tensors next to a (possibly offloaded) weight."""
-    if not tensor.is_meta:
+    if not tensor.is_meta or _DRY.get():
         return tensor
     if offload_source(model, path) is None:
         raise UnsupportedModuleError(meta_message(path))

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_float, check_int, check_patterns, exact, pattern_value
+from ..config import MAX_ALPHA, DeltaConfig, PeftCodec, check_float, check_int, check_patterns, exact, pattern_value
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError
 from ..modules import is_conv1d, layer_dims, linear_layer
@@ -56,7 +56,7 @@ class AdaLoRAConfig(DeltaConfig):
     def validate(self) -> None:
         check_int(self, "init_r")
         check_int(self, "target_r")
-        check_float(self, "alpha", low=0.0, low_open=True)
+        check_float(self, "alpha", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_float(self, "dropout", low=0.0, high=1.0)
         if self.total_step is not None:
             check_int(self, "total_step")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, check_choice, check_float, check_int
+from ..config import MAX_ALPHA, DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
 from ..placement import layer_like
 from ..modules import layer_dims
@@ -48,7 +48,7 @@ class BottleneckConfig(DeltaConfig):
             check_int(self, "bottleneck_dim")
         check_int(self, "reduction_factor")
         check_choice(self, "non_linearity", sorted(ACTIVATIONS))
-        check_float(self, "scaling", low=0.0, low_open=True)
+        check_float(self, "scaling", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
 
     def width(self, source: int) -> int:
         """The inner width for a branch reading `source` features."""

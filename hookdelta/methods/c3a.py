@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, after_dot_pattern, check_choice, check_int, check_patterns, exact, pattern_value
+from ..config import (DeltaConfig, PeftCodec, after_dot_pattern, check_choice, check_int, check_patterns, exact,
+                     pattern_value)
 from ..engine import Piece
 from ..errors import ConfigError
 from ..modules import linear_layer

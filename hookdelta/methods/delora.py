@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (DeltaConfig, PeftCodec, check_bool, check_float, check_int, check_patterns, exact,
+from ..config import (DeltaConfig, file_rank, PeftCodec, check_bool, check_float, check_int, check_patterns, exact,
                       pattern_value)
 from ..engine import Piece, first_input
 from ..modules import linear_layer
@@ -92,8 +92,8 @@ class DeLoRACodec(PeftCodec):
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        r = int(peft_config.get("r", 8))
         ranks = {s: int(ts["delora_A"].shape[0]) for s, ts in named.items() if "delora_A" in ts}
+        r = file_rank(peft_config, ranks, 8)
         cfg = DeLoRAConfig(targets=[exact(s) for s in named], r=r,
                            delora_lambda=float(peft_config.get("delora_lambda", 15)),
                            rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None, **common)

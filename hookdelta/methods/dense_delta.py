@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, check_bool, check_float, check_int, check_patterns, pattern_value
+from ..config import (MAX_ALPHA, DeltaConfig, file_rank, check_bool, check_float, check_int, check_patterns,
+                     pattern_value)
 from ..engine import Piece, first_input
 from ..errors import UnsupportedModuleError
 from ..modules import is_conv1d, is_linear_like, layer_dims
@@ -41,7 +42,7 @@ class DenseDeltaConfig(DeltaConfig):
 
     def validate(self) -> None:
         check_int(self, "r")
-        check_float(self, "alpha", low=0.0, low_open=True)
+        check_float(self, "alpha", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_bool(self, "use_effective_conv2d")
         check_patterns(self)
 
@@ -138,7 +139,7 @@ class LowRankDelta(Piece):
 def peft_rank_fields(peft_config: dict[str, Any], named: dict[str, Any], ranks: dict[str, int]) -> dict[str, Any]:
     """r, alpha and exact-path rank_pattern / alpha_pattern from a PEFT config; `ranks` holds the
     ranks read off the tensors (as PEFT's loader does), other sites follow the config's patterns."""
-    r, alpha = int(peft_config.get("r", 8)), float(peft_config.get("alpha", 8))
+    r, alpha = file_rank(peft_config, ranks, 8), float(peft_config.get("alpha", 8))
     ranks = {s: ranks.get(s, pattern_value(peft_config.get("rank_pattern"), s, r)) for s in named}
     alphas = {re.escape(s): float(v) for s in named
               if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, after_dot_pattern, check_bool, check_float, check_int, check_patterns, exact
+from ..config import (MAX_ALPHA, DeltaConfig, PeftCodec, after_dot_pattern, check_bool, check_float, check_int,
+                     check_patterns, exact)
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
 from ..modules import is_linear_like
@@ -40,7 +41,7 @@ class FourierFTConfig(DeltaConfig):
 
     def validate(self) -> None:
         check_int(self, "n_frequency")
-        check_float(self, "scaling", low=0.0, low_open=True)
+        check_float(self, "scaling", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_int(self, "random_loc_seed", minimum=0)
         check_bool(self, "init_weights")
         check_patterns(self, (("n_frequency_pattern", True),))

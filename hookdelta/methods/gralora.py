@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
+from ..config import MAX_ALPHA, DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
 from ..engine import Piece
 from ..errors import ConfigError
 from ..modules import linear_layer
@@ -38,7 +38,7 @@ class GraLoRAConfig(DeltaConfig):
     def validate(self) -> None:
         check_int(self, "r")
         check_int(self, "gralora_k")
-        check_float(self, "alpha", low=0.0, low_open=True)
+        check_float(self, "alpha", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_int(self, "hybrid_r", minimum=0)
         check_bool(self, "init_weights")
         if self.r % self.gralora_k:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_int, check_patterns, exact, pattern_value
+from ..config import DeltaConfig, file_rank, PeftCodec, check_bool, check_int, check_patterns, exact, pattern_value
 from ..engine import Piece, current, first_input
 from ..modules import linear_layer
 from ..placement import live_weight
@@ -88,8 +88,8 @@ class HiRACodec(PeftCodec):
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        r = int(peft_config.get("r", 32))
         ranks = {s: int(ts["hira_A"].shape[0]) for s, ts in named.items() if "hira_A" in ts}
+        r = file_rank(peft_config, ranks, 32)
         cfg = HiRAConfig(targets=[exact(s) for s in named], r=r,
                          rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None, **common)
         return cfg, self.flat(named)

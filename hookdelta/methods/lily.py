@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
+from ..config import MAX_ALPHA, DeltaConfig, PeftCodec, check_bool, check_float, check_int, exact
 from ..engine import Piece, first_input
 from ..errors import DeltaFileError, UnsupportedModuleError
 from ..modules import layer_dims, linear_layer
@@ -44,7 +44,7 @@ class LilyConfig(DeltaConfig):
         check_int(self, "r")
         check_int(self, "stride_A")
         check_int(self, "num_B")
-        check_float(self, "scaling", low=0.0)
+        check_float(self, "scaling", low=0.0, high=MAX_ALPHA, high_open=False)
         check_bool(self, "init_weights")
 
     def owners(self, model: nn.Module, sites: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
-                      check_patterns, exact, has_callable, normalize_selector, pattern_value)
+from ..config import (MAX_ALPHA, DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
+                      check_patterns, exact, file_rank, has_callable, normalize_selector, pattern_value)
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, HookdeltaError, SelectorError, UnsupportedModuleError
 from ..modules import is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
@@ -104,7 +104,7 @@ class LoRAConfig(DeltaConfig):
 
     def validate(self) -> None:
         check_int(self, "r")
-        check_float(self, "alpha", low=0.0, low_open=True)
+        check_float(self, "alpha", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_float(self, "dropout", low=0.0, high=1.0)
         if not (self.init in INITS or isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
             raise ConfigError(f"LoRAConfig.init must be one of {list(INITS)} or 'pissa_niter_K' (K >= 1 iterations), "
@@ -340,7 +340,7 @@ class LoRACodec(PeftCodec):
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        r, alpha = int(peft_config.get("r", 8)), float(peft_config.get("lora_alpha", 8))
+        alpha = float(peft_config.get("lora_alpha", 8))
         alphas = {re.escape(s): float(v) for s in named
                   if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
         params = [s for s in named if resolve_site(model, s)[1] is not None]
@@ -349,6 +349,7 @@ class LoRACodec(PeftCodec):
             named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(
                 model, site, a, b, version=peft_config.get("peft_version"))))}
         ranks = {s: int(t["lora_A"].shape[-2 if s in params else 0]) for s, t in named.items() if "lora_A" in t}
+        r = file_rank(peft_config, ranks, 8)
         cfg = LoRAConfig(
             r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
             bias="lora_only" if peft_config.get("lora_bias") else "none",
