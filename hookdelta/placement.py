@@ -394,7 +394,7 @@ def live_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     if name == "weight" and is_quantized(module):
         return dequantize(module)
     value = getattr(module, name)
-    if not value.is_meta:
+    if not value.is_meta or _DRY.get():
         return value
     for hook in _offload_hooks(module):
         if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -26,6 +25,8 @@ import torch
 import torch.nn as nn
 
 from .errors import DeltaFileError
+from .modules import is_internal
+from .sharding import shape
 
 MAX_JSON_BYTES = 16 * 2**20  # a delta.json or adapter_config.json is a few KB; rank patterns a few hundred
 MAX_DEPTH = 32  # configs nest three or four levels
@@ -158,18 +159,25 @@ def meta_copy(model: nn.Module) -> nn.Module:
         if not isinstance(t, torch.Tensor):
             return t
         if id(t) not in tensors:
-            empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            empty = torch.empty(shape(t), dtype=t.dtype, device="meta")  # (a sharded tensor's whole shape)
             tensors[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
         return tensors[id(t)]
 
     def clone(m: nn.Module) -> nn.Module:
         if id(m) not in modules:
-            c = copy.copy(m)
-            c.__dict__ = dict(m.__dict__)  # (copy.copy shares the dicts below; these get their own)
+            # a bare instance with its own copies of the dicts below (copy.copy would share them, and
+            # parametrized modules refuse to be copied at all)
+            c = type(m).__new__(type(m))
+            c.__dict__ = dict(m.__dict__)
             modules[id(m)] = c
             c._parameters = {k: meta(v) for k, v in m._parameters.items()}  # type: ignore[assignment]
             c._buffers = {k: meta(v) for k, v in m._buffers.items()}  # type: ignore[assignment]
-            c._modules = {k: v if v is None else clone(v) for k, v in m._modules.items()}  # type: ignore[assignment]
+            c._modules = {k: v if v is None else clone(v) for k, v in m._modules.items()  # type: ignore[assignment]
+                          if not is_internal(k)}  # (not the deltas already attached: a fresh build sees none)
+            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+                if hooks in c.__dict__:
+                    c.__dict__[hooks] = type(m.__dict__[hooks])()  # (hooks of the live model stay there)
         return modules[id(m)]
 
     return clone(model)

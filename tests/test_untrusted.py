@@ -154,3 +154,29 @@ def test_patterns_that_can_backtrack_exponentially_are_refused(pattern):
         start = time.perf_counter()
         re.fullmatch(pattern, "a" * 18 + "!")
         assert time.perf_counter() - start < 5  # (a sanity bound only; some are slow, some are not on this string)
+
+
+# -- the meta build is the real build's twin ---------------------------------------------------------
+
+from test_methods import CASES, METHODS  # noqa: E402
+
+
+@pytest.mark.parametrize("method,arch", CASES)
+def test_the_meta_plan_has_the_real_deltas_shapes_and_bytes(method, arch):
+    """untrusted.Plan builds the delta on a meta copy of the model: the tensors it foresees must be
+    the ones the real build makes (names, shapes, bytes), or the checks before a load would be wrong."""
+    from hookdelta.untrusted import Plan
+
+    model, _, _ = build(arch)
+    cfg = METHODS[method][0]()
+    before = sum(t.numel() for t in model.parameters())
+    delta = hd.attach(model, cfg)
+    plan = Plan(model, cfg, list(delta.sites), list(delta.also_train))
+    real = {k: tuple(t.shape) for k, t in delta.tensors().items()}
+    assert plan.saved == real
+    pieces = [p for p in delta.pieces.values()]
+    tensors = {id(t): t for p in pieces for t in list(p.parameters()) + list(p.buffers())}
+    tensors |= {id(t): t for p in pieces for t in p.state_dict(keep_vars=True).values()}
+    assert plan.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    delta.detach()
+    assert sum(t.numel() for t in model.parameters()) == before

@@ -29,11 +29,12 @@ def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor
         raise ConfigError("BOFT: too many blocks for this butterfly factor")
     size = n // blocks
     step = size / half
-    seq = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)))
-    order = torch.empty(size, dtype=torch.long)
+    cpu = torch.device("cpu")  # (index arithmetic on the CPU, whatever device the delta is built for)
+    seq = torch.cat((torch.arange(0, step, 2, device=cpu), torch.arange(1, step, 2, device=cpu)))
+    order = torch.empty(size, dtype=torch.long, device=cpu)
     for i, pos in enumerate(seq):
-        order[int(i * half): int(i * half + half)] = torch.arange(size)[int(pos * half): int(pos * half + half)]
-    idx = torch.arange(n)
+        order[int(i * half): int(i * half + half)] = torch.arange(size, device=cpu)[int(pos * half): int(pos * half + half)]
+    idx = torch.arange(n, device=cpu)
     for i in range(0, n, size):
         idx[i:i + size] = idx[i:i + size][order]
     return idx

@@ -130,6 +130,11 @@ class Intervention(Piece):
             # matrix_exp, not torch's default for a tall matrix (householder): in torch 2.13 that
             # one collapses the weight to zero after a single optimizer step
             parametrizations.orthogonal(self.rotate_layer, orthogonal_map="matrix_exp")
+            orth = self.rotate_layer.parametrizations.weight[0]
+            if like.is_meta and getattr(orth, "base", None) is None:
+                # (on meta torch leaves out the [d, d] base it keeps: the plan of a load must see it)
+                original = self.rotate_layer.parametrizations.weight.original
+                orth.base = torch.empty(width, width, dtype=original.dtype, device="meta")
         self.learned_source = nn.Linear(width, cfg.r, device=like.device, dtype=like.dtype)
         self.orthogonal, self.p, self.positions = cfg.orthogonal, cfg.dropout, cfg.positions
         self.span = None if callable(cfg.positions) else parse_positions(cfg.positions)
