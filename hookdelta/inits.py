@@ -57,6 +57,11 @@ def loading() -> Iterator[None]:
         _local.loading = previous
 
 
+def is_loading() -> bool:
+    """Whether a saved delta is being rebuilt (its values come from the file, not from an init)."""
+    return bool(getattr(_local, "loading", False))
+
+
 def supplied(init: str, key: str) -> Any:
     """What the running hd.inits call gathered for site `key`; None while a saved delta loads."""
     if getattr(_local, "loading", False):

@@ -57,8 +57,10 @@ def _names(v: Any) -> bool:
     return v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-def _patterns(v: Any) -> bool:
-    return v is None or isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items())
+def _patterns(v: Any) -> bool:  # {regex: number}, or AdaLoRA's {name: [kept, ...]}
+    return v is None or isinstance(v, dict) and all(
+        isinstance(k, str) and (_number(x) or isinstance(x, list) and all(isinstance(b, bool) for b in x))
+        for k, x in v.items())
 
 
 # the types of the fields PEFT's configs share (the file is untrusted: untrusted.py); a codec

@@ -277,7 +277,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         if name is not None:
             raise ConfigError("hd.load: give name= (attach a new delta) or into= (hot-swap an attached one), not both")
         target = swap_target(model, into)
-        return swap_in(target, *_read(model, directory, max_bytes, plan=False)[1:], directory)
+        return swap_in(target, *_read(model, directory, max_bytes)[1:], directory)
     meta, config, sites, train, tensors = _read(model, directory, max_bytes)
     wanted = meta.get("name") if name is None else name
     if name is None and wanted in deltas(model):
@@ -292,12 +292,12 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
 
 
-def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None = None, plan: bool = True
+def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None = None
           ) -> tuple[dict[str, Any], DeltaConfig, list[str], list[str], dict[str, torch.Tensor]]:
     """A saved delta, checked against the model: (meta, config, sites, also_train, tensors),
     paths fitted to the model's (a wrapper's prefix added or dropped). The tensors are read
-    last, once the header's names and shapes are the ones the config builds (`plan`; a hot-swap
-    checks them against the live delta instead)."""
+    last, once the header's names and shapes are the ones the config builds (a hot-swap, which
+    takes r and alpha from the file, needs that agreement as much as a new delta does)."""
     meta = read_meta(directory)
     try:
         config = DeltaConfig.from_dict(meta["config"])
@@ -320,14 +320,9 @@ def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None 
            for k in sites if k in shapes and list(shape(_weight(model, k))) != shapes[k]]
     if bad:
         raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
-    if plan:  # header first: the names and shapes, against the delta the config builds (nothing allocated)
-        found = {fix(k): v for k, v in untrusted.header(_tensor_file(directory, meta.get("save_id"))).items()}
-        try:
-            untrusted.Plan(model, config, sites, train).check(found, directory, max_bytes)
-        except DeltaFileError:
-            raise
-        except HookdeltaError as exc:
-            raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from None
+    # header first: the names and shapes, against the delta the config builds (nothing allocated)
+    found = {fix(k): v for k, v in untrusted.header(_tensor_file(directory, meta.get("save_id"))).items()}
+    untrusted.Plan(model, config, sites, train).check(found, directory, max_bytes)  # (errors as install's)
     tensors = {fix(k): t for k, t in _read_save(directory, meta.get("save_id")).items()}
     check_tensors(meta, tensors, directory)
     prints = meta.get("fingerprint", {})

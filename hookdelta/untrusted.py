@@ -167,17 +167,15 @@ def meta_copy(model: nn.Module) -> nn.Module:
         if id(m) not in modules:
             # a bare instance with its own copies of the dicts below (copy.copy would share them, and
             # parametrized modules refuse to be copied at all)
-            c = type(m).__new__(type(m))
+            c = object.__new__(type(m))  # (not type(m).__new__: FSDP2's classes run __init__ in theirs)
             c.__dict__ = dict(m.__dict__)
             modules[id(m)] = c
             c._parameters = {k: meta(v) for k, v in m._parameters.items()}  # type: ignore[assignment]
             c._buffers = {k: meta(v) for k, v in m._buffers.items()}  # type: ignore[assignment]
-            c._modules = {k: v if v is None else clone(v) for k, v in m._modules.items()  # type: ignore[assignment]
-                          if not is_internal(k)}  # (not the deltas already attached: a fresh build sees none)
-            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-                          "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-                if hooks in c.__dict__:
-                    c.__dict__[hooks] = type(m.__dict__[hooks])()  # (hooks of the live model stay there)
+            # the deltas already attached (hookdelta's own child) stay as they are: a block that
+            # combines them (hd.average, ...) reads them; nothing is built into them
+            c._modules = {k: v if v is None or is_internal(k) else clone(v)  # type: ignore[assignment]
+                          for k, v in m._modules.items()}
         return modules[id(m)]
 
     return clone(model)
@@ -213,14 +211,15 @@ class Plan:
         missing, extra = sorted(set(self.saved) - set(found)), sorted(set(found) - set(self.saved))
         if missing or extra:
             raise DeltaFileError(f"{where}: the file's tensors are not the ones its config describes (missing "
-                                 f"{missing[:3]}, unexpected {extra[:3]}); the config or the tensors were edited or "
+                                 f"{missing[:3]}, extra {extra[:3]}); the config or the tensors were edited or "
                                  "damaged. Nothing was built")
         bad = [k for k in self.saved if tuple(self.saved[k]) != tuple(found[k])]
         if bad:
             want, got = self.saved[bad[0]], tuple(found[bad[0]])
-            raise DeltaFileError(f"{where}: the config says {bad[0]!r} is {list(want)}{_because(self.config, want, got)}"
-                                 f", but the file holds {list(got)} ({len(bad)} tensors differ); the config and the "
-                                 "tensors disagree (edited by hand?). Nothing was built")
+            raise DeltaFileError(f"{where}: on this model the config makes {bad[0]!r} of shape {list(want)}"
+                                 f"{_because(self.config, want, got)}, but the file holds {list(got)} ({len(bad)} "
+                                 "tensors differ): the file was saved for a model of another size, or its config and "
+                                 "tensors were edited apart. Nothing was built")
         if max_bytes is not None and self.bytes > max_bytes:
             raise DeltaFileError(f"{where}: the delta would take {self.bytes:,} bytes, more than max_bytes="
                                  f"{max_bytes:,}. Nothing was built")
@@ -229,7 +228,7 @@ class Plan:
 def _because(config: Any, want: tuple[int, ...], got: tuple[int, ...]) -> str:
     """' (from r=2000000)': the config's whole-number fields whose value is a dimension that
     differs, the likely reason for the shape."""
-    odd = {w for w, g in zip(want, got) if w != g} | (set(want) - set(got))
+    odd = {w for w, g in zip(want, got, strict=False) if w != g} | (set(want) - set(got))
     named = [f"{name}={value}" for name, value in sorted(vars(config).items())
              if isinstance(value, int) and not isinstance(value, bool) and value in odd]
     return f" (from {', '.join(named)})" if named else ""

@@ -32,7 +32,6 @@ from tiny_models import build  # noqa: E402
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 WORK = Path(tempfile.mkdtemp(prefix="hookdelta-fuzz-"))
 MODEL, INPUTS, _ = build("llama")
-BASE = outputs(MODEL, INPUTS)
 SNAP = snapshot(MODEL)
 
 # JSON values a mutation may put anywhere: the numbers that break things, other types, nesting
@@ -166,7 +165,7 @@ def reference_outputs(kind: str, directory: Path) -> torch.Tensor:
         delta = hd.attach(model, hd.DeltaConfig.from_dict(meta["config"]))
         ref = hd.load(build("llama")[0], ORIG[kind])
         with torch.no_grad():
-            for p, q in zip(delta.parameters(), ref.parameters()):
+            for p, q in zip(delta.parameters(), ref.parameters(), strict=True):
                 p.copy_(q)
         return outputs(model, inputs)
     import peft

@@ -87,7 +87,7 @@ def test_a_peft_config_whose_r_contradicts_its_tensors_is_refused(tmp_path):
     model, inputs, _ = build("llama")
     snap = snapshot(model)
     for r in (8, 2_000_000):
-        edit_json(path, "adapter_config.json", lambda d: d.update(r=r))
+        edit_json(path, "adapter_config.json", lambda d, r=r: d.update(r=r))
         with pytest.raises(hd.DeltaFileError, match=rf"r={r} for .*rank 4"):
             hd.load_peft(model, path)
         assert_restored(model, snap)
@@ -180,3 +180,17 @@ def test_the_meta_plan_has_the_real_deltas_shapes_and_bytes(method, arch):
     assert plan.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
     delta.detach()
     assert sum(t.numel() for t in model.parameters()) == before
+
+
+def test_a_hot_swap_from_a_file_whose_rank_was_edited_is_refused(tmp_path):
+    """hd.load(into=) takes r and alpha from the file: an r that is not its tensors' would set
+    every scale wrong without a single shape error (alpha / 2,000,000 instead of alpha / 4)."""
+    path, _ = saved_lora(tmp_path)
+    model, inputs, _ = build("llama")
+    live = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    perturb(live, std=0.1, seed=3)
+    before = outputs(model, inputs)
+    edit_json(path, "delta.json", lambda d: d["config"].update(r=2_000_000))
+    with pytest.raises(hd.DeltaFileError, match="r=2000000"):
+        hd.load(model, path, into=live.name)
+    assert torch.equal(outputs(model, inputs), before)  # nothing was swapped

@@ -89,7 +89,10 @@ class HiRACodec(PeftCodec):
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
                   common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {s: int(ts["hira_A"].shape[0]) for s, ts in named.items() if "hira_A" in ts}
-        r = file_rank(peft_config, ranks, 32)
+        # PEFT's HiRA layers (0.18 to 0.21) are built at r whatever rank_pattern says, and read back the
+        # same way: a layer at r is right too (HiRA has no alpha, so no scale hangs on the rank)
+        plain = {s: k for s, k in ranks.items() if k != peft_config.get("r", 32)}
+        r = file_rank(peft_config, plain, 32) if plain else file_rank({**peft_config, "rank_pattern": None}, ranks, 32)
         cfg = HiRAConfig(targets=[exact(s) for s in named], r=r,
                          rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None, **common)
         return cfg, self.flat(named)

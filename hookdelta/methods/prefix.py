@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from .. import inits
 from ..config import check_bool, check_int
 from ..engine import Piece
 from ..errors import UnsupportedModuleError
@@ -151,7 +152,9 @@ class PrefixConfig(PromptConfig):
         piece = Prefix(path, attention_shape(model), P, self.encoder_hidden_size if self.prefix_projection else None,
                        like, site, cache_argument(taker), accepts(taker, "position_ids"))
         with torch.no_grad():
-            if self.init == "random":
+            if inits.is_loading():  # (a saved prefix: the file holds the values; no forward to start it)
+                pass
+            elif self.init == "random":
                 piece.embedding.normal_()
             elif self.prefix_projection:  # the MLP's input starts as token embeddings
                 piece.embedding.copy_(vocab_rows(like, P))
