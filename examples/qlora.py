@@ -26,11 +26,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from causal_lm import BATCH, GGUF, SEED, held_out_loss, package_dir, shakespeare, train, windows  # noqa: E402
 from rich.console import Console  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
 
 import hookdelta as hd  # noqa: E402
-from causal_lm import BATCH, GGUF, SEED, held_out_loss, package_dir, shakespeare, train, windows  # noqa: E402
 
 console = Console()
 STEPS, LR = int(os.environ.get("QLORA_STEPS", 30)), 2e-3

@@ -55,11 +55,11 @@ def serve(base: str, adapter: str, merged: str, out: str) -> None:
 def main() -> dict[str, float]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch
+    from causal_lm import GGUF, SEED, package_dir, shakespeare, train
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hookdelta as hd
-    from causal_lm import GGUF, SEED, package_dir, shakespeare, train
 
     console = Console()
     torch.manual_seed(SEED)
@@ -98,7 +98,7 @@ def main() -> dict[str, float]:
     ours = greedy()
     with delta.disabled():
         bare = greedy()
-    changed = sum(a != b for x, y in zip(ours, bare) for a, b in zip(x, y))
+    changed = sum(a != b for x, y in zip(ours, bare, strict=True) for a, b in zip(x, y, strict=True))
     console.print(f"the LoRA changes {changed}/{sum(map(len, ours))} greedy tokens of the base model")
 
     python = os.environ.get("VLLM_PYTHON")
@@ -112,11 +112,11 @@ def main() -> dict[str, float]:
         served = json.load(f)
     result = {"changed by the LoRA": changed / sum(map(len, ours))}
     for how, runs in served.items():
-        same = sum(a == b for got, want in zip(runs, ours) for a, b in zip(got, want))
+        same = sum(a == b for got, want in zip(runs, ours, strict=True) for a, b in zip(got, want, strict=True))
         total = sum(len(w) for w in ours)
         result[how] = same / total
         console.print(f"vLLM, {how}: {same}/{total} tokens equal to hookdelta's greedy generation")
-        for prompt, got, want in zip(PROMPTS, runs, ours):
+        for prompt, got, want in zip(PROMPTS, runs, ours, strict=True):
             if got != want:
                 console.print(f"  {prompt!r}: vLLM {tokenizer.decode(got)!r} / hookdelta {tokenizer.decode(want)!r}")
     return result

@@ -5,6 +5,8 @@ hooks, without replacing a module or changing a state-dict key.
     delta = hd.attach(model, hd.LoRAConfig(r=8, targets=["q_proj", "v_proj"]))
 """
 
+from . import inits, optim
+from .as_lora import as_lora
 from .combine import average, combine, fuse, split
 from .config import DeltaConfig
 from .delta import Delta, attach, deltas, include_in_state_dict, route, set_active
@@ -22,54 +24,51 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .hotswap import prepare_hotswap
+from .integrations.reference import ReferenceModel, reference_model
 from .methods import (
+    AdaLoRAConfig,
     AdapterConfig,
     AverageConfig,
-    FuseConfig,
-    SplitConfig,
     BitFitConfig,
+    BOFTConfig,
+    C3AConfig,
     CompacterConfig,
+    DeLoRAConfig,
+    DiReFTConfig,
+    FourierFTConfig,
+    FuseConfig,
+    GraLoRAConfig,
+    HiRAConfig,
+    HRAConfig,
     IA3Config,
+    LilyConfig,
+    LlamaAdapterConfig,
     LNTuningConfig,
     LoHaConfig,
     LoKrConfig,
     LoRAConfig,
+    LoReFTConfig,
     LowRankAdapterConfig,
+    MiSSConfig,
+    OFTConfig,
     ParallelAdapterConfig,
     PrefixConfig,
-    SoftPromptConfig,
-    TrainableTokensConfig,
-    LoReFTConfig,
-    DiReFTConfig,
-    OFTConfig,
-    BOFTConfig,
-    VeRAConfig,
-    FourierFTConfig,
-    HiRAConfig,
-    DeLoRAConfig,
-    GraLoRAConfig,
-    MiSSConfig,
-    C3AConfig,
-    HRAConfig,
-    AdaLoRAConfig,
     PTuningConfig,
-    LlamaAdapterConfig,
-    RoAdConfig,
-    VBLoRAConfig,
     RandLoRAConfig,
-    LilyConfig,
+    RoAdConfig,
     SHiRAConfig,
+    SoftPromptConfig,
+    SplitConfig,
+    TrainableTokensConfig,
+    VBLoRAConfig,
+    VeRAConfig,
 )
-from . import inits, optim
-from .as_lora import as_lora
 from .peft_format import load_peft
 from .persistence import load
 from .roles import roles
 from .selection import match
 from .version import VERSION as __version__
 from .visualize import visualize
-from .integrations.reference import ReferenceModel, reference_model
-
 
 
 def __getattr__(name: str):  # integrations import their framework only when asked for

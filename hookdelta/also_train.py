@@ -12,15 +12,16 @@ such a delta refuses to merge into the shared tensor.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .engine import Piece
 from .errors import MergeError
-from .placement import real_weight
 from .modules import parameter_holders
+from .placement import real_weight
 from .selection import match
 
 

@@ -10,8 +10,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only: never reach for a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -25,6 +26,7 @@ import transformers  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 import hookdelta as hd  # noqa: E402
+
 from .errors import HookdeltaError  # noqa: E402
 from .quantized import is_quantized  # noqa: E402
 
@@ -154,7 +156,8 @@ def report(args: argparse.Namespace) -> None:
 def pick(args: argparse.Namespace) -> None:
     import json
 
-    from .picker import pick as run, python_text
+    from .picker import pick as run
+    from .picker import python_text
 
     model = load_model(args.model)
     config = run(model, args.method, args.r, port=args.port, open_browser=not args.no_browser)

@@ -9,8 +9,9 @@ them with the rest.)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UnsupportedModuleError
 
@@ -24,7 +25,7 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lookup(dotted: str) -> Callable[..., Any] | None:
     module, _, name = dotted.rpartition(".")
     try:

@@ -14,8 +14,9 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence, Union
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -27,9 +28,9 @@ from .selection import match, match_defaults, place_expert_sites
 
 # A selector: a name suffix / glob / "re:" regex string, a module type, a predicate
 # (name, module) -> bool, or a list of these.
-Selector = Union[str, type, Callable[[str, nn.Module], bool], Sequence[Any]]
+Selector = str | type | Callable[[str, nn.Module], bool] | Sequence[Any]
 
-_REGISTRY: dict[str, type["DeltaConfig"]] = {}
+_REGISTRY: dict[str, type[DeltaConfig]] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +53,7 @@ class DeltaConfig:
     # "parameter" (adapted per expert), "block" (acts on outputs: the mixture block's) or "" (refused)
     expert_sites: ClassVar[str] = ""
     # how this method's deltas map to and from PEFT's adapter files (None: PEFT has no such file)
-    peft_codec: ClassVar["PeftCodec | None"] = None
+    peft_codec: ClassVar[PeftCodec | None] = None
     # fields a hot-swap (hd.load(into=...)) takes from the file besides the tensors: any other field
     # that differs between the file and the live delta is refused (where it goes is compared as sites)
     hot_swappable: ClassVar[frozenset[str]] = frozenset()
@@ -135,12 +136,12 @@ class DeltaConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @staticmethod
-    def registered() -> dict[str, type["DeltaConfig"]]:
+    def registered() -> dict[str, type[DeltaConfig]]:
         """method name -> config class, for every method defined."""
         return dict(_REGISTRY)
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "DeltaConfig":
+    def from_dict(data: dict[str, Any]) -> DeltaConfig:
         """Rebuild a config saved by `to_dict`, validating every field again."""
         if not isinstance(data, dict) or "method" not in data:
             raise ConfigError("a saved config must be a JSON object with a 'method' field")
@@ -156,10 +157,10 @@ class DeltaConfig:
         return cls(**kwargs)
 
     @staticmethod
-    def from_json(text: str) -> "DeltaConfig":
+    def from_json(text: str) -> DeltaConfig:
         return DeltaConfig.from_dict(json.loads(text))
 
-    def replace(self, **changes: Any) -> "DeltaConfig":
+    def replace(self, **changes: Any) -> DeltaConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -196,7 +197,7 @@ class PeftCodec:
         return None
 
     def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple["DeltaConfig", dict[str, torch.Tensor]]:
+                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         """(config, tensors keyed `<site>.<name>`) for the sites in `named`; `common` holds the
         also_train fields every config takes."""
         raise NotImplementedError

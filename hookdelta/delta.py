@@ -9,7 +9,8 @@ import contextlib
 import copy
 import functools
 import uuid
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,6 @@ from .quantized import dequantize_model
 from .sharding import assign, full, is_sharded, shape, whole
 from .store import DeltaStore, check_model, close_store, deltas_of, open_store, store_of, unique_name
 
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -34,7 +34,7 @@ def _changes(action: str) -> Callable[[F], F]:
     checkpointed forward awaits its backward; forwards starting meanwhile wait for it."""
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
-        def run(self: "Delta", *args: Any, **kwargs: Any) -> Any:
+        def run(self: Delta, *args: Any, **kwargs: Any) -> Any:
             self._check_attached(action)
             store = self._store()
             if action != "detach":
@@ -130,7 +130,7 @@ class Delta(nn.Module):
         self._refresh()
 
     @contextlib.contextmanager
-    def disabled(self) -> Iterator["Delta"]:
+    def disabled(self) -> Iterator[Delta]:
         """`with delta.disabled():` runs the model without this delta, then restores the state."""
         was = self.enabled
         self.disable()
@@ -212,7 +212,7 @@ class Delta(nn.Module):
         """Whether every piece can be written into the weights (adapters and prompts cannot)."""
         return all(p.mergeable for p in self._pieces())
 
-    def _merge_blocker(self, store: DeltaStore, only: "Delta | None" = None) -> tuple[Piece, Piece | None, str] | None:
+    def _merge_blocker(self, store: DeltaStore, only: Delta | None = None) -> tuple[Piece, Piece | None, str] | None:
         """(my piece, the piece in the way, its delta's name) for the first unmerged piece that
         would not commute with a merge of this delta; (piece, None, why) for another code's
         hook in the way. `only` restricts the check to the pieces of that delta."""
@@ -391,7 +391,7 @@ class Delta(nn.Module):
         self._store().check_sites("save_peft")
         save_peft(self, directory, overwrite=overwrite, diffusers=diffusers, split_experts=split_experts)
 
-    def as_lora(self, rank: int | None = None, tolerance: float | None = None, name: str | None = None) -> "Delta":
+    def as_lora(self, rank: int | None = None, tolerance: float | None = None, name: str | None = None) -> Delta:
         """This delta's weight change as a plain LoRA (truncated SVD per site, at `rank` or within
         `tolerance`), attached beside it; its `conversion` maps each site to (rank, relative error).
         See hookdelta/as_lora.py."""
@@ -400,7 +400,7 @@ class Delta(nn.Module):
         self._check_attached("as_lora")
         return as_lora(self, rank=rank, tolerance=tolerance, name=name)
 
-    def __enter__(self) -> "Delta":
+    def __enter__(self) -> Delta:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -637,7 +637,7 @@ class include_in_state_dict:
         self.store, self.was = store, store.include_in_state_dict
         store.include_in_state_dict = on
 
-    def __enter__(self) -> "include_in_state_dict":
+    def __enter__(self) -> include_in_state_dict:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -16,7 +16,8 @@ import contextlib
 import sys
 import threading
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -181,7 +182,7 @@ class Piece(nn.Module):
             object.__setattr__(self, "_needs", needs)
         return needs
 
-    def rewrites_input_of(self, other: "Piece") -> bool:
+    def rewrites_input_of(self, other: Piece) -> bool:
         """Whether this piece's input rewrite changes what `other` at the same layer computes
         (two rescalings commute, so neither changes the other): merging it, or a delta beside it
         merged, would then change the result."""
@@ -279,7 +280,7 @@ class Dispatcher:
 
     hookdelta_internal = True
 
-    def __init__(self, site: "Site") -> None:
+    def __init__(self, site: Site) -> None:
         self.site = site
         self.pre_pieces: tuple[Piece, ...] = ()
         self.post_pieces: tuple[Piece, ...] = ()
@@ -449,11 +450,11 @@ class Site:
             runs = self._runs(live, foreign)
         while len(self.dispatchers) < len(runs):
             self.dispatchers.append(Dispatcher(self))
-        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs)]
+        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=True)]
         for d in self.dispatchers[len(runs):]:
             d.unhook()
         del self.dispatchers[len(runs):]
-        for d, w in zip(self.dispatchers, wanted):
+        for d, w in zip(self.dispatchers, wanted, strict=True):
             if w != d.hooked:
                 d.hook(w)
         if not alone:

@@ -86,7 +86,7 @@ def split_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor) 
                                              f"{key!r}'s {b.shape[1]} outputs")
             out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for e in range(a.shape[0]):
-                for source, rows in zip(sources, b[e].chunk(chunks, dim=0)):
+                for source, rows in zip(sources, b[e].chunk(chunks, dim=0), strict=True):
                     name = source.strip(".")[: -len(".weight")].replace("*", str(e))
                     path = checkpoint_name(model, f"{prefix}.{name}" if prefix else name)
                     out[path] = (a[e], rows)

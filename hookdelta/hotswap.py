@@ -19,8 +19,8 @@ import torch.nn as nn
 from .config import DeltaConfig
 from .engine import forget_compiled_code
 from .errors import ConfigError, DeltaFileError, DeltaStateError
-from .store import check_model, deltas_of, store_of
 from .sharding import assign, shape, whole
+from .store import check_model, deltas_of, store_of
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | None = None) -> None:
@@ -169,4 +169,4 @@ def _pads_to(saved: torch.Tensor, current: tuple[int, ...], dim: int | None) -> 
     if dim is None or saved.dim() != len(current):
         return False
     dim = dim % saved.dim()
-    return all(s == c if i != dim else s <= c for i, (s, c) in enumerate(zip(saved.shape, current)))
+    return all(s == c if i != dim else s <= c for i, (s, c) in enumerate(zip(saved.shape, current, strict=True)))

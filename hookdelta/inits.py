@@ -23,7 +23,8 @@ import contextlib
 import json
 import os
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -472,7 +473,7 @@ def _distribute(pca: dict[str, Any], owner: dict[str, str], sites: list[str], bu
     """PEFT's _get_rank_distribution: the budget goes to the largest explained-variance ratios."""
     from collections import Counter
 
-    keys, values = zip(*[(k, c) for k in sites for c in pca[owner[k]].ratio[:cap[k]]])
+    keys, values = zip(*[(k, c) for k in sites for c in pca[owner[k]].ratio[:cap[k]]], strict=True)
     order = torch.stack(values).argsort(descending=True)
     counts = Counter(keys[i] for i in order[:budget])
     dist = {k: counts.get(k, 0) for k in sites}

@@ -6,7 +6,7 @@ how wide the attention is, where the input embeddings live.
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ import torch.nn as nn
 from .errors import UnsupportedModuleError
 
 
-@lru_cache(maxsize=None)
+@cache
 def _positional(cls: type) -> tuple[tuple[str, ...], frozenset[str]]:
     params = inspect.signature(cls.forward).parameters.values()
     positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[1:]
@@ -29,7 +29,7 @@ def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     names, _ = _positional(type(module))
     if len(args) > len(names):
         raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional inputs")
-    return {**dict(zip(names, args)), **kwargs}
+    return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def accepts(module: nn.Module, name: str) -> bool:

@@ -17,7 +17,8 @@ Rules every fast path here keeps:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,7 @@ class LowRankWeight(torch.Tensor):
     terms: tuple[tuple[torch.Tensor, torch.Tensor, float | torch.Tensor], ...]
 
     @staticmethod
-    def __new__(cls, base: torch.Tensor, terms: tuple) -> "LowRankWeight":
+    def __new__(cls, base: torch.Tensor, terms: tuple) -> LowRankWeight:
         out = base.detach().as_subclass(cls)  # (shares the base's storage: the metadata is the base's)
         out.base, out.terms = base, terms
         return out

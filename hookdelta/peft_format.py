@@ -24,6 +24,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import untrusted
 from .also_train import TiedCopy
 from .config import DeltaConfig, PeftCodec, exact
 from .delta import install
@@ -31,7 +32,6 @@ from .errors import ConfigError, DeltaFileError, HookdeltaError, UnsupportedModu
 from .persistence import read_json, write_files
 from .selection import fit_paths
 from .sharding import full, whole, writes_files
-from . import untrusted
 from .store import check_model, unique_name
 
 CONFIG, WEIGHTS, PICKLED = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -132,12 +132,12 @@ def read_peft_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
             try:
                 with safe_open(str(directory / name), framework="pt") as f:
                     return {k: f.get_tensor(k) for k in f.keys()}
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for bad files)
                 raise DeltaFileError(f"{directory / name} is corrupt or truncated ({exc})") from None
     if (directory / PICKLED).is_file():
         try:
             tensors = torch.load(directory / PICKLED, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the restricted unpickler raises many types; all mean "not plain tensors")
             raise DeltaFileError(
                 f"{directory / PICKLED} cannot be read without unpickling arbitrary objects ({type(exc).__name__}); "
                 "re-save the adapter with safetensors (PEFT's default)"
@@ -157,7 +157,7 @@ def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Ten
     try:
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get("lora_adapter_metadata")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for bad files)
         raise DeltaFileError(f"{path} is corrupt or truncated ({exc})") from None
     if not text:
         return _config_from_ranks(path, tensors)
@@ -445,6 +445,6 @@ def _saved_by(directory: Path) -> str | None:
         try:
             with safe_open(str(directory / name), framework="pt") as f:
                 return (f.metadata() or {}).get("hookdelta_delta_id")
-        except Exception:  # missing or unreadable: not ours
+        except Exception:  # noqa: BLE001 (missing or unreadable, whatever safetensors raises: not ours)
             continue
     return None

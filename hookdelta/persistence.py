@@ -12,14 +12,16 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import untrusted
 from .config import DeltaConfig
 from .delta import deltas, install
 from .errors import BaseWeightsMismatchWarning, ConfigError, DeltaFileError, HookdeltaError
@@ -27,7 +29,6 @@ from .hotswap import swap_in, swap_target
 from .modules import resolve_site
 from .placement import kept_name, real_weight
 from .selection import fit_paths
-from . import untrusted
 from .sharding import full, shape, whole, writes_files
 from .store import check_model, unique_name
 from .version import VERSION
@@ -243,7 +244,7 @@ def _read_save(directory: str | os.PathLike, save_id: str | None) -> dict[str, t
     try:
         with safe_open(str(candidate), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for bad headers and sizes)
         raise DeltaFileError(f"{candidate} is corrupt or truncated ({exc}); re-save the delta") from None
 
 
@@ -258,7 +259,7 @@ def _tensor_file(directory: str | os.PathLike, save_id: str | None) -> Path:
         try:
             with safe_open(str(candidate), framework="pt") as f:
                 found = (f.metadata() or {}).get("save_id")
-        except Exception as exc:  # safetensors raises its own error types for bad headers and sizes
+        except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for bad headers and sizes)
             raise DeltaFileError(f"{candidate} is corrupt or truncated ({exc}); re-save the delta") from None
         if save_id is None or found is None or found == save_id:
             return candidate  # (else written by another save, one cut off between its renames)

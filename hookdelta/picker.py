@@ -14,15 +14,17 @@ it; `pick` opens the page and waits. Loaded on use: `import hookdelta` does not 
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
 import sys
 import threading
 import webbrowser
+from collections.abc import Iterator
 from dataclasses import MISSING, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -394,7 +396,7 @@ def _plain(value: Any) -> Any:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
 
     def log_message(self, *args: Any) -> None:  # quiet: the terminal shows the URL and the result
         pass
@@ -502,7 +504,7 @@ class Session:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -523,10 +525,8 @@ def pick(model: nn.Module, method: str = "lora", r: int = 8, *, port: int = 0, o
     with serve(model, method, r, port) as session:
         print(f"hookdelta pick: choose the layers at {session.url} (Done or Ctrl-C ends)", flush=True)
         if open_browser and _has_screen():
-            try:
+            with contextlib.suppress(webbrowser.Error):
                 webbrowser.open(session.url)
-            except webbrowser.Error:
-                pass
         return session.wait(timeout)
 
 

@@ -23,15 +23,15 @@ import copy
 import functools
 import inspect
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .errors import MergeError, UnsupportedModuleError
-from .sharding import like
 from .quantized import backend, dequantize, is_quantized, quantized_weight, requantize, swap_state
-
+from .sharding import like
 
 # inside dry_run(): meta tensors are taken as they are (a delta is built on a meta copy of the
 # model to learn its shapes and size before anything is allocated: persistence.dry_build)
@@ -70,9 +70,9 @@ def offload_source(model: nn.Module, path: str) -> tuple[Any, str] | None:
     copies them in per call; None when they live in the module itself."""
     for ancestor, rel in reversed(_chain(model, path)):
         for hook in _offload_hooks(ancestor):
-            if getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None:
-                if not rel or getattr(hook, "place_submodules", False):
-                    return hook, rel
+            if (getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None
+                    and (not rel or getattr(hook, "place_submodules", False))):
+                return hook, rel
     return None
 
 
@@ -170,7 +170,7 @@ def kept_names(owner: nn.Module) -> list[str]:
     return list(dict.fromkeys(names + list(owner.__dict__.get("_requantized", {}))))
 
 
-def open_slot(module: nn.Module, name: str, where: str, requantize: bool = False) -> "WeightSlot | QuantizedSlot":
+def open_slot(module: nn.Module, name: str, where: str, requantize: bool = False) -> WeightSlot | QuantizedSlot:
     """The slot merge() writes `module.name` through: a quantized weight only with requantize."""
     if name == "weight" and is_quantized(module):
         if not requantize:
@@ -302,14 +302,14 @@ class WeightSlot:
                              f"({exc}); keep the delta unmerged") from exc
         values = list(trial.parameters()) + list(trial.buffers())
         stored = self.stored()
-        if not _close(check, new, self.value().dtype) or any(v.shape != s.shape for v, s in zip(values, stored)):
+        if not _close(check, new, self.value().dtype) or any(v.shape != s.shape for v, s in zip(values, stored, strict=True)):
             raise MergeError(
                 f"{self.where}.{self.name} is parametrized by "
                 f"{[type(p).__name__ for p in self.module.parametrizations[self.name]]}, which cannot represent the "
                 "merged weight (the constraint would change it); keep the delta unmerged"
             )
         with torch.no_grad():
-            for s, v in zip(stored, values):
+            for s, v in zip(stored, values, strict=True):
                 s.copy_(v)
 
 
@@ -348,13 +348,13 @@ def _sources(cls: type) -> Iterator[str]:
                 continue
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def children_called(cls: type) -> frozenset[str]:
     """Sub-module paths the class's code calls by name (`self.out_proj(x)`)."""
     return frozenset(m for source in _sources(cls) for m in re.findall(r"self\.([A-Za-z_][\w.]*?)\s*\(", source))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def weights_read(cls: type) -> frozenset[str]:
     """Sub-module paths whose `.weight` / `.bias` the class's own code passes to computations
     (`F.linear(x, self.proj.weight)`, `multi_head_attention_forward(..., self.out_proj.weight)`),

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
-
 
 # tensor methods that read metadata only (shape, dtype, ...), not the values
 _METADATA = frozenset({"__get__", "numel", "dim", "size", "stride", "is_contiguous", "data_ptr", "element_size",
@@ -61,7 +61,7 @@ class quiet:
 
 
 class _Watch(TorchFunctionMode):
-    def __init__(self, probe: "Probe") -> None:
+    def __init__(self, probe: Probe) -> None:
         super().__init__()
         self.probe = probe
 

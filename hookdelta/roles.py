@@ -88,7 +88,7 @@ def _field(config: Any, name: str) -> Any:
     heterogeneous configs), which counts as absent here."""
     try:
         return getattr(config, name, None)
-    except Exception:
+    except Exception:  # noqa: BLE001 (a config's property may raise anything: a per-layer config refuses a global read)
         return None
 
 
@@ -266,7 +266,7 @@ def _by_shape(block: str, paths: list[str], dims: dict[str, tuple[int, int]], wi
     the block's width (creation order), o the last other one that writes it."""
     reads = [p for p in paths if dims[p[len(block) + 1:]][0] == width]
     writes = [p for p in paths if dims[p[len(block) + 1:]][1] == width and p not in reads[:3]]
-    for role, path in zip(("attn.q", "attn.k", "attn.v"), reads[:3]):
+    for role, path in zip(("attn.q", "attn.k", "attn.v"), reads[:3], strict=False):
         out[role].append(path)
     if writes:
         out["attn.o"].append(writes[-1])
@@ -279,7 +279,7 @@ def _ffn_module(ffn_side: dict[str, list[str]], members_by_rel: dict[str, nn.Mod
         return ""
     both = [r.split(".")[:-1] for r in ffn_side["ffn.in"] + ffn_side["ffn.out"]]
     common = []
-    for parts in zip(*both):
+    for parts in zip(*both, strict=False):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])

@@ -15,7 +15,8 @@ as its first dimension; a layer that sees another row count is refused, not gues
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -130,7 +131,7 @@ class Router:
                 run.append((w, factors))
                 i += 1
             if run:
-                output = map_output(output, lambda h: self._lowrank(path, x, h, codes, run))
+                output = map_output(output, lambda h, x=x, codes=codes, run=run: self._lowrank(path, x, h, codes, run))
                 continue
             rows = self.rows(codes, who)
             if rows is not None:
@@ -259,7 +260,7 @@ def put(full: Any, part: Any, rows: torch.Tensor, count: int) -> Any:
             return full
         return full.index_copy(0, rows, part.to(full.dtype))
     if isinstance(full, (tuple, list)):
-        items = [put(f, p, rows, count) for f, p in zip(full, part)]
+        items = [put(f, p, rows, count) for f, p in zip(full, part, strict=True)]
         return type(full)(*items) if hasattr(full, "_fields") else type(full)(items)
     if isinstance(full, dict):
         out = full.copy()
@@ -284,7 +285,7 @@ def _pre_on_rows(path: str, piece: Piece, module: nn.Module, args: tuple, kwargs
     sub_args, sub_kwargs = _with_main(args, kwargs, rows)
     new_args, new_kwargs = piece.pre_forward(module, sub_args, sub_kwargs)
     new_main = first_input(new_args, new_kwargs)
-    others_same = (len(new_args) == len(args) and all(a is b for a, b in zip(new_args[1:], args[1:]))
+    others_same = (len(new_args) == len(args) and all(a is b for a, b in zip(new_args[1:], args[1:], strict=True))
                    and new_kwargs.keys() == kwargs.keys())
     if not others_same or not isinstance(new_main, torch.Tensor) or new_main.shape[1:] != main.shape[1:]:
         raise RoutingError(f"hd.route: a piece at {path!r} ({type(piece).__name__}) changes more than its layer's "

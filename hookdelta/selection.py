@@ -12,7 +12,8 @@ import difflib
 import fnmatch
 import re
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch.nn as nn
 
@@ -42,7 +43,7 @@ def output_head_paths(model: nn.Module) -> set[str]:
     if callable(get_out):
         try:
             head = get_out()
-        except Exception:  # some models raise NotImplementedError here
+        except Exception:  # noqa: BLE001 (models raise NotImplementedError, AttributeError, ... here)
             head = None
     embedding_weights = {id(m.weight) for _, m in named_modules(model) if isinstance(m, nn.Embedding)}
     for name, module in named_modules(model):

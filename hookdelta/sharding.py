@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def is_partitioned(t: Any) -> bool:
     return hasattr(t, "ds_id")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

@@ -18,7 +18,8 @@ code (where inductor fuses anyway) and with dropout (a mask per layer) too.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -28,8 +28,8 @@ from .errors import ConfigError, DeltaStateError, RoutingError, UnsupportedModul
 from .modules import STORE_NAME, host, is_internal
 from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_for_training
 from .routing import Router, build_router
-from .shared_input import new_forward
 from .sharding import tensor_parallel_message, tensor_parallel_sites
+from .shared_input import new_forward
 
 
 class DeltaStore(nn.Module):

@@ -13,9 +13,9 @@ from rich.console import Console, Group
 from rich.text import Text
 from rich.tree import Tree
 
-from .store import store_of
-from .roles import roles
 from .modules import host, is_internal
+from .roles import roles
+from .store import store_of
 
 
 def _site_labels(model: nn.Module) -> dict[str, list[str]]:

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hookdelta as hd  # noqa: E402
 from internals import leave  # noqa: E402
 from tiny_models import build  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
 
 
 def toggle(rank: int) -> dict:

@@ -21,13 +21,13 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from helpers import outputs, perturb, snapshot  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import hookdelta as hd  # noqa: E402
-from helpers import outputs, perturb, snapshot  # noqa: E402
 from internals import hook_state  # noqa: E402
 from tiny_models import build  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "120"))
 WORK = Path(tempfile.mkdtemp(prefix="hookdelta-fuzz-"))

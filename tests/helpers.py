@@ -9,10 +9,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
+from internals import child_names, hook_state
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from tiny_models import build, main_output
-from internals import child_names, hook_state
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

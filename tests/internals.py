@@ -110,7 +110,7 @@ def _peft_internal(module: str, name: str) -> Any:
 
 def peft_boft_layer() -> Any:
     """PEFT's BOFTLayer class: its butterfly permutations and block product are the reference."""
-    return getattr(_peft_internal("peft.tuners.boft.layer", "BOFTLayer"), "BOFTLayer")
+    return _peft_internal("peft.tuners.boft.layer", "BOFTLayer").BOFTLayer
 
 
 def use_plain_loha_cp(monkeypatch: pytest.MonkeyPatch, fn: Any) -> None:
@@ -123,7 +123,7 @@ def use_plain_c3a(monkeypatch: pytest.MonkeyPatch) -> None:
     (BlockCircularConvolution) returns wrong *input* gradients (the kernel's are right), so every
     gradient below a C3A layer is wrong there; its forward is kept, as PEFT's own dense circulant."""
     module = _peft_internal("peft.tuners.c3a.layer", "BlockCircularConvolution")
-    circulant = getattr(_peft_internal("peft.tuners.c3a.utils", "get_circulant_fast"), "get_circulant_fast")
+    circulant = _peft_internal("peft.tuners.c3a.utils", "get_circulant_fast").get_circulant_fast
 
     class Plain:
         @staticmethod
@@ -144,7 +144,7 @@ def peft_corda() -> tuple[Any, Any]:
 def peft_low_rank_decomposition() -> Any:
     """PEFT's LoftQ split of a residual into L = U·√S and R = √S·Vh (its LoftQ entry points run on
     CUDA or XPU only, this step runs anywhere)."""
-    return getattr(_peft_internal("peft.utils.loftq_utils", "_low_rank_decomposition"), "_low_rank_decomposition")
+    return _peft_internal("peft.utils.loftq_utils", "_low_rank_decomposition")._low_rank_decomposition
 
 
 def torch_function_modes() -> list:

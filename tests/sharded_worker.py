@@ -15,9 +15,10 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hookdelta as hd  # noqa: E402
 from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
 
 STEPS, LR = 3, 1e-2
 CONFIG = hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"])
@@ -109,7 +110,7 @@ def main() -> None:
     verdict = {"sharded": engine_kind.sharded(model)}
     for _ in range(STEPS):
         engine_kind.step(engine, engine(input_ids=mine, labels=mine).loss)
-    trained = dict(zip([n for n, _ in delta.named_parameters()], engine_kind.whole(list(delta.parameters()))))
+    trained = dict(zip([n for n, _ in delta.named_parameters()], engine_kind.whole(list(delta.parameters())), strict=True))
     want = dict(ref_delta.named_parameters())
     verdict["train_max_diff"] = max((trained[n] - want[n]).abs().max().item() for n in want)
 
@@ -147,9 +148,9 @@ def main() -> None:
     before = engine_kind.whole(base)
     delta.merge()
     verdict["merged_loss_diff"] = abs(loss_of(engine) - unmerged)
-    verdict["merge_changed_weights"] = any(not torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before))
+    verdict["merge_changed_weights"] = any(not torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True))
     delta.unmerge()
-    verdict["unmerge_exact"] = all(torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before))
+    verdict["unmerge_exact"] = all(torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True))
     verdict["unmerged_loss_diff"] = abs(loss_of(engine) - unmerged)
 
     # a saved delta loaded into another sharded model (attached after sharding), then hot-swapped;
@@ -168,7 +169,7 @@ def main() -> None:
     verdict["hotswap_sharded_loss_diff"] = abs(loss_of(engine) - unmerged)
 
     delta.detach()
-    verdict["detach_exact"] = all(torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before))
+    verdict["detach_exact"] = all(torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True))
     verdict["detached_loss_diff"] = abs(loss_of(engine) - bare)
     if rank == 0:
         verdict["files"] = {}

@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from tiny_models import build, main_output
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.adalora

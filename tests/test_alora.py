@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build
 
 import hookdelta as hd
-from tiny_models import build
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.lora

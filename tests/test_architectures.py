@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import transformers as tf
-
-import hookdelta as hd
 from helpers import assert_restored, perturb, same_bits, snapshot
 from tiny_models import ARCHS, build, main_output
+
+import hookdelta as hd
 
 pytestmark = pytest.mark.lora
 

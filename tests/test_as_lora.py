@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_restored, perturb, snapshot
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import perturb, snapshot, assert_restored
-from tiny_models import build
 
 QV = ["q_proj", "v_proj"]
 SOURCES = {

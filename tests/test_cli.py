@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import save_lora
 from tiny_models import build
+
+import hookdelta as hd
 
 SCRIPT = shutil.which("hookdelta", path=os.path.dirname(sys.executable)) or shutil.which("hookdelta")
 

@@ -7,10 +7,10 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same, outputs, snapshot
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import outputs, snapshot, assert_same
-from tiny_models import build
 
 peft = pytest.importorskip("peft")
 
@@ -42,7 +42,7 @@ def _peft_combined(saved, names, weights, how, **kw):
     releases computed negative weights (before 0.19) and SVD merges (before 0.21) differently,
     so those cases are checked only against the releases that agree with 0.21."""
     needs = (0, 21) if "svd" in how else (0, 19) if min(weights) < 0 and how != "cat" else (0, 0)
-    if PEFT_VERSION < needs:
+    if needs > PEFT_VERSION:
         pytest.skip(f"PEFT {peft.__version__} combines {how!r} with weights {weights} differently; "
                     f"the reference is PEFT >= {needs[0]}.{needs[1]}")
     root, base, inputs = saved
@@ -59,7 +59,7 @@ def _ours(saved, names, weights, how, **kw):
     model = copy.deepcopy(base)
     for n in names:
         hd.load_peft(model, root / n, name=n)
-    delta = hd.combine(model, dict(zip(names, weights)), how=how, name="mix", **kw)
+    delta = hd.combine(model, dict(zip(names, weights, strict=True)), how=how, name="mix", **kw)
     hd.set_active(model, "mix")
     return model, delta
 

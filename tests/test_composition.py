@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same, bare_copy, outputs, perturb, snapshot
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from helpers import assert_same, bare_copy, outputs, perturb, snapshot
 from hookdelta.methods.adapter import ACTIVATIONS
-from tiny_models import build, main_output
 
 
 def _adapters(arch, n=3):
@@ -52,7 +52,7 @@ def test_average_equals_the_weighted_changes(arch):
     model, inputs = _adapters(arch)
     weights = {"a0": 0.5, "a1": 0.3, "a2": 1.2}
     want = _by_hand(model, inputs, lambda site, h, ds: h + sum(
-        w / 2.0 * _change(d, site, h) for w, d in zip(weights.values(), ds)), list(weights))
+        w / 2.0 * _change(d, site, h) for w, d in zip(weights.values(), ds, strict=True)), list(weights))
     block = hd.average(model, weights, name="avg")
     assert not any(hd.deltas(model)[n].enabled for n in weights)  # the block runs them
     torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-
-import hookdelta as hd
 from helpers import perturb
 from tiny_models import Holder, build
+
+import hookdelta as hd
 
 DEVICE = torch.device(os.environ.get("HOOKDELTA_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 3e-2}
@@ -71,7 +71,7 @@ def test_sibling_grouping_equals_the_ungrouped_model(dtype):
     for m in (model, plain):
         m(**inputs).logits.float().square().mean().backward()
         grads.append([p.grad.float() for p in hd.deltas(m)[delta.name].parameters()])
-    for g, h in zip(*grads):
+    for g, h in zip(*grads, strict=True):
         scale = h.abs().max().item() or 1.0
         torch.testing.assert_close(g / scale, h / scale, rtol=tol, atol=tol)
 
@@ -91,5 +91,5 @@ def test_checkpointed_training_gives_the_plain_gradients():
     model.gradient_checkpointing_disable()
     model.zero_grad()
     model(**inputs).logits.square().mean().backward()
-    for g, p in zip(got, delta.parameters()):
+    for g, p in zip(got, delta.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)

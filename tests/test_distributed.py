@@ -9,7 +9,6 @@ import re
 from importlib.metadata import version
 
 import pytest
-
 from helpers import run_workers
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import transformers as tf
-
-import hookdelta as hd
 from helpers import assert_restored, perturb, run_workers, snapshot
 from tiny_models import build
+
+import hookdelta as hd
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

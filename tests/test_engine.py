@@ -2,11 +2,11 @@
 
 import torch
 import torch.nn as nn
+from helpers import perturb
 from transformers.modeling_outputs import BaseModelOutput
 
 import hookdelta as hd
 from hookdelta.engine import first_input, map_output
-from helpers import perturb
 
 
 def test_map_output_reaches_the_main_tensor_of_every_output_shape():

@@ -4,10 +4,10 @@ for every method."""
 import pytest
 import torch.nn as nn
 import transformers as tf
+from internals import child_names
+from tiny_models import TEXT, build
 
 import hookdelta as hd
-from tiny_models import TEXT, build
-from internals import child_names
 
 EXPECTED = {  # family -> semantic name -> the leaf names it must select in block 0
     "bert": {"attn.q": {"query"}, "attn.o": {"attention.output.dense"}, "ffn.in": {"intermediate.dense"},

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturb
+from tiny_models import build
 
 import hookdelta as hd
 import hookdelta.persistence as persistence
-from helpers import perturb
-from tiny_models import build
 
 
 class Crash(Exception):

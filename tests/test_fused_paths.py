@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import perturb
+from internals import compile_config_for_cpu, compile_stats, explain, reset_compile_stats
+from tiny_models import Holder, build, layer_cases
 
 import hookdelta as hd
-from helpers import perturb
-from tiny_models import Holder, build, layer_cases
-from internals import compile_config_for_cpu, compile_stats, explain, reset_compile_stats
 
 
 def _lora_by_hand(layer, piece, x):
@@ -110,7 +110,7 @@ def test_autocast_bf16_and_compile_equal_eager():
     got = [p.grad.clone() for p in delta.parameters()]
     model.zero_grad()
     model(**inputs).logits.square().mean().backward()
-    for g, p in zip(got, delta.parameters()):
+    for g, p in zip(got, delta.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
     torch.compiler.reset()
 
@@ -282,5 +282,5 @@ def test_selective_checkpointing_gives_the_plain_gradients(save, shape, bias):
         for p in delta.parameters():
             p.grad = None
         checkpoint(model, x, use_reentrant=False, context_fn=_sac(ops)).square().sum().backward()
-        for got, ref in zip((p.grad for p in delta.parameters()), want):
+        for got, ref in zip((p.grad for p in delta.parameters()), want, strict=True):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)

@@ -3,10 +3,10 @@ and with the delta disabled generation equals the base model's, token for token.
 
 import pytest
 import torch
+from helpers import assert_restored, perturb, snapshot
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import perturb, snapshot, assert_restored
-from tiny_models import build
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_restored, perturb, snapshot
 from tiny_models import build, main_output
+
+import hookdelta as hd
 
 CONFIGS = {
     "lora": lambda: hd.LoRAConfig(r=4), "dora": lambda: hd.LoRAConfig(r=4, use_dora=True),

@@ -14,11 +14,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_restored, assert_same, perturb, save_lora, snapshot
 from safetensors.torch import load_file, save_file
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, perturb, save_lora, snapshot
-from tiny_models import build
 
 # -- every config field, out of range or of the wrong type -----------------------------------
 

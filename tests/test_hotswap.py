@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_same, outputs, perturb, save_lora, snapshot
 from tiny_models import build
+
+import hookdelta as hd
 
 
 def _fresh(path):

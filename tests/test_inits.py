@@ -9,9 +9,9 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from tiny_models import build, main_output
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.lora
@@ -139,8 +139,9 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
     float_model.save_pretrained(tmp_path)
     q = tf.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
-    from hookdelta.quantized import dequantize
     from internals import peft_low_rank_decomposition
+
+    from hookdelta.quantized import dequantize
 
     split = peft_low_rank_decomposition()
     delta = hd.inits.loftq(q, hd.LoRAConfig(r=4, alpha=8, targets=QV, init="loftq"), str(tmp_path))

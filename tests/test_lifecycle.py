@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_restored, assert_same, outputs, perturb, same_bits, snapshot
+from internals import forward_hooks, forward_pre_hooks
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, outputs, perturb, same_bits, snapshot
-from tiny_models import build
-from internals import forward_hooks, forward_pre_hooks
 
 pytestmark = pytest.mark.lora
 
@@ -124,7 +124,7 @@ def test_detach_in_any_order_restores_exactly(llama, order):
     model, inputs, targets = llama
     snap = snapshot(model)
     ds = {n: hd.attach(model, hd.LoRAConfig(r=2, targets=t), name=n)
-          for n, t in zip("abc", [targets, ["q_proj"], "all-linear"])}
+          for n, t in zip("abc", [targets, ["q_proj"], "all-linear"], strict=True)}
     for i, d in enumerate(ds.values()):
         perturb(d, seed=i)
     ds["b"].merge()
@@ -138,11 +138,10 @@ def test_detach_in_any_order_restores_exactly(llama, order):
 def test_with_block_detaches_on_exception(llama):
     model, inputs, targets = llama
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="inside"):
-        with hd.attach(model, hd.LoRAConfig(r=2, targets=targets)) as d:
-            perturb(d)
-            d.merge()
-            raise ValueError("inside")
+    with pytest.raises(ValueError, match="inside"), hd.attach(model, hd.LoRAConfig(r=2, targets=targets)) as d:
+        perturb(d)
+        d.merge()
+        raise ValueError("inside")
     assert not d.attached
     assert_restored(model, snap)
 

@@ -21,15 +21,15 @@ import tempfile
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_restored, perturb, same_bits, snapshot
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from internals import forward_hooks, forward_pre_hooks
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, same_bits, snapshot
 from hookdelta.engine import is_ours
 from hookdelta.methods.adapter import ACTIVATIONS
-from internals import forward_hooks, forward_pre_hooks
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import build
 
 import hookdelta as hd
-from tiny_models import build
 
 L = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (test-extra)")
 

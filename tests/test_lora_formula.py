@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import perturb
+from internals import parameter_slot
+from tiny_models import Holder, layer_cases
 from torch.func import functional_call
 
 import hookdelta as hd
-from helpers import perturb
-from tiny_models import Holder, layer_cases
-from internals import parameter_slot
 
 pytestmark = pytest.mark.lora
 

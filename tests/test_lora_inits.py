@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_restored, snapshot
 from tiny_models import build, main_output
+
+import hookdelta as hd
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.lora

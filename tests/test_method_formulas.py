@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import hookdelta as hd
 from helpers import perturb
 from tiny_models import Holder, build, main_output
+
+import hookdelta as hd
 
 
 def linear_case(bias=True):
@@ -130,8 +130,8 @@ def test_ia3_formula(feedforward):
     cfg = hd.IA3Config(targets="layer", feedforward_targets="layer" if feedforward else None)
     d = hd.attach(model, cfg)
     perturb(d, std=0.5)
-    l = tensors(d).ia3_l
-    expected = F.linear(x * l, w, b) if feedforward else l * F.linear(x, w, b)
+    gain = tensors(d).ia3_l
+    expected = F.linear(x * gain, w, b) if feedforward else gain * F.linear(x, w, b)
     torch.testing.assert_close(model(x), expected)
     with torch.no_grad():
         unmerged = model(x)

@@ -8,11 +8,11 @@ import io
 
 import pytest
 import torch
+from helpers import assert_restored, assert_same, outputs, perturb, snapshot
 from rich.console import Console
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, outputs, perturb, snapshot
-from tiny_models import build, main_output
 
 FIVE = ["bert", "gpt2", "llama", "t5", "opt"]
 

@@ -6,19 +6,19 @@ the untouched model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_restored, outputs, perturb, snapshot
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import assert_restored, outputs, perturb, snapshot
 from hookdelta.config import DeltaConfig, check_float
 from hookdelta.engine import Piece
 from hookdelta.errors import UnsupportedModuleError
-from tiny_models import build
 
 
 class OutputScale(Piece):

@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import perturb
 from internals import peft_lorafa_in_float32
 from tiny_models import build
+
+import hookdelta as hd
 
 peft = pytest.importorskip("peft")
 

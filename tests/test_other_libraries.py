@@ -17,9 +17,9 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_restored, perturb, snapshot
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -29,7 +29,7 @@ def importable(name: str) -> str | None:
     try:
         __import__(name)
         return None
-    except Exception as exc:  # torchvision raises RuntimeError, not ImportError, beside a CPU torch
+    except Exception as exc:  # noqa: BLE001 (torchvision raises RuntimeError, not ImportError, beside a CPU torch)
         return (f"{name} cannot be used here ({type(exc).__name__}: {str(exc)[:100]}): it needs torchvision, whose "
                 "PyPI build is for CUDA and fails beside the CPU torch this project installs; the layout tests stand in")
 

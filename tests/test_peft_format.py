@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 import transformers as tf
-
-import hookdelta as hd
 from helpers import assert_restored, outputs, perturb, snapshot
 from tiny_models import TEXT, build
+
+import hookdelta as hd
 
 peft = pytest.importorskip("peft")
 pytestmark = [pytest.mark.lora, pytest.mark.filterwarnings("ignore:The following rank_pattern keys")]

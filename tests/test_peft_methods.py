@@ -10,10 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from internals import peft_boft_layer, use_plain_c3a, use_plain_loha_cp
+from tiny_models import build, main_output
 
 import hookdelta as hd
-from tiny_models import build, main_output
-from internals import peft_boft_layer, use_plain_c3a, use_plain_loha_cp
 
 peft = pytest.importorskip("peft")
 
@@ -416,9 +416,8 @@ def test_malformed_second_wave_peft_files_give_one_clear_error(tmp_path):
     DeltaFileError naming the problem, never a raw exception; the model is untouched."""
     import json
 
-    from safetensors.torch import load_file, save_file
-
     from helpers import assert_restored, snapshot
+    from safetensors.torch import load_file, save_file
 
     model, _ = model_for("llama")
     snap = snapshot(model)
@@ -451,7 +450,6 @@ def test_reft_positions_callable_giving_nonsense_is_a_config_error():
 @pytest.mark.llama_adapter
 def test_llama_adapter_refuses_what_peft_does_not_build_or_would_get_wrong():
     import transformers as tf
-
     from tiny_models import TEXT
 
     opt, _, _ = build("opt")

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
-import hookdelta as hd
 from helpers import perturb
 from tiny_models import build, main_output
+
+import hookdelta as hd
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.lora

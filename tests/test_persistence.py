@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_restored, outputs, perturb, save_lora, snapshot
 from tiny_models import build
+
+import hookdelta as hd
 
 
 @pytest.fixture()

@@ -14,13 +14,13 @@ import urllib.request
 import pytest
 import torch
 import transformers as tf
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import hookdelta as hd
 from browser import browser_page, screenshot
 from helpers import assert_restored, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny_models import build
+
+import hookdelta as hd
 
 FUSED = int(tf.__version__.split(".")[0]) >= 5
 Q = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
@@ -299,9 +299,10 @@ def test_import_hookdelta_does_not_load_the_picker():
 
 
 def test_the_server_refuses_other_hosts_and_bad_requests_and_keeps_answering():
-    from hookdelta.picker import serve
     import http.client
     import urllib.parse
+
+    from hookdelta.picker import serve
 
     model, _, _ = build("llama")
     with serve(model) as session:

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tf
+from helpers import perturb, same_bits
+from internals import forward_hooks, forward_pre_hooks
 
 import hookdelta as hd
-from helpers import perturb, same_bits
 from hookdelta.quantized import dequantize_model, is_quantized
-from internals import forward_hooks, forward_pre_hooks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -91,7 +91,7 @@ def twin_on_dequantized(model: nn.Module, delta: hd.Delta) -> nn.Module:
     dequantize_model(clone, torch.float32)
     twin = hd.attach(clone, delta.config)
     with torch.no_grad():
-        for a, b in zip(twin.parameters(), delta.parameters()):
+        for a, b in zip(twin.parameters(), delta.parameters(), strict=True):
             a.copy_(b.float())
     return clone
 

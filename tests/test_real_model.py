@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import assert_restored, perturb, snapshot
 
 import hookdelta as hd
-from helpers import assert_restored, perturb, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.lora]
 

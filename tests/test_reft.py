@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_restored, snapshot
 from tiny_models import build
+
+import hookdelta as hd
 
 pytestmark = pytest.mark.reft
 
@@ -35,8 +35,8 @@ def by_hand(bare, block, piece, positions, orthogonal=True):
     return bare.get_submodule(block).register_forward_hook(hook)
 
 
-def first_last(f, l):
-    return lambda h: [sorted(set(range(f)) | set(range(h.shape[1] - l, h.shape[1])))] * h.shape[0]
+def first_last(first, last):
+    return lambda h: [sorted(set(range(first)) | set(range(h.shape[1] - last, h.shape[1])))] * h.shape[0]
 
 
 @pytest.mark.parametrize("cfg_cls,orth", [(hd.LoReFTConfig, True), (hd.DiReFTConfig, False)])

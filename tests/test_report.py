@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import perturb
 from tiny_models import build
+
+import hookdelta as hd
 
 
 class Collect(html.parser.HTMLParser):
@@ -53,7 +53,7 @@ def test_methods_without_a_weight_change_report_their_tensor_norms():
     model, _, _ = build("llama")
     delta = hd.attach(model, hd.AdapterConfig(bottleneck_dim=4))
     perturb(delta, std=0.2)
-    for r, piece in zip(rows(delta), delta.pieces.values()):
+    for r, piece in zip(rows(delta), delta.pieces.values(), strict=True):
         want = math.sqrt(sum(float(t.detach().square().sum()) for t in piece.parameters()))
         assert r.relative is None and r.update == pytest.approx(want, rel=1e-6)
 
@@ -63,7 +63,8 @@ def test_the_page_is_self_contained_and_lists_every_site(tmp_path):
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"))
     perturb(delta, std=0.3)
     path = hd.report(delta, tmp_path / "r.html")
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     page = Collect()
     page.feed(text)
     assert "svg" in page.tags and "rect" in page.tags

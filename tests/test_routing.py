@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hookdelta as hd
 from helpers import assert_restored, assert_same, perturb, snapshot
 from tiny_models import build, main_output
+
+import hookdelta as hd
 
 
 def _attach(model, kinds, targets):
@@ -116,9 +116,8 @@ def test_merged_delta_may_be_kept():
     want = _reference(model, inputs, rows, keep=["lora2"])
     hd.deltas(model)["lora2"].merge()
     with torch.no_grad():
-        with pytest.raises(hd.DeltaStateError, match="merged"):
-            with hd.route(model, rows):
-                pass
+        with pytest.raises(hd.DeltaStateError, match="merged"), hd.route(model, rows):
+            pass
         with hd.route(model, rows, keep=["lora2"]):
             got = main_output(model(**inputs))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -144,7 +143,7 @@ def test_gradients_reach_each_delta_from_its_rows_only():
     hd.set_active(model, *names)
     want = grads()
     for n in names:
-        for g, w in zip(got[n], want[n]):
+        for g, w in zip(got[n], want[n], strict=True):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
         assert any(w.abs().max() > 0 for w in want[n])
 
@@ -219,9 +218,8 @@ def _two(arch="llama"):
 def test_bad_names_are_refused(names, error, match):
     model, inputs = _two()
     snap = snapshot(model)
-    with pytest.raises(error, match=match):
-        with hd.route(model, names):
-            pass
+    with pytest.raises(error, match=match), hd.route(model, names):
+        pass
     assert_same(model, snap)
     main_output(model(**inputs))  # still runs, unrouted
 
@@ -229,19 +227,16 @@ def test_bad_names_are_refused(names, error, match):
 def test_disabled_and_prompt_and_weight_swapping_deltas_are_refused():
     model, inputs = _two()
     hd.deltas(model)["lora1"].disable()
-    with pytest.raises(hd.DeltaStateError, match="disabled"):
-        with hd.route(model, ["lora0", "lora1"]):
-            pass
+    with pytest.raises(hd.DeltaStateError, match="disabled"), hd.route(model, ["lora0", "lora1"]):
+        pass
     hd.deltas(model)["lora1"].enable()
     hd.attach(model, hd.SoftPromptConfig(num_virtual_tokens=2), name="prompt")
-    with pytest.raises(hd.UnsupportedModuleError, match="virtual tokens"):
-        with hd.route(model, ["lora0", "prompt"]):
-            pass
+    with pytest.raises(hd.UnsupportedModuleError, match="virtual tokens"), hd.route(model, ["lora0", "prompt"]):
+        pass
     hd.deltas(model)["prompt"].detach()
     hd.attach(model, hd.LNTuningConfig(), name="ln")
-    with pytest.raises(hd.UnsupportedModuleError, match="weight"):
-        with hd.route(model, ["ln", "lora0"]):
-            pass
+    with pytest.raises(hd.UnsupportedModuleError, match="weight"), hd.route(model, ["ln", "lora0"]):
+        pass
 
 
 def test_wrong_row_count_nesting_and_lifecycle_changes_are_refused():
@@ -250,9 +245,8 @@ def test_wrong_row_count_nesting_and_lifecycle_changes_are_refused():
     with hd.route(model, ["lora0", "lora1", None]):
         with pytest.raises(hd.RoutingError, match="3 names but"):
             model(**inputs)
-        with pytest.raises(hd.RoutingError, match="do not nest"):
-            with hd.route(model, ["lora0", "lora1"]):
-                pass
+        with pytest.raises(hd.RoutingError, match="do not nest"), hd.route(model, ["lora0", "lora1"]):
+            pass
         with pytest.raises(hd.HookdeltaError, match="route"):
             hd.deltas(model)["lora0"].disable()
     assert hd.deltas(model)["lora0"].enabled
@@ -319,6 +313,5 @@ def test_methods_that_read_the_whole_batch_refuse_routing_and_say_why(make, why)
     model, inputs, _ = build("llama")
     hd.attach(model, make(), name="a")
     hd.attach(model, hd.LoRAConfig(r=2), name="b")
-    with pytest.raises(hd.UnsupportedModuleError, match=why):
-        with hd.route(model, ["a", "b"]):
-            model(**_batch(inputs, 2))
+    with pytest.raises(hd.UnsupportedModuleError, match=why), hd.route(model, ["a", "b"]):
+        model(**_batch(inputs, 2))

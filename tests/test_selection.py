@@ -1,12 +1,13 @@
 """Selectors: every form, layers/exclude, and the errors for no match and unsupported types."""
 
 import re
+
 import pytest
 import torch.nn as nn
-
-import hookdelta as hd
 from helpers import assert_restored, snapshot
 from tiny_models import build
+
+import hookdelta as hd
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
+from helpers import perturb
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import perturb
 from hookdelta import ops
 from hookdelta.shared_input import new_forward
-from tiny_models import build
 
 
 def _groups(delta):

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from internals import forward_hooks, forward_pre_hooks, parameter_slot
 
 from hookdelta.engine import Piece, Site, is_ours
-from internals import forward_hooks, forward_pre_hooks, parameter_slot
 
 
 class Add(Piece):

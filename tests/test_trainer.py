@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import build
 
 import hookdelta as hd
-from tiny_models import build
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,6 +83,7 @@ def test_resume_without_a_saved_delta_says_so(tmp_path):
     delta = lora(model)
     make_trainer(model, delta, tmp_path / "run", steps=3).train()
     import shutil
+
     from safetensors.torch import save_file
     checkpoint = tmp_path / "run" / "checkpoint-3"
     shutil.rmtree(checkpoint / "hookdelta")  # as if written without the callback: the base weights only

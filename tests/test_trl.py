@@ -66,7 +66,7 @@ def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, 
         trainer.train()
         runs.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
     assert len(runs[0]) == 3 and runs[0][-1] != runs[0][0]  # it trained
-    for got, want in zip(*runs):
+    for got, want in zip(*runs, strict=True):
         assert got == pytest.approx(want, abs=1e-4)  # Adam's rounding over three steps
     assert all(d.enabled for d in hd.deltas(ours).values())  # the reference switched them back on
 

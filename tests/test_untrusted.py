@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 import torch
+from helpers import assert_restored, outputs, perturb, snapshot
+from tiny_models import build
 
 import hookdelta as hd
-from helpers import assert_restored, outputs, perturb, snapshot
 from hookdelta.untrusted import risky_pattern
-from tiny_models import build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ LOAD = textwrap.dedent("""
     import hookdelta as hd
     from tiny_models import build
     model, _, _ = build("llama")
-    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.RLIMIT_AS and 8 * 2**30))  # (never the machine)
+    resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))  # (not the machine)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     try:

@@ -4,9 +4,9 @@ import io
 
 import torch
 from rich.console import Console
+from tiny_models import build
 
 import hookdelta as hd
-from tiny_models import build
 
 
 def render(model, **kw):

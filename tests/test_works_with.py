@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers as tf
+from helpers import assert_restored, assert_same, bare_copy, perturb, same_bits, snapshot
+from internals import forward_hooks, forward_pre_hooks, no_global_forward_hooks, torch_function_modes
+from tiny_models import Holder, build
 
 import hookdelta as hd
-from helpers import assert_restored, assert_same, bare_copy, perturb, same_bits, snapshot
-from tiny_models import Holder, build
-from internals import forward_hooks, forward_pre_hooks, no_global_forward_hooks, torch_function_modes
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -392,7 +392,7 @@ class TopOneMoE(nn.Module):
 
     def forward(self, x):
         choice = torch.zeros(x.shape[0], dtype=torch.long)  # everything to expert 0
-        return torch.stack([self.experts[int(c)](row) for c, row in zip(choice, x)])
+        return torch.stack([self.experts[int(c)](row) for c, row in zip(choice, x, strict=True)])
 
 
 def test_experts_that_simply_do_not_run_stay_quiet():
@@ -446,7 +446,7 @@ def test_offloaded_models_get_real_deltas_that_match_the_plain_model(kind, metho
     perturb(delta, std=0.1)
     twin = hd.attach(plain, OUTPUT_SIDE[method])
     with torch.no_grad():
-        for mine, theirs in zip(delta.parameters(), twin.parameters()):
+        for mine, theirs in zip(delta.parameters(), twin.parameters(), strict=True):
             theirs.copy_(mine)
         got, want = model(**inputs).logits, plain(**inputs).logits
     assert torch.isfinite(got).all()
@@ -660,7 +660,7 @@ def test_a_tied_head_in_also_train_is_one_copy_used_by_both_ends():
     with torch.no_grad():
         ref.transformer.wte.weight.copy_(copy_)  # tied: input embedding and head both take the copy
         ref_lora = hd.attach(ref, hd.LoRAConfig(r=2, targets=["c_attn"]))
-        for a, b in zip(ref_lora.parameters(), [p for n, p in delta.named_parameters() if "lora" in n]):
+        for a, b in zip(ref_lora.parameters(), [p for n, p in delta.named_parameters() if "lora" in n], strict=True):
             a.copy_(b)
         want = ref(**inputs).logits
         unmerged = model(**inputs).logits

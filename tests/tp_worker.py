@@ -16,9 +16,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hookdelta as hd  # noqa: E402
 from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
 
 ATTENTION = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
              "o_proj": RowwiseParallel()}
@@ -71,7 +72,7 @@ def main() -> None:
     ref_delta = hd.attach(reference, CONFIG)
     verdict["sharded_factors"] = all(hasattr(p, "full_tensor") for p in delta.parameters())
     with torch.no_grad():  # the same values in both (B is zero at first: make the delta act)
-        for i, (p, q) in enumerate(zip(delta.parameters(), ref_delta.parameters())):
+        for i, (p, q) in enumerate(zip(delta.parameters(), ref_delta.parameters(), strict=True)):
             value = torch.randn(q.shape, generator=torch.Generator().manual_seed(i)) * 0.3
             q.copy_(value)
             p.copy_(torch.distributed.tensor.distribute_tensor(value, p.device_mesh, p.placements))
@@ -81,7 +82,7 @@ def main() -> None:
     out_tp.loss.backward()
     out_ref.loss.backward()
     verdict["grad_max_diff"] = max((whole(p.grad) - q.grad).abs().max().item()
-                                   for p, q in zip(delta.parameters(), ref_delta.parameters()))
+                                   for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True))
     opts = [torch.optim.AdamW(d.parameters(), lr=1e-2, weight_decay=0.0) for d in (delta, ref_delta)]
     for _ in range(2):
         for opt in opts:
@@ -90,7 +91,7 @@ def main() -> None:
         for net in (model, reference):
             net(input_ids=batch, labels=batch).loss.backward()
     verdict["train_max_diff"] = max((whole(p) - q).abs().max().item()
-                                    for p, q in zip(delta.parameters(), ref_delta.parameters()))
+                                    for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True))
     with torch.no_grad():
         ref_delta.load_tensors(delta.tensors())
 
@@ -120,9 +121,9 @@ def main() -> None:
     before = [whole(p) for p in base]
     delta.merge()
     verdict["merged_max_diff"] = (logits(model) - on).abs().max().item()
-    verdict["merge_changed_weights"] = any(not torch.equal(whole(p), b) for p, b in zip(base, before))
+    verdict["merge_changed_weights"] = any(not torch.equal(whole(p), b) for p, b in zip(base, before, strict=True))
     delta.unmerge()
-    verdict["unmerge_exact"] = all(torch.equal(whole(p), b) for p, b in zip(base, before))
+    verdict["unmerge_exact"] = all(torch.equal(whole(p), b) for p, b in zip(base, before, strict=True))
 
     other, _, _ = build("llama")
     other.config.use_cache = False
@@ -138,7 +139,7 @@ def main() -> None:
     verdict["hotswap_max_diff"] = (logits(other) - on).abs().max().item()
 
     delta.detach()
-    verdict["detach_exact"] = all(torch.equal(whole(p), b) for p, b in zip(base, before))
+    verdict["detach_exact"] = all(torch.equal(whole(p), b) for p, b in zip(base, before, strict=True))
     verdict["detached_max_diff"] = (logits(model) - off).abs().max().item()
     if rank == 0:
         a, b = load_file(os.path.join(folder, "tp", "delta.safetensors")), load_file(os.path.join(folder, "plain",

@@ -16,9 +16,10 @@ import transformers as tf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-import hookdelta as hd  # noqa: E402
 from helpers import report  # noqa: E402
 from tiny_models import build  # noqa: E402
+
+import hookdelta as hd  # noqa: E402
 
 
 class Tokens(torch.utils.data.Dataset):

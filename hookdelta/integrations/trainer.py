@@ -211,7 +211,7 @@ class _DeltaTrainer:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def delta_trainer(trainer_class: type) -> type:
     """`trainer_class` (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, DPOTrainer, ...) with a
     `save_model()` that writes the attached deltas, not the frozen base, and an `hd.TrainerCallback`

@@ -22,8 +22,8 @@ from .lora import LoRAConfig
 from .low_rank_adapter import LowRankAdapterConfig
 from .miss import MiSSConfig
 from .oft import OFTConfig
-from .parallel_adapter import ParallelAdapterConfig
 from .p_tuning import PTuningConfig
+from .parallel_adapter import ParallelAdapterConfig
 from .prefix import PrefixConfig
 from .randlora import RandLoRAConfig
 from .reft import DiReFTConfig, LoReFTConfig

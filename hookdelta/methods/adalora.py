@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -166,7 +167,7 @@ class RankAllocator:
         if budget >= self.init_budget:
             return  # nothing to cut yet
         threshold = torch.kthvalue(torch.cat(triplets), k=self.init_budget - budget)[0].item()
-        for p, s in zip(self.pieces, triplets):
+        for p, s in zip(self.pieces, triplets, strict=True):
             keep = s > threshold
             p.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
             p.rank_mask.copy_(keep.to(p.rank_mask.dtype))

@@ -9,8 +9,9 @@ cannot be merged into the weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 
 from ..config import MAX_ALPHA, DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
-from ..placement import layer_like
 from ..modules import layer_dims
+from ..placement import layer_like
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,

@@ -7,7 +7,8 @@ token of the rows whose prompt held the invocation, and on none of the others, a
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -5,8 +5,9 @@ projections), so the base biases are never written. Merging adds it to the layer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -8,8 +8,9 @@ PEFT's (`boft_R` [m, blocks, b, b], `boft_s` [out, 1]), so its BOFT files map on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

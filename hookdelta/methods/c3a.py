@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import (DeltaConfig, PeftCodec, after_dot_pattern, check_choice, check_int, check_patterns, exact,
-                     pattern_value)
+from ..config import (
+    DeltaConfig,
+    PeftCodec,
+    after_dot_pattern,
+    check_choice,
+    check_int,
+    check_patterns,
+    exact,
+    pattern_value,
+)
 from ..engine import Piece
 from ..errors import ConfigError
 from ..modules import linear_layer

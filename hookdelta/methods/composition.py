@@ -17,8 +17,9 @@ and detaching the block enables them again.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -167,7 +168,7 @@ class AveragePiece(BlockPiece):
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         def run(h: torch.Tensor) -> torch.Tensor:
             changes = self.changes(module, args, kwargs, h)
-            return h + sum(w * c for w, c in zip(self.weights, changes)).to(h.dtype)
+            return h + sum(w * c for w, c in zip(self.weights, changes, strict=True)).to(h.dtype)
         return map_output(output, run)
 
 
@@ -265,7 +266,7 @@ class SplitConfig(BlockConfig):
         if not isinstance(self.sources, dict):
             raise ConfigError(f"SplitConfig.sources must map delta names to token ranges, got {self.sources!r}")
         spans = sorted((s, math.inf if e is None else e, n) for n, (s, e) in ranges.items())
-        for (s1, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
+        for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:], strict=False):
             if s2 < e1:
                 raise ConfigError(f"SplitConfig: the ranges of {n1!r} and {n2!r} overlap; each token gets one delta")
         object.__setattr__(self, "sources", ranges)
@@ -293,7 +294,7 @@ class SplitPiece(BlockPiece):
                     f"(input {tuple(getattr(x, 'shape', ()))}, output {tuple(h.shape)}); split deltas on token layers")
             self.check_sources()
             out = h.clone()
-            for (_, piece), span in zip(self.parts, self.spans):
+            for (_, piece), span in zip(self.parts, self.spans, strict=True):
                 sub_args = (x[:, span],) + tuple(args[1:]) if args else args
                 sub_kwargs = kwargs if args else {**kwargs, next(iter(kwargs)): x[:, span]}
                 out[:, span] = piece.post_forward(module, sub_args, sub_kwargs, h[:, span])

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import (MAX_ALPHA, DeltaConfig, file_rank, check_bool, check_float, check_int, check_patterns,
-                     pattern_value)
+from ..config import (
+    MAX_ALPHA,
+    DeltaConfig,
+    check_bool,
+    check_float,
+    check_int,
+    check_patterns,
+    file_rank,
+    pattern_value,
+)
 from ..engine import Piece, first_input
 from ..errors import UnsupportedModuleError
 from ..modules import is_conv1d, is_linear_like, layer_dims

@@ -30,7 +30,7 @@ class DoRALinear(LoRALinear):
     def lowrank(self, module: nn.Module) -> None:
         return None  # the magnitude rescales the base term too
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)
         with torch.no_grad():
             self.magnitude = nn.Parameter(self._rows(weight.detach()).norm(dim=1).to(like.device, like.dtype))
@@ -78,7 +78,7 @@ class DoRAEmbedding(LoRAEmbedding):
 
     merges_by, additive, reads_weight = "value", False, True
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Embedding, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)
         with torch.no_grad():
             self.magnitude = nn.Parameter(weight.detach().float().norm(dim=0).to(like.device, like.dtype))
@@ -113,7 +113,7 @@ class DoRAConv(LoRAConv):
 
     merges_by, additive, reads_weight = "value", False, True
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)
         shape = (1, -1) + (1,) * (weight.dim() - 2)  # PEFT's layout: [1, out, 1, ...]
         with torch.no_grad():

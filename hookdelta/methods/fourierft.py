@@ -9,14 +9,24 @@ On nn.Linear and transformers' Conv1D, as PEFT."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import (MAX_ALPHA, DeltaConfig, PeftCodec, after_dot_pattern, check_bool, check_float, check_int,
-                     check_patterns, exact)
+from ..config import (
+    MAX_ALPHA,
+    DeltaConfig,
+    PeftCodec,
+    after_dot_pattern,
+    check_bool,
+    check_float,
+    check_int,
+    check_patterns,
+    exact,
+)
 from ..engine import Piece
 from ..errors import ConfigError, UnsupportedModuleError
 from ..modules import is_linear_like

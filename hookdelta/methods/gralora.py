@@ -7,8 +7,9 @@ groups, one per input block), scale alpha / (r + hybrid_r); B starts at zero. On
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -8,14 +8,15 @@ embedding forms are not built here)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig, file_rank, PeftCodec, check_bool, check_int, check_patterns, exact, pattern_value
+from ..config import DeltaConfig, PeftCodec, check_bool, check_int, check_patterns, exact, file_rank, pattern_value
 from ..engine import Piece, current, first_input
 from ..modules import linear_layer
 from ..placement import live_weight

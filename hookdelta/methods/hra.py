@@ -11,8 +11,9 @@ the original, so unmerge is exact. On linear layers (PEFT's conv form is not bui
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

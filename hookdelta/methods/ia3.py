@@ -5,8 +5,9 @@ down projection): the *input* is rescaled, x -> l ⊙ x. Both fold into the weig
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,8 +15,8 @@ import torch.nn as nn
 from ..config import DeltaConfig, PeftCodec, Selector, exact, has_callable, normalize_selector
 from ..engine import Piece, current, map_first_input, map_output
 from ..errors import SelectorError, UnsupportedModuleError
-from ..placement import layer_like, like_tensor
 from ..modules import is_conv1d, is_linear_like, layer_dims, resolve_site
+from ..placement import layer_like, like_tensor
 from ..roles import experts_transposed
 from ..selection import match, model_order
 
@@ -44,16 +45,16 @@ class Rescale(Piece):
         return map_output(output, lambda h: h * self.ia3_l.to(h.dtype))
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        w, l = current(module, "weight").float(), self.ia3_l.float()  # differentiable: also the weight path (Piece)
+        w, gain = current(module, "weight").float(), self.ia3_l.float()  # differentiable: also the weight path (Piece)
         # nn.Linear weight is [out, in]; Conv1D stores [in, out]
         out_axis, in_axis = (1, 0) if self.conv1d else (0, 1)
         axis = in_axis if self.on_input else out_axis
         shape = [1, 1]
         shape[axis] = -1
-        merged = {"weight": w * l.reshape(shape)}
+        merged = {"weight": w * gain.reshape(shape)}
         bias = module._parameters.get("bias")
         if bias is not None and not self.on_input:
-            merged["bias"] = bias.float() * l
+            merged["bias"] = bias.float() * gain
         return merged
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:

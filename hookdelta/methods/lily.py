@@ -10,8 +10,9 @@ mergeable (the mix depends on the input), not routable per row. On linear layers
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -77,7 +78,7 @@ class InterconnectedLoRA(Piece):
     unroutable = "mixes its B's by the router's average over the whole batch, so a row's output depends on the other rows"
 
     def __init__(self, cfg: LilyConfig, key: str, dims: tuple[int, int], like: torch.Tensor,
-                 owner_a: "InterconnectedLoRA | None", owner_b: "InterconnectedLoRA | None") -> None:
+                 owner_a: InterconnectedLoRA | None, owner_b: InterconnectedLoRA | None) -> None:
         super().__init__(key)
         in_f, out_f = dims
         kw = {"device": like.device, "dtype": like.dtype}

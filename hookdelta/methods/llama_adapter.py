@@ -11,8 +11,9 @@ has a bias is refused: PEFT would add that bias a second time for the adapter te
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

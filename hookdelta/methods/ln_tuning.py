@@ -4,8 +4,8 @@ tensors are never written until merge(), which is a plain addition (exact unmerg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn

@@ -17,27 +17,52 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..config import (MAX_ALPHA, DeltaConfig, PeftCodec, Selector, check_bool, check_choice, check_float, check_int,
-                      check_patterns, exact, file_rank, has_callable, normalize_selector, pattern_value)
+from ..config import (
+    MAX_ALPHA,
+    DeltaConfig,
+    PeftCodec,
+    Selector,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_patterns,
+    exact,
+    file_rank,
+    has_callable,
+    normalize_selector,
+    pattern_value,
+)
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, HookdeltaError, SelectorError, UnsupportedModuleError
 from ..modules import is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
 from ..placement import layer_like, like_tensor, real_weight
 from ..roles import experts_transposed, fused_rows, roles
 from ..selection import match_parameters
-from ..shared_input import SharedInput
 from ..sharding import tensor_parallel_sites
+from ..shared_input import SharedInput
 from .alora import Activation, InvocationScanner
 from .dora import DoRAConv, DoRAEmbedding, DoRALinear
-from .lora_layers import (LINEAR_VARIANTS, ActivatedLoRALinear, DoRAParameter, LoRAConv, LoRAEmbedding, LoRALinear, LoRAParameter,
-                          LoRASlices, TensorParallelLoRALinear, TiedLoRA, TiedParameter)
+from .lora_layers import (
+    LINEAR_VARIANTS,
+    ActivatedLoRALinear,
+    DoRAParameter,
+    LoRAConv,
+    LoRAEmbedding,
+    LoRALinear,
+    LoRAParameter,
+    LoRASlices,
+    TensorParallelLoRALinear,
+    TiedLoRA,
+    TiedParameter,
+)
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d"
 INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "lora_ga", "corda", "loftq", "eva")
@@ -150,7 +175,7 @@ class LoRAConfig(DeltaConfig):
         r, alpha = self.rank_for(key), pattern_value(self.alpha_pattern, key, self.alpha)
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
-    def fitted(self, ranks: dict[str, int], scales: dict[str, float]) -> "LoRAConfig":
+    def fitted(self, ranks: dict[str, int], scales: dict[str, float]) -> LoRAConfig:
         """This config with exactly these per-site ranks and scales (exact-path patterns where a
         site differs from the most common), e.g. after zero-padding or a combination."""
         r = max(ranks.values())
@@ -347,7 +372,7 @@ class LoRACodec(PeftCodec):
         for site in params:  # PEFT's target_parameters: its factor layout, ours (see peft_parameter_factors)
             a, b = named[site]["lora_A"], named[site]["lora_B"]
             named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(
-                model, site, a, b, version=peft_config.get("peft_version"))))}
+                model, site, a, b, version=peft_config.get("peft_version")), strict=True))}
         ranks = {s: int(t["lora_A"].shape[-2 if s in params else 0]) for s, t in named.items() if "lora_A" in t}
         r = file_rank(peft_config, ranks, 8)
         cfg = LoRAConfig(

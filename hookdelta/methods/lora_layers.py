@@ -5,7 +5,8 @@ DoRA's pieces are in dora.py, the config, the building and PEFT's files in lora.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ class _LoRABase(Piece):
     additive = True
     siblings: SharedInput | None = None  # layers reading the same input: one A GEMM (shared_input.py)
 
-    def __init__(self, cfg: "LoRAConfig", key: str, site_path: str, a_shape: Sequence[int],
+    def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
                  b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
         super().__init__(site_path, key)
         self.r, self.scale, self.p = cfg.rank_for(key), cfg.scale_for(key), cfg.dropout
@@ -87,7 +88,7 @@ class LoRALinear(_LoRABase):
     lora_bias: nn.Parameter | None  # bias="lora_only" (BiasedLoRALinear); None here
     activation = None  # aLoRA (ActivatedLoRALinear)
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor,
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
                  weight: torch.Tensor | None = None, activation: Any = None) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)  # the logical shape (a quantized weight is packed)
@@ -171,7 +172,7 @@ class _TermLoRALinear(LoRALinear):
 class BiasedLoRALinear(_TermLoRALinear):
     """bias="lora_only" (PEFT's lora_bias): a trainable bias b on B, s·(B·A·x + b)."""
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
         super().__init__(cfg, key, module, like, *rest)
         self.lora_bias = nn.Parameter(torch.zeros(self.out_features, dtype=like.dtype, device=like.device))
 
@@ -203,7 +204,7 @@ class ResidualLoRALinear(_TermLoRALinear):
 
     residual = True
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor,
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
                  weight: torch.Tensor | None = None, *rest: Any) -> None:
         super().__init__(cfg, key, module, like, weight, *rest)
         w = weight.detach().float()
@@ -289,7 +290,7 @@ class LoRASlices(_LoRABase):
     own rank-r A and B, written into that slice's output features only. lora_A is the slices'
     A's stacked [k·r, in], lora_B their B's stacked [rows, r]; `rows` are the output features."""
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor,
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
                  slices: dict[str, torch.Tensor]) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)
@@ -304,13 +305,13 @@ class LoRASlices(_LoRABase):
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale  # [.., k·r]
-        parts = [F.linear(a, b) for a, b in zip(h.split(self.r, -1), self.lora_B.split(self.sizes))]
+        parts = [F.linear(a, b) for a, b in zip(h.split(self.r, -1), self.lora_B.split(self.sizes), strict=True)]
         return output.index_add(-1, self.rows, torch.cat(parts, -1).to(output.dtype))
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         dw = torch.zeros(self.out_features, self.lora_A.shape[1], device=self.lora_A.device)
         for a, b, rows in zip(self.lora_A.float().split(self.r), self.lora_B.float().split(self.sizes),
-                              self.rows.split(self.sizes)):
+                              self.rows.split(self.sizes), strict=True):
             dw[rows] = (b * self.scale) @ a
         return {"weight": dw.T if self.conv1d else dw}
 
@@ -321,7 +322,7 @@ class LoRASlices(_LoRABase):
 class LoRAEmbedding(_LoRABase):
     """LoRA on nn.Embedding: looks up rows of Aᵀ, then projects with Bᵀ."""
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Embedding, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor) -> None:
         num, dim = module.weight.shape
         r = cfg.rank_for(key)
         super().__init__(cfg, key, key, (r, num), (dim, r), like, num)
@@ -341,7 +342,7 @@ class LoRAConv(_LoRABase):
     """LoRA on Conv1d/2d/3d (grouped and 1×1 included): A is a grouped conv with the host's
     kernel, stride, padding and dilation; B a grouped 1×1 conv. Exact for any groups."""
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
         w = module.weight  # [out, in/g, *k]
         g = module.groups
         kernel = tuple(w.shape[2:])
@@ -376,7 +377,7 @@ class LoRAParameter(_LoRABase):
     hooks = frozenset()  # it only swaps
     rank_dims = {"lora_A": -2, "lora_B": -1}
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
         w = module._parameters[name]
         if w.dim() < 2:
             raise UnsupportedModuleError(
@@ -417,7 +418,7 @@ class DoRAParameter(LoRAParameter):
     additive = False
     reads_weight = True
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, name: str, like: torch.Tensor,
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor,
                  weight: torch.Tensor, transposed: bool) -> None:
         super().__init__(cfg, key, module, name, like)
         self.in_dim = -2 if transposed else -1
@@ -498,7 +499,7 @@ class TiedParameter(TiedSwap):
 
     additive = True
 
-    def __init__(self, primary: "LoRAParameter", site_path: str) -> None:
+    def __init__(self, primary: LoRAParameter, site_path: str) -> None:
         super().__init__(primary, site_path, key=site_path + "." + primary.param_name)
 
 
@@ -520,7 +521,7 @@ class TensorParallelLoRALinear(LoRALinear):
     tensor_parallel = True
     siblings = None
 
-    def __init__(self, cfg: "LoRAConfig", key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         super().__init__(cfg, key, module, like, *rest)

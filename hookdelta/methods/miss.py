@@ -7,8 +7,9 @@ multiplies the base weight's own shards) is not built. On linear layers."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -8,8 +8,9 @@ and are written from, the prompt that output is: a P_TUNING file loads as a soft
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -12,8 +12,9 @@ the paper and PEFT. Decoder-only and encoder-only models; not mergeable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,18 @@ from .. import inits
 from ..config import check_bool, check_int
 from ..engine import Piece
 from ..errors import UnsupportedModuleError
-from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, cache_taker, check_growable,
-                            is_encoder_decoder, main_input, widen_mask)
+from ..model_inputs import (
+    accepts,
+    attention_shape,
+    bind,
+    cache_argument,
+    cache_length,
+    cache_taker,
+    check_growable,
+    is_encoder_decoder,
+    main_input,
+    widen_mask,
+)
 from .prompt_base import PromptConfig, vocab_rows
 
 

@@ -12,8 +12,9 @@ unavailable, so its own seeds are not portable)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -74,7 +75,7 @@ class RandLoRAConfig(DeltaConfig):
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         layers = [linear_layer(model, key, "RandLoRA", "adapts") for key in sites]
-        dims = [layer_dims(model, m, k) for m, k in zip(layers, sites)]
+        dims = [layer_dims(model, m, k) for m, k in zip(layers, sites, strict=True)]
         if not dims:
             return []
         out_dim, in_dim = max(d[1] for d in dims), max(d[0] for d in dims)
@@ -82,7 +83,7 @@ class RandLoRAConfig(DeltaConfig):
         like = layer_like(model, sites[0], layers[0])
         bases = RandomBases(sites[0], *draw_bases(self.r, out_dim, in_dim, self.projection_prng_key, sparsity), like)
         return [bases] + [ScaledBases(self, key, m, d, layer_like(model, key, m), bases)
-                          for key, m, d in zip(sites, layers, dims)]
+                          for key, m, d in zip(sites, layers, dims, strict=True)]
 
 
 class RandomBases(Piece):

@@ -11,8 +11,9 @@ position_ids do not start at 0) passes through. Not a weight change: merge is re
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from ..errors import ConfigError, UnsupportedModuleError
 from ..modules import hidden_size, named_modules
 from ..roles import blocks
 
-Positions = Union[str, Callable[[torch.Tensor], Any]]
+Positions = str | Callable[[torch.Tensor], Any]
 
 
 def parse_positions(spec: str) -> tuple[int, int]:

@@ -9,8 +9,9 @@ output, bias included, so merge turns W and b (W' = R·W, b' = R·b) and keeps t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

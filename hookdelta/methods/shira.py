@@ -9,8 +9,9 @@ mask functions are not reproducible from a file's config, and are refused). On l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -12,8 +12,9 @@ widens the encoder mask the decoder's cross-attention uses. Not mergeable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,8 +22,20 @@ import torch.nn as nn
 from ..config import DeltaConfig, PeftCodec
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
-from ..model_inputs import (accepts, attention_shape, bind, cache_argument, cache_length, check_growable,
-                            input_embeddings_path, is_encoder_decoder, main_input, path_of, prepend, widen_mask)
+from ..model_inputs import (
+    accepts,
+    attention_shape,
+    bind,
+    cache_argument,
+    cache_length,
+    check_growable,
+    input_embeddings_path,
+    is_encoder_decoder,
+    main_input,
+    path_of,
+    prepend,
+    widen_mask,
+)
 from .prompt_base import PromptConfig, vocab_rows
 
 

@@ -7,8 +7,9 @@ delta changes nothing; merge writes just those rows, and unmerge restores them e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -8,8 +8,9 @@ changes the model a little). PEFT's save_only_topk_weights files (integer indice
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

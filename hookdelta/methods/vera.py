@@ -8,8 +8,9 @@ changes nothing. Mergeable: ΔW = diag(b)·B·diag(d)·A."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -18,12 +18,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import perturb
+from tiny_models import Holder, build, main_output
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import hookdelta as hd
 from hookdelta import ops
-from helpers import perturb
-from tiny_models import Holder, build, main_output
+
 
 @pytest.fixture(autouse=True)
 def _fast_paths_at_any_size(monkeypatch):
@@ -186,14 +187,14 @@ def test_eval_after_optimizer_writes_equals_the_plain_path(name, optimizer):
         # parameters within 1% of three steps, outputs within 1e-4 of their scale; bitsandbytes' 8-bit
         # state rounds each entry to one of 256 levels, so there a few levels (2⁻⁵ of a step, 2⁻⁷ of scale)
         eight = optimizer == "bnb-8bit"
-        for got, want in zip(losses + evals, losses_p + evals_p):
+        for got, want in zip(losses + evals, losses_p + evals_p, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=(2 ** -7 if eight else 1e-4) * want.abs().max().item())
-        for (n, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters()):
+        for (_, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=3 * 1e-2 * (2 ** -5 if eight else 1e-2))
     else:
-        for got, want in zip(losses + evals, losses_p + evals_p):
+        for got, want in zip(losses + evals, losses_p + evals_p, strict=True):
             close(got, want)
-        for (n, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters()):
+        for (_, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters(), strict=True):
             close(p, q)
     if name in ("lora", "experts-grouped", "experts-eager"):  # and the formula itself, in float64, at the trained factors
         with torch.no_grad():
