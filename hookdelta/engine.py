@@ -450,7 +450,7 @@ class Site:
             runs = self._runs(live, foreign)
         while len(self.dispatchers) < len(runs):
             self.dispatchers.append(Dispatcher(self))
-        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=True)]
+        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=False)]  # (extras unhooked below)
         for d in self.dispatchers[len(runs):]:
             d.unhook()
         del self.dispatchers[len(runs):]

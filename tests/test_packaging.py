@@ -87,3 +87,24 @@ def test_every_private_name_of_another_library_that_hookdelta_uses_is_listed_in_
     assert "_parameters" in names and "_convert_weight_packed_for_cpu_inverse" in names  # the scan sees them
     missing = sorted(n for n in names if f"`{n}`" not in section and not re.search(rf"\.{n}\b", section))
     assert not missing, f"list these in the README's compatibility section: {missing}"
+
+
+def test_the_version_is_one_in_pyproject_the_package_and_the_changelog():
+    import tomllib
+
+    import hookdelta
+
+    root = Path(__file__).resolve().parent.parent
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert hookdelta.__version__ == version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", version)  # semantic versioning
+    changelog = (root / "CHANGELOG.md").read_text()
+    released = re.findall(r"^## \[(\d+\.\d+\.\d+)\] - \d{4}-\d{2}-\d{2}$", changelog, flags=re.M)
+    assert released and released[0] == version, "CHANGELOG.md's newest released section is not this version"
+    assert changelog.index("## [Unreleased]") < changelog.index(f"## [{version}]")
+
+
+def test_the_package_ships_its_type_hints():
+    import importlib.resources
+
+    assert importlib.resources.files("hookdelta").joinpath("py.typed").is_file()
