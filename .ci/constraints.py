@@ -6,6 +6,7 @@
 
 torch is left out of both: every lane installs the CPU build on this disk first (torch==2.13.0).
 """
+
 from __future__ import annotations
 
 import re
@@ -36,13 +37,16 @@ def floor_text() -> str:
 
 
 def freeze_text(lane: str) -> str:
-    lines = subprocess.run([sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True,
-                           capture_output=True, text=True).stdout.splitlines()
-    keep = sorted((line for line in lines if "==" in line and line.split("==")[0].lower() not in SKIP),
-                  key=str.lower)
+    lines = subprocess.run(
+        [sys.executable, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    keep = sorted((line for line in lines if "==" in line and line.split("==")[0].lower() not in SKIP), key=str.lower)
     py = ".".join(map(str, sys.version_info[:3]))
-    return (HEADER.format(what=f"freeze (lane {lane})") + f"# python {py}; torch 2.13.0 (CPU build) installed first\n"
-            + "".join(f"{line}\n" for line in keep))
+    return (
+        HEADER.format(what=f"freeze (lane {lane})")
+        + f"# python {py}; torch 2.13.0 (CPU build) installed first\n"
+        + "".join(f"{line}\n" for line in keep)
+    )
 
 
 if __name__ == "__main__":

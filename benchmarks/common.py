@@ -80,21 +80,82 @@ def sync() -> None:
 
 
 PROFILES = {
-    "full": Profile("full", layers=8, width=512, batch=4, seq=128, rounds=21, calls=3, deep_layers=24,
-                    switch_rounds=200, finetune_steps=40, finetune_test=400, real_model=True),
-    "quick": Profile("quick", layers=4, width=512, batch=4, seq=64, rounds=9, calls=2, deep_layers=24,
-                     switch_rounds=50, finetune_steps=10, finetune_test=100, real_model=True),
+    "full": Profile(
+        "full",
+        layers=8,
+        width=512,
+        batch=4,
+        seq=128,
+        rounds=21,
+        calls=3,
+        deep_layers=24,
+        switch_rounds=200,
+        finetune_steps=40,
+        finetune_test=400,
+        real_model=True,
+    ),
+    "quick": Profile(
+        "quick",
+        layers=4,
+        width=512,
+        batch=4,
+        seq=64,
+        rounds=9,
+        calls=2,
+        deep_layers=24,
+        switch_rounds=50,
+        finetune_steps=10,
+        finetune_test=100,
+        real_model=True,
+    ),
     # one GPU (--device cuda --dtype bfloat16): a 1.1B Llama (TinyLlama's shape), batch 8x512
-    "gpu": Profile("gpu", layers=16, width=2048, batch=8, seq=512, rounds=15, calls=3, deep_layers=24,
-                   switch_rounds=100, finetune_steps=10, finetune_test=100, real_model=False),
-    "gpu-quick": Profile("gpu-quick", layers=4, width=2048, batch=8, seq=512, rounds=7, calls=2, deep_layers=8,
-                         switch_rounds=50, finetune_steps=5, finetune_test=50, real_model=False),
-    "smoke": Profile("smoke", layers=2, width=64, batch=2, seq=16, rounds=2, calls=1, deep_layers=3,
-                     switch_rounds=3, finetune_steps=2, finetune_test=8, real_model=False),
+    "gpu": Profile(
+        "gpu",
+        layers=16,
+        width=2048,
+        batch=8,
+        seq=512,
+        rounds=15,
+        calls=3,
+        deep_layers=24,
+        switch_rounds=100,
+        finetune_steps=10,
+        finetune_test=100,
+        real_model=False,
+    ),
+    "gpu-quick": Profile(
+        "gpu-quick",
+        layers=4,
+        width=2048,
+        batch=8,
+        seq=512,
+        rounds=7,
+        calls=2,
+        deep_layers=8,
+        switch_rounds=50,
+        finetune_steps=5,
+        finetune_test=50,
+        real_model=False,
+    ),
+    "smoke": Profile(
+        "smoke",
+        layers=2,
+        width=64,
+        batch=2,
+        seq=16,
+        rounds=2,
+        calls=1,
+        deep_layers=3,
+        switch_rounds=3,
+        finetune_steps=2,
+        finetune_test=8,
+        real_model=False,
+    ),
 }
 
 
 # -- models --------------------------------------------------------------------------------
+
 
 def llama(layers: int, width: int, seed: int = 0) -> tf.LlamaForCausalLM:
     """A Llama of the given depth and width: random weights, 8 heads, GQA with 4 kv heads."""
@@ -104,16 +165,28 @@ def llama(layers: int, width: int, seed: int = 0) -> tf.LlamaForCausalLM:
     else:
         heads = 8 if width % 8 == 0 else 4
         kv, ffn = heads // 2, width * 8 // 3
-    cfg = tf.LlamaConfig(vocab_size=2048 if width < 2048 else 32000, hidden_size=width, intermediate_size=ffn,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=2048)
+    cfg = tf.LlamaConfig(
+        vocab_size=2048 if width < 2048 else 32000,
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=2048,
+    )
     return place(tf.LlamaForCausalLM(cfg).eval())
 
 
 def bert(layers: int, width: int, seed: int = 0) -> tf.BertModel:
     torch.manual_seed(seed)
-    cfg = tf.BertConfig(vocab_size=2048, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers,
-                        num_attention_heads=8 if width % 8 == 0 else 4, max_position_embeddings=512)
+    cfg = tf.BertConfig(
+        vocab_size=2048,
+        hidden_size=width,
+        intermediate_size=width * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=8 if width % 8 == 0 else 4,
+        max_position_embeddings=512,
+    )
     return place(tf.BertModel(cfg).eval())
 
 
@@ -154,10 +227,12 @@ def forward(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     def call() -> None:
         with torch.inference_mode():
             model(input_ids=ids)
+
     return call
 
 
 # -- timing --------------------------------------------------------------------------------
+
 
 @dataclass
 class Stats:
@@ -167,12 +242,21 @@ class Stats:
     samples: int
 
     def as_dict(self) -> dict[str, float]:
-        return {"median_ms": self.median * 1e3, "min_ms": self.low * 1e3, "max_ms": self.high * 1e3,
-                "samples": self.samples}
+        return {
+            "median_ms": self.median * 1e3,
+            "min_ms": self.low * 1e3,
+            "max_ms": self.high * 1e3,
+            "samples": self.samples,
+        }
 
 
-def interleave(fns: dict[str, Callable[[], Any]], rounds: int, calls: int = 1, warmup: int = 1,
-               setup: Callable[[str], Any] | None = None) -> dict[str, Stats]:
+def interleave(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    calls: int = 1,
+    warmup: int = 1,
+    setup: Callable[[str], Any] | None = None,
+) -> dict[str, Stats]:
     """Time each function `rounds` times, one sample of each per round in a shuffled order, so
     drift on a shared machine hits every contender alike. A sample is the mean of `calls` calls;
     `setup(name)` runs untimed before each sample."""
@@ -199,8 +283,10 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int, calls: int = 1, w
 
 # -- memory --------------------------------------------------------------------------------
 
-def training_memory(step: Callable[[], torch.Tensor], trainable: list[torch.Tensor],
-                    weights: list[torch.Tensor] | None = None) -> dict[str, int]:
+
+def training_memory(
+    step: Callable[[], torch.Tensor], trainable: list[torch.Tensor], weights: list[torch.Tensor] | None = None
+) -> dict[str, int]:
     """Bytes a training step holds at its peak beyond the model's own weights: the tensors autograd
     saves for backward (each storage counted once; these are alive together when forward ends),
     plus the gradients and AdamW's two moment buffers of the trainable tensors. Exact and
@@ -219,10 +305,15 @@ def training_memory(step: Callable[[], torch.Tensor], trainable: list[torch.Tens
         loss = step()
     loss.backward()
     params = sum(t.numel() * t.element_size() for t in trainable)
-    return {"activations": sum(storages.values()), "grads_and_adamw": 3 * params, "total": sum(storages.values()) + 3 * params}
+    return {
+        "activations": sum(storages.values()),
+        "grads_and_adamw": 3 * params,
+        "total": sum(storages.values()) + 3 * params,
+    }
 
 
 # -- rows ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Ratio:
@@ -256,8 +347,17 @@ class Row:
         return all(verdicts) if verdicts else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "what": self.what, "setup": self.setup, "unit": self.unit,
-                "times": {k: v.as_dict() for k, v in self.times.items()},
-                "ratios": [{"name": r.name, "value": r.value, "target": r.target, "met": r.met, "note": r.note}
-                           for r in self.ratios],
-                "extra": self.extra, "checks": self.checks, "met": self.met}
+        return {
+            "id": self.id,
+            "what": self.what,
+            "setup": self.setup,
+            "unit": self.unit,
+            "times": {k: v.as_dict() for k, v in self.times.items()},
+            "ratios": [
+                {"name": r.name, "value": r.value, "target": r.target, "met": r.met, "note": r.note}
+                for r in self.ratios
+            ],
+            "extra": self.extra,
+            "checks": self.checks,
+            "met": self.met,
+        }

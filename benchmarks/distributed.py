@@ -23,8 +23,14 @@ import sys
 import tempfile
 import time
 
-CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=4)
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 BATCH, SEQ = 8, 64  # the global batch, split over the ranks
 
 
@@ -82,9 +88,24 @@ def launch(library: str, world: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                              os.path.abspath(__file__), "--worker", library, str(steps), out],
-                             capture_output=True, text=True, env=env, timeout=600)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={world}",
+                os.path.abspath(__file__),
+                "--worker",
+                library,
+                str(steps),
+                out,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         if run.returncode != 0:
             raise RuntimeError(f"{library} on {world} processes failed:\n{run.stderr[-2000:]}")
         with open(out) as f:
@@ -103,10 +124,14 @@ def main() -> None:
         for _ in range(a.repeats):  # interleaved: the machine's drift hits both alike
             for library in runs:
                 runs[library].append(launch(library, world, a.steps))
-        med = {lib: (statistics.median(r["step_ms"] for r in rs), statistics.median(max(r["peak_mb"]) for r in rs))
-               for lib, rs in runs.items()}
+        med = {
+            lib: (statistics.median(r["step_ms"] for r in rs), statistics.median(max(r["peak_mb"]) for r in rs))
+            for lib, rs in runs.items()
+        }
         rows.append((world, med))
-    print("| processes | hookdelta step (ms) | PEFT step (ms) | step hookdelta/PEFT | peak RSS per rank, hookdelta / PEFT (MB) |")
+    print(
+        "| processes | hookdelta step (ms) | PEFT step (ms) | step hookdelta/PEFT | peak RSS per rank, hookdelta / PEFT (MB) |"
+    )
     print("|---|---|---|---|---|")
     for world, med in rows:
         (h_ms, h_mb), (p_ms, p_mb) = med["hookdelta"], med["peft"]

@@ -47,8 +47,12 @@ class _KeptStack(SharedInput):
             return super().product(member, x)
         factors = [m._parameters[self.factor] for m in self.members]
         kept = getattr(self, "kept", None)
-        if not (kept is not None and all(k is f and f._version == v and f.data_ptr() == d
-                                          for (k, v, d), f in zip(kept[0], factors, strict=True))):
+        if not (
+            kept is not None
+            and all(
+                k is f and f._version == v and f.data_ptr() == d for (k, v, d), f in zip(kept[0], factors, strict=True)
+            )
+        ):
             self.kept = kept = (tuple((f, f._version, f.data_ptr()) for f in factors), torch.cat(factors))
         return F.linear(x, kept[1]).split([f.shape[0] for f in factors], dim=-1)[self.index[member]]
 
@@ -56,12 +60,14 @@ class _KeptStack(SharedInput):
 def _with_owned(owned: bool | None) -> Any:
     """LoRALinear.post_forward with the in-place decision fixed: True, the add in place also under
     autograd (as at 11c95c4, unsound under selective checkpointing); False, never in place."""
+
     def post_forward(self: LoRALinear, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
         group = self.siblings
         t = group.product(self, x) if group is not None and not x.is_inference() else F.linear(x, a)
         return ops.lowrank_add(output, t, b, self.scale, first_hook_is_ours(module) if owned else False)
+
     return post_forward
 
 
@@ -98,6 +104,7 @@ def _forward_no_grad(model: torch.nn.Module, ids: torch.Tensor) -> Any:
     def call() -> None:  # grouping is off under inference_mode (no version counters): time it here
         with torch.no_grad():
             model(input_ids=ids)
+
     return call
 
 
@@ -135,6 +142,7 @@ def _train_step(model: torch.nn.Module, ids: torch.Tensor) -> Any:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -147,17 +155,27 @@ def b13_before_after(p: Profile) -> Row:
     ids = token_ids(p)
     for m in (after, before, alone, kept):  # the first call after an attach is a watched one
         forward(m, ids)()
-    fns = {"bare": forward(bare, ids), "before": forward(before, ids), "after": forward(after, ids),
-           "peft": forward(theirs, ids), "11c95c4": forward(kept, ids), "after, no_grad": _forward_no_grad(after, ids),
-           "siblings off, no_grad": _forward_no_grad(alone, ids), "bare, no_grad": _forward_no_grad(bare, ids),
-           "11c95c4, no_grad": _forward_no_grad(kept, ids)}
-    row = Row("B13", "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
-              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; "
-              "training step with AdamW")
+    fns = {
+        "bare": forward(bare, ids),
+        "before": forward(before, ids),
+        "after": forward(after, ids),
+        "peft": forward(theirs, ids),
+        "11c95c4": forward(kept, ids),
+        "after, no_grad": _forward_no_grad(after, ids),
+        "siblings off, no_grad": _forward_no_grad(alone, ids),
+        "bare, no_grad": _forward_no_grad(bare, ids),
+        "11c95c4, no_grad": _forward_no_grad(kept, ids),
+    }
+    row = Row(
+        "B13",
+        "unmerged LoRA r=8 all-linear: the path before issue 15 and now, same run, and the floor",
+        f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}; forward under inference_mode; training step with AdamW",
+    )
     row.times = interleave(fns, p.rounds, p.calls)
     extra = floor_extra(delta, p.batch * p.seq, bandwidth())
-    row.times["floor"] = Stats(row.times["bare"].median + extra, row.times["bare"].low + extra,
-                               row.times["bare"].high + extra, 0)
+    row.times["floor"] = Stats(
+        row.times["bare"].median + extra, row.times["bare"].low + extra, row.times["bare"].high + extra, 0
+    )
     row.ratio("after", "bare", 1.05)
     row.ratio("after", "peft", 0.95)
     row.ratio("before", "bare")
@@ -170,9 +188,13 @@ def b13_before_after(p: Profile) -> Row:
     row.ratio("after, no_grad", "11c95c4, no_grad")
     for m in (after, before, theirs, alone, kept):
         m.train()
-    trains = {"train before": _train_step(before, ids), "train after": _train_step(after, ids),
-              "train peft": _train_step(theirs, ids), "train siblings off": _train_step(alone, ids),
-              "train 11c95c4": _train_step(kept, ids)}
+    trains = {
+        "train before": _train_step(before, ids),
+        "train after": _train_step(after, ids),
+        "train peft": _train_step(theirs, ids),
+        "train siblings off": _train_step(alone, ids),
+        "train 11c95c4": _train_step(kept, ids),
+    }
     row.times.update(interleave(trains, max(3, p.rounds // 2), 1))
     row.ratio("train after", "train peft", 0.92)
     row.ratio("train after", "train before")
@@ -189,9 +211,12 @@ def b13_before_after(p: Profile) -> Row:
 
 def _generator(model: torch.nn.Module, prompt: torch.Tensor, tokens: int, **kw: Any) -> Any:
     """A call that greedily generates exactly `tokens` tokens after `prompt` (and returns them)."""
+
     def call() -> Any:
-        return model.generate(input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                              pad_token_id=0, **kw)
+        return model.generate(
+            input_ids=prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0, **kw
+        )
+
     return call
 
 
@@ -212,13 +237,23 @@ def b14_decode(p: Profile) -> Row:
     def generate(model: torch.nn.Module) -> Any:  # as users call it: under generate()'s own no_grad
         return _generator(model, prompt, tokens)
 
-    models = {"bare": bare, "hookdelta": ours, "peft": theirs, "hookdelta merged": merged_ours,
-              "peft merged": merged_theirs, "hookdelta, siblings off": alone, "11c95c4": kept,
-              "hookdelta, no in-place add": copying}
+    models = {
+        "bare": bare,
+        "hookdelta": ours,
+        "peft": theirs,
+        "hookdelta merged": merged_ours,
+        "peft merged": merged_theirs,
+        "hookdelta, siblings off": alone,
+        "11c95c4": kept,
+        "hookdelta, no in-place add": copying,
+    }
     for m in (ours, alone, kept, copying):
         generate(m)()  # (the watched first call)
-    row = Row("B14", f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
-              f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache")
+    row = Row(
+        "B14",
+        f"decode: generate {tokens} tokens at batch 1, LoRA r=8 all-linear, unmerged and merged",
+        f"Llama {p.layers}x{p.width}, prompt 16 tokens, greedy, KV cache",
+    )
     row.times = interleave({k: generate(m) for k, m in models.items()}, max(3, p.rounds // 3), 1)
     row.ratio("hookdelta", "bare")
     row.ratio("peft", "bare")
@@ -240,8 +275,11 @@ def b15_compiled_prefill(p: Profile) -> Row:
     forward(ours, ids)()  # (the watched first call, before compiling)
     torch._dynamo.reset()
     compiled = {k: torch.compile(m) for k, m in (("bare", bare), ("hookdelta", ours), ("peft", theirs))}
-    row = Row("B15", "compiled prefill: torch.compile'd forward, LoRA r=8 all-linear", f"Llama {layers}x{p.width}, "
-              f"batch {p.batch}x{p.seq}; compile time not counted (warm-up)")
+    row = Row(
+        "B15",
+        "compiled prefill: torch.compile'd forward, LoRA r=8 all-linear",
+        f"Llama {layers}x{p.width}, batch {p.batch}x{p.seq}; compile time not counted (warm-up)",
+    )
     row.times = interleave({k: forward(m, ids) for k, m in compiled.items()}, p.rounds, p.calls, warmup=2)
     row.ratio("hookdelta", "bare")
     row.ratio("peft", "bare")
@@ -272,9 +310,12 @@ def b16_compiled_decode(p: Profile) -> Row:
 
     torch._dynamo.reset()
     models = {"bare": bare, "hookdelta": ours, "peft": theirs}
-    row = Row("B16", f"compiled decode: generate {tokens} tokens at batch 1 with a static cache and transformers' "
-              "compile of the forward, LoRA r=8 all-linear unmerged",
-              f"Llama {layers}x{p.width}, prompt 16 tokens, greedy; compile time not counted (warm-up)")
+    row = Row(
+        "B16",
+        f"compiled decode: generate {tokens} tokens at batch 1 with a static cache and transformers' "
+        "compile of the forward, LoRA r=8 all-linear unmerged",
+        f"Llama {layers}x{p.width}, prompt 16 tokens, greedy; compile time not counted (warm-up)",
+    )
     row.times = interleave({k: generate(m) for k, m in models.items()}, p.rounds, 1, warmup=2)
     row.ratio("hookdelta", "bare")
     row.ratio("peft", "bare")

@@ -36,10 +36,14 @@ def b1_unmerged(p: Profile) -> Row:
     with torch.inference_mode():  # same weights, same answer: the timings compare the same work
         if not close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits):
             raise AssertionError("hookdelta and PEFT disagree: the timing would compare different work")
-    row = Row("B1", "inference forward, LoRA r=8 on all linear layers, unmerged",
-              f"{_shape(p)}; {len(delta.pieces)} adapted layers")
-    row.times = interleave({"hookdelta": forward(ours, ids), "peft": forward(theirs, ids), "bare": forward(bare, ids)},
-                           p.rounds, p.calls)
+    row = Row(
+        "B1",
+        "inference forward, LoRA r=8 on all linear layers, unmerged",
+        f"{_shape(p)}; {len(delta.pieces)} adapted layers",
+    )
+    row.times = interleave(
+        {"hookdelta": forward(ours, ids), "peft": forward(theirs, ids), "bare": forward(bare, ids)}, p.rounds, p.calls
+    )
     row.ratio("hookdelta", "peft", 1.00)
     row.ratio("hookdelta", "bare")
     row.ratio("peft", "bare")
@@ -58,7 +62,8 @@ def b2_merged(p: Profile) -> Row:
     row.ratio("hookdelta merged", "bare", 1.01)
     # the layers run hook-free; only the model itself keeps the thread guard's two hooks
     row.checks["no hook on any layer while merged"] = not any(
-        m._forward_hooks or m._forward_pre_hooks for name, m in ours.named_modules() if name)
+        m._forward_hooks or m._forward_pre_hooks for name, m in ours.named_modules() if name
+    )
     return row
 
 
@@ -71,13 +76,16 @@ def b3_detached(p: Profile) -> Row:
     delta.detach()
     ids = token_ids(p)
     row = Row("B3", "forward after attach, merge, unmerge, detach", f"{_shape(p)}")
-    row.times = interleave({"detached": forward(detached, ids), "never attached": forward(never, ids)},
-                           p.rounds, p.calls)
+    row.times = interleave(
+        {"detached": forward(detached, ids), "never attached": forward(never, ids)}, p.rounds, p.calls
+    )
     row.ratio("detached", "never attached", 1.00, "the same code runs: the ratio is the noise floor")
     row.checks["no hook or store left"] = not hd.deltas(detached) and not any(
-        m._forward_hooks or m._forward_pre_hooks for m in detached.modules())
+        m._forward_hooks or m._forward_pre_hooks for m in detached.modules()
+    )
     row.checks["weights bit-identical"] = all(
-        torch.equal(a, b) for a, b in zip(detached.state_dict().values(), never.state_dict().values(), strict=True))
+        torch.equal(a, b) for a, b in zip(detached.state_dict().values(), never.state_dict().values(), strict=True)
+    )
     return row
 
 
@@ -87,8 +95,7 @@ def b8_stacked(p: Profile) -> Row:
     for name, configs in {
         "1 LoRA": [hd.LoRAConfig(**ALL_LINEAR)],
         "2 LoRAs": [hd.LoRAConfig(**ALL_LINEAR)] * 2,
-        "adapter + LoRA": [hd.AdapterConfig(placement="pfeiffer", reduction_factor=16),
-                           hd.LoRAConfig(**ALL_LINEAR)],
+        "adapter + LoRA": [hd.AdapterConfig(placement="pfeiffer", reduction_factor=16), hd.LoRAConfig(**ALL_LINEAR)],
     }.items():
         model = copy.deepcopy(bare)
         for cfg in configs:
@@ -109,8 +116,11 @@ def b10_adapter(p: Profile) -> Row:
     delta = hd.attach(ours, hd.AdapterConfig(placement="pfeiffer", reduction_factor=16))
     perturb(delta, std=0.02)
     ids = token_ids(p)
-    row = Row("B10", "inference overhead of a sequential bottleneck adapter after each FFN, reduction 16",
-              f"{_shape(p, 'BERT')}; {len(delta.pieces)} adapters of width {p.width // 16}")
+    row = Row(
+        "B10",
+        "inference overhead of a sequential bottleneck adapter after each FFN, reduction 16",
+        f"{_shape(p, 'BERT')}; {len(delta.pieces)} adapters of width {p.width // 16}",
+    )
     row.times = interleave({"hookdelta adapter": forward(ours, ids), "bare": forward(bare, ids)}, p.rounds, p.calls)
     row.ratio("hookdelta adapter", "bare", 1.06, "published adapter overhead: +4-6%")
     return row
@@ -121,8 +131,11 @@ def b11_mixed_batch(p: Profile) -> Row:
     the same batch with one adapter, and against PEFT's adapter_names on the same factors."""
     from peft import LoraConfig, get_peft_model
 
-    layers, width, batch, seq = {"smoke": (2, 64, 4, 16), "gpu": (p.layers, p.width, p.batch, p.seq),
-                                 "gpu-quick": (p.layers, p.width, p.batch, p.seq)}.get(p.name, (4, 512, 8, 64))
+    layers, width, batch, seq = {
+        "smoke": (2, 64, 4, 16),
+        "gpu": (p.layers, p.width, p.batch, p.seq),
+        "gpu-quick": (p.layers, p.width, p.batch, p.seq),
+    }.get(p.name, (4, 512, 8, 64))
     bare = llama(layers, width)
     names = ["a", "b", "c", "d"]
     ours = copy.deepcopy(bare)
@@ -130,7 +143,8 @@ def b11_mixed_batch(p: Profile) -> Row:
         perturb(hd.attach(ours, hd.LoRAConfig(r=16, alpha=32, targets="all-linear"), name=n), std=0.02, seed=i + 1)
     single = copy.deepcopy(bare)
     hd.attach(single, hd.LoRAConfig(r=16, alpha=32, targets="all-linear"), name="a").load_state_dict(
-        hd.deltas(ours)["a"].state_dict())
+        hd.deltas(ours)["a"].state_dict()
+    )
     theirs = get_peft_model(copy.deepcopy(bare), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), "a")
     for n in names[1:]:
         theirs.add_adapter(n, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -157,18 +171,30 @@ def b11_mixed_batch(p: Profile) -> Row:
             return theirs(input_ids=ids).logits
 
     theirs.set_adapter("a")
-    row = Row("B11", "mixed batch: each row through its own LoRA (4 adapters, r=16, all-linear)",
-              f"Llama {layers}x{width}, batch {batch}x{seq}, {dtype_name()}, rows a,b,c,d,a,b,c,d")
-    row.times = interleave({"hookdelta mixed": hd_mixed, "hookdelta single": forward(single, ids),
-                            "peft mixed": peft_mixed, "peft single": peft_single, "bare": forward(bare, ids)},
-                           p.rounds, p.calls)
+    row = Row(
+        "B11",
+        "mixed batch: each row through its own LoRA (4 adapters, r=16, all-linear)",
+        f"Llama {layers}x{width}, batch {batch}x{seq}, {dtype_name()}, rows a,b,c,d,a,b,c,d",
+    )
+    row.times = interleave(
+        {
+            "hookdelta mixed": hd_mixed,
+            "hookdelta single": forward(single, ids),
+            "peft mixed": peft_mixed,
+            "peft single": peft_single,
+            "bare": forward(bare, ids),
+        },
+        p.rounds,
+        p.calls,
+    )
     row.ratio("hookdelta mixed", "hookdelta single", 1.10, "the same batch with one adapter")
     row.ratio("hookdelta mixed", "peft mixed", 0.50, "PEFT's adapter_names")
     row.ratio("peft mixed", "peft single")
     row.ratio("bare", "peft mixed", note="the floor: no adapter at all")
     med = {k: v.median for k, v in row.times.items()}
     row.extra["adapter cost above bare, hookdelta mixed / peft mixed"] = round(
-        (med["hookdelta mixed"] - med["bare"]) / max(med["peft mixed"] - med["bare"], 1e-9), 3)
+        (med["hookdelta mixed"] - med["bare"]) / max(med["peft mixed"] - med["bare"], 1e-9), 3
+    )
     got = hd_mixed()
     row.checks["same logits as peft mixed"] = close(got, peft_mixed())
     with torch.inference_mode():

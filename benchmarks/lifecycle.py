@@ -24,10 +24,15 @@ def b5_attach_detach(p: Profile) -> Row:
         hd.attach(ours, hd.LoRAConfig(**ALL_LINEAR)).detach()
 
     def peft_cycle() -> None:
-        state["peft"] = get_peft_model(state["peft"], LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).unload()
+        state["peft"] = get_peft_model(
+            state["peft"], LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
+        ).unload()
 
-    row = Row("B5", "attach + detach, LoRA r=8 all-linear (PEFT: get_peft_model + unload)",
-              f"Llama {p.deep_layers}x{p.width}, {p.deep_layers * 7} adapted layers")
+    row = Row(
+        "B5",
+        "attach + detach, LoRA r=8 all-linear (PEFT: get_peft_model + unload)",
+        f"Llama {p.deep_layers}x{p.width}, {p.deep_layers * 7} adapted layers",
+    )
     row.times = interleave({"hookdelta": hookdelta_cycle, "peft": peft_cycle}, p.rounds, 1)
     row.ratio("hookdelta", "peft", 0.5)
     return row
@@ -60,26 +65,35 @@ def b6_switch(p: Profile) -> Row:
             new = next(turn) % len(names)
             switch(state["now"], new)
             state["now"] = new
+
         return call
 
     def disable_enable(old: int, new: int) -> None:
         deltas[old].disable()
         deltas[new].enable()
 
-    row = Row("B6", "switch the active adapter among 4 loaded LoRAs (all-linear r=8)",
-              f"Llama {p.layers}x{p.width}, {len(deltas[0].pieces)} adapted layers per adapter")
+    row = Row(
+        "B6",
+        "switch the active adapter among 4 loaded LoRAs (all-linear r=8)",
+        f"Llama {p.layers}x{p.width}, {len(deltas[0].pieces)} adapted layers per adapter",
+    )
     calls = max(1, p.switch_rounds // p.rounds)
-    row.times = interleave({
-        "hookdelta set_active": cycler(lambda old, new: hd.set_active(activated, names[new])),
-        "hookdelta disable+enable": cycler(disable_enable),
-        "peft set_adapter": cycler(lambda old, new: theirs.set_adapter(names[new] if new else "default")),
-    }, p.rounds, calls)
+    row.times = interleave(
+        {
+            "hookdelta set_active": cycler(lambda old, new: hd.set_active(activated, names[new])),
+            "hookdelta disable+enable": cycler(disable_enable),
+            "peft set_adapter": cycler(lambda old, new: theirs.set_adapter(names[new] if new else "default")),
+        },
+        p.rounds,
+        calls,
+    )
     row.ratio("hookdelta set_active", "peft set_adapter")
     row.ratio("hookdelta disable+enable", "peft set_adapter")
     row.checks["hd.set_active <= 1 ms per switch"] = row.times["hookdelta set_active"].median <= 1e-3
     for model in (switched, activated):
-        row.checks["exactly one adapter live"] = row.checks.get("exactly one adapter live", True) and sum(
-            d.enabled for d in hd.deltas(model).values()) == 1
+        row.checks["exactly one adapter live"] = (
+            row.checks.get("exactly one adapter live", True) and sum(d.enabled for d in hd.deltas(model).values()) == 1
+        )
     return row
 
 
@@ -94,8 +108,9 @@ def b7_merge_unmerge(p: Profile) -> Row:
         theirs.merge_adapter()
         theirs.unmerge_adapter()
 
-    row = Row("B7", "merge + unmerge, LoRA r=8 all-linear",
-              f"Llama {p.layers}x{p.width}, {len(delta.pieces)} adapted layers")
+    row = Row(
+        "B7", "merge + unmerge, LoRA r=8 all-linear", f"Llama {p.layers}x{p.width}, {len(delta.pieces)} adapted layers"
+    )
     row.times = interleave({"hookdelta": ours_cycle, "peft": peft_cycle}, p.rounds, 1)
     row.ratio("hookdelta", "peft", 1.00)
     drift = {"hookdelta": 0.0, "peft": 0.0}

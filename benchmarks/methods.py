@@ -42,14 +42,18 @@ QV = ("attn.q", "attn.v")
 
 def lora_ga(model: Any, train_ids: torch.Tensor) -> Any:
     batch = lm.windows(train_ids, lm.BATCH, random.Random(7))
-    return hd.inits.lora_ga(model, hd.LoRAConfig(r=8, alpha=16, init="lora_ga"),
-                            lambda: model(input_ids=batch, labels=batch).loss.backward())
+    return hd.inits.lora_ga(
+        model,
+        hd.LoRAConfig(r=8, alpha=16, init="lora_ga"),
+        lambda: model(input_ids=batch, labels=batch).loss.backward(),
+    )
 
 
 def corda(model: Any, train_ids: torch.Tensor) -> Any:
     samples = lm.windows(train_ids, 16, random.Random(7))
-    return hd.inits.corda(model, hd.LoRAConfig(r=8, alpha=8, init="corda"),
-                          lambda: [model(input_ids=s[None]) for s in samples])
+    return hd.inits.corda(
+        model, hd.LoRAConfig(r=8, alpha=8, init="corda"), lambda: [model(input_ids=s[None]) for s in samples]
+    )
 
 
 def eva(model: Any, train_ids: torch.Tensor) -> Any:
@@ -66,8 +70,11 @@ METHODS: list[tuple[str, Any, float]] = [
     ("LoRA-GA", lora_ga, 2e-3),
     ("CorDA", corda, 2e-3),
     ("EVA", eva, 2e-3),
-    ("AdaLoRA", hd.AdaLoRAConfig(init_r=12, target_r=8, alpha=16, total_step=STEPS, tinit=STEPS // 6,
-                                 tfinal=STEPS // 4), 2e-3),
+    (
+        "AdaLoRA",
+        hd.AdaLoRAConfig(init_r=12, target_r=8, alpha=16, total_step=STEPS, tinit=STEPS // 6, tfinal=STEPS // 4),
+        2e-3,
+    ),
     ("VeRA", hd.VeRAConfig(r=256), 2e-2),
     ("LoHa", hd.LoHaConfig(r=8, alpha=16), 1e-2),
     ("LoKr", hd.LoKrConfig(r=8, alpha=16), 1e-2),
@@ -97,7 +104,9 @@ METHODS: list[tuple[str, Any, float]] = [
 ]
 
 
-def run_method(model: Any, make: Any, lr: float, train_ids: torch.Tensor, held_out: list[torch.Tensor]) -> dict[str, Any]:
+def run_method(
+    model: Any, make: Any, lr: float, train_ids: torch.Tensor, held_out: list[torch.Tensor]
+) -> dict[str, Any]:
     torch.manual_seed(lm.SEED)
     delta = make(model, train_ids) if callable(make) else hd.attach(model, make)
     schedule = hd.optim.adalora(delta) if delta.method == "adalora" else None
@@ -121,12 +130,17 @@ def run_method(model: Any, make: Any, lr: float, train_ids: torch.Tensor, held_o
     model.train()
     batch = lm.windows(train_ids, lm.BATCH, random.Random(3))
     trainable = [p for p in delta.parameters() if p.requires_grad]
-    memory = training_memory(lambda: model(input_ids=batch, labels=batch).loss, trainable,
-                             weights=list(model.parameters()))
+    memory = training_memory(
+        lambda: model(input_ids=batch, labels=batch).loss, trainable, weights=list(model.parameters())
+    )
     model.zero_grad(set_to_none=True)
     delta.detach()
-    return {"trainable": delta.num_trainable, "held_out_loss": loss, "step_s": statistics.median(times[2:]),
-            "memory_mb": memory["total"] / 2 ** 20}
+    return {
+        "trainable": delta.num_trainable,
+        "held_out_loss": loss,
+        "step_s": statistics.median(times[2:]),
+        "memory_mb": memory["total"] / 2**20,
+    }
 
 
 def main() -> None:
@@ -150,17 +164,25 @@ def main() -> None:
             continue
         results[name] = run_method(model, make, lr, ids[:split], held_out) | {"lr": lr}
         r = results[name]
-        print(f"{name:20s} {r['trainable']:>9,}  loss {base:.3f} -> {r['held_out_loss']:.3f}  "
-              f"{r['step_s']:.2f} s/step  {r['memory_mb']:.0f} MB", flush=True)
+        print(
+            f"{name:20s} {r['trainable']:>9,}  loss {base:.3f} -> {r['held_out_loss']:.3f}  "
+            f"{r['step_s']:.2f} s/step  {r['memory_mb']:.0f} MB",
+            flush=True,
+        )
     lora = results.get("LoRA")
-    lines = [f"SmolLM2-135M-Instruct ({total:,} parameters), Shakespeare, {STEPS} steps of {lm.BATCH}x{lm.SEQ} "
-             f"tokens, AdamW; held-out loss of the base model {base:.3f}; {time.time() - start:.0f} s in all.", "",
-             "| method | trainable | % of model | held-out loss | s / step | vs LoRA | step memory MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"SmolLM2-135M-Instruct ({total:,} parameters), Shakespeare, {STEPS} steps of {lm.BATCH}x{lm.SEQ} "
+        f"tokens, AdamW; held-out loss of the base model {base:.3f}; {time.time() - start:.0f} s in all.",
+        "",
+        "| method | trainable | % of model | held-out loss | s / step | vs LoRA | step memory MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         ratio = f"{r['step_s'] / lora['step_s']:.2f}x" if lora else ""
-        lines.append(f"| {name} | {r['trainable']:,} | {100 * r['trainable'] / total:.3f}% | {r['held_out_loss']:.3f} | "
-                     f"{r['step_s']:.2f} | {ratio} | {r['memory_mb']:.0f} |")
+        lines.append(
+            f"| {name} | {r['trainable']:,} | {100 * r['trainable'] / total:.3f}% | {r['held_out_loss']:.3f} | "
+            f"{r['step_s']:.2f} | {ratio} | {r['memory_mb']:.0f} |"
+        )
     print("\n".join(lines))
     out = Path(__file__).resolve().parent / "results" / "methods.json"
     out.write_text(json.dumps({"base_loss": base, "steps": STEPS, "results": results}, indent=1))

@@ -32,18 +32,31 @@ from hookdelta import ops
 from hookdelta.methods.lora import peft_parameter_factors
 
 MODELS = {
-    "tiny Mixtral (8 experts, top-2, hidden 256, 2 layers), batch 4x64":
-        (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2), 4, 64),
-    "8-expert model (hidden 512, 4 layers), batch 4x128":
-        (dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4), 4, 128),
+    "tiny Mixtral (8 experts, top-2, hidden 256, 2 layers), batch 4x64": (
+        dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2),
+        4,
+        64,
+    ),
+    "8-expert model (hidden 512, 4 layers), batch 4x128": (
+        dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4),
+        4,
+        128,
+    ),
 }
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def mixtral(sizes: dict) -> tf.MixtralForCausalLM:
     torch.manual_seed(0)
-    cfg = tf.MixtralConfig(vocab_size=1024, num_attention_heads=8, num_key_value_heads=4, num_local_experts=8,
-                           num_experts_per_tok=2, max_position_embeddings=512, **sizes)
+    cfg = tf.MixtralConfig(
+        vocab_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        **sizes,
+    )
     return tf.MixtralForCausalLM(cfg).eval()
 
 
@@ -54,8 +67,9 @@ def contenders(sizes: dict):
     ours = copy.deepcopy(bare)
     delta = hd.attach(ours, hd.LoRAConfig(r=8, alpha=16, target_parameters=TARGETS))
     perturb(delta, std=0.02)
-    twin = peft.get_peft_model(copy.deepcopy(bare), peft.LoraConfig(r=8, lora_alpha=16, target_modules=[],
-                                                                     target_parameters=TARGETS))
+    twin = peft.get_peft_model(
+        copy.deepcopy(bare), peft.LoraConfig(r=8, lora_alpha=16, target_modules=[], target_parameters=TARGETS)
+    )
     model = twin.base_model.model
     with torch.no_grad():  # the same factors, in PEFT's layout
         for piece in delta.pieces.values():
@@ -90,12 +104,16 @@ def main() -> None:
             model = models[name]
 
             def call():
-                with torch.no_grad(), (ops.plain() if name == "hookdelta plain" else _nothing()):
+                with torch.no_grad(), ops.plain() if name == "hookdelta plain" else _nothing():
                     model(input_ids=x)
+
             return call
 
-        params = {"hookdelta": list(delta.parameters()), "hookdelta plain": list(delta.parameters()),
-                  "peft": [p for p in twin.parameters() if p.requires_grad]}
+        params = {
+            "hookdelta": list(delta.parameters()),
+            "hookdelta plain": list(delta.parameters()),
+            "peft": [p for p in twin.parameters() if p.requires_grad],
+        }
         opts = {k: torch.optim.AdamW(v, lr=1e-4) for k, v in params.items()}
 
         def step(name):
@@ -109,6 +127,7 @@ def main() -> None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     model.eval()
+
             return call
 
         fwd = interleave({k: forward(k, ids) for k in models}, rounds=args.rounds)
@@ -118,16 +137,22 @@ def main() -> None:
         def held(name):
             model = models[name]
             with ops.plain() if name == "hookdelta plain" else _nothing():
-                out = training_memory(lambda: model(input_ids=ids).logits.float().square().mean(), params[name],
-                                      weights=list(bare.parameters()) + list(model.parameters()))
+                out = training_memory(
+                    lambda: model(input_ids=ids).logits.float().square().mean(),
+                    params[name],
+                    weights=list(bare.parameters()) + list(model.parameters()),
+                )
             model.zero_grad(set_to_none=True)
             return out["total"]
 
         memory = {k: held(k) for k in params}
-        row = {"model": title, "forward_ms": {k: v.median * 1e3 for k, v in fwd.items()},
-               "decode_ms": {k: v.median * 1e3 for k, v in dec.items()},
-               "train_step_ms": {k: v.median * 1e3 for k, v in train.items()},
-               "train_memory_mb": {k: v / 2 ** 20 for k, v in memory.items()}}
+        row = {
+            "model": title,
+            "forward_ms": {k: v.median * 1e3 for k, v in fwd.items()},
+            "decode_ms": {k: v.median * 1e3 for k, v in dec.items()},
+            "train_step_ms": {k: v.median * 1e3 for k, v in train.items()},
+            "train_memory_mb": {k: v / 2**20 for k, v in memory.items()},
+        }
         row["ratios"] = {
             "forward hookdelta / peft": row["forward_ms"]["hookdelta"] / row["forward_ms"]["peft"],
             "forward hookdelta / bare": row["forward_ms"]["hookdelta"] / row["forward_ms"]["bare"],
@@ -140,16 +165,21 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"torch": torch.__version__, "transformers": tf.__version__,
-                                          "rows": rows}, indent=1))
-    print("\n| model | forward hd/PEFT | forward hd/bare | decode hd/PEFT | train step hd/PEFT | train step hd/plain "
-          "| train memory hd/PEFT (MB) |\n|---|---|---|---|---|---|---|")
+    Path(args.out).write_text(
+        json.dumps({"torch": torch.__version__, "transformers": tf.__version__, "rows": rows}, indent=1)
+    )
+    print(
+        "\n| model | forward hd/PEFT | forward hd/bare | decode hd/PEFT | train step hd/PEFT | train step hd/plain "
+        "| train memory hd/PEFT (MB) |\n|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         q, m = r["ratios"], r["train_memory_mb"]
-        print(f"| {r['model']} | {q['forward hookdelta / peft']:.2f} | {q['forward hookdelta / bare']:.2f} | "
-              f"{q['decode hookdelta / peft']:.2f} | {q['train hookdelta / peft']:.2f} | "
-              f"{q['train hookdelta / plain']:.2f} | {q['train memory hookdelta / peft']:.2f} "
-              f"({m['hookdelta']:.0f} / {m['peft']:.0f}) |")
+        print(
+            f"| {r['model']} | {q['forward hookdelta / peft']:.2f} | {q['forward hookdelta / bare']:.2f} | "
+            f"{q['decode hookdelta / peft']:.2f} | {q['train hookdelta / peft']:.2f} | "
+            f"{q['train hookdelta / plain']:.2f} | {q['train memory hookdelta / peft']:.2f} "
+            f"({m['hookdelta']:.0f} / {m['peft']:.0f}) |"
+        )
 
 
 class _nothing:

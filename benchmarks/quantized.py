@@ -21,8 +21,9 @@ R = 16
 
 def _quantized(path: str) -> torch.nn.Module:
     q = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = tf.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
-                                                torch_dtype=torch.float32)  # (transformers 4.x: float16 otherwise)
+    model = tf.LlamaForCausalLM.from_pretrained(
+        path, quantization_config=q, device_map="cpu", torch_dtype=torch.float32
+    )  # (transformers 4.x: float16 otherwise)
     # bitsandbytes repacks 4-bit weights for CPU inference at the first eval forward, after which
     # training gets no gradients through them; hookdelta holds that off while attached, and the
     # PEFT twin gets the same switch, so both run the same kernels
@@ -68,6 +69,7 @@ def b12_qlora(p: Profile) -> Row:
         def call() -> None:
             with torch.no_grad():
                 model(input_ids=ids)
+
         return call
 
     def loss_of(model: torch.nn.Module):
@@ -86,12 +88,17 @@ def b12_qlora(p: Profile) -> Row:
                 o.zero_grad()
                 loss.backward()
                 o.step()
+
             steps[name] = step
 
-    row = Row("B12", f"quantized base: 4-bit nf4 (bitsandbytes) + LoRA r={R} all-linear, vs PEFT's QLoRA",
-              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, bf16 compute, CPU repacking off for both")
-    fwd = interleave({"hookdelta forward": forward(ours.eval()), "peft forward": forward(theirs.eval())},
-                     p.rounds, p.calls)
+    row = Row(
+        "B12",
+        f"quantized base: 4-bit nf4 (bitsandbytes) + LoRA r={R} all-linear, vs PEFT's QLoRA",
+        f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, bf16 compute, CPU repacking off for both",
+    )
+    fwd = interleave(
+        {"hookdelta forward": forward(ours.eval()), "peft forward": forward(theirs.eval())}, p.rounds, p.calls
+    )
     ours.train()
     theirs.train()
     train = interleave({"hookdelta step": steps["hookdelta"], "peft step": steps["peft"]}, p.rounds, 1)
@@ -99,7 +106,8 @@ def b12_qlora(p: Profile) -> Row:
     row.ratio("hookdelta forward", "peft forward")  # reported: bitsandbytes' kernels dominate both
     row.ratio("hookdelta step", "peft step")
     row.extra["training memory MB (activations saved for backward + grads + AdamW state)"] = {
-        k: round(v["total"] / 2**20, 2) for k, v in memory.items()}
+        k: round(v["total"] / 2**20, 2) for k, v in memory.items()
+    }
     row.extra["memory hookdelta / peft"] = round(memory["hookdelta"]["total"] / memory["peft"]["total"], 4)
     weights = {"4-bit": _weight_bytes(ours), "fp32": _weight_bytes(full["fp32"]), "bf16": _weight_bytes(full["bf16"])}
     row.extra["base weights MB"] = {k: round(v / 2**20, 2) for k, v in weights.items()}
@@ -110,8 +118,9 @@ def b12_qlora(p: Profile) -> Row:
 
 def _weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's own weights (packed storage for quantized layers, deltas excluded)."""
-    return sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "_hookdelta" not in n
-               and "lora_" not in n)
+    return sum(
+        t.numel() * t.element_size() for n, t in model.named_parameters() if "_hookdelta" not in n and "lora_" not in n
+    )
 
 
 ROWS = [b12_qlora]

@@ -31,8 +31,10 @@ from rich.table import Table  # noqa: E402
 from benchmarks import fused, inference, lifecycle, quantized, training  # noqa: E402
 from benchmarks.common import PROFILES, TARGET, Profile, Row, configure  # noqa: E402
 
-ROWS = {f.__name__.split("_")[0].upper(): f for f in inference.ROWS + training.ROWS + lifecycle.ROWS + quantized.ROWS
-        + fused.ROWS}
+ROWS = {
+    f.__name__.split("_")[0].upper(): f
+    for f in inference.ROWS + training.ROWS + lifecycle.ROWS + quantized.ROWS + fused.ROWS
+}
 ORDER = sorted(ROWS, key=lambda k: int(k[1:]))
 # the rest are CPU / bitsandbytes rows; B16 (three models compiled with CUDA graphs) runs on a GPU
 # with --only B16, outside the default set, which must finish in under 5 minutes
@@ -52,10 +54,17 @@ def machine() -> dict[str, Any]:
     device = TARGET["device"]
     if device.type == "cuda":
         cpu = f"{torch.cuda.get_device_name(device)} (host {cpu})"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "dtype": str(TARGET["dtype"]).removeprefix("torch."), "device": device.type}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "dtype": str(TARGET["dtype"]).removeprefix("torch."),
+        "device": device.type,
+    }
 
 
 def verdict(met: bool | None) -> str:
@@ -63,7 +72,9 @@ def verdict(met: bool | None) -> str:
 
 
 def cell_times(row: Row) -> str:
-    return "\n".join(f"{k}: {v.median * 1e3:.3g} ms ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items())
+    return "\n".join(
+        f"{k}: {v.median * 1e3:.3g} ms ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items()
+    )
 
 
 def cell_ratios(row: Row) -> str:
@@ -86,12 +97,18 @@ def table(rows: list[Row]) -> Table:
 
 
 def markdown(rows: list[Row], info: dict[str, Any], profile: Profile, seconds: float) -> str:
-    out = [f"Profile `{profile.name}`, {seconds:.0f} s in all. Machine: {info['cpu']}, {info['cores']} cores, "
-           f"torch.set_num_threads({info['torch_threads']}); Python {info['python']}, torch {info['torch']}, "
-           f"transformers {info['transformers']}, peft {info['peft']}; {info['dtype']} on {info['device']}.", "",
-           "| id | what | setup | median ms (min-max) | ratios and checks | target |", "|---|---|---|---|---|---|"]
+    out = [
+        f"Profile `{profile.name}`, {seconds:.0f} s in all. Machine: {info['cpu']}, {info['cores']} cores, "
+        f"torch.set_num_threads({info['torch_threads']}); Python {info['python']}, torch {info['torch']}, "
+        f"transformers {info['transformers']}, peft {info['peft']}; {info['dtype']} on {info['device']}.",
+        "",
+        "| id | what | setup | median ms (min-max) | ratios and checks | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        times = "<br>".join(f"{k}: {v.median * 1e3:.3g} ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items())
+        times = "<br>".join(
+            f"{k}: {v.median * 1e3:.3g} ({v.low * 1e3:.3g}-{v.high * 1e3:.3g})" for k, v in row.times.items()
+        )
         ratios = cell_ratios(row).replace("\n", "<br>").replace("|", "/")
         met = {True: "met", False: "**missed**", None: "report"}[row.met]
         out.append(f"| {row.id} | {row.what} | {row.setup} | {times} | {ratios} | {met} |")
@@ -102,8 +119,17 @@ def save(out: str, rows: list[Row], info: dict[str, Any], profile: Profile, seco
     """Write latest.json and latest.md under `out`."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "latest.json"), "w") as f:
-        json.dump({"profile": profile.name, "machine": info, "seconds": seconds, "failed": failed,
-                   "rows": [r.as_dict() for r in rows]}, f, indent=1)
+        json.dump(
+            {
+                "profile": profile.name,
+                "machine": info,
+                "seconds": seconds,
+                "failed": failed,
+                "rows": [r.as_dict() for r in rows],
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(out, "latest.md"), "w") as f:
         f.write(markdown(rows, info, profile, seconds))
 
@@ -120,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     configure(args.device, args.dtype)
     gpu = TARGET["device"].type == "cuda"
-    profile = PROFILES["smoke" if args.smoke else ("gpu-quick" if gpu else "quick") if args.quick
-                       else "gpu" if gpu else "full"]
+    profile = PROFILES[
+        "smoke" if args.smoke else ("gpu-quick" if gpu else "quick") if args.quick else "gpu" if gpu else "full"
+    ]
     wanted = [x.strip().upper() for x in args.only.split(",") if x.strip()] or (GPU_ROWS if gpu else ORDER)
     unknown = [x for x in wanted if x not in ROWS]
     if unknown:
@@ -147,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table(rows))
     save(args.out, rows, info, profile, seconds, failed)
     missed = [r.id for r in rows if r.met is False]
-    console.print(f"{len(rows)} rows in {seconds:.0f} s; targets missed: {missed or 'none'}; failed: {failed or 'none'}")
+    console.print(
+        f"{len(rows)} rows in {seconds:.0f} s; targets missed: {missed or 'none'}; failed: {failed or 'none'}"
+    )
     return 1 if failed else 0
 
 

@@ -22,12 +22,15 @@ def _trainable(model: torch.nn.Module) -> list[torch.Tensor]:
     return [t for t in model.parameters() if t.requires_grad]
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_of: Callable[[], torch.Tensor]
+) -> Callable[[], None]:
     def step() -> None:
         loss = loss_of()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
     return step
 
 
@@ -37,20 +40,28 @@ def b4_train_step(p: Profile) -> Row:
     steps, memory = {}, {}
     for name, model in (("hookdelta", ours), ("peft", theirs)):
         params = _trainable(model)
+
         def loss_of(m=model) -> torch.Tensor:
             return m(input_ids=ids, labels=ids).loss
+
         memory[name] = training_memory(loss_of, params)
         steps[name] = _step(model, torch.optim.AdamW(params, lr=1e-4), loss_of)
-    row = Row("B4", "training step (forward + backward + AdamW), LoRA r=8 all-linear",
-              f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, {dtype_name()}, causal-LM loss")
+    row = Row(
+        "B4",
+        "training step (forward + backward + AdamW), LoRA r=8 all-linear",
+        f"Llama {p.layers}x{p.width}, batch {p.batch}x{p.seq}, {dtype_name()}, causal-LM loss",
+    )
     row.times = interleave(steps, p.rounds, 1)
     row.ratio("hookdelta", "peft", 1.00)
     ratio = memory["hookdelta"]["total"] / memory["peft"]["total"]
     row.extra["training memory MB (activations saved for backward + grads + AdamW state)"] = {
-        k: round(v["total"] / 2**20, 2) for k, v in memory.items()}
+        k: round(v["total"] / 2**20, 2) for k, v in memory.items()
+    }
     row.extra["memory hookdelta / peft"] = round(ratio, 4)
-    row.extra["trainable params"] = {"hookdelta": delta.num_trainable,
-                                     "peft": sum(t.numel() for t in _trainable(theirs))}
+    row.extra["trainable params"] = {
+        "hookdelta": delta.num_trainable,
+        "peft": sum(t.numel() for t in _trainable(theirs)),
+    }
     row.checks["memory <= peft"] = memory["hookdelta"]["total"] <= memory["peft"]["total"]
     if TARGET["device"].type == "cuda":  # the allocator's own peak, one step each
         peaks = {}
@@ -67,6 +78,7 @@ def b4_train_step(p: Profile) -> Row:
 
 # -- B9: a real fine-tune ----------------------------------------------------------------------
 
+
 def _reviews(p: Profile) -> tuple[Any, Any, Any, Callable[[], torch.nn.Module]]:
     """(train rows, test rows, tokenizer, new_model): the quickstart's real MiniLM and Rotten
     Tomatoes split; smoke runs use made-up sentences (the reviews ship with the examples extra)."""
@@ -81,12 +93,12 @@ def _reviews(p: Profile) -> tuple[Any, Any, Any, Callable[[], torch.nn.Module]]:
         rng = random.Random(0)
         words = ["a", "good", "bad", "film", "plot", "great", "dull", "story"]
         train = test = [(" ".join(rng.choice(words) for _ in range(8)), rng.randint(0, 1)) for _ in range(64)]
-    return train, test[:p.finetune_test], AutoTokenizer.from_pretrained(path), lambda: qs.new_model(path)
+    return train, test[: p.finetune_test], AutoTokenizer.from_pretrained(path), lambda: qs.new_model(path)
 
 
 def _batches(rows: list, tokenizer: Any, batch: int = 32, max_len: int = 48):
     for i in range(0, len(rows), batch):
-        chunk = rows[i:i + batch]
+        chunk = rows[i : i + batch]
         enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         yield enc, torch.tensor([y for _, y in chunk])
 
@@ -108,10 +120,15 @@ def b9_finetune(p: Profile) -> Row:
 
     train, test, tokenizer, new_model = _reviews(p)
     ours = new_model()
-    delta = hd.attach(ours, hd.LoRAConfig(r=8, alpha=16, dropout=0.05, targets=["query", "value"],
-                                          also_train=["classifier"]))
-    theirs = get_peft_model(new_model(), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
-                                                     target_modules=["query", "value"], modules_to_save=["classifier"]))
+    delta = hd.attach(
+        ours, hd.LoRAConfig(r=8, alpha=16, dropout=0.05, targets=["query", "value"], also_train=["classifier"])
+    )
+    theirs = get_peft_model(
+        new_model(),
+        LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"], modules_to_save=["classifier"]
+        ),
+    )
     with torch.no_grad():  # the same starting point: PEFT gets our LoRA factors (the heads match by seed)
         for piece in delta.pieces.values():
             if hasattr(piece, "lora_A"):
@@ -126,11 +143,12 @@ def b9_finetune(p: Profile) -> Row:
         optimizers[name] = torch.optim.AdamW([{"params": lora, "lr": 2e-3}, {"params": head, "lr": 5e-3}])
     order = list(range(len(train)))
     random.Random(1).shuffle(order)
-    batches = list(_batches([train[i] for i in order[:p.finetune_steps * 32]], tokenizer))
+    batches = list(_batches([train[i] for i in order[: p.finetune_steps * 32]], tokenizer))
     state = {name: 0 for name in contenders}  # the next batch of each
 
     def step_of(name: str) -> Callable[[], None]:
         model, optimizer = contenders[name], optimizers[name]
+
         def step() -> None:
             enc, y = batches[state[name]]
             torch.manual_seed(state[name])  # the same dropout masks for both at the same step
@@ -139,13 +157,15 @@ def b9_finetune(p: Profile) -> Row:
             loss.backward()
             optimizer.step()
             state[name] += 1
+
         return step
 
     memory = {}
     for name, model in contenders.items():
         enc, y = batches[0]
-        memory[name] = training_memory(lambda m=model: F.cross_entropy(m(**enc).logits, y),
-                                       [t for t in model.parameters() if t.requires_grad])
+        memory[name] = training_memory(
+            lambda m=model: F.cross_entropy(m(**enc).logits, y), [t for t in model.parameters() if t.requires_grad]
+        )
         model.zero_grad()
     times = interleave({k: step_of(k) for k in contenders}, len(batches), 1, warmup=0)
     accuracy = {k: _accuracy(m, test, tokenizer) for k, m in contenders.items()}
@@ -154,16 +174,20 @@ def b9_finetune(p: Profile) -> Row:
         theirs.save_pretrained(os.path.join(tmp, "peft"))
         size = {"hookdelta": _file_size(os.path.join(tmp, "hd")), "peft": _file_size(os.path.join(tmp, "peft"))}
     data = "all-MiniLM-L6-v2, Rotten Tomatoes (quickstart split)" if p.real_model else "all-MiniLM-L6-v2, made-up data"
-    row = Row("B9", "real fine-tune: LoRA r=8 on query/value, classifier head trained",
-              f"{data}; {len(batches)} steps x 32, max 48 tokens, {len(test)} held-out reviews; "
-              "same initial weights, batches and dropout seeds")
+    row = Row(
+        "B9",
+        "real fine-tune: LoRA r=8 on query/value, classifier head trained",
+        f"{data}; {len(batches)} steps x 32, max 48 tokens, {len(test)} held-out reviews; "
+        "same initial weights, batches and dropout seeds",
+    )
     row.times = times
     row.ratio("hookdelta", "peft", 1.00, "per training step")
     row.extra["held-out accuracy %"] = {k: round(100 * v, 1) for k, v in accuracy.items()}
     row.extra["training memory MB"] = {k: round(v["total"] / 2**20, 2) for k, v in memory.items()}
     row.extra["delta file bytes (safetensors)"] = size
-    row.extra["trainable params"] = {k: sum(t.numel() for t in m.parameters() if t.requires_grad)
-                                     for k, m in contenders.items()}
+    row.extra["trainable params"] = {
+        k: sum(t.numel() for t in m.parameters() if t.requires_grad) for k, m in contenders.items()
+    }
     if p.real_model:
         row.checks["accuracy >= peft - 1 point"] = accuracy["hookdelta"] >= accuracy["peft"] - 0.01
     row.checks["memory <= peft"] = memory["hookdelta"]["total"] <= memory["peft"]["total"]

@@ -65,7 +65,7 @@ def shakespeare() -> str:
 
 def windows(ids: torch.Tensor, count: int, rng: random.Random) -> torch.Tensor:
     starts = [rng.randrange(0, len(ids) - SEQ - 1) for _ in range(count)]
-    return torch.stack([ids[s:s + SEQ] for s in starts])
+    return torch.stack([ids[s : s + SEQ] for s in starts])
 
 
 def train(model, delta, ids: torch.Tensor, steps: int, lr: float, log=None) -> None:
@@ -93,7 +93,7 @@ def held_out_loss(model, batches) -> float:
 def generate(model, tokenizer) -> str:
     enc = tokenizer(PROMPT, return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).replace("\n", " / ")
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).replace("\n", " / ")
 
 
 def main() -> None:
@@ -108,8 +108,10 @@ def main() -> None:
     split = int(len(ids) * 0.95)
     rng = random.Random(SEED)
     held_out = [windows(ids[split:], BATCH, rng) for _ in range(4)]
-    console.print(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-                  f"{len(ids):,} tokens of Shakespeare; {STEPS} steps of {BATCH}×{SEQ} tokens per method")
+    console.print(
+        f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{len(ids):,} tokens of Shakespeare; {STEPS} steps of {BATCH}×{SEQ} tokens per method"
+    )
     base_text = generate(model, tokenizer)
     base_loss = held_out_loss(model, held_out)
     console.print(f"base model: held-out loss {base_loss:.3f}\n  {PROMPT!r} -> {base_text!r}")

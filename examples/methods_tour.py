@@ -65,8 +65,11 @@ METHODS = [
     ("RandLoRA (q, v)", hd.RandLoRAConfig(r=32, randlora_alpha=64.0, also_train=HEAD), 2e-3),
     ("VB-LoRA (q, v)", hd.VBLoRAConfig(r=4, vector_length=64, also_train=HEAD), 5e-3),
     ("Lily (q, v)", hd.LilyConfig(r=8, stride_A=2, also_train=HEAD), 2e-3),
-    ("AdaLoRA (q, v)", hd.AdaLoRAConfig(init_r=12, target_r=8, alpha=16.0, total_step=STEPS, tinit=5, tfinal=10,
-                                        also_train=HEAD), 2e-3),
+    (
+        "AdaLoRA (q, v)",
+        hd.AdaLoRAConfig(init_r=12, target_r=8, alpha=16.0, total_step=STEPS, tinit=5, tfinal=10, also_train=HEAD),
+        2e-3,
+    ),
     ("P-tuning", hd.PTuningConfig(num_virtual_tokens=10, encoder_hidden_size=128, also_train=HEAD), 1e-2),
     ("LoRA-GA (q, v)", "lora_ga", 2e-3),
     ("CorDA (q, v)", "corda", 2e-3),
@@ -84,11 +87,13 @@ def data_init(kind: str, model: torch.nn.Module, train: list, tokenizer) -> hd.D
         def step() -> None:
             for enc, y in pairs:
                 torch.nn.functional.cross_entropy(model(**enc).logits, y).backward()
+
         return hd.inits.lora_ga(model, cfg, step)
     if kind == "corda":  # (one review per call, as CorDA reads its calibration samples)
-        singles = [{k: v[i:i + 1] for k, v in enc.items()} for enc in batches[:1] for i in range(32)]
-        return hd.inits.corda(model, hd.LoRAConfig(r=8, alpha=8, init="corda", also_train=HEAD),
-                              lambda: [model(**one) for one in singles])
+        singles = [{k: v[i : i + 1] for k, v in enc.items()} for enc in batches[:1] for i in range(32)]
+        return hd.inits.corda(
+            model, hd.LoRAConfig(r=8, alpha=8, init="corda", also_train=HEAD), lambda: [model(**one) for one in singles]
+        )
     return hd.inits.eva(model, hd.LoRAConfig(r=8, alpha=16, init="eva", also_train=HEAD), [dict(b) for b in batches])
 
 
@@ -105,8 +110,10 @@ def main() -> None:
     model = qs.new_model(model_path)
     original = bits(model)
     total = sum(p.numel() for p in model.parameters())
-    qs.console.print(f"all-MiniLM-L6-v2, {total:,} parameters; {len(train)} training / {len(test)} held-out reviews, "
-                     f"{STEPS} steps of {qs.BATCH} per method")
+    qs.console.print(
+        f"all-MiniLM-L6-v2, {total:,} parameters; {len(train)} training / {len(test)} held-out reviews, "
+        f"{STEPS} steps of {qs.BATCH} per method"
+    )
 
     table = Table(title="hookdelta methods on all-MiniLM-L6-v2, Rotten Tomatoes")
     for col in ("method", "trainable params", "% of model", "accuracy", "seconds"):

@@ -55,24 +55,35 @@ def main() -> dict[str, float]:
         nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
         # float32 for everything left unquantized, the LoRA included (transformers 4.x would pick float16,
         # where AdamW's epsilon underflows and the first step writes NaN)
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4, device_map="cpu",
-                                                     torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=nf4, device_map="cpu", torch_dtype=torch.float32
+        )
     quantized = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    console.print(f"weights: {sum(p.numel() * p.element_size() for p in full.parameters()) / 2**20:.0f} MB in fp32, "
-                  f"{quantized:.0f} MB with the linear layers in 4-bit")
+    console.print(
+        f"weights: {sum(p.numel() * p.element_size() for p in full.parameters()) / 2**20:.0f} MB in fp32, "
+        f"{quantized:.0f} MB with the linear layers in 4-bit"
+    )
 
     delta = hd.attach(model, hd.LoRAConfig(r=16, alpha=32, targets="all-linear"))
     with delta.disabled():
         base_loss = held_out_loss(model, held_out)
     full_loss = held_out_loss(full, held_out)
-    console.print(f"held-out loss: full precision {full_loss:.4f}, 4-bit {base_loss:.4f} "
-                  f"(quantization error {abs(base_loss - full_loss):.4f})")
+    console.print(
+        f"held-out loss: full precision {full_loss:.4f}, 4-bit {base_loss:.4f} "
+        f"(quantization error {abs(base_loss - full_loss):.4f})"
+    )
     delta.print_trainable()
 
     console.rule(f"[bold]Train the LoRA on the 4-bit model: {STEPS} steps of {BATCH}x64 tokens")
     began = time.time()
-    train(model, delta, ids[:split], STEPS, LR,
-          log=lambda step, loss: console.print(f"step {step:3d}  loss {loss:.3f}") if step % 10 == 0 else None)
+    train(
+        model,
+        delta,
+        ids[:split],
+        STEPS,
+        LR,
+        log=lambda step, loss: console.print(f"step {step:3d}  loss {loss:.3f}") if step % 10 == 0 else None,
+    )
     trained_loss = held_out_loss(model, held_out)
     console.print(f"held-out loss {base_loss:.4f} -> {trained_loss:.4f} ({(time.time() - began) / STEPS:.2f} s/step)")
 
@@ -80,8 +91,10 @@ def main() -> dict[str, float]:
     merged = delta.merged_copy(torch.bfloat16)
     merged_loss = held_out_loss(merged, held_out)
     gap, budget = abs(merged_loss - trained_loss), abs(base_loss - full_loss)
-    console.print(f"bf16 merged copy: held-out loss {merged_loss:.4f} vs 4-bit + LoRA {trained_loss:.4f} "
-                  f"(gap {gap:.4f}; the quantization error of the base is {budget:.4f})")
+    console.print(
+        f"bf16 merged copy: held-out loss {merged_loss:.4f} vs 4-bit + LoRA {trained_loss:.4f} "
+        f"(gap {gap:.4f}; the quantization error of the base is {budget:.4f})"
+    )
     if gap > max(budget, 0.01):
         raise SystemExit("the merged copy does not reproduce the 4-bit + LoRA model")
     delta.detach()

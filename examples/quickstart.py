@@ -48,7 +48,7 @@ def load_reviews() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     with bz2.open(path, "rt", encoding="utf-8") as f:
         rows = [(r["text"], int(r["category"] == "fresh")) for r in csv.DictReader(f) if r["category"] != "plot"]
     random.Random(SEED).shuffle(rows)
-    return rows[:TRAIN], rows[TRAIN:TRAIN + TEST]
+    return rows[:TRAIN], rows[TRAIN : TRAIN + TEST]
 
 
 def batches(rows, tokenizer, shuffle=False):
@@ -56,7 +56,7 @@ def batches(rows, tokenizer, shuffle=False):
     if shuffle:
         random.Random(len(rows)).shuffle(order)
     for i in range(0, len(order), BATCH):
-        chunk = [rows[j] for j in order[i:i + BATCH]]
+        chunk = [rows[j] for j in order[i : i + BATCH]]
         enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
         yield enc, torch.tensor([y for _, y in chunk])
 
@@ -126,7 +126,9 @@ def main() -> None:
     console.rule("[bold]5. Save, reload onto a fresh model")
     with tempfile.TemporaryDirectory() as tmp:
         delta.save(tmp)
-        console.print(f"saved: {sorted(os.listdir(tmp))} ({sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 1e3:.0f} kB)")
+        console.print(
+            f"saved: {sorted(os.listdir(tmp))} ({sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)) / 1e3:.0f} kB)"
+        )
         fresh = new_model(model_path).eval()
         hd.load(fresh, tmp)
         with torch.no_grad():
@@ -138,8 +140,12 @@ def main() -> None:
     delta.detach()
     now = model.state_dict()
     identical = list(now) == list(original) and all(
-        torch.equal(now[k].view(torch.uint8) if now[k].is_floating_point() else now[k],
-                    original[k].view(torch.uint8) if original[k].is_floating_point() else original[k]) for k in original)
+        torch.equal(
+            now[k].view(torch.uint8) if now[k].is_floating_point() else now[k],
+            original[k].view(torch.uint8) if original[k].is_floating_point() else original[k],
+        )
+        for k in original
+    )
     assert identical and {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert hd.deltas(model) == {} and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     console.print("every parameter and buffer is bit-identical, requires_grad flags restored, no hooks left")

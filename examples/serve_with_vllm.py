@@ -82,17 +82,20 @@ def main() -> dict[str, float]:
     model.eval()
     delta.save_peft(adapter)
     delta.save(os.path.join(work, "delta"))
-    subprocess.run([sys.executable, "-m", "hookdelta", "merge", base, os.path.join(work, "delta"), merged,
-                    "--dtype", "float32"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "hookdelta", "merge", base, os.path.join(work, "delta"), merged, "--dtype", "float32"],
+        check=True,
+    )
 
     def greedy() -> list[list[int]]:
         runs = []
         for prompt in PROMPTS:
             enc = tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                     pad_token_id=tokenizer.eos_token_id)
-            runs.append(out[0, enc["input_ids"].shape[1]:].tolist())
+                out = model.generate(
+                    **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.eos_token_id
+                )
+            runs.append(out[0, enc["input_ids"].shape[1] :].tolist())
         return runs
 
     ours = greedy()

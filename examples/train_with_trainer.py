@@ -36,18 +36,36 @@ class Reviews(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
+        return {
+            "input_ids": self.enc["input_ids"][i],
+            "attention_mask": self.enc["attention_mask"][i],
+            "labels": self.labels[i],
+        }
 
 
 def train(model, out_dir, data, tokenizer, callbacks=()):
     from transformers import DataCollatorWithPadding
 
-    args = TrainingArguments(output_dir=out_dir, num_train_epochs=EPOCHS, per_device_train_batch_size=qs.BATCH,
-                             learning_rate=LR, save_steps=40, logging_steps=20, report_to=[], use_cpu=True,
-                             seed=qs.SEED, data_seed=qs.SEED, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
-                      callbacks=list(callbacks))
+    args = TrainingArguments(
+        output_dir=out_dir,
+        num_train_epochs=EPOCHS,
+        per_device_train_batch_size=qs.BATCH,
+        learning_rate=LR,
+        save_steps=40,
+        logging_steps=20,
+        report_to=[],
+        use_cpu=True,
+        seed=qs.SEED,
+        data_seed=qs.SEED,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=list(callbacks),
+    )
     began = time.time()
     trainer.train()
     return time.time() - began
@@ -81,8 +99,9 @@ def main() -> None:
     qs.console.rule("[bold]PEFT + Trainer, same split, seed and steps")
     torch.manual_seed(qs.SEED)
     base = qs.new_model(path)
-    twin = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
-                                                     modules_to_save=["classifier"]))
+    twin = peft.get_peft_model(
+        base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
     peft_time = train(twin, os.path.join(work, "peft"), data, tokenizer)
     peft_acc = qs.accuracy(twin, test_rows, tokenizer)
 
@@ -97,7 +116,15 @@ def main() -> None:
     qs.console.rule("[bold]Merge with the CLI, reload with plain transformers")
     model.save_pretrained(os.path.join(work, "base"))  # base weights only: the delta is not in the state dict
     merged_dir = os.path.join(work, "merged")
-    cli = [sys.executable, "-m", "hookdelta", "merge", os.path.join(work, "base"), os.path.join(work, "delta"), merged_dir]
+    cli = [
+        sys.executable,
+        "-m",
+        "hookdelta",
+        "merge",
+        os.path.join(work, "base"),
+        os.path.join(work, "delta"),
+        merged_dir,
+    ]
     subprocess.run(cli, check=True)
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
     same = torch.equal(predictions(merged, test_rows, tokenizer), expected)

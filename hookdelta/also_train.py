@@ -31,8 +31,9 @@ class FullCopy(Piece):
     merges_by = "value"  # merging writes the copy itself; only the original can undo it
     role = "also_train"
 
-    def __init__(self, path: str, module: nn.Module, model: nn.Module, skip: tuple[str, ...] = (),
-                 shared: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, path: str, module: nn.Module, model: nn.Module, skip: tuple[str, ...] = (), shared: tuple[str, ...] = ()
+    ) -> None:
         super().__init__(path, key=path)
         self.shared = shared  # untied copies of parameters other modules hold too: not mergeable
         names = []
@@ -95,9 +96,19 @@ def build_copies(model: nn.Module, paths: Sequence[str], tie: bool = True) -> li
     """One FullCopy per module, and (tie) a TiedCopy wherever another module holds a copied parameter."""
     holders = parameter_holders(model)
     if not tie:
-        return [FullCopy(path, model.get_submodule(path), model, shared=tuple(
-            n for n, p in model.get_submodule(path)._parameters.items() if p is not None and len(holders[id(p)]) > 1))
-            for path in paths]
+        return [
+            FullCopy(
+                path,
+                model.get_submodule(path),
+                model,
+                shared=tuple(
+                    n
+                    for n, p in model.get_submodule(path)._parameters.items()
+                    if p is not None and len(holders[id(p)]) > 1
+                ),
+            )
+            for path in paths
+        ]
     pieces: list[Piece] = []
     copied: dict[int, FullCopy] = {}  # id(parameter) -> the piece holding its copy
     for path in paths:

@@ -28,18 +28,25 @@ def as_lora(delta: Any, rank: int | None = None, tolerance: float | None = None,
     if not isinstance(delta, Delta):
         raise ConfigError(f"as_lora converts a Delta, got {type(delta).__name__}")
     if (rank is None) == (tolerance is None):
-        raise ConfigError("as_lora needs exactly one of rank= (a fixed rank) or tolerance= (the largest relative "
-                          f"error per layer, e.g. 1e-3), got rank={rank!r}, tolerance={tolerance!r}")
+        raise ConfigError(
+            "as_lora needs exactly one of rank= (a fixed rank) or tolerance= (the largest relative "
+            f"error per layer, e.g. 1e-3), got rank={rank!r}, tolerance={tolerance!r}"
+        )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"as_lora: rank must be an integer >= 1, got {rank!r}")
-    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
-                                  or not 0 <= tolerance < 1):
+    if tolerance is not None and (
+        isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1
+    ):
         raise ConfigError(f"as_lora: tolerance must be a number in [0, 1), got {tolerance!r}")
     if delta.merged or not delta.mergeable():
         raise UnsupportedModuleError(
             f"as_lora writes a delta's weight change as a LoRA; {delta.name!r} ({delta.method}) "
-            + ("is merged: unmerge() it first" if delta.merged else "has no weight change (adapters and prompts add "
-               "computations, not weights)"))
+            + (
+                "is merged: unmerge() it first"
+                if delta.merged
+                else "has no weight change (adapters and prompts add computations, not weights)"
+            )
+        )
     with torch.no_grad():
         changes = {key: dw.detach() for key, dw in _changes(delta).items()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -53,15 +60,15 @@ def as_lora(delta: Any, rank: int | None = None, tolerance: float | None = None,
         else:
             left = torch.cat([(energy[..., 1:] / total).sqrt(), torch.zeros_like(total)], dim=-1)  # error at rank k+1
             k = int((left <= tolerance).float().argmax(-1).max().item()) + 1
-        error = float(((energy[..., k:k + 1] if k < s.shape[-1] else torch.zeros_like(total)) / total).sqrt().max())
+        error = float(((energy[..., k : k + 1] if k < s.shape[-1] else torch.zeros_like(total)) / total).sqrt().max())
         root = s[..., :k].sqrt()
         factors[key] = ((root.unsqueeze(-1) * vh[..., :k, :]), (u[..., :, :k] * root.unsqueeze(-2)))
         report[key] = (k, error)
     modules = [k for k in changes if _is_module(delta.model, k)]
     params = [k for k in changes if k not in modules]
-    config = LoRAConfig(targets=[exact(k) for k in modules] or None,
-                        target_parameters=[exact(k) for k in params] or None
-                        ).fitted({k: r for k, (r, _) in report.items()}, dict.fromkeys(changes, 1.0))
+    config = LoRAConfig(
+        targets=[exact(k) for k in modules] or None, target_parameters=[exact(k) for k in params] or None
+    ).fitted({k: r for k, (r, _) in report.items()}, dict.fromkeys(changes, 1.0))
     new = attach(delta.model, config, name=name)
     with torch.no_grad():
         for key, (a, b) in factors.items():
@@ -92,8 +99,10 @@ def _changes(delta: Any) -> dict[str, torch.Tensor]:
         try:
             change = {n: d for n, d in piece.delta_weights(host).items() if d.abs().max() > 0 or n != "bias"}
         except MergeError as exc:  # (BitFit on a layer without a bias of its own)
-            raise UnsupportedModuleError(f"as_lora: a plain LoRA carries the weight of a linear layer (or a parameter "
-                                         f"target) only, and {delta.name!r} cannot be written as one: {exc}") from None
+            raise UnsupportedModuleError(
+                f"as_lora: a plain LoRA carries the weight of a linear layer (or a parameter "
+                f"target) only, and {delta.name!r} cannot be written as one: {exc}"
+            ) from None
         if not change:  # (a piece that holds shared tensors, such as VB-LoRA's bank, changes no weight)
             continue
         name = getattr(piece, "param_name", None)
@@ -103,7 +112,8 @@ def _changes(delta: Any) -> dict[str, torch.Tensor]:
         if set(change) != {"weight"} or not is_linear_like(host):
             raise UnsupportedModuleError(
                 f"as_lora: {delta.name!r} changes {sorted(change)} of {piece.key!r} ({type(host).__name__}); a plain "
-                "LoRA carries the weight of a linear layer (or a parameter target) only")
+                "LoRA carries the weight of a linear layer (or a parameter target) only"
+            )
         dw = change["weight"].float()
         key = piece.site_path + (f".{piece.through}" if piece.through else "")
         out[key] = dw.T if is_conv1d(host) else dw

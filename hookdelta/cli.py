@@ -43,8 +43,9 @@ def load_model(model_dir: str) -> Any:
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").is_file() else []
     if path.suffix == ".gguf" and path.is_file() or len(ggufs) == 1:
         gguf = path if path.is_file() else ggufs[0]
-        return transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                 local_files_only=True)
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True
+        )
     if not (path / "config.json").is_file():
         several = f"; it holds {len(ggufs)} GGUF files: name one" if ggufs else ""
         raise CLIError(f"{model_dir} is not a transformers model directory (no config.json){several}")
@@ -100,9 +101,19 @@ def merge(args: argparse.Namespace) -> None:
 
 
 # what a serving stack (vLLM, TGI, transformers' pipeline) reads beside the weights and config
-SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-              "*.tiktoken", "chat_template.*", "generation_config.json", "preprocessor_config.json",
-              "processor_config.json")
+SIDE_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
@@ -114,8 +125,11 @@ def copy_side_files(src: str, dst: str) -> list[str]:
     copied = []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if (os.path.isfile(path) and any(fnmatch.fnmatch(name, p) for p in SIDE_FILES)
-                and not os.path.exists(os.path.join(dst, name))):
+        if (
+            os.path.isfile(path)
+            and any(fnmatch.fnmatch(name, p) for p in SIDE_FILES)
+            and not os.path.exists(os.path.join(dst, name))
+        ):
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
     return copied
@@ -135,8 +149,10 @@ def convert(args: argparse.Namespace) -> None:
         lora.save_peft(args.dst, overwrite=args.overwrite)
         worst = max(lora.conversion.items(), key=lambda kv: kv[1][1])
         ranks = sorted({r for r, _ in lora.conversion.values()})
-        print(f"converted {args.src} -> {args.dst} (a LoRA in PEFT's format; ranks {ranks[0]}..{ranks[-1]}, largest "
-              f"relative error {worst[1][1]:.2e} at {worst[0]})")
+        print(
+            f"converted {args.src} -> {args.dst} (a LoRA in PEFT's format; ranks {ranks[0]}..{ranks[-1]}, largest "
+            f"relative error {worst[1][1]:.2e} at {worst[0]})"
+        )
         return
     if args.to == "peft":
         delta.save_peft(args.dst, overwrite=args.overwrite)
@@ -181,14 +197,22 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("model_dir")
     m.add_argument("delta_dir")
     m.add_argument("out_dir")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="write the merged model in this dtype (default: the model's own; bfloat16 for a quantized base)")
+    m.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="write the merged model in this dtype (default: the model's own; bfloat16 for a quantized base)",
+    )
     m.set_defaults(run=merge)
     c = sub.add_parser("convert", help="convert a delta between hookdelta's and PEFT's formats, or into a LoRA")
     c.add_argument("--to", choices=["peft", "hookdelta", "lora"], required=True)
     c.add_argument("--rank", type=int, default=None, help="--to lora: the LoRA's rank (default: --tolerance 1e-3)")
-    c.add_argument("--tolerance", type=float, default=None,
-                   help="--to lora: the largest relative error per layer (the smallest rank within it)")
+    c.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="--to lora: the largest relative error per layer (the smallest rank within it)",
+    )
     c.add_argument("--base", required=True, help="the base model directory (to check the delta fits)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("src")

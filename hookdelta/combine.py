@@ -33,9 +33,18 @@ ON_UPDATES = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_
 HOWS = ON_FACTORS + ("cat",) + ON_UPDATES
 
 
-def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear", name: str | None = None, *,
-            density: float | None = None, svd_rank: int | None = None, svd_clamp: float | None = None,
-            majority_sign_method: str = "total", generator: torch.Generator | None = None) -> Any:
+def combine(
+    model: nn.Module,
+    weights: Mapping[str, float],
+    how: str = "linear",
+    name: str | None = None,
+    *,
+    density: float | None = None,
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    majority_sign_method: str = "total",
+    generator: torch.Generator | None = None,
+) -> Any:
     """A new LoRA delta, attached under `name`, that combines `weights` {delta name: weight} of
     the model's LoRA deltas (same sites) as `how` says; the sources are left as they were (and
     stay enabled: `hd.set_active(model, name)` runs the combination alone). `density` is the
@@ -45,12 +54,17 @@ def combine(model: nn.Module, weights: Mapping[str, float], how: str = "linear",
     sources = _check(found, weights, how, name, density, svd_rank, svd_clamp, majority_sign_method)
     how = "linear" if len(sources) == 1 else how  # one delta: only a weighting (as PEFT)
     keys = _keys(sources[0][0])
-    per_site = {key: _combine_site([(d.piece(key), w) for d, w in sources], how, density, svd_rank, svd_clamp,
-                                   majority_sign_method, generator) for key in keys}
+    per_site = {
+        key: _combine_site(
+            [(d.piece(key), w) for d, w in sources], how, density, svd_rank, svd_clamp, majority_sign_method, generator
+        )
+        for key in keys
+    }
     params = [k for k in keys if type(sources[0][0].piece(k)) is LoRAParameter]
-    config = LoRAConfig(targets=[exact(k) for k in keys if k not in params] or None,
-                        target_parameters=[exact(k) for k in params] or None
-                        ).fitted({k: a.shape[-2] for k, (a, _) in per_site.items()}, dict.fromkeys(keys, 1.0))
+    config = LoRAConfig(
+        targets=[exact(k) for k in keys if k not in params] or None,
+        target_parameters=[exact(k) for k in params] or None,
+    ).fitted({k: a.shape[-2] for k, (a, _) in per_site.items()}, dict.fromkeys(keys, 1.0))
     delta = attach(model, config, name=name)
     with torch.no_grad():
         for key, (a, b) in per_site.items():
@@ -84,8 +98,16 @@ def _plain(sources: Any) -> Any:
     return list(sources) if isinstance(sources, (list, tuple)) else sources
 
 
-def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, density: float | None,
-           svd_rank: int | None, svd_clamp: float | None, majority_sign_method: str) -> list[tuple[Any, float]]:
+def _check(
+    found: dict[str, Any],
+    weights: Any,
+    how: str,
+    name: str | None,
+    density: float | None,
+    svd_rank: int | None,
+    svd_clamp: float | None,
+    majority_sign_method: str,
+) -> list[tuple[Any, float]]:
     """The (delta, weight) pairs, after checking every argument; raises before anything changes."""
     if not isinstance(weights, Mapping) or not weights:
         raise ConfigError(f"hd.combine needs {{delta name: weight}}, got {weights!r}")
@@ -104,11 +126,14 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
         raise ConfigError(f"hd.combine: how={how!r} needs density= in [0, 1] (the fraction kept), got {density!r}")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ConfigError(f"hd.combine: svd_rank must be a positive integer, got {svd_rank!r}")
-    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
-                                  or not 0 <= svd_clamp <= 1):
+    if svd_clamp is not None and (
+        isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float)) or not 0 <= svd_clamp <= 1
+    ):
         raise ConfigError(f"hd.combine: svd_clamp is a quantile in [0, 1], got {svd_clamp!r}")
     if majority_sign_method not in ("total", "frequency"):
-        raise ConfigError(f"hd.combine: majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+        raise ConfigError(
+            f"hd.combine: majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}"
+        )
     sources = [(found[n], float(w)) for n, w in weights.items()]
     first = sources[0][0]
     for delta, _ in sources:
@@ -119,23 +144,27 @@ def _check(found: dict[str, Any], weights: Any, how: str, name: str | None, dens
             raise UnsupportedModuleError(
                 f"hd.combine: delta {delta.name!r} has pieces it cannot combine at {odd[:3]} (DoRA, LoRA bias, a "
                 "PiSSA/OLoRA start, aLoRA, fused slices, conv or tied LoRA); it combines plain LoRA on linear and "
-                "embedding layers and on parameters (fused experts)")
+                "embedding layers and on parameters (fused experts)"
+            )
         experts = [k for k, p in delta.pieces.items() if type(p) is LoRAParameter]
         if experts and how not in ("linear", "cat", "svd"):
             raise UnsupportedModuleError(
                 f"hd.combine(how={how!r}) prunes by magnitude or draws masks over a whole tensor; on a parameter "
                 f"target such as {experts[0]!r} (every expert in one tensor) it is unclear whether per expert or over "
-                "all, so it is refused: use how='linear', 'cat' or 'svd' (these act per expert)")
+                "all, so it is refused: use how='linear', 'cat' or 'svd' (these act per expert)"
+            )
         if set(_keys(delta)) != set(_keys(first)):
             diff = sorted(set(_keys(delta)) ^ set(_keys(first)))
-            raise ConfigError(f"hd.combine needs deltas on the same layers; {first.name!r} and {delta.name!r} "
-                              f"differ at {diff[:4]}")
+            raise ConfigError(
+                f"hd.combine needs deltas on the same layers; {first.name!r} and {delta.name!r} differ at {diff[:4]}"
+            )
     if how in ON_FACTORS and len(sources) > 1:
         for key in _keys(first):
             ranks = {d.name: d.piece(key).r for d, _ in sources}  # (per expert for parameter targets)
             if len(set(ranks.values())) > 1:
-                raise ConfigError(f"hd.combine(how={how!r}) needs equal ranks, found {ranks} at {key!r}; "
-                                  "use how='cat' or how='svd'")
+                raise ConfigError(
+                    f"hd.combine(how={how!r}) needs equal ranks, found {ranks} at {key!r}; use how='cat' or how='svd'"
+                )
     return sources
 
 
@@ -145,9 +174,16 @@ def _keys(delta: Any) -> list[str]:
 
 # -- one site ----------------------------------------------------------------------------------------
 
-def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | None, svd_rank: int | None,
-                  svd_clamp: float | None, sign_method: str, generator: torch.Generator | None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _combine_site(
+    parts: list[tuple[Any, float]],
+    how: str,
+    density: float | None,
+    svd_rank: int | None,
+    svd_clamp: float | None,
+    sign_method: str,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the combined delta at one site, for scale 1."""
     if how == "cat":  # (the rank is dim -2 of A and -1 of B: per expert too, for parameter targets)
         a = torch.cat([p.lora_A.detach() * (w * float(p.scale)) for p, w in parts], dim=-2)
@@ -162,8 +198,9 @@ def _combine_site(parts: list[tuple[Any, float]], how: str, density: float | Non
         b = merge([p.lora_B.detach() for p, _ in parts], wb, density, sign_method, generator)
         return a.to(dtype), b.to(dtype)
     updates = [(p.lora_B.detach() * float(p.scale)) @ p.lora_A.detach() for p, _ in parts]  # [(experts,) out, in]
-    dw = _MERGES[how.removesuffix("_svd")](updates, torch.tensor([w for _, w in parts]), density, sign_method,
-                                          generator)
+    dw = _MERGES[how.removesuffix("_svd")](
+        updates, torch.tensor([w for _, w in parts]), density, sign_method, generator
+    )
     rank = svd_rank or max(p.r for p, _ in parts)
     u, s, vh = torch.linalg.svd(dw, full_matrices=True)  # (batched over experts)
     u, vh = u[..., :, :rank] @ torch.diag_embed(s[..., :rank]), vh[..., :rank, :]

@@ -6,6 +6,7 @@ needs it refuses with a `HookdeltaError` naming the release, instead of failing 
 module protocol that accelerate and PEFT rely on too; the README's compatibility section lists
 them with the rest.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,7 +44,8 @@ def bnb_cpu_unpack() -> Callable[..., Any]:
             f"this 4-bit weight was repacked by bitsandbytes {package_version('bitsandbytes')} for CPU inference, and "
             f"that release has no {BNB_CPU_UNPACK.rpartition('.')[2]} to read it back; attach deltas before the first "
             "inference forward (hookdelta then holds the repacking off), or use a bitsandbytes release hookdelta "
-            "is tested with (README, Compatibility)")
+            "is tested with (README, Compatibility)"
+        )
     return found
 
 

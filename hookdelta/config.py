@@ -74,9 +74,7 @@ class DeltaConfig:
             try:
                 layers = tuple(layers)
             except TypeError:
-                raise ConfigError(
-                    f"layers must be a list or range of block indices, got {self.layers!r}"
-                ) from None
+                raise ConfigError(f"layers must be a list or range of block indices, got {self.layers!r}") from None
             if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise ConfigError(
                     f"layers must be a non-empty list of block indices >= 0 (e.g. [0, 1] or range(6, 12)), got {self.layers!r}"
@@ -119,8 +117,12 @@ class DeltaConfig:
         data = self.to_dict()
         if has_callable(data):
             modules = [k for k in delta.sites if resolve_site(delta.model, k)[1] is None]
-            data.update(targets=[exact(k) for k in modules] or None, exclude=None, layers=None,
-                        also_train=[exact(k) for k in delta.also_train] or None)
+            data.update(
+                targets=[exact(k) for k in modules] or None,
+                exclude=None,
+                layers=None,
+                also_train=[exact(k) for k in delta.also_train] or None,
+            )
         return data
 
     # -- JSON ---------------------------------------------------------------------------
@@ -196,8 +198,13 @@ class PeftCodec:
                 return key[: -len(suffix)], ours
         return None
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         """(config, tensors keyed `<site>.<name>`) for the sites in `named`; `common` holds the
         also_train fields every config takes."""
         raise NotImplementedError
@@ -233,7 +240,8 @@ class PeftCodec:
         if odd:
             raise UnsupportedModuleError(
                 f"PEFT's {delta.config.method} cannot adapt transformers Conv1D layers such as {odd[0]!r}, so it "
-                "could not load this file; save it with delta.save() instead")
+                "could not load this file; save it with delta.save() instead"
+            )
 
     @staticmethod
     def tuner_fields(delta: Any, pieces: list[Piece], layout: bool = True) -> dict[str, Any]:
@@ -259,8 +267,9 @@ def check_int(cfg: DeltaConfig, name: str, *, minimum: int = 1) -> None:
 MAX_ALPHA = 1e6
 
 
-def check_float(cfg: DeltaConfig, name: str, *, low: float, high: float = math.inf,
-                low_open: bool = False, high_open: bool = True) -> None:
+def check_float(
+    cfg: DeltaConfig, name: str, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True
+) -> None:
     value = getattr(cfg, name)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
@@ -308,9 +317,11 @@ def file_rank(peft_config: dict[str, Any], ranks: dict[str, int], default: int) 
         want = pattern_value(patterns, site, r)
         if rank != want:
             said = f"rank_pattern gives {want}" if want != r else f"r={r}"
-            raise DeltaFileError(f"adapter_config.json says {said} for {site!r}, but its tensors have rank {rank}; "
-                                 "the config and the tensors disagree (edited by hand?), so the adapter's scale "
-                                 "would be wrong. Fix r (or rank_pattern) in the config")
+            raise DeltaFileError(
+                f"adapter_config.json says {said} for {site!r}, but its tensors have rank {rank}; "
+                "the config and the tensors disagree (edited by hand?), so the adapter's scale "
+                "would be wrong. Fix r (or rank_pattern) in the config"
+            )
     return r
 
 
@@ -320,8 +331,9 @@ def after_dot_pattern(path: str) -> str:
     return re.escape(path.partition(".")[2] or path)
 
 
-def check_patterns(cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("rank_pattern", True),
-                                                                            ("alpha_pattern", False))) -> None:
+def check_patterns(
+    cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("rank_pattern", True), ("alpha_pattern", False))
+) -> None:
     """PEFT's per-layer pattern fields, {regex: positive int} (integer) or {regex: positive number}:
     rank_pattern and alpha_pattern unless `fields` names others (FourierFT's n_frequency_pattern)."""
     for name, integer in fields:
@@ -337,8 +349,10 @@ def check_patterns(cfg: DeltaConfig, fields: Sequence[tuple[str, bool]] = (("ran
                 raise ConfigError(f"{type(cfg).__name__}.{name} key {pattern!r} is not a valid regex") from None
             ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
             if isinstance(value, bool) or not ok or value <= 0 or not integer and value > MAX_ALPHA:
-                raise ConfigError(f"{type(cfg).__name__}.{name}[{pattern!r}] must be a positive "
-                                  f"{'integer' if integer else f'number up to {MAX_ALPHA:g}'}, got {value!r}")
+                raise ConfigError(
+                    f"{type(cfg).__name__}.{name}[{pattern!r}] must be a positive "
+                    f"{'integer' if integer else f'number up to {MAX_ALPHA:g}'}, got {value!r}"
+                )
 
 
 def check_choice(cfg: DeltaConfig, name: str, choices: Sequence[Any]) -> None:
@@ -391,8 +405,10 @@ def _from_json(value: Any) -> Any:
         for part in name.split(".") if obj is not None else []:
             obj = getattr(obj, part, None)
         if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-            raise ConfigError(f"the saved config names the module type {str(where)[:80]!r}, which is not an "
-                              "nn.Module class of a module imported here; import the library that defines it first")
+            raise ConfigError(
+                f"the saved config names the module type {str(where)[:80]!r}, which is not an "
+                "nn.Module class of a module imported here; import the library that defines it first"
+            )
         return obj
     if isinstance(value, dict) and set(value) == {"callable"}:
         raise ConfigError(

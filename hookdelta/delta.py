@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _changes(action: str) -> Callable[[F], F]:
     """A lifecycle call: refused while another thread is in a forward pass of the model or a
     checkpointed forward awaits its backward; forwards starting meanwhile wait for it."""
+
     def wrap(fn: F) -> F:
         @functools.wraps(fn)
         def run(self: Delta, *args: Any, **kwargs: Any) -> Any:
@@ -42,7 +43,9 @@ def _changes(action: str) -> Callable[[F], F]:
             # a delta's tensors stay normal (trainable, writable) tensors under torch.inference_mode()
             with store.guard.changing(action), torch.inference_mode(False):
                 return fn(self, *args, **kwargs)
+
         return run  # type: ignore[return-value]
+
     return wrap
 
 
@@ -59,8 +62,9 @@ class Delta(nn.Module):
     manager to detach on exit, even on error.
     """
 
-    def __init__(self, name: str, config: DeltaConfig, pieces: list[Piece],
-                 sites: list[str], also_train: list[str]) -> None:
+    def __init__(
+        self, name: str, config: DeltaConfig, pieces: list[Piece], sites: list[str], also_train: list[str]
+    ) -> None:
         super().__init__()
         self.name = name
         self.config = config
@@ -100,15 +104,20 @@ class Delta(nn.Module):
         """One line: trainable parameters of this delta against all of the model's."""
         total = sum(p.numel() for p in self._model.parameters()) if self.attached else self.num_trainable
         mine = self.num_trainable
-        return (f"delta {self.name!r} ({self.method}): trainable params {mine:,} || all params {total:,} "
-                f"|| trainable% {100.0 * mine / max(total, 1):.4f} || sites {len(self.sites) + len(self.also_train)}")
+        return (
+            f"delta {self.name!r} ({self.method}): trainable params {mine:,} || all params {total:,} "
+            f"|| trainable% {100.0 * mine / max(total, 1):.4f} || sites {len(self.sites) + len(self.also_train)}"
+        )
 
     def print_trainable(self) -> None:
         print(self.summary())
 
     def extra_repr(self) -> str:
-        state = "detached" if not self.attached else ("merged" if self.merged else
-                                                       "enabled" if self.enabled else "disabled")
+        state = (
+            "detached"
+            if not self.attached
+            else ("merged" if self.merged else "enabled" if self.enabled else "disabled")
+        )
         return f"name={self.name!r}, method={self.method!r}, sites={len(self.pieces)}, {state}"
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -158,8 +167,10 @@ class Delta(nn.Module):
             raise DeltaStateError(f"delta {self.name!r} is disabled; enable() it before merging")
         blocked = [p.key for p in self._pieces() if not p.mergeable]
         if blocked:
-            raise MergeError(f"the {self.method} delta {self.name!r} cannot be merged into the weights "
-                             f"(sites: {blocked[:3]}); keep it attached unmerged")
+            raise MergeError(
+                f"the {self.method} delta {self.name!r} cannot be merged into the weights "
+                f"(sites: {blocked[:3]}); keep it attached unmerged"
+            )
         store = self._store()
         self._check_merge_order(store)
         if not keep_original:  # without copies a failed write could not be undone exactly: check first
@@ -192,12 +203,16 @@ class Delta(nn.Module):
         piece, other, owner = blocked
         where = store.sites[piece.site_path].host_path(piece)
         if other is None:
-            raise MergeError(f"merging {self.name!r} at {where!r} would change the result: {owner}. Remove that "
-                             "hook before merging (or merge before registering it); nothing was changed.")
+            raise MergeError(
+                f"merging {self.name!r} at {where!r} would change the result: {owner}. Remove that "
+                "hook before merging (or merge before registering it); nothing was changed."
+            )
         theirs = store.deltas[owner]
         if theirs._merge_blocker(store, only=self) is not None:
-            advice = ("each would change what the other computes, so neither can be merged while the other is "
-                      "unmerged there. Detach one of them, or keep both unmerged")
+            advice = (
+                "each would change what the other computes, so neither can be merged while the other is "
+                "unmerged there. Detach one of them, or keep both unmerged"
+            )
         elif theirs.mergeable() and theirs._merge_blocker(store) is None:
             advice = f"{'Enable and merge' if not theirs.enabled else 'Merge'} {owner!r} first, or detach it"
         else:
@@ -235,8 +250,11 @@ class Delta(nn.Module):
                 if theirs is not None and id(other) not in theirs:
                     continue
                 # an input rewrite merged into the weight stops feeding the others its input
-                if (before and not (piece.additive and other.additive)) or other.reads_weight \
-                        or piece.rewrites_input_of(other):
+                if (
+                    (before and not (piece.additive and other.additive))
+                    or other.reads_weight
+                    or piece.rewrites_input_of(other)
+                ):
                     owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
                     return piece, other, owner
         return None
@@ -286,10 +304,13 @@ class Delta(nn.Module):
                     why = None
                 if why:
                     owner = next((d.name for d in store.deltas.values() if other in d._pieces()), "?")
-                    advice = f"Unmerge {owner!r} first" if any(p is other for p in merged) else f"Detach {owner!r} first"
+                    advice = (
+                        f"Unmerge {owner!r} first" if any(p is other for p in merged) else f"Detach {owner!r} first"
+                    )
                     raise MergeError(
                         f"unmerging {self.name!r} at {site.host_path(piece)!r} would change the result: delta "
-                        f"{owner!r} ({other.describe() or type(other).__name__}) {why}. {advice}; nothing was changed.")
+                        f"{owner!r} ({other.describe() or type(other).__name__}) {why}. {advice}; nothing was changed."
+                    )
 
     def piece(self, key: str) -> Piece:
         """The piece at a site key (a module path, or a parameter path)."""
@@ -300,8 +321,12 @@ class Delta(nn.Module):
         what a save writes."""
         own = {f"{p.key}.{n}": t for p in self._pieces() for n, t in p.state_dict(keep_vars=True).items()}
         with whole(own.values()):  # (a ZeRO-3 partition holds its values only inside; so the clone)
-            return {k: full(t).detach().to("cpu").contiguous().clone() if is_sharded(t) else t.detach().to("cpu").contiguous()
-                    for k, t in own.items()}
+            return {
+                k: full(t).detach().to("cpu").contiguous().clone()
+                if is_sharded(t)
+                else t.detach().to("cpu").contiguous()
+                for k, t in own.items()
+            }
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors into this delta's, checking every key and shape first (nothing is
@@ -310,10 +335,14 @@ class Delta(nn.Module):
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
-            raise DeltaFileError(f"the saved tensors do not fit the delta: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-        bad = [f"{k}: saved {tuple(tensors[k].shape)}, model needs {shape(t)}"
-               for k, t in expected.items() if shape(t) != tuple(tensors[k].shape)]
+            raise DeltaFileError(
+                f"the saved tensors do not fit the delta: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        bad = [
+            f"{k}: saved {tuple(tensors[k].shape)}, model needs {shape(t)}"
+            for k, t in expected.items()
+            if shape(t) != tuple(tensors[k].shape)
+        ]
         if bad:
             raise DeltaFileError("shape mismatch between the saved delta and this model: " + "; ".join(bad[:5]))
         with torch.no_grad(), whole(expected.values(), modify=True):
@@ -335,8 +364,15 @@ class Delta(nn.Module):
             for other in list(deltas(clone).values())[::-1]:
                 other._remove(restore_weights=True)
             dequantize_model(clone, dtype)
-            twin = install(clone, self.config, self.name, self.sites, self.also_train, freeze_base=False,
-                           tensors={k: t.to(dtype) for k, t in tensors.items()})
+            twin = install(
+                clone,
+                self.config,
+                self.name,
+                self.sites,
+                self.also_train,
+                freeze_base=False,
+                tensors={k: t.to(dtype) for k, t in tensors.items()},
+            )
             twin.merge_and_detach()
         return clone
 
@@ -377,8 +413,9 @@ class Delta(nn.Module):
         self._store().check_sites("save")
         save_delta(self, directory, overwrite=overwrite)
 
-    def save_peft(self, directory: Any, overwrite: bool = False, diffusers: str | bool = False,
-                  split_experts: bool = False) -> None:
+    def save_peft(
+        self, directory: Any, overwrite: bool = False, diffusers: str | bool = False, split_experts: bool = False
+    ) -> None:
         """Write a LoRA or IA3 delta in PEFT's adapter format (`PeftModel.from_pretrained` loads it);
         a LoRA with `diffusers=True` as diffusers' `save_lora_adapter` writes it (`model.load_lora_adapter`
         loads it), with `diffusers="unet"` (a pipeline component) as `save_lora_weights` does
@@ -420,7 +457,9 @@ class Delta(nn.Module):
 
     def _check_attached(self, action: str) -> None:
         if not self.attached:
-            raise DeltaStateError(f"delta {self.name!r} is detached; cannot {action}(). Attach a new one with hd.attach")
+            raise DeltaStateError(
+                f"delta {self.name!r} is detached; cannot {action}(). Attach a new one with hd.attach"
+            )
 
     def _refresh(self) -> None:
         live = self.enabled and not self.merged
@@ -441,8 +480,7 @@ class Delta(nn.Module):
 # -- attach and friends -------------------------------------------------------------------
 
 
-def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
-           freeze_base: bool = True) -> Delta:
+def attach(model: nn.Module, config: DeltaConfig, name: str | None = None, freeze_base: bool = True) -> Delta:
     """Attach a delta to `model` and return it, live. All or nothing: on any error the
     model is left exactly as it was.
 
@@ -461,9 +499,18 @@ def attach(model: nn.Module, config: DeltaConfig, name: str | None = None,
     return install(model, config, name, sites, train, freeze_base)
 
 
-def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
-            freeze_base: bool, tensors: dict[str, Any] | None = None, uid: str | None = None,
-            checked: bool = False, max_bytes: int | None = None) -> Delta:
+def install(
+    model: nn.Module,
+    config: DeltaConfig,
+    name: str,
+    sites: list[str],
+    train: list[str],
+    freeze_base: bool,
+    tensors: dict[str, Any] | None = None,
+    uid: str | None = None,
+    checked: bool = False,
+    max_bytes: int | None = None,
+) -> Delta:
     """Build the pieces for known sites, optionally fill in saved tensors, and hook them in.
     Saved tensors come from an untrusted file: unless `checked` (the caller compared the file's
     header already), the delta is first built on a meta copy of the model and its shapes compared
@@ -471,14 +518,23 @@ def install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], 
     if tensors is not None and not checked:
         from .untrusted import Plan
 
-        Plan(model, config, sites, train).check({k: tuple(t.shape) for k, t in tensors.items()},
-                                                "the saved delta", max_bytes)
+        Plan(model, config, sites, train).check(
+            {k: tuple(t.shape) for k, t in tensors.items()}, "the saved delta", max_bytes
+        )
     with torch.inference_mode(False):  # the delta's tensors must be normal, trainable tensors
         return _install(model, config, name, sites, train, freeze_base, tensors, uid)
 
 
-def _install(model: nn.Module, config: DeltaConfig, name: str, sites: list[str], train: list[str],
-             freeze_base: bool, tensors: dict[str, Any] | None, uid: str | None) -> Delta:
+def _install(
+    model: nn.Module,
+    config: DeltaConfig,
+    name: str,
+    sites: list[str],
+    train: list[str],
+    freeze_base: bool,
+    tensors: dict[str, Any] | None,
+    uid: str | None,
+) -> Delta:
     _check_real(model, sites + train)
     # (a saved delta: data-driven inits make placeholders, the file holds the values)
     with inits.loading() if tensors is not None else contextlib.nullcontext():
@@ -535,8 +591,11 @@ def _route(model: nn.Module, piece: Piece) -> None:
         if piece.mergeable and piece.weight_path_exact and _weight_path_works(model, piece):
             piece.through, piece.site_path = child, parent
         elif always:
-            why = ("its dropout acts on the layer's input, which never passes through the layer; set dropout=0"
-                   if piece.mergeable else "it is not a change of the weights")
+            why = (
+                "its dropout acts on the layer's input, which never passes through the layer; set dropout=0"
+                if piece.mergeable
+                else "it is not a change of the weights"
+            )
             raise UnsupportedModuleError(
                 f"{piece.site_path!r} is the {child} of a {type(model.get_submodule(parent)).__name__}, which uses "
                 f"its weights without calling its forward, so the delta can only act through the weights, and "

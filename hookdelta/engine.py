@@ -138,8 +138,10 @@ class Piece(nn.Module):
         Returns:
             parameter name -> new value.
         """
-        return {n: current(module, n).detach().float() + d.to(current(module, n).device, torch.float32)
-                for n, d in self.delta_weights(module).items()}
+        return {
+            n: current(module, n).detach().float() + d.to(current(module, n).device, torch.float32)
+            for n, d in self.delta_weights(module).items()
+        }
 
     def delta_from_merged(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """delta_weights for merges_by="value" pieces (multiplicative ones: IA3, DoRA)."""
@@ -426,8 +428,9 @@ class Site:
     def replaced(self) -> bool:
         """The module is no longer at its path (a wrapper or a converter swapped it out), or an
         embedding no longer has the rows the deltas were built for (resized in place)."""
-        return ((self.parent is not None and self.parent._modules.get(self.leaf) is not self.module)
-                or (self.rows is not None and self.module.num_embeddings != self.rows))
+        return (self.parent is not None and self.parent._modules.get(self.leaf) is not self.module) or (
+            self.rows is not None and self.module.num_embeddings != self.rows
+        )
 
     # -- hook lifecycle ------------------------------------------------------------------
 
@@ -451,9 +454,9 @@ class Site:
         while len(self.dispatchers) < len(runs):
             self.dispatchers.append(Dispatcher(self))
         wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=False)]  # (extras unhooked below)
-        for d in self.dispatchers[len(runs):]:
+        for d in self.dispatchers[len(runs) :]:
             d.unhook()
-        del self.dispatchers[len(runs):]
+        del self.dispatchers[len(runs) :]
         for d, w in zip(self.dispatchers, wanted, strict=True):
             if w != d.hooked:
                 d.hook(w)
@@ -463,8 +466,10 @@ class Site:
     def foreign_keys(self) -> tuple[list[int], list[int]]:
         """Keys of the hooks other code registered on the module: (pre-hooks, forward hooks)."""
         m = self.module
-        return ([k for k, h in m._forward_pre_hooks.items() if not is_ours(h)],
-                [k for k, h in m._forward_hooks.items() if not is_ours(h)])
+        return (
+            [k for k, h in m._forward_pre_hooks.items() if not is_ours(h)],
+            [k for k, h in m._forward_hooks.items() if not is_ours(h)],
+        )
 
     @staticmethod
     def _runs(live: list[Piece], foreign: tuple[list[int], list[int]]) -> list[list[Piece]]:
@@ -490,8 +495,7 @@ class Site:
             order = [k for k, stamp in ours if not any(o < stamp for o in others)]
             for i, other in enumerate(others):
                 order.append(other)
-                order += [k for k, stamp in ours
-                          if other < stamp and not any(o < stamp for o in others[i + 1:])]
+                order += [k for k, stamp in ours if other < stamp and not any(o < stamp for o in others[i + 1 :])]
             for key in order:
                 hooks.move_to_end(key)
 
@@ -503,8 +507,13 @@ class Site:
             return None
         m = self.module
         if "post" in piece.hooks:
-            before = [h for k, h in m._forward_hooks.items() if not is_ours(h) and k < piece.stamp
-                      and not (piece.tensor_parallel and _name(h).startswith("distribute_module."))]
+            before = [
+                h
+                for k, h in m._forward_hooks.items()
+                if not is_ours(h)
+                and k < piece.stamp
+                and not (piece.tensor_parallel and _name(h).startswith("distribute_module."))
+            ]
             # (a tensor-parallel layout hook only converts the output's layout, which commutes with a
             # change of the weight; a renamed one is refused, as any unknown hook)
             if before:
@@ -574,14 +583,17 @@ class Site:
 
     def _not_finite(self, piece: Piece, name: str) -> str:
         culprits = [f"{piece.key}.{n}" for n, t in piece.named_parameters() if not torch.isfinite(t).all()]
-        why = (f"the delta's tensor(s) {culprits[:3]} hold NaN/Inf" if culprits
-               else "the delta is too large for the weight's dtype")
+        why = (
+            f"the delta's tensor(s) {culprits[:3]} hold NaN/Inf"
+            if culprits
+            else "the delta is too large for the weight's dtype"
+        )
         return f"merging would write NaN/Inf into {self.host_path(piece)}.{name}: {why}. Nothing was changed."
 
     def unmerge(self, piece: Piece) -> None:
         """Take a merged piece out again; later merges are undone and redone so it stays exact."""
         index = [p for p, _ in self.merged].index(piece)
-        above = self.merged[index + 1:]
+        above = self.merged[index + 1 :]
         for other, kept in reversed(above):
             self._restore(other, kept)
         self._restore(*self.merged[index])
@@ -690,7 +702,7 @@ class ForwardGuard:
         with self.lock:
             calls = self.calls.get(me, [])
             if frame in calls:  # (identity: frames compare by identity)
-                del calls[len(calls) - 1 - calls[::-1].index(frame):]
+                del calls[len(calls) - 1 - calls[::-1].index(frame) :]
             if not calls:
                 self.calls.pop(me, None)
             probe = self.watching if not calls and self.watching is not None and self.watching.thread == me else None
@@ -720,7 +732,8 @@ class ForwardGuard:
             raise DeltaStateError(
                 "the deltas that run changed between a forward under gradient checkpointing and its backward "
                 f"(then {list(which)}, now {list(now)}), so the recompute would use other deltas and give wrong "
-                "gradients; undo the change (enable/disable/set_active) before backward()")
+                "gradients; undo the change (enable/disable/set_active) before backward()"
+            )
 
     def _drop_stale(self, thread: int, top: Any) -> None:
         """Forget the forwards of `thread` whose frames are no longer on its stack (from `top`
@@ -765,8 +778,10 @@ class ForwardGuard:
             clean_up()
             busy = self.busy_threads()  # (first: a call with adapter_names= that Ctrl-C ended holds no more)
             if self.holding:
-                raise DeltaStateError(f"cannot {action}() inside {self.holding}: it was set up for the deltas as "
-                                      "they are; leave the block first")
+                raise DeltaStateError(
+                    f"cannot {action}() inside {self.holding}: it was set up for the deltas as "
+                    "they are; leave the block first"
+                )
             if busy:
                 raise DeltaStateError(
                     f"cannot {action}() while another thread runs a forward pass of this model; change "
@@ -807,8 +822,10 @@ def watching_inputs(model: nn.Module, paths: list[str], see: Any) -> Iterator[No
     handles: list[RemovableHandle] = []
     try:
         for path in paths:
+
             def pre(module: nn.Module, args: tuple, kwargs: dict, path: str = path) -> None:
                 see(path, first_input(args, kwargs))
+
             handles.append(model.get_submodule(path).register_forward_pre_hook(pre, with_kwargs=True))
         yield
     finally:

@@ -54,16 +54,22 @@ def checkpoint_name(model: nn.Module, path: str) -> str:
     return path
 
 
-def split_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def split_factors(
+    model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{per-expert module path (checkpoint names): (A [r, in], B [out, r])} for a LoRA with factors
     A [E, r, n], B [E, m, r] on the fused tensor `key` [E, m, n]; an UnsupportedModuleError where
     transformers' mapping does not say how the checkpoint splits it."""
-    why = (f"{key!r} has no per-expert layout hookdelta can derive: transformers' conversion mapping for "
-           f"model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}")
+    why = (
+        f"{key!r} has no per-expert layout hookdelta can derive: transformers' conversion mapping for "
+        f"model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r}"
+    )
     if experts_transposed(model, key):
-        raise UnsupportedModuleError(f"{why} would need a transposition ({key!r} is stored [experts, in, out]). "
-                                     "Servers that read fused experts (vLLM's 3-D MoE models) take save_peft()'s "
-                                     "default layout")
+        raise UnsupportedModuleError(
+            f"{why} would need a transposition ({key!r} is stored [experts, in, out]). "
+            "Servers that read fused experts (vLLM's 3-D MoE models) take save_peft()'s "
+            "default layout"
+        )
     for step in _recipe(model):
         if type(step).__name__ != "WeightConverter":
             continue
@@ -74,16 +80,23 @@ def split_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor) 
             ops = [type(op).__name__ for op in getattr(step, "operations", [])]
             concat = [op for op in getattr(step, "operations", []) if type(op).__name__ == "Concatenate"]
             sources = _patterns(step.source_patterns)
-            if (not ops or ops[0] != "MergeModulelist" or any(o not in ("MergeModulelist", "Concatenate") for o in ops)
-                    or len(concat) > 1 or (concat and getattr(concat[0], "dim", None) != 1)
-                    or any(s.count("*") != 1 or not s.endswith(".weight") for s in sources)):
-                raise UnsupportedModuleError(f"{why} builds it with {ops}, not a stack of per-expert weights "
-                                             "concatenated along their outputs")
+            if (
+                not ops
+                or ops[0] != "MergeModulelist"
+                or any(o not in ("MergeModulelist", "Concatenate") for o in ops)
+                or len(concat) > 1
+                or (concat and getattr(concat[0], "dim", None) != 1)
+                or any(s.count("*") != 1 or not s.endswith(".weight") for s in sources)
+            ):
+                raise UnsupportedModuleError(
+                    f"{why} builds it with {ops}, not a stack of per-expert weights concatenated along their outputs"
+                )
             prefix = key[: len(key) - len(bare)].rstrip(".")
             chunks = len(sources)
             if b.shape[1] % chunks:
-                raise UnsupportedModuleError(f"{why} concatenates {chunks} projections, which do not divide "
-                                             f"{key!r}'s {b.shape[1]} outputs")
+                raise UnsupportedModuleError(
+                    f"{why} concatenates {chunks} projections, which do not divide {key!r}'s {b.shape[1]} outputs"
+                )
             out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for e in range(a.shape[0]):
                 for source, rows in zip(sources, b[e].chunk(chunks, dim=0), strict=True):
@@ -91,5 +104,7 @@ def split_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor) 
                     path = checkpoint_name(model, f"{prefix}.{name}" if prefix else name)
                     out[path] = (a[e], rows)
             return out
-    raise UnsupportedModuleError(f"{why} does not name per-expert weights for it. Servers that read fused experts "
-                                 "(vLLM's 3-D MoE models) take save_peft()'s default layout")
+    raise UnsupportedModuleError(
+        f"{why} does not name per-expert weights for it. Servers that read fused experts "
+        "(vLLM's 3-D MoE models) take save_peft()'s default layout"
+    )

@@ -43,8 +43,12 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | No
         if too_big or fixed:
             raise ConfigError(
                 f"prepare_hotswap(max_rank={max_rank}): delta {delta.name!r} has "
-                + (f"ranks above it at {too_big}" if too_big else
-                   f"pieces whose rank cannot be padded (fused slices, grouped conv) at {fixed[:3]}"))
+                + (
+                    f"ranks above it at {too_big}"
+                    if too_big
+                    else f"pieces whose rank cannot be padded (fused slices, grouped conv) at {fixed[:3]}"
+                )
+            )
         if delta.merged:
             raise DeltaStateError(f"delta {delta.name!r} is merged; unmerge() it before prepare_hotswap")
     store = store_of(targets[0].model)
@@ -54,8 +58,9 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | No
                 if piece.rank_dims:
                     piece.pad_rank(max_rank)
                 piece.hold_scale()
-            delta.config = delta.config.fitted({p.key: p.r for p in _lora_pieces(delta)},
-                                               {p.key: float(p.scale) for p in _lora_pieces(delta)})
+            delta.config = delta.config.fitted(
+                {p.key: p.r for p in _lora_pieces(delta)}, {p.key: float(p.scale) for p in _lora_pieces(delta)}
+            )
         forget_compiled_code()  # the factors' shapes changed: compiled code must see the new ones
 
 
@@ -65,29 +70,41 @@ def swap_target(model: nn.Module, name: str) -> Any:
         raise ConfigError(f"hd.load(into=...) takes the name of an attached delta, got {name!r}")
     found = deltas_of(model)
     if name not in found:
-        raise DeltaStateError(f"hd.load(into={name!r}): the model has no delta named {name!r}; its deltas are "
-                              f"{list(found)}")
+        raise DeltaStateError(
+            f"hd.load(into={name!r}): the model has no delta named {name!r}; its deltas are {list(found)}"
+        )
     if found[name].merged:
         raise DeltaStateError(f"delta {name!r} is merged into the weights; unmerge() it before a hot-swap")
     return found[name]
 
 
-def swap_in(delta: Any, config: DeltaConfig, sites: list[str], train: list[str],
-            tensors: dict[str, torch.Tensor], directory: str | os.PathLike) -> Any:
+def swap_in(
+    delta: Any,
+    config: DeltaConfig,
+    sites: list[str],
+    train: list[str],
+    tensors: dict[str, torch.Tensor],
+    directory: str | os.PathLike,
+) -> Any:
     """Copy a saved delta (read by persistence.load) into the attached `delta`, in place.
     Everything is checked before anything is written."""
     name = delta.name
     if config.method != delta.method:
-        raise DeltaFileError(f"the delta in {directory} is {config.method}; {name!r} is {delta.method}: a hot-swap "
-                             "needs the same method")
+        raise DeltaFileError(
+            f"the delta in {directory} is {config.method}; {name!r} is {delta.method}: a hot-swap needs the same method"
+        )
     _check_same_sites(delta, sites, train, directory)
     _check_same_settings(delta, config, directory)
     values = _fitted_values(delta, tensors, directory)
     lora = delta.method == "lora"
     scales = {p.key: config.scale_for(p.key) for p in _lora_pieces(delta)} if lora else {}
     first = any(not isinstance(p.scale, torch.Tensor) for p in _lora_pieces(delta))
-    with store_of(delta.model).guard.changing("hot-swap"), torch.inference_mode(False), torch.no_grad(), \
-            whole([current for current, _ in values], modify=True):
+    with (
+        store_of(delta.model).guard.changing("hot-swap"),
+        torch.inference_mode(False),
+        torch.no_grad(),
+        whole([current for current, _ in values], modify=True),
+    ):
         for current, value in values:
             assign(current, value)
         if first:  # the scales become tensors: code compiled with them as constants must go (once)
@@ -109,10 +126,15 @@ def _check_same_sites(delta: Any, sites: list[str], train: list[str], directory:
     extra, missing = sorted(set(sites) - set(delta.sites)), sorted(set(delta.sites) - set(sites))
     extra_t, missing_t = sorted(set(train) - set(delta.also_train)), sorted(set(delta.also_train) - set(train))
     if extra or missing or extra_t or missing_t:
-        parts = [f"{what}: {keys[:4]}" for what, keys in (("only in the file", extra + extra_t),
-                                                           (f"only in {delta.name!r}", missing + missing_t)) if keys]
-        raise DeltaFileError(f"a hot-swap needs the same sites; the delta in {directory} and {delta.name!r} differ "
-                             f"({'; '.join(parts)}). Attach it as a new delta (hd.load without into=)")
+        parts = [
+            f"{what}: {keys[:4]}"
+            for what, keys in (("only in the file", extra + extra_t), (f"only in {delta.name!r}", missing + missing_t))
+            if keys
+        ]
+        raise DeltaFileError(
+            f"a hot-swap needs the same sites; the delta in {directory} and {delta.name!r} differ "
+            f"({'; '.join(parts)}). Attach it as a new delta (hd.load without into=)"
+        )
 
 
 _WHERE = frozenset({"targets", "exclude", "layers", "also_train", "target_parameters"})  # compared as sites
@@ -122,16 +144,22 @@ def _check_same_settings(delta: Any, config: DeltaConfig, directory: Any) -> Non
     """Every config field that changes the computation and that the swap does not take over must
     be the same in the file and in the live delta (else the swapped delta would compute neither)."""
     saved, live = config.to_dict(), delta.config.to_dict()
-    differ = sorted(k for k in set(saved) | set(live)
-                    if k not in _WHERE and k not in type(delta.config).hot_swappable and saved.get(k) != live.get(k))
+    differ = sorted(
+        k
+        for k in set(saved) | set(live)
+        if k not in _WHERE and k not in type(delta.config).hot_swappable and saved.get(k) != live.get(k)
+    )
     if differ:
         shown = ", ".join(f"{k}: {saved.get(k)!r} in the file, {live.get(k)!r} in {delta.name!r}" for k in differ[:4])
-        raise DeltaFileError(f"the delta in {directory} is set up differently from {delta.name!r} ({shown}); a "
-                             "hot-swap copies tensors only. Attach it as a new delta (hd.load without into=)")
+        raise DeltaFileError(
+            f"the delta in {directory} is set up differently from {delta.name!r} ({shown}); a "
+            "hot-swap copies tensors only. Attach it as a new delta (hd.load without into=)"
+        )
 
 
-def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _fitted_values(
+    delta: Any, tensors: dict[str, torch.Tensor], directory: Any
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(attached tensor, the saved value in its shape): a smaller rank zero-padded; a larger
     rank or another shape is refused, naming the tensors."""
     values, bad, used = [], [], set()
@@ -155,12 +183,15 @@ def _fitted_values(delta: Any, tensors: dict[str, torch.Tensor], directory: Any
             values.append((current, saved.to(device=current.device, dtype=current.dtype)))
     extra = sorted(set(tensors) - used)
     if extra:
-        raise DeltaFileError(f"the delta in {directory} has tensors {delta.name!r} lacks ({len(extra)}, e.g. "
-                             f"{extra[:3]}): it computes something else. Attach it as a new delta (hd.load without into=)")
+        raise DeltaFileError(
+            f"the delta in {directory} has tensors {delta.name!r} lacks ({len(extra)}, e.g. "
+            f"{extra[:3]}): it computes something else. Attach it as a new delta (hd.load without into=)"
+        )
     if bad:
         raise DeltaFileError(
             f"the delta in {directory} does not fit {delta.name!r} in place ({len(bad)} tensors, e.g. {bad[:3]}): a "
-            "larger rank needs hd.prepare_hotswap(model, max_rank=...) before compiling, other shapes a new delta")
+            "larger rank needs hd.prepare_hotswap(model, max_rank=...) before compiling, other shapes a new delta"
+        )
     return values
 
 

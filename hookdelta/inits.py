@@ -69,8 +69,10 @@ def supplied(init: str, key: str) -> Any:
         return None
     held = getattr(_local, "data", None)
     if held is None or held[0] != init or key not in held[1]:
-        raise ConfigError(f"LoRAConfig(init={init!r}) takes its first factors from data or weights: attach it "
-                          f"with hd.inits.{init}(model, config, ...), not hd.attach")
+        raise ConfigError(
+            f"LoRAConfig(init={init!r}) takes its first factors from data or weights: attach it "
+            f"with hd.inits.{init}(model, config, ...), not hd.attach"
+        )
     return held[1][key]
 
 
@@ -82,21 +84,28 @@ def _check(model: nn.Module, config: Any, init: str) -> list[str]:
     if not isinstance(config, LoRAConfig) or config.init != init:
         raise ConfigError(f"hd.inits.{init} takes a LoRAConfig(init={init!r}), got {config!r}")
     if config.use_dora or config.target_parameters is not None or config.fused_slices is not None:
-        raise ConfigError(f"hd.inits.{init} initialises plain LoRA on linear layers (no DoRA, fused slices or "
-                          "parameter targets)")
+        raise ConfigError(
+            f"hd.inits.{init} initialises plain LoRA on linear layers (no DoRA, fused slices or parameter targets)"
+        )
     sites = config.select(model)
     for key in sites:
         module = model.get_submodule(key)
         if not is_linear_like(module):
-            raise UnsupportedModuleError(f"hd.inits.{init} initialises LoRA on linear layers; {key!r} is a "
-                                         f"{type(module).__name__}. Narrow the targets.")
+            raise UnsupportedModuleError(
+                f"hd.inits.{init} initialises LoRA on linear layers; {key!r} is a "
+                f"{type(module).__name__}. Narrow the targets."
+            )
         quantized = is_quantized(module)
         if init == "loftq" and not quantized:
-            raise UnsupportedModuleError(f"hd.inits.loftq: {key!r} is not quantized; LoftQ starts a LoRA on a "
-                                         "quantized base from its quantization error")
+            raise UnsupportedModuleError(
+                f"hd.inits.loftq: {key!r} is not quantized; LoftQ starts a LoRA on a "
+                "quantized base from its quantization error"
+            )
         if init in ("lora_ga", "corda") and quantized:
-            raise UnsupportedModuleError(f"hd.inits.{init}: {key!r} is quantized; it needs full-precision weights"
-                                         + (" and gradients" if init == "lora_ga" else ""))
+            raise UnsupportedModuleError(
+                f"hd.inits.{init}: {key!r} is quantized; it needs full-precision weights"
+                + (" and gradients" if init == "lora_ga" else "")
+            )
     return sites
 
 
@@ -109,14 +118,25 @@ def _attach(model: nn.Module, config: Any, init: str, data: dict[str, Any], name
 
 # -- LoRA-GA (Wang et al. 2024): the factors from the SVD of the full weights' gradient -----------
 
-def lora_ga(model: nn.Module, config: Any, train_step: Callable[[], Any], *, direction: str = "ArB2r",
-            scale: str = "stable", stable_gamma: float = 16, name: str | None = None) -> Any:
+
+def lora_ga(
+    model: nn.Module,
+    config: Any,
+    train_step: Callable[[], Any],
+    *,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    name: str | None = None,
+) -> Any:
     """LoRA-GA: `train_step()` runs forward and backward on a few batches (PEFT's
     `preprocess_loraga`); the adapted layers' weight gradients, averaged over the backward passes,
     give the factors by PEFT's rule (`direction`, `scale`, `stable_gamma`: its LoraGAConfig)."""
     if direction not in DIRECTIONS or scale not in SCALES:
-        raise ConfigError(f"hd.inits.lora_ga: direction must be one of {list(DIRECTIONS)} and scale one of "
-                          f"{list(SCALES)}, got {direction!r}, {scale!r}")
+        raise ConfigError(
+            f"hd.inits.lora_ga: direction must be one of {list(DIRECTIONS)} and scale one of "
+            f"{list(SCALES)}, got {direction!r}, {scale!r}"
+        )
     if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or not stable_gamma > 0:
         raise ConfigError(f"hd.inits.lora_ga: stable_gamma must be a positive number, got {stable_gamma!r}")
     sites = _check(model, config, "lora_ga")
@@ -138,8 +158,10 @@ def lora_ga(model: nn.Module, config: Any, train_step: Callable[[], Any], *, dir
         grads = {}
         for key, w in weights.items():
             if not counts[key] or w.grad is None:
-                raise ConfigError(f"hd.inits.lora_ga: train_step() gave no gradient at {key!r}; it must run the "
-                                  "model forward and call backward()")
+                raise ConfigError(
+                    f"hd.inits.lora_ga: train_step() gave no gradient at {key!r}; it must run the "
+                    "model forward and call backward()"
+                )
             grads[key] = (w.grad.detach() / counts[key], direction, scale, float(stable_gamma))
     finally:
         for h in handles:
@@ -153,27 +175,28 @@ def lora_ga(model: nn.Module, config: Any, train_step: Callable[[], Any], *, dir
     return _attach(model, config, "lora_ga", grads, name)
 
 
-def lora_ga_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_ga_factors(
+    data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's lora_ga_init, step for step (its randomized SVD draws from the global RNG)."""
     grad, direction, scale, gamma = data
     grad = grad.float()
     grad = grad.T if conv1d else grad  # [out, in]
     u, sv, v = torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=4)
     vh = v.t()
-    u, sv, vh = u[:, :2 * r], sv[:2 * r], vh[:2 * r]
+    u, sv, vh = u[:, : 2 * r], sv[: 2 * r], vh[: 2 * r]
     if direction == "ArBr":
-        a, b, s_b = vh[1:2 * r:2], u[:, 0:2 * r:2], sv[0:2 * r:2]
+        a, b, s_b = vh[1 : 2 * r : 2], u[:, 0 : 2 * r : 2], sv[0 : 2 * r : 2]
     elif direction == "A2rBr":
-        a, b, s_b = vh[r:2 * r], u[:, :r], sv[:r]
+        a, b, s_b = vh[r : 2 * r], u[:, :r], sv[:r]
     elif direction == "ArB2r":
-        a, b, s_b = vh[:r], u[:, r:2 * r], sv[r:2 * r]
+        a, b, s_b = vh[:r], u[:, r : 2 * r], sv[r : 2 * r]
     else:
         idx = torch.randperm(2 * r)[:r]
         a, b, s_b = vh[idx], u[:, idx], sv[idx]
     b = b @ torch.diag(s_b)
     if scale == "stable":  # (PEFT takes the stored weight's first dim: the input width for Conv1D)
-        b = b * (weight.shape[0] ** 0.25) / (gamma ** 0.5)
+        b = b * (weight.shape[0] ** 0.25) / (gamma**0.5)
     elif scale == "weight_svd":
         w = weight.detach().float()
         _, w_s, _ = torch.svd_lowrank(w.T if conv1d else w, q=r, niter=4)
@@ -186,8 +209,10 @@ def lora_ga_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: b
 
 # -- CorDA (Yang et al. 2024): the SVD of W·C, C the inputs' covariance ---------------------------
 
-def corda(model: nn.Module, config: Any, run_model: Callable[[], Any], *, method: str = "ipm",
-          name: str | None = None) -> Any:
+
+def corda(
+    model: nn.Module, config: Any, run_model: Callable[[], Any], *, method: str = "ipm", name: str | None = None
+) -> Any:
     """CorDA: `run_model()` runs the model on calibration samples, one per call (PEFT's
     `preprocess_corda`); each adapted layer's input covariance C gives the SVD of W·C, whose top r
     triplets ("ipm", instruction-previewed) or bottom r ("kpm", knowledge-preserved) start the LoRA."""
@@ -200,8 +225,10 @@ def corda(model: nn.Module, config: Any, run_model: Callable[[], Any], *, method
     def see(path: str, x: torch.Tensor) -> None:
         x = x.detach().squeeze(0).float()
         if x.dim() != 2:
-            raise ConfigError(f"hd.inits.corda: {path!r} got an input of shape {tuple(x.shape)}; CorDA (as PEFT's) "
-                              "reads one sample per call: run_model must feed batches of one")
+            raise ConfigError(
+                f"hd.inits.corda: {path!r} got an input of shape {tuple(x.shape)}; CorDA (as PEFT's) "
+                "reads one sample per call: run_model must feed batches of one"
+            )
         x = x / torch.max(x).abs()  # (PEFT's normalisation: by the largest value's magnitude)
         if not torch.isfinite(x).all():
             raise ConfigError(f"hd.inits.corda: a calibration input at {path!r} is not finite")
@@ -224,8 +251,9 @@ def corda(model: nn.Module, config: Any, run_model: Callable[[], Any], *, method
     return _attach(model, config, "corda", data, name)
 
 
-def corda_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def corda_factors(
+    data: Any, weight: torch.Tensor, r: int, s: float, conv1d: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's collect_eigens_for_layer, crop and corda_init."""
     cov, method = data
     w = weight.detach().float()
@@ -248,6 +276,7 @@ def corda_factors(data: Any, weight: torch.Tensor, r: int, s: float, conv1d: boo
 
 # -- LoftQ (Li et al. 2023): the factors carry the quantization error -----------------------------
 
+
 def loftq(model: nn.Module, config: Any, weights: Any, *, name: str | None = None) -> Any:
     """LoftQ on a quantized base (PEFT's `replace_lora_weights_loftq`): `weights` holds the float
     weights the model was quantized from (a state dict, a safetensors file, or a model folder with
@@ -259,8 +288,11 @@ def loftq(model: nn.Module, config: Any, weights: Any, *, name: str | None = Non
 
 def _float_weights(model: nn.Module, weights: Any, sites: list[str]) -> dict[str, torch.Tensor]:
     prefix = getattr(model, "base_model_prefix", "") or ""
-    names = {key: [f"{key}.weight"] + ([f"{key[len(prefix) + 1:]}.weight"] if prefix and key.startswith(prefix + ".")
-                                         else []) for key in sites}
+    names = {
+        key: [f"{key}.weight"]
+        + ([f"{key[len(prefix) + 1 :]}.weight"] if prefix and key.startswith(prefix + ".") else [])
+        for key in sites
+    }
     if isinstance(weights, dict):
         lookup: Callable[[str], torch.Tensor | None] = weights.get
     elif isinstance(weights, (str, os.PathLike)):
@@ -298,11 +330,13 @@ def _safetensors_lookup(path: str) -> Callable[[str], torch.Tensor | None]:
             return None
         with safe_open(files[name], framework="pt") as f:
             return f.get_tensor(name)
+
     return lookup
 
 
-def loftq_factors(data: Any, quantized: torch.Tensor, r: int, s: float, conv1d: bool,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def loftq_factors(
+    data: Any, quantized: torch.Tensor, r: int, s: float, conv1d: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's _loftq_init_new: L = U·√S, R = √S·Vh of W − Q; A = R, B = L / s."""
     w = data.float().to(quantized.device)
     q = quantized.detach().float()
@@ -318,6 +352,7 @@ def loftq_factors(data: Any, quantized: torch.Tensor, r: int, s: float, conv1d: 
 
 
 # -- EVA (Paischer et al. 2024): A from the principal directions of each layer's inputs -----------
+
 
 class _IncrementalPCA:
     """PEFT's IncrementalPCA (sklearn's, in torch) as EVA runs it: randomized SVD with q = 2k, four
@@ -348,8 +383,8 @@ class _IncrementalPCA:
         signs = torch.sign(vt[range(vt.shape[0]), torch.argmax(torch.abs(vt), dim=1)])
         vt = vt * signs.view(-1, 1)
         self.seen, self.mean, self.var = total, mean, var
-        self.components, self.singular = vt[:self.k], s[:self.k]
-        self.ratio = (s ** 2 / torch.sum(var * total))[:self.k]
+        self.components, self.singular = vt[: self.k], s[: self.k]
+        self.ratio = (s**2 / torch.sum(var * total))[: self.k]
 
     def _mean_var(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         new_count = torch.tensor([x.shape[0]])
@@ -367,9 +402,19 @@ class _IncrementalPCA:
         return mean, var, total
 
 
-def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: float = 0.99, whiten: bool = False,
-        adjust_scaling_factors: bool = True, use_label_mask: bool = True, label_mask_value: int = -100,
-        name: str | None = None) -> Any:
+def eva(
+    model: nn.Module,
+    config: Any,
+    batches: Any,
+    *,
+    rho: float = 2.0,
+    tau: float = 0.99,
+    whiten: bool = False,
+    adjust_scaling_factors: bool = True,
+    use_label_mask: bool = True,
+    label_mask_value: int = -100,
+    name: str | None = None,
+) -> Any:
     """EVA (PEFT's `get_eva_state_dict` + `initialize_lora_eva_weights`): each adapted layer's
     inputs over `batches` (dicts of model inputs, cycled until every kept direction's cosine to its
     last estimate is at least `tau`) give A = their top principal directions, B = 0; the rank
@@ -388,8 +433,10 @@ def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: f
             raise ConfigError(f"hd.inits.eva: {what} must be a number >= {low}, got {value!r}")
     batches = list(batches)
     if not batches or not all(isinstance(b, dict) and isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
-        raise ConfigError("hd.inits.eva: batches must be a non-empty list of dicts of model inputs, each with "
-                          "input_ids (the attention_mask and labels say which positions count)")
+        raise ConfigError(
+            "hd.inits.eva: batches must be a non-empty list of dicts of model inputs, each with "
+            "input_ids (the attention_mask and labels say which positions count)"
+        )
     sites = _check(model, config, "eva")
     ranks = {k: config.rank_for(k) for k in sites}
     budget = sum(ranks.values())
@@ -441,7 +488,7 @@ def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: f
             with watching_inputs(model, list(pca), see):
                 for inputs in itertools.cycle(batches):
                     for k in pca:  # (PEFT's bookkeeping: a layer stops, or starts again, by its current ranks)
-                        done[k] = bool(torch.all(converged[k][:dist[k]]))
+                        done[k] = bool(torch.all(converged[k][: dist[k]]))
                     if all(done.values()):
                         break
                     positions[0] = select(inputs)
@@ -460,20 +507,28 @@ def eva(model: nn.Module, config: Any, batches: Any, *, rho: float = 2.0, tau: f
     kept = [k for k in sites if dist[k] > 0]
     if not kept:
         raise ConfigError("hd.inits.eva gave every layer rank 0")
-    alphas = {k: pattern_value(config.alpha_pattern, k, config.alpha) * (dist[k] / ranks[k] if adjust_scaling_factors
-                                                                         else 1) for k in kept}
-    fitted = dataclasses.replace(config, targets=[exact(k) for k in kept], exclude=None, layers=None,
-                                 rank_pattern={re.escape(k): dist[k] for k in kept if dist[k] != config.r} or None,
-                                 alpha_pattern={re.escape(k): a for k, a in alphas.items() if a != config.alpha} or None)
+    alphas = {
+        k: pattern_value(config.alpha_pattern, k, config.alpha) * (dist[k] / ranks[k] if adjust_scaling_factors else 1)
+        for k in kept
+    }
+    fitted = dataclasses.replace(
+        config,
+        targets=[exact(k) for k in kept],
+        exclude=None,
+        layers=None,
+        rank_pattern={re.escape(k): dist[k] for k in kept if dist[k] != config.r} or None,
+        alpha_pattern={re.escape(k): a for k, a in alphas.items() if a != config.alpha} or None,
+    )
     return _attach(model, fitted, "eva", directions, name)
 
 
-def _distribute(pca: dict[str, Any], owner: dict[str, str], sites: list[str], budget: int,
-                cap: dict[str, int]) -> dict[str, int]:
+def _distribute(
+    pca: dict[str, Any], owner: dict[str, str], sites: list[str], budget: int, cap: dict[str, int]
+) -> dict[str, int]:
     """PEFT's _get_rank_distribution: the budget goes to the largest explained-variance ratios."""
     from collections import Counter
 
-    keys, values = zip(*[(k, c) for k in sites for c in pca[owner[k]].ratio[:cap[k]]], strict=True)
+    keys, values = zip(*[(k, c) for k in sites for c in pca[owner[k]].ratio[: cap[k]]], strict=True)
     order = torch.stack(values).argsort(descending=True)
     counts = Counter(keys[i] for i in order[:budget])
     dist = {k: counts.get(k, 0) for k in sites}

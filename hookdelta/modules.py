@@ -51,8 +51,11 @@ def is_linear_like(module: nn.Module) -> bool:
     quantized linear layers (HQQ) that say their in_features / out_features."""
     if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
-    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
-            and is_quantized(module))
+    return (
+        isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+        and is_quantized(module)
+    )
 
 
 def hidden_size(model: nn.Module) -> int | None:
@@ -73,8 +76,10 @@ def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int
     if is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     inner = [m for m in module.modules() if m is not module and is_linear_like(m)]
-    if inner and (any(n.rpartition(".")[2] == "experts" for n, _ in module.named_modules())
-                  or any(p.dim() == 3 for p in module.parameters())):
+    if inner and (
+        any(n.rpartition(".")[2] == "experts" for n, _ in module.named_modules())
+        or any(p.dim() == 3 for p in module.parameters())
+    ):
         # a mixture-of-experts block writes what it reads (its last linear layer may be a shared
         # expert's scalar gate or an expert's input projection): its first one reads the width
         width = layer_dims(model, inner[0], path)[0]
@@ -138,6 +143,7 @@ def linear_layer(model: nn.Module, key: str, method: str, what: str) -> nn.Modul
     UnsupportedModuleError saying that `method` `what` (e.g. "rotates the input of") such layers."""
     module = model.get_submodule(key)
     if not is_linear_like(module):
-        raise UnsupportedModuleError(f"{method} {what} linear layers; {key!r} is a {type(module).__name__}. "
-                                     "Narrow the targets.")
+        raise UnsupportedModuleError(
+            f"{method} {what} linear layers; {key!r} is a {type(module).__name__}. Narrow the targets."
+        )
     return module

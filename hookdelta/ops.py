@@ -45,8 +45,10 @@ def fast() -> bool:
 
 # -- the add of a low-rank term: out + s·(t·Bᵀ) -------------------------------------------------
 
-def lowrank_add(output: torch.Tensor, t: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor,
-                owned: bool = False) -> torch.Tensor:
+
+def lowrank_add(
+    output: torch.Tensor, t: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor, owned: bool = False
+) -> torch.Tensor:
     """output + s·(t·Bᵀ), t = A·x [.., r], B [out, r]: the add inside the B GEMM (addmm /
     baddbmm), one kernel and no output-wide temporary.
 
@@ -66,8 +68,9 @@ def lowrank_add(output: torch.Tensor, t: torch.Tensor, b: torch.Tensor, s: float
     else:
         t, alpha = t * s, 1.0
     if compiling:  # flat and out of place: inductor fuses it
-        return torch.addmm(output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1]), b.t(),
-                           alpha=alpha).view(output.shape)
+        return torch.addmm(output.view(-1, output.shape[-1]), t.reshape(-1, t.shape[-1]), b.t(), alpha=alpha).view(
+            output.shape
+        )
     if not output._is_view() and output.dim() == 2:
         return output.addmm_(t, b.t(), alpha=alpha) if owned else torch.addmm(output, t, b.t(), alpha=alpha)
     if not output._is_view() and output.dim() == 3:  # B broadcast over the batch: no flattening copy
@@ -120,8 +123,10 @@ def stacked_linear_plain(x: torch.Tensor, factors: Sequence[torch.Tensor]) -> tu
 
 # -- many deltas in one batch: each row through its own A and B ---------------------------------
 
-def routed_lowrank(h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, a_table: torch.Tensor,
-                   b_table: torch.Tensor) -> torch.Tensor:
+
+def routed_lowrank(
+    h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, a_table: torch.Tensor, b_table: torch.Tensor
+) -> torch.Tensor:
     """h + B_c·A_c·x for each row with its code c: A_c = a_table[c] [r, in], B_c = b_table[c]
     [out, r] (scales folded into B; zero rows for "no delta"), as one gathered bmm pair.
 
@@ -138,8 +143,9 @@ def routed_lowrank(h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, a_tabl
     return h + torch.bmm(t, b).reshape(h.shape).to(h.dtype)
 
 
-def routed_lowrank_plain(h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, a_table: torch.Tensor,
-                         b_table: torch.Tensor) -> torch.Tensor:
+def routed_lowrank_plain(
+    h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, a_table: torch.Tensor, b_table: torch.Tensor
+) -> torch.Tensor:
     """The twin of `routed_lowrank`: row by row, the plain formula."""
     rows = codes.shape[0]
     xs = x.reshape(rows, -1, x.shape[-1]).to(a_table.dtype)
@@ -148,6 +154,7 @@ def routed_lowrank_plain(h: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, 
 
 
 # -- a LoRA on fused expert tensors: W + s·B·A used without building it ---------------------------
+
 
 class LowRankWeight(torch.Tensor):
     """A stand-in for a fused experts tensor W [experts, out, in] with LoRA terms: its value is
@@ -219,7 +226,9 @@ def lowrank_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: fl
     return LowRankWeight(weight, ((a, b, s),))
 
 
-def lowrank_weight_plain(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+def lowrank_weight_plain(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float | torch.Tensor
+) -> torch.Tensor:
     """The twin of `lowrank_weight`: W + s·B·A, built for every expert."""
     return weight + ((b @ a) * s).to(weight.dtype)
 
@@ -238,14 +247,18 @@ def _builds(rows: int, k: int, n: int, groups: int = 1) -> bool:
 
 def _same_dtype(w: LowRankWeight, *others: torch.Tensor) -> bool:
     return all(a.dtype == w.base.dtype and b.dtype == w.base.dtype for a, b, _ in w.terms) and all(
-        o.dtype == w.base.dtype for o in others)
+        o.dtype == w.base.dtype for o in others
+    )
 
 
 def _lead_index(w: LowRankWeight, index) -> Any:
     """w[index] where index picks along the leading (experts) dims only, else NotImplemented."""
+
     def leading(i) -> bool:
         return (isinstance(i, (int, slice)) and not isinstance(i, bool)) or (
-            isinstance(i, torch.Tensor) and not i.is_floating_point() and i.dtype != torch.bool)
+            isinstance(i, torch.Tensor) and not i.is_floating_point() and i.dtype != torch.bool
+        )
+
     parts = index if isinstance(index, tuple) else (index,)
     if not isinstance(w, LowRankWeight) or not all(leading(i) for i in parts) or w.dim() - len(parts) < 2:
         return NotImplemented
@@ -287,13 +300,21 @@ def _matmul(x: Any, y: Any) -> Any:
     return NotImplemented
 
 
-def _grouped(x: torch.Tensor, w: Any, *, offs: torch.Tensor | None = None, bias: Any = None,
-             out_dtype: Any = None) -> Any:
+def _grouped(
+    x: torch.Tensor, w: Any, *, offs: torch.Tensor | None = None, bias: Any = None, out_dtype: Any = None
+) -> Any:
     """x·(W_g + s·B_g·A_g) for the rows of each group g (offs): x·W_g + s·((x·B_g)·A_g), the
     rank padded with zeros to the grouped GEMM's 16-byte stride rule (exact: zeros add zeros)."""
-    if (not isinstance(w, LowRankWeight) or isinstance(x, LowRankWeight) or w.dim() != 3 or offs is None
-            or bias is not None or out_dtype is not None or not _same_dtype(w, x)
-            or _builds(x.shape[0], w.shape[1], w.shape[2], w.shape[0])):
+    if (
+        not isinstance(w, LowRankWeight)
+        or isinstance(x, LowRankWeight)
+        or w.dim() != 3
+        or offs is None
+        or bias is not None
+        or out_dtype is not None
+        or not _same_dtype(w, x)
+        or _builds(x.shape[0], w.shape[1], w.shape[2], w.shape[0])
+    ):
         return NotImplemented
     grouped = F.grouped_mm
     out = grouped(x, w.base, offs=offs)
@@ -307,20 +328,41 @@ def _grouped(x: torch.Tensor, w: Any, *, offs: torch.Tensor | None = None, bias:
     return out
 
 
-_METADATA = frozenset({
-    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.data_ptr,
-    torch.Tensor.is_contiguous, torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.__len__,
-    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
-    torch.Tensor.requires_grad.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__,
-    torch.Tensor.is_meta.__get__, torch.Tensor.is_quantized.__get__, torch.Tensor.__format__,
-})
+_METADATA = frozenset(
+    {
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.stride,
+        torch.Tensor.data_ptr,
+        torch.Tensor.is_contiguous,
+        torch.Tensor.element_size,
+        torch.Tensor.is_floating_point,
+        torch.Tensor.__len__,
+        torch.Tensor.shape.__get__,
+        torch.Tensor.dtype.__get__,
+        torch.Tensor.device.__get__,
+        torch.Tensor.ndim.__get__,
+        torch.Tensor.requires_grad.__get__,
+        torch.Tensor.is_cuda.__get__,
+        torch.Tensor.layout.__get__,
+        torch.Tensor.is_meta.__get__,
+        torch.Tensor.is_quantized.__get__,
+        torch.Tensor.__format__,
+    }
+)
 _RULES: dict[Any, Any] = {
     torch.Tensor.__getitem__: _lead_index,
-    torch.Tensor.transpose: _transpose, torch.transpose: _transpose,
+    torch.Tensor.transpose: _transpose,
+    torch.transpose: _transpose,
     torch.Tensor.mT.__get__: _transpose,
     F.linear: _linear,
-    torch.bmm: _matmul, torch.Tensor.bmm: _matmul, torch.matmul: _matmul, torch.Tensor.matmul: _matmul,
-    torch.Tensor.__matmul__: _matmul, torch.Tensor.__rmatmul__: lambda y, x: _matmul(x, y),
+    torch.bmm: _matmul,
+    torch.Tensor.bmm: _matmul,
+    torch.matmul: _matmul,
+    torch.Tensor.matmul: _matmul,
+    torch.Tensor.__matmul__: _matmul,
+    torch.Tensor.__rmatmul__: lambda y, x: _matmul(x, y),
 }
 if hasattr(F, "grouped_mm"):  # (torch >= 2.10; before it, transformers' experts build the weight: the plain twin)
     # F.grouped_mm hands its operands on to torch._grouped_mm, which is where the stand-in is seen

@@ -42,8 +42,9 @@ def _deltas(target: Any) -> list[Any]:
         raise ConfigError(f"hd.optim takes a Delta, a list of Deltas or a model, got {type(target).__name__}")
     odd = [d.name for d in found if d.method != "lora"]
     if odd or not found:
-        raise UnsupportedModuleError(f"hd.optim's recipes are for LoRA deltas; {odd or 'no delta'} "
-                                     f"{'are not LoRA' if odd else 'was found'}")
+        raise UnsupportedModuleError(
+            f"hd.optim's recipes are for LoRA deltas; {odd or 'no delta'} {'are not LoRA' if odd else 'was found'}"
+        )
     return found
 
 
@@ -53,8 +54,9 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
-def loraplus_groups(target: Any, *, lr: float, ratio: float, weight_decay: float = 0.0,
-                    lr_embedding: float = 1e-6) -> list[dict[str, Any]]:
+def loraplus_groups(
+    target: Any, *, lr: float, ratio: float, weight_decay: float = 0.0, lr_embedding: float = 1e-6
+) -> list[dict[str, Any]]:
     """LoRA+'s parameter groups (PEFT's `create_loraplus_optimizer`) for any torch optimizer:
     [A and the rest, embedding LoRAs, B with decay, B and biases without]. `target`: a Delta, a list
     of them, or a model (all its enabled LoRA deltas)."""
@@ -76,19 +78,31 @@ def loraplus_groups(target: Any, *, lr: float, ratio: float, weight_decay: float
                     groups["b" if decay else "b_no_decay"].append(p)
                 else:
                     groups["a"].append(p)
-    return [{"params": groups["a"], "weight_decay": weight_decay, "lr": lr},
-            {"params": groups["embedding"], "weight_decay": weight_decay, "lr": lr_embedding},
-            {"params": groups["b"], "weight_decay": weight_decay, "lr": lr * ratio},
-            {"params": groups["b_no_decay"], "weight_decay": 0.0, "lr": lr * ratio}]
+    return [
+        {"params": groups["a"], "weight_decay": weight_decay, "lr": lr},
+        {"params": groups["embedding"], "weight_decay": weight_decay, "lr": lr_embedding},
+        {"params": groups["b"], "weight_decay": weight_decay, "lr": lr * ratio},
+        {"params": groups["b_no_decay"], "weight_decay": 0.0, "lr": lr * ratio},
+    ]
 
 
-def loraplus(target: Any, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, *, lr: float,
-             ratio: float, weight_decay: float = 0.0, lr_embedding: float = 1e-6,
-             **kwargs: Any) -> torch.optim.Optimizer:
+def loraplus(
+    target: Any,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    *,
+    lr: float,
+    ratio: float,
+    weight_decay: float = 0.0,
+    lr_embedding: float = 1e-6,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
     """A torch optimizer of `optimizer_cls` over LoRA+'s groups (see `loraplus_groups`); `kwargs`
     go to the optimizer (betas, eps, ...)."""
-    return optimizer_cls(loraplus_groups(target, lr=lr, ratio=ratio, weight_decay=weight_decay,
-                                         lr_embedding=lr_embedding), lr=lr, **kwargs)
+    return optimizer_cls(
+        loraplus_groups(target, lr=lr, ratio=ratio, weight_decay=weight_decay, lr_embedding=lr_embedding),
+        lr=lr,
+        **kwargs,
+    )
 
 
 @dataclass
@@ -113,9 +127,16 @@ class LoRAFA:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-def lorafa(target: Any, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-           eps: float = 1e-6, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-           **kwargs: Any) -> LoRAFA:
+def lorafa(
+    target: Any,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    **kwargs: Any,
+) -> LoRAFA:
     """LoRA-FA: freezes every plain LoRA's A, projects B's gradient (g_B·(A·Aᵀ + 1e-8·I)⁺ / s², as
     PEFT's `create_lorafa_optimizer`) and returns the optimizer over the trainable tensors (AdamW
     with PEFT's betas and eps unless told otherwise), wrapped in a `LoRAFA` whose `remove()` undoes it."""
@@ -125,8 +146,10 @@ def lorafa(target: Any, *, lr: float, weight_decay: float = 0.0, betas: tuple[fl
     found = _deltas(target)
     odd = [p.key for d in found for p in d.pieces.values() if type(p) is not LoRALinear]
     if odd:
-        raise UnsupportedModuleError(f"LoRA-FA projects a plain LoRA's gradient on a linear layer; {odd[0]!r} is "
-                                     f"another kind of piece. Narrow the delta's targets or use hd.optim.loraplus")
+        raise UnsupportedModuleError(
+            f"LoRA-FA projects a plain LoRA's gradient on a linear layer; {odd[0]!r} is "
+            f"another kind of piece. Narrow the delta's targets or use hd.optim.loraplus"
+        )
     setup = LoRAFA(optimizer=None)  # type: ignore[arg-type]
     for delta in found:
         for piece in delta.pieces.values():
@@ -139,6 +162,7 @@ def lorafa(target: Any, *, lr: float, weight_decay: float = 0.0, betas: tuple[fl
                 a32 = a.detach().float()
                 gram = a32 @ a32.T + 1e-8 * torch.eye(a.shape[0], device=a.device)
                 return (grad.float() @ torch.linalg.pinv(gram) / float(s) ** 2).to(grad.dtype)
+
             setup.handles.append(b.register_hook(project))
     params = [p for d in found for p in d.parameters() if p.requires_grad]
     setup.optimizer = optimizer_cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)

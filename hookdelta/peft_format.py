@@ -39,9 +39,22 @@ DIFFUSERS = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_adapter: 
 
 # fields that only matter when PEFT creates or trains an adapter, or describe the file itself
 _HARMLESS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "init_lora_weights", "megatron_core", "qalora_group_size", "layers_pattern",
-    "target_modules", "exclude_modules", "loftq_config", "lora_dropout", "ensure_weight_tying",
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "init_lora_weights",
+    "megatron_core",
+    "qalora_group_size",
+    "layers_pattern",
+    "target_modules",
+    "exclude_modules",
+    "loftq_config",
+    "lora_dropout",
+    "ensure_weight_tying",
 }
 
 
@@ -58,22 +71,39 @@ def _names(v: Any) -> bool:
 
 
 def _patterns(v: Any) -> bool:  # {regex: number}, or AdaLoRA's {name: [kept, ...]}
-    return v is None or isinstance(v, dict) and all(
-        isinstance(k, str) and (_number(x) or isinstance(x, list) and all(isinstance(b, bool) for b in x))
-        for k, x in v.items())
+    return (
+        v is None
+        or isinstance(v, dict)
+        and all(
+            isinstance(k, str) and (_number(x) or isinstance(x, list) and all(isinstance(b, bool) for b in x))
+            for k, x in v.items()
+        )
+    )
 
 
 # the types of the fields PEFT's configs share (the file is untrusted: untrusted.py); a codec
 # checks the values of its own fields
 FIELD_TYPES: dict[str, Any] = {
-    "peft_type": lambda v: isinstance(v, str), "task_type": lambda v: v is None or isinstance(v, str),
-    "r": _int, "lora_alpha": _number, "alpha": _number, "rank_pattern": _patterns, "alpha_pattern": _patterns,
-    "target_modules": _names, "exclude_modules": _names, "modules_to_save": _names, "layers_pattern": _names,
+    "peft_type": lambda v: isinstance(v, str),
+    "task_type": lambda v: v is None or isinstance(v, str),
+    "r": _int,
+    "lora_alpha": _number,
+    "alpha": _number,
+    "rank_pattern": _patterns,
+    "alpha_pattern": _patterns,
+    "target_modules": _names,
+    "exclude_modules": _names,
+    "modules_to_save": _names,
+    "layers_pattern": _names,
     "layers_to_transform": lambda v: v is None or _int(v) or isinstance(v, list) and all(_int(x) for x in v),
-    "lora_dropout": _number, "use_rslora": lambda v: isinstance(v, bool), "use_dora": lambda v: isinstance(v, bool),
-    "bias": lambda v: isinstance(v, str), "fan_in_fan_out": lambda v: isinstance(v, bool),
+    "lora_dropout": _number,
+    "use_rslora": lambda v: isinstance(v, bool),
+    "use_dora": lambda v: isinstance(v, bool),
+    "bias": lambda v: isinstance(v, str),
+    "fan_in_fan_out": lambda v: isinstance(v, bool),
     "base_model_name_or_path": lambda v: v is None or isinstance(v, str),
-    "init_lora_weights": lambda v: isinstance(v, (bool, str)), "inference_mode": lambda v: isinstance(v, bool),
+    "init_lora_weights": lambda v: isinstance(v, (bool, str)),
+    "inference_mode": lambda v: isinstance(v, bool),
 }
 
 
@@ -90,8 +120,9 @@ def is_diffusers_file(directory: str | os.PathLike) -> bool:
     return not (Path(directory) / CONFIG).is_file() and (Path(directory) / DIFFUSERS).is_file()
 
 
-def read_peft_config(directory: str | os.PathLike, prefix: str = "",
-                     tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def read_peft_config(
+    directory: str | os.PathLike, prefix: str = "", tensors: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """The adapter's PEFT config, checked. For a diffusers file, `prefix` is the pipeline
     component ("unet", "text_encoder", ...) its keys and metadata are under ("" for a model's own
     file), and `tensors` (already without the prefix) give the ranks when it has no metadata."""
@@ -108,15 +139,18 @@ def check_peft_config(config: Any, path: Any) -> dict[str, Any]:
         raise DeltaFileError(f"{path} is not a PEFT adapter config")
     wrong = [k for k, ok in FIELD_TYPES.items() if k in config and not ok(config[k])]
     if wrong:
-        raise DeltaFileError(f"{path}: {wrong[0]!r} holds {str(config[wrong[0]])[:80]!r}, not a value PEFT writes "
-                             "there; the file was edited or damaged")
+        raise DeltaFileError(
+            f"{path}: {wrong[0]!r} holds {str(config[wrong[0]])[:80]!r}, not a value PEFT writes "
+            "there; the file was edited or damaged"
+        )
     codec = codecs().get(config.get("peft_type"))
     if codec is None:
         raise DeltaFileError(
             f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's {sorted(codecs())} adapters"
         )
-    unsupported = sorted(k for k, v in config.items()
-                         if k not in _HARMLESS | codec.understood and v not in (None, False, {}, [], ""))
+    unsupported = sorted(
+        k for k, v in config.items() if k not in _HARMLESS | codec.understood and v not in (None, False, {}, [], "")
+    )
     unsupported += codec.refuse(config)
     if unsupported:
         raise DeltaFileError(f"{path} uses PEFT features hookdelta does not load: {', '.join(unsupported)}")
@@ -171,7 +205,7 @@ def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Ten
     if not isinstance(config, dict):
         raise DeltaFileError(f"{path}: its lora_adapter_metadata is not a PEFT config")
     if prefix and any(k.startswith(prefix + ".") for k in config):
-        config = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")}
+        config = {k[len(prefix) + 1 :]: v for k, v in config.items() if k.startswith(prefix + ".")}
     elif prefix and all("." in k for k in config):
         return _config_from_ranks(path, tensors)  # metadata for other components only
     config.setdefault("peft_type", "LORA")
@@ -181,8 +215,10 @@ def _diffusers_config(path: Path, prefix: str = "", tensors: dict[str, torch.Ten
 def _config_from_ranks(path: Path, tensors: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     ranks = {k.rpartition(".lora_A")[0]: int(t.shape[0]) for k, t in (tensors or {}).items() if ".lora_A" in k}
     if not ranks:
-        raise DeltaFileError(f"{path} carries no LoRA config (no adapter_config.json beside it, no "
-                             "lora_adapter_metadata inside it) and no lora_A tensors to read the ranks from")
+        raise DeltaFileError(
+            f"{path} carries no LoRA config (no adapter_config.json beside it, no "
+            "lora_adapter_metadata inside it) and no lora_A tensors to read the ranks from"
+        )
     values = list(ranks.values())
     r = max(values, key=values.count)
     odd = {re.escape(k): v for k, v in ranks.items() if v != r}
@@ -196,7 +232,7 @@ def diffusers_component(model: nn.Module, keys: list[str], directory: Any) -> st
     names = {n for n, _ in model.named_modules()}
 
     def fits(strip: str) -> bool:
-        mods = {k[len(strip):].split(".lora_")[0] for k in keys if k.startswith(strip) and ".lora_" in k}
+        mods = {k[len(strip) :].split(".lora_")[0] for k in keys if k.startswith(strip) and ".lora_" in k}
         return bool(mods) and mods <= names
 
     if fits(""):
@@ -207,12 +243,18 @@ def diffusers_component(model: nn.Module, keys: list[str], directory: Any) -> st
         raise DeltaFileError(
             f"the diffusers LoRA file in {directory} holds the components {prefixes}; "
             + (f"several fit this model: {found}" if found else "none of them fits this model's modules")
-            + ". Load it into the component it was saved for (pipe.unet, pipe.text_encoder, ...)")
+            + ". Load it into the component it was saved for (pipe.unet, pipe.text_encoder, ...)"
+        )
     return found[0]
 
 
-def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-              freeze_base: bool = True, max_bytes: int | None = None) -> Any:
+def load_peft(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str | None = None,
+    freeze_base: bool = True,
+    max_bytes: int | None = None,
+) -> Any:
     """Attach an adapter saved by PEFT (any method PEFT and hookdelta share). Checks the config
     against its tensors (a rank that is not the config's is refused, never fitted) and the
     delta it describes against the model before building it (untrusted.py); returns the Delta.
@@ -222,15 +264,16 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     prefix = ""
     if is_diffusers_file(directory):  # a pipeline's file holds several components: take this model's
         prefix = diffusers_component(model, list(tensors), directory)
-        tensors = {k[len(prefix) + 1:]: t for k, t in tensors.items() if k.startswith(prefix + ".")} if prefix \
-            else tensors
+        tensors = (
+            {k[len(prefix) + 1 :]: t for k, t in tensors.items() if k.startswith(prefix + ".")} if prefix else tensors
+        )
     config = read_peft_config(directory, prefix, tensors)
     codec = codecs()[config["peft_type"]]
     named: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}  # modules_to_save: full copies under the modules' own names
     config = {**config, "__shared__": {k: tensors.pop(k) for k in codec.shared_keys if k in tensors}}
     for key, tensor in tensors.items():
-        key = key[len(codec.prefix):] if key.startswith(codec.prefix) else key
+        key = key[len(codec.prefix) :] if key.startswith(codec.prefix) else key
         placed = codec.place(model, key)
         if placed is None:
             rest[key] = tensor
@@ -241,8 +284,11 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     named = _parameter_targets(model, config, named, directory)
     # PEFT saves the whole embedding next to a LoRA on it (save_embedding_layers): checked below
     copies = {k: rest.pop(k) for k in list(rest) if k.endswith(".base_layer.weight")}
-    unknown = sorted(k for k in rest if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k
-                                                  for m in config.get("modules_to_save") or []))
+    unknown = sorted(
+        k
+        for k in rest
+        if not any(k.startswith(m + ".") or ("." + m + ".") in "." + k for m in config.get("modules_to_save") or [])
+    )
     if unknown:
         raise DeltaFileError(f"the adapter in {directory} holds tensors hookdelta cannot place: {unknown[:5]}")
     owners = sorted({k.rpartition(".")[0] for k in rest})
@@ -253,7 +299,10 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
     train = [fix(o) for o in owners]
     _check_base_copies(model, copies, fix, directory)
     # PEFT's modules_to_save copies are used at the named module only, unless ensure_weight_tying
-    common = {"also_train": [exact(t) for t in train] or None, "tie_also_train": bool(config.get("ensure_weight_tying"))}
+    common = {
+        "also_train": [exact(t) for t in train] or None,
+        "tie_also_train": bool(config.get("ensure_weight_tying")),
+    }
     try:
         try:
             cfg, tensors = codec.to_config(model, config, named, common)
@@ -263,14 +312,23 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, name: str | None =
             # a config value of the wrong type, a tensor of the wrong rank, a missing companion tensor
             raise DeltaFileError(f"the PEFT adapter in {directory} is malformed: {type(exc).__name__}: {exc}") from None
         tensors.update({fix(k.rpartition(".")[0]) + "." + k.rpartition(".")[2]: t for k, t in rest.items()})
-        return install(model, cfg, unique_name(model, name, cfg.method), list(named), train, freeze_base, tensors,
-                       max_bytes=max_bytes)
+        return install(
+            model,
+            cfg,
+            unique_name(model, name, cfg.method),
+            list(named),
+            train,
+            freeze_base,
+            tensors,
+            max_bytes=max_bytes,
+        )
     except HookdeltaError as exc:
         raise DeltaFileError(f"the PEFT adapter in {directory} does not fit this model: {exc}") from None
 
 
-def _parameter_targets(model: nn.Module, config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                       directory: Any) -> dict[str, dict[str, torch.Tensor]]:
+def _parameter_targets(
+    model: nn.Module, config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]], directory: Any
+) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT's target_parameters: a module with k targeted parameters is wrapped k times, in the
     order the module holds them, the first one deepest, so a key's `.base_layer` count says
     which parameter its factors adapt. Returns the placed tensors under parameter paths."""
@@ -288,14 +346,19 @@ def _parameter_targets(model: nn.Module, config: dict[str, Any], named: dict[str
     for path, tensors in named.items():
         owner, depth = stripped[path]
         module = model.get_submodule(fix(owner))
-        own = [n for n in module._parameters if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t)
-                                                    for t in targets if isinstance(t, str))]
+        own = [
+            n
+            for n in module._parameters
+            if any(f"{owner}.{n}" == t or f"{owner}.{n}".endswith("." + t) for t in targets if isinstance(t, str))
+        ]
         if not own and not depth:
             out[path] = tensors  # a target module beside the parameters
             continue
         if not 0 <= len(own) - 1 - depth < len(own):
-            raise DeltaFileError(f"the adapter in {directory} holds {path!r}, but its target_parameters {targets} "
-                                 f"name {len(own)} parameter(s) of {owner!r}: the nesting does not fit")
+            raise DeltaFileError(
+                f"the adapter in {directory} holds {path!r}, but its target_parameters {targets} "
+                f"name {len(own)} parameter(s) of {owner!r}: the nesting does not fit"
+            )
         out[f"{owner}.{own[len(own) - 1 - depth]}"] = tensors
     return out
 
@@ -313,14 +376,20 @@ def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: A
             raise DeltaFileError(
                 f"the adapter in {directory} carries its own {path}.weight ({tuple(saved.shape)}), which differs "
                 f"from the model's ({tuple(weight.shape)}): it was saved from a model whose embedding was resized "
-                "or trained. Load that model (resize_token_embeddings, then its weights) before the adapter")
+                "or trained. Load that model (resize_token_embeddings, then its weights) before the adapter"
+            )
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False, diffusers: str | bool = False,
-              split_experts: bool = False) -> None:
+def save_peft(
+    delta: Any,
+    directory: str | os.PathLike,
+    overwrite: bool = False,
+    diffusers: str | bool = False,
+    split_experts: bool = False,
+) -> None:
     """Write a delta as a PEFT adapter directory (atomically, safetensors only); with
     `diffusers=True` as diffusers writes a model's LoRA (`save_lora_adapter`: one
     pytorch_lora_weights.safetensors, the config in its metadata), with `diffusers="unet"` (or
@@ -329,8 +398,10 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
     under the checkpoint's names (experts.py): the layout vLLM reads for MoE models whose
     checkpoints keep experts apart."""
     if not (isinstance(diffusers, bool) or isinstance(diffusers, str) and diffusers.isidentifier()):
-        raise ConfigError(f"save_peft(diffusers=...) takes True (a model's file) or a pipeline component name such "
-                          f"as 'unet' or 'text_encoder', got {diffusers!r}")
+        raise ConfigError(
+            f"save_peft(diffusers=...) takes True (a model's file) or a pipeline component name such "
+            f"as 'unet' or 'text_encoder', got {diffusers!r}"
+        )
     codec = type(delta.config).peft_codec
     if codec is None:
         raise UnsupportedModuleError(
@@ -341,8 +412,10 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
     if directory.exists() and not directory.is_dir():
         raise DeltaFileError(f"cannot save delta {delta.name!r}: {directory} exists and is not a directory")
     if directory.exists() and any(directory.iterdir()) and not overwrite and _saved_by(directory) != delta.uid:
-        raise DeltaFileError(f"{directory} exists and holds files this delta did not write; pass overwrite=True to "
-                             "replace them, or choose an empty directory")
+        raise DeltaFileError(
+            f"{directory} exists and holds files this delta did not write; pass overwrite=True to "
+            "replace them, or choose an empty directory"
+        )
     tied = [p.key for p in delta.pieces.values() if isinstance(p, TiedCopy)]
     if tied:
         raise UnsupportedModuleError(
@@ -365,9 +438,13 @@ def save_peft(delta: Any, directory: str | os.PathLike, overwrite: bool = False,
     if not writes_files(delta.parameters()):
         return  # a collective save of sharded tensors: rank 0 writes
     model = delta.model
-    config = {"task_type": None, "inference_mode": True, "modules_to_save": sorted(train) or None,
-              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-              **fields}
+    config = {
+        "task_type": None,
+        "inference_mode": True,
+        "modules_to_save": sorted(train) or None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        **fields,
+    }
     if diffusers:
         _write_diffusers(directory, tensors, config, delta, "" if diffusers is True else str(diffusers))
         return
@@ -382,13 +459,19 @@ def _fused_experts(delta: Any, pieces: list[Any]) -> list[Any]:
     if delta.method != "lora" or not fused:
         raise UnsupportedModuleError(
             f"save_peft(split_experts=True) writes a LoRA on fused expert tensors per expert; delta {delta.name!r} "
-            f"({delta.method}) has no such tensors" + (" (DoRA on experts has no PEFT file)" if any(
-                type(p).__name__ == "DoRAParameter" for p in pieces) else ""))
+            f"({delta.method}) has no such tensors"
+            + (
+                " (DoRA on experts has no PEFT file)"
+                if any(type(p).__name__ == "DoRAParameter" for p in pieces)
+                else ""
+            )
+        )
     return fused
 
 
-def _split_experts(delta: Any, fused: list[Any], own: dict[str, torch.Tensor],
-                   fields: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _split_experts(
+    delta: Any, fused: list[Any], own: dict[str, torch.Tensor], fields: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The file's tensors and config with the fused pieces written one expert and projection at a
     time, every module under the checkpoint's names (experts.py)."""
     from .experts import checkpoint_name, split_factors
@@ -398,7 +481,7 @@ def _split_experts(delta: Any, fused: list[Any], own: dict[str, torch.Tensor],
     out = {}
     for key, t in own.items():
         match = suffix.search(key)
-        out[(checkpoint_name(model, key[: match.start()]) + key[match.start():]) if match else key] = t
+        out[(checkpoint_name(model, key[: match.start()]) + key[match.start() :]) if match else key] = t
     ranks, alphas, targets = dict(fields.get("rank_pattern") or {}), dict(fields.get("alpha_pattern") or {}), []
     for piece in fused:
         for path, (a, b) in split_factors(model, piece.key, piece.lora_A.detach(), piece.lora_B.detach()).items():
@@ -406,7 +489,7 @@ def _split_experts(delta: Any, fused: list[Any], own: dict[str, torch.Tensor],
             targets.append(path)
             if piece.r != cfg.r:
                 ranks[re.escape(path)] = piece.r
-            alpha = cfg.scale_for(piece.key) * (piece.r ** 0.5 if cfg.use_rslora else piece.r)
+            alpha = cfg.scale_for(piece.key) * (piece.r**0.5 if cfg.use_rslora else piece.r)
             if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
                 alphas[re.escape(path)] = alpha
     modules = [checkpoint_name(model, m) for m in fields.get("target_modules") or []]
@@ -415,17 +498,22 @@ def _split_experts(delta: Any, fused: list[Any], own: dict[str, torch.Tensor],
     return out, fields
 
 
-def _write_diffusers(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], delta: Any,
-                     component: str) -> None:
+def _write_diffusers(
+    directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], delta: Any, component: str
+) -> None:
     codec = type(delta.config).peft_codec
     if codec.peft_type != "LORA":
-        raise UnsupportedModuleError(f"diffusers' LoRA files hold LoRA; {delta.name!r} is a {delta.method} delta. "
-                                     "Use save_peft(dir) or delta.save(dir)")
+        raise UnsupportedModuleError(
+            f"diffusers' LoRA files hold LoRA; {delta.name!r} is a {delta.method} delta. "
+            "Use save_peft(dir) or delta.save(dir)"
+        )
     if config.get("modules_to_save"):
-        raise UnsupportedModuleError(f"diffusers' LoRA files hold no modules_to_save (also_train) copies; "
-                                     f"{delta.name!r} has some. Use save_peft(dir) or delta.save(dir)")
+        raise UnsupportedModuleError(
+            f"diffusers' LoRA files hold no modules_to_save (also_train) copies; "
+            f"{delta.name!r} has some. Use save_peft(dir) or delta.save(dir)"
+        )
     lead = component + "." if component else ""
-    own = {lead + k[len(codec.prefix):]: t for k, t in tensors.items()}
+    own = {lead + k[len(codec.prefix) :]: t for k, t in tensors.items()}
     meta_config = {lead + k: v for k, v in config.items() if k != "base_model_name_or_path"}
     meta = {"format": "pt", "hookdelta_delta_id": delta.uid, "lora_adapter_metadata": json.dumps(meta_config)}
     write_files(directory, [(DIFFUSERS, lambda tmp: save_file(own, str(tmp), metadata=meta))])
@@ -435,8 +523,13 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, 
     # the delta's identity goes into the safetensors metadata (PEFT ignores it; adapter_config.json
     # stays PEFT's own): saving again from the same delta is allowed without overwrite
     meta = {"format": "pt", "hookdelta_delta_id": uid}
-    write_files(directory, [(WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=meta)),
-                            (CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))])
+    write_files(
+        directory,
+        [
+            (WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=meta)),
+            (CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2))),
+        ],
+    )
 
 
 def _saved_by(directory: Path) -> str | None:

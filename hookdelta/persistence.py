@@ -34,8 +34,22 @@ from .store import check_model, unique_name
 from .version import VERSION
 
 FORMAT_VERSION = 1
-META_FIELDS = {"format", "format_version", "hookdelta_version", "name", "method", "config", "sites", "also_train",
-               "backbone", "base_shapes", "fingerprint", "tensors", "save_id", "delta_id"}
+META_FIELDS = {
+    "format",
+    "format_version",
+    "hookdelta_version",
+    "name",
+    "method",
+    "config",
+    "sites",
+    "also_train",
+    "backbone",
+    "base_shapes",
+    "fingerprint",
+    "tensors",
+    "save_id",
+    "delta_id",
+}
 CONFIG_FILE = "delta.json"
 TENSOR_FILE = "delta.safetensors"
 
@@ -81,13 +95,20 @@ def save_delta(delta: Any, directory: str | os.PathLike, overwrite: bool = False
     tensors = delta.tensors()
     if not writes_files(delta.parameters()):
         return  # a collective save of sharded tensors: rank 0 writes
-    meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                       for k, t in tensors.items()}
+    meta["tensors"] = {
+        k: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for k, t in tensors.items()
+    }
     meta["save_id"] = uuid.uuid4().hex  # ties the two files of one save together
-    write_files(directory, [
-        (TENSOR_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "save_id": meta["save_id"]})),
-        (CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2))),
-    ])
+    write_files(
+        directory,
+        [
+            (
+                TENSOR_FILE,
+                lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "save_id": meta["save_id"]}),
+            ),
+            (CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2))),
+        ],
+    )
 
 
 def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]) -> None:
@@ -99,8 +120,9 @@ def write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]])
     try:
         _write_files(directory, files)
     except (OSError, SafetensorError) as exc:
-        raise DeltaFileError(f"cannot write to {directory}: {exc} ({type(exc).__name__}); the files that were there "
-                             "are unchanged") from exc
+        raise DeltaFileError(
+            f"cannot write to {directory}: {exc} ({type(exc).__name__}); the files that were there are unchanged"
+        ) from exc
 
 
 def _write_files(directory: Path, files: list[tuple[str, Callable[[Path], Any]]]) -> None:
@@ -177,8 +199,10 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
             raise DeltaFileError(f"{path} lacks the field {field!r}; the save is corrupt")
     unknown = sorted(set(meta) - META_FIELDS)
     if unknown:
-        raise DeltaFileError(f"{path} has fields this hookdelta does not know: {unknown}; it was written by "
-                             "another tool or edited by hand. Remove them, or upgrade hookdelta.")
+        raise DeltaFileError(
+            f"{path} has fields this hookdelta does not know: {unknown}; it was written by "
+            "another tool or edited by hand. Remove them, or upgrade hookdelta."
+        )
     _check_types(meta, path)
     return meta
 
@@ -189,6 +213,7 @@ def _is_number(v: Any) -> bool:
 
 def _check_types(meta: dict[str, Any], path: Any) -> None:
     """Every field of delta.json has the type a save writes (the file is untrusted)."""
+
     def names(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
 
@@ -196,21 +221,35 @@ def _check_types(meta: dict[str, Any], path: Any) -> None:
         return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
 
     def tensor(v: Any) -> bool:
-        return (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"]))
+        return (
+            isinstance(v, dict)
+            and isinstance(v.get("dtype"), str)
+            and isinstance(v.get("shape"), list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["shape"])
+        )
 
-    checks = {"name": lambda v: isinstance(v, str) and bool(v), "config": lambda v: isinstance(v, dict),
-              "sites": names, "also_train": names, "tensors": lambda v: mapping(v, tensor),
-              "base_shapes": lambda v: mapping(v, lambda x: isinstance(x, list) and all(
-                  isinstance(d, int) and not isinstance(d, bool) for d in x)),
-              "fingerprint": lambda v: mapping(v, _is_number),
-              "save_id": lambda v: isinstance(v, str), "delta_id": lambda v: isinstance(v, str),
-              "backbone": lambda v: isinstance(v, str), "method": lambda v: isinstance(v, str),
-              "hookdelta_version": lambda v: isinstance(v, str)}
+    checks = {
+        "name": lambda v: isinstance(v, str) and bool(v),
+        "config": lambda v: isinstance(v, dict),
+        "sites": names,
+        "also_train": names,
+        "tensors": lambda v: mapping(v, tensor),
+        "base_shapes": lambda v: mapping(
+            v, lambda x: isinstance(x, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in x)
+        ),
+        "fingerprint": lambda v: mapping(v, _is_number),
+        "save_id": lambda v: isinstance(v, str),
+        "delta_id": lambda v: isinstance(v, str),
+        "backbone": lambda v: isinstance(v, str),
+        "method": lambda v: isinstance(v, str),
+        "hookdelta_version": lambda v: isinstance(v, str),
+    }
     for field, ok in checks.items():
         if field in meta and not ok(meta[field]):
-            raise DeltaFileError(f"{path}: the field {field!r} holds {str(meta[field])[:80]!r}, not what a save "
-                                 "writes there; the file was edited or damaged")
+            raise DeltaFileError(
+                f"{path}: the field {field!r} holds {str(meta[field])[:80]!r}, not what a save "
+                "writes there; the file was edited or damaged"
+            )
 
 
 def check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], directory: Any) -> None:
@@ -218,17 +257,23 @@ def check_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], direct
     listed = meta["tensors"]
     extra, missing = sorted(set(tensors) - set(listed)), sorted(set(listed) - set(tensors))
     if extra or missing:
-        raise DeltaFileError(f"{directory}: {TENSOR_FILE} does not hold the tensors {CONFIG_FILE} lists "
-                             f"(extra {extra[:5]}, missing {missing[:5]}); the save is corrupt")
+        raise DeltaFileError(
+            f"{directory}: {TENSOR_FILE} does not hold the tensors {CONFIG_FILE} lists "
+            f"(extra {extra[:5]}, missing {missing[:5]}); the save is corrupt"
+        )
     for key, tensor in tensors.items():
         want = listed[key].get("dtype") if isinstance(listed[key], dict) else None
         got = str(tensor.dtype).replace("torch.", "")
         if got != want or not tensor.is_floating_point():
-            raise DeltaFileError(f"{directory}: tensor {key!r} is {got}, but {CONFIG_FILE} says {want!r} "
-                                 "(and a delta's tensors are floating point); the save is corrupt")
+            raise DeltaFileError(
+                f"{directory}: tensor {key!r} is {got}, but {CONFIG_FILE} says {want!r} "
+                "(and a delta's tensors are floating point); the save is corrupt"
+            )
         if not torch.isfinite(tensor).all():
-            raise DeltaFileError(f"{directory}: tensor {key!r} holds NaN or Inf values; the delta diverged "
-                                 "or the file is damaged, so it is not loaded")
+            raise DeltaFileError(
+                f"{directory}: tensor {key!r} holds NaN or Inf values; the delta diverged "
+                "or the file is damaged, so it is not loaded"
+            )
 
 
 def read_tensors(directory: str | os.PathLike, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -266,8 +311,14 @@ def _tensor_file(directory: str | os.PathLike, save_id: str | None) -> Path:
     raise DeltaFileError(f"{path} belongs to another save than {CONFIG_FILE} (an interrupted save?); re-save the delta")
 
 
-def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None,
-         freeze_base: bool = True, into: str | None = None, max_bytes: int | None = None) -> Any:
+def load(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str | None = None,
+    freeze_base: bool = True,
+    into: str | None = None,
+    max_bytes: int | None = None,
+) -> Any:
     """Attach a delta saved with `delta.save(directory)`. Checks the files, the sites and
     every shape first, before allocating anything (the file is untrusted: untrusted.py); on
     any error the model is untouched. Returns the Delta. With `into`, the saved values go into
@@ -293,8 +344,9 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
         raise DeltaFileError(f"the delta in {directory} does not fit this model: {exc}") from exc
 
 
-def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None = None
-          ) -> tuple[dict[str, Any], DeltaConfig, list[str], list[str], dict[str, torch.Tensor]]:
+def _read(
+    model: nn.Module, directory: str | os.PathLike, max_bytes: int | None = None
+) -> tuple[dict[str, Any], DeltaConfig, list[str], list[str], dict[str, torch.Tensor]]:
     """A saved delta, checked against the model: (meta, config, sites, also_train, tensors),
     paths fitted to the model's (a wrapper's prefix added or dropped). The tensors are read
     last, once the header's names and shapes are the ones the config builds (a hot-swap, which
@@ -307,20 +359,32 @@ def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None 
     sites, train = list(meta["sites"]), list(meta["also_train"])
     limit = sum(1 for _ in model.named_parameters()) + sum(1 for _ in model.named_modules())
     if len(sites) + len(train) > limit or len(meta["tensors"]) > 64 * limit:
-        raise DeltaFileError(f"{directory}: {len(sites) + len(train)} sites and {len(meta['tensors'])} tensors "
-                             f"listed for a model of {limit} modules and parameters; the file was damaged or crafted")
+        raise DeltaFileError(
+            f"{directory}: {len(sites) + len(train)} sites and {len(meta['tensors'])} tensors "
+            f"listed for a model of {limit} modules and parameters; the file was damaged or crafted"
+        )
     try:
         fix = fit_paths(model, sites + train, directory)
     except DeltaFileError as exc:
         raise DeltaFileError(f"the delta in {directory} was saved for a {meta.get('backbone')}: {exc}") from None
     sites, train = [fix(k) for k in sites], [fix(k) for k in train]
-    meta = {**meta, **{field: {fix(k): v for k, v in meta.get(field, {}).items()}
-                       for field in ("base_shapes", "fingerprint", "tensors")}}
+    meta = {
+        **meta,
+        **{
+            field: {fix(k): v for k, v in meta.get(field, {}).items()}
+            for field in ("base_shapes", "fingerprint", "tensors")
+        },
+    }
     shapes = meta.get("base_shapes", {})
-    bad = [f"{k}: saved for {shapes[k]}, model has {list(shape(_weight(model, k)))}"
-           for k in sites if k in shapes and list(shape(_weight(model, k))) != shapes[k]]
+    bad = [
+        f"{k}: saved for {shapes[k]}, model has {list(shape(_weight(model, k)))}"
+        for k in sites
+        if k in shapes and list(shape(_weight(model, k))) != shapes[k]
+    ]
     if bad:
-        raise DeltaFileError("the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5]))
+        raise DeltaFileError(
+            "the base weights' shapes differ from the ones the delta was saved for: " + "; ".join(bad[:5])
+        )
     # header first: the names and shapes, against the delta the config builds (nothing allocated)
     found = {fix(k): v for k, v in untrusted.header(_tensor_file(directory, meta.get("save_id"))).items()}
     untrusted.Plan(model, config, sites, train).check(found, directory, max_bytes)  # (errors as install's)
@@ -332,7 +396,9 @@ def _read(model: nn.Module, directory: str | os.PathLike, max_bytes: int | None 
         warnings.warn(
             f"the delta in {directory} was saved on different base weights ({len(differ)} of {len(sites)} "
             f"sites differ, e.g. {differ[0]!r}); its outputs will not match the ones it was trained with",
-            BaseWeightsMismatchWarning, stacklevel=3)
+            BaseWeightsMismatchWarning,
+            stacklevel=3,
+        )
     return meta, config, sites, train, tensors
 
 

@@ -37,8 +37,20 @@ from .selection import _hits, output_head_paths
 from .visualize import _Builder, _join
 
 # methods offered in the page: those that adapt layers in place ("dora" is LoRA with use_dora)
-SKIP = {"adapter", "average", "bitfit", "direft", "fuse", "llama_adapter", "loreft", "p_tuning", "prefix",
-        "soft_prompt", "split", "trainable_tokens"}
+SKIP = {
+    "adapter",
+    "average",
+    "bitfit",
+    "direft",
+    "fuse",
+    "llama_adapter",
+    "loreft",
+    "p_tuning",
+    "prefix",
+    "soft_prompt",
+    "split",
+    "trainable_tokens",
+}
 
 
 def methods() -> list[str]:
@@ -116,13 +128,24 @@ class Picker:
         module_path, _, leaf = path.rpartition(".")
         try:
             module = self.model.get_submodule(path)
-            shape: Any = (type(module).__qualname__,
-                          tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)))
+            shape: Any = (
+                type(module).__qualname__,
+                tuple((n, tuple(p.shape)) for n, p in module.named_parameters(recurse=False)),
+            )
         except AttributeError:  # a parameter
-            shape = (type(self.model.get_submodule(module_path)).__qualname__, leaf,
-                     tuple(self.model.get_parameter(path).shape))
-        key = ("adaptable", self.method, self.r, shape, path in self.heads,
-               tuple(sorted(r for r, ps in self.role_names.items() if path in ps)))
+            shape = (
+                type(self.model.get_submodule(module_path)).__qualname__,
+                leaf,
+                tuple(self.model.get_parameter(path).shape),
+            )
+        key = (
+            "adaptable",
+            self.method,
+            self.r,
+            shape,
+            path in self.heads,
+            tuple(sorted(r for r, ps in self.role_names.items() if path in ps)),
+        )
         if key not in self.cache:
             self.cache[key] = self.why(path)
         return self.cache[key]
@@ -153,8 +176,9 @@ class Picker:
         if not sites:
             under = self.under(row)
             # (asked again, not from the cache: the message names this row's layer)
-            self.error = f"{self.method} adapts nothing under {row!r}" + (f": {self.why(under[0])}" if under else
-                                                                          " (it holds no parameters)")
+            self.error = f"{self.method} adapts nothing under {row!r}" + (
+                f": {self.why(under[0])}" if under else " (it holds no parameters)"
+            )
             return
         if set(sites) <= self.selected:
             self.selected -= set(sites)
@@ -196,8 +220,10 @@ class Picker:
                 exact_ones.append(cfg)
         if exact_ones:  # the fewest selectors; among equals the first proposed (roles before names)
             return min(exact_ones, key=_items)
-        raise ConfigError(f"no {self.cls.__name__} selects exactly {wanted[:3]}{'...' if len(wanted) > 3 else ''}: "
-                          + (tried[-1] if tried else "it cannot express them"))
+        raise ConfigError(
+            f"no {self.cls.__name__} selects exactly {wanted[:3]}{'...' if len(wanted) > 3 else ''}: "
+            + (tried[-1] if tried else "it cannot express them")
+        )
 
     def _proposals(self, wanted: list[str]) -> Iterator[dict[str, Any]]:
         want = set(wanted)
@@ -224,8 +250,9 @@ class Picker:
     def _rank(self, path: str) -> int:
         return self.order.get(path, -1)
 
-    def _express(self, roles_used: list[str], rest: list[str], extra: list[str], want: set[str],
-                 lay: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _express(
+        self, roles_used: list[str], rest: list[str], extra: list[str], want: set[str], lay: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
         """Roles, plus the remaining paths and the excluded ones: as globs over the block index
         (the shortest suffix that selects nothing else), then as the paths themselves.
         Parameters go through target_parameters, where the method has it."""
@@ -281,15 +308,28 @@ class Picker:
 
     def state(self) -> dict[str, Any]:
         """What the page shows."""
-        out: dict[str, Any] = {"method": self.method, "r": self.r, "sites": len(self.selected), "error": self.error,
-                               "selector": "", "trainable": 0, "share": "", "python": "", "json": ""}
+        out: dict[str, Any] = {
+            "method": self.method,
+            "r": self.r,
+            "sites": len(self.selected),
+            "error": self.error,
+            "selector": "",
+            "trainable": 0,
+            "share": "",
+            "python": "",
+            "json": "",
+        }
         if self.selected:
             try:
                 cfg = self.config()
                 n = self._count(cfg)
-                out.update(selector=selector_text(cfg), trainable=n,
-                           share=f"{100.0 * n / (self.total + n):.4f}%", python=python_text(cfg),
-                           json=cfg.to_json())
+                out.update(
+                    selector=selector_text(cfg),
+                    trainable=n,
+                    share=f"{100.0 * n / (self.total + n):.4f}%",
+                    python=python_text(cfg),
+                    json=cfg.to_json(),
+                )
             except HookdeltaError as exc:
                 out["error"] = str(exc)
         full, part = [], []
@@ -308,15 +348,33 @@ class Picker:
         builder = _Builder(self.model, None, False, show_roles=False)
         lines: list[str] = []
         self._render(builder, lines, self.model, "", type(self.model).__name__, 1, "", 0)
-        chips = "".join(f'<button class="role" data-path="role:{html.escape(r)}">{html.escape(r)} '
-                        f'<small>×{len(ps)}</small></button>' for r, ps in self.roles.items())
-        options = "".join(f'<option{" selected" if m == self.method else ""}>{m}</option>' for m in methods())
-        return (PAGE.replace("{{title}}", html.escape(type(self.model).__name__)).replace("{{roles}}", chips)
-                .replace("{{rows}}", "\n".join(lines)).replace("{{methods}}", options).replace("{{r}}", str(self.r))
-                .replace("{{total}}", f"{self.total:,}"))
+        chips = "".join(
+            f'<button class="role" data-path="role:{html.escape(r)}">{html.escape(r)} '
+            f"<small>×{len(ps)}</small></button>"
+            for r, ps in self.roles.items()
+        )
+        options = "".join(f"<option{' selected' if m == self.method else ''}>{m}</option>" for m in methods())
+        return (
+            PAGE.replace("{{title}}", html.escape(type(self.model).__name__))
+            .replace("{{roles}}", chips)
+            .replace("{{rows}}", "\n".join(lines))
+            .replace("{{methods}}", options)
+            .replace("{{r}}", str(self.r))
+            .replace("{{total}}", f"{self.total:,}")
+        )
 
-    def _render(self, builder: _Builder, lines: list[str], module: nn.Module, row: str, name: str,
-                count: int, last: str, depth: int, bases: list[str] | None = None) -> None:
+    def _render(
+        self,
+        builder: _Builder,
+        lines: list[str],
+        module: nn.Module,
+        row: str,
+        name: str,
+        count: int,
+        last: str,
+        depth: int,
+        bases: list[str] | None = None,
+    ) -> None:
         bases = bases if bases is not None else [row]
         self.rows[row or "<model>"] = bases
         label = name if count == 1 else f"{name}-{last} ×{count}"
@@ -329,16 +387,21 @@ class Picker:
             + (f'<span class="name">{html.escape(label)}</span> ' if row else "")
             + f'<span class="cls">{type(module).__name__}</span>'
             + (f' <span class="n">{n:,}</span>' if n else "")
-            + "".join(f' <span class="tag">{html.escape(r)}</span>' for r in marks) + "</div>")
+            + "".join(f' <span class="tag">{html.escape(r)}</span>' for r in marks)
+            + "</div>"
+        )
         for pname, p in module.named_parameters(recurse=False):
             paths = [f"{b}.{pname}" for b in bases]
             if paths[0] in self.order and paths[0] not in bases:
                 self.rows[_join(row, pname)] = paths
                 tags = sorted({r for r, ps in self.roles.items() for q in paths if q in ps})
-                lines.append(f'<div class="row param" data-path="{html.escape(_join(row, pname))}" '
-                             f'style="--d:{depth + 1}"><span class="name">{html.escape(pname)}</span> '
-                             f'<span class="cls">{list(p.shape)}</span>'
-                             + "".join(f' <span class="tag">{html.escape(t)}</span>' for t in tags) + "</div>")
+                lines.append(
+                    f'<div class="row param" data-path="{html.escape(_join(row, pname))}" '
+                    f'style="--d:{depth + 1}"><span class="name">{html.escape(pname)}</span> '
+                    f'<span class="cls">{list(p.shape)}</span>'
+                    + "".join(f' <span class="tag">{html.escape(t)}</span>' for t in tags)
+                    + "</div>"
+                )
         children = [(c, m) for c, m in module._modules.items() if m is not None and not c.startswith("_hookdelta")]
         if fold:
             lines.append(f'<div class="folded" data-fold="{html.escape(row)}">')
@@ -347,15 +410,22 @@ class Picker:
             names = [c for c, _ in run]
             shown_name = cname if len(run) == 1 else f"{cname}-{names[-1]}"
             sub = [_join(b, c) for b in bases for c in names]
-            self._render(builder, lines, child, _join(row, shown_name), cname, len(run), names[-1],
-                         depth + 1, sub)
+            self._render(builder, lines, child, _join(row, shown_name), cname, len(run), names[-1], depth + 1, sub)
         if fold:
             lines.append("</div>")
             if len(bases) == count:  # each member on its own, hidden until unfolded
                 lines.append(f'<div class="members" data-members="{html.escape(row)}" hidden>')
                 for member in bases:
-                    self._render(builder, lines, self.model.get_submodule(member), member,
-                                 member.rpartition(".")[2], 1, "", depth)
+                    self._render(
+                        builder,
+                        lines,
+                        self.model.get_submodule(member),
+                        member,
+                        member.rpartition(".")[2],
+                        1,
+                        "",
+                        depth,
+                    )
                 lines.append("</div>")
 
 
@@ -386,8 +456,11 @@ def selector_text(cfg: DeltaConfig) -> str:
 
 def python_text(cfg: DeltaConfig) -> str:
     """The config as one line of Python (`hd.LoRAConfig(r=8, targets=[...])`)."""
-    args = [f"{f.name}={_plain(getattr(cfg, f.name))!r}" for f in fields(cfg)
-            if f.default is MISSING or getattr(cfg, f.name) != f.default or f.name == "r"]
+    args = [
+        f"{f.name}={_plain(getattr(cfg, f.name))!r}"
+        for f in fields(cfg)
+        if f.default is MISSING or getattr(cfg, f.name) != f.default or f.name == "r"
+    ]
     return f"hd.{type(cfg).__name__}({', '.join(args)})"
 
 
@@ -516,8 +589,15 @@ def serve(model: nn.Module, method: str = "lora", r: int = 8, port: int = 0) -> 
     return Session(model, method, r, port)
 
 
-def pick(model: nn.Module, method: str = "lora", r: int = 8, *, port: int = 0, open_browser: bool = True,
-         timeout: float | None = None) -> DeltaConfig | None:
+def pick(
+    model: nn.Module,
+    method: str = "lora",
+    r: int = 8,
+    *,
+    port: int = 0,
+    open_browser: bool = True,
+    timeout: float | None = None,
+) -> DeltaConfig | None:
     """Pick the layers to adapt in a browser page; returns the config (None if nothing was picked).
 
     The page is served on 127.0.0.1 (a free port unless `port`), opened in the browser when one is

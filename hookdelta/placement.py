@@ -61,7 +61,7 @@ def _chain(model: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
     out, module = [(model, path)], model
     for i, part in enumerate(parts):
         module = module._modules[part]
-        out.append((module, ".".join(parts[i + 1:])))
+        out.append((module, ".".join(parts[i + 1 :])))
     return out
 
 
@@ -70,8 +70,11 @@ def offload_source(model: nn.Module, path: str) -> tuple[Any, str] | None:
     copies them in per call; None when they live in the module itself."""
     for ancestor, rel in reversed(_chain(model, path)):
         for hook in _offload_hooks(ancestor):
-            if (getattr(hook, "offload", False) and getattr(hook, "weights_map", None) is not None
-                    and (not rel or getattr(hook, "place_submodules", False))):
+            if (
+                getattr(hook, "offload", False)
+                and getattr(hook, "weights_map", None) is not None
+                and (not rel or getattr(hook, "place_submodules", False))
+            ):
                 return hook, rel
     return None
 
@@ -111,10 +114,12 @@ def real_weight(model: nn.Module, path: str, name: str = "weight") -> torch.Tens
 
 
 def meta_message(path: str) -> str:
-    return (f"the weights of {path or 'the model'!r} are on the meta device with no real values anywhere "
-            "(a model built with init_empty_weights() or device='meta' whose weights were never loaded). "
-            "Load the weights first (load_checkpoint_and_dispatch, or to_empty() + load_state_dict(), or "
-            "from_pretrained), then attach: a delta made on meta could never be initialised or trained")
+    return (
+        f"the weights of {path or 'the model'!r} are on the meta device with no real values anywhere "
+        "(a model built with init_empty_weights() or device='meta' whose weights were never loaded). "
+        "Load the weights first (load_checkpoint_and_dispatch, or to_empty() + load_state_dict(), or "
+        "from_pretrained), then attach: a delta made on meta could never be initialised or trained"
+    )
 
 
 def like_tensor(model: nn.Module, path: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,7 @@ def kept_name(name: str, index: int = 0) -> str:
 
 def kept_names(owner: nn.Module) -> list[str]:
     """The tensor names whose originals `owner` keeps (copies, or replaced quantized weights)."""
-    names = [b[len("_original_"):].split(":")[0] for b in owner._buffers if b.startswith("_original_")]
+    names = [b[len("_original_") :].split(":")[0] for b in owner._buffers if b.startswith("_original_")]
     return list(dict.fromkeys(names + list(owner.__dict__.get("_requantized", {}))))
 
 
@@ -298,11 +303,15 @@ class WeightSlot:
                 trial.right_inverse(new.to(self.stored()[0].device, self.value().dtype))
                 check = trial()
         except Exception as exc:  # no right_inverse, or one that refuses the value
-            raise MergeError(f"the parametrization on {self.where}.{self.name} cannot take the merged weight "
-                             f"({exc}); keep the delta unmerged") from exc
+            raise MergeError(
+                f"the parametrization on {self.where}.{self.name} cannot take the merged weight "
+                f"({exc}); keep the delta unmerged"
+            ) from exc
         values = list(trial.parameters()) + list(trial.buffers())
         stored = self.stored()
-        if not _close(check, new, self.value().dtype) or any(v.shape != s.shape for v, s in zip(values, stored, strict=True)):
+        if not _close(check, new, self.value().dtype) or any(
+            v.shape != s.shape for v, s in zip(values, stored, strict=True)
+        ):
             raise MergeError(
                 f"{self.where}.{self.name} is parametrized by "
                 f"{[type(p).__name__ for p in self.module.parametrizations[self.name]]}, which cannot represent the "
@@ -377,9 +386,9 @@ def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | Non
     chain = [("", model)]
     for i, part in enumerate(parts[:-1]):
         module = module._modules[part]
-        chain.append((".".join(parts[:i + 1]), module))
+        chain.append((".".join(parts[: i + 1]), module))
     for owner, ancestor in reversed(chain):
-        rel = path[len(owner) + 1:] if owner else path
+        rel = path[len(owner) + 1 :] if owner else path
         if rel in weights_read(type(ancestor)):
             # always: torch's functional attention, or code that reads the weight and never calls the layer
             always = any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())

@@ -30,9 +30,29 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 # tensor methods that read metadata only (shape, dtype, ...), not the values
-_METADATA = frozenset({"__get__", "numel", "dim", "size", "stride", "is_contiguous", "data_ptr", "element_size",
-                       "nelement", "ndimension", "is_floating_point", "is_complex", "storage_offset",
-                       "untyped_storage", "__len__", "get_device", "__hash__", "__format__", "__repr__"})
+_METADATA = frozenset(
+    {
+        "__get__",
+        "numel",
+        "dim",
+        "size",
+        "stride",
+        "is_contiguous",
+        "data_ptr",
+        "element_size",
+        "nelement",
+        "ndimension",
+        "is_floating_point",
+        "is_complex",
+        "storage_offset",
+        "untyped_storage",
+        "__len__",
+        "get_device",
+        "__hash__",
+        "__format__",
+        "__repr__",
+    }
+)
 
 
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -67,8 +87,12 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         probe = self.probe
-        if (probe.active and getattr(func, "__name__", "") not in _METADATA and threading.get_ident() == probe.thread
-                and not getattr(_ours, "depth", 0)):
+        if (
+            probe.active
+            and getattr(func, "__name__", "") not in _METADATA
+            and threading.get_ident() == probe.thread
+            and not getattr(_ours, "depth", 0)
+        ):
             if probe.running():
                 probe.seen(args, kwargs)
             else:  # the forward ended without its hooks (KeyboardInterrupt): stop watching now
@@ -80,8 +104,9 @@ class Probe:
     """One watched forward, called from `frame`. `watch`: id(weight) -> (the weight, its layer
     path, the deltas there); holding the weights keeps their ids from being reused meanwhile."""
 
-    def __init__(self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]],
-                 frame: Any) -> None:
+    def __init__(
+        self, model: nn.Module, watch: dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]], frame: Any
+    ) -> None:
         self.watch = watch
         self.frame = frame
         self.holders: dict[int, set[int]] = {}  # id(weight) -> ids of the modules holding it
@@ -92,8 +117,9 @@ class Probe:
             for p in module._parameters.values():
                 if p is not None and id(p) in watch:
                     self.holders.setdefault(id(p), set()).add(id(module))
-        self.holder_modules = [m for m in self.modules
-                               if any(p is not None and id(p) in watch for p in m._parameters.values())]
+        self.holder_modules = [
+            m for m in self.modules if any(p is not None and id(p) in watch for p in m._parameters.values())
+        ]
         self.root = self.names[id(model)]
         self.thread = threading.get_ident()
         self.stack: list[int] = [id(model)]  # modules whose forward is running, innermost last
@@ -168,12 +194,25 @@ class Probe:
             else:  # a tied weight: the reader bypassed every layer holding it
                 held = " and ".join(repr(p) for p in layers)
                 what, fix = f"the weight tied between {held} without calling their forward", "exclude them"
-            how = (" (the model's forward computes from the weight itself, as the fused losses of TRL and Liger "
-                   "do with the head's)") if reader == self.root else ""
-            found.append((layers, owners, (
-                f"{reader!r} used {what}, so delta(s) {owners} on {layers[0]!r} had no effect on that use{how}. "
-                f"Refused, here and in every later forward while the delta acts there: {fix} from the targets (or "
-                "disable that delta), or adapt the module that reads the weight instead")))
+            how = (
+                (
+                    " (the model's forward computes from the weight itself, as the fused losses of TRL and Liger "
+                    "do with the head's)"
+                )
+                if reader == self.root
+                else ""
+            )
+            found.append(
+                (
+                    layers,
+                    owners,
+                    (
+                        f"{reader!r} used {what}, so delta(s) {owners} on {layers[0]!r} had no effect on that use{how}. "
+                        f"Refused, here and in every later forward while the delta acts there: {fix} from the targets (or "
+                        "disable that delta), or adapt the module that reads the weight instead"
+                    ),
+                )
+            )
         return found
 
     def _enter(self, module: nn.Module, args: Any) -> None:

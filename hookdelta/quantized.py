@@ -72,8 +72,9 @@ def dequantize(module: nn.Module) -> torch.Tensor:
         return bnb.functional.int8_vectorwise_dequant(weight.data, scb)
     if callable(getattr(weight, "dequantize", None)):  # torchao tensor subclasses, torch quantized tensors
         return weight.dequantize()
-    raise UnsupportedModuleError(f"cannot read the values of {backend(module)} weights; this quantization is unknown "
-                                 "to hookdelta")
+    raise UnsupportedModuleError(
+        f"cannot read the values of {backend(module)} weights; this quantization is unknown to hookdelta"
+    )
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
@@ -85,16 +86,22 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
         import bitsandbytes as bnb
 
         state = old.quant_state
-        new = bnb.nn.Params4bit(weight.to(old.device, torch.float32).contiguous(), requires_grad=False,
-                                quant_type=state.quant_type, blocksize=state.blocksize,
-                                compress_statistics=old.compress_statistics, quant_storage=old.quant_storage,
-                                module=module).to(old.device)
+        new = bnb.nn.Params4bit(
+            weight.to(old.device, torch.float32).contiguous(),
+            requires_grad=False,
+            quant_type=state.quant_type,
+            blocksize=state.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_storage=old.quant_storage,
+            module=module,
+        ).to(old.device)
         return {"weight": new}
     if name == "Int8Params":
         import bitsandbytes as bnb
 
-        new = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(), requires_grad=False,
-                                has_fp16_weights=False).to(old.device)
+        new = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False).to(
+            old.device
+        )
         return {"weight": new, "state.CB": None, "state.SCB": None}  # bnb fills the state from it at first use
     if name == "Int8Tensor":
         from torchao.quantization.granularity import PerRow, PerTensor
@@ -104,10 +111,15 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
         if granularity is not None:
             new = type(old).from_hp(weight.to(old.dtype), granularity)
             return {"weight": nn.Parameter(new, requires_grad=False)}
-    hint = (" (torchao 0.18 and later store int8 weights as Int8Tensor, which it can rebuild)"
-            if name == "AffineQuantizedTensor" else "")
-    raise MergeError(f"merge(requantize=True) cannot rebuild {backend(module)} weights{hint}; keep the delta unmerged, "
-                     "or use delta.merged_copy(dtype=...) for a full-precision model with the delta baked in")
+    hint = (
+        " (torchao 0.18 and later store int8 weights as Int8Tensor, which it can rebuild)"
+        if name == "AffineQuantizedTensor"
+        else ""
+    )
+    raise MergeError(
+        f"merge(requantize=True) cannot rebuild {backend(module)} weights{hint}; keep the delta unmerged, "
+        "or use delta.merged_copy(dtype=...) for a full-precision model with the delta baked in"
+    )
 
 
 # -- bitsandbytes' CPU inference packing --------------------------------------------------------
@@ -125,7 +137,9 @@ def bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
 
 def hold_packing(layers: list[nn.Module]) -> list[tuple[nn.Module, Any]]:
     """Turn bitsandbytes' CPU repacking off on these layers; returns what to give back."""
-    saved = [(m, m.__dict__.get("support_avx512bf16_for_cpu")) for m in layers if "support_avx512bf16_for_cpu" in m.__dict__]
+    saved = [
+        (m, m.__dict__.get("support_avx512bf16_for_cpu")) for m in layers if "support_avx512bf16_for_cpu" in m.__dict__
+    ]
     for m, _ in saved:
         m.support_avx512bf16_for_cpu = False
     return saved
@@ -192,7 +206,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             owner, _, child = path.rpartition(".")
             setattr(model.get_submodule(owner) if owner else model, child, full_precision(module, dtype))
     for attr in ("hf_quantizer", "quantization_method", "_weight_conversions"):  # (transformers refuses .to(dtype)
-        if attr in model.__dict__:                                               # while they are there)
+        if attr in model.__dict__:  # while they are there)
             delattr(model, attr)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):

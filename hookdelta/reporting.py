@@ -76,14 +76,26 @@ def rows(delta: Any) -> list[SiteRow]:
                 dw = dw.detach().float()
                 sv = torch.linalg.svdvals(dw if dw.dim() == 2 else dw.reshape(-1, *dw.shape[-2:]))
                 sv = sv if sv.dim() == 1 else sv.mean(dim=0)
-                row = SiteRow(piece.key, role_of.get(piece.key, "other"), block_index(piece.key),
-                              float(dw.norm()), float(w.norm()), sv.tolist())
+                row = SiteRow(
+                    piece.key,
+                    role_of.get(piece.key, "other"),
+                    block_index(piece.key),
+                    float(dw.norm()),
+                    float(w.norm()),
+                    sv.tolist(),
+                )
             else:
                 tensors = [t.detach().float() for t in piece.parameters()]
                 if not tensors:
                     continue
-                row = SiteRow(piece.key, role_of.get(piece.site_path or piece.key, "other"), block_index(piece.key),
-                              math.sqrt(sum(float(t.square().sum()) for t in tensors)), None, [])
+                row = SiteRow(
+                    piece.key,
+                    role_of.get(piece.site_path or piece.key, "other"),
+                    block_index(piece.key),
+                    math.sqrt(sum(float(t.square().sum()) for t in tensors)),
+                    None,
+                    [],
+                )
             out.append(row)
     return out
 
@@ -100,18 +112,24 @@ def _heatmap(data: list[SiteRow]) -> str:
     values = weighted or data
     measure = (lambda r: r.relative) if weighted else (lambda r: r.update)
     role_names = list(dict.fromkeys(r.role for r in values))
-    layers = sorted({r.layer for r in values if r.layer is not None}) + ([None] if any(r.layer is None for r in values) else [])
+    layers = sorted({r.layer for r in values if r.layer is not None}) + (
+        [None] if any(r.layer is None for r in values) else []
+    )
     cell, left, top_pad = 22, 110, 28
     top = max((measure(r) for r in values), default=0.0)
     grid: dict[tuple[str, Any], float] = {}
     for r in values:  # (several sites of one role in one layer, such as fused experts' tensors: their sum)
         grid[(r.role, r.layer)] = grid.get((r.role, r.layer), 0.0) + measure(r)
     width, height = left + cell * len(layers) + 10, top_pad + cell * len(role_names) + 10
-    parts = [f'<svg id="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             'font-family="sans-serif" font-size="11">']
+    parts = [
+        f'<svg id="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
     for j, layer in enumerate(layers):
-        parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top_pad - 8}" text-anchor="middle">'
-                     f'{"–" if layer is None else layer}</text>')
+        parts.append(
+            f'<text x="{left + j * cell + cell / 2}" y="{top_pad - 8}" text-anchor="middle">'
+            f"{'–' if layer is None else layer}</text>"
+        )
     for i, role in enumerate(role_names):
         y = top_pad + i * cell
         parts.append(f'<text x="{left - 6}" y="{y + cell * 0.7}" text-anchor="end">{html.escape(role)}</text>')
@@ -119,8 +137,10 @@ def _heatmap(data: list[SiteRow]) -> str:
             if (role, layer) not in grid:
                 continue
             v = grid[(role, layer)]
-            parts.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
-                         f'fill="{_color(v, top)}"><title>{html.escape(role)}, layer {layer}: {v:.4g}</title></rect>')
+            parts.append(
+                f'<rect x="{left + j * cell}" y="{y}" width="{cell - 2}" height="{cell - 2}" '
+                f'fill="{_color(v, top)}"><title>{html.escape(role)}, layer {layer}: {v:.4g}</title></rect>'
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -130,8 +150,10 @@ def _spark(singular: list[float]) -> str:
         return ""
     s = singular[:32]
     pts = " ".join(f"{2 + i * 116 / max(1, len(s) - 1):.1f},{22 - 20 * v / s[0]:.1f}" for i, v in enumerate(s))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="120" height="24"><polyline points="{pts}" '
-            'fill="none" stroke="#08306b"/></svg>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="120" height="24"><polyline points="{pts}" '
+        'fill="none" stroke="#08306b"/></svg>'
+    )
 
 
 def render(delta: Any, data: list[SiteRow] | None = None) -> str:
@@ -139,28 +161,37 @@ def render(delta: Any, data: list[SiteRow] | None = None) -> str:
     data = rows(delta) if data is None else data
     by_role: dict[str, float] = {}
     for r in data:
-        by_role[r.role] = by_role.get(r.role, 0.0) + r.update ** 2
+        by_role[r.role] = by_role.get(r.role, 0.0) + r.update**2
     total = sum(by_role.values()) or 1.0
     kind = "‖ΔW‖ / ‖W‖" if any(r.relative is not None for r in data) else "‖tensors‖"
-    head = (f"<h1>Where delta {html.escape(delta.name)!s} learned</h1><p>{html.escape(delta.method)} on "
-            f"{html.escape(type(delta.model).__name__)}: {len(data)} sites, {delta.num_trainable:,} trained numbers. "
-            f"Heatmap: {kind} by role × layer.</p>")
-    roles_table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v / total:.1%}</td></tr>"
-                          for k, v in sorted(by_role.items(), key=lambda kv: -kv[1]))
+    head = (
+        f"<h1>Where delta {html.escape(delta.name)!s} learned</h1><p>{html.escape(delta.method)} on "
+        f"{html.escape(type(delta.model).__name__)}: {len(data)} sites, {delta.num_trainable:,} trained numbers. "
+        f"Heatmap: {kind} by role × layer.</p>"
+    )
+    roles_table = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v / total:.1%}</td></tr>"
+        for k, v in sorted(by_role.items(), key=lambda kv: -kv[1])
+    )
     site_rows = "".join(
         f'<tr data-site="{html.escape(r.key)}"><td>{html.escape(r.key)}</td><td>{html.escape(r.role)}</td>'
-        f'<td>{"" if r.layer is None else r.layer}</td><td>{r.update:.4g}</td>'
-        f'<td>{"" if r.relative is None else f"{r.relative:.4g}"}</td>'
-        f'<td>{"" if r.effective_rank is None else f"{r.effective_rank:.2f}"}</td><td>{_spark(r.singular)}</td></tr>'
-        for r in data)
-    style = ("body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
-             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
-            f"<title>hookdelta report: {html.escape(delta.name)}</title><style>{style}</style></head><body>{head}{_heatmap(data)}"
-            f"<h2>Share of the update by role</h2><table id='roles'><tr><th>role</th><th>share of Σ‖·‖²</th></tr>"
-            f"{roles_table}</table><h2>Sites</h2><table id='sites'><tr><th>site</th><th>role</th><th>layer</th>"
-            f"<th>‖update‖</th><th>‖ΔW‖/‖W‖</th><th>effective rank</th><th>singular values</th></tr>{site_rows}"
-            "</table></body></html>")
+        f"<td>{'' if r.layer is None else r.layer}</td><td>{r.update:.4g}</td>"
+        f"<td>{'' if r.relative is None else f'{r.relative:.4g}'}</td>"
+        f"<td>{'' if r.effective_rank is None else f'{r.effective_rank:.2f}'}</td><td>{_spark(r.singular)}</td></tr>"
+        for r in data
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
+        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:left}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'>"
+        f"<title>hookdelta report: {html.escape(delta.name)}</title><style>{style}</style></head><body>{head}{_heatmap(data)}"
+        f"<h2>Share of the update by role</h2><table id='roles'><tr><th>role</th><th>share of Σ‖·‖²</th></tr>"
+        f"{roles_table}</table><h2>Sites</h2><table id='sites'><tr><th>site</th><th>role</th><th>layer</th>"
+        f"<th>‖update‖</th><th>‖ΔW‖/‖W‖</th><th>effective rank</th><th>singular values</th></tr>{site_rows}"
+        "</table></body></html>"
+    )
 
 
 def report(delta: Any, path: str | os.PathLike | None = None) -> str:

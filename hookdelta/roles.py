@@ -60,8 +60,17 @@ _FFN_NAMES = {
     "ffn.out": r"fc2|c_proj|wo|down_proj|dense_4h_to_h|w2|lin2|output|fc_out|down",
 }
 _ROUTER = r"gate|router|routing|classifier|moe_gate"  # names of mixture-of-experts routers (and their modules)
-_LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
-                 "num_decoder_layers", "num_encoder_layers", "depth")
+_LAYER_COUNTS = (
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_decoder_layers",
+    "num_encoder_layers",
+    "depth",
+)
 _EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_layer")
 
 # model_type -> {role: paths relative to a block} where discovery alone would be wrong (see the
@@ -77,7 +86,9 @@ def _configs(model: nn.Module) -> list[Any]:
         if c is None or any(c is o for o in out):
             continue
         out.append(c)
-        todo += [v for k, v in vars(c).items() if hasattr(v, "to_dict") and k.endswith(("config", "encoder", "decoder"))]
+        todo += [
+            v for k, v in vars(c).items() if hasattr(v, "to_dict") and k.endswith(("config", "encoder", "decoder"))
+        ]
         layers = _field(c, "per_layer_config")  # heterogeneous configs: the per-layer ones name the expert counts
         todo += [v for v in (layers if isinstance(layers, (list, tuple)) else []) if hasattr(v, "to_dict")]
     return out
@@ -135,8 +146,9 @@ def _ffn_name(leaf: str) -> str | None:
     return next((r for r, pat in _FFN_NAMES.items() if _full(pat, leaf)), None)
 
 
-def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: set[int],
-                    members_by_rel: dict[str, nn.Module]) -> dict[str, list[str]]:
+def _classify_block(
+    block: str, members: list[tuple[str, nn.Module]], experts: set[int], members_by_rel: dict[str, nn.Module]
+) -> dict[str, list[str]]:
     """Roles of the linear layers of one block (paths relative to the model)."""
     dims = {rel: layer_dims(m, m, rel) for rel, m in members}
     width = Counter(i for i, _ in dims.values()).most_common(1)[0][0] if dims else 0
@@ -152,8 +164,11 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         d_in, d_out = dims[rel]
         path = f"{block}.{rel}"
         in_router = bool(experts) and any(_full(_ROUTER, o) for o in owners)
-        if d_out in experts and d_in == width and (in_router or re.search(_ROUTER, leaf) and not any(
-                _full(pat, leaf) for pat in _FFN_NAMES.values())):
+        if (
+            d_out in experts
+            and d_in == width
+            and (in_router or re.search(_ROUTER, leaf) and not any(_full(pat, leaf) for pat in _FFN_NAMES.values()))
+        ):
             out["moe.router"].append(path)  # (width -> one logit per expert: no feed-forward layer)
             continue
         if in_router:
@@ -166,7 +181,9 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
                 attn.setdefault(module_path, []).append(path)
                 continue
             named_attn.add(module_path)
-            for role in {"fused": ("attn.q", "attn.k", "attn.v"), "fused_kv": ("attn.k", "attn.v")}.get(named, (named,)):
+            for role in {"fused": ("attn.q", "attn.k", "attn.v"), "fused_kv": ("attn.k", "attn.v")}.get(
+                named, (named,)
+            ):
                 out[role].append(path)
             continue
         in_ffn = any(_FFN.search(p) for p in owners) or not owners or _FFN.search(leaf) is not None
@@ -178,7 +195,9 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
         if named is None and owners and owners[-1] == "output" and leaf == "dense":
             named = "ffn.out"  # BERT: output.dense
         if named is None:
-            named = "ffn.in" if d_in == width and d_out > width else "ffn.out" if d_out == width and d_in > width else None
+            named = (
+                "ffn.in" if d_in == width and d_out > width else "ffn.out" if d_out == width and d_in > width else None
+            )
         if named is not None:
             out[named].append(path)
             ffn_side.setdefault(named, []).append(rel)
@@ -195,8 +214,9 @@ def _classify_block(block: str, members: list[tuple[str, nn.Module]], experts: s
     return out
 
 
-def _fused_experts(block: str, members_by_rel: dict[str, nn.Module], experts: set[int], width: int,
-                   out: dict[str, list[str]]) -> list[str]:
+def _fused_experts(
+    block: str, members_by_rel: dict[str, nn.Module], experts: set[int], width: int, out: dict[str, list[str]]
+) -> list[str]:
     """Fused expert tensors ([experts, out, in], or [experts, in, out] where the module says
     `is_transposed`) as ffn.in / ffn.out parameter paths, by name and else by which side reads the
     width; routers that are no linear layer (a 2-D weight [experts, width]) as moe.router
@@ -205,8 +225,11 @@ def _fused_experts(block: str, members_by_rel: dict[str, nn.Module], experts: se
     for rel, module in members_by_rel.items():
         if not rel or any(_ATTN.search(p) for p in rel.lower().split(".")):
             continue  # (experts inside attention, JetMoE's mixture of attention heads, are no feed-forward)
-        fused = [(n, p) for n, p in module._parameters.items() if p is not None and p.dim() == 3
-                 and (p.shape[0] in experts or "expert" in rel.rpartition(".")[2].lower())]
+        fused = [
+            (n, p)
+            for n, p in module._parameters.items()
+            if p is not None and p.dim() == 3 and (p.shape[0] in experts or "expert" in rel.rpartition(".")[2].lower())
+        ]
         if not fused:
             continue
         transposed = _transposed(module, fused, width)
@@ -223,12 +246,21 @@ def _fused_experts(block: str, members_by_rel: dict[str, nn.Module], experts: se
         if parent not in mixtures:
             mixtures.append((parent, rel))
     for mixture, experts_rel in mixtures:
-        inside = [(rel, m) for rel, m in members_by_rel.items()
-                  if (rel.startswith(mixture + ".") or not mixture) and not rel.startswith(experts_rel)]
+        inside = [
+            (rel, m)
+            for rel, m in members_by_rel.items()
+            if (rel.startswith(mixture + ".") or not mixture) and not rel.startswith(experts_rel)
+        ]
         for rel, module in inside:
             w = module._parameters.get("weight")
-            if (w is not None and w.dim() == 2 and not is_linear_like(module) and not is_norm(rel, module)
-                    and w.shape[0] in experts and w.shape[1] == width):
+            if (
+                w is not None
+                and w.dim() == 2
+                and not is_linear_like(module)
+                and not is_norm(rel, module)
+                and w.shape[0] in experts
+                and w.shape[1] == width
+            ):
                 out["moe.router"].append(f"{block}.{rel}.weight")
     return list(dict.fromkeys(m for m, _ in mixtures))
 
@@ -260,12 +292,13 @@ def _transposed(module: nn.Module, fused: list[tuple[str, torch.Tensor]], width:
     return bool(votes) and votes.most_common(1)[0][0]
 
 
-def _by_shape(block: str, paths: list[str], dims: dict[str, tuple[int, int]], width: int,
-              out: dict[str, list[str]]) -> None:
+def _by_shape(
+    block: str, paths: list[str], dims: dict[str, tuple[int, int]], width: int, out: dict[str, list[str]]
+) -> None:
     """An attention module whose layers no name placed: q, k, v are the first three that read
     the block's width (creation order), o the last other one that writes it."""
-    reads = [p for p in paths if dims[p[len(block) + 1:]][0] == width]
-    writes = [p for p in paths if dims[p[len(block) + 1:]][1] == width and p not in reads[:3]]
+    reads = [p for p in paths if dims[p[len(block) + 1 :]][0] == width]
+    writes = [p for p in paths if dims[p[len(block) + 1 :]][1] == width and p not in reads[:3]]
     for role, path in zip(("attn.q", "attn.k", "attn.v"), reads[:3], strict=False):
         out[role].append(path)
     if writes:
@@ -300,7 +333,7 @@ def discover(model: nn.Module) -> dict[str, list[str]]:
         if is_linear_like(module):
             owner = next((b for b in ordered if path.startswith(b + ".")), None)
             if owner is not None:
-                members[owner].append((path[len(owner) + 1:], module))
+                members[owner].append((path[len(owner) + 1 :], module))
     fixes = CORRECTIONS.get(getattr(getattr(model, "config", None), "model_type", None) or "", {})
     for block in found:
         inside = dict(model.get_submodule(block).named_modules())
@@ -316,12 +349,20 @@ def discover(model: nn.Module) -> dict[str, list[str]]:
 def check_tp_plan(model: nn.Module, roles: dict[str, list[str]]) -> list[str]:
     """Where the config's tensor-parallel plan disagrees with the roles (q/k/v colwise, o
     rowwise); empty when it agrees or there is no plan."""
-    plan = next((getattr(c, "base_model_tp_plan", None) for c in _configs(model)
-                 if getattr(c, "base_model_tp_plan", None)), None)
+    plan = next(
+        (getattr(c, "base_model_tp_plan", None) for c in _configs(model) if getattr(c, "base_model_tp_plan", None)),
+        None,
+    )
     if not plan:
         return []
-    want = {"attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.o": "rowwise",
-            "ffn.in": "colwise", "ffn.out": "rowwise"}
+    want = {
+        "attn.q": "colwise",
+        "attn.k": "colwise",
+        "attn.v": "colwise",
+        "attn.o": "rowwise",
+        "ffn.in": "colwise",
+        "ffn.out": "rowwise",
+    }
     wrong = []
     for role, style in want.items():
         for path in roles.get(role, []):
@@ -379,9 +420,17 @@ def is_norm(name: str, module: nn.Module) -> bool:
 # how fused q/k/v projections order their output features, by model_type: "contiguous" is
 # [q | k | v] (with grouped-query sizes), "per_head" is [h0: q k v | h1: q k v | ...], "per_group"
 # is, per kv head, its query heads then its k and its v (Falcon's new decoder architecture)
-FUSED_LAYOUTS = {"gpt2": "contiguous", "gpt_bigcode": "contiguous", "phi3": "contiguous", "mpt": "contiguous",
-                 "gpt_neox": "per_head", "bloom": "per_head", "persimmon": "per_head", "deberta": "per_head",
-                 "falcon": "falcon"}
+FUSED_LAYOUTS = {
+    "gpt2": "contiguous",
+    "gpt_bigcode": "contiguous",
+    "phi3": "contiguous",
+    "mpt": "contiguous",
+    "gpt_neox": "per_head",
+    "bloom": "per_head",
+    "persimmon": "per_head",
+    "deberta": "per_head",
+    "falcon": "falcon",
+}
 
 
 def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]:
@@ -390,8 +439,14 @@ def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]
     layout is unknown or the sizes do not add up (a guess would be silently wrong)."""
     config = getattr(model, "config", None)
     kind = FUSED_LAYOUTS.get(getattr(config, "model_type", None) or "")
-    heads = next((getattr(config, n) for n in ("num_attention_heads", "n_head", "n_heads") if isinstance(
-        getattr(config, n, None), int)), None)
+    heads = next(
+        (
+            getattr(config, n)
+            for n in ("num_attention_heads", "n_head", "n_heads")
+            if isinstance(getattr(config, n, None), int)
+        ),
+        None,
+    )
     if kind is None or heads is None:
         raise SelectorError(
             f"{path!r} is a fused q/k/v projection whose layout hookdelta does not know for {type(model).__name__} "
@@ -406,18 +461,26 @@ def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]
         else:
             kind, kv = "per_head", heads
     else:
-        kv = next((getattr(config, n) for n in ("num_key_value_heads", "kv_n_heads") if isinstance(
-            getattr(config, n, None), int)), heads)
+        kv = next(
+            (
+                getattr(config, n)
+                for n in ("num_key_value_heads", "kv_n_heads")
+                if isinstance(getattr(config, n, None), int)
+            ),
+            heads,
+        )
         if getattr(config, "multi_query", False):
             kv = 1
     head_dim = out_features // (heads + 2 * kv) if out_features % (heads + 2 * kv) == 0 else None
     if head_dim is None:
-        raise SelectorError(f"{path!r} has {out_features} outputs, which is not (heads + 2 kv heads) x head_dim for "
-                            f"{heads} heads and {kv} kv heads; adapt the whole projection (drop fused_slices)")
+        raise SelectorError(
+            f"{path!r} has {out_features} outputs, which is not (heads + 2 kv heads) x head_dim for "
+            f"{heads} heads and {kv} kv heads; adapt the whole projection (drop fused_slices)"
+        )
     index = torch.arange(out_features)
     if kind == "contiguous":
         q, k = heads * head_dim, kv * head_dim
-        return {"q": index[:q], "k": index[q:q + k], "v": index[q + k:]}
+        return {"q": index[:q], "k": index[q : q + k], "v": index[q + k :]}
     if kind == "per_head":
         grid = index.view(heads, 3, head_dim)
         return {"q": grid[:, 0].reshape(-1), "k": grid[:, 1].reshape(-1), "v": grid[:, 2].reshape(-1)}

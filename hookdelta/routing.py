@@ -28,8 +28,15 @@ from .errors import DeltaStateError, RoutingError, UnsupportedModuleError
 
 ALL, OFF = -1, 0  # a piece's rows: every row (a kept delta), none (a delta not routed); routed: 1, 2, ...
 BASE = "__base__"  # PEFT's adapter_names entry for "no adapter" (None works too)
-_BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "pixel_values",
-                 "input_values", "input_features")
+_BATCH_INPUTS = (
+    "input_ids",
+    "inputs_embeds",
+    "decoder_input_ids",
+    "decoder_inputs_embeds",
+    "pixel_values",
+    "input_values",
+    "input_features",
+)
 
 
 class Router:
@@ -54,7 +61,8 @@ class Router:
         if rows is not None and rows % len(self.names):
             raise RoutingError(
                 f"hd.route got {len(self.names)} names but {type(module).__name__} was called with a batch of "
-                f"{rows} rows; give one name per row (generate() may repeat each row k times: that is fine)")
+                f"{rows} rows; give one name per row (generate() may repeat each row k times: that is fine)"
+            )
         self.batch.append(rows)
 
     def leave(self, module: nn.Module, *call: Any) -> None:
@@ -65,16 +73,19 @@ class Router:
     def codes(self, path: str, x: Any) -> torch.Tensor:
         """Each row's delta code (0: base) for a layer input x [rows, ...]."""
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise RoutingError(f"hd.route: the layer {path!r} got an input without a batch dimension "
-                               f"({type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}); "
-                               "exclude it from the routed deltas' targets")
+            raise RoutingError(
+                f"hd.route: the layer {path!r} got an input without a batch dimension "
+                f"({type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}); "
+                "exclude it from the routed deltas' targets"
+            )
         rows, n = x.shape[0], len(self.names)
         expected = self.batch[-1] if self.batch else None
         if (expected is not None and rows != expected) or rows % n:
             raise RoutingError(
                 f"hd.route: the layer {path!r} sees {rows} rows but the model was called with "
                 f"{expected or n} (its input is not batch-first: flattened tokens, expert-routed tokens, ...), "
-                "so its rows cannot be told apart; exclude it from the routed deltas")
+                "so its rows cannot be told apart; exclude it from the routed deltas"
+            )
         key = (rows, x.device)
         codes = self._codes.get(key)
         if codes is None:
@@ -91,8 +102,9 @@ class Router:
 
     # -- running pieces --------------------------------------------------------------------
 
-    def pre(self, path: str, module: nn.Module, args: tuple, kwargs: dict,
-            pieces: Sequence[Piece]) -> tuple[tuple, dict]:
+    def pre(
+        self, path: str, module: nn.Module, args: tuple, kwargs: dict, pieces: Sequence[Piece]
+    ) -> tuple[tuple, dict]:
         for piece in pieces:
             who = self.who.get(id(piece), OFF)
             if who == ALL:
@@ -104,8 +116,9 @@ class Router:
                     args, kwargs = _pre_on_rows(path, piece, module, args, kwargs, rows)
         return args, kwargs
 
-    def post(self, path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any,
-             pieces: Sequence[Piece]) -> Any:
+    def post(
+        self, path: str, module: nn.Module, args: tuple, kwargs: dict, output: Any, pieces: Sequence[Piece]
+    ) -> Any:
         i, count = 0, len(pieces)
         while i < count:
             piece = pieces[i]
@@ -141,14 +154,21 @@ class Router:
             i += 1
         return output
 
-    def _lowrank(self, path: str, x: torch.Tensor, h: torch.Tensor, codes: torch.Tensor,
-                 run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]) -> torch.Tensor:
+    def _lowrank(
+        self,
+        path: str,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        codes: torch.Tensor,
+        run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]],
+    ) -> torch.Tensor:
         """h + s·B·A·x with each row's own A, B, s: gathered [rows, r, in] and [rows, out, r]."""
         a_table, b_table = self._table(run)
         return ops.routed_lowrank(h, x, codes, a_table, b_table)
 
-    def _table(self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _table(
+        self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per delta code, A [r_max, in] and s·B [out, r_max] zero-padded (code 0 and deltas not
         in the run: zeros). Made per call: an optimizer step or a `.data` write can change a factor
         without a trace hookdelta could check, so no table is kept between calls."""
@@ -170,8 +190,9 @@ class Router:
         return torch.stack(a_rows), torch.stack(b_rows).to(a0.dtype)
 
 
-def build_router(deltas: dict[str, Any], sites: dict[str, Any], names: Sequence[Any],
-                 keep: Sequence[str] | None) -> Router:
+def build_router(
+    deltas: dict[str, Any], sites: dict[str, Any], names: Sequence[Any], keep: Sequence[str] | None
+) -> Router:
     """Check a route request against the model's deltas and build its Router."""
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or not len(names):
         raise RoutingError(f"hd.route needs one delta name (or None) per batch row, got {names!r}")
@@ -193,12 +214,14 @@ def build_router(deltas: dict[str, Any], sites: dict[str, Any], names: Sequence[
             raise DeltaStateError(
                 f"delta {name!r} is {'merged into the weights' if delta.merged else 'disabled'}; only enabled, "
                 "unmerged deltas can be routed (a merged one can be kept for every row: keep=[...]); "
-                "unmerge() or enable() it first")
+                "unmerge() or enable() it first"
+            )
     merged = [n for n, d in deltas.items() if d.merged and n not in keep]
     if merged:
         raise DeltaStateError(
             f"deltas {merged} are merged into the weights, so they would act on every row; unmerge() them, "
-            "or name them in keep=[...] to say so")
+            "or name them in keep=[...] to say so"
+        )
     who: dict[int, int] = {}
     for name, delta in deltas.items():
         code = routed.index(name) + 1 if name in routed else ALL if name in keep else OFF
@@ -213,17 +236,20 @@ def _check_routable(name: str, piece: Piece) -> None:
     if not piece.routable:
         raise UnsupportedModuleError(
             f"delta {name!r} ({piece.describe() or type(piece).__name__}) {piece.unroutable}; route it alone (all "
-            "rows) or keep it out of mixed batches")
+            "rows) or keep it out of mixed batches"
+        )
     if piece.swapping():
         raise UnsupportedModuleError(
             f"delta {name!r} changes the weights of {piece.site_path!r} for the whole call (weight swaps: LN "
             "tuning, target_parameters and LoRA / IA3 on fused experts, also_train, or a layer its parent bypasses), "
             "which cannot differ per row; route deltas that act on layer outputs (LoRA, DoRA, IA3, BitFit, adapters "
-            "on layers), or give each delta its own batch (hd.set_active)")
+            "on layers), or give each delta its own batch (hd.set_active)"
+        )
     if any(part in ("experts", "expert") for part in piece.site_path.split(".")):
         raise UnsupportedModuleError(
             f"delta {name!r} sits on {piece.site_path!r}, an expert layer that sees tokens gathered across rows; "
-            "exclude the experts from deltas you route")
+            "exclude the experts from deltas you route"
+        )
 
 
 def batch_of(args: tuple, kwargs: dict) -> int | None:
@@ -237,6 +263,7 @@ def batch_of(args: tuple, kwargs: dict) -> int | None:
 
 
 # -- one piece on some rows ---------------------------------------------------------------------
+
 
 def take(obj: Any, rows: torch.Tensor, count: int) -> Any:
     """The `rows` of every batch-first tensor in obj (a tensor, tuple, list, dict, ModelOutput)."""
@@ -278,18 +305,24 @@ def _with_main(args: tuple, kwargs: dict, rows: torch.Tensor) -> tuple[tuple, di
     return args, {**kwargs, name: kwargs[name].index_select(0, rows)}
 
 
-def _pre_on_rows(path: str, piece: Piece, module: nn.Module, args: tuple, kwargs: dict,
-                 rows: torch.Tensor) -> tuple[tuple, dict]:
+def _pre_on_rows(
+    path: str, piece: Piece, module: nn.Module, args: tuple, kwargs: dict, rows: torch.Tensor
+) -> tuple[tuple, dict]:
     """A pre-forward piece on some rows: only a change of the main input can be routed."""
     main = first_input(args, kwargs)
     sub_args, sub_kwargs = _with_main(args, kwargs, rows)
     new_args, new_kwargs = piece.pre_forward(module, sub_args, sub_kwargs)
     new_main = first_input(new_args, new_kwargs)
-    others_same = (len(new_args) == len(args) and all(a is b for a, b in zip(new_args[1:], args[1:], strict=True))
-                   and new_kwargs.keys() == kwargs.keys())
+    others_same = (
+        len(new_args) == len(args)
+        and all(a is b for a, b in zip(new_args[1:], args[1:], strict=True))
+        and new_kwargs.keys() == kwargs.keys()
+    )
     if not others_same or not isinstance(new_main, torch.Tensor) or new_main.shape[1:] != main.shape[1:]:
-        raise RoutingError(f"hd.route: a piece at {path!r} ({type(piece).__name__}) changes more than its layer's "
-                           "input tensor, which cannot be done per row")
+        raise RoutingError(
+            f"hd.route: a piece at {path!r} ({type(piece).__name__}) changes more than its layer's "
+            "input tensor, which cannot be done per row"
+        )
     merged = main.index_copy(0, rows, new_main.to(main.dtype))
     if args:
         return (merged,) + tuple(args[1:]), kwargs

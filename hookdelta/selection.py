@@ -112,7 +112,11 @@ def foreign_layers(model: nn.Module) -> dict[str, str]:
 
 def _foreign_error(model: nn.Module, path: str, layer: str) -> UnsupportedModuleError:
     kind = type(model.get_submodule(layer))
-    inner = f" (the model's own layer is at {layer + '.base_layer'!r})" if hasattr(model.get_submodule(layer), "base_layer") else ""
+    inner = (
+        f" (the model's own layer is at {layer + '.base_layer'!r})"
+        if hasattr(model.get_submodule(layer), "base_layer")
+        else ""
+    )
     return UnsupportedModuleError(
         f"{path!r} belongs to a {kind.__module__}.{kind.__qualname__} layer of another adapter library "
         f"at {layer!r}: the model already carries that library's adapter{inner}. hookdelta does not adapt another "
@@ -121,14 +125,24 @@ def _foreign_error(model: nn.Module, path: str, layer: str) -> UnsupportedModule
     )
 
 
-def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: Any,
-            layers: Iterable[int] | None, heads: set[str], what: str, model: nn.Module) -> list[str]:
+def _select(
+    entries: list[tuple[str, nn.Module | None]],
+    targets: Any,
+    exclude: Any,
+    layers: Iterable[int] | None,
+    heads: set[str],
+    what: str,
+    model: nn.Module,
+) -> list[str]:
     names = [n for n, _ in entries]
     selectors = _as_list(targets)
     if not selectors:
         raise ConfigError(f"no targets given: name the {what}s to adapt (e.g. targets=['q_proj', 'v_proj'])")
-    foreign = foreign_layers(model) if any(type(m).__module__.startswith(FOREIGN_PACKAGES)
-                                           for _, m in entries if m is not None) else {}
+    foreign = (
+        foreign_layers(model)
+        if any(type(m).__module__.startswith(FOREIGN_PACKAGES) for _, m in entries if m is not None)
+        else {}
+    )
     chosen: dict[str, None] = {}
     known = set(names)
     for sel in selectors:
@@ -137,7 +151,9 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
         if is_semantic(sel) and what == "module":  # fused experts: a role may name parameters (roles.py)
             hit += [a for a in alternatives if isinstance(a, str) and a not in known and exists(model, a)]
         if foreign:
-            named = [n for n in hit if n in foreign and any(isinstance(s, str) and s != "all-linear" for s in alternatives)]
+            named = [
+                n for n in hit if n in foreign and any(isinstance(s, str) and s != "all-linear" for s in alternatives)
+            ]
             if named:
                 raise _foreign_error(model, named[0], foreign[named[0]])
             hit = [n for n in hit if n not in foreign]
@@ -165,8 +181,7 @@ def _select(entries: list[tuple[str, nn.Module | None]], targets: Any, exclude: 
     return list(chosen)
 
 
-def match(model: nn.Module, targets: Any, exclude: Any = None,
-          layers: Iterable[int] | None = None) -> list[str]:
+def match(model: nn.Module, targets: Any, exclude: Any = None, layers: Iterable[int] | None = None) -> list[str]:
     """Dry run: the module paths that `targets` selects (minus `exclude`, within `layers`).
 
     Raises SelectorError naming the selector and the closest module names when one matches nothing.
@@ -177,8 +192,13 @@ def match(model: nn.Module, targets: Any, exclude: Any = None,
     return _select(entries, targets, exclude, layers, output_head_paths(model), "module", model)
 
 
-def match_defaults(model: nn.Module, selectors: Any, exclude: Any = None, layers: Iterable[int] | None = None,
-                   owner: str = "the method") -> list[str]:
+def match_defaults(
+    model: nn.Module,
+    selectors: Any,
+    exclude: Any = None,
+    layers: Iterable[int] | None = None,
+    owner: str = "the method",
+) -> list[str]:
     """A method's default positions: each selector that matches counts (a mixture-of-experts
     model has no feed-forward layer modules, a conv net no linear layer but its head); only
     none matching at all is an error, which names what each one said."""
@@ -190,8 +210,10 @@ def match_defaults(model: nn.Module, selectors: Any, exclude: Any = None, layers
         except SelectorError as exc:
             why.append(str(exc))
     if not found:
-        raise SelectorError(f"{owner}'s default positions {list(_as_list(selectors))} matched nothing in "
-                            f"{type(model).__name__}: " + " / ".join(dict.fromkeys(why)))
+        raise SelectorError(
+            f"{owner}'s default positions {list(_as_list(selectors))} matched nothing in "
+            f"{type(model).__name__}: " + " / ".join(dict.fromkeys(why))
+        )
     return model_order(model, found)
 
 
@@ -205,6 +227,7 @@ def model_order(model: nn.Module, paths: Iterable[str], names: Sequence[str] | N
             return order[path], -1
         owner, _, name = path.rpartition(".")
         return order.get(owner, len(order)), list(model.get_submodule(owner)._parameters).index(name)
+
     return sorted(dict.fromkeys(paths), key=key)
 
 
@@ -229,18 +252,18 @@ def place_expert_sites(model: nn.Module, sites: list[str], how: str, owner: str)
         raise UnsupportedModuleError(
             f"{key!r} is a fused experts tensor (every expert's matrix in one parameter, as transformers 5 keeps "
             f"mixture-of-experts layers); {owner} adapts layers, not such tensors. LoRA (also with use_dora=True) and "
-            "IA3 adapt it per expert" + (f"; a method acting on outputs can take the whole mixture block {block!r} "
-                                         "(role 'ffn')" if block else "") + ". Narrow the targets (exclude=...)"
+            "IA3 adapt it per expert"
+            + (f"; a method acting on outputs can take the whole mixture block {block!r} (role 'ffn')" if block else "")
+            + ". Narrow the targets (exclude=...)"
         )
     return model_order(model, out)
 
 
-def match_parameters(model: nn.Module, targets: Any, exclude: Any = None,
-                     layers: Iterable[int] | None = None) -> list[str]:
+def match_parameters(
+    model: nn.Module, targets: Any, exclude: Any = None, layers: Iterable[int] | None = None
+) -> list[str]:
     """Like `match`, over parameter paths ("mlp.experts.gate_up_proj"); tied copies appear once."""
-    entries: list[tuple[str, nn.Module | None]] = [
-        (n, None) for n, _ in model.named_parameters() if not is_internal(n)
-    ]
+    entries: list[tuple[str, nn.Module | None]] = [(n, None) for n, _ in model.named_parameters() if not is_internal(n)]
     layers = list(layers) if layers is not None else None
     return _select(entries, targets, exclude, layers, set(), "parameter", model)
 
@@ -254,16 +277,21 @@ def fit_paths(model: nn.Module, paths: list[str], source: Any) -> Callable[[str]
     prefix = getattr(model, "base_model_prefix", "") or ""
     first = {p.split(".", 1)[0] for p in paths}
     for cut in sorted(first | ({prefix} if prefix else set())):
-        candidates.append((f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1:] if p.startswith(c + ".") else None))
+        candidates.append(
+            (f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1 :] if p.startswith(c + ".") else None)
+        )
     if prefix:
         candidates.append((f"with the '{prefix}.' prefix", lambda p: f"{prefix}.{p}"))
     for how, fix in candidates:
         mapped = {p: fix(p) for p in paths}
         if all(m is not None and exists(model, m) for m in mapped.values()):
             if how != "as saved":
-                warnings.warn(f"the delta in {source} names modules of a differently wrapped model; "
-                              f"matched them {how} (e.g. {paths[0]!r} -> {mapped[paths[0]]!r})",
-                              PathPrefixWarning, stacklevel=3)
+                warnings.warn(
+                    f"the delta in {source} names modules of a differently wrapped model; "
+                    f"matched them {how} (e.g. {paths[0]!r} -> {mapped[paths[0]]!r})",
+                    PathPrefixWarning,
+                    stacklevel=3,
+                )
             return lambda p, fix=fix: fix(p) or p  # type: ignore[misc]
     missing = [p for p in paths if not exists(model, p)]
     raise DeltaFileError(

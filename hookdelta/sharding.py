@@ -116,7 +116,9 @@ def tensor_parallel_sites(model: Any, sites: Iterable[tuple[str, Any]]) -> list[
 
 
 def tensor_parallel_message(path: str) -> str:
-    return (f"{path!r} is tensor-parallel (its weight is a DTensor sharded across ranks in the forward, as "
-            "parallelize_module or transformers' tp_plan make it), and this delta's tensors are not sharded to "
-            "match. Attach after parallelizing, on every rank: a plain LoRA is then built sharded like its layer "
-            "(other methods are not yet); or merge the delta before parallelizing")
+    return (
+        f"{path!r} is tensor-parallel (its weight is a DTensor sharded across ranks in the forward, as "
+        "parallelize_module or transformers' tp_plan make it), and this delta's tensors are not sharded to "
+        "match. Attach after parallelizing, on every rank: a plain LoRA is then built sharded like its layer "
+        "(other methods are not yet); or merge the delta before parallelizing"
+    )

@@ -62,8 +62,15 @@ class SharedInput:
             ref, version, grad, forward, parts, made, left = entry
             # the same input tensor, unwritten since, in the same forward and grad mode, this
             # member's own factor unchanged since the product was made, and not taken before
-            if (left[i] and ref() is x and forward == _forward[0] and x._version == version
-                    and grad == torch.is_grad_enabled() and made[i][0] is mine and mine._version == made[i][1]):
+            if (
+                left[i]
+                and ref() is x
+                and forward == _forward[0]
+                and x._version == version
+                and grad == torch.is_grad_enabled()
+                and made[i][0] is mine
+                and mine._version == made[i][1]
+            ):
                 left[i] = False
                 if not any(left):
                     self.entry = None  # all took: let the product go with the graph

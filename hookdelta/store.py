@@ -69,8 +69,10 @@ class DeltaStore(nn.Module):
     def add(self, model: nn.Module, delta: Any, freeze: bool) -> None:
         """Register a built delta and hook its pieces in; all or nothing."""
         self.check_stacking(delta)
-        tensor_parallel = tensor_parallel_sites(model, ((p.site_path, model.get_submodule(p.site_path))
-                                                        for p in delta.pieces.values() if not p.tensor_parallel))
+        tensor_parallel = tensor_parallel_sites(
+            model,
+            ((p.site_path, model.get_submodule(p.site_path)) for p in delta.pieces.values() if not p.tensor_parallel),
+        )
         if tensor_parallel:
             raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         try:
@@ -104,7 +106,8 @@ class DeltaStore(nn.Module):
                 raise UnsupportedModuleError(
                     f"delta {owner!r} rewrites the input of {piece.site_path!r} ({below[0].describe()}) and is merged "
                     "into the weight, so a new delta there would not see the rewritten input as every other delta "
-                    f"there does. Unmerge {owner!r} first, or target other layers")
+                    f"there does. Unmerge {owner!r} first, or target other layers"
+                )
 
     def remove(self, model: nn.Module, delta: Any) -> None:
         """Take a delta's (unmerged) pieces off their sites and unregister it; close when empty."""
@@ -173,8 +176,9 @@ class DeltaStore(nn.Module):
 
     # -- per-row routing (routing.py) ------------------------------------------------------------
 
-    def start_routing(self, model: nn.Module, names: Any, keep: Any, how: str = "hd.route(...)",
-                      root: bool = True) -> Router:
+    def start_routing(
+        self, model: nn.Module, names: Any, keep: Any, how: str = "hd.route(...)", root: bool = True
+    ) -> Router:
         """Run each row of the model's batch with its own delta until stop_routing(). With `root`
         off the caller notes the model's own calls (a hook cannot be added to a running call)."""
         if self.router is not None:
@@ -186,8 +190,10 @@ class DeltaStore(nn.Module):
         if isinstance(encoder, nn.Module) and encoder is not model:
             callers.append(encoder)  # generate() calls the encoder on its own
         for m in callers:
-            self.router_handles += [m.register_forward_pre_hook(router.enter, with_kwargs=True),
-                                    m.register_forward_hook(router.leave, with_kwargs=True, always_call=True)]
+            self.router_handles += [
+                m.register_forward_pre_hook(router.enter, with_kwargs=True),
+                m.register_forward_hook(router.leave, with_kwargs=True, always_call=True),
+            ]
         for site in self.sites.values():
             site.router = router
         self.router = router
@@ -226,13 +232,19 @@ class DeltaStore(nn.Module):
         positional = [d.name for d in self.deltas.values() if d.enabled and getattr(d.config, "full_sequence", False)]
         if not positional:
             return
-        length = (cache.get_seq_length() if hasattr(cache, "get_seq_length")
-                  else len(cache) if isinstance(cache, (tuple, list)) else 1)  # unknown kind: assume filled
+        length = (
+            cache.get_seq_length()
+            if hasattr(cache, "get_seq_length")
+            else len(cache)
+            if isinstance(cache, (tuple, list))
+            else 1
+        )  # unknown kind: assume filled
         if length:
             raise UnsupportedModuleError(
                 f"delta {positional[0]!r} acts on token positions of a whole sequence, but this call continues "
                 f"from a KV cache of {length} tokens, so its positions would shift; call generate(use_cache=False) "
-                "or run full sequences")
+                "or run full sequences"
+            )
 
     def which_run(self) -> tuple:
         """Which deltas run now, and how: what a checkpointed forward's recompute must see again."""
@@ -258,8 +270,9 @@ class DeltaStore(nn.Module):
         gradients are wanted, and under checkpointing the input embeddings' output requires grad."""
         self.check_alive()
         self.check_sites("forward")  # (a replaced layer would silently run without its delta)
-        tensor_parallel = tensor_parallel_sites(model, ((s.path, s.module) for s in self.sites.values()
-                                                        if not all(p.tensor_parallel for p in s.pieces)))
+        tensor_parallel = tensor_parallel_sites(
+            model, ((s.path, s.module) for s in self.sites.values() if not all(p.tensor_parallel for p in s.pieces))
+        )
         if tensor_parallel:
             raise UnsupportedModuleError(tensor_parallel_message(tensor_parallel[0]))
         new_forward()
@@ -284,8 +297,12 @@ class DeltaStore(nn.Module):
 
     def acting(self, paths: tuple[str, ...], names: list[str]) -> bool:
         """Whether any of the named deltas still acts, by its hooks, on one of these layers."""
-        return any(p.live and not p.through and p.site_path in paths
-                   for n in names if n in self.deltas for p in self.deltas[n].pieces.values())
+        return any(
+            p.live and not p.through and p.site_path in paths
+            for n in names
+            if n in self.deltas
+            for p in self.deltas[n].pieces.values()
+        )
 
     def watch(self) -> dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]]:
         """id(weight) -> (weight, the layers holding it, delta names) for every layer a live piece
@@ -299,7 +316,7 @@ class DeltaStore(nn.Module):
         watch = {}
         for path, names in owners.items():
             site = self.sites.get(path)
-            for param in (site.module._parameters.values() if site is not None and path else ()):
+            for param in site.module._parameters.values() if site is not None and path else ():
                 if param is not None and not param.is_meta:
                     _, paths, before = watch.get(id(param), (param, (), []))
                     watch[id(param)] = (param, paths + (path,), sorted(set(before + names)))
@@ -337,10 +354,12 @@ def open_store(model: nn.Module) -> DeltaStore:
         model.add_module(STORE_NAME, store)
         store.packed = bnb_4bit_layers(model)
         store.packing = hold_packing(store.packed)
-        store.root_hooks = [model.register_forward_pre_hook(store.guard.enter),
-                            model.register_forward_hook(store.guard.leave, always_call=True),
-                            model.register_forward_pre_hook(store.keyword_start, with_kwargs=True),
-                            model.register_forward_hook(store.keyword_stop, always_call=True)]
+        store.root_hooks = [
+            model.register_forward_pre_hook(store.guard.enter),
+            model.register_forward_hook(store.guard.leave, always_call=True),
+            model.register_forward_pre_hook(store.keyword_start, with_kwargs=True),
+            model.register_forward_hook(store.keyword_stop, always_call=True),
+        ]
     return store
 
 
@@ -429,5 +448,13 @@ def check_model(model: Any) -> nn.Module:
     return model
 
 
-__all__ = ["DeltaStore", "base_parameters", "check_model", "close_store", "deltas_of", "open_store",
-           "store_of", "unique_name"]
+__all__ = [
+    "DeltaStore",
+    "base_parameters",
+    "check_model",
+    "close_store",
+    "deltas_of",
+    "open_store",
+    "store_of",
+    "unique_name",
+]

@@ -39,8 +39,10 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
-        raise DeltaFileError(f"{path} is {size:,} bytes; a {what} is a few KB (the limit is {MAX_JSON_BYTES:,}). "
-                             "It is not a delta description, or it was damaged")
+        raise DeltaFileError(
+            f"{path} is {size:,} bytes; a {what} is a few KB (the limit is {MAX_JSON_BYTES:,}). "
+            "It is not a delta description, or it was damaged"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except RecursionError:
@@ -51,8 +53,9 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     else:
         deep = depth(data) > MAX_DEPTH
     if deep:
-        raise DeltaFileError(f"{path} nests deeper than {MAX_DEPTH} levels; a {what} never does. It was damaged "
-                             "or crafted")
+        raise DeltaFileError(
+            f"{path} nests deeper than {MAX_DEPTH} levels; a {what} never does. It was damaged or crafted"
+        )
     screen(data, str(path))
     return data
 
@@ -83,8 +86,10 @@ def screen(data: Any, where: str) -> None:
         elif isinstance(item, str):
             why = risky_pattern(item[3:] if item.startswith("re:") else item)
             if why:
-                raise DeltaFileError(f"{where} holds the pattern {item[:80]!r}, which {why}: matching it could take "
-                                     "exponential time, so the file is not read. Write it without the nested repeat")
+                raise DeltaFileError(
+                    f"{where} holds the pattern {item[:80]!r}, which {why}: matching it could take "
+                    "exponential time, so the file is not read. Write it without the nested repeat"
+                )
 
 
 _UNBOUNDED = re.compile(r"[*+]|\{\d*,\d*\}")
@@ -175,8 +180,10 @@ def meta_copy(model: nn.Module) -> nn.Module:
             c._buffers = {k: meta(v) for k, v in m._buffers.items()}  # type: ignore[assignment]
             # the deltas already attached (hookdelta's own child) stay as they are: a block that
             # combines them (hd.average, ...) reads them; nothing is built into them
-            c._modules = {k: v if v is None or is_internal(k) else clone(v)  # type: ignore[assignment]
-                          for k, v in m._modules.items()}
+            c._modules = {
+                k: v if v is None or is_internal(k) else clone(v)  # type: ignore[assignment]
+                for k, v in m._modules.items()
+            }
         return modules[id(m)]
 
     return clone(model)
@@ -211,27 +218,36 @@ class Plan:
         config fields behind the shape. Called before the real build allocates anything."""
         missing, extra = sorted(set(self.saved) - set(found)), sorted(set(found) - set(self.saved))
         if missing or extra:
-            raise DeltaFileError(f"{where}: the file's tensors are not the ones its config describes (missing "
-                                 f"{missing[:3]}, extra {extra[:3]}); the config or the tensors were edited or "
-                                 "damaged. Nothing was built")
+            raise DeltaFileError(
+                f"{where}: the file's tensors are not the ones its config describes (missing "
+                f"{missing[:3]}, extra {extra[:3]}); the config or the tensors were edited or "
+                "damaged. Nothing was built"
+            )
         bad = [k for k in self.saved if tuple(self.saved[k]) != tuple(found[k])]
         if bad:
             want, got = self.saved[bad[0]], tuple(found[bad[0]])
-            raise DeltaFileError(f"{where}: on this model the config makes {bad[0]!r} of shape {list(want)}"
-                                 f"{_because(self.config, want, got)}, but the file holds {list(got)} ({len(bad)} "
-                                 "tensors differ): the file was saved for a model of another size, or its config and "
-                                 "tensors were edited apart. Nothing was built")
+            raise DeltaFileError(
+                f"{where}: on this model the config makes {bad[0]!r} of shape {list(want)}"
+                f"{_because(self.config, want, got)}, but the file holds {list(got)} ({len(bad)} "
+                "tensors differ): the file was saved for a model of another size, or its config and "
+                "tensors were edited apart. Nothing was built"
+            )
         if max_bytes is not None and self.bytes > max_bytes:
-            raise DeltaFileError(f"{where}: the delta would take {self.bytes:,} bytes, more than max_bytes="
-                                 f"{max_bytes:,}. Nothing was built")
+            raise DeltaFileError(
+                f"{where}: the delta would take {self.bytes:,} bytes, more than max_bytes="
+                f"{max_bytes:,}. Nothing was built"
+            )
 
 
 def _because(config: Any, want: tuple[int, ...], got: tuple[int, ...]) -> str:
     """' (from r=2000000)': the config's whole-number fields whose value is a dimension that
     differs, the likely reason for the shape."""
     odd = {w for w, g in zip(want, got, strict=False) if w != g} | (set(want) - set(got))
-    named = [f"{name}={value}" for name, value in sorted(vars(config).items())
-             if isinstance(value, int) and not isinstance(value, bool) and value in odd]
+    named = [
+        f"{name}={value}"
+        for name, value in sorted(vars(config).items())
+        if isinstance(value, int) and not isinstance(value, bool) and value in odd
+    ]
     return f" (from {', '.join(named)})" if named else ""
 
 

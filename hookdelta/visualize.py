@@ -78,8 +78,9 @@ class _Builder:
             text.append(f" {n * count:,} params", style="dim")
         return text
 
-    def add(self, tree: Tree, name: str, module: nn.Module, path: str, level: int,
-            count: int = 1, last: str = "") -> None:
+    def add(
+        self, tree: Tree, name: str, module: nn.Module, path: str, level: int, count: int = 1, last: str = ""
+    ) -> None:
         self.fill(tree.add(self.label(name, module, path, count, last)), module, path, level)
 
     def fill(self, node: Tree, module: nn.Module, path: str, level: int) -> None:
@@ -104,8 +105,12 @@ class _Builder:
         out: list[list[tuple[str, nn.Module]]] = []
         for cname, child in children:
             last = out[-1][-1] if out else None
-            if (last is not None and cname.isdigit() and last[0].isdigit()
-                    and self.signature(_join(path, cname), child) == self.signature(_join(path, last[0]), last[1])):
+            if (
+                last is not None
+                and cname.isdigit()
+                and last[0].isdigit()
+                and self.signature(_join(path, cname), child) == self.signature(_join(path, last[0]), last[1])
+            ):
                 out[-1].append((cname, child))
             else:
                 out.append([(cname, child)])
@@ -116,8 +121,14 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def visualize(model: nn.Module, depth: int | None = None, show_params: bool = True,
-              show: bool = True, console: Console | None = None, show_roles: bool = False) -> Group:
+def visualize(
+    model: nn.Module,
+    depth: int | None = None,
+    show_params: bool = True,
+    show: bool = True,
+    console: Console | None = None,
+    show_roles: bool = False,
+) -> Group:
     """Render the model's module tree with its deltas and parameter totals.
 
     depth limits how deep the tree expands; show_params=False hides parameter lines;

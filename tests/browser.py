@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 # a closed network: no background connections, no first-run work (each would be refused, slowly)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 # where screenshots go: kept after the run for a person to look at (the CI log names them)
 ARTIFACTS = Path(os.environ.get("HOOKDELTA_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / ".artifacts"))
 

@@ -104,8 +104,15 @@ def main() -> None:
     dist.all_gather(gathered, flat)
     if rank == 0:
         with open(sys.argv[1], "w") as f:
-            json.dump({"identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
-                       "first": losses[0], "last": losses[-1], "unwrapped": unwrapped}, f)
+            json.dump(
+                {
+                    "identical": all(torch.equal(gathered[0], t) for t in gathered[1:]),
+                    "first": losses[0],
+                    "last": losses[-1],
+                    "unwrapped": unwrapped,
+                },
+                f,
+            )
     finish()
 
 

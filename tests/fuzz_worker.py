@@ -35,14 +35,32 @@ MODEL, INPUTS, _ = build("llama")
 SNAP = snapshot(MODEL)
 
 # JSON values a mutation may put anywhere: the numbers that break things, other types, nesting
-NUMBERS = st.sampled_from([0, -1, 1, 2, 3, 4, 5, 8, 16, 31, 33, 2**31, 2**63, 10**30, 2_000_000, -2**31, 0.5, -0.0,
-                           1e308, 1e-320])
+NUMBERS = st.sampled_from(
+    [0, -1, 1, 2, 3, 4, 5, 8, 16, 31, 33, 2**31, 2**63, 10**30, 2_000_000, -(2**31), 0.5, -0.0, 1e308, 1e-320]
+)
 VALUES = st.recursive(
-    st.none() | st.booleans() | NUMBERS | st.floats(allow_nan=False) | st.text(max_size=12)
-    | st.sampled_from(["re:(a+)+$", "q_proj", "model.layers.0.self_attn.q_proj", "float16", "int64", "bool",
-                       "lora", "ia3", "", "re:.*"]),
+    st.none()
+    | st.booleans()
+    | NUMBERS
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "re:(a+)+$",
+            "q_proj",
+            "model.layers.0.self_attn.q_proj",
+            "float16",
+            "int64",
+            "bool",
+            "lora",
+            "ia3",
+            "",
+            "re:.*",
+        ]
+    ),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def originals() -> dict[str, Path]:
@@ -108,7 +126,7 @@ def mutate_json(data, draw):
 def read_header(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_header(path: Path, header: dict, body: bytes, length: int | None = None) -> None:
@@ -175,8 +193,14 @@ def reference_outputs(kind: str, directory: Path) -> torch.Tensor:
 
 CONFIG = {"hookdelta": "delta.json", "peft": "adapter_config.json"}
 TENSORS = {"hookdelta": "delta.safetensors", "peft": "adapter_model.safetensors"}
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @SETTINGS
@@ -204,15 +228,17 @@ def fuzz_header(kind, data):
     elif action == "dtype":
         header[name]["dtype"] = data.draw(st.sampled_from(["F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X"]))
     elif action == "rename":
-        header[data.draw(st.sampled_from([name + "x", name.replace("lora_A", "lora_B"), "", "a" * 300]))] = \
-            header.pop(name)
+        header[data.draw(st.sampled_from([name + "x", name.replace("lora_A", "lora_B"), "", "a" * 300]))] = header.pop(
+            name
+        )
     elif action == "remove":
         del header[name]
     elif action == "add":
         header["model.layers.0.self_attn.k_proj.lora_A.weight"] = dict(header[name])
     elif action == "offsets":
-        header[name]["data_offsets"] = data.draw(st.lists(st.sampled_from([0, 1, 64, 10**6, 2**62]), min_size=2,
-                                                          max_size=2))
+        header[name]["data_offsets"] = data.draw(
+            st.lists(st.sampled_from([0, 1, 64, 10**6, 2**62]), min_size=2, max_size=2)
+        )
     elif action == "length":
         length = data.draw(st.sampled_from([0, 1, 2**20, 2**63]))
     else:

@@ -95,8 +95,9 @@ class Saved(NamedTuple):
     model: nn.Module
 
 
-def save_lora(directory: Path, *, std: float = 0.05, base: bool = False, name: str | None = None,
-              **config: Any) -> Saved:
+def save_lora(
+    directory: Path, *, std: float = 0.05, base: bool = False, name: str | None = None, **config: Any
+) -> Saved:
     """A LoRA on the tiny Llama (q_proj, v_proj unless `targets` says otherwise) given real values
     and saved to directory/"delta"; with `base`, the Llama itself is saved to directory/"base"."""
     model, inputs, targets = build("llama")
@@ -122,9 +123,22 @@ def run_workers(script: str, *args: str, processes: int = 2, timeout: int = 300)
         result = Path(tmp) / "verdict.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
         for _ in range(2):
-            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={processes}", str(Path(__file__).parent / script), str(result),
-                                  *args], capture_output=True, text=True, env=env, timeout=timeout)
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={processes}",
+                    str(Path(__file__).parent / script),
+                    str(result),
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout,
+            )
             # one retry for gloo's rare abort while processes connect or part on this shared machine
             # ("terminate called without an active exception", nothing written): a real failure fails twice
             if run.returncode == 0 or "terminate called without an active exception" not in run.stderr:
@@ -147,4 +161,3 @@ def report(verdict: dict, out: str) -> None:
     from internals import leave  # (os._exit: the one place for names with an underscore)
 
     leave()
-

@@ -6,6 +6,7 @@ call does the job, and `tests/test_packaging.py` fails if a private name of anot
 shows up in any other test file. Each accessor either works or skips the test with a message
 naming what went missing, so a rename in a new release is one clear skip, never a wrong result.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,6 +24,7 @@ def _missing(what: str) -> None:
 # -- torch.nn.Module: invariants 1 and 2 promise that hooks, slots and children are as before, and
 # torch offers no public read of a module's hook dicts, its raw parameter slots or its child dict.
 
+
 def forward_hooks(module: nn.Module) -> dict:
     """The module's forward hooks, in call order (torch has no public getter)."""
     return module._forward_hooks
@@ -35,8 +37,13 @@ def forward_pre_hooks(module: nn.Module) -> dict:
 
 def hook_state(module: nn.Module) -> tuple:
     """Every kind of hook a module holds, as ids: what detach must leave as it found it."""
-    return (tuple(module._forward_hooks), tuple(module._forward_pre_hooks), tuple(module._state_dict_hooks),
-            tuple(module._load_state_dict_post_hooks), tuple(module._backward_hooks))
+    return (
+        tuple(module._forward_hooks),
+        tuple(module._forward_pre_hooks),
+        tuple(module._state_dict_hooks),
+        tuple(module._load_state_dict_post_hooks),
+        tuple(module._backward_hooks),
+    )
 
 
 def no_global_forward_hooks() -> bool:
@@ -56,6 +63,7 @@ def parameter_slot(module: nn.Module, name: str) -> Any:
 
 
 # -- torch.compile: graph breaks and graph counts have no public counter.
+
 
 def compile_stats() -> tuple[dict, int]:
     """(graph breaks by reason, unique graphs) dynamo counted since `reset_compile_stats()`."""
@@ -86,6 +94,7 @@ def explain(model: nn.Module, **inputs: Any) -> Any:
 # -- transformers: generate() compiles its forward on its own only on accelerators; the switch that
 # allows it on the CPU is private.
 
+
 def compile_config_for_cpu() -> Any:
     """A transformers CompileConfig that generate() also honours on the CPU."""
     from transformers import CompileConfig
@@ -98,6 +107,7 @@ def compile_config_for_cpu() -> Any:
 
 
 # -- peft: reference arithmetic that PEFT keeps in its layer modules only.
+
 
 def _peft_internal(module: str, name: str) -> Any:
     try:
@@ -150,12 +160,14 @@ def peft_low_rank_decomposition() -> Any:
 def torch_function_modes() -> list:
     """This thread's torch-function mode stack (torch has no public getter)."""
     from torch.overrides import _get_current_function_mode_stack
+
     return _get_current_function_mode_stack()
 
 
 # -- PEFT's LoRA-FA optimizer computes B's projected gradient under bf16 autocast wherever bf16 is
 # available (on this CPU too): a rounding of the gradient that no option turns off. To compare the
 # arithmetic, its availability check (a name its module imports from accelerate) is turned off.
+
 
 def peft_lorafa_in_float32(monkeypatch: Any) -> None:
     """PEFT's LoraFAOptimizer with the projection in float32 (the test's monkeypatch undoes it)."""
@@ -169,6 +181,7 @@ def peft_lorafa_in_float32(monkeypatch: Any) -> None:
 # thread of torch.distributed that is still running and aborts the process ("terminate called without
 # an active exception", seen twice in a row in CI after every rank had passed the final barrier), which
 # would fail a run whose verdict is already on disk. os._exit is documented, despite the underscore.
+
 
 def leave() -> None:
     """End a worker process now, without the interpreter's teardown (its work is done and written)."""

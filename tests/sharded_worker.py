@@ -34,15 +34,20 @@ class ZeRO3:
         deepspeed.init_distributed(dist_backend="gloo")
 
     def config(self, optimizer: bool) -> dict:
-        cfg = {"train_micro_batch_size_per_gpu": 4 // dist.get_world_size(), "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 4 // dist.get_world_size(),
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        }
         if optimizer:
             cfg["optimizer"] = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}}
         return cfg
 
     def wrap(self, model, delta=None):
         params = [p for p in model.parameters() if p.requires_grad] if delta is not None else None
-        engine, _, _, _ = self.ds.initialize(model=model, config=self.config(delta is not None), model_parameters=params)
+        engine, _, _, _ = self.ds.initialize(
+            model=model, config=self.config(delta is not None), model_parameters=params
+        )
         return engine
 
     def step(self, engine, loss) -> None:
@@ -110,7 +115,9 @@ def main() -> None:
     verdict = {"sharded": engine_kind.sharded(model)}
     for _ in range(STEPS):
         engine_kind.step(engine, engine(input_ids=mine, labels=mine).loss)
-    trained = dict(zip([n for n, _ in delta.named_parameters()], engine_kind.whole(list(delta.parameters())), strict=True))
+    trained = dict(
+        zip([n for n, _ in delta.named_parameters()], engine_kind.whole(list(delta.parameters())), strict=True)
+    )
     want = dict(ref_delta.named_parameters())
     verdict["train_max_diff"] = max((trained[n] - want[n]).abs().max().item() for n in want)
 
@@ -148,7 +155,9 @@ def main() -> None:
     before = engine_kind.whole(base)
     delta.merge()
     verdict["merged_loss_diff"] = abs(loss_of(engine) - unmerged)
-    verdict["merge_changed_weights"] = any(not torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True))
+    verdict["merge_changed_weights"] = any(
+        not torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True)
+    )
     delta.unmerge()
     verdict["unmerge_exact"] = all(torch.equal(a, b) for a, b in zip(engine_kind.whole(base), before, strict=True))
     verdict["unmerged_loss_diff"] = abs(loss_of(engine) - unmerged)
@@ -177,8 +186,11 @@ def main() -> None:
             suffix = "" if kind == "hookdelta" else "-peft"
             a = load_file(os.path.join(folder, "sharded" + suffix, name))
             b = load_file(os.path.join(folder, "plain" + suffix, name))
-            verdict["files"][kind] = {"keys_equal": set(a) == set(b), "empty": [k for k, v in a.items() if v.numel() == 0],
-                                      "bit_equal": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)}
+            verdict["files"][kind] = {
+                "keys_equal": set(a) == set(b),
+                "empty": [k for k, v in a.items() if v.numel() == 0],
+                "bit_equal": set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a),
+            }
     report(verdict, out)
 
 

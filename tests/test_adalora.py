@@ -21,8 +21,9 @@ STEPS = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, deltaT=1)
 
 def peft_twin(model):
     # (task_type: without one, PeftModel calls the base model directly and PEFT never adds its regulariser)
-    cfg = peft.AdaLoraConfig(lora_alpha=4, target_modules=["q_proj", "v_proj"], orth_reg_weight=0.3, task_type="CAUSAL_LM",
-                             **STEPS)
+    cfg = peft.AdaLoraConfig(
+        lora_alpha=4, target_modules=["q_proj", "v_proj"], orth_reg_weight=0.3, task_type="CAUSAL_LM", **STEPS
+    )
     twin = peft.get_peft_model(copy.deepcopy(model), cfg)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -57,8 +58,13 @@ def test_schedule_cuts_what_peft_cuts_and_trains_to_the_same_tensors(tmp_path):
         for piece in delta.pieces.values():
             layer = twin.base_model.model.get_submodule(piece.key)
             for name in ("lora_A", "lora_B", "lora_E"):
-                torch.testing.assert_close(getattr(piece, name), getattr(layer, name)["default"], rtol=1e-4, atol=1e-6,
-                                           msg=f"step {step}: {piece.key}.{name}")
+                torch.testing.assert_close(
+                    getattr(piece, name),
+                    getattr(layer, name)["default"],
+                    rtol=1e-4,
+                    atol=1e-6,
+                    msg=f"step {step}: {piece.key}.{name}",
+                )
             assert torch.equal(piece.lora_E == 0, layer.lora_E["default"] == 0), f"step {step}: {piece.key}"
     kept = sum(p.kept() for p in delta.pieces.values())
     assert kept == STEPS["target_r"] * len(delta.pieces), "the final budget is target_r per layer"
@@ -118,9 +124,16 @@ def test_trainer_runs_the_schedule_and_the_penalty(tmp_path):
     delta = hd.attach(model, hd.AdaLoRAConfig(init_r=4, target_r=1, tinit=1, tfinal=1, orth_reg_weight=0.5))
     ids = batches()
     data = [{"input_ids": i[0], "labels": i[0]} for i in ids]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=1,
-                                          learning_rate=0.05, report_to=[], save_strategy="no", use_cpu=True,
-                                          logging_steps=1)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=1,
+        learning_rate=0.05,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+    )
     trainer = hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=data)
     seen = []
     real = trainer.compute_loss

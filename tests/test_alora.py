@@ -24,9 +24,16 @@ def ids_with_invocation():
 
 
 def peft_alora(model, tmp_path):
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM",
-        alora_invocation_tokens=INVOKE))
+    twin = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+            alora_invocation_tokens=INVOKE,
+        ),
+    )
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for n, p in twin.named_parameters():
@@ -46,7 +53,11 @@ def test_alora_matches_peft_and_leaves_the_prefix_to_the_base(tmp_path):
     assert delta.config.activate_after_tokens == tuple(INVOKE)
     ours, theirs = model(input_ids=ids).logits, twin(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert torch.equal(ours[0, :3], bare[0, :3]) and torch.equal(ours[1], bare[1]) and torch.equal(ours[2, :4], bare[2, :4])
+    assert (
+        torch.equal(ours[0, :3], bare[0, :3])
+        and torch.equal(ours[1], bare[1])
+        and torch.equal(ours[2, :4], bare[2, :4])
+    )
     assert not torch.allclose(ours[0, 3:], bare[0, 3:], atol=1e-4)
     ours.square().mean().backward()
     theirs.square().mean().backward()
@@ -98,8 +109,9 @@ def test_alora_with_a_principal_start_changes_nothing_at_first_and_follows_the_f
     ids = ids_with_invocation()
     with torch.no_grad():
         bare = model(input_ids=ids).logits
-    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, init=init, targets=["q_proj", "v_proj"],
-                                           activate_after_tokens=INVOKE))
+    delta = hd.attach(
+        model, hd.LoRAConfig(r=4, alpha=8, init=init, targets=["q_proj", "v_proj"], activate_after_tokens=INVOKE)
+    )
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, bare, rtol=1e-5, atol=1e-5)
     q = delta.piece("model.layers.0.self_attn.q_proj")

@@ -53,8 +53,11 @@ def merged_changes(model, delta):
     delta.merge()
     after = {n: p.detach().clone() for n, p in model.named_parameters()}
     delta.unmerge()
-    return {n.rpartition(".")[0]: after[n] - before[n] for n in before
-            if n.endswith(".weight") and not torch.equal(after[n], before[n])}
+    return {
+        n.rpartition(".")[0]: after[n] - before[n]
+        for n in before
+        if n.endswith(".weight") and not torch.equal(after[n], before[n])
+    }
 
 
 @pytest.mark.parametrize("name", list(SOURCES))
@@ -62,7 +65,7 @@ def test_at_full_rank_the_lora_is_the_delta(name):
     model, inputs, delta = source(name)
     with torch.no_grad():
         want = model(**inputs).logits
-    lora = delta.as_lora(rank=10 ** 6, name="lora")
+    lora = delta.as_lora(rank=10**6, name="lora")
     delta.disable()
     with torch.no_grad():
         got = model(**inputs).logits
@@ -95,7 +98,7 @@ def test_fused_experts_are_factored_per_expert():
     perturb(delta, std=0.2)
     with torch.no_grad():
         want = model(**inputs).logits
-    lora = delta.as_lora(rank=10 ** 6, name="lora")
+    lora = delta.as_lora(rank=10**6, name="lora")
     delta.disable()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
@@ -146,8 +149,22 @@ def test_the_cli_converts_to_lora(tmp_path, capsys):
     with torch.no_grad():
         want = model(**inputs).logits
     delta.save(tmp_path / "lokr")
-    assert main(["convert", "--to", "lora", "--rank", "64", "--base", str(tmp_path / "base"), str(tmp_path / "lokr"),
-                 str(tmp_path / "lora")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--to",
+                "lora",
+                "--rank",
+                "64",
+                "--base",
+                str(tmp_path / "base"),
+                str(tmp_path / "lokr"),
+                str(tmp_path / "lora"),
+            ]
+        )
+        == 0
+    )
     assert "a LoRA in PEFT's format" in capsys.readouterr().out
     delta.detach()
     loaded = hd.load_peft(model, tmp_path / "lora")
@@ -165,9 +182,11 @@ def test_a_fixed_rank_gives_the_lora_peft_save_as_lora_gives(kind, tmp_path):
     peft = pytest.importorskip("peft")
     if not hasattr(peft, "save_as_lora"):
         pytest.skip("this PEFT has no save_as_lora")
-    peft_cfg = {"loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=QV),
-                "fourierft": lambda: peft.FourierFTConfig(n_frequency=30, target_modules=QV),
-                "c3a": lambda: peft.C3AConfig(block_size=8, target_modules=QV)}[kind]()
+    peft_cfg = {
+        "loha": lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=QV),
+        "fourierft": lambda: peft.FourierFTConfig(n_frequency=30, target_modules=QV),
+        "c3a": lambda: peft.C3AConfig(block_size=8, target_modules=QV),
+    }[kind]()
     model, _, _ = build("llama")
     twin = peft.get_peft_model(copy.deepcopy(model), peft_cfg)
     g = torch.Generator().manual_seed(5)

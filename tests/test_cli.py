@@ -63,13 +63,19 @@ def test_convert_both_ways(saved, tmp_path):
         torch.testing.assert_close(model(**inputs).logits, adapted, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("args,message", [
-    (("inspect", "{tmp}/nowhere"), "not a transformers model directory"),
-    (("merge", "{tmp}/base", "{tmp}/nowhere", "{out}"), "not a directory"),
-    (("merge", "{tmp}/base", "{tmp}/base", "{out}"), "no saved delta"),
-    (("inspect", "{tmp}/other", "--delta", "{tmp}/delta"), "does not fit|has no"),
-    (("convert", "--to", "hookdelta", "--base", "{tmp}/base", "{tmp}/delta", "{out}"), "already in hookdelta format"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("inspect", "{tmp}/nowhere"), "not a transformers model directory"),
+        (("merge", "{tmp}/base", "{tmp}/nowhere", "{out}"), "not a directory"),
+        (("merge", "{tmp}/base", "{tmp}/base", "{out}"), "no saved delta"),
+        (("inspect", "{tmp}/other", "--delta", "{tmp}/delta"), "does not fit|has no"),
+        (
+            ("convert", "--to", "hookdelta", "--base", "{tmp}/base", "{tmp}/delta", "{out}"),
+            "already in hookdelta format",
+        ),
+    ],
+)
 def test_bad_input_gives_one_line_and_no_traceback(saved, tmp_path, args, message):
     tmp, _, _ = saved
     if not (tmp / "other").exists():
@@ -102,4 +108,5 @@ def test_merge_copies_the_tokenizer_and_generation_files(saved, tmp_path):
     assert back("hello world")["input_ids"] == tok("hello world")["input_ids"] == [1, 2]
     assert back.chat_template == tok.chat_template
     from transformers import GenerationConfig
+
     assert GenerationConfig.from_pretrained(tmp_path / "merged").max_new_tokens == 7

@@ -17,8 +17,9 @@ peft = pytest.importorskip("peft")
 
 def _peft_adapter(base, path, r, alpha, seed, targets):
     torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                                      init_lora_weights=False))
+    model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    )
     model.save_pretrained(path)
 
 
@@ -43,8 +44,10 @@ def _peft_combined(saved, names, weights, how, **kw):
     so those cases are checked only against the releases that agree with 0.21."""
     needs = (0, 21) if "svd" in how else (0, 19) if min(weights) < 0 and how != "cat" else (0, 0)
     if needs > PEFT_VERSION:
-        pytest.skip(f"PEFT {peft.__version__} combines {how!r} with weights {weights} differently; "
-                    f"the reference is PEFT >= {needs[0]}.{needs[1]}")
+        pytest.skip(
+            f"PEFT {peft.__version__} combines {how!r} with weights {weights} differently; "
+            f"the reference is PEFT >= {needs[0]}.{needs[1]}"
+        )
     root, base, inputs = saved
     model = peft.PeftModel.from_pretrained(copy.deepcopy(base), root / names[0], adapter_name=names[0])
     for n in names[1:]:
@@ -65,9 +68,16 @@ def _ours(saved, names, weights, how, **kw):
 
 
 CASES = [
-    ("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 2}), ("svd", {"svd_clamp": 0.9}),
-    ("ties", {"density": 0.5}), ("ties", {"density": 0.7, "majority_sign_method": "frequency"}),
-    ("magnitude_prune", {"density": 0.4}), ("ties_svd", {"density": 0.5}), ("magnitude_prune_svd", {"density": 0.6}),
+    ("linear", {}),
+    ("cat", {}),
+    ("svd", {}),
+    ("svd", {"svd_rank": 2}),
+    ("svd", {"svd_clamp": 0.9}),
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.7, "majority_sign_method": "frequency"}),
+    ("magnitude_prune", {"density": 0.4}),
+    ("ties_svd", {"density": 0.5}),
+    ("magnitude_prune_svd", {"density": 0.6}),
 ]
 
 
@@ -130,27 +140,34 @@ def test_dare_draws_the_same_law_as_peft(saved, how):
         assert abs(only_a.float().mean() - d * (1 - d)) < 0.1
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (dict(weights={"a": 1.0}, how="average"), hd.ConfigError, "not one of"),
-    (dict(weights={"zz": 1.0}), hd.DeltaStateError, "no delta named"),
-    (dict(weights={}), hd.ConfigError, "delta name: weight"),
-    (dict(weights={"a": "x"}), hd.ConfigError, "must be a finite number"),
-    (dict(weights={"a": float("nan"), "b": 1.0}), hd.ConfigError, "must be a finite number, got nan"),
-    (dict(weights={"a": 1.0, "b": float("-inf")}), hd.ConfigError, "must be a finite number, got -inf"),
-    (dict(weights={"a": 1.0, "b": 1.0}, how="ties"), hd.ConfigError, "density"),
-    (dict(weights={"a": 1.0, "c": 1.0}, how="linear"), hd.ConfigError, "equal ranks"),
-    (dict(weights={"a": 1.0, "ia3": 1.0}), hd.UnsupportedModuleError, "combines LoRA"),
-    (dict(weights={"a": 1.0, "dora": 1.0}), hd.UnsupportedModuleError, "DoRA"),
-    (dict(weights={"a": 1.0, "k": 1.0}), hd.ConfigError, "same layers"),
-    (dict(weights={"a": 1.0}, name="b"), hd.DeltaStateError, "already has"),
-    (dict(weights={"a": 1.0}, how="svd", svd_rank=0), hd.ConfigError, "svd_rank"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(weights={"a": 1.0}, how="average"), hd.ConfigError, "not one of"),
+        (dict(weights={"zz": 1.0}), hd.DeltaStateError, "no delta named"),
+        (dict(weights={}), hd.ConfigError, "delta name: weight"),
+        (dict(weights={"a": "x"}), hd.ConfigError, "must be a finite number"),
+        (dict(weights={"a": float("nan"), "b": 1.0}), hd.ConfigError, "must be a finite number, got nan"),
+        (dict(weights={"a": 1.0, "b": float("-inf")}), hd.ConfigError, "must be a finite number, got -inf"),
+        (dict(weights={"a": 1.0, "b": 1.0}, how="ties"), hd.ConfigError, "density"),
+        (dict(weights={"a": 1.0, "c": 1.0}, how="linear"), hd.ConfigError, "equal ranks"),
+        (dict(weights={"a": 1.0, "ia3": 1.0}), hd.UnsupportedModuleError, "combines LoRA"),
+        (dict(weights={"a": 1.0, "dora": 1.0}), hd.UnsupportedModuleError, "DoRA"),
+        (dict(weights={"a": 1.0, "k": 1.0}), hd.ConfigError, "same layers"),
+        (dict(weights={"a": 1.0}, name="b"), hd.DeltaStateError, "already has"),
+        (dict(weights={"a": 1.0}, how="svd", svd_rank=0), hd.ConfigError, "svd_rank"),
+    ],
+)
 def test_refusals_leave_the_model_as_it_was(call, error, match):
     model, inputs, targets = build("llama")
-    for name, cfg in [("a", hd.LoRAConfig(r=4, targets=targets)), ("b", hd.LoRAConfig(r=4, targets=targets)),
-                      ("c", hd.LoRAConfig(r=2, targets=targets)), ("ia3", hd.IA3Config()),
-                      ("dora", hd.LoRAConfig(r=4, use_dora=True, targets=targets)),
-                      ("k", hd.LoRAConfig(r=4, targets=["k_proj"]))]:
+    for name, cfg in [
+        ("a", hd.LoRAConfig(r=4, targets=targets)),
+        ("b", hd.LoRAConfig(r=4, targets=targets)),
+        ("c", hd.LoRAConfig(r=2, targets=targets)),
+        ("ia3", hd.IA3Config()),
+        ("dora", hd.LoRAConfig(r=4, use_dora=True, targets=targets)),
+        ("k", hd.LoRAConfig(r=4, targets=["k_proj"])),
+    ]:
         hd.attach(model, cfg, name=name)
     snap = snapshot(model)
     with pytest.raises(error, match=match):

@@ -16,8 +16,11 @@ from hookdelta.methods.adapter import ACTIVATIONS
 def _adapters(arch, n=3):
     model, inputs, _ = build(arch)
     for i in range(n):
-        perturb(hd.attach(model, hd.AdapterConfig(bottleneck_dim=4 + i, non_linearity="gelu"), name=f"a{i}"),
-                std=0.3, seed=i + 1)
+        perturb(
+            hd.attach(model, hd.AdapterConfig(bottleneck_dim=4 + i, non_linearity="gelu"), name=f"a{i}"),
+            std=0.3,
+            seed=i + 1,
+        )
     return model, inputs
 
 
@@ -34,8 +37,10 @@ def _by_hand(model, inputs, rule, names):
     deltas = [hd.deltas(model)[n] for n in names]
     handles = []
     for site in (p.key for p in deltas[0].pieces.values()):
+
         def hook(module, args, out, site=site):
             return rule(site, out, deltas)
+
         handles.append(bare.get_submodule(site).register_forward_hook(hook))
     try:
         return outputs(bare, inputs)
@@ -51,8 +56,12 @@ ARCHS = ["llama", "gpt2", "bert"]
 def test_average_equals_the_weighted_changes(arch):
     model, inputs = _adapters(arch)
     weights = {"a0": 0.5, "a1": 0.3, "a2": 1.2}
-    want = _by_hand(model, inputs, lambda site, h, ds: h + sum(
-        w / 2.0 * _change(d, site, h) for w, d in zip(weights.values(), ds, strict=True)), list(weights))
+    want = _by_hand(
+        model,
+        inputs,
+        lambda site, h, ds: h + sum(w / 2.0 * _change(d, site, h) for w, d in zip(weights.values(), ds, strict=True)),
+        list(weights),
+    )
     block = hd.average(model, weights, name="avg")
     assert not any(hd.deltas(model)[n].enabled for n in weights)  # the block runs them
     torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)
@@ -70,6 +79,7 @@ def _fusion_by_hand(block):
         v = F.linear(changes, fp.value.weight, fp.value.bias)
         scores = torch.einsum("...d,...nd->...n", q, k) / fp.temperature
         return h + torch.einsum("...n,...nd->...d", scores.softmax(-1), v)
+
     return rule
 
 
@@ -99,6 +109,7 @@ def test_split_gives_each_delta_its_tokens(arch):
         out[:, :4] = h[:, :4] + _change(ds[0], site, h[:, :4])
         out[:, 6:] = h[:, 6:] + _change(ds[1], site, h[:, 6:])
         return out
+
     want = _by_hand(model, inputs, rule, ["a0", "a1"])
     hd.split(model, {"a0": slice(0, 4), "a1": slice(6, None)}, name="split")
     torch.testing.assert_close(outputs(model, inputs), want, rtol=1e-5, atol=1e-5)
@@ -122,8 +133,9 @@ def test_split_refuses_a_kv_cache_and_generates_without_one():
 def _same_but_hook_ids(model, snap):
     """As assert_same, but hooks by count: enabling the sources again registers their hooks anew."""
     now = snapshot(model)
-    assert {n: [len(h) for h in hooks] for n, hooks in now["hooks"].items()} == \
-        {n: [len(h) for h in hooks] for n, hooks in snap["hooks"].items()}
+    assert {n: [len(h) for h in hooks] for n, hooks in now["hooks"].items()} == {
+        n: [len(h) for h in hooks] for n, hooks in snap["hooks"].items()
+    }
     assert_same(model, {**snap, "hooks": now["hooks"]})
 
 
@@ -131,9 +143,11 @@ def _same_but_hook_ids(model, snap):
 def test_save_load_and_bit_exact_detach(kind, tmp_path):
     model, inputs = _adapters("llama", n=2)
     snap, before = snapshot(model), outputs(model, inputs)
-    make = {"average": lambda: hd.average(model, {"a0": 1.0, "a1": 2.0}, name="blk"),
-            "fuse": lambda: hd.fuse(model, ["a0", "a1"], name="blk"),
-            "split": lambda: hd.split(model, {"a0": slice(0, 3), "a1": slice(3, None)}, name="blk")}[kind]
+    make = {
+        "average": lambda: hd.average(model, {"a0": 1.0, "a1": 2.0}, name="blk"),
+        "fuse": lambda: hd.fuse(model, ["a0", "a1"], name="blk"),
+        "split": lambda: hd.split(model, {"a0": slice(0, 3), "a1": slice(3, None)}, name="blk"),
+    }[kind]
     block = make()
     perturb(block, std=0.2, seed=4)
     want = outputs(model, inputs)
@@ -178,12 +192,15 @@ def test_refusals():
     block.detach()
 
 
-@pytest.mark.parametrize("call", [
-    lambda m: hd.average(m, ["a0", "a1"]),  # weights, not names
-    lambda m: hd.fuse(m, "a0a1"),  # a string is not a list of names
-    lambda m: hd.split(m, [1, 2]),
-    lambda m: hd.combine(m, {"a0": 1.0, "a1": 1.0}, how="svd", svd_clamp=5.0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: hd.average(m, ["a0", "a1"]),  # weights, not names
+        lambda m: hd.fuse(m, "a0a1"),  # a string is not a list of names
+        lambda m: hd.split(m, [1, 2]),
+        lambda m: hd.combine(m, {"a0": 1.0, "a1": 1.0}, how="svd", svd_clamp=5.0),
+    ],
+)
 def test_wrong_kinds_of_arguments_get_a_config_error(call):
     model, inputs = _adapters("llama", n=2)
     snap = snapshot(model)

@@ -37,17 +37,22 @@ def _outputs_in_threads(model, inputs, threads=4, calls=5):
     return results
 
 
-@pytest.mark.parametrize("configs", [
-    [hd.LoRAConfig(r=4, targets="all-linear"), hd.AdapterConfig(bottleneck_dim=4)],
-    # LN tuning swaps the norm weights for each call: the threads must take turns there
-    [hd.LNTuningConfig(), hd.LoRAConfig(r=2, target_parameters=["mlp.gate_proj.weight"])],
-], ids=["hooks", "weight-swaps"])
+@pytest.mark.parametrize(
+    "configs",
+    [
+        [hd.LoRAConfig(r=4, targets="all-linear"), hd.AdapterConfig(bottleneck_dim=4)],
+        # LN tuning swaps the norm weights for each call: the threads must take turns there
+        [hd.LNTuningConfig(), hd.LoRAConfig(r=2, target_parameters=["mlp.gate_proj.weight"])],
+    ],
+    ids=["hooks", "weight-swaps"],
+)
 def test_threads_get_the_single_threaded_outputs(configs):
     model, _, _ = build("llama")
     for i, cfg in enumerate(configs):
         perturb(hd.attach(model, cfg), std=0.3, seed=i)
-    inputs = [{"input_ids": torch.randint(3, 96, (2, 6 + i), generator=torch.Generator().manual_seed(i))}
-              for i in range(4)]
+    inputs = [
+        {"input_ids": torch.randint(3, 96, (2, 6 + i), generator=torch.Generator().manual_seed(i))} for i in range(4)
+    ]
     with torch.no_grad():
         expected = [model(**x).logits for x in inputs]
     for i, outs in _outputs_in_threads(model, inputs).items():
@@ -93,9 +98,13 @@ def test_a_change_during_another_threads_forward_is_refused(change):
     worker.start()
     assert model.gate.inside.wait(10)
     snap = snapshot(model)
-    calls = {"disable": delta.disable, "merge": delta.merge, "detach": delta.detach,
-             "attach": lambda: hd.attach(model, hd.BitFitConfig(targets=["a"])),
-             "set_active": lambda: hd.set_active(model)}
+    calls = {
+        "disable": delta.disable,
+        "merge": delta.merge,
+        "detach": delta.detach,
+        "attach": lambda: hd.attach(model, hd.BitFitConfig(targets=["a"])),
+        "set_active": lambda: hd.set_active(model),
+    }
     try:
         with pytest.raises(hd.DeltaStateError, match="another thread runs a forward"):
             calls[change]()

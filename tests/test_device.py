@@ -25,7 +25,9 @@ def _inputs_to(inputs: dict) -> dict:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("shape", [(4, 64), (1, 1, 64), (4, 3, 64), (4, 16, 64)], ids=["2-D", "decode", "3-D", "3-D wider"])
+@pytest.mark.parametrize(
+    "shape", [(4, 64), (1, 1, 64), (4, 3, 64), (4, 16, 64)], ids=["2-D", "decode", "3-D", "3-D wider"]
+)
 def test_folded_add_equals_the_formula_and_gives_the_same_bits_in_every_mode(shape, dtype):
     torch.manual_seed(0)
     model = Holder(nn.Linear(64, 48, bias=False)).to(DEVICE, dtype)  # (small: MKL's batched kernel differs)
@@ -66,7 +68,9 @@ def test_sibling_grouping_equals_the_ungrouped_model(dtype):
     tol = TOLERANCE[dtype]
     for _ in range(2):  # the second forward takes the kept stack of A's
         with torch.no_grad():
-            torch.testing.assert_close(model(**inputs).logits.float(), plain(**inputs).logits.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(
+                model(**inputs).logits.float(), plain(**inputs).logits.float(), rtol=tol, atol=tol
+            )
     grads = []
     for m in (model, plain):
         m(**inputs).logits.float().square().mean().backward()

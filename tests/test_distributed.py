@@ -12,8 +12,11 @@ import pytest
 from helpers import run_workers
 
 
-@pytest.mark.parametrize("engine,processes", [("zero3", 1), ("zero3", 2), ("fsdp", 2)],
-                         ids=["zero3, 1 process", "zero3, 2 processes", "fsdp2, 2 processes"])
+@pytest.mark.parametrize(
+    "engine,processes",
+    [("zero3", 1), ("zero3", 2), ("fsdp", 2)],
+    ids=["zero3, 1 process", "zero3, 2 processes", "fsdp2, 2 processes"],
+)
 def test_every_lifecycle_call_on_a_sharded_engine_equals_one_plain_process(tmp_path, engine, processes):
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (test-extra)")
@@ -44,9 +47,11 @@ def test_the_trainer_under_zero3_checkpoints_saves_and_resumes_the_whole_delta(t
         try:  # the same Trainer and config without hookdelta: does this release set train at all?
             run_workers("trainer_worker.py", str(tmp_path / "control"), "control")
         except AssertionError as control:
-            pytest.skip("the Trainer cannot train under ZeRO-3 with these releases even without hookdelta "
-                        f"(transformers {version('transformers')}, accelerate {version('accelerate')}, deepspeed "
-                        f"{version('deepspeed')}): {_error_line(str(control))}")
+            pytest.skip(
+                "the Trainer cannot train under ZeRO-3 with these releases even without hookdelta "
+                f"(transformers {version('transformers')}, accelerate {version('accelerate')}, deepspeed "
+                f"{version('deepspeed')}): {_error_line(str(control))}"
+            )
         raise failure
     assert v["sharded"]
     assert all(v["files"].values()), v["files"]

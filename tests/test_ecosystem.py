@@ -1,7 +1,6 @@
 """hookdelta under the training stack: DDP (torchrun, 2 CPU processes), Accelerate,
 gradient checkpointing, bf16 autocast and torch.compile, each against the plain reference."""
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -56,8 +55,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(kwargs):
         torch.testing.assert_close(p.grad, reference[n], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("cfg", [hd.LoRAConfig(r=4, targets="all-linear"), hd.AdapterConfig(bottleneck_dim=8),
-                                 hd.IA3Config()], ids=["lora", "adapter", "ia3"])
+@pytest.mark.parametrize(
+    "cfg",
+    [hd.LoRAConfig(r=4, targets="all-linear"), hd.AdapterConfig(bottleneck_dim=8), hd.IA3Config()],
+    ids=["lora", "adapter", "ia3"],
+)
 def test_bf16_autocast_on_cpu(cfg):
     model, inputs, _ = build("llama")
     delta = hd.attach(model, cfg)

@@ -10,10 +10,19 @@ from tiny_models import TEXT, build
 import hookdelta as hd
 
 EXPECTED = {  # family -> semantic name -> the leaf names it must select in block 0
-    "bert": {"attn.q": {"query"}, "attn.o": {"attention.output.dense"}, "ffn.in": {"intermediate.dense"},
-             "ffn.out": {"layer.0.output.dense"}},
-    "gpt2": {"attn.q": {"c_attn"}, "attn.k": {"c_attn"}, "attn.o": {"attn.c_proj"}, "ffn.out": {"mlp.c_proj"},
-             "ffn": {"mlp"}},
+    "bert": {
+        "attn.q": {"query"},
+        "attn.o": {"attention.output.dense"},
+        "ffn.in": {"intermediate.dense"},
+        "ffn.out": {"layer.0.output.dense"},
+    },
+    "gpt2": {
+        "attn.q": {"c_attn"},
+        "attn.k": {"c_attn"},
+        "attn.o": {"attn.c_proj"},
+        "ffn.out": {"mlp.c_proj"},
+        "ffn": {"mlp"},
+    },
     "llama": {"attn.v": {"v_proj"}, "ffn.in": {"gate_proj", "up_proj"}, "ffn.out": {"down_proj"}, "ffn": {"mlp"}},
     "t5": {"attn.q": {"SelfAttention.q", "EncDecAttention.q"}, "ffn.out": {"DenseReluDense.wo"}},
     "bart": {"attn.o": {"self_attn.out_proj", "encoder_attn.out_proj"}, "ffn.in": {"fc1"}},
@@ -42,7 +51,9 @@ def test_fused_projections_of_phi3_and_semantic_exclude():
     model = tf.Phi3ForCausalLM(tf.Phi3Config(**TEXT, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0))
     assert hd.match(model, ["attn.q", "attn.v"]) == hd.match(model, "qkv_proj")
     llama = build("llama")[0]
-    assert hd.match(llama, "all-linear", exclude="ffn.in") == hd.match(llama, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    assert hd.match(llama, "all-linear", exclude="ffn.in") == hd.match(
+        llama, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+    )
 
 
 def test_norm_is_found_by_type_on_any_model():
@@ -80,17 +91,20 @@ def test_family_without_the_module_says_what_it_has():
         hd.match(build("bert")[0], "ffn")
 
 
-@pytest.mark.parametrize("cfg,arch,expected", [
-    (hd.LoRAConfig(), "llama", ["q_proj", "v_proj"]),
-    (hd.AdapterConfig(), "llama", ["o_proj", "down_proj"]),
-    (hd.AdapterConfig(placement="pfeiffer"), "bert", ["output.dense"]),
-    (hd.ParallelAdapterConfig(), "llama", ["mlp"]),
-    (hd.ParallelAdapterConfig(), "bert", ["output.dense"]),  # no single FFN module: the FFN output layer
-    (hd.IA3Config(), "llama", ["k_proj", "v_proj", "down_proj"]),
-    (hd.IA3Config(), "gpt2", ["c_attn", "mlp.c_proj"]),
-    (hd.CompacterConfig(), "t5", ["wo"]),
-    (hd.LNTuningConfig(), "gpt2", ["ln_1", "ln_2", "ln_f"]),
-])
+@pytest.mark.parametrize(
+    "cfg,arch,expected",
+    [
+        (hd.LoRAConfig(), "llama", ["q_proj", "v_proj"]),
+        (hd.AdapterConfig(), "llama", ["o_proj", "down_proj"]),
+        (hd.AdapterConfig(placement="pfeiffer"), "bert", ["output.dense"]),
+        (hd.ParallelAdapterConfig(), "llama", ["mlp"]),
+        (hd.ParallelAdapterConfig(), "bert", ["output.dense"]),  # no single FFN module: the FFN output layer
+        (hd.IA3Config(), "llama", ["k_proj", "v_proj", "down_proj"]),
+        (hd.IA3Config(), "gpt2", ["c_attn", "mlp.c_proj"]),
+        (hd.CompacterConfig(), "t5", ["wo"]),
+        (hd.LNTuningConfig(), "gpt2", ["ln_1", "ln_2", "ln_f"]),
+    ],
+)
 def test_default_positions(cfg, arch, expected):
     sites = cfg.select(build(arch)[0])
     assert sites and all(any(s.endswith(e) for e in expected) for s in sites)
@@ -113,18 +127,29 @@ def test_non_mergeable_methods_say_so():
 
 
 BAD = [
-    (hd.AdapterConfig, dict(bottleneck_dim=0)), (hd.AdapterConfig, dict(non_linearity="softmax")),
-    (hd.AdapterConfig, dict(placement="middle")), (hd.AdapterConfig, dict(scaling=0)),
+    (hd.AdapterConfig, dict(bottleneck_dim=0)),
+    (hd.AdapterConfig, dict(non_linearity="softmax")),
+    (hd.AdapterConfig, dict(placement="middle")),
+    (hd.AdapterConfig, dict(scaling=0)),
     (hd.AdapterConfig, dict(reduction_factor=1.5)),
-    (hd.ParallelAdapterConfig, dict(scaling=float("inf"))), (hd.ParallelAdapterConfig, dict(bottleneck_dim="8")),
-    (hd.LowRankAdapterConfig, dict(rank=0)), (hd.CompacterConfig, dict(phm_dim=0)),
-    (hd.CompacterConfig, dict(shared_phm_rule="yes")), (hd.CompacterConfig, dict(phm_rank=-1)),
-    (hd.BitFitConfig, dict(norm_biases=1)), (hd.IA3Config, dict(feedforward_targets=[])),
-    (hd.PrefixConfig, dict(num_virtual_tokens=0)), (hd.PrefixConfig, dict(prefix_projection="no")),
-    (hd.PrefixConfig, dict(targets="q_proj")), (hd.PrefixConfig, dict(encoder_hidden_size=0)),
-    (hd.SoftPromptConfig, dict(num_virtual_tokens=2.0)), (hd.SoftPromptConfig, dict(init="zeros")),
-    (hd.SoftPromptConfig, dict(init="text")), (hd.SoftPromptConfig, dict(layers=[0])),
-    (hd.LNTuningConfig, dict(layers=[-2])), (hd.LoRAConfig, dict(use_dora="true")),
+    (hd.ParallelAdapterConfig, dict(scaling=float("inf"))),
+    (hd.ParallelAdapterConfig, dict(bottleneck_dim="8")),
+    (hd.LowRankAdapterConfig, dict(rank=0)),
+    (hd.CompacterConfig, dict(phm_dim=0)),
+    (hd.CompacterConfig, dict(shared_phm_rule="yes")),
+    (hd.CompacterConfig, dict(phm_rank=-1)),
+    (hd.BitFitConfig, dict(norm_biases=1)),
+    (hd.IA3Config, dict(feedforward_targets=[])),
+    (hd.PrefixConfig, dict(num_virtual_tokens=0)),
+    (hd.PrefixConfig, dict(prefix_projection="no")),
+    (hd.PrefixConfig, dict(targets="q_proj")),
+    (hd.PrefixConfig, dict(encoder_hidden_size=0)),
+    (hd.SoftPromptConfig, dict(num_virtual_tokens=2.0)),
+    (hd.SoftPromptConfig, dict(init="zeros")),
+    (hd.SoftPromptConfig, dict(init="text")),
+    (hd.SoftPromptConfig, dict(layers=[0])),
+    (hd.LNTuningConfig, dict(layers=[-2])),
+    (hd.LoRAConfig, dict(use_dora="true")),
 ]
 
 
@@ -134,8 +159,20 @@ def test_every_config_validates_its_fields(cls, bad):
         cls(**bad)
 
 
-@pytest.mark.parametrize("cls", [hd.AdapterConfig, hd.ParallelAdapterConfig, hd.LowRankAdapterConfig, hd.CompacterConfig,
-                                 hd.BitFitConfig, hd.IA3Config, hd.LNTuningConfig, hd.PrefixConfig, hd.SoftPromptConfig])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        hd.AdapterConfig,
+        hd.ParallelAdapterConfig,
+        hd.LowRankAdapterConfig,
+        hd.CompacterConfig,
+        hd.BitFitConfig,
+        hd.IA3Config,
+        hd.LNTuningConfig,
+        hd.PrefixConfig,
+        hd.SoftPromptConfig,
+    ],
+)
 def test_every_config_round_trips_through_json(cls):
     cfg = cls(exclude=["lm_head"]) if cls not in (hd.PrefixConfig, hd.SoftPromptConfig) else cls(num_virtual_tokens=7)
     assert hd.DeltaConfig.from_json(cfg.to_json()) == cfg

@@ -37,8 +37,11 @@ def test_folded_add_equals_the_formula_forward_and_backward(name, where):
     perturb(delta, std=0.3)
     piece = delta.piece("layer")
     if where == "global hook":
-        handles.append(nn.modules.module.register_module_forward_hook(
-            lambda m, a, out: stored.append((out, out.clone())) if m is model.layer else None))
+        handles.append(
+            nn.modules.module.register_module_forward_hook(
+                lambda m, a, out: stored.append((out, out.clone())) if m is model.layer else None
+            )
+        )
     try:
         with torch.no_grad():
             model(x)  # (the first call after an attach is a watched one: time the second)
@@ -167,7 +170,9 @@ def test_every_input_rank_equals_the_formula(shape, grad, bias):
     a = piece.lora_A.detach().double().requires_grad_(True)
     b = piece.lora_B.detach().double().requires_grad_(True)
     w = model.layer.weight.double()
-    (xd @ w.T + (model.layer.bias.double() if bias else 0) + float(piece.scale) * (xd @ a.T) @ b.T).square().sum().backward()
+    (
+        xd @ w.T + (model.layer.bias.double() if bias else 0) + float(piece.scale) * (xd @ a.T) @ b.T
+    ).square().sum().backward()
     for got, want in ((x.grad, xd.grad), (piece.lora_A.grad, a.grad), (piece.lora_B.grad, b.grad)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
@@ -211,15 +216,20 @@ def test_compiled_decoding_with_a_static_cache_has_no_graph_break_and_equal_toke
 
 
 def _generate_tokens(model, inputs, compiled: bool):
-    kw = {"cache_implementation": "static", "compile_config": compile_config_for_cpu()} if compiled else {
-        "disable_compile": True}
-    return model.generate(inputs["input_ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                          pad_token_id=0, **kw)
+    kw = (
+        {"cache_implementation": "static", "compile_config": compile_config_for_cpu()}
+        if compiled
+        else {"disable_compile": True}
+    )
+    return model.generate(
+        inputs["input_ids"][:1], max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, **kw
+    )
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no bias"])
-@pytest.mark.parametrize("shape", [(64,), (4, 64), (1, 1, 64), (4, 3, 64), (2, 3, 4, 64)],
-                         ids=["1-D", "2-D", "decode", "3-D", "4-D"])
+@pytest.mark.parametrize(
+    "shape", [(64,), (4, 64), (1, 1, 64), (4, 3, 64), (2, 3, 4, 64)], ids=["1-D", "2-D", "decode", "3-D", "4-D"]
+)
 def test_the_same_input_gives_the_same_bits_in_every_mode(shape, bias):
     """The kernel is chosen by the call's shape alone: the watched first call (foreign hooks, out
     of place), later calls (in place), with and without autograd, and with a user hook holding
@@ -254,6 +264,7 @@ def _sac(policy_ops):
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in policy_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
     return partial(create_selective_checkpoint_contexts, policy)
 
 
@@ -266,8 +277,11 @@ def test_selective_checkpointing_gives_the_plain_gradients(save, shape, bias):
     policy equal those without checkpointing, after a first (watched) call and before one."""
     from torch.utils.checkpoint import checkpoint
 
-    ops = {"mm": [torch.ops.aten.mm.default], "mm+addmm": [torch.ops.aten.mm.default, torch.ops.aten.addmm.default],
-           "none": []}[save]
+    ops = {
+        "mm": [torch.ops.aten.mm.default],
+        "mm+addmm": [torch.ops.aten.mm.default, torch.ops.aten.addmm.default],
+        "none": [],
+    }[save]
     for warm in (False, True):
         torch.manual_seed(3)
         model = Holder(nn.Linear(64, 48, bias=bias))

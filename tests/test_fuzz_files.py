@@ -14,10 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mutated_files_load_as_they_say_or_are_refused_cleanly():
-    env = {**os.environ, "PYTHONPATH": ROOT, "FUZZ_EXAMPLES": os.environ.get("FUZZ_EXAMPLES", "2000"),
-           "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fuzz_worker.py")], capture_output=True,
-                         text=True, env=env, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "FUZZ_EXAMPLES": os.environ.get("FUZZ_EXAMPLES", "2000"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "fuzz_worker.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     counts = report["counts"]

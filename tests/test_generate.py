@@ -17,10 +17,12 @@ def prompt_inputs(model, inputs):
 
 
 def cases():
-    for method, make in (("soft_prompt", lambda: hd.SoftPromptConfig(num_virtual_tokens=4)),
-                         ("p_tuning", lambda: hd.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=8)),
-                         ("llama_adapter", lambda: hd.LlamaAdapterConfig(adapter_len=4, adapter_layers=2)),
-                         ("prefix", lambda: hd.PrefixConfig(num_virtual_tokens=4))):
+    for method, make in (
+        ("soft_prompt", lambda: hd.SoftPromptConfig(num_virtual_tokens=4)),
+        ("p_tuning", lambda: hd.PTuningConfig(num_virtual_tokens=4, encoder_hidden_size=8)),
+        ("llama_adapter", lambda: hd.LlamaAdapterConfig(adapter_len=4, adapter_layers=2)),
+        ("prefix", lambda: hd.PrefixConfig(num_virtual_tokens=4)),
+    ):
         for arch in ("llama", "gpt2") if method == "llama_adapter" else ("llama", "gpt2", "opt"):
             yield pytest.param(make, arch, id=f"{method}-{arch}", marks=getattr(pytest.mark, method))
 
@@ -36,7 +38,9 @@ def test_generate_with_delta_and_disabled(make, arch):
     run = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **GREEDY)
     got = run.sequences
     with d.disabled():
-        plain = model.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **GREEDY)
+        plain = model.generate(
+            input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **GREEDY
+        )
     assert not torch.allclose(run.scores[0], plain.scores[0]), "the learned tokens must influence generation"
     with d.disabled():
         assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **GREEDY), base)
@@ -59,11 +63,12 @@ def test_soft_prompt_generate_equals_base_model_fed_the_prompt():
     perturb(d, std=3.0)
     got = model.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     with d.disabled():
-        embeds = torch.cat([d.pieces["model-embed_tokens"].prompt.expand(2, -1, -1),
-                            model.get_input_embeddings()(ids)], 1).detach()
+        embeds = torch.cat(
+            [d.pieces["model-embed_tokens"].prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], 1
+        ).detach()
         ext = torch.ones(2, embeds.shape[1], dtype=mask.dtype)
         expected = model.generate(inputs_embeds=embeds, attention_mask=ext, **GREEDY)
-    assert torch.equal(got[:, ids.shape[1]:], expected)
+    assert torch.equal(got[:, ids.shape[1] :], expected)
 
 
 @pytest.mark.soft_prompt

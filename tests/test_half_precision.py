@@ -1,6 +1,7 @@
 """Every method on a bf16 or fp16 model on the CPU, where some torch.linalg ops have no half
 kernel (LU for the Cayley transform, QR for orthogonal inits). Reference: the same delta (saved
 from a float32 model) on the float32 model; the half model loads it, runs, trains and restores."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,16 @@ from tiny_models import build, main_output
 import hookdelta as hd
 
 CONFIGS = {
-    "lora": lambda: hd.LoRAConfig(r=4), "dora": lambda: hd.LoRAConfig(r=4, use_dora=True),
-    "loha": lambda: hd.LoHaConfig(r=4), "lokr": lambda: hd.LoKrConfig(r=4), "vera": lambda: hd.VeRAConfig(r=8),
+    "lora": lambda: hd.LoRAConfig(r=4),
+    "dora": lambda: hd.LoRAConfig(r=4, use_dora=True),
+    "loha": lambda: hd.LoHaConfig(r=4),
+    "lokr": lambda: hd.LoKrConfig(r=4),
+    "vera": lambda: hd.VeRAConfig(r=8),
     "oft": lambda: hd.OFTConfig(r=4, oft_block_size=0, use_cayley_neumann=False),
-    "boft": lambda: hd.BOFTConfig(boft_block_size=4), "ia3": lambda: hd.IA3Config(),
-    "adapter": lambda: hd.AdapterConfig(bottleneck_dim=4), "loreft": lambda: hd.LoReFTConfig(r=2),
+    "boft": lambda: hd.BOFTConfig(boft_block_size=4),
+    "ia3": lambda: hd.IA3Config(),
+    "adapter": lambda: hd.AdapterConfig(bottleneck_dim=4),
+    "loreft": lambda: hd.LoReFTConfig(r=2),
     "direft": lambda: hd.DiReFTConfig(r=2),
 }
 

@@ -39,20 +39,37 @@ BAD_BY_TYPE = {
     "Positions": ["x1", "f0", "l", "f1+", 3, None, ["l1"]],
 }
 # fields whose valid range differs from their type's: their own bad values
-BAD_FIELD = {"decompose_factor": [0, -2, 2.5, "8", True, None], "projection_prng_key": [-1, 2.5, "8", True, None],
-             "random_loc_seed": [-1, 2.5, "8", True, None], "n_frequency_pattern": [{"q": 0}, {"(": 3}, [3], {"q": 2.5}],
-             "d_initial": [math.nan, math.inf, "x", None, True],
-             "oft_block_size": [-1, 2.5, "8", True, None], "hybrid_r": [-1, 2.5, "8", True, None],
-             "tinit": [-1, 2.5, "8", True, None], "random_seed": [-1, 2.5, "8", True], "tfinal": [-1, 2.5, "8", True, None], "boft_block_num": [-1, 2.5, "8", True, None]}
+BAD_FIELD = {
+    "decompose_factor": [0, -2, 2.5, "8", True, None],
+    "projection_prng_key": [-1, 2.5, "8", True, None],
+    "random_loc_seed": [-1, 2.5, "8", True, None],
+    "n_frequency_pattern": [{"q": 0}, {"(": 3}, [3], {"q": 2.5}],
+    "d_initial": [math.nan, math.inf, "x", None, True],
+    "oft_block_size": [-1, 2.5, "8", True, None],
+    "hybrid_r": [-1, 2.5, "8", True, None],
+    "tinit": [-1, 2.5, "8", True, None],
+    "random_seed": [-1, 2.5, "8", True],
+    "tfinal": [-1, 2.5, "8", True, None],
+    "boft_block_num": [-1, 2.5, "8", True, None],
+}
 # (OFT's r may be 0: it is the other way to give the block size)
 BAD_FIELD["r@oft"] = [-1, 2.5, "8", True, None]
-BAD_BASE = {"targets": [3, [3], "", [], 2.5], "exclude": [3, [3]], "also_train": [3, [3]],
-            "layers": ["0", [-1], [1.5], [], [True]]}
+BAD_BASE = {
+    "targets": [3, [3], "", [], 2.5],
+    "exclude": [3, [3]],
+    "also_train": [3, [3]],
+    "layers": ["0", [-1], [1.5], [], [True]],
+}
 CONFIGS = hd.DeltaConfig.registered()
-FIELD_CASES = [(method, f.name, value)
-               for method, cls in sorted(CONFIGS.items()) for f in dataclasses.fields(cls)
-               for value in BAD_BASE.get(f.name) or BAD_FIELD.get(f"{f.name}@{method}") or BAD_FIELD.get(f.name)
-               or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])]
+FIELD_CASES = [
+    (method, f.name, value)
+    for method, cls in sorted(CONFIGS.items())
+    for f in dataclasses.fields(cls)
+    for value in BAD_BASE.get(f.name)
+    or BAD_FIELD.get(f"{f.name}@{method}")
+    or BAD_FIELD.get(f.name)
+    or BAD_BY_TYPE[f.type] + ([1.5] if f.name == "dropout" else [])
+]
 
 
 @pytest.mark.parametrize("method,field,value", FIELD_CASES, ids=[f"{m}.{f}={v!r}" for m, f, v in FIELD_CASES])
@@ -66,6 +83,7 @@ def test_the_field_table_covers_every_method():
 
 
 # -- broken delta files ------------------------------------------------------------------------
+
 
 def digest(directory) -> dict[str, str]:
     """Every file under `directory` with the hash of its bytes."""
@@ -104,8 +122,16 @@ def _other_arch(path):
 def _other_size(path):
     import transformers as tf
 
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=48))
+    model = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+        )
+    )
     hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj", "v_proj"])).save(path, overwrite=True)
 
 
@@ -130,8 +156,10 @@ BROKEN_FILES = {
     "JSON truncated": (lambda p: (p / "delta.json").write_text('{"format": "hook'), "not valid JSON"),
     "another architecture": (_other_arch, "saved for a GPT2LMHeadModel"),
     "another size": (_other_size, "shapes differ"),
-    "safetensors truncated": (lambda p: (p / "delta.safetensors").write_bytes((p / "delta.safetensors").read_bytes()[:200]),
-                              "corrupt or truncated"),
+    "safetensors truncated": (
+        lambda p: (p / "delta.safetensors").write_bytes((p / "delta.safetensors").read_bytes()[:200]),
+        "corrupt or truncated",
+    ),
     "wrong dtype": (lambda p: _edit_tensors(p, lambda t: t.update({k: v.double() for k, v in t.items()})), "float64"),
     "integer tensor": (lambda p: _edit_tensors(p, lambda t: t.update({k: v.long() for k, v in t.items()})), "int64"),
     "extra tensor": (lambda p: _edit_tensors(p, lambda t: t.update(surprise=torch.zeros(2))), "extra \\['surprise'\\]"),
@@ -139,8 +167,10 @@ BROKEN_FILES = {
     "NaN values": (lambda p: _edit_tensors(p, lambda t: t[sorted(t)[0]].fill_(math.nan)), "holds NaN or Inf"),
     "Inf values": (lambda p: _edit_tensors(p, lambda t: t[sorted(t)[-1]].fill_(math.inf)), "holds NaN or Inf"),
     "pickle disguised as safetensors": (_pickle_as_safetensors, "corrupt or truncated"),
-    "directory that is not a delta": (lambda p: [f.unlink() for f in p.iterdir()] and (p / "notes.txt").write_text("hi"),
-                                      "delta.json is missing"),
+    "directory that is not a delta": (
+        lambda p: [f.unlink() for f in p.iterdir()] and (p / "notes.txt").write_text("hi"),
+        "delta.json is missing",
+    ),
     "tensor file missing": (lambda p: (p / "delta.safetensors").unlink(), "missing"),
 }
 
@@ -189,6 +219,7 @@ def test_saving_over_another_delta_needs_overwrite(saved, tmp_path):
 
 # -- misuse of the API ---------------------------------------------------------------------------
 
+
 def _same_name(model):
     hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]), name="x")
     return lambda: hd.attach(model, hd.LoRAConfig(r=2, targets=["v_proj"]), name="x")
@@ -199,6 +230,7 @@ def _detached(action):
         delta = hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj"]))
         delta.detach()
         return lambda: action(delta)
+
     return setup
 
 
@@ -229,15 +261,27 @@ MISUSE = {
     "saving a detached delta": (_detached(lambda d: d.save("never-written")), hd.DeltaStateError, "is detached"),
     "merging NaN": (_nan_merge, hd.MergeError, r"model.layers.0.self_attn.q_proj.lora_B'\] hold NaN"),
     "attaching to the torch.compile wrapper": (_compiled, hd.UnsupportedModuleError, "torch.compile"),
-    "a selector that matches nothing": (lambda m: lambda: hd.attach(m, hd.LoRAConfig(targets=["qq_proj"])),
-                                        hd.SelectorError, "q_proj"),
-    "a module the method cannot adapt": (lambda m: lambda: hd.attach(m, hd.LoRAConfig(targets=["input_layernorm"])),
-                                         hd.UnsupportedModuleError, "LlamaRMSNorm"),
-    "IA3 on an embedding": (lambda m: lambda: hd.attach(m, hd.IA3Config(targets=["embed_tokens"])),
-                            hd.UnsupportedModuleError, "Embedding"),
+    "a selector that matches nothing": (
+        lambda m: lambda: hd.attach(m, hd.LoRAConfig(targets=["qq_proj"])),
+        hd.SelectorError,
+        "q_proj",
+    ),
+    "a module the method cannot adapt": (
+        lambda m: lambda: hd.attach(m, hd.LoRAConfig(targets=["input_layernorm"])),
+        hd.UnsupportedModuleError,
+        "LlamaRMSNorm",
+    ),
+    "IA3 on an embedding": (
+        lambda m: lambda: hd.attach(m, hd.IA3Config(targets=["embed_tokens"])),
+        hd.UnsupportedModuleError,
+        "Embedding",
+    ),
     "a config that is not a config": (lambda m: lambda: hd.attach(m, {"r": 8}), hd.ConfigError, "delta config"),
-    "a model that is not a module": (lambda m: lambda: hd.attach("llama", hd.LoRAConfig()), hd.UnsupportedModuleError,
-                                     "nn.Module"),
+    "a model that is not a module": (
+        lambda m: lambda: hd.attach("llama", hd.LoRAConfig()),
+        hd.UnsupportedModuleError,
+        "nn.Module",
+    ),
     "set_active with a name that is no string": (_set_active_odd, hd.DeltaStateError, "delta names"),
 }
 

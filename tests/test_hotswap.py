@@ -21,10 +21,12 @@ def _fresh(path):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("swap")
-    return {"r4": save_lora(root / "r4", r=4, alpha=16.0, std=0.2).path,
-            "r8": save_lora(root / "r8", r=8, alpha=4.0, std=0.3).path,
-            "r16": save_lora(root / "r16", r=16, std=0.1).path,
-            "k": save_lora(root / "k", r=4, targets=["q_proj", "k_proj"]).path}
+    return {
+        "r4": save_lora(root / "r4", r=4, alpha=16.0, std=0.2).path,
+        "r8": save_lora(root / "r8", r=8, alpha=4.0, std=0.3).path,
+        "r16": save_lora(root / "r16", r=16, std=0.1).path,
+        "k": save_lora(root / "k", r=4, targets=["q_proj", "k_proj"]).path,
+    }
 
 
 def _attached(r=8):
@@ -90,14 +92,17 @@ def test_swap_under_compile_does_not_recompile(files):
     torch.compiler.reset()
 
 
-@pytest.mark.parametrize("case, error, match", [
-    ("r16", hd.DeltaFileError, "prepare_hotswap"),
-    ("k", hd.DeltaFileError, "same sites"),
-    ("nobody", hd.DeltaStateError, "no delta named"),
-    ("ia3", hd.DeltaFileError, "same method"),
-    ("merged", hd.DeltaStateError, "unmerge"),
-    ("both", hd.ConfigError, "not both"),
-])
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("r16", hd.DeltaFileError, "prepare_hotswap"),
+        ("k", hd.DeltaFileError, "same sites"),
+        ("nobody", hd.DeltaStateError, "no delta named"),
+        ("ia3", hd.DeltaFileError, "same method"),
+        ("merged", hd.DeltaStateError, "unmerge"),
+        ("both", hd.ConfigError, "not both"),
+    ],
+)
 def test_refusals_leave_the_model_as_it_was(files, tmp_path, case, error, match):
     model, inputs = _attached(r=8)
     path, into, name = files.get(case, files["r4"]), "a", None
@@ -153,16 +158,20 @@ def test_bad_arguments_get_clear_errors(files):
     hd.prepare_hotswap(model, max_rank=8, names="a")  # one name as a string
 
 
-@pytest.mark.parametrize("live, saved, match", [
-    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, use_dora=True), "use_dora: True in the file"),
-    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, bias="lora_only"), "bias"),
-    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, init="pissa"), "has tensors 'a' lacks"),
-    (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, activate_after_tokens=[5, 9]), "activate_after_tokens"),
-    (hd.LoHaConfig(r=4, alpha=4.0), hd.LoHaConfig(r=4, alpha=8.0), "alpha: 8.0 in the file"),
-    (hd.LoKrConfig(r=4, alpha=4.0), hd.LoKrConfig(r=4, alpha=8.0), "alpha"),
-    (hd.OFTConfig(r=4, oft_block_size=0), hd.OFTConfig(r=4, oft_block_size=0, coft=True), "coft"),
-    (hd.VeRAConfig(r=8), hd.VeRAConfig(r=8, projection_prng_key=7), "projection_prng_key"),
-], ids=["dora", "lora_bias", "pissa", "alora", "loha-alpha", "lokr-alpha", "oft-coft", "vera-key"])
+@pytest.mark.parametrize(
+    "live, saved, match",
+    [
+        (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, use_dora=True), "use_dora: True in the file"),
+        (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, bias="lora_only"), "bias"),
+        (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, init="pissa"), "has tensors 'a' lacks"),
+        (hd.LoRAConfig(r=4), hd.LoRAConfig(r=4, activate_after_tokens=[5, 9]), "activate_after_tokens"),
+        (hd.LoHaConfig(r=4, alpha=4.0), hd.LoHaConfig(r=4, alpha=8.0), "alpha: 8.0 in the file"),
+        (hd.LoKrConfig(r=4, alpha=4.0), hd.LoKrConfig(r=4, alpha=8.0), "alpha"),
+        (hd.OFTConfig(r=4, oft_block_size=0), hd.OFTConfig(r=4, oft_block_size=0, coft=True), "coft"),
+        (hd.VeRAConfig(r=8), hd.VeRAConfig(r=8, projection_prng_key=7), "projection_prng_key"),
+    ],
+    ids=["dora", "lora_bias", "pissa", "alora", "loha-alpha", "lokr-alpha", "oft-coft", "vera-key"],
+)
 def test_a_file_that_computes_otherwise_is_refused_and_nothing_changes(tmp_path, live, saved, match):
     """A hot-swap copies tensors; a file whose other settings or extra tensors would make it
     compute something else than the live delta after the copy is refused, naming them."""

@@ -39,12 +39,14 @@ def same_factors_and_outputs(twin, delta, ours, model, ids):
                 step = torch.randn(getattr(piece, name).shape, generator=g) * 0.05
                 getattr(piece, name).add_(step)
                 getattr(layer, name)["default"].weight.add_(step)
-        torch.testing.assert_close(main_output(ours(input_ids=ids)), main_output(twin(input_ids=ids)),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            main_output(ours(input_ids=ids)), main_output(twin(input_ids=ids)), rtol=1e-4, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("direction,scale", [("ArB2r", "stable"), ("ArBr", "weight_svd"), ("A2rBr", "gd_scale"),
-                                             ("random", "unit")])
+@pytest.mark.parametrize(
+    "direction,scale", [("ArB2r", "stable"), ("ArBr", "weight_svd"), ("A2rBr", "gd_scale"), ("random", "unit")]
+)
 def test_lora_ga_gives_peft_factors(direction, scale):
     if not hasattr(peft, "preprocess_loraga"):
         pytest.skip("this PEFT has no LoRA-GA (0.19 and later)")
@@ -55,15 +57,21 @@ def test_lora_ga_gives_peft_factors(direction, scale):
         return lambda: [m(input_ids=ids, labels=ids).loss.backward() for ids in data]
 
     theirs = copy.deepcopy(model)
-    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=QV, init_lora_weights="lora_ga",
-                          lora_ga_config=peft.LoraGAConfig(direction=direction, scale=scale))
+    cfg = peft.LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=QV,
+        init_lora_weights="lora_ga",
+        lora_ga_config=peft.LoraGAConfig(direction=direction, scale=scale),
+    )
     peft.preprocess_loraga(theirs, cfg, step(theirs))
     torch.manual_seed(11)
     twin = peft.get_peft_model(theirs, cfg).eval()
     ours = copy.deepcopy(model)
     torch.manual_seed(11)  # (the factors come from a randomized SVD: the same draws)
-    delta = hd.inits.lora_ga(ours, hd.LoRAConfig(r=2, alpha=4, targets=QV, init="lora_ga"), step(ours),
-                             direction=direction, scale=scale)
+    delta = hd.inits.lora_ga(
+        ours, hd.LoRAConfig(r=2, alpha=4, targets=QV, init="lora_ga"), step(ours), direction=direction, scale=scale
+    )
     assert all(not p.requires_grad for n, p in ours.named_parameters() if "lora" not in n and ".base_" not in n)
     ours.eval()
     same_factors_and_outputs(twin, delta, ours, model, data[0])
@@ -82,8 +90,9 @@ def test_corda_gives_peft_factors(method):
         return lambda: [m(input_ids=ids) for ids in samples]
 
     theirs = copy.deepcopy(model)
-    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=QV, init_lora_weights="corda",
-                          corda_config=CordaConfig(corda_method=method))
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=QV, init_lora_weights="corda", corda_config=CordaConfig(corda_method=method)
+    )
     preprocess_corda(theirs, cfg, run_model=run(theirs))
     twin = peft.get_peft_model(theirs, cfg).eval()
     ours = copy.deepcopy(model)
@@ -94,7 +103,9 @@ def test_corda_gives_peft_factors(method):
 def test_data_inits_save_and_load_without_their_data(tmp_path):
     model, _, _ = build("llama")
     data = batches(n=2, batch=1)
-    delta = hd.inits.corda(model, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [model(input_ids=i) for i in data])
+    delta = hd.inits.corda(
+        model, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [model(input_ids=i) for i in data]
+    )
     with torch.no_grad():
         for p in delta.parameters():
             p.add_(0.1)
@@ -133,12 +144,24 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    float_model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, num_key_value_heads=2,
-                                                     intermediate_size=128)).eval()
+    float_model = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+        )
+    ).eval()
     float_model.save_pretrained(tmp_path)
-    q = tf.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+    q = tf.LlamaForCausalLM.from_pretrained(
+        tmp_path,
+        device_map="cpu",
+        quantization_config=tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    ).eval()
     from internals import peft_low_rank_decomposition
 
     from hookdelta.quantized import dequantize
@@ -151,14 +174,20 @@ def test_loftq_factors_carry_the_quantization_error(tmp_path):
         u, s, vh = torch.linalg.svd(w - quant, full_matrices=False)  # the reference: best rank-r approximation
         best = (u[:, :4] * s[:4]) @ vh[:4]
         half = piece.lora_A.dtype != torch.float32  # (transformers 4.x loads a 4-bit model in float16)
-        torch.testing.assert_close(piece.scale * piece.lora_B.float() @ piece.lora_A.float(), best,
-                                   rtol=1e-2 if half else 1e-4, atol=1e-3 if half else 1e-5)
+        torch.testing.assert_close(
+            piece.scale * piece.lora_B.float() @ piece.lora_A.float(),
+            best,
+            rtol=1e-2 if half else 1e-4,
+            atol=1e-3 if half else 1e-5,
+        )
         assert (w - quant - best).norm() < (w - quant).norm()
         theirs = split(w - quant, reduced_rank=4)  # PEFT's factors: A = R, B = L (hookdelta: B = L / s)
-        torch.testing.assert_close(piece.lora_A.float(), theirs["R"], rtol=1e-2 if half else 1e-4,
-                                   atol=1e-3 if half else 1e-5)
-        torch.testing.assert_close(piece.scale * piece.lora_B.float(), theirs["L"], rtol=1e-2 if half else 1e-4,
-                                   atol=1e-3 if half else 1e-5)
+        torch.testing.assert_close(
+            piece.lora_A.float(), theirs["R"], rtol=1e-2 if half else 1e-4, atol=1e-3 if half else 1e-5
+        )
+        torch.testing.assert_close(
+            piece.scale * piece.lora_B.float(), theirs["L"], rtol=1e-2 if half else 1e-4, atol=1e-3 if half else 1e-5
+        )
     ids = batches()[0]
     with torch.no_grad():
         err_after = (main_output(q(input_ids=ids)) - main_output(float_model(input_ids=ids))).abs().mean()
@@ -171,7 +200,9 @@ def test_a_data_init_delta_saves_for_peft_on_the_original_base(tmp_path):
     model, _, _ = build("llama")
     data = batches(n=2, batch=1)
     ours = copy.deepcopy(model)
-    delta = hd.inits.corda(ours, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [ours(input_ids=i) for i in data])
+    delta = hd.inits.corda(
+        ours, hd.LoRAConfig(r=2, targets=QV, init="corda"), lambda: [ours(input_ids=i) for i in data]
+    )
     with torch.no_grad():
         for p in delta.parameters():
             p.add_(0.05)
@@ -199,18 +230,28 @@ EVA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj"]
 def peft_eva(model, data, **kw):
     """PEFT's EVA directions {layer: A} and its LoRA model."""
     EvaConfig, get_eva_state_dict, initialize_lora_eva_weights = (
-        peft.EvaConfig, peft.get_eva_state_dict, peft.initialize_lora_eva_weights)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
-                          eva_config=EvaConfig(tau=0.9, **kw))
+        peft.EvaConfig,
+        peft.get_eva_state_dict,
+        peft.initialize_lora_eva_weights,
+    )
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva", eva_config=EvaConfig(tau=0.9, **kw)
+    )
     twin = peft.get_peft_model(copy.deepcopy(model), cfg, low_cpu_mem_usage=True)
     state = get_eva_state_dict(twin, data, show_progress_bar=False)
     initialize_lora_eva_weights(twin, eva_state_dict=state)
-    return twin, {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): p.detach()
-                  for n, p in twin.named_parameters() if n.endswith("lora_A.default.weight")}
+    return twin, {
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight"): p.detach()
+        for n, p in twin.named_parameters()
+        if n.endswith("lora_A.default.weight")
+    }
 
 
-@pytest.mark.parametrize("kw", [dict(rho=2.0), dict(rho=1.0), dict(rho=1.5, adjust_scaling_factors=False)],
-                         ids=["redistribute", "fixed-ranks", "fixed-alpha"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(rho=2.0), dict(rho=1.0), dict(rho=1.5, adjust_scaling_factors=False)],
+    ids=["redistribute", "fixed-ranks", "fixed-alpha"],
+)
 def test_eva_gives_peft_directions_and_ranks(kw):
     model, _, _ = build("llama")
     data = eva_data()
@@ -233,8 +274,14 @@ def test_eva_whitens_each_layer_once():
     data = eva_data()
     _, plain = peft_eva(model, data, rho=1.0)
     _, whitened = peft_eva(model, data, rho=1.0, whiten=True)
-    delta = hd.inits.eva(copy.deepcopy(model), hd.LoRAConfig(r=4, alpha=8, targets=EVA_TARGETS, init="eva"), data,
-                         tau=0.9, rho=1.0, whiten=True)
+    delta = hd.inits.eva(
+        copy.deepcopy(model),
+        hd.LoRAConfig(r=4, alpha=8, targets=EVA_TARGETS, init="eva"),
+        data,
+        tau=0.9,
+        rho=1.0,
+        whiten=True,
+    )
     for piece in delta.pieces.values():
         if piece.key.endswith("up_proj"):  # its own input: PEFT whitens it once
             torch.testing.assert_close(piece.lora_A, whitened[piece.key], rtol=1e-4, atol=1e-6)
@@ -242,7 +289,7 @@ def test_eva_whitens_each_layer_once():
         torch.testing.assert_close(piece.lora_A, plain[piece.key] * gain[:, None], rtol=1e-4, atol=1e-6)
         if not piece.key.endswith("up_proj"):  # PEFT's = plain / s^(3/2), ours = plain / s^(1/2)
             s_ = piece.lora_A.norm(dim=1) / whitened[piece.key].norm(dim=1)
-            torch.testing.assert_close(gain ** -2, s_, rtol=1e-3, atol=0)
+            torch.testing.assert_close(gain**-2, s_, rtol=1e-3, atol=0)
         if piece.key.endswith("q_proj"):  # q, k and v share one PCA: the same rows, whitened once
             k = delta.pieces[piece.key.replace("q_proj", "k_proj").replace(".", "-")]
             torch.testing.assert_close(k.lora_A, piece.lora_A, rtol=0, atol=0)

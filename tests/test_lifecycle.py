@@ -12,7 +12,6 @@ import hookdelta as hd
 pytestmark = pytest.mark.lora
 
 
-
 @pytest.fixture()
 def llama():
     return build("llama")
@@ -52,8 +51,10 @@ def test_one_hook_per_site_and_attach_order(llama):
     assert not torch.allclose(only_a, only_b)
     site = hd.deltas(model)["a"]._store().sites["model.layers.0.self_attn.q_proj"]
     assert [p.key for p in site.pieces] == ["model.layers.0.self_attn.q_proj"] * 2
-    assert [id(p) for p in site.pieces] == [id(a.pieces["model-layers-0-self_attn-q_proj"]),
-                                            id(b.pieces["model-layers-0-self_attn-q_proj"])]
+    assert [id(p) for p in site.pieces] == [
+        id(a.pieces["model-layers-0-self_attn-q_proj"]),
+        id(b.pieces["model-layers-0-self_attn-q_proj"]),
+    ]
     a.disable(), a.enable()  # order survives a disable/enable
     assert [id(p) for p in site.pieces][0] == id(a.pieces["model-layers-0-self_attn-q_proj"])
     assert torch.equal(outputs(model, inputs), both)
@@ -123,8 +124,10 @@ def test_unmerging_below_a_later_non_commuting_merge_is_refused(llama, later):
 def test_detach_in_any_order_restores_exactly(llama, order):
     model, inputs, targets = llama
     snap = snapshot(model)
-    ds = {n: hd.attach(model, hd.LoRAConfig(r=2, targets=t), name=n)
-          for n, t in zip("abc", [targets, ["q_proj"], "all-linear"], strict=True)}
+    ds = {
+        n: hd.attach(model, hd.LoRAConfig(r=2, targets=t), name=n)
+        for n, t in zip("abc", [targets, ["q_proj"], "all-linear"], strict=True)
+    }
     for i, d in enumerate(ds.values()):
         perturb(d, seed=i)
     ds["b"].merge()

@@ -33,10 +33,26 @@ from hookdelta.methods.adapter import ACTIVATIONS
 
 accelerate = pytest.importorskip("accelerate")
 
-pytestmark = [pytest.mark.lora, pytest.mark.bitfit, pytest.mark.ia3, pytest.mark.adapter, pytest.mark.loha,
-              pytest.mark.lokr, pytest.mark.vera, pytest.mark.oft, pytest.mark.boft, pytest.mark.fourierft,
-              pytest.mark.delora, pytest.mark.gralora, pytest.mark.miss, pytest.mark.c3a, pytest.mark.shira,
-              pytest.mark.vblora, pytest.mark.randlora, pytest.mark.adalora]
+pytestmark = [
+    pytest.mark.lora,
+    pytest.mark.bitfit,
+    pytest.mark.ia3,
+    pytest.mark.adapter,
+    pytest.mark.loha,
+    pytest.mark.lokr,
+    pytest.mark.vera,
+    pytest.mark.oft,
+    pytest.mark.boft,
+    pytest.mark.fourierft,
+    pytest.mark.delora,
+    pytest.mark.gralora,
+    pytest.mark.miss,
+    pytest.mark.c3a,
+    pytest.mark.shira,
+    pytest.mark.vblora,
+    pytest.mark.randlora,
+    pytest.mark.adalora,
+]
 
 LAYERS = ["a", "b", "c"]
 # (BOFT is left out: its output scale sets the layer's current bias aside, so the reference would
@@ -108,8 +124,13 @@ def weight_change(d, piece, p):
         return torch.fft.ifft2(dense).real * piece.scale
     if m == "delora":  # Σₖ λ/r · bₖaₖᵀ / (‖aₖ‖‖bₖ‖), columns scaled by the base's column norms
         a, b, lam = p["delora_A"], p["delora_B"], p["delora_lambda"]
-        dw = sum(lam / a.shape[0] * torch.outer(b[:, k], a[k]) / (a[k].norm().clamp(min=1e-4) * b[:, k].norm().clamp(min=1e-4))
-                 for k in range(a.shape[0]))
+        dw = sum(
+            lam
+            / a.shape[0]
+            * torch.outer(b[:, k], a[k])
+            / (a[k].norm().clamp(min=1e-4) * b[:, k].norm().clamp(min=1e-4))
+            for k in range(a.shape[0])
+        )
         return dw * piece.delora_w_norm.double()
     if m == "gralora":  # block (input n, output c): A[n][:, c-th rank group] @ B[c][n-th rank group]
         a, b, k = p["gralora_A"], p["gralora_B"], piece.k
@@ -117,8 +138,8 @@ def weight_change(d, piece, p):
         dw = torch.zeros(k * outs, k * ins, dtype=a.dtype)
         for n in range(k):
             for c in range(k):
-                block = a[n][:, c * s_:(c + 1) * s_] @ b[c][n * s_:(n + 1) * s_]
-                dw[c * outs:(c + 1) * outs, n * ins:(n + 1) * ins] = block.T
+                block = a[n][:, c * s_ : (c + 1) * s_] @ b[c][n * s_ : (n + 1) * s_]
+                dw[c * outs : (c + 1) * outs, n * ins : (n + 1) * ins] = block.T
         return dw * piece.scale
     if m == "miss":  # ΔW[o, i] = block[i mod r, o]
         block = p["miss_block"]
@@ -143,14 +164,16 @@ def weight_change(d, piece, p):
         def mix(logits):
             top, idx = logits.topk(piece.topk, dim=-1)
             return (torch.softmax(top, -1)[..., None] * bank[idx]).sum(-2)
+
         a = mix(p["vblora_logits_A"]).reshape(piece.r, -1)
         b = mix(p["vblora_logits_B"]).transpose(1, 2).reshape(-1, piece.r)
         return b @ a
     if m == "randlora":  # PEFT's: scaled bases λ ⊙ A ⊙ γ against the shared B, in PEFT's index order
         bases = d.pieces["randlora_bases"]
         small, big, n = min(piece.in_f, piece.out_f), max(piece.in_f, piece.out_f), piece.n_bases
-        scaled = (p["randlora_lambda"][:, :, None] * bases.randlora_A.double()[:, :n, :small]
-                  * p["randlora_gamma"][None]).flatten(end_dim=1)
+        scaled = (
+            p["randlora_lambda"][:, :, None] * bases.randlora_A.double()[:, :n, :small] * p["randlora_gamma"][None]
+        ).flatten(end_dim=1)
         up = bases.randlora_B.double()[:big, :n, :].flatten(start_dim=1)
         dw = up @ scaled if small == piece.in_f else (scaled.T @ up.T)
         return dw * piece.scale
@@ -186,9 +209,11 @@ def reference(model, base, x, hooks=(), only=None):
         inp = h
         # OFT rotates the layer's input in a pre-hook: the layer, every post piece and every user
         # hook there see the rotated input (in attach order when several rotate)
-        rotations = sorted((d.pieces[name].stamp, d) for d in hd.deltas(model).values()
-                           if d.enabled and d.method in ("oft", "boft") and name in d.pieces
-                           and (only is None or d.name in only))
+        rotations = sorted(
+            (d.pieces[name].stamp, d)
+            for d in hd.deltas(model).values()
+            if d.enabled and d.method in ("oft", "boft") and name in d.pieces and (only is None or d.name in only)
+        )
         eye = torch.eye(2, dtype=h.dtype)
         for _, d in rotations:  # 2×2 Cayley blocks (I − Q)(I + Q)⁻¹, Q = [[0, v], [−v, 0]]
             if d.method == "oft":
@@ -199,8 +224,11 @@ def reference(model, base, x, hooks=(), only=None):
             skew = [torch.tensor([[0.0, v], [-v, 0.0]], dtype=h.dtype) for v in vs]
             inp = inp @ torch.block_diag(*[torch.linalg.solve(eye + k, eye - k, left=False) for k in skew])
         h = inp @ base[f"{name}.weight"].T + base[f"{name}.bias"]
-        steps = [(d.pieces[name].stamp, d) for d in hd.deltas(model).values()
-                 if d.enabled and d.method != "oft" and name in d.pieces and (only is None or d.name in only)]
+        steps = [
+            (d.pieces[name].stamp, d)
+            for d in hd.deltas(model).values()
+            if d.enabled and d.method != "oft" and name in d.pieces and (only is None or d.name in only)
+        ]
         steps += [(key, fn) for key, layer, fn in hooks if layer == name]
         for _, d in sorted(steps, key=lambda step: step[0]):
             if not isinstance(d, hd.Delta):
@@ -233,7 +261,9 @@ def reference(model, base, x, hooks=(), only=None):
                 h = h + p["vera_lambda_b"] * ((p["vera_lambda_d"] * (inp @ a.T)) @ b.T)
             else:
                 f = ACTIVATIONS[d.pieces[name].non_linearity]
-                h = h + d.pieces[name].scale * (f(h @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"])
+                h = h + d.pieces[name].scale * (
+                    f(h @ p["down.weight"].T + p["down.bias"]) @ p["up.weight"].T + p["up.bias"]
+                )
         if i < 2:
             h = torch.tanh(h)
     return h
@@ -285,8 +315,9 @@ class Lifecycle(RuleBasedStateMachine):
             d = hd.attach(self.model, config(method, layers, r), name=f"d{self.count}")
         except hd.UnsupportedModuleError as exc:
             assert "rewrites the input" in str(exc)
-            assert any(p.rewrites_input for dd in hd.deltas(self.model).values() for p in dd.pieces.values()
-                       if p.key in layers)
+            assert any(
+                p.rewrites_input for dd in hd.deltas(self.model).values() for p in dd.pieces.values() if p.key in layers
+            )
             assert_state(self.model, before)
             return None
         perturb(d, std=0.3, seed=self.count)
@@ -306,8 +337,10 @@ class Lifecycle(RuleBasedStateMachine):
         """Whether a user hook was registered before the delta at one of its layers (it must then
         refuse to merge: the hook would see the merged delta). Not for input rewrites (OFT): an
         earlier hook sees their effect on the output merged or not."""
-        return any(layer in d.pieces and key < d.pieces[layer].stamp and not d.pieces[layer].rewrites_input
-                   for key, layer, _, _ in self.hooks)
+        return any(
+            layer in d.pieces and key < d.pieces[layer].stamp and not d.pieces[layer].rewrites_input
+            for key, layer, _, _ in self.hooks
+        )
 
     @rule(data=st.data(), kind=st.sampled_from(sorted(USER_HOOKS)))
     def user_hook(self, data, kind):
@@ -325,8 +358,11 @@ class Lifecycle(RuleBasedStateMachine):
         entry[3].remove()
         self.hooks.remove(entry)
 
-    @rule(method=st.sampled_from(METHODS), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
-          r=st.integers(1, 3))
+    @rule(
+        method=st.sampled_from(METHODS),
+        layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
+        r=st.integers(1, 3),
+    )
     def attach(self, method, layers, r):
         self.new(method, layers, r)
 
@@ -381,8 +417,9 @@ class Lifecycle(RuleBasedStateMachine):
             d.merge()
         except (hd.MergeError, hd.DeltaStateError):  # not mergeable, disabled, would not commute, offloaded
             assert_state(self.model, before)
-            assert (not d.enabled or d.method == "adapter" or len(self.names()) > 1 or self.hook_ahead(d)
-                    or self.offloaded)
+            assert (
+                not d.enabled or d.method == "adapter" or len(self.names()) > 1 or self.hook_ahead(d) or self.offloaded
+            )
         else:
             assert not self.offloaded and not self.hook_ahead(d)
 
@@ -437,8 +474,9 @@ class Lifecycle(RuleBasedStateMachine):
         """A weighted combination of LoRA deltas: with `cat` (or `linear` of one delta) each layer's
         update is exactly sum(w·s·B·A) of the sources; deltas on other layers are refused."""
         loras = [n for n, d in hd.deltas(self.model).items() if d.method == "lora"]
-        chosen = data.draw(st.lists(st.sampled_from(loras), min_size=1, max_size=1 if how == "linear" else 3,
-                                    unique=True))
+        chosen = data.draw(
+            st.lists(st.sampled_from(loras), min_size=1, max_size=1 if how == "linear" else 3, unique=True)
+        )
         weights = {n: data.draw(st.floats(-1.5, 1.5, allow_nan=False)) for n in chosen}
         sources = [hd.deltas(self.model)[n] for n in chosen]
         before = state(self.model)
@@ -451,18 +489,28 @@ class Lifecycle(RuleBasedStateMachine):
             return
         except hd.UnsupportedModuleError as e:  # the new delta would go on top of an input rewrite, or
             # a source's update is more than s·B·A (PiSSA: s·(B·A − B₀·A₀)), which combining B and A would lose
-            assert "rewrites the input" in str(e) or ("PiSSA" in str(e) and any(
-                d.config.init == "pissa" for d in sources))
+            assert "rewrites the input" in str(e) or (
+                "PiSSA" in str(e) and any(d.config.init == "pissa" for d in sources)
+            )
             assert_state(self.model, before)
             return
         for piece in new.pieces.values():
             got = piece.scale * piece.lora_B.detach().double() @ piece.lora_A.detach().double()
-            want = sum(weights[d.name] * d.piece(piece.key).scale * d.piece(piece.key).lora_B.detach().double()
-                       @ d.piece(piece.key).lora_A.detach().double() for d in sources)
+            want = sum(
+                weights[d.name]
+                * d.piece(piece.key).scale
+                * d.piece(piece.key).lora_B.detach().double()
+                @ d.piece(piece.key).lora_A.detach().double()
+                for d in sources
+            )
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-    @rule(method=st.sampled_from(METHODS), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=2, unique=True),
-          nested=st.sampled_from(["none", "attach", "disabled"]), fail=st.sampled_from(["no", "inner", "outer"]))
+    @rule(
+        method=st.sampled_from(METHODS),
+        layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=2, unique=True),
+        nested=st.sampled_from(["none", "attach", "disabled"]),
+        fail=st.sampled_from(["no", "inner", "outer"]),
+    )
     def with_block(self, method, layers, nested, fail):
         before = state(self.model)
         with torch.no_grad():
@@ -503,8 +551,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.model.float()
         assert_state(self.model, before)
         # .double()/.float() give the parameters new storage (torch's doing): track the new addresses
-        self.snap["ptrs"] = {n: p.data_ptr() for n, p in self.model.named_parameters(remove_duplicate=False)
-                             if n in self.snap["ptrs"]}
+        self.snap["ptrs"] = {
+            n: p.data_ptr() for n, p in self.model.named_parameters(remove_duplicate=False) if n in self.snap["ptrs"]
+        }
 
     @precondition(lambda self: not self.offloaded)
     @rule()
@@ -515,8 +564,9 @@ class Lifecycle(RuleBasedStateMachine):
         before = state(self.model)
         for d in list(hd.deltas(clone).values())[::-1]:  # tearing the copy down leaves the model alone
             d.detach()
-        assert hd.deltas(clone) == {} and not any(is_ours(h) for m in clone.modules()
-                                                  for h in [*forward_hooks(m).values(), *forward_pre_hooks(m).values()])
+        assert hd.deltas(clone) == {} and not any(
+            is_ours(h) for m in clone.modules() for h in [*forward_hooks(m).values(), *forward_pre_hooks(m).values()]
+        )
         base = clone.state_dict()
         assert all(same_bits(base[k], self.snap["params"][k]) for k in self.snap["params"])
         assert {n: p.requires_grad for n, p in clone.named_parameters()} == self.snap["flags"]
@@ -558,8 +608,11 @@ class OffloadedLifecycle(Lifecycle):
 class CatalogueLifecycle(Lifecycle):
     """The same machine, also attaching the catalogue's additive weight methods."""
 
-    @rule(method=st.sampled_from(CATALOGUE), layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
-          r=st.integers(1, 3))
+    @rule(
+        method=st.sampled_from(CATALOGUE),
+        layers=st.lists(st.sampled_from(LAYERS), min_size=1, max_size=3, unique=True),
+        r=st.integers(1, 3),
+    )
     def attach_catalogue(self, method, layers, r):
         self.new(method, layers, r)
 
@@ -581,16 +634,19 @@ def test_lifecycle_random_seed():
 
 
 def test_lifecycle_with_the_catalogue_methods():
-    run_state_machine_as_test(CatalogueLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 2),
-                                                                    derandomize=True, **SETTINGS))
+    run_state_machine_as_test(
+        CatalogueLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 2), derandomize=True, **SETTINGS)
+    )
 
 
 def test_lifecycle_on_an_offloaded_model():
-    run_state_machine_as_test(OffloadedLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 4),
-                                                                    derandomize=True, **SETTINGS))
+    run_state_machine_as_test(
+        OffloadedLifecycle, settings=settings(max_examples=max(20, EXAMPLES // 4), derandomize=True, **SETTINGS)
+    )
 
 
 # -- the test can fail: planted bugs it must catch ------------------------------------------
+
 
 def _skip_flag_restore(monkeypatch):
     from hookdelta.store import DeltaStore
@@ -624,11 +680,26 @@ def _merge_ignores_user_hooks(monkeypatch):
     monkeypatch.setattr(Site, "foreign_clash", lambda self, piece: None)
 
 
-@pytest.mark.parametrize("plant", [_skip_flag_restore, _ia3_merge_forgets_bias, _disable_keeps_hooks,
-                                   _hooks_go_back_at_the_end, _merge_ignores_user_hooks])
+@pytest.mark.parametrize(
+    "plant",
+    [
+        _skip_flag_restore,
+        _ia3_merge_forgets_bias,
+        _disable_keeps_hooks,
+        _hooks_go_back_at_the_end,
+        _merge_ignores_user_hooks,
+    ],
+)
 def test_the_machine_catches_a_planted_bug(plant, monkeypatch):
     plant(monkeypatch)
     with pytest.raises(AssertionError):
-        run_state_machine_as_test(Lifecycle, settings=settings(
-            max_examples=300, derandomize=True, phases=[Phase.generate], report_multiple_bugs=False,
-            **{**SETTINGS, "stateful_step_count": 25}))
+        run_state_machine_as_test(
+            Lifecycle,
+            settings=settings(
+                max_examples=300,
+                derandomize=True,
+                phases=[Phase.generate],
+                report_multiple_bugs=False,
+                **{**SETTINGS, "stateful_step_count": 25},
+            ),
+        )

@@ -36,8 +36,15 @@ def run(tmp_path, steps, callbacks, resume=None, seed=0):
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     module = Module(model)
     every = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[every, *callbacks(delta)], deterministic=True)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[every, *callbacks(delta)],
+        deterministic=True,
+    )
     trainer.fit(module, batches(), ckpt_path=resume)
     return {k: v.detach().clone() for k, v in delta.state_dict().items()}
 

@@ -52,9 +52,18 @@ def smollm2():
 
 def moe():
     torch.manual_seed(0)
-    model = tf.MixtralForCausalLM(tf.MixtralConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                                                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                                   num_local_experts=8, num_experts_per_tok=2))
+    model = tf.MixtralForCausalLM(
+        tf.MixtralConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+        )
+    )
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids, "labels": ids}, lambda out: out.loss
 

@@ -29,8 +29,8 @@ def manual_delta_weight(layer: nn.Module, piece, s: float) -> torch.Tensor:
         r = A.shape[0] // g
         blocks = []
         for j in range(g):
-            a = A[j * r:(j + 1) * r].reshape(r, -1)
-            b = B[j * (out // g):(j + 1) * (out // g)].reshape(out // g, r)
+            a = A[j * r : (j + 1) * r].reshape(r, -1)
+            b = B[j * (out // g) : (j + 1) * (out // g)].reshape(out // g, r)
             blocks.append((b @ a).reshape(out // g, *layer.weight.shape[1:]))
         return s * torch.cat(blocks)
     dw = s * (B @ A)
@@ -174,8 +174,15 @@ def test_gaussian_init_and_lora_only_bias():
 def test_tied_embedding_and_head_stay_tied():
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     model = tf.LlamaForCausalLM(cfg).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 50, (2, 6))
@@ -187,8 +194,9 @@ def test_tied_embedding_and_head_stay_tied():
     piece = delta.pieces["model-embed_tokens"]
     w = model.model.embed_tokens.weight.detach() + piece.scale * (piece.lora_B @ piece.lora_A).T.detach()
     with delta.disabled():
-        expected = functional_call(model, {"model.embed_tokens.weight": w, "lm_head.weight": w},
-                                   (), {"input_ids": ids}, tie_weights=True).logits
+        expected = functional_call(
+            model, {"model.embed_tokens.weight": w, "lm_head.weight": w}, (), {"input_ids": ids}, tie_weights=True
+        ).logits
     torch.testing.assert_close(unmerged, expected, rtol=1e-4, atol=1e-5)
     delta.merge()
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -203,8 +211,15 @@ def test_a_tied_weight_with_a_pissa_start_is_refused_not_half_applied():
     too; the tied end used s·B·A alone before (a fresh delta changed the embeddings)."""
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    cfg = tf.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     model = tf.LlamaForCausalLM(cfg).eval()
     with pytest.raises(hd.UnsupportedModuleError, match="shares its weight"):
         hd.attach(model, hd.LoRAConfig(r=2, init="pissa", targets="lm_head"))

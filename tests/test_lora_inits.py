@@ -26,8 +26,9 @@ def out(model, inputs):
 
 
 def twin(model, arch, init, r=4, alpha=8, **kw):
-    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS[arch], init_lora_weights=init,
-                          fan_in_fan_out=arch == "gpt2", **kw)
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=TARGETS[arch], init_lora_weights=init, fan_in_fan_out=arch == "gpt2", **kw
+    )
     return peft.get_peft_model(copy.deepcopy(model), cfg).eval()
 
 
@@ -40,8 +41,10 @@ def nudge(tensors, seed=3):
 
 # (PEFT 0.21's OLoRA ignores fan_in_fan_out: on GPT-2's Conv1D it factors the [in, out] weight and
 # gives lora_A the wrong shape, so that pair has no PEFT reference)
-@pytest.mark.parametrize("arch,init", [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "pissa_niter_4"),
-                                       ("gpt2", "pissa_niter_4"), ("llama", "olora")])
+@pytest.mark.parametrize(
+    "arch,init",
+    [("llama", "pissa"), ("gpt2", "pissa"), ("llama", "pissa_niter_4"), ("gpt2", "pissa_niter_4"), ("llama", "olora")],
+)
 def test_principal_inits_equal_peft_and_change_nothing_at_first(arch, init, tmp_path):
     model, inputs, _ = build(arch)
     bare, snap = out(model, inputs), snapshot(model)
@@ -58,8 +61,10 @@ def test_principal_inits_equal_peft_and_change_nothing_at_first(arch, init, tmp_
     # the same training step on both: equal outputs (ours on W, PEFT's on its residual base)
     nudge([p.lora_A for p in delta.pieces.values()] + [p.lora_B for p in delta.pieces.values()])
     keys = [p.key for p in delta.pieces.values()]
-    nudge([theirs.base_model.model.get_submodule(k).lora_A["default"].weight for k in keys]
-          + [theirs.base_model.model.get_submodule(k).lora_B["default"].weight for k in keys])
+    nudge(
+        [theirs.base_model.model.get_submodule(k).lora_A["default"].weight for k in keys]
+        + [theirs.base_model.model.get_submodule(k).lora_B["default"].weight for k in keys]
+    )
     ours = out(model, inputs)
     assert not torch.allclose(ours, bare, atol=1e-4)
     torch.testing.assert_close(ours, out(theirs, inputs), rtol=1e-4, atol=1e-5)
@@ -118,12 +123,15 @@ def test_orthogonal_init_equals_peft():
     torch.testing.assert_close(out(model, inputs), out(theirs, inputs), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg,error", [
-    (dict(r=3, init="orthogonal", targets=["q_proj"]), hd.ConfigError),
-    (dict(r=4, init="pissa", targets=["embed_tokens"]), hd.UnsupportedModuleError),
-    (dict(r=4, init="pissa_niter_0"), hd.ConfigError),
-    (dict(r=4, init="pissa", use_dora=True), hd.ConfigError),
-])
+@pytest.mark.parametrize(
+    "cfg,error",
+    [
+        (dict(r=3, init="orthogonal", targets=["q_proj"]), hd.ConfigError),
+        (dict(r=4, init="pissa", targets=["embed_tokens"]), hd.UnsupportedModuleError),
+        (dict(r=4, init="pissa_niter_0"), hd.ConfigError),
+        (dict(r=4, init="pissa", use_dora=True), hd.ConfigError),
+    ],
+)
 def test_inits_refused_clearly(cfg, error):
     model, _, _ = build("llama")
     snap = snapshot(model)
@@ -135,8 +143,9 @@ def test_inits_refused_clearly(cfg, error):
 def test_lora_bias_both_ways_with_peft(tmp_path):
     """PEFT's lora_bias (a trainable bias on B) is hookdelta's bias='lora_only'."""
     model, inputs, _ = build("llama")
-    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
-                                                                       lora_bias=True))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_bias=True)
+    )
     nudge([p for n, p in theirs.named_parameters() if "lora_" in n])
     theirs.save_pretrained(tmp_path / "theirs")
     ours = copy.deepcopy(model)

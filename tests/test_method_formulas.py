@@ -72,8 +72,14 @@ def test_compacter_formula_kronecker_sum(factorized, shared):
     model, x = linear_case()
     with torch.no_grad():
         h = model.layer(x)
-    cfg = hd.CompacterConfig(targets="layer", bottleneck_dim=4, phm_dim=2, factorized_phm=factorized,
-                             shared_phm_rule=shared, non_linearity="relu")
+    cfg = hd.CompacterConfig(
+        targets="layer",
+        bottleneck_dim=4,
+        phm_dim=2,
+        factorized_phm=factorized,
+        shared_phm_rule=shared,
+        non_linearity="relu",
+    )
     d = hd.attach(model, cfg)
     perturb(d)
     p = tensors(d)
@@ -253,8 +259,9 @@ def test_prefix_attention_equals_hand_computed_attention():
     perturb(d)
     attn = model.bert.encoder.layer[0].attention.self
     seen = {}
-    handle = attn.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw.get("hidden_states", a[0] if a else None), out=out[0]),
-                                        with_kwargs=True)
+    handle = attn.register_forward_hook(
+        lambda m, a, kw, out: seen.update(x=kw.get("hidden_states", a[0] if a else None), out=out[0]), with_kwargs=True
+    )
     with torch.no_grad():
         model(**inputs)
     handle.remove()
@@ -295,7 +302,9 @@ def test_prefix_from_vocab_starts_as_the_models_own_keys_for_real_tokens():
     ids = torch.randint(0, model.config.vocab_size, (1, 3))
     emb = model.bert.embeddings
     with torch.no_grad():
-        x = emb.LayerNorm(emb.word_embeddings(ids) + emb.position_embeddings.weight[:3] + emb.token_type_embeddings.weight[0])
+        x = emb.LayerNorm(
+            emb.word_embeddings(ids) + emb.position_embeddings.weight[:3] + emb.token_type_embeddings.weight[0]
+        )
         keys = model.bert.encoder.layer[0].attention.self.key(x)[0]  # [3, hidden]
     prefix = tensors(d).embedding.reshape(3, 2, 2, 4, 8)[:, 0, 0].reshape(3, 32)  # layer 0, keys, heads joined
     torch.testing.assert_close(prefix, keys)

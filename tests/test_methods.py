@@ -19,7 +19,12 @@ FIVE = ["bert", "gpt2", "llama", "t5", "opt"]
 # method id -> (config, architectures, mergeable, no-op when fresh)
 METHODS = {
     "adapter": (lambda: hd.AdapterConfig(bottleneck_dim=8), FIVE, False, True),
-    "adapter_pfeiffer": (lambda: hd.AdapterConfig(bottleneck_dim=8, placement="pfeiffer", non_linearity="gelu"), FIVE, False, True),
+    "adapter_pfeiffer": (
+        lambda: hd.AdapterConfig(bottleneck_dim=8, placement="pfeiffer", non_linearity="gelu"),
+        FIVE,
+        False,
+        True,
+    ),
     "parallel_adapter": (lambda: hd.ParallelAdapterConfig(bottleneck_dim=8), FIVE, False, True),
     "low_rank_adapter": (lambda: hd.LowRankAdapterConfig(bottleneck_dim=8, rank=2), FIVE, False, True),
     "compacter": (lambda: hd.CompacterConfig(bottleneck_dim=8, phm_dim=4), FIVE, False, True),
@@ -53,23 +58,41 @@ METHODS = {
     "soft_prompt": (lambda: hd.SoftPromptConfig(num_virtual_tokens=3), FIVE, False, False),
     "llama_adapter": (lambda: hd.LlamaAdapterConfig(adapter_len=3, adapter_layers=2), ["llama", "gpt2"], False, True),
     "p_tuning": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), FIVE, False, False),
-    "p_tuning_lstm": (lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder="LSTM", encoder_hidden_size=8),
-                      ["llama"], False, False),
+    "p_tuning_lstm": (
+        lambda: hd.PTuningConfig(num_virtual_tokens=3, encoder="LSTM", encoder_hidden_size=8),
+        ["llama"],
+        False,
+        False,
+    ),
     "prefix": (lambda: hd.PrefixConfig(num_virtual_tokens=3), ["bert", "gpt2", "llama", "opt"], False, False),
-    "prefix_mlp": (lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
-                   ["llama"], False, False),
+    "prefix_mlp": (
+        lambda: hd.PrefixConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+        ["llama"],
+        False,
+        False,
+    ),
 }
-MARK = {"road_4": "road", "p_tuning_lstm": "p_tuning", "pissa": "lora", "adapter_pfeiffer": "adapter", "prefix_mlp": "prefix", "loreft": "reft", "direft": "reft"}
+MARK = {
+    "road_4": "road",
+    "p_tuning_lstm": "p_tuning",
+    "pissa": "lora",
+    "adapter_pfeiffer": "adapter",
+    "prefix_mlp": "prefix",
+    "loreft": "reft",
+    "direft": "reft",
+}
 
-CASES = [pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
-         for m, (_, archs, _, _) in METHODS.items() for a in archs]
+CASES = [
+    pytest.param(m, a, id=f"{m}-{a}", marks=getattr(pytest.mark, MARK.get(m, m)))
+    for m, (_, archs, _, _) in METHODS.items()
+    for a in archs
+]
 
 
 def render(model):
     out = io.StringIO()
     hd.visualize(model, console=Console(file=out, width=160))
     return out.getvalue()
-
 
 
 def last_position(out):
@@ -180,8 +203,12 @@ def test_stacks_with_lora_and_detaches_independently(method, arch, first_out):
 @pytest.mark.ia3
 def test_ia3_with_callable_selectors_saves_and_loads(tmp_path):
     model, inputs, _ = build("llama")
-    d = hd.attach(model, hd.IA3Config(targets=lambda n, m: n.endswith("v_proj"),
-                                      feedforward_targets=lambda n, m: n.endswith("down_proj")))
+    d = hd.attach(
+        model,
+        hd.IA3Config(
+            targets=lambda n, m: n.endswith("v_proj"), feedforward_targets=lambda n, m: n.endswith("down_proj")
+        ),
+    )
     perturb(d, std=0.3)
     out = outputs(model, inputs)
     d.save(tmp_path / "d")
@@ -191,21 +218,27 @@ def test_ia3_with_callable_selectors_saves_and_loads(tmp_path):
     assert torch.equal(outputs(model, inputs), out)
 
 
-@pytest.mark.parametrize("first,second,merge,allowed", [
-    ("lora", "ia3", "lora", True),     # IA3 attached later wraps LoRA's sum: merging LoRA below it keeps l⊙(Wx+BAx)
-    ("lora", "ia3", "ia3", False),     # merging IA3 would give lW·x + BAx instead of l⊙(Wx + BAx)
-    ("ia3", "lora", "ia3", True),      # l⊙Wx + BAx either way
-    ("ia3", "lora", "lora", False),    # merging LoRA would scale its term by l
-    ("lora", "bitfit", "lora", True),  # two additive terms commute
-    ("bitfit", "lora", "lora", True),
-    ("lora", "dora", "lora", False),   # DoRA reads the weight: a merge below it changes its norm
-])
+@pytest.mark.parametrize(
+    "first,second,merge,allowed",
+    [
+        ("lora", "ia3", "lora", True),  # IA3 attached later wraps LoRA's sum: merging LoRA below it keeps l⊙(Wx+BAx)
+        ("lora", "ia3", "ia3", False),  # merging IA3 would give lW·x + BAx instead of l⊙(Wx + BAx)
+        ("ia3", "lora", "ia3", True),  # l⊙Wx + BAx either way
+        ("ia3", "lora", "lora", False),  # merging LoRA would scale its term by l
+        ("lora", "bitfit", "lora", True),  # two additive terms commute
+        ("bitfit", "lora", "lora", True),
+        ("lora", "dora", "lora", False),  # DoRA reads the weight: a merge below it changes its norm
+    ],
+)
 def test_merge_in_a_stack_is_exact_or_refused(first, second, merge, allowed):
     """Merging one of two deltas on the same layers keeps the output (checked against the
     unmerged stack), or is refused with the model unchanged."""
-    make = {"lora": lambda: hd.LoRAConfig(r=2, targets="layer"), "ia3": lambda: hd.IA3Config(targets="layer"),
-            "bitfit": lambda: hd.BitFitConfig(targets="layer"),
-            "dora": lambda: hd.LoRAConfig(r=2, targets="layer", use_dora=True)}
+    make = {
+        "lora": lambda: hd.LoRAConfig(r=2, targets="layer"),
+        "ia3": lambda: hd.IA3Config(targets="layer"),
+        "bitfit": lambda: hd.BitFitConfig(targets="layer"),
+        "dora": lambda: hd.LoRAConfig(r=2, targets="layer", use_dora=True),
+    }
     from tiny_models import Holder
 
     torch.manual_seed(0)

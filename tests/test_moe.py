@@ -30,20 +30,65 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 # every model type with a mixture-of-experts layer that builds from a tiny config here (the
 # newer ones exist only in newer transformers releases: skipped where the release lacks them)
-MOE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared",
-             "phimoe", "minimax", "deepseek_v2", "deepseek_v3", "jamba", "gpt_oss", "glm4_moe",
-             "ernie4_5_moe", "llama4_text", "jetmoe", "switch_transformers", "qwen3_vl_moe_text",
-             "exaone_moe", "cohere2_moe", "minimax_m2", "hy_v3", "solar_open", "lara_mini"]
+MOE_TYPES = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "granitemoeshared",
+    "phimoe",
+    "minimax",
+    "deepseek_v2",
+    "deepseek_v3",
+    "jamba",
+    "gpt_oss",
+    "glm4_moe",
+    "ernie4_5_moe",
+    "llama4_text",
+    "jetmoe",
+    "switch_transformers",
+    "qwen3_vl_moe_text",
+    "exaone_moe",
+    "cohere2_moe",
+    "minimax_m2",
+    "hy_v3",
+    "solar_open",
+    "lara_mini",
+]
 # (qwen3_next, granitemoehybrid, nemotron_h and dbrx need hybrid or nested configs that the generic
 # shrinking does not give; their roles were checked by hand when this list was made)
 EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-SMALL = {"num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-         "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_intermediate_size": 16,
-         "shared_expert_intermediate_size": 32, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1}
+SMALL = {
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "n_routed_experts": 4,
+    "moe_num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "top_k": 2,
+    "moe_intermediate_size": 16,
+    "shared_expert_intermediate_size": 32,
+    "n_group": 1,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+}
 
-MOE_FIXES = {"deepseek_v2": dict(qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16,
-                                 num_key_value_heads=4, head_dim=4, qk_head_dim=12, num_experts_per_tok=2,
-                                 n_routed_experts=4, moe_intermediate_size=16)}
+MOE_FIXES = {
+    "deepseek_v2": dict(
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        num_key_value_heads=4,
+        head_dim=4,
+        qk_head_dim=12,
+        num_experts_per_tok=2,
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+    )
+}
 
 
 def moe_model(model_type: str):
@@ -53,9 +98,13 @@ def moe_model(model_type: str):
     except (ValueError, KeyError):
         pytest.skip(f"transformers {tf.__version__} has no model type {model_type!r}")
     from test_roles import FIXES
+
     before = FIXES.get(model_type)
-    FIXES[model_type] = {**{k: v for k, v in SMALL.items() if _has(config, k)}, **MOE_FIXES.get(model_type, {}),
-                         **(before or {})}
+    FIXES[model_type] = {
+        **{k: v for k, v in SMALL.items() if _has(config, k)},
+        **MOE_FIXES.get(model_type, {}),
+        **(before or {}),
+    }
     try:
         try:
             return build_type(model_type)
@@ -162,14 +211,18 @@ def test_methods_that_cannot_take_fused_experts_say_so_and_leave_the_model_untou
     if not hasattr(model, "set_experts_implementation"):
         pytest.skip("transformers 4 keeps one nn.Linear per expert: every method takes them")
     snap = snapshot(model)
-    for cfg in (hd.LoHaConfig(targets="ffn.in"), hd.OFTConfig(oft_block_size=4, targets="ffn.out"),
-                hd.BitFitConfig(targets="ffn.in")):
+    for cfg in (
+        hd.LoHaConfig(targets="ffn.in"),
+        hd.OFTConfig(oft_block_size=4, targets="ffn.out"),
+        hd.BitFitConfig(targets="ffn.in"),
+    ):
         with pytest.raises(hd.UnsupportedModuleError, match="fused experts tensor.*LoRA.*IA3 adapt it per expert"):
             hd.attach(model, cfg)
         assert_restored(model, snap)
 
 
 # -- the formula per expert, forward and backward ---------------------------------------------------
+
 
 def fused_mixtral(implementation: str = "grouped_mm"):
     model, inputs, _ = build("mixtral")
@@ -223,8 +276,10 @@ def test_a_lora_on_fused_experts_is_the_per_expert_formula_forward_and_backward(
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)  # (float32 sums against float64)
     # backward: the gradients of the factors against autograd through the formula (float64)
     got.square().sum().backward()
-    leaves = {n: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_(), s)
-              for n, (a, b, s) in lora.items()}
+    leaves = {
+        n: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_(), s)
+        for n, (a, b, s) in lora.items()
+    }
     experts_by_hand(block, x, leaves).square().sum().backward()
     for n, p in pieces.items():
         for got_g, want_g in ((p.lora_A.grad, leaves[n][0].grad), (p.lora_B.grad, leaves[n][1].grad)):
@@ -241,8 +296,10 @@ def test_dora_and_ia3_on_fused_experts_are_their_per_expert_formulas():
     perturb(dora, std=0.2)
     with torch.no_grad():
         got = block(x)
-    factors = {p.param_name: (p.lora_A.detach(), p.lora_B.detach(), float(p.scale), p.magnitude.detach())
-               for p in dora.pieces.values()}
+    factors = {
+        p.param_name: (p.lora_A.detach(), p.lora_B.detach(), float(p.scale), p.magnitude.detach())
+        for p in dora.pieces.values()
+    }
     dora.detach()
     assert_restored(model, snap)
     with torch.no_grad():  # m ⊙ (W + s·B·A) / ‖W + s·B·A‖, the norm per expert and output row
@@ -269,6 +326,7 @@ def test_dora_and_ia3_on_fused_experts_are_their_per_expert_formulas():
 
 # -- PEFT's files, the per-expert layout, and the lifecycle ------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 def test_peft_target_parameters_files_both_ways(model_type, tmp_path):
     peft = pytest.importorskip("peft")
@@ -276,8 +334,9 @@ def test_peft_target_parameters_files_both_ways(model_type, tmp_path):
     if not any(p.dim() == 3 for p in model.parameters()):
         pytest.skip("transformers 4 keeps one nn.Linear per expert")
     targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
-                                                                      target_parameters=targets))
+    twin = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=targets)
+    )
     with torch.no_grad():
         for n, p in twin.named_parameters():
             if "lora_" in n:
@@ -291,6 +350,7 @@ def test_peft_target_parameters_files_both_ways(model_type, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(_first(ours(**inputs)), want, rtol=1e-5, atol=1e-5)
     from packaging.version import Version
+
     if Version(peft.__version__) < Version("0.20"):
         return  # (older PEFT reads 3-D targets in another layout; hookdelta writes 0.20's, see peft_parameter_factors)
     delta.save_peft(tmp_path / "ours")
@@ -313,8 +373,10 @@ def test_the_per_expert_layout_holds_each_experts_update_under_the_checkpoint_na
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert "target_parameters" not in config
     # the checkpoint's names (what transformers reads from the hub and vLLM serves)
-    gate, up, down, block = {"mixtral": ("w1", "w3", "w2", "block_sparse_moe"),
-                             "qwen3_moe": ("gate_proj", "up_proj", "down_proj", "mlp")}[model_type]
+    gate, up, down, block = {
+        "mixtral": ("w1", "w3", "w2", "block_sparse_moe"),
+        "qwen3_moe": ("gate_proj", "up_proj", "down_proj", "mlp"),
+    }[model_type]
     key = f"base_model.model.layers.0.{block}.experts.1.{gate}.lora_A.weight"
     assert key in tensors, sorted(tensors)[:8]
     # rebuild each expert's fused update from the file alone: [gate; up] rows and down, s = alpha / r
@@ -328,6 +390,7 @@ def test_the_per_expert_layout_holds_each_experts_update_under_the_checkpoint_na
 
             def upd(e, name, pre=pre):
                 return s * tensors[f"{pre}.{e}.{name}.lora_B.weight"] @ tensors[f"{pre}.{e}.{name}.lora_A.weight"]
+
             ex.gate_up_proj += torch.stack([torch.cat([upd(e, gate), upd(e, up)]) for e in range(experts)])
             ex.down_proj += torch.stack([upd(e, down) for e in range(experts)])
             attn = model.layers[layer].self_attn.q_proj
@@ -403,8 +466,9 @@ def test_router_only_tuning_changes_which_experts_tokens_go_to():
     chosen = []
 
     def run():  # (the observer is registered last, so it sees what the router's delta made of its output)
-        handle = block.gate.register_forward_hook(lambda m, a, o: chosen.append(
-            o[-1] if isinstance(o, tuple) else o.topk(2, dim=-1).indices))
+        handle = block.gate.register_forward_hook(
+            lambda m, a, o: chosen.append(o[-1] if isinstance(o, tuple) else o.topk(2, dim=-1).indices)
+        )
         with torch.no_grad():
             model(**inputs)
         handle.remove()
@@ -425,7 +489,11 @@ def test_without_autograd_many_tokens_per_expert_take_the_built_weight_and_equal
     block = model.model.layers[0].mlp
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["ffn.in", "ffn.out"], layers=[0]))
     perturb(delta, std=0.2)
-    d, e, f = block.experts.gate_up_proj.shape[-1], block.experts.gate_up_proj.shape[0], block.experts.down_proj.shape[-1]
+    d, e, f = (
+        block.experts.gate_up_proj.shape[-1],
+        block.experts.gate_up_proj.shape[0],
+        block.experts.down_proj.shape[-1],
+    )
     tokens = 2 * e * d * 2 * f // (d + 2 * f) + 64  # past the bound for gate_up_proj [e, 2f, d]
     x = torch.randn(1, tokens, d, generator=torch.Generator().manual_seed(5))
     built = []

@@ -75,8 +75,10 @@ def test_defaults_come_from_roles_and_the_formula_holds(llama):
     # the reference: the same scale applied by hand to a copy's weights (y' = (1+s) ⊙ (W x + b))
     delta.disable()
     plain = outputs(model, inputs)
-    handles = [model.get_submodule(p.site_path).register_forward_hook(lambda m, a, y, p=p: y * (1 + p.s.detach()))
-               for p in delta.pieces.values()]
+    handles = [
+        model.get_submodule(p.site_path).register_forward_hook(lambda m, a, y, p=p: y * (1 + p.s.detach()))
+        for p in delta.pieces.values()
+    ]
     want = outputs(model, inputs)
     for h in handles:
         h.remove()

@@ -39,24 +39,40 @@ def train(model, optimizer, inputs, steps=3):
         return model.eval()(**inputs).logits
 
 
-@pytest.mark.parametrize("config", [dict(targets=["q_proj", "v_proj", "embed_tokens"]),
-                                    dict(targets="all-linear", bias="lora_only"),
-                                    dict(targets=["q_proj", "v_proj"], use_dora=True)],
-                         ids=["embedding", "lora-bias", "dora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(targets=["q_proj", "v_proj", "embed_tokens"]),
+        dict(targets="all-linear", bias="lora_only"),
+        dict(targets=["q_proj", "v_proj"], use_dora=True),
+    ],
+    ids=["embedding", "lora-bias", "dora"],
+)
 def test_loraplus_trains_as_peft_does(tmp_path, config):
     from packaging.version import Version
     from peft.optimizers import create_loraplus_optimizer
 
     if "embed_tokens" in str(config.get("targets")) and Version(peft.__version__) < Version("0.21"):
-        pytest.skip("PEFT before 0.21 never found an embedding's LoRA (its lookup of the owning layer returned the "
-                    "tensor itself), so it trained it in the A / B groups; hookdelta follows PEFT 0.21's groups")
+        pytest.skip(
+            "PEFT before 0.21 never found an embedding's LoRA (its lookup of the owning layer returned the "
+            "tensor itself), so it trained it in the A / B groups; hookdelta follows PEFT 0.21's groups"
+        )
     ours, delta, theirs, inputs = twins(tmp_path, **config)
     kw = dict(lr=1e-2, weight_decay=0.1, lr_embedding=1e-3)
     mine = hd.optim.loraplus(delta, torch.optim.AdamW, ratio=16, **kw)
     got = train(ours, mine, inputs)
-    want = train(theirs, create_loraplus_optimizer(theirs, torch.optim.AdamW, loraplus_lr_ratio=16, lr=kw["lr"],
-                                                   loraplus_weight_decay=kw["weight_decay"],
-                                                   loraplus_lr_embedding=kw["lr_embedding"]), inputs)
+    want = train(
+        theirs,
+        create_loraplus_optimizer(
+            theirs,
+            torch.optim.AdamW,
+            loraplus_lr_ratio=16,
+            lr=kw["lr"],
+            loraplus_weight_decay=kw["weight_decay"],
+            loraplus_lr_embedding=kw["lr_embedding"],
+        ),
+        inputs,
+    )
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     groups = hd.optim.loraplus_groups(delta, lr=1e-2, ratio=16)
     assert [g["lr"] for g in groups] == [1e-2, 1e-6, 0.16, 0.16]

@@ -30,8 +30,10 @@ def importable(name: str) -> str | None:
         __import__(name)
         return None
     except Exception as exc:  # noqa: BLE001 (torchvision raises RuntimeError, not ImportError, beside a CPU torch)
-        return (f"{name} cannot be used here ({type(exc).__name__}: {str(exc)[:100]}): it needs torchvision, whose "
-                "PyPI build is for CUDA and fails beside the CPU torch this project installs; the layout tests stand in")
+        return (
+            f"{name} cannot be used here ({type(exc).__name__}: {str(exc)[:100]}): it needs torchvision, whose "
+            "PyPI build is for CUDA and fails beside the CPU torch this project installs; the layout tests stand in"
+        )
 
 
 def changes_and_restores(model, run, delta_cfg):
@@ -54,9 +56,17 @@ def unet():
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (test-extra)")
     torch.manual_seed(0)
     model = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8).eval()
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
     x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 16)
     return model, lambda m=model: m(x, t, encoder_hidden_states=text).sample
 
@@ -64,8 +74,16 @@ def unet():
 def dit():
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (test-extra)")
     torch.manual_seed(0)
-    model = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
-                                           sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8).eval()
+    model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=8,
+    ).eval()
     x, t, label = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.tensor([1])
     return model, lambda: model(x, timestep=t, class_labels=label).sample
 
@@ -74,18 +92,37 @@ def dit():
 def test_diffusers_roles_and_lora_defaults(build):
     model, run = build()
     roles = hd.roles(model)
-    for role, leaf in (("attn.q", "to_q"), ("attn.k", "to_k"), ("attn.v", "to_v"), ("attn.o", "to_out.0"),
-                       ("ffn.in", "ff.net.0.proj"), ("ffn.out", "ff.net.2"), ("ffn", "ff")):
+    for role, leaf in (
+        ("attn.q", "to_q"),
+        ("attn.k", "to_k"),
+        ("attn.v", "to_v"),
+        ("attn.o", "to_out.0"),
+        ("ffn.in", "ff.net.0.proj"),
+        ("ffn.out", "ff.net.2"),
+        ("ffn", "ff"),
+    ):
         assert roles[role] and all(p.endswith("." + leaf) for p in roles[role]), role
     delta = changes_and_restores(model, run, hd.LoRAConfig(r=4))
     # diffusion models' LoRA default is what diffusers' training scripts adapt: q, k, v and out
     assert {s.rsplit(".", 2)[-1] if s.endswith(".0") else s.rsplit(".", 1)[-1] for s in delta.sites} == {
-        "to_q", "to_k", "to_v", "0"}
+        "to_q",
+        "to_k",
+        "to_v",
+        "0",
+    }
 
 
-@pytest.mark.parametrize("cfg", [hd.AdapterConfig(bottleneck_dim=4), hd.IA3Config(), hd.ParallelAdapterConfig(bottleneck_dim=4),
-                                 hd.BitFitConfig(), hd.LoRAConfig(r=2, targets=["conv1", "conv2"])],
-                         ids=["houlsby", "ia3", "parallel", "bitfit", "conv-lora"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        hd.AdapterConfig(bottleneck_dim=4),
+        hd.IA3Config(),
+        hd.ParallelAdapterConfig(bottleneck_dim=4),
+        hd.BitFitConfig(),
+        hd.LoRAConfig(r=2, targets=["conv1", "conv2"]),
+    ],
+    ids=["houlsby", "ia3", "parallel", "bitfit", "conv-lora"],
+)
 def test_other_methods_on_a_unet(cfg):
     model, run = unet()
     changes_and_restores(model, run, cfg)
@@ -133,8 +170,10 @@ def test_a_pipeline_lora_file_loads_into_its_component(tmp_path, metadata):
 
     model, want = _peft_unet(alpha=8 if metadata else 4)
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=get_peft_model_state_dict(model),
-        unet_lora_adapter_metadata=model.peft_config["default"].to_dict() if metadata else None)
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(model),
+        unet_lora_adapter_metadata=model.peft_config["default"].to_dict() if metadata else None,
+    )
     plain, run = unet()
     delta = hd.load_peft(plain, tmp_path)
     assert float(delta.piece(next(iter(delta.sites))).scale) == (2.0 if metadata else 1.0)
@@ -231,7 +270,10 @@ def test_timm_vit_layout_roles_defaults_and_head():
     roles = hd.roles(model)
     assert roles["attn.q"] == roles["attn.v"] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert roles["attn.o"] == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
-    assert roles["ffn.in"] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"] and roles["ffn"] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert roles["ffn.in"] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"] and roles["ffn"] == [
+        "blocks.0.mlp",
+        "blocks.1.mlp",
+    ]
     assert "head" not in hd.match(model, "all-linear")
     for cfg in DEFAULTS:
         changes_and_restores(model, lambda: model(x), cfg)
@@ -253,7 +295,10 @@ DEFAULTS = [hd.LoRAConfig(r=2), hd.AdapterConfig(bottleneck_dim=4), hd.IA3Config
 def test_real_timm_vit():
     import timm
 
-    model, x = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32).eval(), torch.randn(1, 3, 32, 32)
+    model, x = (
+        timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32).eval(),
+        torch.randn(1, 3, 32, 32),
+    )
     assert "head" not in hd.match(model, "all-linear")
     for cfg in DEFAULTS:
         changes_and_restores(model, lambda: model(x), cfg)
@@ -301,7 +346,10 @@ def test_torchvision_vit_layout_uses_multihead_attention():
 
     model, x = ViT().eval(), torch.randn(2, 5, 16)
     delta = changes_and_restores(model, lambda: model(x), hd.LoRAConfig(r=2))
-    assert delta.sites == ["encoder.layers.0.self_attention.in_proj_weight", "encoder.layers.1.self_attention.in_proj_weight"]
+    assert delta.sites == [
+        "encoder.layers.0.self_attention.in_proj_weight",
+        "encoder.layers.1.self_attention.in_proj_weight",
+    ]
     assert "heads.head" not in hd.match(model, "all-linear")
     changes_and_restores(model, lambda: model(x), hd.LoRAConfig(r=2, targets="all-linear"))
 

@@ -2,6 +2,7 @@
 bounds pyproject.toml declares, the README's compatibility table states them, no test leans on
 another library's private names outside tests/internals.py, and every private name of another
 library that hookdelta itself uses is listed in the README."""
+
 from __future__ import annotations
 
 import re
@@ -38,7 +39,7 @@ def test_the_floor_constraints_pin_exactly_the_declared_lower_bounds():
 
 def test_the_readme_compatibility_table_states_the_floors():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Compatibility"):]
+    section = readme[readme.index("## Compatibility") :]
     floors = declared_floors()
     for name in ("torch", "transformers", "peft", "accelerate", "safetensors"):
         assert re.search(rf"\b{re.escape(name)}\b[^\n]*\b{re.escape(floors[name])}\b", section), (name, floors[name])
@@ -47,8 +48,10 @@ def test_the_readme_compatibility_table_states_the_floors():
 # a private attribute access (`x._name`) or a private module in a dotted path (`torch._dynamo`)
 PRIVATE = re.compile(r"(?<![\w\"'])(?:[A-Za-z_]\w*)(?:\.\w+)*\.(_[A-Za-z]\w*)")
 OURS = {"_hookdelta", "_store", "_pwned"}  # hookdelta's own names (the reserved child, Delta._store, a test marker)
-INTERNAL_PATHS = re.compile(r"\b(?:peft\.tuners|peft\.utils\.[a-z_]+|transformers\.models\.[a-z_]+\.modeling_|"
-                            r"transformers\.pytorch_utils|nn\.modules\.(?:conv|batchnorm|linear))\b")
+INTERNAL_PATHS = re.compile(
+    r"\b(?:peft\.tuners|peft\.utils\.[a-z_]+|transformers\.models\.[a-z_]+\.modeling_|"
+    r"transformers\.pytorch_utils|nn\.modules\.(?:conv|batchnorm|linear))\b"
+)
 
 
 def test_no_test_reads_another_librarys_private_names_outside_the_one_helper():
@@ -71,18 +74,23 @@ def library_private_names() -> set[str]:
         text = path.read_text()
         used |= set(re.findall(r"\.(_[A-Za-z]\w*)", text))
         used |= set(re.findall(r"[\"'](_[A-Za-z]\w*)[\"']", text))  # getattr(x, "_name"), ("_a", "_b")
-        used |= {m.rpartition(".")[2] for m in re.findall(r"[\"']([a-z]\w*(?:\.\w+)+)[\"']", text)
-                 if m.rpartition(".")[2].startswith("_") and not m.rpartition(".")[2].startswith("__")}
+        used |= {
+            m.rpartition(".")[2]
+            for m in re.findall(r"[\"']([a-z]\w*(?:\.\w+)+)[\"']", text)
+            if m.rpartition(".")[2].startswith("_") and not m.rpartition(".")[2].startswith("__")
+        }
         own |= set(re.findall(r"(?:def|class) (_[A-Za-z]\w*)", text))
         own |= set(re.findall(r"self\.(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=", text))
         own |= set(re.findall(r"^\s*(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=", text, re.M))
-        own |= set(re.findall(r"(?:__setattr__\([^,]+|__dict__\.\w+\(|STORE_NAME =)\s*,?\s*[\"'](_[A-Za-z]\w*)[\"']", text))
+        own |= set(
+            re.findall(r"(?:__setattr__\([^,]+|__dict__\.\w+\(|STORE_NAME =)\s*,?\s*[\"'](_[A-Za-z]\w*)[\"']", text)
+        )
     return {n for n in used - own - {"_original_", "_svd"} if not n.startswith("__")}  # (our buffer prefix, suffix)
 
 
 def test_every_private_name_of_another_library_that_hookdelta_uses_is_listed_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Compatibility"):]
+    section = readme[readme.index("## Compatibility") :]
     names = library_private_names()
     assert "_parameters" in names and "_convert_weight_packed_for_cpu_inverse" in names  # the scan sees them
     missing = sorted(n for n in names if f"`{n}`" not in section and not re.search(rf"\.{n}\b", section))

@@ -29,7 +29,6 @@ VARIANTS = {
 }
 
 
-
 def peft_adapter(arch, variant, tmp_path, seed=3):
     """A PEFT LoRA adapter with random (non-zero) weights, saved; returns (dir, PeftModel)."""
     model, inputs, _ = build(arch)
@@ -116,15 +115,25 @@ def test_adapter_for_another_model_is_refused_with_the_paths(tmp_path):
 
 def test_adapter_for_another_size_is_refused(tmp_path):
     directory, _, _ = peft_adapter("llama", "lora", tmp_path)
-    wide = tf.LlamaForCausalLM(tf.LlamaConfig(**{**TEXT, "hidden_size": 48}, num_key_value_heads=2, max_position_embeddings=32))
+    wide = tf.LlamaForCausalLM(
+        tf.LlamaConfig(**{**TEXT, "hidden_size": 48}, num_key_value_heads=2, max_position_embeddings=32)
+    )
     snap = snapshot(wide)
     with pytest.raises(hd.DeltaFileError, match="shape"):
         hd.load_peft(wide, directory)
     assert_restored(wide, snap)
 
 
-@pytest.mark.parametrize("field,value", [("use_qalora", True), ("layer_replication", [[0, 1]]), ("bias", "all"),
-                                         ("init_lora_weights", "pissa"), ("trainable_token_indices", [1, 2])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("use_qalora", True),
+        ("layer_replication", [[0, 1]]),
+        ("bias", "all"),
+        ("init_lora_weights", "pissa"),
+        ("trainable_token_indices", [1, 2]),
+    ],
+)
 def test_unsupported_peft_fields_are_named(field, value, tmp_path):
     directory, _, _ = peft_adapter("llama", "lora", tmp_path)
     path = directory / "adapter_config.json"
@@ -145,6 +154,7 @@ def test_other_peft_types_and_pickles(tmp_path):
 
     # a .bin that only holds tensors loads through the weights-only unpickler
     from safetensors.torch import load_file
+
     tensors = load_file(directory / "adapter_model.safetensors")
     (directory / "adapter_model.safetensors").unlink()
     torch.save(tensors, directory / "adapter_model.bin")
@@ -163,7 +173,6 @@ def test_other_peft_types_and_pickles(tmp_path):
     assert not hd.deltas(model)
 
 
-
 def assert_both_ways(pm, arch, inputs, method, tmp_path):
     """PEFT's saved adapter loads into hookdelta with PEFT's outputs, and hookdelta's
     save_peft loads back into PEFT with the same outputs."""
@@ -177,14 +186,19 @@ def assert_both_ways(pm, arch, inputs, method, tmp_path):
     theirs = peft.PeftModel.from_pretrained(build(arch)[0], tmp_path / "ours").eval()
     torch.testing.assert_close(outputs(theirs, inputs), expected, rtol=1e-5, atol=1e-5)
 
+
 @pytest.mark.p_tuning
 @pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
 def test_p_tuning_is_peft_prompt_encoder_and_its_files_go_both_ways(encoder, tmp_path):
     """PEFT's trainable P-tuning model and ours with PEFT's encoder tensors copied in: same outputs
     and gradients; PEFT's file (the encoder's output) loads as that prompt, and ours loads in PEFT."""
     model, inputs, _ = build("llama")
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.PromptEncoderConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=12, encoder_reparameterization_type=encoder))
+    pm = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.PromptEncoderConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=12, encoder_reparameterization_type=encoder
+        ),
+    )
     ours = copy.deepcopy(model)
     delta = hd.attach(ours, hd.PTuningConfig(num_virtual_tokens=3, encoder=encoder, encoder_hidden_size=12))
     (piece,) = delta.pieces.values()
@@ -215,9 +229,16 @@ def test_p_tuning_is_peft_prompt_encoder_and_its_files_go_both_ways(encoder, tmp
 
 
 @pytest.mark.ia3
-@pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-                                     ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
-                                                   fan_in_fan_out=True))])
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        ("llama", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+        (
+            "gpt2",
+            dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+        ),
+    ],
+)
 def test_ia3_adapters_both_ways(arch, kw, tmp_path):
     model, inputs, _ = build(arch)
     pm = peft.get_peft_model(model, peft.IA3Config(**kw))

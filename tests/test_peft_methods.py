@@ -56,96 +56,254 @@ def newer(name):
 
 # id -> (architecture, PEFT config, hookdelta mark)
 CASES = {
-    "loha-llama": ("llama", lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]), "loha"),
+    "loha-llama": (
+        "llama",
+        lambda: peft.LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "loha",
+    ),
     "loha-conv": ("conv", lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c1", "c2", "c3", "head"]), "loha"),
-    "loha-conv-cp": ("conv", lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c1", "c3"],
-                                                     use_effective_conv2d=True), "loha"),
-    "loha-patterns": ("llama", lambda: peft.LoHaConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"],
-                                                       rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 12}), "loha"),
-    "lokr-llama": ("llama", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]), "lokr"),
-    "lokr-both": ("llama", lambda: peft.LoKrConfig(r=1, alpha=2, target_modules=["q_proj", "gate_proj"],
-                                                   decompose_both=True, decompose_factor=4), "lokr"),
+    "loha-conv-cp": (
+        "conv",
+        lambda: peft.LoHaConfig(r=2, alpha=3, target_modules=["c1", "c3"], use_effective_conv2d=True),
+        "loha",
+    ),
+    "loha-patterns": (
+        "llama",
+        lambda: peft.LoHaConfig(
+            r=4, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 12}
+        ),
+        "loha",
+    ),
+    "lokr-llama": (
+        "llama",
+        lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "lokr",
+    ),
+    "lokr-both": (
+        "llama",
+        lambda: peft.LoKrConfig(
+            r=1, alpha=2, target_modules=["q_proj", "gate_proj"], decompose_both=True, decompose_factor=4
+        ),
+        "lokr",
+    ),
     "lokr-conv": ("conv", lambda: peft.LoKrConfig(r=2, alpha=3, target_modules=["c1", "c2", "c3", "head"]), "lokr"),
     # (PEFT 0.21's LoKr with use_effective_conv2d fails on Conv1d inside torch.kron: Conv2d only)
-    "lokr-conv-cp": ("conv", lambda: peft.LoKrConfig(r=1, alpha=3, target_modules=["c1", "c2"],
-                                                     use_effective_conv2d=True), "lokr"),
-    "lokr-lycoris": ("llama", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["k_proj"],
-                                                      init_weights="lycoris"), "lokr"),
-    "vera-llama": ("llama", lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                    projection_prng_key=3), "vera"),
+    "lokr-conv-cp": (
+        "conv",
+        lambda: peft.LoKrConfig(r=1, alpha=3, target_modules=["c1", "c2"], use_effective_conv2d=True),
+        "lokr",
+    ),
+    "lokr-lycoris": (
+        "llama",
+        lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["k_proj"], init_weights="lycoris"),
+        "lokr",
+    ),
+    "vera-llama": (
+        "llama",
+        lambda: peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj", "up_proj"], projection_prng_key=3),
+        "vera",
+    ),
     "vera-gpt2": ("gpt2", lambda: peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vera"),
-    "oft-llama": ("llama", lambda: peft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), "oft"),
-    "oft-exact-shared": ("llama", lambda: peft.OFTConfig(oft_block_size=4, target_modules=["q_proj", "o_proj"],
-                                                         use_cayley_neumann=False, block_share=True), "oft"),
-    "oft-coft": ("llama", lambda: peft.OFTConfig(r=4, oft_block_size=0, target_modules=["k_proj"], coft=True, eps=2.0,
-                                                 num_cayley_neumann_terms=3), "oft"),
-    "boft-llama": ("llama", lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "up_proj"]),
-                   "boft"),
-    "boft-bert": ("bert", lambda: peft.BOFTConfig(boft_block_num=4, boft_block_size=0, target_modules=["query", "dense"]),
-                  "boft"),
-    "fourierft-llama": ("llama", lambda: peft.FourierFTConfig(n_frequency=20, scaling=10.0,
-                                                              target_modules=["q_proj", "v_proj", "down_proj"]), "fourierft"),
-    "fourierft-gpt2": ("gpt2", lambda: peft.FourierFTConfig(n_frequency=12, scaling=5.0, random_loc_seed=3,
-                                                            target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
-                       "fourierft"),
-    "fourierft-pattern": ("llama", lambda: peft.FourierFTConfig(n_frequency=20, target_modules=["q_proj", "v_proj"],
-                                                                n_frequency_pattern={"q_proj": 7}), "fourierft"),
+    "oft-llama": (
+        "llama",
+        lambda: peft.OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "oft",
+    ),
+    "oft-exact-shared": (
+        "llama",
+        lambda: peft.OFTConfig(
+            oft_block_size=4, target_modules=["q_proj", "o_proj"], use_cayley_neumann=False, block_share=True
+        ),
+        "oft",
+    ),
+    "oft-coft": (
+        "llama",
+        lambda: peft.OFTConfig(
+            r=4, oft_block_size=0, target_modules=["k_proj"], coft=True, eps=2.0, num_cayley_neumann_terms=3
+        ),
+        "oft",
+    ),
+    "boft-llama": (
+        "llama",
+        lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "boft",
+    ),
+    "boft-bert": (
+        "bert",
+        lambda: peft.BOFTConfig(boft_block_num=4, boft_block_size=0, target_modules=["query", "dense"]),
+        "boft",
+    ),
+    "fourierft-llama": (
+        "llama",
+        lambda: peft.FourierFTConfig(n_frequency=20, scaling=10.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "fourierft",
+    ),
+    "fourierft-gpt2": (
+        "gpt2",
+        lambda: peft.FourierFTConfig(
+            n_frequency=12, scaling=5.0, random_loc_seed=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        ),
+        "fourierft",
+    ),
+    "fourierft-pattern": (
+        "llama",
+        lambda: peft.FourierFTConfig(
+            n_frequency=20, target_modules=["q_proj", "v_proj"], n_frequency_pattern={"q_proj": 7}
+        ),
+        "fourierft",
+    ),
     "hira-llama": ("llama", lambda: newer("HiraConfig")(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hira"),
-    "hira-patterns": ("llama", lambda: newer("HiraConfig")(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
-                      "hira"),
-    "hira-gpt2": ("gpt2", lambda: newer("HiraConfig")(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "hira"),
-    "delora-llama": ("llama", lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "up_proj"]),
-                     "delora"),
-    "delora-patterns": ("llama", lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                           rank_pattern={"v_proj": 2}), "delora"),
-    "gralora-llama": ("llama", lambda: newer("GraloraConfig")(r=4, gralora_k=2, alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                                   "down_proj"]), "gralora"),
-    "gralora-hybrid": ("llama", lambda: newer("GraloraConfig")(r=8, gralora_k=4, hybrid_r=2, alpha=6,
-                                                           target_modules=["q_proj", "k_proj"]), "gralora"),
-    "gralora-gpt2": ("gpt2", lambda: newer("GraloraConfig")(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True),
-                     "gralora"),
+    "hira-patterns": (
+        "llama",
+        lambda: newer("HiraConfig")(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2}),
+        "hira",
+    ),
+    "hira-gpt2": (
+        "gpt2",
+        lambda: newer("HiraConfig")(r=2, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        "hira",
+    ),
+    "delora-llama": (
+        "llama",
+        lambda: peft.DeloraConfig(r=4, delora_lambda=3, target_modules=["q_proj", "v_proj", "up_proj"]),
+        "delora",
+    ),
+    "delora-patterns": (
+        "llama",
+        lambda: peft.DeloraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}),
+        "delora",
+    ),
+    "gralora-llama": (
+        "llama",
+        lambda: newer("GraloraConfig")(r=4, gralora_k=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "gralora",
+    ),
+    "gralora-hybrid": (
+        "llama",
+        lambda: newer("GraloraConfig")(r=8, gralora_k=4, hybrid_r=2, alpha=6, target_modules=["q_proj", "k_proj"]),
+        "gralora",
+    ),
+    "gralora-gpt2": (
+        "gpt2",
+        lambda: newer("GraloraConfig")(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True),
+        "gralora",
+    ),
     "miss-llama": ("llama", lambda: peft.MissConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "miss"),
     "miss-uneven": ("llama", lambda: peft.MissConfig(r=5, target_modules=["q_proj", "up_proj"]), "miss"),
-    "miss-mini": ("llama", lambda: peft.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "v_proj"]),
-                  "miss"),
-    "c3a-llama": ("llama", lambda: peft.C3AConfig(block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), "c3a"),
-    "c3a-pattern": ("llama", lambda: peft.C3AConfig(block_size=8, block_size_pattern={"q_proj": 4},
-                                                    target_modules=["q_proj", "v_proj"]), "c3a"),
+    "miss-mini": (
+        "llama",
+        lambda: peft.MissConfig(r=4, mini_r=8, init_weights="mini", target_modules=["q_proj", "v_proj"]),
+        "miss",
+    ),
+    "c3a-llama": (
+        "llama",
+        lambda: peft.C3AConfig(block_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "c3a",
+    ),
+    "c3a-pattern": (
+        "llama",
+        lambda: peft.C3AConfig(block_size=8, block_size_pattern={"q_proj": 4}, target_modules=["q_proj", "v_proj"]),
+        "c3a",
+    ),
     "hra-llama": ("llama", lambda: peft.HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]), "hra"),
     "hra-gs": ("llama", lambda: peft.HRAConfig(r=3, apply_GS=True, target_modules=["q_proj", "o_proj"]), "hra"),
-    "adalora-llama": ("llama", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=6, total_step=10,
-                                                          target_modules=["q_proj", "v_proj", "down_proj"]), "adalora"),
-    "adalora-gpt2": ("gpt2", lambda: peft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c_attn"],
-                                                        fan_in_fan_out=True), "adalora"),
-    "llama-adapter-llama": ("llama", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
-                                                                       adapter_layers=1), "llama_adapter"),
-    "llama-adapter-all": ("llama", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
-                                                                     adapter_layers=2), "llama_adapter"),
-    "llama-adapter-gpt2": ("gpt2", lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3,
-                                                                     adapter_layers=2), "llama_adapter"),
-    "road-llama": ("llama", lambda: peft.RoadConfig(group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]), "road"),
-    "road-2": ("llama", lambda: peft.RoadConfig(variant="road_2", group_size=4, target_modules=["q_proj", "up_proj"]), "road"),
-    "road-4-bias": ("bert", lambda: peft.RoadConfig(variant="road_4", group_size=8, target_modules=["query", "dense"]),
-                    "road"),
-    "vblora-llama": ("llama", lambda: peft.VBLoRAConfig(r=4, vector_length=8, num_vectors=16, topk=2,
-                                                        target_modules=["q_proj", "v_proj", "down_proj"]), "vblora"),
-    "vblora-gpt2": ("gpt2", lambda: peft.VBLoRAConfig(r=2, vector_length=16, num_vectors=8, topk=3,
-                                                      target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), "vblora"),
-    "randlora-llama": ("llama", lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj",
-                                                                                                "down_proj"]), "randlora"),
-    "randlora-sparse": ("llama", lambda: peft.RandLoraConfig(r=8, sparse=True, projection_prng_key=3,
-                                                             target_modules=["q_proj", "up_proj"]), "randlora"),
-    "randlora-gpt2": ("gpt2", lambda: peft.RandLoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
-                      "randlora"),
-    "lily-llama": ("llama", lambda: newer("LilyConfig")(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]), "lily"),
-    "lily-stride": ("llama", lambda: newer("LilyConfig")(r=4, num_B=3, stride_A=2, scaling=0.5,
-                                                     target_modules=["q_proj", "k_proj"]), "lily"),
+    "adalora-llama": (
+        "llama",
+        lambda: peft.AdaLoraConfig(
+            init_r=4, target_r=2, lora_alpha=6, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
+        "adalora",
+    ),
+    "adalora-gpt2": (
+        "gpt2",
+        lambda: peft.AdaLoraConfig(init_r=3, target_r=2, total_step=10, target_modules=["c_attn"], fan_in_fan_out=True),
+        "adalora",
+    ),
+    "llama-adapter-llama": (
+        "llama",
+        lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=1),
+        "llama_adapter",
+    ),
+    "llama-adapter-all": (
+        "llama",
+        lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
+        "llama_adapter",
+    ),
+    "llama-adapter-gpt2": (
+        "gpt2",
+        lambda: peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2),
+        "llama_adapter",
+    ),
+    "road-llama": (
+        "llama",
+        lambda: peft.RoadConfig(group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "road",
+    ),
+    "road-2": (
+        "llama",
+        lambda: peft.RoadConfig(variant="road_2", group_size=4, target_modules=["q_proj", "up_proj"]),
+        "road",
+    ),
+    "road-4-bias": (
+        "bert",
+        lambda: peft.RoadConfig(variant="road_4", group_size=8, target_modules=["query", "dense"]),
+        "road",
+    ),
+    "vblora-llama": (
+        "llama",
+        lambda: peft.VBLoRAConfig(
+            r=4, vector_length=8, num_vectors=16, topk=2, target_modules=["q_proj", "v_proj", "down_proj"]
+        ),
+        "vblora",
+    ),
+    "vblora-gpt2": (
+        "gpt2",
+        lambda: peft.VBLoRAConfig(
+            r=2, vector_length=16, num_vectors=8, topk=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        ),
+        "vblora",
+    ),
+    "randlora-llama": (
+        "llama",
+        lambda: peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "randlora",
+    ),
+    "randlora-sparse": (
+        "llama",
+        lambda: peft.RandLoraConfig(r=8, sparse=True, projection_prng_key=3, target_modules=["q_proj", "up_proj"]),
+        "randlora",
+    ),
+    "randlora-gpt2": (
+        "gpt2",
+        lambda: peft.RandLoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        "randlora",
+    ),
+    "lily-llama": (
+        "llama",
+        lambda: newer("LilyConfig")(r=4, num_B=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "lily",
+    ),
+    "lily-stride": (
+        "llama",
+        lambda: newer("LilyConfig")(r=4, num_B=3, stride_A=2, scaling=0.5, target_modules=["q_proj", "k_proj"]),
+        "lily",
+    ),
     "shira-llama": ("llama", lambda: peft.ShiraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]), "shira"),
-    "shira-seed": ("llama", lambda: peft.ShiraConfig(r=3, random_seed=11, target_modules=["q_proj", "up_proj"]), "shira"),
-    "tokens-llama": ("llama", lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"],
-                                                                 token_indices=[3, 5, 7]), "trainable_tokens"),
-    "tokens-gpt2-tied": ("gpt2", lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
-                         "trainable_tokens"),
+    "shira-seed": (
+        "llama",
+        lambda: peft.ShiraConfig(r=3, random_seed=11, target_modules=["q_proj", "up_proj"]),
+        "shira",
+    ),
+    "tokens-llama": (
+        "llama",
+        lambda: peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[3, 5, 7]),
+        "trainable_tokens",
+    ),
+    "tokens-gpt2-tied": (
+        "gpt2",
+        lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[0, 4]),
+        "trainable_tokens",
+    ),
 }
 
 
@@ -180,7 +338,11 @@ def grads_by_key(twin):
             key = name.removeprefix("base_model.model.").replace(".default", "")
             if key.endswith(".vblora_vector_bank"):  # (the bank is shared: PEFT names it at its first layer)
                 key = "vblora_vector_bank.bank"
-            out[key.removesuffix(".weight") if ".lora_" in key or ".lily_" in key or key.endswith((".oft_R.weight", "_general.weight")) else key] = p.grad
+            out[
+                key.removesuffix(".weight")
+                if ".lora_" in key or ".lily_" in key or key.endswith((".oft_R.weight", "_general.weight"))
+                else key
+            ] = p.grad
     return out
 
 
@@ -233,8 +395,9 @@ def test_vera_projections_come_from_the_seed_and_are_not_saved(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model, inputs = model_for("llama")
-    twin = peft_adapter(model, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=9,
-                                               save_projection=False))
+    twin = peft_adapter(
+        model, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=9, save_projection=False)
+    )
     twin.save_pretrained(tmp_path / "noproj")
     ours = copy.deepcopy(model)
     delta = hd.load_peft(ours, tmp_path / "noproj")
@@ -297,9 +460,13 @@ def test_dora_on_embedding_and_conv_matches_peft(targets, tmp_path):
     for piece in delta.pieces.values():
         for name, t in piece.named_parameters():
             peft_name = {"lora_A": "lora_A", "lora_B": "lora_B", "magnitude": "lora_magnitude_vector"}[name]
-            want = theirs.get(f"{piece.key}.{peft_name}") if f"{piece.key}.{peft_name}" in theirs else \
-                theirs.get(f"{piece.key}.lora_embedding_{name[-1]}") if name != "magnitude" else \
-                theirs[f"{piece.key}.lora_magnitude_vector.weight"]
+            want = (
+                theirs.get(f"{piece.key}.{peft_name}")
+                if f"{piece.key}.{peft_name}" in theirs
+                else theirs.get(f"{piece.key}.lora_embedding_{name[-1]}")
+                if name != "magnitude"
+                else theirs[f"{piece.key}.lora_magnitude_vector.weight"]
+            )
             torch.testing.assert_close(t.grad, want.reshape(t.shape), rtol=1e-4, atol=1e-6, msg=f"{piece.key}.{name}")
     # merge is exact, unmerge restores; saved back in PEFT's format, PEFT loads our outputs
     expected = ours(**inputs).detach()
@@ -326,8 +493,9 @@ def test_boft_butterfly_factors_follow_peft_arithmetic():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
     piece = next(iter(delta.pieces.values()))
     n, (m, d, h, _) = 32, piece.boft_R.shape
-    perms = torch.stack([BOFTLayer.perm2mat(None, BOFTLayer.block_butterfly_perm(None, n, d // 2 ** i, h // 2, m - 1))
-                         for i in range(m)])
+    perms = torch.stack(
+        [BOFTLayer.perm2mat(None, BOFTLayer.block_butterfly_perm(None, n, d // 2**i, h // 2, m - 1)) for i in range(m)]
+    )
     data = piece.boft_R.detach().reshape(m * d, h, h)
     rot = BOFTLayer.cayley_batch(None, data).reshape(m, d, h, h)
     bd = torch.stack([torch.block_diag(*rot[i].unbind(0)) for i in range(m)])
@@ -470,10 +638,13 @@ def test_llama_adapter_refuses_what_peft_does_not_build_or_would_get_wrong():
 @pytest.mark.parametrize("kw", [{}, {"sparse": True}, {"very_sparse": True}], ids=["dense", "sparse", "very_sparse"])
 def test_randlora_draws_the_bases_peft_draws_from_the_same_key(kw):
     model, _ = model_for("llama")
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.RandLoraConfig(r=4, projection_prng_key=7,
-                                                                         target_modules=["q_proj", "down_proj"], **kw))
-    ours = hd.attach(copy.deepcopy(model), hd.RandLoRAConfig(r=4, projection_prng_key=7, targets=["q_proj", "down_proj"],
-                                                             **kw))
+    twin = peft.get_peft_model(
+        copy.deepcopy(model),
+        peft.RandLoraConfig(r=4, projection_prng_key=7, target_modules=["q_proj", "down_proj"], **kw),
+    )
+    ours = hd.attach(
+        copy.deepcopy(model), hd.RandLoRAConfig(r=4, projection_prng_key=7, targets=["q_proj", "down_proj"], **kw)
+    )
     # (named once, under the first layer that holds them)
     theirs = {n.split(".")[-2]: b for n, b in twin.named_buffers() if ".randlora_" in n}
     bases = ours.pieces["randlora_bases"]
@@ -491,8 +662,12 @@ def test_lily_shares_by_kind_and_refuses_a_peft_file_that_cannot_say_so(tmp_path
     delta = hd.attach(model, hd.LilyConfig(r=2, num_B=2, stride_A=2, targets=["q_proj", "v_proj"]))
     first = next(p for p in delta.pieces.values() if p.key == "model.layers.0.self_attn.q_proj")
     shared = {p.key: p.factor("lily_A") is first.factor("lily_A") for p in delta.pieces.values()}
-    assert shared == {"model.layers.0.self_attn.q_proj": True, "model.layers.1.self_attn.q_proj": True,
-                      "model.layers.0.self_attn.v_proj": False, "model.layers.1.self_attn.v_proj": False}
+    assert shared == {
+        "model.layers.0.self_attn.q_proj": True,
+        "model.layers.1.self_attn.q_proj": True,
+        "model.layers.0.self_attn.v_proj": False,
+        "model.layers.1.self_attn.v_proj": False,
+    }
     delta.detach()
     part = hd.attach(model, hd.LilyConfig(r=2, targets=["q_proj"], layers=[1]))
     with pytest.raises(hd.UnsupportedModuleError, match="all of them"):

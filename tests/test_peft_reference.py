@@ -19,8 +19,13 @@ def peft_twin(model, delta, targets, **kw):
     bare = copy.deepcopy(model)
     for d in list(hd.deltas(bare).values()):
         d.detach()
-    cfg = peft.LoraConfig(r=delta.config.r, lora_alpha=delta.config.alpha, target_modules=targets,
-                          use_rslora=delta.config.use_rslora, **kw)
+    cfg = peft.LoraConfig(
+        r=delta.config.r,
+        lora_alpha=delta.config.alpha,
+        target_modules=targets,
+        use_rslora=delta.config.use_rslora,
+        **kw,
+    )
     twin = peft.get_peft_model(bare, cfg)
     with torch.no_grad():
         for piece in delta.pieces.values():
@@ -34,16 +39,23 @@ def peft_twin(model, delta, targets, **kw):
     return twin.eval()
 
 
-@pytest.mark.parametrize("arch,targets,kw", [
-    ("llama", ["q_proj", "v_proj", "embed_tokens"], {}),
-    ("gpt2", ["c_attn", "c_fc"], {"fan_in_fan_out": True}),
-    ("bert", ["query", "value", "word_embeddings"], {}),
-])
+@pytest.mark.parametrize(
+    "arch,targets,kw",
+    [
+        ("llama", ["q_proj", "v_proj", "embed_tokens"], {}),
+        ("gpt2", ["c_attn", "c_fc"], {"fan_in_fan_out": True}),
+        ("bert", ["query", "value", "word_embeddings"], {}),
+    ],
+)
 @pytest.mark.parametrize("rslora", [False, True])
 def test_transformers_models_match_peft(arch, targets, kw, rslora):
     model, inputs, _ = build(arch)
-    delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, targets=targets, use_rslora=rslora, tie_weights=False)
-                      if arch != "llama" else hd.LoRAConfig(r=4, alpha=8, targets=targets, use_rslora=rslora))
+    delta = hd.attach(
+        model,
+        hd.LoRAConfig(r=4, alpha=8, targets=targets, use_rslora=rslora, tie_weights=False)
+        if arch != "llama"
+        else hd.LoRAConfig(r=4, alpha=8, targets=targets, use_rslora=rslora),
+    )
     perturb(delta, std=0.1)
     twin = peft_twin(model, delta, targets, **kw)
     with torch.no_grad():
@@ -69,8 +81,9 @@ def test_conv2d_matches_peft():
 
 
 @pytest.mark.dora
-@pytest.mark.parametrize("arch,targets,kw", [("llama", ["q_proj", "v_proj"], {}),
-                                             ("gpt2", ["c_attn"], {"fan_in_fan_out": True})])
+@pytest.mark.parametrize(
+    "arch,targets,kw", [("llama", ["q_proj", "v_proj"], {}), ("gpt2", ["c_attn"], {"fan_in_fan_out": True})]
+)
 def test_dora_matches_peft_outputs_and_gradients(arch, targets, kw):
     model, inputs, _ = build(arch)
     delta = hd.attach(model, hd.LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True))
@@ -78,15 +91,18 @@ def test_dora_matches_peft_outputs_and_gradients(arch, targets, kw):
     twin = peft_twin(model, delta, targets, use_dora=True, **kw)
     with torch.no_grad():
         for piece in delta.pieces.values():
-            twin.base_model.model.get_submodule(piece.key).lora_magnitude_vector["default"].weight.copy_(piece.magnitude)
+            twin.base_model.model.get_submodule(piece.key).lora_magnitude_vector["default"].weight.copy_(
+                piece.magnitude
+            )
     ours, theirs = main_output(model(**inputs)), main_output(twin(**inputs))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     ours.pow(2).mean().backward()
     theirs.pow(2).mean().backward()
     for piece in delta.pieces.values():
         layer = twin.base_model.model.get_submodule(piece.key)
-        torch.testing.assert_close(piece.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad,
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            piece.magnitude.grad, layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6
+        )
         torch.testing.assert_close(piece.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -98,8 +114,9 @@ def test_ia3_matches_peft():
     bare = copy.deepcopy(model)
     for d in list(hd.deltas(bare).values()):
         d.detach()
-    twin = peft.get_peft_model(bare, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                    feedforward_modules=["down_proj"])).eval()
+    twin = peft.get_peft_model(
+        bare, peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ).eval()
     with torch.no_grad():
         for piece in delta.pieces.values():
             layer = twin.base_model.model.get_submodule(piece.key)

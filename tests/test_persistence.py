@@ -93,8 +93,18 @@ def bad_case(path, case):
     raise AssertionError(case)
 
 
-CASES = ["missing-dir", "missing-json", "missing-tensors", "corrupt-json", "unknown-version",
-         "truncated-tensors", "garbage-tensors", "missing-site", "bad-config", "missing-tensor-key"]
+CASES = [
+    "missing-dir",
+    "missing-json",
+    "missing-tensors",
+    "corrupt-json",
+    "unknown-version",
+    "truncated-tensors",
+    "garbage-tensors",
+    "missing-site",
+    "bad-config",
+    "missing-tensor-key",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -112,8 +122,16 @@ def test_shape_mismatch_is_refused(saved):
     path, _, _ = saved
     import transformers as tf
 
-    wider = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=48, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=48))
+    wider = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=48,
+        )
+    )
     snap = snapshot(wider)
     with pytest.raises(hd.DeltaFileError, match="shape"):
         hd.load(wider, path)

@@ -47,33 +47,70 @@ def picker(arch: str = "llama", method: str = "lora", r: int = 8):
 
 CLICKS = [  # (arch, rows clicked, the sites by hand, the selector expected)
     ("llama", ["model.layers.0-1.self_attn.q_proj"], Q, "targets=['attn.q']"),
-    ("llama", ["model.layers.0-1.self_attn.q_proj", "model.layers.0-1.self_attn.v_proj"], Q + V,
-     "targets=['attn.q', 'attn.v']"),
+    (
+        "llama",
+        ["model.layers.0-1.self_attn.q_proj", "model.layers.0-1.self_attn.v_proj"],
+        Q + V,
+        "targets=['attn.q', 'attn.v']",
+    ),
     ("llama", ["role:attn.q", "role:attn.v"], Q + V, "targets=['attn.q', 'attn.v']"),
     ("llama", ["model.layers.1.self_attn.q_proj"], Q[1:], "targets=['layers.1.self_attn.q_proj']"),
-    ("llama", ["model.layers.0-1.mlp.gate_proj"], ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"],
-     "targets=['gate_proj']"),
+    (
+        "llama",
+        ["model.layers.0-1.mlp.gate_proj"],
+        ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.gate_proj"],
+        "targets=['gate_proj']",
+    ),
     ("llama", ["model.layers.0-1"], None, "targets='all-linear'"),
-    ("llama", ["role:attn.q", "role:attn.v", "model.layers.1.self_attn.v_proj"], Q + V[:1],
-     "targets=['attn.q', 'layers.0.self_attn.v_proj']"),
+    (
+        "llama",
+        ["role:attn.q", "role:attn.v", "model.layers.1.self_attn.v_proj"],
+        Q + V[:1],
+        "targets=['attn.q', 'layers.0.self_attn.v_proj']",
+    ),
     ("llama", ["lm_head"], ["lm_head"], "targets=['lm_head']"),
-    ("gpt2", ["transformer.h.0-1.attn.c_attn"], ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"],
-     "targets=['attn.q']"),  # (GPT-2's fused c_attn is q, k and v: one role names it)
-    ("bert", ["bert.encoder.layer.0-1.attention.self"],
-     [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "key", "value")],
-     "targets=['attn.q', 'attn.k', 'attn.v']"),
+    (
+        "gpt2",
+        ["transformer.h.0-1.attn.c_attn"],
+        ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"],
+        "targets=['attn.q']",
+    ),  # (GPT-2's fused c_attn is q, k and v: one role names it)
+    (
+        "bert",
+        ["bert.encoder.layer.0-1.attention.self"],
+        [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "key", "value")],
+        "targets=['attn.q', 'attn.k', 'attn.v']",
+    ),
 ]
 if FUSED:  # transformers 5: each layer's experts in two 3-D tensors
-    CLICKS += [("mixtral", ["model.layers.0-1.mlp.experts.gate_up_proj"],
-                ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"],
-                "targets=['ffn.in']"),
-               ("mixtral", ["model.layers.0-1.mlp.experts"],
-                [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")],
-                "targets=['ffn.in', 'ffn.out']")]
+    CLICKS += [
+        (
+            "mixtral",
+            ["model.layers.0-1.mlp.experts.gate_up_proj"],
+            ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.gate_up_proj"],
+            "targets=['ffn.in']",
+        ),
+        (
+            "mixtral",
+            ["model.layers.0-1.mlp.experts"],
+            [f"model.layers.{i}.mlp.experts.{n}" for i in (0, 1) for n in ("gate_up_proj", "down_proj")],
+            "targets=['ffn.in', 'ffn.out']",
+        ),
+    ]
 else:  # before: a Linear per expert and projection
-    CLICKS += [("mixtral", ["model.layers.0-1.block_sparse_moe.experts"],
-                [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}" for i in (0, 1) for e in range(4)
-                 for w in ("w1", "w2", "w3")], "targets=['ffn.in', 'ffn.out']")]
+    CLICKS += [
+        (
+            "mixtral",
+            ["model.layers.0-1.block_sparse_moe.experts"],
+            [
+                f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}"
+                for i in (0, 1)
+                for e in range(4)
+                for w in ("w1", "w2", "w3")
+            ],
+            "targets=['ffn.in', 'ffn.out']",
+        )
+    ]
 
 
 @pytest.mark.parametrize("arch, clicks, sites, selector", CLICKS, ids=[f"{c[0]}-{'+'.join(c[1])}" for c in CLICKS])
@@ -116,8 +153,10 @@ def test_the_method_decides_what_a_row_adapts():
     assert p.selected == set() and "LlamaRMSNorm" in p.error
     p.set_method("ln_tuning", 8)
     p.toggle("role:norm")
-    assert sorted(p.selected) == sorted([f"model.layers.{i}.{n}" for i in (0, 1)
-                                         for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm"])
+    assert sorted(p.selected) == sorted(
+        [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")]
+        + ["model.norm"]
+    )
     cfg = p.config()
     assert isinstance(cfg, hd.LNTuningConfig) and p.state()["selector"] == "targets=['norm']"
     assert p.state()["trainable"] == attach_count("llama", cfg)[1] == 5 * 32
@@ -143,8 +182,12 @@ ROWS = {arch: None for arch in ("llama", "gpt2", "mixtral")}
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(arch=st.sampled_from(sorted(ROWS)), method=st.sampled_from(["lora", "dora", "loha", "ia3", "vera", "oft"]),
-       r=st.sampled_from([1, 2, 4]), picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=6))
+@given(
+    arch=st.sampled_from(sorted(ROWS)),
+    method=st.sampled_from(["lora", "dora", "loha", "ia3", "vera", "oft"]),
+    r=st.sampled_from([1, 2, 4]),
+    picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=6),
+)
 def test_any_clicks_give_a_config_that_attaches_to_exactly_the_selection(arch, method, r, picks):
     model, p = picker(arch, method, r)
     rows = sorted(p.rows) + [f"role:{x}" for x in p.roles]
@@ -173,6 +216,7 @@ def test_any_clicks_give_a_config_that_attaches_to_exactly_the_selection(arch, m
 
 
 # -- the page, in a browser --------------------------------------------------------------------
+
 
 def settle(page) -> None:
     page.wait_for_selector("body[data-ready='1']")
@@ -213,8 +257,12 @@ def test_the_page_in_a_browser_picks_what_is_clicked():
 def test_hookdelta_pick_prints_the_config_as_python_and_json(tmp_path):
     model, _, _ = build("llama")
     model.save_pretrained(tmp_path / "m")
-    proc = subprocess.Popen([sys.executable, "-m", "hookdelta", "pick", str(tmp_path / "m"), "--no-browser", "-r", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hookdelta", "pick", str(tmp_path / "m"), "--no-browser", "-r", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
@@ -223,7 +271,9 @@ def test_hookdelta_pick_prints_the_config_as_python_and_json(tmp_path):
             req = urllib.request.Request(url + "act", data=json.dumps(body).encode(), method="POST")
             return json.load(urllib.request.urlopen(req, timeout=30))
 
-        assert "data-path=\"model.layers.0-1.self_attn.v_proj\"" in urllib.request.urlopen(url, timeout=30).read().decode()
+        assert (
+            'data-path="model.layers.0-1.self_attn.v_proj"' in urllib.request.urlopen(url, timeout=30).read().decode()
+        )
         assert act({"op": "toggle", "path": "role:attn.v"})["selector"] == "targets=['attn.v']"
         assert act({"op": "done"})["finished"] is True
         out, err = proc.communicate(timeout=60)
@@ -244,8 +294,12 @@ def test_ctrl_c_ends_hookdelta_pick_with_the_selection_so_far(tmp_path):
 
     model, _, _ = build("llama")
     model.save_pretrained(tmp_path / "m")
-    proc = subprocess.Popen([sys.executable, "-m", "hookdelta", "pick", str(tmp_path / "m"), "--no-browser"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hookdelta", "pick", str(tmp_path / "m"), "--no-browser"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = re.search(r"http://127\.0\.0\.1:\d+/", proc.stdout.readline()).group(0)
         req = urllib.request.Request(url + "act", data=b'{"op": "toggle", "path": "role:attn.k"}', method="POST")
@@ -282,8 +336,12 @@ def test_pick_returns_the_config_when_done_is_clicked():
         t = threading.Thread(target=lambda: result.update(cfg=hd.pick(model, open_browser=False, timeout=60)))
         t.start()
         assert started.wait(30)
-        post = lambda body: urllib.request.urlopen(urllib.request.Request(  # noqa: E731
-            result["url"] + "act", data=json.dumps(body).encode(), method="POST"), timeout=30)
+        post = lambda body: urllib.request.urlopen(
+            urllib.request.Request(  # noqa: E731
+                result["url"] + "act", data=json.dumps(body).encode(), method="POST"
+            ),
+            timeout=30,
+        )
         post({"op": "toggle", "path": "role:attn.q"})
         post({"op": "done"})
         t.join(30)

@@ -24,8 +24,14 @@ from hookdelta.quantized import dequantize_model, is_quantized
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-CONFIG = dict(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2)
+CONFIG = dict(
+    vocab_size=96,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 BACKENDS = ["bnb-nf4", "bnb-fp4", "bnb-int8", "torchao-int8", "hqq-4bit"]
 
 
@@ -45,11 +51,14 @@ def inputs():
 def quantized(kind: str, float_dir) -> nn.Module:
     if kind.startswith("bnb"):
         pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-        q = {"bnb-nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
-             "bnb-fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-             "bnb-int8": dict(load_in_8bit=True)}[kind]
-        return tf.LlamaForCausalLM.from_pretrained(float_dir, quantization_config=tf.BitsAndBytesConfig(**q),
-                                                   device_map="cpu").eval()
+        q = {
+            "bnb-nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+            "bnb-fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+            "bnb-int8": dict(load_in_8bit=True),
+        }[kind]
+        return tf.LlamaForCausalLM.from_pretrained(
+            float_dir, quantization_config=tf.BitsAndBytesConfig(**q), device_map="cpu"
+        ).eval()
     model = tf.LlamaForCausalLM.from_pretrained(float_dir).eval()
     if kind == "torchao-int8":
         torchao = pytest.importorskip("torchao.quantization", reason="torchao is not installed")
@@ -59,8 +68,9 @@ def quantized(kind: str, float_dir) -> nn.Module:
     for path, layer in list(model.model.named_modules()):
         if isinstance(layer, nn.Linear):
             owner, _, child = path.rpartition(".")
-            q = hqq.HQQLinear(layer, hqq.BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32,
-                              device="cpu")
+            q = hqq.HQQLinear(
+                layer, hqq.BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.float32, device="cpu"
+            )
             setattr(model.model.get_submodule(owner), child, q)
     return model
 
@@ -68,10 +78,12 @@ def quantized(kind: str, float_dir) -> nn.Module:
 def storage(model: nn.Module) -> dict:
     """Everything the quantized model stores: state-dict tensors (packed bytes and quantization
     state), parameter identities, requires_grad flags and hooks."""
-    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
-            "ids": {n: id(p) for n, p in model.named_parameters()},
-            "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-            "hooks": {n: (tuple(forward_hooks(m)), tuple(forward_pre_hooks(m))) for n, m in model.named_modules()}}
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+        "ids": {n: id(p) for n, p in model.named_parameters()},
+        "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {n: (tuple(forward_hooks(m)), tuple(forward_pre_hooks(m))) for n, m in model.named_modules()},
+    }
 
 
 def assert_storage(model: nn.Module, before: dict, hooks: bool = True) -> None:
@@ -96,8 +108,13 @@ def twin_on_dequantized(model: nn.Module, delta: hd.Delta) -> nn.Module:
     return clone
 
 
-METHODS = {"lora": hd.LoRAConfig(r=4, targets="all-linear"), "dora": hd.LoRAConfig(r=4, use_dora=True),
-           "ia3": hd.IA3Config(), "bitfit": hd.BitFitConfig(), "adapter": hd.AdapterConfig(bottleneck_dim=4)}
+METHODS = {
+    "lora": hd.LoRAConfig(r=4, targets="all-linear"),
+    "dora": hd.LoRAConfig(r=4, use_dora=True),
+    "ia3": hd.IA3Config(),
+    "bitfit": hd.BitFitConfig(),
+    "adapter": hd.AdapterConfig(bottleneck_dim=4),
+}
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -221,10 +238,23 @@ def test_the_cli_merges_a_quantized_checkpoint_into_a_plain_one(float_dir, tmp_p
     perturb(delta)
     delta.save(tmp_path / "delta")
     want = delta.merged_copy(torch.bfloat16)
-    run = subprocess.run([sys.executable, "-m", "hookdelta", "merge", str(tmp_path / "base4bit"), str(tmp_path / "delta"),
-                          str(tmp_path / "merged")], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hookdelta",
+            "merge",
+            str(tmp_path / "base4bit"),
+            str(tmp_path / "delta"),
+            str(tmp_path / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
-    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype="auto")  # (4.x: float32 otherwise)
+    merged = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", torch_dtype="auto"
+    )  # (4.x: float32 otherwise)
     assert merged.dtype == torch.bfloat16 and getattr(merged.config, "quantization_config", None) is None
     x = inputs()
     with torch.no_grad():
@@ -253,7 +283,9 @@ def test_qlora_training_holds_no_dequantized_weight_for_backward(float_dir):
 
 def test_a_peft_qlora_adapter_loads_with_peft_outputs(float_dir, tmp_path):
     peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(quantized("bnb-nf4", float_dir), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    theirs = peft.get_peft_model(
+        quantized("bnb-nf4", float_dir), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "lora_B" in n:

@@ -102,8 +102,7 @@ def test_decode_steps_pass_through_and_refusals(tmp_path):
         delta.merge()
     delta.detach()
     assert_restored(model, snap)
-    cases = [(dict(r=64), "exceeds the hidden size"), (dict(layers=[7]), "blocks"),
-             (dict(positions="m3"), "positions")]
+    cases = [(dict(r=64), "exceeds the hidden size"), (dict(layers=[7]), "blocks"), (dict(positions="m3"), "positions")]
     for kw, msg in cases:
         with pytest.raises(hd.ConfigError, match=msg):
             hd.attach(model, hd.LoReFTConfig(**kw))

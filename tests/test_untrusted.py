@@ -95,8 +95,13 @@ def test_a_peft_config_whose_r_contradicts_its_tensors_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="size mismatch"):
         peft.PeftModel.from_pretrained(build("llama")[0], str(path))
     # saying so explicitly (rank_pattern) is what PEFT reads too: the file loads, at alpha / 4
-    edit_json(path, "adapter_config.json", lambda d: d.update(r=8, lora_alpha=16, rank_pattern={"q_proj": 4, "v_proj": 4},
-                                                              alpha_pattern={"q_proj": 8, "v_proj": 8}))
+    edit_json(
+        path,
+        "adapter_config.json",
+        lambda d: d.update(
+            r=8, lora_alpha=16, rank_pattern={"q_proj": 4, "v_proj": 4}, alpha_pattern={"q_proj": 8, "v_proj": 8}
+        ),
+    )
     hd.load_peft(model, path)
     assert torch.allclose(outputs(model, inputs), want, atol=1e-6)
 
@@ -112,13 +117,19 @@ def test_max_bytes_refuses_a_delta_larger_than_the_caller_allows(tmp_path):
     hd.load(model, path, max_bytes=size)
 
 
-@pytest.mark.parametrize("name, change, match", [
-    ("delta.json", lambda p: (p / "delta.json").write_text(" " * (17 * 2**20) + "{}"), "a few KB"),
-    ("delta.json", lambda p: (p / "delta.json").write_text("[" * 100_000 + "]" * 100_000), "nests deeper"),
-    ("delta.json", lambda p: edit_json(p, "delta.json", lambda d: d["config"].update(targets=["re:(q+)+_proj$"])),
-     "exponential"),
-    ("delta.json", lambda p: edit_json(p, "delta.json", lambda d: d.update(sites=d["sites"] * 1000)), "sites"),
-])
+@pytest.mark.parametrize(
+    "name, change, match",
+    [
+        ("delta.json", lambda p: (p / "delta.json").write_text(" " * (17 * 2**20) + "{}"), "a few KB"),
+        ("delta.json", lambda p: (p / "delta.json").write_text("[" * 100_000 + "]" * 100_000), "nests deeper"),
+        (
+            "delta.json",
+            lambda p: edit_json(p, "delta.json", lambda d: d["config"].update(targets=["re:(q+)+_proj$"])),
+            "exponential",
+        ),
+        ("delta.json", lambda p: edit_json(p, "delta.json", lambda d: d.update(sites=d["sites"] * 1000)), "sites"),
+    ],
+)
 def test_a_crafted_delta_json_is_refused_quickly(tmp_path, name, change, match):
     path, _ = saved_lora(tmp_path)
     change(path)
@@ -136,15 +147,28 @@ def test_a_crafted_pattern_in_a_peft_config_is_refused(tmp_path):
         hd.load_peft(build("llama")[0], path)
 
 
-@pytest.mark.parametrize("pattern", [
-    r".*\.(q|v)_proj", r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj", r"(.*\.)?q_proj", r"layers\.[0-9]+\.mlp\..*",
-    r"re:.*(q_proj|v_proj)$", r"^(?!.*lm_head).*proj$", r"[(a+)+]", r"\(a+\)+", "q_proj", r"a{2,3}b"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r".*\.(q|v)_proj",
+        r"model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+        r"(.*\.)?q_proj",
+        r"layers\.[0-9]+\.mlp\..*",
+        r"re:.*(q_proj|v_proj)$",
+        r"^(?!.*lm_head).*proj$",
+        r"[(a+)+]",
+        r"\(a+\)+",
+        "q_proj",
+        r"a{2,3}b",
+    ],
+)
 def test_ordinary_patterns_are_read(pattern):
     assert risky_pattern(pattern) is None
 
 
-@pytest.mark.parametrize("pattern", [r"(a+)+$", r"(a|aa)*b", r"(.*)*x", r"((ab)*)+", r"(\w+\s?)*$", r"(x+x+)+y",
-                                     r"(a{1,})+", "a" * 5000])
+@pytest.mark.parametrize(
+    "pattern", [r"(a+)+$", r"(a|aa)*b", r"(.*)*x", r"((ab)*)+", r"(\w+\s?)*$", r"(x+x+)+y", r"(a{1,})+", "a" * 5000]
+)
 def test_patterns_that_can_backtrack_exponentially_are_refused(pattern):
     import re
     import time

@@ -35,7 +35,11 @@ def test_different_blocks_do_not_fold_and_state_is_shown():
     model = build("llama")[0]
     d = hd.attach(model, hd.LoRAConfig(r=2, targets="q_proj", layers=[1]))
     text, _ = render(model)
-    assert "0 (LlamaDecoderLayer)" in text and "1 (LlamaDecoderLayer)" in text and "×2" not in text.split("lm_head")[0].split("layers")[1]
+    assert (
+        "0 (LlamaDecoderLayer)" in text
+        and "1 (LlamaDecoderLayer)" in text
+        and "×2" not in text.split("lm_head")[0].split("layers")[1]
+    )
     d.merge()
     assert "[merged]" in render(model)[0]
     d.unmerge()

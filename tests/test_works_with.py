@@ -107,10 +107,12 @@ def test_other_mergeable_methods_on_out_proj_act_through_the_weights(method):
     torch.manual_seed(0)
     model, x = Attn().eval(), torch.randn(2, 5, 8)
     snap = snapshot(model)
-    cfg = {"ia3": hd.IA3Config(targets=["attn.out_proj"]),
-           "bitfit": hd.BitFitConfig(targets=["attn.out_proj"]),
-           "dora": hd.LoRAConfig(r=2, targets=["attn.out_proj"], use_dora=True),
-           "also_train": hd.LoRAConfig(r=2, targets=["out"], also_train=["attn.out_proj"])}[method]
+    cfg = {
+        "ia3": hd.IA3Config(targets=["attn.out_proj"]),
+        "bitfit": hd.BitFitConfig(targets=["attn.out_proj"]),
+        "dora": hd.LoRAConfig(r=2, targets=["attn.out_proj"], use_dora=True),
+        "also_train": hd.LoRAConfig(r=2, targets=["out"], also_train=["attn.out_proj"]),
+    }[method]
     delta = hd.attach(model, cfg)
     perturb(delta, std=0.2)
     w, b = model.attn.out_proj.weight.detach(), model.attn.out_proj.bias.detach()
@@ -128,15 +130,24 @@ def test_other_mergeable_methods_on_out_proj_act_through_the_weights(method):
     if method == "also_train":  # the LoRA on `out` runs too
         with torch.no_grad():
             attn = _mha_reference(model, x, w, b, part="attn")
-            want = want + F.linear(F.linear(attn, delta.pieces["out"].lora_A),
-                                   delta.pieces["out"].lora_B) * delta.pieces["out"].scale
+            want = (
+                want
+                + F.linear(F.linear(attn, delta.pieces["out"].lora_A), delta.pieces["out"].lora_B)
+                * delta.pieces["out"].scale
+            )
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     assert_merge_round_trip(model, delta, lambda: model(x), want, snap, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [hd.LoRAConfig(r=2, dropout=0.1, targets="all-linear"),
-                                 hd.AdapterConfig(bottleneck_dim=2, targets=["attn.out_proj"])], ids=["dropout", "adapter"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        hd.LoRAConfig(r=2, dropout=0.1, targets="all-linear"),
+        hd.AdapterConfig(bottleneck_dim=2, targets=["attn.out_proj"]),
+    ],
+    ids=["dropout", "adapter"],
+)
 def test_what_cannot_act_through_the_weights_is_refused_at_attach(cfg):
     model = Attn()
     snap = snapshot(model)
@@ -234,8 +245,15 @@ def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
     """A LoRA on a tied embedding also adapts the head; a fused loss reads the head's weight in
     its own code, so the head's part acts through the weight: the logits are the plain forward's,
     and nothing warns (the warning said the embedding's delta had no effect before)."""
-    config = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    config = tf.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     model = FusedLossHead(tf.LlamaForCausalLM(config))
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
     perturb(delta, std=0.3)
@@ -251,14 +269,26 @@ def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
 
 
 def test_a_reader_of_a_tied_weight_outside_every_holder_names_all_of_them():
-    config = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    config = tf.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     lm = tf.LlamaForCausalLM(config)
     hd.attach(lm, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
-    with pytest.raises(hd.BypassError, match=r"used the weight tied between 'model.embed_tokens' and 'lm_head' "
-                                              r"without calling their forward.*\['tied'\]"):
+    with pytest.raises(
+        hd.BypassError,
+        match=r"used the weight tied between 'model.embed_tokens' and 'lm_head' "
+        r"without calling their forward.*\['tied'\]",
+    ):
+
         def reads_head(module, args, out):
             F.linear(out[0], lm.lm_head.weight)  # a loss computed from the head's weight, not by calling it
+
         lm.model.register_forward_hook(reads_head)
         lm(input_ids=torch.randint(0, 50, (2, 5)))
 
@@ -267,6 +297,7 @@ def test_a_forward_patched_after_attach_is_watched_again():
     """TRL's fused loss replaces the model's forward with one that reads lm_head.weight without
     calling lm_head: the first call of the new forward warns, however many calls came before."""
     import types
+
     model, inputs, _ = build("llama")
     hd.attach(model, hd.LoRAConfig(r=2, targets="lm_head"), name="head")
     model(**inputs)  # the watched first forward: lm_head is called, all quiet
@@ -301,6 +332,7 @@ class InterruptedOnce(nn.Module):
 
 def test_a_keyboard_interrupt_in_the_first_forward_leaves_nothing_behind():
     import threading
+
     model, x = InterruptedOnce(), torch.randn(3, 6)
     other = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="all-linear"), name="mine")
@@ -344,11 +376,25 @@ def _try(fn):
 
 
 def _detr():
-    backbone = tf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
-                               out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = tf.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone,
-                           d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=8,
-                           decoder_attention_heads=8, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=4)
+    backbone = tf.ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = tf.DetrConfig(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone_config=backbone,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_queries=4,
+    )
     return tf.DetrForSegmentation(config).eval()
 
 
@@ -363,9 +409,17 @@ def test_real_transformers_models_that_read_weights_themselves(kind):
         target = "bbox_attention.k_proj" if "bbox_attention.k_proj" in names else "bbox_attention.k_linear"  # (4.x)
         out = lambda m: m(**x).pred_masks  # noqa: E731
     else:
-        config = tf.WavLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=4,
-                                num_conv_pos_embedding_groups=2)
+        config = tf.WavLMConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            conv_dim=(8, 8),
+            conv_stride=(5, 4),
+            conv_kernel=(10, 4),
+            num_conv_pos_embeddings=4,
+            num_conv_pos_embedding_groups=2,
+        )
         model, x = tf.WavLMModel(config).eval(), {"input_values": torch.randn(1, 800)}
         target = "encoder.layers.0.attention.v_proj"
         out = lambda m: m(**x).last_hidden_state  # noqa: E731
@@ -423,18 +477,28 @@ def _offloaded(kind: str, tmp_path):
         torch.save(plain.state_dict(), tmp_path / "weights.bin")
         with accelerate.init_empty_weights():
             model = tf.LlamaForCausalLM(plain.config)
-        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-        model = accelerate.load_checkpoint_and_dispatch(model, str(tmp_path / "weights.bin"), device_map=device_map,
-                                                        offload_folder=str(tmp_path / "offload"))
+        device_map = {
+            "model.embed_tokens": "cpu",
+            "model.layers.0": "cpu",
+            "model.layers.1": "disk",
+            "model.norm": "cpu",
+            "model.rotary_emb": "cpu",
+            "lm_head": "cpu",
+        }
+        model = accelerate.load_checkpoint_and_dispatch(
+            model, str(tmp_path / "weights.bin"), device_map=device_map, offload_folder=str(tmp_path / "offload")
+        )
         model.tie_weights()
     return model.eval(), plain.eval(), inputs
 
 
-OUTPUT_SIDE = {"lora": hd.LoRAConfig(r=2, targets=["q_proj", "v_proj", "down_proj"]),
-               "dora": hd.LoRAConfig(r=2, targets=["q_proj", "v_proj"], use_dora=True),
-               "ia3": hd.IA3Config(), "bitfit": hd.BitFitConfig(targets=["o_proj"]),
-               "adapter": hd.AdapterConfig(bottleneck_dim=4)}
+OUTPUT_SIDE = {
+    "lora": hd.LoRAConfig(r=2, targets=["q_proj", "v_proj", "down_proj"]),
+    "dora": hd.LoRAConfig(r=2, targets=["q_proj", "v_proj"], use_dora=True),
+    "ia3": hd.IA3Config(),
+    "bitfit": hd.BitFitConfig(targets=["o_proj"]),
+    "adapter": hd.AdapterConfig(bottleneck_dim=4),
+}
 
 
 @pytest.mark.parametrize("kind", ["cpu_offload", "disk_offload", "dispatch"])
@@ -490,8 +554,11 @@ def test_offloading_after_attach_is_refused_at_the_next_forward(tmp_path):
         model(**inputs)
 
 
-@pytest.mark.parametrize("cfg", [hd.LNTuningConfig(), hd.LoRAConfig(r=2, targets=["q_proj"], also_train=["lm_head"])],
-                         ids=["ln_tuning", "also_train"])
+@pytest.mark.parametrize(
+    "cfg",
+    [hd.LNTuningConfig(), hd.LoRAConfig(r=2, targets=["q_proj"], also_train=["lm_head"])],
+    ids=["ln_tuning", "also_train"],
+)
 def test_weight_swapping_deltas_are_refused_on_offloaded_layers(cfg, tmp_path):
     model, _, _ = _offloaded("cpu_offload", tmp_path)
     snap = snapshot(model)
@@ -687,8 +754,9 @@ def test_an_untied_copy_of_a_tied_head_refuses_to_merge():
 def test_peft_modules_to_save_on_a_tied_head_loads_with_peft_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     model, inputs, _ = build("gpt2")
-    twin = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["c_attn"],
-                                                                        modules_to_save=["lm_head"]))
+    twin = peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    )
     with torch.no_grad():
         for n, p in twin.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:
@@ -738,12 +806,21 @@ def test_load_inside_inference_mode_gives_a_trainable_delta(tmp_path):
 
 
 def _generate(model, inputs, **kw):
-    return model.generate(inputs["input_ids"], attention_mask=torch.ones_like(inputs["input_ids"]),
-                          max_new_tokens=4, do_sample=False, pad_token_id=0, **kw)
+    return model.generate(
+        inputs["input_ids"],
+        attention_mask=torch.ones_like(inputs["input_ids"]),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        **kw,
+    )
 
 
-@pytest.mark.parametrize("cfg", [hd.PrefixConfig(num_virtual_tokens=3), hd.SoftPromptConfig(num_virtual_tokens=3)],
-                         ids=["prefix", "soft_prompt"])
+@pytest.mark.parametrize(
+    "cfg",
+    [hd.PrefixConfig(num_virtual_tokens=3), hd.SoftPromptConfig(num_virtual_tokens=3)],
+    ids=["prefix", "soft_prompt"],
+)
 def test_prompt_methods_refuse_a_static_cache_clearly(cfg):
     model, inputs, _ = build("llama")
     hd.attach(model, cfg)
@@ -921,8 +998,9 @@ class TimmLike(nn.Module):
         return self.head(x)
 
 
-@pytest.mark.parametrize("arch,head", [("bert", "classifier"), ("vit", "classifier"), ("timm", "head"),
-                                       ("resnet", "classifier.1")])
+@pytest.mark.parametrize(
+    "arch,head", [("bert", "classifier"), ("vit", "classifier"), ("timm", "head"), ("resnet", "classifier.1")]
+)
 def test_all_linear_leaves_out_the_model_head(arch, head):
     model = TimmLike() if arch == "timm" else _resnet()[0] if arch == "resnet" else build(arch)[0]
     assert isinstance(model.get_submodule(head), nn.Linear)
@@ -936,8 +1014,14 @@ def test_all_linear_leaves_out_the_model_head(arch, head):
 
 def test_hd_load_matches_a_wrapper_prefix(tmp_path):
     torch.manual_seed(0)
-    config = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=48, max_position_embeddings=32)
+    config = tf.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     masked = tf.BertForMaskedLM(config).eval()
     bare = masked.bert
     delta = hd.attach(bare, hd.LoRAConfig(r=2))

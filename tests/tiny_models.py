@@ -42,34 +42,66 @@ def qwen2():
 
 
 def t5():
-    m = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=H, d_kv=8, d_ff=48, num_layers=L,
-                                                  num_decoder_layers=L, num_heads=4))
+    m = tf.T5ForConditionalGeneration(
+        tf.T5Config(vocab_size=V, d_model=H, d_kv=8, d_ff=48, num_layers=L, num_decoder_layers=L, num_heads=4)
+    )
     return m, {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}, ["q", "v"]
 
 
 def bart():
-    m = tf.BartForConditionalGeneration(tf.BartConfig(
-        vocab_size=V, d_model=H, encoder_layers=L, decoder_layers=L, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=32))
+    m = tf.BartForConditionalGeneration(
+        tf.BartConfig(
+            vocab_size=V,
+            d_model=H,
+            encoder_layers=L,
+            decoder_layers=L,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=32,
+        )
+    )
     return m, {"input_ids": _ids(), "decoder_input_ids": _ids(seq=5)}, ["q_proj", "v_proj"]
 
 
 def opt():
-    m = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, ffn_dim=48,
-                                       num_attention_heads=4, max_position_embeddings=32, word_embed_proj_dim=H))
+    m = tf.OPTForCausalLM(
+        tf.OPTConfig(
+            vocab_size=V,
+            hidden_size=H,
+            num_hidden_layers=L,
+            ffn_dim=48,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            word_embed_proj_dim=H,
+        )
+    )
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 
 
 def vit():
-    m = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=H, num_hidden_layers=L, num_attention_heads=4,
-                                                  intermediate_size=48, image_size=16, patch_size=8, num_labels=3))
+    m = tf.ViTForImageClassification(
+        tf.ViTConfig(
+            hidden_size=H,
+            num_hidden_layers=L,
+            num_attention_heads=4,
+            intermediate_size=48,
+            image_size=16,
+            patch_size=8,
+            num_labels=3,
+        )
+    )
     px = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     return m, {"pixel_values": px}, ["attn.q", "attn.v"]  # (query/value before transformers 5, q_proj/v_proj since)
 
 
 def mixtral():
-    m = tf.MixtralForCausalLM(tf.MixtralConfig(**TEXT, num_key_value_heads=2, num_local_experts=4,
-                                               num_experts_per_tok=2, max_position_embeddings=32))
+    m = tf.MixtralForCausalLM(
+        tf.MixtralConfig(
+            **TEXT, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32
+        )
+    )
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 
 
@@ -115,5 +147,9 @@ def layer_cases():
         ("conv2d", Holder(nn.Conv2d(4, 6, 3, stride=2, padding=1)), torch.randn(2, 4, 8, 8, generator=g)),
         ("conv2d-grouped", Holder(nn.Conv2d(4, 6, 3, groups=2, padding=1)), torch.randn(2, 4, 7, 7, generator=g)),
         ("conv2d-1x1", Holder(nn.Conv2d(4, 6, 1)), torch.randn(2, 4, 5, 5, generator=g)),
-        ("conv2d-reflect", Holder(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")), torch.randn(2, 4, 6, 6, generator=g)),
+        (
+            "conv2d-reflect",
+            Holder(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")),
+            torch.randn(2, 4, 6, 6, generator=g),
+        ),
     ]

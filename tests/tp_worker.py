@@ -21,8 +21,12 @@ from tiny_models import build  # noqa: E402
 
 import hookdelta as hd  # noqa: E402
 
-ATTENTION = {"q_proj": ColwiseParallel(), "k_proj": ColwiseParallel(), "v_proj": ColwiseParallel(),
-             "o_proj": RowwiseParallel()}
+ATTENTION = {
+    "q_proj": ColwiseParallel(),
+    "k_proj": ColwiseParallel(),
+    "v_proj": ColwiseParallel(),
+    "o_proj": RowwiseParallel(),
+}
 MLP = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
 CONFIG = hd.LoRAConfig(r=4, targets=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
 
@@ -81,8 +85,10 @@ def main() -> None:
     verdict["forward_max_diff"] = (out_tp.logits - out_ref.logits).abs().max().item()
     out_tp.loss.backward()
     out_ref.loss.backward()
-    verdict["grad_max_diff"] = max((whole(p.grad) - q.grad).abs().max().item()
-                                   for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True))
+    verdict["grad_max_diff"] = max(
+        (whole(p.grad) - q.grad).abs().max().item()
+        for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True)
+    )
     opts = [torch.optim.AdamW(d.parameters(), lr=1e-2, weight_decay=0.0) for d in (delta, ref_delta)]
     for _ in range(2):
         for opt in opts:
@@ -90,8 +96,9 @@ def main() -> None:
             opt.zero_grad()
         for net in (model, reference):
             net(input_ids=batch, labels=batch).loss.backward()
-    verdict["train_max_diff"] = max((whole(p) - q).abs().max().item()
-                                    for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True))
+    verdict["train_max_diff"] = max(
+        (whole(p) - q).abs().max().item() for p, q in zip(delta.parameters(), ref_delta.parameters(), strict=True)
+    )
     with torch.no_grad():
         ref_delta.load_tensors(delta.tensors())
 
@@ -142,11 +149,14 @@ def main() -> None:
     verdict["detach_exact"] = all(torch.equal(whole(p), b) for p, b in zip(base, before, strict=True))
     verdict["detached_max_diff"] = (logits(model) - off).abs().max().item()
     if rank == 0:
-        a, b = load_file(os.path.join(folder, "tp", "delta.safetensors")), load_file(os.path.join(folder, "plain",
-                                                                                                    "delta.safetensors"))
+        a, b = (
+            load_file(os.path.join(folder, "tp", "delta.safetensors")),
+            load_file(os.path.join(folder, "plain", "delta.safetensors")),
+        )
         verdict["save_bit_equal"] = set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-        verdict["peft_whole"] = all(v.numel() > 0 for v in load_file(os.path.join(folder, "tp-peft",
-                                                                                   "adapter_model.safetensors")).values())
+        verdict["peft_whole"] = all(
+            v.numel() > 0 for v in load_file(os.path.join(folder, "tp-peft", "adapter_model.safetensors")).values()
+        )
     report(verdict, out)
 
 

@@ -42,11 +42,25 @@ def trainer(folder: str, engine: str):
         delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     if engine not in ("deepspeed", "control"):
         raise SystemExit(f"unknown engine {engine!r}")
-    kw = {"deepspeed": {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                        "train_batch_size": "auto",
-                        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}}
-    args = tf.TrainingArguments(output_dir=folder, max_steps=2, save_steps=2, per_device_train_batch_size=2,
-                                report_to=[], learning_rate=1e-2, use_cpu=True, seed=0, **kw)
+    kw = {
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        }
+    }
+    args = tf.TrainingArguments(
+        output_dir=folder,
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        learning_rate=1e-2,
+        use_cpu=True,
+        seed=0,
+        **kw,
+    )
     cls = tf.Trainer if delta is None else hd.delta_trainer(tf.Trainer)
     return model, delta, cls(model=model, args=args, train_dataset=Tokens())
 
@@ -70,14 +84,15 @@ def main() -> None:
     resumed_values = again.tensors()
     verdict = {}
     if run.args.process_index == 0:
-        verdict = {"sharded": sharded(run, model),
-                   "files": {}}
+        verdict = {"sharded": sharded(run, model), "files": {}}
         for name in ("checkpoint-2/hookdelta/lora/delta.safetensors", "final/hookdelta/lora/delta.safetensors"):
             saved = load_file(os.path.join(folder, name))
             verdict["files"][name] = set(saved) == set(final) and all(torch.equal(saved[k], final[k]) for k in final)
         for name in ("checkpoint-2/model.safetensors", "final/model.safetensors"):
             saved = load_file(os.path.join(folder, name))
-            verdict["files"][name] = sorted(v.numel() for v in saved.values()) == sorted(v.numel() for v in final.values())
+            verdict["files"][name] = sorted(v.numel() for v in saved.values()) == sorted(
+                v.numel() for v in final.values()
+            )
         verdict["resumed_equal"] = all(torch.equal(resumed_values[k], final[k]) for k in final)
     report(verdict, out)
 

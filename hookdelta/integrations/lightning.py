@@ -26,13 +26,15 @@ class LightningCallback(Callback):
 
     def __init__(self, *deltas: Any) -> None:
         if not deltas or any(not hasattr(d, "pieces") for d in deltas):
-            raise ConfigError(f"hd.LightningCallback takes the deltas to keep, e.g. LightningCallback(delta); "
-                              f"got {deltas!r}")
+            raise ConfigError(
+                f"hd.LightningCallback takes the deltas to keep, e.g. LightningCallback(delta); got {deltas!r}"
+            )
         self.deltas = deltas
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[KEY] = {d.name: {k: v.detach().cpu().clone() for k, v in d.state_dict().items()}
-                           for d in self.deltas}
+        checkpoint[KEY] = {
+            d.name: {k: v.detach().cpu().clone() for k, v in d.state_dict().items()} for d in self.deltas
+        }
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(KEY) or {}
@@ -42,11 +44,14 @@ class LightningCallback(Callback):
                 f"this checkpoint holds no tensors of delta(s) {missing} (it was saved without "
                 "hd.LightningCallback), while its optimizer state may hold their Adam moments: resuming would "
                 "continue a fresh delta with an old optimizer. Resume from a checkpoint saved with the callback, "
-                "or start a new run")
+                "or start a new run"
+            )
         for d in self.deltas:
             tensors = saved[d.name]
             mine = d.state_dict()
             if set(tensors) != set(mine) or any(tensors[k].shape != mine[k].shape for k in mine):
-                raise DeltaFileError(f"the checkpoint's tensors of delta {d.name!r} do not fit the attached delta "
-                                     "(other sites, ranks or method); attach it as it was when the checkpoint was saved")
+                raise DeltaFileError(
+                    f"the checkpoint's tensors of delta {d.name!r} do not fit the attached delta "
+                    "(other sites, ranks or method); attach it as it was when the checkpoint was saved"
+                )
             d.load_state_dict(tensors)

@@ -152,7 +152,8 @@ class TrainerCallback(_Base):
             raise DeltaFileError(
                 f"resuming at step {state.global_step}, but the checkpoint's weights do not hold delta "
                 f"{self.delta.name!r} and there is no saved delta at {folder}; was it written with "
-                "hd.TrainerCallback(delta)?")
+                "hd.TrainerCallback(delta)?"
+            )
         self.delta.load_tensors(read_tensors(folder, read_meta(folder)))
 
 
@@ -166,7 +167,8 @@ class _DeltaTrainer:
         if not isinstance(model, torch.nn.Module) or not deltas(model):
             raise ConfigError(
                 f"{type(self).__name__} needs the model object with its deltas attached (hd.attach(model, cfg) "
-                "first), not a name or a bare model; a plain Trainer class trains a model without deltas")
+                "first), not a name or a bare model; a plain Trainer class trains a model without deltas"
+            )
         given = list(kwargs.get("callbacks") or [])
         have = {id(c.delta) for c in given if isinstance(c, TrainerCallback)}
         added = [TrainerCallback(d) for d in deltas(model).values() if id(d) not in have]
@@ -184,8 +186,11 @@ class _DeltaTrainer:
         out = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
         if not model.training:
             return out
-        extra = [c.allocator.penalty() for c in self.callback_handler.callbacks
-                 if isinstance(c, TrainerCallback) and c.allocator is not None]
+        extra = [
+            c.allocator.penalty()
+            for c in self.callback_handler.callbacks
+            if isinstance(c, TrainerCallback) and c.allocator is not None
+        ]
         if not extra:
             return out
         if isinstance(out, tuple):

@@ -71,8 +71,10 @@ class AdaLoRAConfig(DeltaConfig):
         if self.target_r > self.init_r:
             raise ConfigError(f"AdaLoRAConfig.target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         if self.total_step is not None and self.tinit >= self.total_step - self.tfinal:
-            raise ConfigError(f"AdaLoRAConfig: tinit ({self.tinit}) must be below total_step - tfinal "
-                              f"({self.total_step} - {self.tfinal}), or no step is left to reallocate ranks")
+            raise ConfigError(
+                f"AdaLoRAConfig: tinit ({self.tinit}) must be below total_step - tfinal "
+                f"({self.total_step} - {self.tfinal}), or no step is left to reallocate ranks"
+            )
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
@@ -83,9 +85,9 @@ class AdaLoRAConfig(DeltaConfig):
 
 
 class SVDLoRA(LowRankDelta):
-
-    def __init__(self, cfg: AdaLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int],
-                 like: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: AdaLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int], like: torch.Tensor
+    ) -> None:
         super().__init__(key)
         in_f, out_f = dims
         r = self.r = pattern_value(cfg.rank_pattern, key, cfg.init_r)
@@ -141,7 +143,7 @@ class RankAllocator:
         if step > c.total_step - c.tfinal:
             return self.target_budget, True
         left = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
-        return int((self.init_budget - self.target_budget) * left ** 3 + self.target_budget), step % c.deltaT == 0
+        return int((self.init_budget - self.target_budget) * left**3 + self.target_budget), step % c.deltaT == 0
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for p in self.pieces for t in (p.lora_A, p.lora_B, p.lora_E)]
@@ -151,8 +153,10 @@ class RankAllocator:
         b1, b2 = self.cfg.beta1, self.cfg.beta2
         for t in self._tensors():
             if t.grad is None:
-                raise ConfigError("AdaLoRA's schedule reads the gradients: call update_and_allocate(step) after "
-                                  "backward() and before the optimizer's zero_grad()")
+                raise ConfigError(
+                    "AdaLoRA's schedule reads the gradients: call update_and_allocate(step) after "
+                    "backward() and before the optimizer's zero_grad()"
+                )
             ipt = (t * t.grad).abs()
             avg = self.avg_ipt.get(id(t), torch.zeros_like(t))
             avg = b1 * avg + (1 - b1) * ipt
@@ -162,8 +166,10 @@ class RankAllocator:
     @torch.no_grad()
     def _mask_to(self, budget: int) -> None:
         score = {id(t): self.avg_ipt[id(t)] * self.avg_unc[id(t)] for t in self._tensors()}
-        triplets = [score[id(p.lora_E)].view(-1) + score[id(p.lora_A)].mean(dim=1) + score[id(p.lora_B)].mean(dim=0)
-                    for p in self.pieces]
+        triplets = [
+            score[id(p.lora_E)].view(-1) + score[id(p.lora_A)].mean(dim=1) + score[id(p.lora_B)].mean(dim=0)
+            for p in self.pieces
+        ]
         if budget >= self.init_budget:
             return  # nothing to cut yet
         threshold = torch.kthvalue(torch.cat(triplets), k=self.init_budget - budget)[0].item()
@@ -196,7 +202,9 @@ class RankAllocator:
         terms = []
         for p in self.pieces:
             for cov in (p.lora_A @ p.lora_A.T, p.lora_B.T @ p.lora_B):
-                terms.append(torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
+                terms.append(
+                    torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype))
+                )
         return self.cfg.orth_reg_weight * torch.stack(terms).mean()
 
 
@@ -206,32 +214,66 @@ class AdaLoRACodec(PeftCodec):
     off its tensors, the scale keeps init_r."""
 
     peft_type = "ADALORA"
-    understood = frozenset({"r", "init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT",
-                            "beta1", "beta2", "orth_reg_weight", "total_step", "rank_pattern", "fan_in_fan_out",
-                            "bias", "init_lora_weights", "layers_to_transform", "modules_to_save", "target_modules"})
+    understood = frozenset(
+        {
+            "r",
+            "init_r",
+            "target_r",
+            "lora_alpha",
+            "lora_dropout",
+            "tinit",
+            "tfinal",
+            "deltaT",
+            "beta1",
+            "beta2",
+            "orth_reg_weight",
+            "total_step",
+            "rank_pattern",
+            "fan_in_fan_out",
+            "bias",
+            "init_lora_weights",
+            "layers_to_transform",
+            "modules_to_save",
+            "target_modules",
+        }
+    )
     suffixes = {".lora_A": "lora_A", ".lora_B": "lora_B", ".lora_E": "lora_E"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         init_r = int(peft_config.get("init_r", 12))
         ranks = {s: int(ts["lora_E"].shape[0]) for s, ts in named.items() if "lora_E" in ts}
         if any(k > init_r for k in ranks.values()):
-            raise DeltaFileError(f"the AdaLoRA file has layers of rank {max(ranks.values())}, above its init_r={init_r}")
+            raise DeltaFileError(
+                f"the AdaLoRA file has layers of rank {max(ranks.values())}, above its init_r={init_r}"
+            )
         total = peft_config.get("total_step")
         tinit, tfinal = int(peft_config.get("tinit", 0)), int(peft_config.get("tfinal", 0))
         try:
-            cfg = AdaLoRAConfig(targets=[exact(s) for s in named], init_r=init_r,
-                                target_r=min(int(peft_config.get("target_r", 8)), init_r),
-                                alpha=float(peft_config.get("lora_alpha", 8)),
-                                dropout=float(peft_config.get("lora_dropout") or 0.0),
-                                total_step=int(total) if total and tinit < int(total) - tfinal else None,
-                                tinit=tinit, tfinal=tfinal, deltaT=int(peft_config.get("deltaT", 1)),
-                                beta1=float(peft_config.get("beta1", 0.85)), beta2=float(peft_config.get("beta2", 0.85)),
-                                orth_reg_weight=float(peft_config.get("orth_reg_weight", 0.5)),
-                                rank_pattern={re.escape(s): k for s, k in ranks.items() if k != init_r} or None, **common)
+            cfg = AdaLoRAConfig(
+                targets=[exact(s) for s in named],
+                init_r=init_r,
+                target_r=min(int(peft_config.get("target_r", 8)), init_r),
+                alpha=float(peft_config.get("lora_alpha", 8)),
+                dropout=float(peft_config.get("lora_dropout") or 0.0),
+                total_step=int(total) if total and tinit < int(total) - tfinal else None,
+                tinit=tinit,
+                tfinal=tfinal,
+                deltaT=int(peft_config.get("deltaT", 1)),
+                beta1=float(peft_config.get("beta1", 0.85)),
+                beta2=float(peft_config.get("beta2", 0.85)),
+                orth_reg_weight=float(peft_config.get("orth_reg_weight", 0.5)),
+                rank_pattern={re.escape(s): k for s, k in ranks.items() if k != init_r} or None,
+                **common,
+            )
         except ConfigError as exc:
             raise DeltaFileError(f"PEFT's AdaLoRA config does not fit: {exc}") from None
         tensors = self.flat(named)
@@ -249,12 +291,25 @@ class AdaLoRACodec(PeftCodec):
                 tensors[f"{p.key}.{name}"] = t.detach().index_select(dim, keep.nonzero().view(-1)).contiguous()
             # (PEFT resizes each layer from init_r: a list of init_r flags, the kept ones first)
             pattern[f"{p.key}.lora_E"] = keep.tolist() + [False] * (cfg.init_r - p.r)
-        fields = {"peft_type": "ADALORA", "r": cfg.target_r, "init_r": cfg.init_r, "target_r": cfg.target_r,
-                  "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "tinit": cfg.tinit, "tfinal": cfg.tfinal,
-                  "deltaT": cfg.deltaT, "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
-                  "total_step": cfg.total_step or 1, "bias": "none", "init_lora_weights": True,
-                  "rank_pattern": pattern if any(not all(v) for v in pattern.values()) else None,
-                  **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "ADALORA",
+            "r": cfg.target_r,
+            "init_r": cfg.init_r,
+            "target_r": cfg.target_r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "tinit": cfg.tinit,
+            "tfinal": cfg.tfinal,
+            "deltaT": cfg.deltaT,
+            "beta1": cfg.beta1,
+            "beta2": cfg.beta2,
+            "orth_reg_weight": cfg.orth_reg_weight,
+            "total_step": cfg.total_step or 1,
+            "bias": "none",
+            "init_lora_weights": True,
+            "rank_pattern": pattern if any(not all(v) for v in pattern.values()) else None,
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, tensors
 
 

@@ -23,7 +23,11 @@ from ..modules import layer_dims
 from ..placement import layer_like
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
     "identity": lambda x: x,
 }
 
@@ -78,8 +82,16 @@ class Bottleneck(Piece):
     hooks = frozenset({"post"})
     mergeable = False
 
-    def __init__(self, key: str, down: nn.Module, up: nn.Module, non_linearity: str, scale: float,
-                 parallel: bool = False, widths: str = "") -> None:
+    def __init__(
+        self,
+        key: str,
+        down: nn.Module,
+        up: nn.Module,
+        non_linearity: str,
+        scale: float,
+        parallel: bool = False,
+        widths: str = "",
+    ) -> None:
         super().__init__(key)
         self.down, self.up = down, up
         self.non_linearity, self.scale, self.parallel, self.widths = non_linearity, scale, parallel, widths
@@ -106,8 +118,12 @@ def zero_linear(in_features: int, out_features: int, like: torch.Tensor) -> nn.L
     return layer
 
 
-def build_bottlenecks(cfg: BottleneckConfig, model: nn.Module, sites: Sequence[str],
-                      projections: Callable[[int, int, int, torch.Tensor], tuple[nn.Module, nn.Module]]) -> list[Piece]:
+def build_bottlenecks(
+    cfg: BottleneckConfig,
+    model: nn.Module,
+    sites: Sequence[str],
+    projections: Callable[[int, int, int, torch.Tensor], tuple[nn.Module, nn.Module]],
+) -> list[Piece]:
     """One Bottleneck per site; `projections(source, width, out, like)` builds its (down, up)."""
     pieces: list[Piece] = []
     for path in sites:
@@ -116,8 +132,9 @@ def build_bottlenecks(cfg: BottleneckConfig, model: nn.Module, sites: Sequence[s
         source = width_in if cfg.parallel else width_out
         width = cfg.width(source)
         down, up = projections(source, width, width_out, reference_tensor(model, module, path))
-        pieces.append(Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, cfg.parallel,
-                                 f"{source}→{width}→{width_out}"))
+        pieces.append(
+            Bottleneck(path, down, up, cfg.non_linearity, cfg.scaling, cfg.parallel, f"{source}→{width}→{width_out}")
+        )
     return pieces
 
 

@@ -61,13 +61,17 @@ class InvocationScanner(Piece):
         if cache_length(cache) > 0:  # continuing a sequence: every new token of the activated rows
             x = ids if ids is not None else embeds
             if x is None or act.rows is None or act.rows.shape[0] != x.shape[0]:
-                raise DeltaStateError("this aLoRA delta was called to continue a cached sequence whose prompt it did "
-                                      "not see; run the prompt (or generate()) with the delta enabled first")
+                raise DeltaStateError(
+                    "this aLoRA delta was called to continue a cached sequence whose prompt it did "
+                    "not see; run the prompt (or generate()) with the delta enabled first"
+                )
             act.mask = act.rows[:, None].expand(x.shape[0], x.shape[1])
             return args, kwargs
         if ids is None:
-            raise UnsupportedModuleError("aLoRA looks for its invocation tokens in input_ids; this call gave none "
-                                         "(inputs_embeds only). Pass input_ids.")
+            raise UnsupportedModuleError(
+                "aLoRA looks for its invocation tokens in input_ids; this call gave none "
+                "(inputs_embeds only). Pass input_ids."
+            )
         starts = invocation_starts(ids, act.tokens)
         act.rows = starts >= 0
         act.mask = act.rows[:, None] & (torch.arange(ids.shape[1], device=ids.device)[None, :] >= starts[:, None])
@@ -81,7 +85,9 @@ def activated(piece: Any, output: torch.Tensor, delta: torch.Tensor) -> torch.Te
     """output + delta where the adapter is active, output (bit for bit) elsewhere."""
     mask = piece.activation.mask
     if mask is None or output.dim() != 3 or tuple(output.shape[:2]) != tuple(mask.shape):
-        raise UnsupportedModuleError(f"aLoRA at {piece.key!r} needs [batch, seq, features] outputs matching the input "
-                                     f"ids; got {tuple(output.shape)} for ids of shape "
-                                     f"{None if mask is None else tuple(mask.shape)}")
+        raise UnsupportedModuleError(
+            f"aLoRA at {piece.key!r} needs [batch, seq, features] outputs matching the input "
+            f"ids; got {tuple(output.shape)} for ids of shape "
+            f"{None if mask is None else tuple(mask.shape)}"
+        )
     return torch.where(mask[..., None], output + delta.to(output.dtype), output)

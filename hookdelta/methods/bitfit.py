@@ -79,7 +79,9 @@ class BitFitConfig(DeltaConfig):
             elif is_norm(path, module):  # GroupNorm / BatchNorm / InstanceNorm: channels are dim 1
                 channel = 1 if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase)) else -1
                 pieces.append(BiasDelta(path, module.weight.shape[0], like, channel))
-            elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
+                module, nn.modules.conv._ConvTransposeNd
+            ):
                 pieces.append(BiasDelta(path, module.out_channels, like, 1))
             elif isinstance(module, nn.Embedding):
                 pieces.append(BiasDelta(path, module.embedding_dim, like, -1))

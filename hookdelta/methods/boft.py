@@ -34,10 +34,12 @@ def butterfly_perm(n: int, blocks: int, half: int, factors: int) -> torch.Tensor
     seq = torch.cat((torch.arange(0, step, 2, device=cpu), torch.arange(1, step, 2, device=cpu)))
     order = torch.empty(size, dtype=torch.long, device=cpu)
     for i, pos in enumerate(seq):
-        order[int(i * half): int(i * half + half)] = torch.arange(size, device=cpu)[int(pos * half): int(pos * half + half)]
+        order[int(i * half) : int(i * half + half)] = torch.arange(size, device=cpu)[
+            int(pos * half) : int(pos * half + half)
+        ]
     idx = torch.arange(n, device=cpu)
     for i in range(0, n, size):
-        idx[i:i + size] = idx[i:i + size][order]
+        idx[i : i + size] = idx[i : i + size][order]
     return idx
 
 
@@ -59,27 +61,34 @@ class BOFTConfig(DeltaConfig):
         check_int(self, "boft_block_num", minimum=0)
         check_int(self, "boft_n_butterfly_factor", minimum=1)
         if (self.boft_block_size == 0) == (self.boft_block_num == 0):
-            raise ConfigError("BOFTConfig: give exactly one of boft_block_size and boft_block_num, the other 0; got "
-                              f"boft_block_size={self.boft_block_size}, boft_block_num={self.boft_block_num}")
+            raise ConfigError(
+                "BOFTConfig: give exactly one of boft_block_size and boft_block_num, the other 0; got "
+                f"boft_block_size={self.boft_block_size}, boft_block_num={self.boft_block_num}"
+            )
 
     def shape_for(self, key: str, n: int) -> tuple[int, int]:
         """(blocks, block size) at a layer of n input features, PEFT's rules, or a ConfigError."""
         extra = self.boft_n_butterfly_factor - 1
         if self.boft_block_num:
             blocks = self.boft_block_num
-            if n % blocks or (extra and (extra > (blocks.bit_length() - 1) or blocks % 2 ** extra)):
-                raise ConfigError(f"BOFT at {key!r}: boft_block_num={blocks} does not fit {n} input features with "
-                                  f"{extra + 1} butterfly factors")
+            if n % blocks or (extra and (extra > (blocks.bit_length() - 1) or blocks % 2**extra)):
+                raise ConfigError(
+                    f"BOFT at {key!r}: boft_block_num={blocks} does not fit {n} input features with "
+                    f"{extra + 1} butterfly factors"
+                )
             size = n // blocks
         else:
             size = self.boft_block_size
-            if n % size or (extra and n % (size * 2 ** extra)):
-                raise ConfigError(f"BOFT at {key!r}: boft_block_size={size} does not fit {n} input features with "
-                                  f"{extra + 1} butterfly factors")
+            if n % size or (extra and n % (size * 2**extra)):
+                raise ConfigError(
+                    f"BOFT at {key!r}: boft_block_size={size} does not fit {n} input features with "
+                    f"{extra + 1} butterfly factors"
+                )
             blocks = n // size
         if extra and (blocks % 2 or size % 2):
-            raise ConfigError(f"BOFT at {key!r}: butterfly factors need an even block count and size, got "
-                              f"{blocks} blocks of {size}")
+            raise ConfigError(
+                f"BOFT at {key!r}: butterfly factors need an even block count and size, got {blocks} blocks of {size}"
+            )
         return blocks, size
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
@@ -98,8 +107,17 @@ class Butterfly(Piece):
     reads_weight = True  # "bias aside" reads the layer's current bias: nothing may merge below it
     merges_by = "value"  # diag(s)·W·Mᵀ: only the kept original undoes it
 
-    def __init__(self, cfg: BOFTConfig, key: str, module: nn.Module, in_f: int, out_f: int, blocks: int, size: int,
-                 like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg: BOFTConfig,
+        key: str,
+        module: nn.Module,
+        in_f: int,
+        out_f: int,
+        blocks: int,
+        size: int,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__(key)
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"BOFT needs a floating-point weight at {key!r}, found {like.dtype}")
@@ -107,7 +125,7 @@ class Butterfly(Piece):
         kw = {"device": like.device, "dtype": like.dtype}
         self.boft_R = nn.Parameter(torch.zeros(m, blocks, size, size, **kw))
         self.boft_s = nn.Parameter(torch.ones(out_f, 1, **kw))
-        perms = torch.stack([butterfly_perm(in_f, blocks // 2 ** i, size // 2, m - 1) for i in range(m)])
+        perms = torch.stack([butterfly_perm(in_f, blocks // 2**i, size // 2, m - 1) for i in range(m)])
         self.register_buffer("perms", perms.to(like.device), persistent=False)
         self.conv1d = is_conv1d(module)
 
@@ -165,32 +183,62 @@ class BOFTCodec(PeftCodec):
     only acts while PEFT trains: read, not applied."""
 
     peft_type = "BOFT"
-    understood = frozenset({"boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout",
-                            "init_weights", "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias"})
+    understood = frozenset(
+        {
+            "boft_block_size",
+            "boft_block_num",
+            "boft_n_butterfly_factor",
+            "boft_dropout",
+            "init_weights",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "modules_to_save",
+            "bias",
+        }
+    )
     suffixes = {".boft_R": "boft_R", ".boft_s": "boft_s"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         shapes = {tuple(ts["boft_R"].shape[:3]) for ts in named.values()}  # (factors, blocks, size)
         factors, blocks, sizes = ({s[i] for s in shapes} for i in range(3))
         if len(factors) != 1 or (len(blocks) != 1 and len(sizes) != 1):
-            raise DeltaFileError(f"the BOFT file's layers differ in factor count, block count and block size "
-                                 f"{sorted(shapes)}; hookdelta's BOFT keeps one of them for all layers")
+            raise DeltaFileError(
+                f"the BOFT file's layers differ in factor count, block count and block size "
+                f"{sorted(shapes)}; hookdelta's BOFT keeps one of them for all layers"
+            )
         size, num = (sizes.pop(), 0) if len(sizes) == 1 else (0, blocks.pop())
-        cfg = BOFTConfig(boft_block_size=size, boft_block_num=num, boft_n_butterfly_factor=factors.pop(),
-                         targets=[exact(s) for s in named], **common)
+        cfg = BOFTConfig(
+            boft_block_size=size,
+            boft_block_num=num,
+            boft_n_butterfly_factor=factors.pop(),
+            targets=[exact(s) for s in named],
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg: BOFTConfig = delta.config
         tensors = self.piece_tensors(pieces)
-        fields = {"peft_type": "BOFT", "boft_block_size": cfg.boft_block_size, "boft_block_num": cfg.boft_block_num,
-                  "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor, "boft_dropout": 0.0, "init_weights": True,
-                  "bias": "none", **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "BOFT",
+            "boft_block_size": cfg.boft_block_size,
+            "boft_block_num": cfg.boft_block_num,
+            "boft_n_butterfly_factor": cfg.boft_n_butterfly_factor,
+            "boft_dropout": 0.0,
+            "init_weights": True,
+            "bias": "none",
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, tensors
 
 

@@ -87,27 +87,43 @@ class C3ACodec(PeftCodec):
     """PEFT's C3A files: one c3a_kernel per layer; its block size is read off the tensor."""
 
     peft_type = "C3A"
-    understood = frozenset({"block_size", "block_size_pattern", "init_weights", "bias", "layers_to_transform",
-                            "modules_to_save"})
+    understood = frozenset(
+        {"block_size", "block_size_pattern", "init_weights", "bias", "layers_to_transform", "modules_to_save"}
+    )
     suffixes = {".c3a_kernel": "c3a_kernel"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         size = int(peft_config.get("block_size", 256))
         sizes = {s: int(ts["c3a_kernel"].shape[-1]) for s, ts in named.items() if "c3a_kernel" in ts}
-        cfg = C3AConfig(targets=[exact(s) for s in named], block_size=size, init_weights="zero",
-                        block_size_pattern={re.escape(s): k for s, k in sizes.items() if k != size} or None, **common)
+        cfg = C3AConfig(
+            targets=[exact(s) for s in named],
+            block_size=size,
+            init_weights="zero",
+            block_size_pattern={re.escape(s): k for s, k in sizes.items() if k != size} or None,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg: C3AConfig = delta.config
-        fields = {"peft_type": "C3A", "block_size": cfg.block_size, "bias": "none", "init_weights": True,
-                  "block_size_pattern": {after_dot_pattern(p.key): p.block for p in pieces if p.block != cfg.block_size},
-                  **self.tuner_fields(delta, pieces, layout=False)}
+        fields = {
+            "peft_type": "C3A",
+            "block_size": cfg.block_size,
+            "bias": "none",
+            "init_weights": True,
+            "block_size_pattern": {after_dot_pattern(p.key): p.block for p in pieces if p.block != cfg.block_size},
+            **self.tuner_fields(delta, pieces, layout=False),
+        }
         return fields, self.piece_tensors(pieces)
 
 

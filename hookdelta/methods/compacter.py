@@ -41,8 +41,17 @@ class SharedRule(Piece):
 class PHMLinear(nn.Module):
     """y = x·W + b with W = Σᵢ kron(Aᵢ, Bᵢ), Bᵢ = sᵢ·tᵢ (or a full Bᵢ when not factorized)."""
 
-    def __init__(self, in_features: int, out_features: int, n: int, rank: int, factorized: bool,
-                 rule: tuple[SharedRule, str] | None, like: torch.Tensor, zero: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int,
+        rank: int,
+        factorized: bool,
+        rule: tuple[SharedRule, str] | None,
+        like: torch.Tensor,
+        zero: bool = False,
+    ) -> None:
         super().__init__()
         p, q = in_features // n, out_features // n
         kw = {"device": like.device, "dtype": like.dtype}
@@ -53,11 +62,17 @@ class PHMLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw))
         if factorized:
             self.s = nn.Parameter(torch.empty(n, p, rank, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(p)))
-            self.t = nn.Parameter(torch.zeros(n, rank, q, **kw) if zero else
-                                  torch.empty(n, rank, q, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(rank)))
+            self.t = nn.Parameter(
+                torch.zeros(n, rank, q, **kw)
+                if zero
+                else torch.empty(n, rank, q, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(rank))
+            )
         else:
-            self.W = nn.Parameter(torch.zeros(n, p, q, **kw) if zero else
-                                  torch.empty(n, p, q, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(p)))
+            self.W = nn.Parameter(
+                torch.zeros(n, p, q, **kw)
+                if zero
+                else torch.empty(n, p, q, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(p))
+            )
 
     def rule_matrices(self) -> torch.Tensor:
         shared = self.__dict__.get("_shared")
@@ -113,10 +128,12 @@ class CompacterConfig(BottleneckConfig):
             if self.shared_phm_rule and not shared:
                 shared.append(SharedRule(sites[0], n, like))
             rule = shared[0] if shared else None
-            return (PHMLinear(source, width, n, self.phm_rank, self.factorized_phm,
-                              (rule, "down") if rule else None, like),
-                    PHMLinear(width, out, n, self.phm_rank, self.factorized_phm,
-                              (rule, "up") if rule else None, like, zero=True))
+            return (
+                PHMLinear(source, width, n, self.phm_rank, self.factorized_phm, (rule, "down") if rule else None, like),
+                PHMLinear(
+                    width, out, n, self.phm_rank, self.factorized_phm, (rule, "up") if rule else None, like, zero=True
+                ),
+            )
 
         pieces = build_bottlenecks(self, model, sites, projections)
         return shared + pieces

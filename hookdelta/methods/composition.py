@@ -42,10 +42,10 @@ class BlockConfig(DeltaConfig):
     def validate(self) -> None:
         self.check_fields()
         names = list(self.sources) if isinstance(self.sources, (list, tuple, dict)) else None
-        if (not names or len(names) < 2 or not all(isinstance(n, str) for n in names)
-                or len(set(names)) != len(names)):
-            raise ConfigError(f"{type(self).__name__}.sources must name two or more distinct deltas, got "
-                              f"{self.sources!r}")
+        if not names or len(names) < 2 or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise ConfigError(
+                f"{type(self).__name__}.sources must name two or more distinct deltas, got {self.sources!r}"
+            )
         if self.targets is not None or self.also_train is not None:
             raise ConfigError(f"{type(self).__name__} acts where its sources are: it takes no targets or also_train")
 
@@ -56,8 +56,9 @@ class BlockConfig(DeltaConfig):
         found = deltas_of(model)
         missing = [n for n in self.sources if n not in found]
         if missing:
-            raise DeltaStateError(f"{type(self).__name__}: the model has no delta named {missing}; its deltas are "
-                                  f"{list(found)}")
+            raise DeltaStateError(
+                f"{type(self).__name__}: the model has no delta named {missing}; its deltas are {list(found)}"
+            )
         sites: dict[str, set[str]] = {}
         for name in self.sources:
             delta = found[name]
@@ -68,14 +69,17 @@ class BlockConfig(DeltaConfig):
                     raise UnsupportedModuleError(
                         f"{type(self).__name__}: delta {name!r} does not act on layer outputs alone at "
                         f"{piece.key!r} ({piece.describe() or type(piece).__name__}); blocks combine LoRA, DoRA, IA3 "
-                        "on outputs, BitFit and bottleneck adapters")
+                        "on outputs, BitFit and bottleneck adapters"
+                    )
                 sites.setdefault(piece.site_path, set()).add(name)
         if self.same_sites:
             partial = {k: sorted(v) for k, v in sites.items() if len(v) != len(self.sources)}
             if partial:
                 key = next(iter(partial))
-                raise ConfigError(f"{type(self).__name__} needs its sources at the same layers; {key!r} has only "
-                                  f"{partial[key]} ({len(partial)} such layers)")
+                raise ConfigError(
+                    f"{type(self).__name__} needs its sources at the same layers; {key!r} has only "
+                    f"{partial[key]} ({len(partial)} such layers)"
+                )
         return list(sites)
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
@@ -121,8 +125,10 @@ class BlockPiece(Piece):
         for delta, piece in self.parts:
             if not delta.attached or piece.live:
                 why = "was detached" if not delta.attached else "is enabled too, so it would act twice"
-                raise DeltaStateError(f"delta {delta.name!r}, a source of the block at {self.site_path!r}, {why}; "
-                                      "the block runs its sources (disable them, or detach the block)")
+                raise DeltaStateError(
+                    f"delta {delta.name!r}, a source of the block at {self.site_path!r}, {why}; "
+                    "the block runs its sources (disable them, or detach the block)"
+                )
 
     def changes(self, module: nn.Module, args: tuple, kwargs: dict, h: torch.Tensor) -> list[torch.Tensor]:
         """Δ_i for each source at this call, in float32."""
@@ -135,6 +141,7 @@ class BlockPiece(Piece):
 
 
 # -- Average -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, kw_only=True)
 class AverageConfig(BlockConfig):
@@ -150,7 +157,8 @@ class AverageConfig(BlockConfig):
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.sources, dict) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.sources.values()):
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.sources.values()
+        ):
             raise ConfigError(f"AverageConfig.sources must map delta names to weights, got {self.sources!r}")
         if self.normalize and not sum(self.sources.values()):
             raise ConfigError("AverageConfig: the weights sum to 0, so they cannot be normalized (normalize=False)")
@@ -169,10 +177,12 @@ class AveragePiece(BlockPiece):
         def run(h: torch.Tensor) -> torch.Tensor:
             changes = self.changes(module, args, kwargs, h)
             return h + sum(w * c for w, c in zip(self.weights, changes, strict=True)).to(h.dtype)
+
         return map_output(output, run)
 
 
 # -- Fuse ----------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, kw_only=True)
 class FuseConfig(BlockConfig):
@@ -213,8 +223,9 @@ class FuseConfig(BlockConfig):
 
 
 class FusePiece(BlockPiece):
-    def __init__(self, site: str, parts: list[tuple[Any, Piece]], width: int, like: torch.Tensor,
-                 temperature: float) -> None:
+    def __init__(
+        self, site: str, parts: list[tuple[Any, Piece]], width: int, like: torch.Tensor, temperature: float
+    ) -> None:
         super().__init__(site, parts)
         kw = {"device": like.device, "dtype": like.dtype}
         self.query, self.key_proj, self.value = (nn.Linear(width, width, **kw) for _ in range(3))
@@ -234,10 +245,12 @@ class FusePiece(BlockPiece):
             probs = torch.softmax((k @ q.unsqueeze(-1)).squeeze(-1) / self.temperature, dim=-1)  # [..., n]
             fused = (probs.unsqueeze(-2) @ self.value(changes)).squeeze(-2)
             return h + fused.to(h.dtype)
+
         return map_output(output, run)
 
 
 # -- Split ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, kw_only=True)
 class SplitConfig(BlockConfig):
@@ -252,16 +265,23 @@ class SplitConfig(BlockConfig):
     def validate(self) -> None:
         super().validate()
         ranges = {}
-        for name, span in (self.sources.items() if isinstance(self.sources, dict) else []):
+        for name, span in self.sources.items() if isinstance(self.sources, dict) else []:
             if isinstance(span, slice):
                 if span.step not in (None, 1):
                     raise ConfigError(f"SplitConfig: the range of {name!r} has a step ({span}); give contiguous ranges")
                 span = [span.start or 0, span.stop]
-            ok = (isinstance(span, (list, tuple)) and len(span) == 2 and _index(span[0]) and span[0] >= 0
-                  and (span[1] is None or (_index(span[1]) and span[1] > span[0])))
+            ok = (
+                isinstance(span, (list, tuple))
+                and len(span) == 2
+                and _index(span[0])
+                and span[0] >= 0
+                and (span[1] is None or (_index(span[1]) and span[1] > span[0]))
+            )
             if not ok:
-                raise ConfigError(f"SplitConfig: the range of {name!r} must be slice(start, stop) with "
-                                  f"0 <= start < stop (stop may be None), got {span!r}")
+                raise ConfigError(
+                    f"SplitConfig: the range of {name!r} must be slice(start, stop) with "
+                    f"0 <= start < stop (stop may be None), got {span!r}"
+                )
             ranges[name] = [span[0], span[1]]
         if not isinstance(self.sources, dict):
             raise ConfigError(f"SplitConfig.sources must map delta names to token ranges, got {self.sources!r}")
@@ -291,7 +311,8 @@ class SplitPiece(BlockPiece):
             if h.dim() < 3 or not isinstance(x, torch.Tensor) or x.dim() < 3 or x.shape[:2] != h.shape[:2]:
                 raise UnsupportedModuleError(
                     f"hd.split: the layer {self.site_path!r} does not see [batch, tokens, features] in and out "
-                    f"(input {tuple(getattr(x, 'shape', ()))}, output {tuple(h.shape)}); split deltas on token layers")
+                    f"(input {tuple(getattr(x, 'shape', ()))}, output {tuple(h.shape)}); split deltas on token layers"
+                )
             self.check_sources()
             out = h.clone()
             for (_, piece), span in zip(self.parts, self.spans, strict=True):
@@ -299,4 +320,5 @@ class SplitPiece(BlockPiece):
                 sub_kwargs = kwargs if args else {**kwargs, next(iter(kwargs)): x[:, span]}
                 out[:, span] = piece.post_forward(module, sub_args, sub_kwargs, h[:, span])
             return out
+
         return map_output(output, run)

@@ -92,30 +92,60 @@ class DeLoRACodec(PeftCodec):
     """PEFT's DELORA files; module_dropout only acts while PEFT trains: read, not applied."""
 
     peft_type = "DELORA"
-    understood = frozenset({"r", "delora_lambda", "rank_pattern", "lambda_pattern", "module_dropout", "bias",
-                            "init_weights", "layers_to_transform", "modules_to_save"})
-    suffixes = {".delora_A": "delora_A", ".delora_B": "delora_B", ".delora_lambda": "delora_lambda",
-                ".delora_w_norm": "delora_w_norm"}
+    understood = frozenset(
+        {
+            "r",
+            "delora_lambda",
+            "rank_pattern",
+            "lambda_pattern",
+            "module_dropout",
+            "bias",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
+    suffixes = {
+        ".delora_A": "delora_A",
+        ".delora_B": "delora_B",
+        ".delora_lambda": "delora_lambda",
+        ".delora_w_norm": "delora_w_norm",
+    }
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {s: int(ts["delora_A"].shape[0]) for s, ts in named.items() if "delora_A" in ts}
         r = file_rank(peft_config, ranks, 8)
-        cfg = DeLoRAConfig(targets=[exact(s) for s in named], r=r,
-                           delora_lambda=float(peft_config.get("delora_lambda", 15)),
-                           rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None, **common)
+        cfg = DeLoRAConfig(
+            targets=[exact(s) for s in named],
+            r=r,
+            delora_lambda=float(peft_config.get("delora_lambda", 15)),
+            rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg: DeLoRAConfig = delta.config
-        fields = {"peft_type": "DELORA", "r": cfg.r, "delora_lambda": cfg.delora_lambda, "module_dropout": 0.0,
-                  "bias": "none", "init_weights": True,
-                  "rank_pattern": {re.escape(p.key): p.r for p in pieces if p.r != cfg.r},
-                  **self.tuner_fields(delta, pieces, layout=False)}
+        fields = {
+            "peft_type": "DELORA",
+            "r": cfg.r,
+            "delora_lambda": cfg.delora_lambda,
+            "module_dropout": 0.0,
+            "bias": "none",
+            "init_weights": True,
+            "rank_pattern": {re.escape(p.key): p.r for p in pieces if p.r != cfg.r},
+            **self.tuner_fields(delta, pieces, layout=False),
+        }
         return fields, self.piece_tensors(pieces)
 
 

@@ -67,8 +67,9 @@ def weight_shape(model: nn.Module, key: str, module: nn.Module, method: str) -> 
         return (out_f, in_f)
     if type(module) in (nn.Conv1d, nn.Conv2d):
         return tuple(module.weight.shape)
-    raise UnsupportedModuleError(f"{method} adapts {SUPPORTED}; {key!r} is a {type(module).__name__}. "
-                                 "Narrow the targets.")
+    raise UnsupportedModuleError(
+        f"{method} adapts {SUPPORTED}; {key!r} is a {type(module).__name__}. Narrow the targets."
+    )
 
 
 def rank_and_scale(cfg: DeltaConfig, key: str) -> tuple[int, float]:
@@ -88,8 +89,9 @@ class DenseDelta(Piece):
     hooks = frozenset({"post"})
     additive = True
 
-    def __init__(self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str,
-                 ranked: bool = True) -> None:
+    def __init__(
+        self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str, ranked: bool = True
+    ) -> None:
         super().__init__(key)
         self.shape = weight_shape(model, key, module, method)  # the host weight's logical shape
         self.conv1d = is_conv1d(module)
@@ -150,10 +152,17 @@ def peft_rank_fields(peft_config: dict[str, Any], named: dict[str, Any], ranks: 
     ranks read off the tensors (as PEFT's loader does), other sites follow the config's patterns."""
     r, alpha = file_rank(peft_config, ranks, 8), float(peft_config.get("alpha", 8))
     ranks = {s: ranks.get(s, pattern_value(peft_config.get("rank_pattern"), s, r)) for s in named}
-    alphas = {re.escape(s): float(v) for s in named
-              if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
-    return {"r": r, "alpha": alpha, "rank_pattern": {re.escape(s): k for s, k in ranks.items() if k != r} or None,
-            "alpha_pattern": alphas or None}
+    alphas = {
+        re.escape(s): float(v)
+        for s in named
+        if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None
+    }
+    return {
+        "r": r,
+        "alpha": alpha,
+        "rank_pattern": {re.escape(s): k for s, k in ranks.items() if k != r} or None,
+        "alpha_pattern": alphas or None,
+    }
 
 
 def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
@@ -166,6 +175,14 @@ def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
 def peft_fields(peft_type: str, delta: Any, pieces: list[Any], **own: Any) -> dict[str, Any]:
     """The PEFT config of a LoHa / LoKr delta: the shared fields, the per-site patterns, `own`."""
     cfg = delta.config
-    return {"peft_type": peft_type, "r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
-            "use_effective_conv2d": cfg.use_effective_conv2d, **own, **pattern_fields(pieces, cfg),
-            "target_modules": [p.key for p in pieces]}
+    return {
+        "peft_type": peft_type,
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "use_effective_conv2d": cfg.use_effective_conv2d,
+        **own,
+        **pattern_fields(pieces, cfg),
+        "target_modules": [p.key for p in pieces],
+    }

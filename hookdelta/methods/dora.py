@@ -78,7 +78,9 @@ class DoRAEmbedding(LoRAEmbedding):
 
     merges_by, additive, reads_weight = "value", False, True
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(
+        self, cfg: LoRAConfig, key: str, module: nn.Embedding, like: torch.Tensor, weight: torch.Tensor
+    ) -> None:
         super().__init__(cfg, key, module, like)
         with torch.no_grad():
             self.magnitude = nn.Parameter(weight.detach().float().norm(dim=0).to(like.device, like.dtype))
@@ -117,8 +119,9 @@ class DoRAConv(LoRAConv):
         super().__init__(cfg, key, module, like)
         shape = (1, -1) + (1,) * (weight.dim() - 2)  # PEFT's layout: [1, out, 1, ...]
         with torch.no_grad():
-            self.magnitude = nn.Parameter(weight.detach().float().flatten(1).norm(dim=1).reshape(shape)
-                                          .to(like.device, like.dtype))
+            self.magnitude = nn.Parameter(
+                weight.detach().float().flatten(1).norm(dim=1).reshape(shape).to(like.device, like.dtype)
+            )
 
     def lowrank(self, module: nn.Module) -> None:
         return None
@@ -152,5 +155,3 @@ class DoRAConv(LoRAConv):
 
     def describe(self) -> str:
         return "DoRA " + super().describe()
-
-

@@ -71,14 +71,18 @@ class FourierFTConfig(DeltaConfig):
 class Spectrum(DenseDelta):
     def __init__(self, cfg: FourierFTConfig, key: str, module: nn.Module, model: nn.Module) -> None:
         if not is_linear_like(module):
-            raise UnsupportedModuleError(f"FourierFT adapts linear layers (nn.Linear, transformers Conv1D), as PEFT; "
-                                         f"{key!r} is a {type(module).__name__}. Narrow the targets.")
+            raise UnsupportedModuleError(
+                f"FourierFT adapts linear layers (nn.Linear, transformers Conv1D), as PEFT; "
+                f"{key!r} is a {type(module).__name__}. Narrow the targets."
+            )
         super().__init__(cfg, key, module, model, "FourierFT", ranked=False)
         out, inp = self.shape
         n = cfg.frequencies_for(key)
         if n > out * inp:
-            raise ConfigError(f"FourierFT: n_frequency {n} at {key!r} is more than the layer's {out} x {inp} "
-                              "frequencies; lower it (or its n_frequency_pattern entry)")
+            raise ConfigError(
+                f"FourierFT: n_frequency {n} at {key!r} is more than the layer's {out} x {inp} "
+                "frequencies; lower it (or its n_frequency_pattern entry)"
+            )
         self.n, self.scale, self.seed = n, float(cfg.scaling), cfg.random_loc_seed
         flat = torch.randperm(out * inp, generator=torch.Generator().manual_seed(self.seed))[:n]
         # (derived from the seed: not saved, as PEFT does not)
@@ -100,31 +104,54 @@ class FourierFTCodec(PeftCodec):
     random_loc_seed, so a file's counts and seed give the layer exactly."""
 
     peft_type = "FOURIERFT"
-    understood = frozenset({"n_frequency", "scaling", "random_loc_seed", "fan_in_fan_out", "n_frequency_pattern",
-                            "init_weights", "layers_to_transform", "modules_to_save", "bias"})
+    understood = frozenset(
+        {
+            "n_frequency",
+            "scaling",
+            "random_loc_seed",
+            "fan_in_fan_out",
+            "n_frequency_pattern",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+            "bias",
+        }
+    )
     suffixes = {".fourierft_spectrum": "fourierft_spectrum"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         n = int(peft_config.get("n_frequency", 1000))
         counts = {s: int(ts["fourierft_spectrum"].numel()) for s, ts in named.items()}
-        cfg = FourierFTConfig(targets=[exact(s) for s in named], n_frequency=n,
-                              scaling=float(peft_config.get("scaling", 150.0)),
-                              random_loc_seed=int(peft_config.get("random_loc_seed", 777)),
-                              n_frequency_pattern={re.escape(s): k for s, k in counts.items() if k != n} or None,
-                              **common)
+        cfg = FourierFTConfig(
+            targets=[exact(s) for s in named],
+            n_frequency=n,
+            scaling=float(peft_config.get("scaling", 150.0)),
+            random_loc_seed=int(peft_config.get("random_loc_seed", 777)),
+            n_frequency_pattern={re.escape(s): k for s, k in counts.items() if k != n} or None,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: FourierFTConfig = delta.config
-        fields = {"peft_type": "FOURIERFT", "n_frequency": cfg.n_frequency, "scaling": cfg.scaling,
-                  "random_loc_seed": cfg.random_loc_seed, "init_weights": cfg.init_weights,
-                  "n_frequency_pattern": {after_dot_pattern(p.key): p.n for p in pieces
-                                          if p.n != cfg.n_frequency},
-                  **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "FOURIERFT",
+            "n_frequency": cfg.n_frequency,
+            "scaling": cfg.scaling,
+            "random_loc_seed": cfg.random_loc_seed,
+            "init_weights": cfg.init_weights,
+            "n_frequency_pattern": {after_dot_pattern(p.key): p.n for p in pieces if p.n != cfg.n_frequency},
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, self.piece_tensors(pieces)
 
 

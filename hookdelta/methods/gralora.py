@@ -60,8 +60,10 @@ class BlockLowRank(DenseDelta):
         self.scale = cfg.alpha / (r + cfg.hybrid_r)
         # (PEFT draws A and B as [r, in/k] / [out/k, r] per block, then stacks and transposes)
         a = torch.stack([kaiming_(torch.empty(r, inp // k, **kw)) for _ in range(k)]).transpose(1, 2)
-        b = [torch.zeros(out // k, r, **kw) if cfg.init_weights else kaiming_(torch.empty(out // k, r, **kw))
-             for _ in range(k)]
+        b = [
+            torch.zeros(out // k, r, **kw) if cfg.init_weights else kaiming_(torch.empty(out // k, r, **kw))
+            for _ in range(k)
+        ]
         self.gralora_A = nn.Parameter(a.contiguous())
         self.gralora_B = nn.Parameter(torch.stack(b).transpose(1, 2).contiguous())
         if self.hybrid:
@@ -88,28 +90,65 @@ class GraLoRACodec(PeftCodec):
     """PEFT's GRALORA files; gralora_dropout only acts while PEFT trains: read, not applied."""
 
     peft_type = "GRALORA"
-    understood = frozenset({"r", "hybrid_r", "alpha", "gralora_dropout", "gralora_k", "fan_in_fan_out", "bias",
-                            "init_weights", "layers_to_transform", "modules_to_save"})
-    suffixes = {".gralora_A": "gralora_A", ".gralora_B": "gralora_B",
-                ".gralora_A_general.weight": "gralora_A_general", ".gralora_B_general.weight": "gralora_B_general"}
+    understood = frozenset(
+        {
+            "r",
+            "hybrid_r",
+            "alpha",
+            "gralora_dropout",
+            "gralora_k",
+            "fan_in_fan_out",
+            "bias",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
+    suffixes = {
+        ".gralora_A": "gralora_A",
+        ".gralora_B": "gralora_B",
+        ".gralora_A_general.weight": "gralora_A_general",
+        ".gralora_B_general.weight": "gralora_B_general",
+    }
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        cfg = GraLoRAConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 32)),
-                            gralora_k=int(peft_config.get("gralora_k", 2)), alpha=float(peft_config.get("alpha", 64)),
-                            hybrid_r=int(peft_config.get("hybrid_r", 0)), **common)
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        cfg = GraLoRAConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 32)),
+            gralora_k=int(peft_config.get("gralora_k", 2)),
+            alpha=float(peft_config.get("alpha", 64)),
+            hybrid_r=int(peft_config.get("hybrid_r", 0)),
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: GraLoRAConfig = delta.config
-        fields = {"peft_type": "GRALORA", "r": cfg.r, "hybrid_r": cfg.hybrid_r, "alpha": cfg.alpha,
-                  "gralora_k": cfg.gralora_k, "gralora_dropout": 0.0, "bias": "none", "init_weights": True,
-                  **self.tuner_fields(delta, pieces)}
-        tensors = {f"{p.key}.{n}" + (".weight" if n.endswith("general") else ""): t.detach().contiguous()
-                   for p in pieces for n, t in p.state_dict().items()}
+        fields = {
+            "peft_type": "GRALORA",
+            "r": cfg.r,
+            "hybrid_r": cfg.hybrid_r,
+            "alpha": cfg.alpha,
+            "gralora_k": cfg.gralora_k,
+            "gralora_dropout": 0.0,
+            "bias": "none",
+            "init_weights": True,
+            **self.tuner_fields(delta, pieces),
+        }
+        tensors = {
+            f"{p.key}.{n}" + (".weight" if n.endswith("general") else ""): t.detach().contiguous()
+            for p in pieces
+            for n, t in p.state_dict().items()
+        }
         return fields, tensors
 
 

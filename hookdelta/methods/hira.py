@@ -41,8 +41,9 @@ class HiRAConfig(DeltaConfig):
         check_patterns(self, (("rank_pattern", True),))
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        return [Modulation(self, key, linear_layer(model, key, "HiRA", "modulates the weight of"), model)
-                for key in sites]
+        return [
+            Modulation(self, key, linear_layer(model, key, "HiRA", "modulates the weight of"), model) for key in sites
+        ]
 
 
 class Modulation(DenseDelta):
@@ -69,7 +70,7 @@ class Modulation(DenseDelta):
 
     def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         w = current(module, "weight").float()
-        mod = (self.hira_B.float() @ self.hira_A.float())
+        mod = self.hira_B.float() @ self.hira_A.float()
         return {"weight": w * (1 + (mod.T if self.conv1d else mod))}
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,26 +84,49 @@ class HiRACodec(PeftCodec):
     """PEFT's HIRA files; hira_dropout only acts while PEFT trains: read, not applied."""
 
     peft_type = "HIRA"
-    understood = frozenset({"r", "rank_pattern", "hira_dropout", "fan_in_fan_out", "init_weights",
-                            "layers_to_transform", "modules_to_save"})
+    understood = frozenset(
+        {
+            "r",
+            "rank_pattern",
+            "hira_dropout",
+            "fan_in_fan_out",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
     suffixes = {".hira_A": "hira_A", ".hira_B": "hira_B"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {s: int(ts["hira_A"].shape[0]) for s, ts in named.items() if "hira_A" in ts}
         # PEFT's HiRA layers (0.18 to 0.21) are built at r whatever rank_pattern says, and read back the
         # same way: a layer at r is right too (HiRA has no alpha, so no scale hangs on the rank)
         plain = {s: k for s, k in ranks.items() if k != peft_config.get("r", 32)}
         r = file_rank(peft_config, plain, 32) if plain else file_rank({**peft_config, "rank_pattern": None}, ranks, 32)
-        cfg = HiRAConfig(targets=[exact(s) for s in named], r=r,
-                         rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None, **common)
+        cfg = HiRAConfig(
+            targets=[exact(s) for s in named],
+            r=r,
+            rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: HiRAConfig = delta.config
-        fields = {"peft_type": "HIRA", "r": cfg.r, "hira_dropout": 0.0, "init_weights": True,
-                  "rank_pattern": {re.escape(p.key): p.r for p in pieces if p.r != cfg.r},
-                  **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "HIRA",
+            "r": cfg.r,
+            "hira_dropout": 0.0,
+            "init_weights": True,
+            "rank_pattern": {re.escape(p.key): p.r for p in pieces if p.r != cfg.r},
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, self.piece_tensors(pieces)
 
 

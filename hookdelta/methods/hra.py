@@ -44,13 +44,17 @@ class HRAConfig(DeltaConfig):
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         if self.init_weights and self.r % 2:
-            warnings.warn(f"HRA: the cancelling start needs an even r (got {self.r}); the reflections start random "
-                          "and a fresh delta changes the model (as in PEFT)", stacklevel=3)
+            warnings.warn(
+                f"HRA: the cancelling start needs an even r (got {self.r}); the reflections start random "
+                "and a fresh delta changes the model (as in PEFT)",
+                stacklevel=3,
+            )
         pieces: list[Piece] = []
         for key in sites:
             module = linear_layer(model, key, "HRA", "reflects the input of")
-            pieces.append(Reflections(self, key, module, layer_dims(model, module, key)[0],
-                                      layer_like(model, key, module)))
+            pieces.append(
+                Reflections(self, key, module, layer_dims(model, module, key)[0], layer_like(model, key, module))
+            )
         return pieces
 
 
@@ -91,7 +95,7 @@ class Reflections(Piece):
             return u, 2 * torch.eye(self.r, device=u.device, dtype=u.dtype)
         t = u.new_full((1, 1), 2.0)
         for i in range(1, self.r):  # Schreiber–Van Loan: T ← [[T, −2·T·U₍<ᵢ₎ᵀuᵢ], [0, 2]]
-            col = -2 * t @ (u[:, :i].T @ u[:, i:i + 1])
+            col = -2 * t @ (u[:, :i].T @ u[:, i : i + 1])
             t = torch.cat([torch.cat([t, col], dim=1), torch.cat([u.new_zeros(1, i), u.new_full((1, 1), 2.0)], dim=1)])
         return u, t
 
@@ -128,19 +132,29 @@ class HRACodec(PeftCodec):
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {int(ts["hra_u"].shape[1]) for ts in named.values() if "hra_u" in ts}
         r = ranks.pop() if len(ranks) == 1 else int(peft_config.get("r", 8))
-        cfg = HRAConfig(targets=[exact(s) for s in named], r=r, apply_GS=bool(peft_config.get("apply_GS")),
-                        **common)
+        cfg = HRAConfig(targets=[exact(s) for s in named], r=r, apply_GS=bool(peft_config.get("apply_GS")), **common)
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg: HRAConfig = delta.config
-        fields = {"peft_type": "HRA", "r": cfg.r, "apply_GS": cfg.apply_GS, "init_weights": True, "bias": "none",
-                  **self.tuner_fields(delta, pieces, layout=False)}
+        fields = {
+            "peft_type": "HRA",
+            "r": cfg.r,
+            "apply_GS": cfg.apply_GS,
+            "init_weights": True,
+            "bias": "none",
+            **self.tuner_fields(delta, pieces, layout=False),
+        }
         return fields, self.piece_tensors(pieces)
 
 

@@ -74,14 +74,16 @@ class RescaleExperts(Piece):
     merges_by = "value"
     rescales = True
 
-    def __init__(self, key: str, name: str, weight: torch.Tensor, on_input: bool, transposed: bool,
-                 like: torch.Tensor) -> None:
+    def __init__(
+        self, key: str, name: str, weight: torch.Tensor, on_input: bool, transposed: bool, like: torch.Tensor
+    ) -> None:
         super().__init__(key.rpartition(".")[0], key)
         self.swaps, self.param_name, self.on_input = (name,), name, on_input
         # the scaled dim: the input dim is the last one, or the middle one when stored [experts, in, out]
         self.dim = -1 if on_input != transposed else -2
-        self.ia3_l = nn.Parameter(torch.ones(weight.shape[0], weight.shape[self.dim], device=like.device,
-                                             dtype=like.dtype))
+        self.ia3_l = nn.Parameter(
+            torch.ones(weight.shape[0], weight.shape[self.dim], device=like.device, dtype=like.dtype)
+        )
 
     def _value(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.ia3_l.to(weight.dtype).unsqueeze(-1 if self.dim == -2 else -2)
@@ -111,8 +113,9 @@ class IA3Config(DeltaConfig):
     default_targets = ("attn.k", "attn.v")
 
     def validate(self) -> None:
-        object.__setattr__(self, "feedforward_targets",
-                           normalize_selector("feedforward_targets", self.feedforward_targets))
+        object.__setattr__(
+            self, "feedforward_targets", normalize_selector("feedforward_targets", self.feedforward_targets)
+        )
 
     def select(self, model: nn.Module) -> list[str]:
         sites = super().select(model)
@@ -140,9 +143,16 @@ class IA3Config(DeltaConfig):
         for path in sites:
             module, name = resolve_site(model, path)
             if name is not None and module._parameters[name].dim() == 3:  # fused experts, per expert
-                pieces.append(RescaleExperts(path, name, module._parameters[name], path in ff,
-                                             experts_transposed(model, path), like_tensor(model, path.rpartition(".")[0],
-                                                                                          module._parameters[name])))
+                pieces.append(
+                    RescaleExperts(
+                        path,
+                        name,
+                        module._parameters[name],
+                        path in ff,
+                        experts_transposed(model, path),
+                        like_tensor(model, path.rpartition(".")[0], module._parameters[name]),
+                    )
+                )
                 continue
             if name is not None or not is_linear_like(module):
                 raise UnsupportedModuleError(
@@ -163,22 +173,35 @@ class IA3Codec(PeftCodec):
     understood = frozenset({"feedforward_modules", "fan_in_fan_out", "modules_to_save", "init_ia3_weights"})
     suffixes = {".ia3_l": "ia3_l"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         feedforward = [s for s, ts in named.items() if ts["ia3_l"].shape[0] == 1]
-        cfg = IA3Config(targets=[exact(s) for s in named], feedforward_targets=[exact(s) for s in feedforward] or None,
-                        **common)
+        cfg = IA3Config(
+            targets=[exact(s) for s in named], feedforward_targets=[exact(s) for s in feedforward] or None, **common
+        )
         return cfg, {f"{s}.{n}": t.reshape(-1) for s, ts in named.items() for n, t in ts.items()}
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         odd = [p.key for p in pieces if isinstance(p, RescaleExperts)]
         if odd:
-            raise UnsupportedModuleError(f"PEFT's IA3 has no fused experts tensors (target_parameters), such as "
-                                         f"{odd[0]!r}; save delta {delta.name!r} with delta.save() instead")
-        tensors = {p.key + ".ia3_l": p.ia3_l.detach().reshape((1, -1) if p.on_input else (-1, 1)).contiguous()
-                   for p in pieces}
-        fields = {"peft_type": "IA3", "init_ia3_weights": True, "feedforward_modules": [p.key for p in pieces if p.on_input],
-                  **self.tuner_fields(delta, pieces)}
+            raise UnsupportedModuleError(
+                f"PEFT's IA3 has no fused experts tensors (target_parameters), such as "
+                f"{odd[0]!r}; save delta {delta.name!r} with delta.save() instead"
+            )
+        tensors = {
+            p.key + ".ia3_l": p.ia3_l.detach().reshape((1, -1) if p.on_input else (-1, 1)).contiguous() for p in pieces
+        }
+        fields = {
+            "peft_type": "IA3",
+            "init_ia3_weights": True,
+            "feedforward_modules": [p.key for p in pieces if p.on_input],
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, tensors
 
 

@@ -57,8 +57,10 @@ class LilyConfig(DeltaConfig):
             dims = layer_dims(model, linear_layer(model, key, "Lily", "adapts"), key)
             group = kinds.setdefault((key.rpartition(".")[2], dims), [])
             i = len(group)
-            out[key] = (key if i % self.stride_A == 0 else group[i // self.stride_A * self.stride_A],
-                        key if i == 0 else group[0])
+            out[key] = (
+                key if i % self.stride_A == 0 else group[i // self.stride_A * self.stride_A],
+                key if i == 0 else group[0],
+            )
             group.append(key)
         return out
 
@@ -66,8 +68,14 @@ class LilyConfig(DeltaConfig):
         built: dict[str, InterconnectedLoRA] = {}
         for key, (a, b) in self.owners(model, sites).items():
             module = model.get_submodule(key)
-            built[key] = InterconnectedLoRA(self, key, layer_dims(model, module, key), layer_like(model, key, module),
-                                            built.get(a) if a != key else None, built.get(b) if b != key else None)
+            built[key] = InterconnectedLoRA(
+                self,
+                key,
+                layer_dims(model, module, key),
+                layer_like(model, key, module),
+                built.get(a) if a != key else None,
+                built.get(b) if b != key else None,
+            )
         return list(built.values())
 
 
@@ -75,10 +83,19 @@ class InterconnectedLoRA(Piece):
     hooks = frozenset({"post"})
     mergeable = False  # the B mix depends on the batch
     routable = False  # ... on the whole batch: a row's output depends on the other rows
-    unroutable = "mixes its B's by the router's average over the whole batch, so a row's output depends on the other rows"
+    unroutable = (
+        "mixes its B's by the router's average over the whole batch, so a row's output depends on the other rows"
+    )
 
-    def __init__(self, cfg: LilyConfig, key: str, dims: tuple[int, int], like: torch.Tensor,
-                 owner_a: InterconnectedLoRA | None, owner_b: InterconnectedLoRA | None) -> None:
+    def __init__(
+        self,
+        cfg: LilyConfig,
+        key: str,
+        dims: tuple[int, int],
+        like: torch.Tensor,
+        owner_a: InterconnectedLoRA | None,
+        owner_b: InterconnectedLoRA | None,
+    ) -> None:
         super().__init__(key)
         in_f, out_f = dims
         kw = {"device": like.device, "dtype": like.dtype}
@@ -119,15 +136,35 @@ class LilyCodec(PeftCodec):
     written with the layers' leaf names as target_modules, covering every layer of those names."""
 
     peft_type = "LILY"
-    understood = frozenset({"r", "stride_A", "num_B", "scaling", "init_weights", "layers_to_transform",
-                            "modules_to_save", "target_modules"})
+    understood = frozenset(
+        {
+            "r",
+            "stride_A",
+            "num_B",
+            "scaling",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+            "target_modules",
+        }
+    )
     suffixes = {".lily_A.weight": "lily_A", ".lily_B.weight": "lily_B", ".lily_router.weight": "lily_router"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        cfg = LilyConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 32)),
-                         stride_A=int(peft_config.get("stride_A", 1)), num_B=int(peft_config.get("num_B", 2)),
-                         scaling=float(peft_config.get("scaling", 1.0)), **common)
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        cfg = LilyConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 32)),
+            stride_A=int(peft_config.get("stride_A", 1)),
+            num_B=int(peft_config.get("num_B", 2)),
+            scaling=float(peft_config.get("scaling", 1.0)),
+            **common,
+        )
         tensors: dict[str, torch.Tensor] = {}
         for site, (a, b) in cfg.owners(model, list(named)).items():
             for name, owner in (("lily_A", a), ("lily_B", b), ("lily_router", site)):
@@ -136,8 +173,10 @@ class LilyCodec(PeftCodec):
                     raise DeltaFileError(f"the Lily file has no {name} at {site!r}")
                 key = f"{owner}.{name}"
                 if key in tensors and not torch.equal(tensors[key], t):
-                    raise DeltaFileError(f"the Lily file's {name} at {site!r} differs from the one it shares with "
-                                         f"{owner!r}: its layers are shared another way than by name and shape")
+                    raise DeltaFileError(
+                        f"the Lily file's {name} at {site!r} differs from the one it shares with "
+                        f"{owner!r}: its layers are shared another way than by name and shape"
+                    )
                 tensors[key] = t
         return cfg, tensors
 
@@ -146,14 +185,26 @@ class LilyCodec(PeftCodec):
         leaves = sorted({p.key.rpartition(".")[2] for p in pieces})
         covered = {name for name, m in delta.model.named_modules() if name.rpartition(".")[2] in leaves}
         if covered != {p.key for p in pieces}:
-            raise UnsupportedModuleError(f"delta {delta.name!r} adapts some of the layers named {leaves}; PEFT's Lily "
-                                         "shares by target name, so its file must cover all of them. Save it with "
-                                         "delta.save()")
-        tensors = {f"{p.key}.{name}.weight": p.factor(name).detach().contiguous()
-                   for p in pieces for name in ("lily_A", "lily_B")}
+            raise UnsupportedModuleError(
+                f"delta {delta.name!r} adapts some of the layers named {leaves}; PEFT's Lily "
+                "shares by target name, so its file must cover all of them. Save it with "
+                "delta.save()"
+            )
+        tensors = {
+            f"{p.key}.{name}.weight": p.factor(name).detach().contiguous()
+            for p in pieces
+            for name in ("lily_A", "lily_B")
+        }
         tensors.update({f"{p.key}.lily_router.weight": p.lily_router.detach().contiguous() for p in pieces})
-        fields = {"peft_type": "LILY", "r": cfg.r, "stride_A": cfg.stride_A, "num_B": cfg.num_B,
-                  "scaling": cfg.scaling, "init_weights": True, "target_modules": leaves}
+        fields = {
+            "peft_type": "LILY",
+            "r": cfg.r,
+            "stride_A": cfg.stride_A,
+            "num_B": cfg.num_B,
+            "scaling": cfg.scaling,
+            "init_weights": True,
+            "target_modules": leaves,
+        }
         return fields, tensors
 
 

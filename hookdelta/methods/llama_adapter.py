@@ -47,24 +47,30 @@ class LlamaAdapterConfig(DeltaConfig):
         check_int(self, "adapter_len")
         check_int(self, "adapter_layers")
         if self.targets is not None or self.layers is not None:
-            raise ConfigError("LlamaAdapterConfig takes no targets or layers: it goes on the attention of the top "
-                              "adapter_layers layers")
+            raise ConfigError(
+                "LlamaAdapterConfig takes no targets or layers: it goes on the attention of the top "
+                "adapter_layers layers"
+            )
 
     def select(self, model: nn.Module) -> list[str]:
         kind = getattr(getattr(model, "config", None), "model_type", None)
         if kind not in TYPES:
-            raise UnsupportedModuleError(f"LLaMA-Adapter is built for {list(TYPES)} models (as PEFT's adaption_prompt), "
-                                         f"not {kind!r}")
+            raise UnsupportedModuleError(
+                f"LLaMA-Adapter is built for {list(TYPES)} models (as PEFT's adaption_prompt), not {kind!r}"
+            )
         found = list(dict.fromkeys(q.rpartition(".")[0] for q in roles(model).get("attn.q", [])))
         if self.adapter_layers > len(found):
-            raise ConfigError(f"LlamaAdapterConfig.adapter_layers={self.adapter_layers}, but the model has "
-                              f"{len(found)} attention layers")
-        return found[-self.adapter_layers:]
+            raise ConfigError(
+                f"LlamaAdapterConfig.adapter_layers={self.adapter_layers}, but the model has "
+                f"{len(found)} attention layers"
+            )
+        return found[-self.adapter_layers :]
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         kind = model.config.model_type
-        return [GatedPrompt(self, key, model.get_submodule(key), kind, model.config.num_attention_heads)
-                for key in sites]
+        return [
+            GatedPrompt(self, key, model.get_submodule(key), kind, model.config.num_attention_heads) for key in sites
+        ]
 
 
 class GatedPrompt(Piece):
@@ -78,10 +84,15 @@ class GatedPrompt(Piece):
         self.gpt2 = kind == "gpt2"
         proj = attn.c_attn if self.gpt2 else attn.q_proj
         if not self.gpt2 and getattr(attn.o_proj, "bias", None) is not None:
-            raise UnsupportedModuleError(f"LLaMA-Adapter at {key!r}: its o_proj has a bias, which PEFT's arithmetic adds "
-                                         "again for the adapter term; not built for such models")
+            raise UnsupportedModuleError(
+                f"LLaMA-Adapter at {key!r}: its o_proj has a bias, which PEFT's arithmetic adds "
+                "again for the adapter term; not built for such models"
+            )
         width = attn.c_attn.weight.shape[0] if self.gpt2 else attn.q_proj.in_features
-        kw = {"device": proj.weight.device, "dtype": proj.weight.dtype if proj.weight.is_floating_point() else torch.float32}
+        kw = {
+            "device": proj.weight.device,
+            "dtype": proj.weight.dtype if proj.weight.is_floating_point() else torch.float32,
+        }
         self.adaption_prompt = nn.Parameter(torch.randn(1, cfg.adapter_len, width, **kw))
         self.adaption_gate = nn.Parameter(torch.zeros(1, **kw))
         self.heads, self.head_dim = heads, attn.head_dim
@@ -104,8 +115,10 @@ class GatedPrompt(Piece):
             return q.view(b, n, -1, self.head_dim).transpose(1, 2)
         q = attn.q_proj(hidden).view(b, n, -1, self.head_dim).transpose(1, 2)
         if kw.get("position_embeddings") is None:
-            raise UnsupportedModuleError("LLaMA-Adapter needs the rotary position embeddings the model passes its "
-                                         "attention (transformers 4.48 and later)")
+            raise UnsupportedModuleError(
+                "LLaMA-Adapter needs the rotary position embeddings the model passes its "
+                "attention (transformers 4.48 and later)"
+            )
         cos, sin = kw["position_embeddings"]
         return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
 
@@ -134,23 +147,34 @@ class LlamaAdapterCodec(PeftCodec):
     understood = frozenset({"adapter_len", "adapter_layers", "target_modules"})
     suffixes = {".adaption_prompt": "adaption_prompt", ".adaption_gate": "adaption_gate"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         lengths = {int(ts["adaption_prompt"].shape[1]) for ts in named.values() if "adaption_prompt" in ts}
         if len(lengths) != 1:
             raise DeltaFileError(f"the adaption-prompt file's layers hold prompts of lengths {sorted(lengths)}")
         cfg = LlamaAdapterConfig(adapter_len=lengths.pop(), adapter_layers=len(named), **common)
         expected = cfg.select(model)
         if sorted(expected) != sorted(named):
-            raise DeltaFileError(f"the adaption-prompt file adapts {sorted(named)}, not the top {len(named)} attention "
-                                 f"layers of this model ({sorted(expected)})")
+            raise DeltaFileError(
+                f"the adaption-prompt file adapts {sorted(named)}, not the top {len(named)} attention "
+                f"layers of this model ({sorted(expected)})"
+            )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: LlamaAdapterConfig = delta.config
-        fields = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": cfg.adapter_len,
-                  "adapter_layers": cfg.adapter_layers,
-                  "target_modules": "attn" if delta.model.config.model_type == "gpt2" else "self_attn"}
+        fields = {
+            "peft_type": "ADAPTION_PROMPT",
+            "task_type": "CAUSAL_LM",
+            "adapter_len": cfg.adapter_len,
+            "adapter_layers": cfg.adapter_layers,
+            "target_modules": "attn" if delta.model.config.model_type == "gpt2" else "self_attn",
+        }
         return fields, self.piece_tensors(pieces)
 
 

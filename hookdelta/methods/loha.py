@@ -65,15 +65,36 @@ class LoHaCodec(PeftCodec):
     applied (hookdelta's LoHa has no dropout)."""
 
     peft_type = "LOHA"
-    understood = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d", "rank_dropout",
-                            "module_dropout", "init_weights", "layers_to_transform", "modules_to_save"})
+    understood = frozenset(
+        {
+            "r",
+            "alpha",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_effective_conv2d",
+            "rank_dropout",
+            "module_dropout",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
     suffixes = {"." + f: f for f in FACTORS}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {s: int(ts["hada_w1_b"].shape[0]) for s, ts in named.items() if "hada_w1_b" in ts}
-        cfg = LoHaConfig(targets=[exact(s) for s in named], **peft_rank_fields(peft_config, named, ranks),
-                         use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")), **common)
+        cfg = LoHaConfig(
+            targets=[exact(s) for s in named],
+            **peft_rank_fields(peft_config, named, ranks),
+            use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")),
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -58,8 +58,9 @@ class LoKrConfig(DenseDeltaConfig):
         check_bool(self, "decompose_both")
         f = self.decompose_factor
         if isinstance(f, bool) or not isinstance(f, int) or (f != -1 and f < 1):
-            raise ConfigError(f"LoKrConfig.decompose_factor must be -1 (near the square root) or an integer >= 1, "
-                              f"got {f!r}")
+            raise ConfigError(
+                f"LoKrConfig.decompose_factor must be -1 (near the square root) or an integer >= 1, got {f!r}"
+            )
         if self.init not in ("default", "lycoris"):
             raise ConfigError(f"LoKrConfig.init must be one of ['default', 'lycoris'], got {self.init!r}")
 
@@ -76,13 +77,19 @@ class Kronecker(DenseDelta):
         if full1:
             self.lokr_w1 = nn.Parameter(torch.empty(a, c, **kw))
         else:
-            self.lokr_w1_a, self.lokr_w1_b = nn.Parameter(torch.empty(a, r, **kw)), nn.Parameter(torch.empty(r, c, **kw))
+            self.lokr_w1_a, self.lokr_w1_b = (
+                nn.Parameter(torch.empty(a, r, **kw)),
+                nn.Parameter(torch.empty(r, c, **kw)),
+            )
         if full2:
             self.lokr_w2 = nn.Parameter(torch.empty(b, d, *kernel, **kw))
         elif self.cp:
             core = kernel + ((1,) if len(kernel) == 1 else ())  # PEFT keeps Conv1d's core 4-D
             self.lokr_t2 = nn.Parameter(kaiming_(torch.empty(r, r, *core, **kw)))
-            self.lokr_w2_a, self.lokr_w2_b = nn.Parameter(torch.empty(r, b, **kw)), nn.Parameter(torch.empty(r, d, **kw))
+            self.lokr_w2_a, self.lokr_w2_b = (
+                nn.Parameter(torch.empty(r, b, **kw)),
+                nn.Parameter(torch.empty(r, d, **kw)),
+            )
         else:
             self.lokr_w2_a = nn.Parameter(torch.empty(b, r, **kw))
             self.lokr_w2_b = nn.Parameter(torch.empty(r, d * math.prod(kernel), **kw))
@@ -117,27 +124,56 @@ class LoKrCodec(PeftCodec):
     trains: read, not applied (hookdelta's LoKr has no dropout)."""
 
     peft_type = "LOKR"
-    understood = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern", "use_effective_conv2d", "decompose_both",
-                            "decompose_factor", "rank_dropout", "module_dropout", "rank_dropout_scale", "init_weights",
-                            "layers_to_transform", "modules_to_save"})
+    understood = frozenset(
+        {
+            "r",
+            "alpha",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_effective_conv2d",
+            "decompose_both",
+            "decompose_factor",
+            "rank_dropout",
+            "module_dropout",
+            "rank_dropout_scale",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
     suffixes = {"." + f: f for f in FACTORS}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ranks = {s: int(ts[n].shape[0]) for s, ts in named.items() for n in ("lokr_w2_b", "lokr_w1_b") if n in ts}
         init = "lycoris" if peft_config.get("init_weights") == "lycoris" else "default"
-        cfg = LoKrConfig(targets=[exact(s) for s in named], **peft_rank_fields(peft_config, named, ranks),
-                         decompose_both=bool(peft_config.get("decompose_both")),
-                         decompose_factor=int(peft_config.get("decompose_factor", -1)),
-                         use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")), init=init, **common)
+        cfg = LoKrConfig(
+            targets=[exact(s) for s in named],
+            **peft_rank_fields(peft_config, named, ranks),
+            decompose_both=bool(peft_config.get("decompose_both")),
+            decompose_factor=int(peft_config.get("decompose_factor", -1)),
+            use_effective_conv2d=bool(peft_config.get("use_effective_conv2d")),
+            init=init,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg = delta.config
-        fields = peft_fields("LOKR", delta, pieces, decompose_both=cfg.decompose_both,
-                             decompose_factor=cfg.decompose_factor,
-                             init_weights="lycoris" if cfg.init == "lycoris" else True)
+        fields = peft_fields(
+            "LOKR",
+            delta,
+            pieces,
+            decompose_both=cfg.decompose_both,
+            decompose_factor=cfg.decompose_factor,
+            init_weights="lycoris" if cfg.init == "lycoris" else True,
+        )
         return fields, self.piece_tensors(pieces)
 
 

@@ -102,8 +102,9 @@ class LoRAConfig(DeltaConfig):
 
     # a hot-swap zero-pads the rank and holds the scale as a tensor (hotswap.py); the init only
     # made the first values, and a residual (PiSSA, OLoRA) is a tensor the files must share
-    hot_swappable: ClassVar[frozenset[str]] = frozenset({"r", "alpha", "rank_pattern", "alpha_pattern",
-                                                        "use_rslora", "init"})
+    hot_swappable: ClassVar[frozenset[str]] = frozenset(
+        {"r", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "init"}
+    )
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
@@ -132,11 +133,14 @@ class LoRAConfig(DeltaConfig):
         check_float(self, "alpha", low=0.0, low_open=True, high=MAX_ALPHA, high_open=False)
         check_float(self, "dropout", low=0.0, high=1.0)
         if not (self.init in INITS or isinstance(self.init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", self.init)):
-            raise ConfigError(f"LoRAConfig.init must be one of {list(INITS)} or 'pissa_niter_K' (K >= 1 iterations), "
-                              f"got {self.init!r}")
+            raise ConfigError(
+                f"LoRAConfig.init must be one of {list(INITS)} or 'pissa_niter_K' (K >= 1 iterations), "
+                f"got {self.init!r}"
+            )
         if self.use_dora and self.bias != "none":
-            raise ConfigError("LoRAConfig.bias='lora_only' does not go with use_dora=True (DoRA rescales each row, "
-                              "the bias with it)")
+            raise ConfigError(
+                "LoRAConfig.bias='lora_only' does not go with use_dora=True (DoRA rescales each row, the bias with it)"
+            )
         if self.use_dora and self.init not in ("default", "gaussian"):
             raise ConfigError(f"LoRAConfig.init={self.init!r} does not go with use_dora=True")
         check_choice(self, "bias", ["none", "lora_only"])
@@ -145,24 +149,37 @@ class LoRAConfig(DeltaConfig):
         check_patterns(self)
         if self.fused_slices is not None:
             slices = self.fused_slices
-            if isinstance(slices, str) or not isinstance(slices, (list, tuple)) or not slices or any(
-                    s not in ("q", "k", "v") for s in slices) or len(set(slices)) != len(slices):
-                raise ConfigError(f"LoRAConfig.fused_slices must be a non-empty list of distinct 'q', 'k', 'v', "
-                                  f"got {slices!r}")
+            if (
+                isinstance(slices, str)
+                or not isinstance(slices, (list, tuple))
+                or not slices
+                or any(s not in ("q", "k", "v") for s in slices)
+                or len(set(slices)) != len(slices)
+            ):
+                raise ConfigError(
+                    f"LoRAConfig.fused_slices must be a non-empty list of distinct 'q', 'k', 'v', got {slices!r}"
+                )
             if self.use_dora:
                 raise ConfigError("LoRAConfig.fused_slices does not go with use_dora=True (DoRA normalizes whole rows)")
             object.__setattr__(self, "fused_slices", tuple(s for s in ("q", "k", "v") if s in slices))
         if self.activate_after_tokens is not None:
             toks = self.activate_after_tokens
-            if isinstance(toks, (str, bytes)) or not isinstance(toks, (list, tuple)) or not toks or any(
-                    isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks):
-                raise ConfigError(f"LoRAConfig.activate_after_tokens must be a non-empty list of token ids, got {toks!r}")
+            if (
+                isinstance(toks, (str, bytes))
+                or not isinstance(toks, (list, tuple))
+                or not toks
+                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in toks)
+            ):
+                raise ConfigError(
+                    f"LoRAConfig.activate_after_tokens must be a non-empty list of token ids, got {toks!r}"
+                )
             if self.use_dora:
                 raise ConfigError("LoRAConfig.activate_after_tokens (aLoRA) does not go with use_dora=True")
             object.__setattr__(self, "activate_after_tokens", tuple(toks))
         if self.target_parameters is not None:
-            object.__setattr__(self, "target_parameters",
-                               normalize_selector("target_parameters", self.target_parameters))
+            object.__setattr__(
+                self, "target_parameters", normalize_selector("target_parameters", self.target_parameters)
+            )
 
     @property
     def scale(self) -> float:
@@ -183,15 +200,24 @@ class LoRAConfig(DeltaConfig):
         common = max(values, key=values.count)
         rank_pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
         alpha_pattern = {re.escape(k): scales[k] * ranks[k] for k in ranks if ranks[k] != r or scales[k] != common}
-        return dataclasses.replace(self, r=r, alpha=common * r, use_rslora=False, rank_pattern=rank_pattern or None,
-                                   alpha_pattern=alpha_pattern or None)
+        return dataclasses.replace(
+            self,
+            r=r,
+            alpha=common * r,
+            use_rslora=False,
+            rank_pattern=rank_pattern or None,
+            alpha_pattern=alpha_pattern or None,
+        )
 
     def select(self, model: nn.Module) -> list[str]:
         keys: list[str] = []
         if self.targets is None and self.target_parameters is None:  # no targets at all: the defaults
             # nn.MultiheadAttention keeps q/k/v in one parameter, in_proj_weight: adapt it directly
-            fused = [f"{n}.in_proj_weight" for n, m in named_modules(model)
-                     if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
+            fused = [
+                f"{n}.in_proj_weight"
+                for n, m in named_modules(model)
+                if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
+            ]
             try:
                 keys += super().select(model)
             except SelectorError:
@@ -252,14 +278,19 @@ def _group_siblings(model: nn.Module, pieces: list[Piece]) -> None:
         found = roles(model)
     except HookdeltaError:
         return
-    family = {p: fam for fam, names in (("attn", ("attn.q", "attn.k", "attn.v")), ("ffn", ("ffn.in",)))
-              for name in names for p in found.get(name, ())}
+    family = {
+        p: fam
+        for fam, names in (("attn", ("attn.q", "attn.k", "attn.v")), ("ffn", ("ffn.in",)))
+        for name in names
+        for p in found.get(name, ())
+    }
     groups: dict[tuple, list[LoRALinear]] = {}
     for piece in pieces:
         if type(piece) is LoRALinear and piece.key in family:  # (the plain class: no variant groups)
             a = piece.lora_A
-            groups.setdefault((piece.key.rpartition(".")[0], family[piece.key], a.shape[1], a.dtype, a.device),
-                              []).append(piece)
+            groups.setdefault(
+                (piece.key.rpartition(".")[0], family[piece.key], a.shape[1], a.dtype, a.device), []
+            ).append(piece)
     for members in groups.values():
         if len(members) > 1:
             shared = SharedInput(members)
@@ -271,13 +302,20 @@ def _activate(cfg: LoRAConfig, pieces: list[Piece], activation: Activation) -> l
     """aLoRA: the pieces act only where a scanner on the model finds the invocation."""
     odd = [p.key for p in pieces if not isinstance(p, ActivatedLoRALinear)]
     if odd:
-        raise UnsupportedModuleError(f"aLoRA (activate_after_tokens) adapts linear layers only; {odd[0]!r} is not "
-                                     "one. Narrow the targets.")
+        raise UnsupportedModuleError(
+            f"aLoRA (activate_after_tokens) adapts linear layers only; {odd[0]!r} is not one. Narrow the targets."
+        )
     return pieces + [InvocationScanner(activation, ":alora_invocation")]
 
 
-def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None, model: nn.Module,
-                activation: Activation | None = None) -> Piece:
+def _make_piece(
+    cfg: LoRAConfig,
+    key: str,
+    module: nn.Module,
+    param_name: str | None,
+    model: nn.Module,
+    activation: Activation | None = None,
+) -> Piece:
     path = key.rpartition(".")[0] if param_name else key
     if param_name:
         like = like_tensor(model, path, module._parameters[param_name])
@@ -287,8 +325,9 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
         like = None
     if cfg.use_dora:
         if param_name is not None and module._parameters[param_name].dim() == 3:  # fused experts
-            return DoRAParameter(cfg, key, module, param_name, like, real_weight(model, path, param_name),
-                                 experts_transposed(model, key))
+            return DoRAParameter(
+                cfg, key, module, param_name, like, real_weight(model, path, param_name), experts_transposed(model, key)
+            )
         if param_name is None and is_linear_like(module):
             return DoRALinear(cfg, key, module, like, real_weight(model, path))
         if param_name is None and type(module) is nn.Embedding:
@@ -309,14 +348,20 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
             if cls is not LoRALinear:
                 raise UnsupportedModuleError(
                     f"{key!r} is tensor-parallel; hookdelta's LoRA there is the plain one (no PiSSA/OLoRA init, "
-                    "lora_only bias or aLoRA yet): attach those before parallelizing is not possible either")
+                    "lora_only bias or aLoRA yet): attach those before parallelizing is not possible either"
+                )
             return TensorParallelLoRALinear(cfg, key, module, like)
         weight = real_weight(model, path) if residual or cfg.init == "loftq" else None
-        return cls(cfg, key, module, like, weight, activation=activation) if activation else cls(cfg, key, module,
-                                                                                                  like, weight)
+        return (
+            cls(cfg, key, module, like, weight, activation=activation)
+            if activation
+            else cls(cfg, key, module, like, weight)
+        )
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding(cfg, key, module, like)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(
+        module, nn.modules.conv._ConvTransposeNd
+    ):
         return LoRAConv(cfg, key, module, like)
     raise UnsupportedModuleError(
         f"LoRA cannot adapt {key!r} of type {type(module).__name__}; it supports {SUPPORTED}. "
@@ -325,8 +370,9 @@ def _make_piece(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | 
     )
 
 
-def _tie_partners(cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], key: str, module: nn.Module,
-                  name: str, primary: Piece) -> list[Piece]:
+def _tie_partners(
+    cfg: LoRAConfig, holders: list[tuple[str, nn.Module, str]], key: str, module: nn.Module, name: str, primary: Piece
+) -> list[Piece]:
     """Pieces for the other modules that share `weight` (tied embeddings), or an error."""
     partners: list[Piece] = []
     param_is_target = isinstance(primary, LoRAParameter)
@@ -347,11 +393,31 @@ class LoRACodec(PeftCodec):
     embeddings) and lora_magnitude_vector, in the same layouts as hookdelta's."""
 
     peft_type = "LORA"
-    understood = frozenset({"r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "bias", "lora_bias",
-                            "alora_invocation_tokens", "target_parameters"})
-    suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_embedding_A": "lora_A",
-                ".lora_embedding_B": "lora_B", ".lora_magnitude_vector": "magnitude", ".lora_B.bias": "lora_bias"}
+    understood = frozenset(
+        {
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "use_dora",
+            "rank_pattern",
+            "alpha_pattern",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "modules_to_save",
+            "bias",
+            "lora_bias",
+            "alora_invocation_tokens",
+            "target_parameters",
+        }
+    )
+    suffixes = {
+        ".lora_A.weight": "lora_A",
+        ".lora_B.weight": "lora_B",
+        ".lora_embedding_A": "lora_A",
+        ".lora_embedding_B": "lora_B",
+        ".lora_magnitude_vector": "magnitude",
+        ".lora_B.bias": "lora_bias",
+    }
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         out = self.refuse_bias(peft_config)
@@ -359,31 +425,55 @@ class LoRACodec(PeftCodec):
         if isinstance(init, str) and (init.startswith(RESIDUAL) or init == "loftq"):
             # trained against PEFT's *changed* base (W minus its principal part): on the original
             # base it would give other outputs, silently
-            out.append(f"init_lora_weights={init!r} (an adapter for PEFT's modified base weights: save it with "
-                       "save_pretrained(path_initial_model_for_weight_conversion=...) to get one for the original base)")
+            out.append(
+                f"init_lora_weights={init!r} (an adapter for PEFT's modified base weights: save it with "
+                "save_pretrained(path_initial_model_for_weight_conversion=...) to get one for the original base)"
+            )
         return out
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         alpha = float(peft_config.get("lora_alpha", 8))
-        alphas = {re.escape(s): float(v) for s in named
-                  if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None}
+        alphas = {
+            re.escape(s): float(v)
+            for s in named
+            if (v := pattern_value(peft_config.get("alpha_pattern"), s, None)) is not None
+        }
         params = [s for s in named if resolve_site(model, s)[1] is not None]
         for site in params:  # PEFT's target_parameters: its factor layout, ours (see peft_parameter_factors)
             a, b = named[site]["lora_A"], named[site]["lora_B"]
-            named[site] = {**named[site], **dict(zip(("lora_A", "lora_B"), peft_parameter_factors(
-                model, site, a, b, version=peft_config.get("peft_version")), strict=True))}
+            named[site] = {
+                **named[site],
+                **dict(
+                    zip(
+                        ("lora_A", "lora_B"),
+                        peft_parameter_factors(model, site, a, b, version=peft_config.get("peft_version")),
+                        strict=True,
+                    )
+                ),
+            }
         ranks = {s: int(t["lora_A"].shape[-2 if s in params else 0]) for s, t in named.items() if "lora_A" in t}
         r = file_rank(peft_config, ranks, 8)
         cfg = LoRAConfig(
-            r=r, alpha=alpha, use_rslora=bool(peft_config.get("use_rslora")),
+            r=r,
+            alpha=alpha,
+            use_rslora=bool(peft_config.get("use_rslora")),
             bias="lora_only" if peft_config.get("lora_bias") else "none",
             activate_after_tokens=peft_config.get("alora_invocation_tokens") or None,
-            use_dora=bool(peft_config.get("use_dora")), dropout=float(peft_config.get("lora_dropout") or 0.0),
-            tie_weights=True, targets=[exact(s) for s in named if s not in params] or None,
+            use_dora=bool(peft_config.get("use_dora")),
+            dropout=float(peft_config.get("lora_dropout") or 0.0),
+            tie_weights=True,
+            targets=[exact(s) for s in named if s not in params] or None,
             target_parameters=[exact(s) for s in params] or None,
             rank_pattern={re.escape(s): k for s, k in ranks.items() if k != r} or None,
-            alpha_pattern=alphas or None, **common)
+            alpha_pattern=alphas or None,
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -399,16 +489,19 @@ class LoRACodec(PeftCodec):
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
-        factor = (2 ** 0.5 if cfg.use_rslora else 2) if residual else 1  # alpha for the doubled rank
+        factor = (2**0.5 if cfg.use_rslora else 2) if residual else 1  # alpha for the doubled rank
         params = [p for p in pieces if isinstance(p, LoRAParameter)]
         for piece in pieces:
             if isinstance(piece, LoRAParameter):  # PEFT's ParamWrapper: its layout and nesting
                 nested = peft_parameter_key(delta.model, piece.key, [p.key for p in params])
                 fa, fb = peft_parameter_factors(delta.model, piece.key, piece.lora_A, piece.lora_B, to_peft=True)
-                tensors[nested + ".lora_A.weight"], tensors[nested + ".lora_B.weight"] = fa.contiguous(), fb.contiguous()
+                tensors[nested + ".lora_A.weight"], tensors[nested + ".lora_B.weight"] = (
+                    fa.contiguous(),
+                    fb.contiguous(),
+                )
                 if piece.r != cfg.r:
                     ranks[re.escape(piece.key)] = piece.r
-                alpha = cfg.scale_for(piece.key) * (piece.r ** 0.5 if cfg.use_rslora else piece.r)
+                alpha = cfg.scale_for(piece.key) * (piece.r**0.5 if cfg.use_rslora else piece.r)
                 if abs(alpha - cfg.alpha) > 1e-12 * max(1.0, abs(cfg.alpha)):
                     alphas[re.escape(piece.key)] = alpha
                 continue
@@ -426,18 +519,31 @@ class LoRACodec(PeftCodec):
             r = fa.shape[0]
             if r != cfg.r * (2 if residual else 1):
                 ranks[re.escape(piece.key)] = r
-            alpha = cfg.scale_for(piece.key) * (r ** 0.5 if cfg.use_rslora else r)
+            alpha = cfg.scale_for(piece.key) * (r**0.5 if cfg.use_rslora else r)
             if abs(alpha - cfg.alpha * factor) > 1e-12 * max(1.0, abs(cfg.alpha)):
                 alphas[re.escape(piece.key)] = alpha
-        fields = {"peft_type": "LORA", "r": cfg.r * (2 if residual else 1), "lora_alpha": cfg.alpha * factor,
-                  "lora_dropout": cfg.dropout, "rank_pattern": ranks, "alpha_pattern": alphas,
-                  "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora, "bias": "none",
-                  "lora_bias": cfg.bias == "lora_only", "init_lora_weights": True, "layers_to_transform": None,
-                  **({"alora_invocation_tokens": list(cfg.activate_after_tokens), "task_type": "CAUSAL_LM"}
-                     if cfg.activate_after_tokens else {}),
-                  **self.tuner_fields(delta, [p for p in pieces if p not in params]),
-                  # the layout of 3-D parameter targets that PEFT 0.20 and later read (see peft_parameter_factors)
-                  **({"target_parameters": [p.key for p in params], "peft_version": "0.20.0"} if params else {})}
+        fields = {
+            "peft_type": "LORA",
+            "r": cfg.r * (2 if residual else 1),
+            "lora_alpha": cfg.alpha * factor,
+            "lora_dropout": cfg.dropout,
+            "rank_pattern": ranks,
+            "alpha_pattern": alphas,
+            "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.use_dora,
+            "bias": "none",
+            "lora_bias": cfg.bias == "lora_only",
+            "init_lora_weights": True,
+            "layers_to_transform": None,
+            **(
+                {"alora_invocation_tokens": list(cfg.activate_after_tokens), "task_type": "CAUSAL_LM"}
+                if cfg.activate_after_tokens
+                else {}
+            ),
+            **self.tuner_fields(delta, [p for p in pieces if p not in params]),
+            # the layout of 3-D parameter targets that PEFT 0.20 and later read (see peft_parameter_factors)
+            **({"target_parameters": [p.key for p in params], "peft_version": "0.20.0"} if params else {}),
+        }
         return fields, tensors
 
 
@@ -450,8 +556,9 @@ def peft_parameter_key(model: nn.Module, key: str, targets: list[str]) -> str:
     return owner + ".base_layer" * (len(on_module) - 1 - on_module.index(name))
 
 
-def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor, to_peft: bool = False,
-                           version: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def peft_parameter_factors(
+    model: nn.Module, key: str, a: torch.Tensor, b: torch.Tensor, to_peft: bool = False, version: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's lora_A [r·E, k] / lora_B [j, r·E] of a parameter target <-> ours, A [E, r, n] and
     B [E, m, r] with ΔW = B·A over a tensor stored [E, m, n]. Expert e has A_e = lora_A[e·r:(e+1)·r]
     and B_e = lora_B[:, e::E] (B is reshaped [j, r, E]); PEFT's update in the stored layout is
@@ -472,11 +579,18 @@ def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch
         if not current:  # "e i o": ΔW_e = A_eᵀ·B_eᵀ in the stored layout: our B is PEFT's Aᵀ, our A its Bᵀ
             return b.transpose(1, 2).reshape(experts * r, -1), a.permute(2, 1, 0).reshape(-1, r * experts)
         return a.reshape(experts * r, -1), b.permute(1, 2, 0).reshape(b.shape[1], r * experts)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or b.shape[1] != a.shape[0] or \
-            {a.shape[1], b.shape[0]} != {m, n}:
-        raise DeltaFileError(f"PEFT's factors for the parameter target {key!r} ({experts} experts of [{m}, {n}]) "
-                             f"have shapes {tuple(a.shape)} and {tuple(b.shape)}; expected [r·{experts}, in] and "
-                             f"[out, r·{experts}]")
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or a.shape[0] % experts
+        or b.shape[1] != a.shape[0]
+        or {a.shape[1], b.shape[0]} != {m, n}
+    ):
+        raise DeltaFileError(
+            f"PEFT's factors for the parameter target {key!r} ({experts} experts of [{m}, {n}]) "
+            f"have shapes {tuple(a.shape)} and {tuple(b.shape)}; expected [r·{experts}, in] and "
+            f"[out, r·{experts}]"
+        )
     if m != n:
         eoi = a.shape[1] == n
     else:
@@ -485,7 +599,8 @@ def peft_parameter_factors(model: nn.Module, key: str, a: torch.Tensor, b: torch
             raise DeltaFileError(
                 f"{key!r} holds square expert matrices [{m}, {n}], and PEFT has read such a tensor's factors in "
                 f"different layouts over its releases; this file says peft_version={version!r}, so its layout is "
-                "unknown. Re-save it with PEFT 0.20 or later")
+                "unknown. Re-save it with PEFT 0.20 or later"
+            )
         eoi = current
     r = a.shape[0] // experts
     pa, pb = a.reshape(experts, r, -1), b.reshape(b.shape[0], r, experts)

@@ -30,8 +30,16 @@ class _LoRABase(Piece):
     additive = True
     siblings: SharedInput | None = None  # layers reading the same input: one A GEMM (shared_input.py)
 
-    def __init__(self, cfg: LoRAConfig, key: str, site_path: str, a_shape: Sequence[int],
-                 b_shape: Sequence[int], like: torch.Tensor, fan_in: int) -> None:
+    def __init__(
+        self,
+        cfg: LoRAConfig,
+        key: str,
+        site_path: str,
+        a_shape: Sequence[int],
+        b_shape: Sequence[int],
+        like: torch.Tensor,
+        fan_in: int,
+    ) -> None:
         super().__init__(site_path, key)
         self.r, self.scale, self.p = cfg.rank_for(key), cfg.scale_for(key), cfg.dropout
         self.weight_path_exact = not self.p  # dropout acts on the input: no weight can express it
@@ -41,8 +49,10 @@ class _LoRABase(Piece):
         self.lora_A = nn.Parameter(torch.empty(*a_shape, **kw))
         self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
         if cfg.init != "default" and cfg.init != "gaussian" and not isinstance(self, LoRALinear):
-            raise UnsupportedModuleError(f"LoRA init={cfg.init!r} is for linear layers; {key!r} is not one. "
-                                         "Narrow the targets or use init='default'.")
+            raise UnsupportedModuleError(
+                f"LoRA init={cfg.init!r} is for linear layers; {key!r} is not one. "
+                "Narrow the targets or use init='default'."
+            )
         with torch.no_grad():
             if cfg.init == "gaussian":
                 self.lora_A.normal_(0.0, 1.0 / self.r)
@@ -67,8 +77,9 @@ class _LoRABase(Piece):
         if not isinstance(self.scale, torch.Tensor):
             value = self.scale
             del self.scale
-            self.register_buffer("scale", torch.tensor(value, dtype=torch.float32, device=self.lora_A.device),
-                                 persistent=False)
+            self.register_buffer(
+                "scale", torch.tensor(value, dtype=torch.float32, device=self.lora_A.device), persistent=False
+            )
         return self.scale
 
     def drop(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -88,8 +99,15 @@ class LoRALinear(_LoRABase):
     lora_bias: nn.Parameter | None  # bias="lora_only" (BiasedLoRALinear); None here
     activation = None  # aLoRA (ActivatedLoRALinear)
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
-                 weight: torch.Tensor | None = None, activation: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: LoRAConfig,
+        key: str,
+        module: nn.Module,
+        like: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        activation: Any = None,
+    ) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)  # the logical shape (a quantized weight is packed)
         r = cfg.rank_for(key)
@@ -136,8 +154,14 @@ class LoRALinear(_LoRABase):
         # q/k/v (gate/up) share one GEMM over their A's where it pays (ops.stack_pays); not in
         # compiled code, not on inference tensors (no version counter to check the input by), not
         # with dropout (a mask per layer)
-        if (group is not None and ops.fast() and not torch.compiler.is_compiling() and not x.is_inference()
-                and not (self.p and module.training) and ops.stack_pays(x)):
+        if (
+            group is not None
+            and ops.fast()
+            and not torch.compiler.is_compiling()
+            and not x.is_inference()
+            and not (self.p and module.training)
+            and ops.stack_pays(x)
+        ):
             t = group.product(self, x)
         else:
             t = F.linear(x, a)
@@ -204,8 +228,15 @@ class ResidualLoRALinear(_TermLoRALinear):
 
     residual = True
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
-                 weight: torch.Tensor | None = None, *rest: Any) -> None:
+    def __init__(
+        self,
+        cfg: LoRAConfig,
+        key: str,
+        module: nn.Module,
+        like: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        *rest: Any,
+    ) -> None:
         super().__init__(cfg, key, module, like, weight, *rest)
         w = weight.detach().float()
         w = w.T if self.conv1d else w  # [out, in]
@@ -213,8 +244,11 @@ class ResidualLoRALinear(_TermLoRALinear):
         if cfg.init in ("lora_ga", "corda"):  # from data gathered by hd.inits (None: a saved delta loads)
             data = inits.supplied(cfg.init, key)
             make = inits.lora_ga_factors if cfg.init == "lora_ga" else inits.corda_factors
-            a, b = (make(data, weight, r, s, self.conv1d, self.lora_A.dtype) if data is not None
-                    else (torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B)))
+            a, b = (
+                make(data, weight, r, s, self.conv1d, self.lora_A.dtype)
+                if data is not None
+                else (torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B))
+            )
         elif cfg.init == "olora":
             q, rr = torch.linalg.qr(w)
             a, b = rr[:r], q[:, :r]
@@ -278,10 +312,14 @@ class ActivatedBiasedResidualLoRALinear(ActivatedLoRALinear, ResidualLoRALinear,
 # (activated, residual, biased) -> the class: every combination is a class of its own, so what a
 # piece computes is what its type says
 LINEAR_VARIANTS = {
-    (False, False, False): LoRALinear, (False, False, True): BiasedLoRALinear,
-    (False, True, False): ResidualLoRALinear, (False, True, True): BiasedResidualLoRALinear,
-    (True, False, False): ActivatedLoRALinear, (True, False, True): ActivatedBiasedLoRALinear,
-    (True, True, False): ActivatedResidualLoRALinear, (True, True, True): ActivatedBiasedResidualLoRALinear,
+    (False, False, False): LoRALinear,
+    (False, False, True): BiasedLoRALinear,
+    (False, True, False): ResidualLoRALinear,
+    (False, True, True): BiasedResidualLoRALinear,
+    (True, False, False): ActivatedLoRALinear,
+    (True, False, True): ActivatedBiasedLoRALinear,
+    (True, True, False): ActivatedResidualLoRALinear,
+    (True, True, True): ActivatedBiasedResidualLoRALinear,
 }
 
 
@@ -290,8 +328,9 @@ class LoRASlices(_LoRABase):
     own rank-r A and B, written into that slice's output features only. lora_A is the slices'
     A's stacked [k·r, in], lora_B their B's stacked [rows, r]; `rows` are the output features."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor,
-                 slices: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, slices: dict[str, torch.Tensor]
+    ) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)
         r = cfg.rank_for(key)
@@ -310,8 +349,12 @@ class LoRASlices(_LoRABase):
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         dw = torch.zeros(self.out_features, self.lora_A.shape[1], device=self.lora_A.device)
-        for a, b, rows in zip(self.lora_A.float().split(self.r), self.lora_B.float().split(self.sizes),
-                              self.rows.split(self.sizes), strict=True):
+        for a, b, rows in zip(
+            self.lora_A.float().split(self.r),
+            self.lora_B.float().split(self.sizes),
+            self.rows.split(self.sizes),
+            strict=True,
+        ):
             dw[rows] = (b * self.scale) @ a
         return {"weight": dw.T if self.conv1d else dw}
 
@@ -391,7 +434,9 @@ class LoRAParameter(_LoRABase):
         self.swaps = (name,)
         self.param_name = name
         if cfg.dropout:
-            raise ConfigError("LoRA dropout acts on layer inputs; it is not available with target_parameters (set dropout=0)")
+            raise ConfigError(
+                "LoRA dropout acts on layer inputs; it is not available with target_parameters (set dropout=0)"
+            )
 
     def update(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
@@ -418,8 +463,16 @@ class DoRAParameter(LoRAParameter):
     additive = False
     reads_weight = True
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor,
-                 weight: torch.Tensor, transposed: bool) -> None:
+    def __init__(
+        self,
+        cfg: LoRAConfig,
+        key: str,
+        module: nn.Module,
+        name: str,
+        like: torch.Tensor,
+        weight: torch.Tensor,
+        transposed: bool,
+    ) -> None:
         super().__init__(cfg, key, module, name, like)
         self.in_dim = -2 if transposed else -1
         with torch.no_grad():
@@ -458,8 +511,9 @@ class TiedLoRA(Piece):
         # the update of the shared weight is s·B·A: a PiSSA/OLoRA residual or aLoRA's activation
         # would have to act at this end too, so those are refused (lora_bias is the primary's own
         # output bias, not part of the shared weight: it stays there)
-        plain = type(primary) is LoRAEmbedding or (type(primary) in (LoRALinear, BiasedLoRALinear)
-                                                   and not primary.conv1d)
+        plain = type(primary) is LoRAEmbedding or (
+            type(primary) in (LoRALinear, BiasedLoRALinear) and not primary.conv1d
+        )
         if not plain or not isinstance(module, (nn.Linear, nn.Embedding)):
             raise UnsupportedModuleError(
                 f"{site_path!r} ({type(module).__name__}) shares its weight with {primary.key!r}; hookdelta "
@@ -503,8 +557,6 @@ class TiedParameter(TiedSwap):
         super().__init__(primary, site_path, key=site_path + "." + primary.param_name)
 
 
-
-
 class TensorParallelLoRALinear(LoRALinear):
     """LoRA on a tensor-parallel linear layer (its weight a DTensor on a 1-D mesh, as
     parallelize_module's ColwiseParallel / RowwiseParallel or transformers' tp_plan make it),
@@ -532,9 +584,10 @@ class TensorParallelLoRALinear(LoRALinear):
             raise UnsupportedModuleError(
                 f"{key!r} is tensor-parallel with placements {placements} on a {mesh.ndim}-D mesh; hookdelta's "
                 "LoRA matches column-parallel (Shard(0)) and row-parallel (Shard(1)) nn.Linear weights on a 1-D "
-                "mesh, without dropout (a replicated input would get another mask on each rank)")
+                "mesh, without dropout (a replicated input would get another mask on each rank)"
+            )
         self.colwise = dim == 0
-        a_place, b_place = ((Replicate(), Shard(0)) if self.colwise else (Shard(1), Replicate()))
+        a_place, b_place = (Replicate(), Shard(0)) if self.colwise else (Shard(1), Replicate())
         self.lora_A = nn.Parameter(distribute_tensor(self.lora_A.detach(), mesh, [a_place]))
         self.lora_B = nn.Parameter(distribute_tensor(self.lora_B.detach(), mesh, [b_place]))
 
@@ -548,7 +601,8 @@ class TensorParallelLoRALinear(LoRALinear):
         if isinstance(output, DTensor):
             raise UnsupportedModuleError(
                 f"{self.key!r} returns a DTensor (a parallel style with use_local_output=False); hookdelta's "
-                "tensor-parallel LoRA adds to the local output the default styles return")
+                "tensor-parallel LoRA adds to the local output the default styles return"
+            )
         h = F.linear(x.to(a.dtype), a)  # column-parallel: whole; row-parallel: a partial sum
         if not self.colwise:
             h = h.redistribute(h.device_mesh, [Replicate()])  # the layer's output is reduced: reduce ours once

@@ -21,8 +21,11 @@ class LowRankLinear(nn.Module):
         super().__init__()
         kw = {"device": like.device, "dtype": like.dtype}
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(in_features)))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, **kw) if zero else
-                              torch.empty(out_features, rank, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(rank)))
+        self.B = nn.Parameter(
+            torch.zeros(out_features, rank, **kw)
+            if zero
+            else torch.empty(out_features, rank, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(rank))
+        )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

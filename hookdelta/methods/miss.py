@@ -71,8 +71,9 @@ class MiSSCodec(PeftCodec):
     """PEFT's MISS files; miss_dropout only acts while PEFT trains: read, not applied."""
 
     peft_type = "MISS"
-    understood = frozenset({"r", "miss_dropout", "mini_r", "init_weights", "bias", "layers_to_transform",
-                            "modules_to_save"})
+    understood = frozenset(
+        {"r", "miss_dropout", "mini_r", "init_weights", "bias", "layers_to_transform", "modules_to_save"}
+    )
     suffixes = {".miss_block": "miss_block"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
@@ -81,17 +82,34 @@ class MiSSCodec(PeftCodec):
             out.append("init_weights='bat' (the block multiplies the base weight's shards; not built in hookdelta)")
         return out
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         mini = peft_config.get("init_weights") == "mini"
-        cfg = MiSSConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 64)),
-                         mode="mini" if mini else "miss", mini_r=int(peft_config.get("mini_r", 1)), **common)
+        cfg = MiSSConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 64)),
+            mode="mini" if mini else "miss",
+            mini_r=int(peft_config.get("mini_r", 1)),
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: MiSSConfig = delta.config
-        fields = {"peft_type": "MISS", "r": cfg.r, "mini_r": cfg.mini_r, "miss_dropout": 0.0, "bias": "none",
-                  "init_weights": "mini" if cfg.mode == "mini" else True, **self.tuner_fields(delta, pieces, layout=False)}
+        fields = {
+            "peft_type": "MISS",
+            "r": cfg.r,
+            "mini_r": cfg.mini_r,
+            "miss_dropout": 0.0,
+            "bias": "none",
+            "init_weights": "mini" if cfg.mode == "mini" else True,
+            **self.tuner_fields(delta, pieces, layout=False),
+        }
         return fields, self.piece_tensors(pieces)
 
 

@@ -64,8 +64,10 @@ class OFTConfig(DeltaConfig):
         for name in ("r", "oft_block_size"):
             check_int(self, name, minimum=0)
         if (self.r == 0) == (self.oft_block_size == 0):
-            raise ConfigError(f"OFTConfig: give exactly one of r (blocks) and oft_block_size, the other 0; got "
-                              f"r={self.r}, oft_block_size={self.oft_block_size}")
+            raise ConfigError(
+                f"OFTConfig: give exactly one of r (blocks) and oft_block_size, the other 0; got "
+                f"r={self.r}, oft_block_size={self.oft_block_size}"
+            )
         check_int(self, "num_cayley_neumann_terms", minimum=1)
         for name in ("use_cayley_neumann", "coft", "block_share"):
             check_bool(self, name)
@@ -79,8 +81,11 @@ class OFTConfig(DeltaConfig):
             wanted = self.oft_block_size or self.r
             fitted = fit_blocks(in_f, wanted)
             if fitted != wanted:
-                warnings.warn(f"OFT at {key!r}: {'oft_block_size' if self.oft_block_size else 'r'}={wanted} does not "
-                              f"divide its {in_f} input features; using {fitted}", stacklevel=3)
+                warnings.warn(
+                    f"OFT at {key!r}: {'oft_block_size' if self.oft_block_size else 'r'}={wanted} does not "
+                    f"divide its {in_f} input features; using {fitted}",
+                    stacklevel=3,
+                )
             block = fitted if self.oft_block_size else in_f // fitted
             pieces.append(Rotation(self, key, module, in_f, block, layer_like(model, key, module)))
         return pieces
@@ -96,8 +101,11 @@ class Rotation(Piece):
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"OFT needs a floating-point weight at {key!r}, found {like.dtype}")
         self.block, self.blocks = block, in_f // block
-        self.oft_R = nn.Parameter(torch.zeros(1 if cfg.block_share else self.blocks, block * (block - 1) // 2,
-                                              device=like.device, dtype=like.dtype))
+        self.oft_R = nn.Parameter(
+            torch.zeros(
+                1 if cfg.block_share else self.blocks, block * (block - 1) // 2, device=like.device, dtype=like.dtype
+            )
+        )
         rows, cols = torch.triu_indices(block, block, 1, device=like.device)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)
@@ -168,9 +176,23 @@ class OFTCodec(PeftCodec):
     trains: read, not applied."""
 
     peft_type = "OFT"
-    understood = frozenset({"r", "oft_block_size", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps",
-                            "block_share", "module_dropout", "init_weights", "fan_in_fan_out", "layers_to_transform",
-                            "modules_to_save", "bias"})
+    understood = frozenset(
+        {
+            "r",
+            "oft_block_size",
+            "use_cayley_neumann",
+            "num_cayley_neumann_terms",
+            "coft",
+            "eps",
+            "block_share",
+            "module_dropout",
+            "init_weights",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "modules_to_save",
+            "bias",
+        }
+    )
     suffixes = {".oft_R.weight": "oft_R"}
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
@@ -179,42 +201,69 @@ class OFTCodec(PeftCodec):
             out.append("an OFT adapter from PEFT before 0.14 (another parametrization)")
         version = str(peft_config.get("peft_version") or "0").partition("@")[0]
         if peft_config.get("use_cayley_neumann") and _older(version, (0, 18)):
-            out.append(f"use_cayley_neumann from PEFT {version if version != '0' else 'before 0.18'} (its series "
-                       "changed in 0.18; hookdelta computes the new one)")
+            out.append(
+                f"use_cayley_neumann from PEFT {version if version != '0' else 'before 0.18'} (its series "
+                "changed in 0.18; hookdelta computes the new one)"
+            )
         return out
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         sizes = {round((1 + math.sqrt(1 + 8 * ts["oft_R"].shape[1])) / 2) for ts in named.values()}
         if len(sizes) != 1:
-            raise DeltaFileError(f"the OFT file's layers use different block sizes {sorted(sizes)}; hookdelta's OFT "
-                                 "uses one block size for all its layers")
-        cfg = OFTConfig(r=0, oft_block_size=sizes.pop(), coft=bool(peft_config.get("coft")),
-                        eps=float(peft_config.get("eps", 6e-5)), block_share=bool(peft_config.get("block_share")),
-                        use_cayley_neumann=bool(peft_config.get("use_cayley_neumann", True)),
-                        num_cayley_neumann_terms=int(peft_config.get("num_cayley_neumann_terms", 5)),
-                        targets=[exact(s) for s in named], **common)
+            raise DeltaFileError(
+                f"the OFT file's layers use different block sizes {sorted(sizes)}; hookdelta's OFT "
+                "uses one block size for all its layers"
+            )
+        cfg = OFTConfig(
+            r=0,
+            oft_block_size=sizes.pop(),
+            coft=bool(peft_config.get("coft")),
+            eps=float(peft_config.get("eps", 6e-5)),
+            block_share=bool(peft_config.get("block_share")),
+            use_cayley_neumann=bool(peft_config.get("use_cayley_neumann", True)),
+            num_cayley_neumann_terms=int(peft_config.get("num_cayley_neumann_terms", 5)),
+            targets=[exact(s) for s in named],
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         sizes = {p.block for p in pieces}
         if len(sizes) != 1:
-            raise UnsupportedModuleError(f"delta {delta.name!r} uses OFT blocks of sizes {sorted(sizes)} on different "
-                                         "layers; PEFT's file holds one oft_block_size. Save it with delta.save()")
+            raise UnsupportedModuleError(
+                f"delta {delta.name!r} uses OFT blocks of sizes {sorted(sizes)} on different "
+                "layers; PEFT's file holds one oft_block_size. Save it with delta.save()"
+            )
         cfg: OFTConfig = delta.config
         tensors = {f"{p.key}.oft_R.weight": p.oft_R.detach().contiguous() for p in pieces}
-        fields = {"peft_type": "OFT", "r": 0, "oft_block_size": sizes.pop(), "coft": cfg.coft, "eps": cfg.eps,
-                  "block_share": cfg.block_share, "use_cayley_neumann": cfg.use_cayley_neumann,
-                  "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "module_dropout": 0.0,
-                  "init_weights": True, "bias": "none", **self.tuner_fields(delta, pieces),
-                  "peft_version": "0.18.0"}  # the file format (and Cayley-Neumann series) of PEFT 0.18 and later
+        fields = {
+            "peft_type": "OFT",
+            "r": 0,
+            "oft_block_size": sizes.pop(),
+            "coft": cfg.coft,
+            "eps": cfg.eps,
+            "block_share": cfg.block_share,
+            "use_cayley_neumann": cfg.use_cayley_neumann,
+            "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
+            "module_dropout": 0.0,
+            "init_weights": True,
+            "bias": "none",
+            **self.tuner_fields(delta, pieces),
+            "peft_version": "0.18.0",
+        }  # the file format (and Cayley-Neumann series) of PEFT 0.18 and later
         return fields, tensors
 
 
 def _older(version: str, than: tuple[int, ...]) -> bool:
     parts = []
-    for piece in version.split(".")[:len(than)]:
+    for piece in version.split(".")[: len(than)]:
         digits = "".join(c for c in piece if c.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts) < than

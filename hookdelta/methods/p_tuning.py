@@ -46,15 +46,25 @@ class PTuningConfig(PromptConfig):
         check_float(self, "encoder_dropout", low=0.0, high=1.0)
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        return place_prompt(model, sites, lambda path, site, embedding, pad, cache: EncodedPrompt(
-            self, path, site, embedding, pad, cache))
+        return place_prompt(
+            model,
+            sites,
+            lambda path, site, embedding, pad, cache: EncodedPrompt(self, path, site, embedding, pad, cache),
+        )
 
 
 class EncodedPrompt(SoftPrompt):
     """The prompt is encoder(embeddings): PEFT's PromptEncoder, its tensors named as PEFT's."""
 
-    def __init__(self, cfg: PTuningConfig, key: str, site_path: str, embedding: nn.Embedding, pad_labels: bool,
-                 cache_arg: str | None) -> None:
+    def __init__(
+        self,
+        cfg: PTuningConfig,
+        key: str,
+        site_path: str,
+        embedding: nn.Embedding,
+        pad_labels: bool,
+        cache_arg: str | None,
+    ) -> None:
         super().__init__(key, site_path, None, embedding, pad_labels, cache_arg)
         vocab = embedding.weight.detach()
         dim, width, count = vocab.shape[1], cfg.encoder_hidden_size or vocab.shape[1], cfg.num_virtual_tokens
@@ -63,12 +73,26 @@ class EncodedPrompt(SoftPrompt):
         self.prompt_embedding = nn.Parameter(start)
         self.kind = cfg.encoder
         if cfg.encoder == "LSTM":
-            self.lstm_head = nn.LSTM(input_size=dim, hidden_size=width, num_layers=cfg.encoder_num_layers,
-                                     dropout=cfg.encoder_dropout, bidirectional=True, batch_first=True, **kw)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * width, 2 * width, **kw), nn.ReLU(), nn.Linear(2 * width, dim, **kw))
+            self.lstm_head = nn.LSTM(
+                input_size=dim,
+                hidden_size=width,
+                num_layers=cfg.encoder_num_layers,
+                dropout=cfg.encoder_dropout,
+                bidirectional=True,
+                batch_first=True,
+                **kw,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * width, 2 * width, **kw), nn.ReLU(), nn.Linear(2 * width, dim, **kw)
+            )
         else:
-            self.mlp_head = nn.Sequential(nn.Linear(dim, width, **kw), nn.ReLU(), nn.Linear(width, width, **kw),
-                                          nn.ReLU(), nn.Linear(width, dim, **kw))
+            self.mlp_head = nn.Sequential(
+                nn.Linear(dim, width, **kw),
+                nn.ReLU(),
+                nn.Linear(width, width, **kw),
+                nn.ReLU(),
+                nn.Linear(width, dim, **kw),
+            )
 
     def virtual(self) -> torch.Tensor:
         x = self.prompt_embedding.unsqueeze(0)  # PEFT encodes one [1, P, dim] sample
@@ -89,24 +113,37 @@ class PTuningCodec(PromptTuningCodec):
     encoder is not in the file); written from the current encoder output, in inference form."""
 
     peft_type = "P_TUNING"
-    understood = PromptTuningCodec.understood | {"encoder_reparameterization_type", "encoder_hidden_size",
-                                                 "encoder_num_layers", "encoder_dropout"}
+    understood = PromptTuningCodec.understood | {
+        "encoder_reparameterization_type",
+        "encoder_hidden_size",
+        "encoder_num_layers",
+        "encoder_dropout",
+    }
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         model = delta.model
         if is_encoder_decoder(model):
-            raise UnsupportedModuleError("hookdelta writes PEFT P-tuning files for decoder-only and encoder-only models")
+            raise UnsupportedModuleError(
+                "hookdelta writes PEFT P-tuning files for decoder-only and encoder-only models"
+            )
         (piece,) = [p for p in pieces if isinstance(p, EncodedPrompt)]
         cfg: PTuningConfig = delta.config
         with torch.no_grad():
             prompt = piece.virtual().detach().contiguous()
         layers, _, _ = attention_shape(model)
-        fields = {"peft_type": "P_TUNING", "task_type": prompt_task(model), "num_virtual_tokens": piece.length,
-                  "token_dim": prompt.shape[1], "num_transformer_submodules": 1, "num_layers": layers,
-                  "num_attention_heads": model.config.num_attention_heads,
-                  "encoder_reparameterization_type": cfg.encoder,
-                  "encoder_hidden_size": cfg.encoder_hidden_size or prompt.shape[1],
-                  "encoder_num_layers": cfg.encoder_num_layers, "encoder_dropout": cfg.encoder_dropout}
+        fields = {
+            "peft_type": "P_TUNING",
+            "task_type": prompt_task(model),
+            "num_virtual_tokens": piece.length,
+            "token_dim": prompt.shape[1],
+            "num_transformer_submodules": 1,
+            "num_layers": layers,
+            "num_attention_heads": model.config.num_attention_heads,
+            "encoder_reparameterization_type": cfg.encoder,
+            "encoder_hidden_size": cfg.encoder_hidden_size or prompt.shape[1],
+            "encoder_num_layers": cfg.encoder_num_layers,
+            "encoder_dropout": cfg.encoder_dropout,
+        }
         return fields, {"prompt_embeddings": prompt}
 
 

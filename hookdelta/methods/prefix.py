@@ -68,8 +68,17 @@ class Prefix(Piece):
     mergeable = False
     routable = False  # virtual tokens change the sequence length: rows would differ
 
-    def __init__(self, key: str, shape: tuple[int, int, int], tokens: int, projection: int | None,
-                 like: torch.Tensor, site_path: str, cache_arg: str, positions: bool) -> None:
+    def __init__(
+        self,
+        key: str,
+        shape: tuple[int, int, int],
+        tokens: int,
+        projection: int | None,
+        like: torch.Tensor,
+        site_path: str,
+        cache_arg: str,
+        positions: bool,
+    ) -> None:
         super().__init__(site_path, key)
         self.layers, self.kv_heads, self.head_dim = shape
         width = self.layers * 2 * self.kv_heads * self.head_dim
@@ -119,7 +128,8 @@ class Prefix(Piece):
             elif first != past:
                 raise UnsupportedModuleError(
                     f"prefix tuning: cache_position starts at {first}, but the cache holds {past} entries "
-                    f"({P} of them the prefix); pass cache_position counted with or without the prefix, or none")
+                    f"({P} of them the prefix); pass cache_position counted with or without the prefix, or none"
+                )
         if self.positions and kw.get("position_ids") is None:
             start = past - P
             kw["position_ids"] = torch.arange(start, start + new, device=source.device).unsqueeze(0).expand(batch, -1)
@@ -160,8 +170,16 @@ class PrefixConfig(PromptConfig):
         like = model.get_submodule(path).weight
         site, taker = cache_taker(model)
         P = self.num_virtual_tokens
-        piece = Prefix(path, attention_shape(model), P, self.encoder_hidden_size if self.prefix_projection else None,
-                       like, site, cache_argument(taker), accepts(taker, "position_ids"))
+        piece = Prefix(
+            path,
+            attention_shape(model),
+            P,
+            self.encoder_hidden_size if self.prefix_projection else None,
+            like,
+            site,
+            cache_argument(taker),
+            accepts(taker, "position_ids"),
+        )
         with torch.no_grad():
             if inits.is_loading():  # (a saved prefix: the file holds the values; no forward to start it)
                 pass

@@ -29,12 +29,15 @@ from .dense_delta import LowRankDelta
 BASES = "randlora_bases"
 
 
-def draw_bases(r: int, out_dim: int, in_dim: int, key: int, sparsity: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_bases(
+    r: int, out_dim: int, in_dim: int, key: int, sparsity: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's shared bases (A [r, 1, min], B [max, n_bases, r]) for the largest layer out × in."""
     big, small = max(out_dim, in_dim), min(out_dim, in_dim)
     n = math.ceil(small / r)
     g = torch.Generator(device="cpu").manual_seed(key)
     if sparsity is None:
+
         def kaiming(shape: tuple[int, ...]) -> torch.Tensor:
             return nn.init.kaiming_uniform_(torch.empty(shape, dtype=torch.bfloat16), a=math.sqrt(5), generator=g)
 
@@ -42,8 +45,9 @@ def draw_bases(r: int, out_dim: int, in_dim: int, key: int, sparsity: float | No
         b = torch.cat([kaiming((big, 1, r)) for _ in range(n)], dim=1)
     else:  # ternary: -1 / 0 / +1 with probability 1/(2·sparsity) at each end
         a, b = torch.rand((r, 1, small), generator=g), torch.rand((big, n, r), generator=g)
-        a, b = (torch.where(t < 1 / (2 * sparsity), -1.0, torch.where(t > 1 - 1 / (2 * sparsity), 1.0, 0.0))
-                for t in (a, b))
+        a, b = (
+            torch.where(t < 1 / (2 * sparsity), -1.0, torch.where(t > 1 - 1 / (2 * sparsity), 1.0, 0.0)) for t in (a, b)
+        )
     return a / a.std(), b / b.std()
 
 
@@ -82,8 +86,10 @@ class RandLoRAConfig(DeltaConfig):
         sparsity = math.sqrt(min(out_dim, in_dim)) if self.very_sparse else 3.0 if self.sparse else None
         like = layer_like(model, sites[0], layers[0])
         bases = RandomBases(sites[0], *draw_bases(self.r, out_dim, in_dim, self.projection_prng_key, sparsity), like)
-        return [bases] + [ScaledBases(self, key, m, d, layer_like(model, key, m), bases)
-                          for key, m, d in zip(sites, layers, dims, strict=True)]
+        return [bases] + [
+            ScaledBases(self, key, m, d, layer_like(model, key, m), bases)
+            for key, m, d in zip(sites, layers, dims, strict=True)
+        ]
 
 
 class RandomBases(Piece):
@@ -101,9 +107,15 @@ class RandomBases(Piece):
 
 
 class ScaledBases(LowRankDelta):
-
-    def __init__(self, cfg: RandLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int], like: torch.Tensor,
-                 bases: RandomBases) -> None:
+    def __init__(
+        self,
+        cfg: RandLoRAConfig,
+        key: str,
+        module: nn.Module,
+        dims: tuple[int, int],
+        like: torch.Tensor,
+        bases: RandomBases,
+    ) -> None:
         super().__init__(key)
         self.in_f, self.out_f = dims
         small, big = min(dims), max(dims)
@@ -136,24 +148,51 @@ class RandLoRACodec(PeftCodec):
     when save_projection (PEFT's default); without them the bases are drawn from the key."""
 
     peft_type = "RANDLORA"
-    understood = frozenset({"r", "projection_prng_key", "save_projection", "sparse", "very_sparse", "randlora_dropout",
-                            "fan_in_fan_out", "randlora_alpha", "bias", "init_weights", "layers_to_transform",
-                            "modules_to_save"})
+    understood = frozenset(
+        {
+            "r",
+            "projection_prng_key",
+            "save_projection",
+            "sparse",
+            "very_sparse",
+            "randlora_dropout",
+            "fan_in_fan_out",
+            "randlora_alpha",
+            "bias",
+            "init_weights",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
     # (PEFT also writes the shared bases under every layer: copies, checked against the shared ones)
-    suffixes = {".randlora_lambda": "randlora_lambda", ".randlora_gamma": "randlora_gamma",
-                ".randlora_A": "randlora_A", ".randlora_B": "randlora_B"}
+    suffixes = {
+        ".randlora_lambda": "randlora_lambda",
+        ".randlora_gamma": "randlora_gamma",
+        ".randlora_A": "randlora_A",
+        ".randlora_B": "randlora_B",
+    }
     shared_keys = frozenset({"base_model.randlora_A", "base_model.randlora_B"})
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        cfg = RandLoRAConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 32)),
-                             randlora_alpha=float(peft_config.get("randlora_alpha", 640)),
-                             projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
-                             sparse=bool(peft_config.get("sparse")), very_sparse=bool(peft_config.get("very_sparse")),
-                             dropout=float(peft_config.get("randlora_dropout") or 0.0), **common)
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        cfg = RandLoRAConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 32)),
+            randlora_alpha=float(peft_config.get("randlora_alpha", 640)),
+            projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
+            sparse=bool(peft_config.get("sparse")),
+            very_sparse=bool(peft_config.get("very_sparse")),
+            dropout=float(peft_config.get("randlora_dropout") or 0.0),
+            **common,
+        )
         shared = dict(peft_config.get("__shared__", {}))
         for site, ts in named.items():
             for name in ("randlora_A", "randlora_B"):
@@ -173,12 +212,24 @@ class RandLoRACodec(PeftCodec):
         cfg: RandLoRAConfig = delta.config
         layers = [p for p in pieces if isinstance(p, ScaledBases)]
         (bases,) = [p for p in pieces if isinstance(p, RandomBases)]
-        fields = {"peft_type": "RANDLORA", "r": cfg.r, "randlora_alpha": cfg.randlora_alpha,
-                  "projection_prng_key": cfg.projection_prng_key, "save_projection": True, "sparse": cfg.sparse,
-                  "very_sparse": cfg.very_sparse, "randlora_dropout": cfg.dropout, "bias": "none", "init_weights": True,
-                  **self.tuner_fields(delta, layers)}
-        return fields, {**self.piece_tensors(layers), "randlora_A": bases.randlora_A.detach().contiguous(),
-                        "randlora_B": bases.randlora_B.detach().contiguous()}
+        fields = {
+            "peft_type": "RANDLORA",
+            "r": cfg.r,
+            "randlora_alpha": cfg.randlora_alpha,
+            "projection_prng_key": cfg.projection_prng_key,
+            "save_projection": True,
+            "sparse": cfg.sparse,
+            "very_sparse": cfg.very_sparse,
+            "randlora_dropout": cfg.dropout,
+            "bias": "none",
+            "init_weights": True,
+            **self.tuner_fields(delta, layers),
+        }
+        return fields, {
+            **self.piece_tensors(layers),
+            "randlora_A": bases.randlora_A.detach().contiguous(),
+            "randlora_B": bases.randlora_B.detach().contiguous(),
+        }
 
     def file_key(self, key: str) -> str:
         return "base_model." + key if key in ("randlora_A", "randlora_B") else self.prefix + key

@@ -29,13 +29,15 @@ Positions = str | Callable[[torch.Tensor], Any]
 
 
 def parse_positions(spec: str) -> tuple[int, int]:
-    """"f2+l1" -> (2, 1): how many first and last tokens."""
+    """ "f2+l1" -> (2, 1): how many first and last tokens."""
     first = last = 0
     for part in spec.split("+"):
         m = re.fullmatch(r"([fl])([1-9]\d*)", part.strip())
         if m is None:
-            raise ConfigError(f"positions must look like 'f1', 'l2' or 'f1+l1' (first / last k tokens), or be a "
-                              f"callable; got {spec!r}")
+            raise ConfigError(
+                f"positions must look like 'f1', 'l2' or 'f1+l1' (first / last k tokens), or be a "
+                f"callable; got {spec!r}"
+            )
         if m.group(1) == "f":
             first = int(m.group(2))
         else:
@@ -61,15 +63,19 @@ class LoReFTConfig(DeltaConfig):
         check_float(self, "dropout", low=0.0, high=1.0, high_open=True)
         if not callable(self.positions):
             if not isinstance(self.positions, str):
-                raise ConfigError(f"{type(self).__name__}.positions must be a string like 'f1+l1' or a callable, "
-                                  f"got {self.positions!r}")
+                raise ConfigError(
+                    f"{type(self).__name__}.positions must be a string like 'f1+l1' or a callable, "
+                    f"got {self.positions!r}"
+                )
             parse_positions(self.positions)
 
     def portable(self, delta: Any) -> dict[str, Any]:
         if callable(self.positions):
-            raise ConfigError(f"{type(self).__name__}.positions is a callable ({getattr(self.positions, '__qualname__', '?')}), "
-                              "which a delta file cannot hold; save a delta whose positions are a string such as "
-                              "'f1+l1', or keep its tensors with delta.tensors()")
+            raise ConfigError(
+                f"{type(self).__name__}.positions is a callable ({getattr(self.positions, '__qualname__', '?')}), "
+                "which a delta file cannot hold; save a delta whose positions are a string such as "
+                "'f1+l1', or keep its tensors with delta.tensors()"
+            )
         return super().portable(delta)
 
     def select(self, model: nn.Module) -> list[str]:
@@ -77,8 +83,10 @@ class LoReFTConfig(DeltaConfig):
             return super().select(model)
         found = blocks(model, named_modules(model))
         if not found:
-            raise ConfigError(f"no repeated blocks found in {type(model).__name__}; pass targets=[...] naming the "
-                              "modules whose output hidden states to intervene on")
+            raise ConfigError(
+                f"no repeated blocks found in {type(model).__name__}; pass targets=[...] naming the "
+                "modules whose output hidden states to intervene on"
+            )
         if self.layers is not None:
             bad = [i for i in self.layers if i >= len(found)]
             if bad:
@@ -89,7 +97,9 @@ class LoReFTConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         width = hidden_size(model)
         if width is None:
-            raise UnsupportedModuleError(f"cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)")
+            raise UnsupportedModuleError(
+                f"cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)"
+            )
         like = next((p for p in model.parameters() if p.is_floating_point()), None)
         if like is None:
             raise UnsupportedModuleError("ReFT needs a model with floating-point weights")
@@ -162,11 +172,15 @@ class Intervention(Piece):
         try:
             pos = torch.as_tensor(self.positions(h), device=h.device, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"the positions callable must give a [batch={b}, k] array of positions; its result "
-                              f"could not be read as one ({exc})") from None
+            raise ConfigError(
+                f"the positions callable must give a [batch={b}, k] array of positions; its result "
+                f"could not be read as one ({exc})"
+            ) from None
         if pos.dim() != 2 or pos.shape[0] != b or (pos.numel() and (pos.min() < 0 or pos.max() >= t)):
-            raise ConfigError(f"the positions callable must give a [batch={b}, k] array of positions in [0, {t}), "
-                              f"got shape {tuple(pos.shape)}")
+            raise ConfigError(
+                f"the positions callable must give a [batch={b}, k] array of positions in [0, {t}), "
+                f"got shape {tuple(pos.shape)}"
+            )
         return pos
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -176,8 +190,9 @@ class Intervention(Piece):
 
         def apply(h: torch.Tensor) -> torch.Tensor:
             if h.dim() != 3:
-                raise UnsupportedModuleError(f"ReFT acts on [batch, seq, dim] hidden states; {self.key!r} gave "
-                                             f"shape {tuple(h.shape)}")
+                raise UnsupportedModuleError(
+                    f"ReFT acts on [batch, seq, dim] hidden states; {self.key!r} gave shape {tuple(h.shape)}"
+                )
             pos = self.where(h)
             index = pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])
             return h.scatter(1, index, self.edit(h.gather(1, index), module.training))

@@ -79,7 +79,9 @@ class PlaneRotation(Piece):
             alpha = alpha.reshape(-1, g // 2).repeat_interleave(2, dim=0).flatten()
         if self.variant == "road_4":
             theta, alpha = theta.reshape(-1, 2, g), alpha.reshape(-1, 2, g)
-            return alpha[:, 0].flatten() * theta[:, 0].cos().flatten(), alpha[:, 1].flatten() * theta[:, 1].sin().flatten()
+            return alpha[:, 0].flatten() * theta[:, 0].cos().flatten(), alpha[:, 1].flatten() * theta[
+                :, 1
+            ].sin().flatten()
         return alpha * theta.cos(), alpha * theta.sin()
 
     def _turn(self, y: torch.Tensor) -> torch.Tensor:
@@ -116,20 +118,34 @@ class RoAdCodec(PeftCodec):
     understood = frozenset({"variant", "group_size", "init_weights", "layers_to_transform", "modules_to_save"})
     suffixes = {".road_theta": "road_theta", ".road_alpha": "road_alpha"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         variant = peft_config.get("variant", "road_1")
         if variant not in SIZES:
             raise DeltaFileError(f"the RoAd file's variant {variant!r} is none of {list(SIZES)}")
-        cfg = RoAdConfig(targets=[exact(s) for s in named], variant=variant,
-                         group_size=int(peft_config.get("group_size", 64)), **common)
+        cfg = RoAdConfig(
+            targets=[exact(s) for s in named],
+            variant=variant,
+            group_size=int(peft_config.get("group_size", 64)),
+            **common,
+        )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         self.refuse_conv1d(delta, pieces)
         cfg: RoAdConfig = delta.config
-        fields = {"peft_type": "ROAD", "variant": cfg.variant, "group_size": cfg.group_size, "init_weights": True,
-                  **self.tuner_fields(delta, pieces, layout=False)}
+        fields = {
+            "peft_type": "ROAD",
+            "variant": cfg.variant,
+            "group_size": cfg.group_size,
+            "init_weights": True,
+            **self.tuner_fields(delta, pieces, layout=False),
+        }
         return fields, self.piece_tensors(pieces)
 
 

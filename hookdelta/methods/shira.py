@@ -64,8 +64,9 @@ class SparseEntries(DenseDelta):
             raise ConfigError(f"SHiRA: r={cfg.r} asks for {count} entries of {key!r}, which has {out * inp}; lower r")
         self.r = cfg.r
         # (derived from the seed: not saved)
-        self.register_buffer("flat", random_mask(out, inp, count, cfg.random_seed).to(self.kw["device"]),
-                             persistent=False)
+        self.register_buffer(
+            "flat", random_mask(out, inp, count, cfg.random_seed).to(self.kw["device"]), persistent=False
+        )
         values = torch.zeros(count) if cfg.init_weights else torch.randn(count)
         self.shira_weight = nn.Parameter(values.to(**self.kw))
 
@@ -93,11 +94,20 @@ class SHiRACodec(PeftCodec):
         kind = peft_config.get("mask_type", "random")
         return [] if kind == "random" else [f"mask_type={kind!r} (a custom mask function, not in the file)"]
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         seed = peft_config.get("random_seed")
-        cfg = SHiRAConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 32)),
-                          random_seed=None if seed is None else int(seed), **common)
+        cfg = SHiRAConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 32)),
+            random_seed=None if seed is None else int(seed),
+            **common,
+        )
         for site, ts in named.items():
             given = ts.pop("shira_indices", None)
             if given is None or given.dim() != 2 or given.shape[0] != 2:
@@ -107,8 +117,10 @@ class SHiRACodec(PeftCodec):
             want = random_mask(out, inp, cfg.r * (out + inp), cfg.random_seed)
             flat = given[0].long() * inp + given[1].long()
             if flat.shape != want.shape or not torch.equal(flat, want):
-                raise DeltaFileError(f"the SHiRA file's mask at {site!r} is not the one random_seed={cfg.random_seed} "
-                                     f"and r={cfg.r} give (a custom mask?); hookdelta derives SHiRA's mask from the seed")
+                raise DeltaFileError(
+                    f"the SHiRA file's mask at {site!r} is not the one random_seed={cfg.random_seed} "
+                    f"and r={cfg.r} give (a custom mask?); hookdelta derives SHiRA's mask from the seed"
+                )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -116,8 +128,14 @@ class SHiRACodec(PeftCodec):
         cfg: SHiRAConfig = delta.config
         tensors = self.piece_tensors(pieces)
         tensors.update({f"{p.key}.shira_indices": p.indices() for p in pieces})
-        fields = {"peft_type": "SHIRA", "r": cfg.r, "mask_type": "random", "random_seed": cfg.random_seed,
-                  "init_weights": True, **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "SHIRA",
+            "r": cfg.r,
+            "mask_type": "random",
+            "random_seed": cfg.random_seed,
+            "init_weights": True,
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, tensors
 
 

@@ -46,8 +46,15 @@ class SoftPrompt(Piece):
     mergeable = False
     routable = False  # virtual tokens change the sequence length: rows would differ
 
-    def __init__(self, key: str, site_path: str, prompt: torch.Tensor | None, embedding: nn.Module,
-                 pad_labels: bool, cache_arg: str | None) -> None:
+    def __init__(
+        self,
+        key: str,
+        site_path: str,
+        prompt: torch.Tensor | None,
+        embedding: nn.Module,
+        pad_labels: bool,
+        cache_arg: str | None,
+    ) -> None:
         super().__init__(site_path, key)
         if prompt is not None:  # (None: a subclass computes its prompt, see `virtual`)
             self.prompt = nn.Parameter(prompt)
@@ -87,7 +94,9 @@ class SoftPrompt(Piece):
             kw["token_type_ids"] = prepend(kw["token_type_ids"], P, 0)
         position_ids = kw.get("position_ids")
         if position_ids is not None:
-            ahead = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(position_ids.shape[0], -1)
+            ahead = torch.arange(P, device=position_ids.device, dtype=position_ids.dtype).expand(
+                position_ids.shape[0], -1
+            )
             kw["position_ids"] = torch.cat([ahead, position_ids + P], dim=1)
         labels = kw.get("labels")
         if self.pad_labels and labels is not None and labels.dim() == 2 and labels.shape[1] == seq:
@@ -141,8 +150,15 @@ def place_prompt(model: nn.Module, sites: Sequence[str], make: Any) -> list[Piec
 def prompt_task(model: nn.Module) -> str:
     """PEFT's task_type for a prompt file written from `model`."""
     name = type(model).__name__
-    return ("CAUSAL_LM" if name.endswith("CausalLM") else "SEQ_CLS" if name.endswith("SequenceClassification")
-            else "TOKEN_CLS" if name.endswith("TokenClassification") else "FEATURE_EXTRACTION")
+    return (
+        "CAUSAL_LM"
+        if name.endswith("CausalLM")
+        else "SEQ_CLS"
+        if name.endswith("SequenceClassification")
+        else "TOKEN_CLS"
+        if name.endswith("TokenClassification")
+        else "FEATURE_EXTRACTION"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,17 +179,26 @@ class SoftPromptConfig(PromptConfig):
         for name in ("init_text", "tokenizer"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ConfigError(f"SoftPromptConfig.{name} must be a string, got {getattr(self, name)!r}")
-        if self.init == "text" and not (isinstance(self.init_text, str) and self.init_text and isinstance(self.tokenizer, str)):
+        if self.init == "text" and not (
+            isinstance(self.init_text, str) and self.init_text and isinstance(self.tokenizer, str)
+        ):
             raise ConfigError('SoftPromptConfig(init="text") needs init_text="..." and tokenizer="<path or name>"')
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        return place_prompt(model, sites, lambda path, site, embedding, pad, cache: SoftPrompt(
-            path, site, self._init(embedding.weight.detach()), embedding, pad, cache))
+        return place_prompt(
+            model,
+            sites,
+            lambda path, site, embedding, pad, cache: SoftPrompt(
+                path, site, self._init(embedding.weight.detach()), embedding, pad, cache
+            ),
+        )
 
     def _init(self, vocab: torch.Tensor) -> torch.Tensor:
         P = self.num_virtual_tokens
         if self.init == "random":
-            return torch.randn(P, vocab.shape[1], device=vocab.device, dtype=vocab.dtype) * vocab.float().std().to(vocab.dtype)
+            return torch.randn(P, vocab.shape[1], device=vocab.device, dtype=vocab.dtype) * vocab.float().std().to(
+                vocab.dtype
+            )
         if self.init == "from_vocab":
             return vocab_rows(vocab, P)
         from transformers import AutoTokenizer  # imported on use: `import hookdelta` does not load transformers
@@ -183,7 +208,9 @@ class SoftPromptConfig(PromptConfig):
             raise ConfigError(f"init_text {self.init_text!r} tokenizes to nothing")
         ids = (ids * (P // len(ids) + 1))[:P]
         if max(ids) >= vocab.shape[0]:
-            raise ConfigError(f"the tokenizer at {self.tokenizer!r} gives ids beyond this model's vocabulary ({vocab.shape[0]})")
+            raise ConfigError(
+                f"the tokenizer at {self.tokenizer!r} gives ids beyond this model's vocabulary ({vocab.shape[0]})"
+            )
         return vocab[torch.tensor(ids, device=vocab.device)].clone()
 
 
@@ -192,9 +219,20 @@ class PromptTuningCodec(PeftCodec):
     (prompt learning holds the model directly: keys start with `base_model.`)."""
 
     peft_type = "PROMPT_TUNING"
-    understood = frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                            "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                            "tokenizer_kwargs", "modules_to_save"})
+    understood = frozenset(
+        {
+            "num_virtual_tokens",
+            "token_dim",
+            "num_transformer_submodules",
+            "num_attention_heads",
+            "num_layers",
+            "prompt_tuning_init",
+            "prompt_tuning_init_text",
+            "tokenizer_name_or_path",
+            "tokenizer_kwargs",
+            "modules_to_save",
+        }
+    )
     prefix = "base_model."
     fits_paths = False  # the prompt goes on this model's own input embeddings
 
@@ -208,23 +246,39 @@ class PromptTuningCodec(PeftCodec):
     def file_key(self, key: str) -> str:
         return key  # the prompt itself is stored without a prefix (modules_to_save copies have one)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         ((site, tensors),) = named.items()
         prompt = tensors["prompt"]
         if prompt.dim() != 2:
-            raise DeltaFileError(f"the prompt-tuning file's prompt_embeddings is {tuple(prompt.shape)}, not [tokens, hidden]")
+            raise DeltaFileError(
+                f"the prompt-tuning file's prompt_embeddings is {tuple(prompt.shape)}, not [tokens, hidden]"
+            )
         return SoftPromptConfig(num_virtual_tokens=prompt.shape[0], **common), {f"{site}.prompt": prompt}
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         model = delta.model
         if is_encoder_decoder(model):
-            raise UnsupportedModuleError("hookdelta writes PEFT prompt-tuning files for decoder-only and encoder-only models")
+            raise UnsupportedModuleError(
+                "hookdelta writes PEFT prompt-tuning files for decoder-only and encoder-only models"
+            )
         (piece,) = [p for p in pieces if isinstance(p, SoftPrompt)]
         layers, _, _ = attention_shape(model)
-        fields = {"peft_type": "PROMPT_TUNING", "task_type": prompt_task(model), "num_virtual_tokens": piece.length,
-                  "token_dim": piece.prompt.shape[1], "num_transformer_submodules": 1, "num_layers": layers,
-                  "num_attention_heads": model.config.num_attention_heads, "prompt_tuning_init": "RANDOM"}
+        fields = {
+            "peft_type": "PROMPT_TUNING",
+            "task_type": prompt_task(model),
+            "num_virtual_tokens": piece.length,
+            "token_dim": piece.prompt.shape[1],
+            "num_transformer_submodules": 1,
+            "num_layers": layers,
+            "num_attention_heads": model.config.num_attention_heads,
+            "prompt_tuning_init": "RANDOM",
+        }
         return fields, {"prompt_embeddings": piece.prompt.detach().contiguous()}
 
 

@@ -34,10 +34,16 @@ class TrainableTokensConfig(DeltaConfig):
     def validate(self) -> None:
         check_bool(self, "tie_weights")
         idx = self.token_indices
-        if isinstance(idx, (str, bytes)) or not isinstance(idx, (list, tuple, range)) or not idx or any(
-                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx) or len(set(idx)) != len(idx):
-            raise ConfigError("TrainableTokensConfig.token_indices must be a non-empty list of distinct token ids "
-                              f">= 0, got {idx!r}")
+        if (
+            isinstance(idx, (str, bytes))
+            or not isinstance(idx, (list, tuple, range))
+            or not idx
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in idx)
+            or len(set(idx)) != len(idx)
+        ):
+            raise ConfigError(
+                f"TrainableTokensConfig.token_indices must be a non-empty list of distinct token ids >= 0, got {idx!r}"
+            )
         object.__setattr__(self, "token_indices", tuple(idx))
 
     def select(self, model: nn.Module) -> list[str]:
@@ -60,12 +66,15 @@ class TrainableTokensConfig(DeltaConfig):
             if id(module.weight) in done:
                 continue  # the other end of a tie that was already covered
             if not isinstance(module, (nn.Embedding, nn.Linear)):
-                raise UnsupportedModuleError(f"trainable tokens replace rows of an nn.Embedding (or a linear output "
-                                             f"head); {key!r} is a {type(module).__name__}")
+                raise UnsupportedModuleError(
+                    f"trainable tokens replace rows of an nn.Embedding (or a linear output "
+                    f"head); {key!r} is a {type(module).__name__}"
+                )
             rows = module.weight.shape[0]
             if max(self.token_indices) >= rows:
-                raise ConfigError(f"TrainableTokensConfig.token_indices holds {max(self.token_indices)}, but {key!r} "
-                                  f"has {rows} rows")
+                raise ConfigError(
+                    f"TrainableTokensConfig.token_indices holds {max(self.token_indices)}, but {key!r} has {rows} rows"
+                )
             primary = TokenRows(key, module, self.token_indices)
             pieces.append(primary)
             done[id(module.weight)] = primary
@@ -73,8 +82,10 @@ class TrainableTokensConfig(DeltaConfig):
                 if other is module or name != "weight":
                     continue
                 if not self.tie_weights:
-                    raise UnsupportedModuleError(f"{key!r} shares its weight with {path!r} (tied weights); set "
-                                                 "tie_weights=True to train the rows in both, or untie them")
+                    raise UnsupportedModuleError(
+                        f"{key!r} shares its weight with {path!r} (tied weights); set "
+                        "tie_weights=True to train the rows in both, or untie them"
+                    )
                 pieces.append(TiedSwap(primary, path))
         return pieces
 
@@ -88,8 +99,9 @@ class TokenRows(Piece):
         w = module.weight
         if not w.is_floating_point():
             raise UnsupportedModuleError(f"trainable tokens need a floating-point weight at {key!r}, found {w.dtype}")
-        self.register_buffer("token_indices", torch.tensor(list(indices), dtype=torch.long, device=w.device),
-                             persistent=False)
+        self.register_buffer(
+            "token_indices", torch.tensor(list(indices), dtype=torch.long, device=w.device), persistent=False
+        )
         self.trainable_tokens_delta = nn.Parameter(w.detach()[self.token_indices].clone())  # PEFT's name: the values
 
     def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -112,10 +124,16 @@ class TrainableTokensCodec(PeftCodec):
     understood = frozenset({"token_indices", "init_weights", "layers_to_transform", "modules_to_save"})
     suffixes = {".trainable_tokens_delta": "trainable_tokens_delta"}
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-        cfg = TrainableTokensConfig(token_indices=list(peft_config.get("token_indices") or []),
-                                    targets=[exact(s) for s in named], **common)
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+        cfg = TrainableTokensConfig(
+            token_indices=list(peft_config.get("token_indices") or []), targets=[exact(s) for s in named], **common
+        )
         tensors, seen = {}, {}
         embeddings_first = sorted(named, key=lambda k: not isinstance(model.get_submodule(k), nn.Embedding))
         for site in embeddings_first:  # PEFT writes a tied head's rows too: the same values, kept once
@@ -124,8 +142,9 @@ class TrainableTokensCodec(PeftCodec):
             first = seen.setdefault(id(weight), site)
             if first != site:
                 if not torch.equal(ts["trainable_tokens_delta"], named[first]["trainable_tokens_delta"]):
-                    raise DeltaFileError(f"{site!r} and {first!r} share one weight, but the file gives them different "
-                                         "token rows")
+                    raise DeltaFileError(
+                        f"{site!r} and {first!r} share one weight, but the file gives them different token rows"
+                    )
                 continue
             tensors.update({f"{site}.{n}": t for n, t in ts.items()})
         return cfg, tensors
@@ -133,10 +152,16 @@ class TrainableTokensCodec(PeftCodec):
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         own = [p for p in pieces if isinstance(p, TokenRows)]
         # a tied head gets the same rows under its own name, as PEFT writes them
-        tensors = {f"{p.key}.trainable_tokens_delta": getattr(p, "primary", p).trainable_tokens_delta.detach().clone()
-                   for p in pieces}
-        fields = {"peft_type": "TRAINABLE_TOKENS", "token_indices": list(delta.config.token_indices),
-                  "init_weights": True, "target_modules": [p.key for p in own]}
+        tensors = {
+            f"{p.key}.trainable_tokens_delta": getattr(p, "primary", p).trainable_tokens_delta.detach().clone()
+            for p in pieces
+        }
+        fields = {
+            "peft_type": "TRAINABLE_TOKENS",
+            "token_indices": list(delta.config.token_indices),
+            "init_weights": True,
+            "target_modules": [p.key for p in own],
+        }
         return fields, tensors
 
 

@@ -80,14 +80,22 @@ class VectorBank(Piece):
 
 
 class BankLoRA(LowRankDelta):
-
-    def __init__(self, cfg: VBLoRAConfig, key: str, module: nn.Module, dims: tuple[int, int], like: torch.Tensor,
-                 bank: VectorBank) -> None:
+    def __init__(
+        self,
+        cfg: VBLoRAConfig,
+        key: str,
+        module: nn.Module,
+        dims: tuple[int, int],
+        like: torch.Tensor,
+        bank: VectorBank,
+    ) -> None:
         super().__init__(key)
         in_f, out_f = dims
         n, length = cfg.vector_length, cfg.vector_length
         if in_f % length or out_f % length:
-            raise ConfigError(f"VB-LoRA: vector_length {length} must divide {key!r}'s {in_f} inputs and {out_f} outputs")
+            raise ConfigError(
+                f"VB-LoRA: vector_length {length} must divide {key!r}'s {in_f} inputs and {out_f} outputs"
+            )
         kw = {"device": like.device, "dtype": like.dtype}
         std = cfg.init_logits_std
         self.vblora_logits_A = nn.Parameter(torch.randn(cfg.r, in_f // n, cfg.num_vectors, **kw) * std)
@@ -115,9 +123,22 @@ class VBLoRACodec(PeftCodec):
     """PEFT's VBLORA files: the logits per layer and the shared bank."""
 
     peft_type = "VBLORA"
-    understood = frozenset({"r", "num_vectors", "vector_length", "topk", "save_only_topk_weights", "vblora_dropout",
-                            "fan_in_fan_out", "bias", "init_vector_bank_bound", "init_logits_std",
-                            "layers_to_transform", "modules_to_save"})
+    understood = frozenset(
+        {
+            "r",
+            "num_vectors",
+            "vector_length",
+            "topk",
+            "save_only_topk_weights",
+            "vblora_dropout",
+            "fan_in_fan_out",
+            "bias",
+            "init_vector_bank_bound",
+            "init_logits_std",
+            "layers_to_transform",
+            "modules_to_save",
+        }
+    )
     suffixes = {".vblora_logits_A": "vblora_logits_A", ".vblora_logits_B": "vblora_logits_B"}
     shared_keys = frozenset({"base_model." + BANK})
 
@@ -127,24 +148,44 @@ class VBLoRACodec(PeftCodec):
             out.append("save_only_topk_weights=True (integer top-k indices, an inference-only file)")
         return out
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         bank = peft_config.get("__shared__", {}).get("base_model." + BANK)
         if bank is None or bank.dim() != 2:
             raise DeltaFileError("the VB-LoRA file has no vector bank (base_model.vblora_vector_bank [n, length])")
-        cfg = VBLoRAConfig(targets=[exact(s) for s in named], r=int(peft_config.get("r", 4)),
-                           num_vectors=bank.shape[0], vector_length=bank.shape[1], topk=int(peft_config.get("topk", 2)),
-                           dropout=float(peft_config.get("vblora_dropout") or 0.0), **common)
+        cfg = VBLoRAConfig(
+            targets=[exact(s) for s in named],
+            r=int(peft_config.get("r", 4)),
+            num_vectors=bank.shape[0],
+            vector_length=bank.shape[1],
+            topk=int(peft_config.get("topk", 2)),
+            dropout=float(peft_config.get("vblora_dropout") or 0.0),
+            **common,
+        )
         return cfg, {**self.flat(named), f"{BANK}.bank": bank}
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: VBLoRAConfig = delta.config
         layers = [p for p in pieces if isinstance(p, BankLoRA)]
         (bank,) = [p for p in pieces if isinstance(p, VectorBank)]
-        fields = {"peft_type": "VBLORA", "r": cfg.r, "num_vectors": cfg.num_vectors, "vector_length": cfg.vector_length,
-                  "topk": cfg.topk, "save_only_topk_weights": False, "vblora_dropout": cfg.dropout, "bias": "none",
-                  "init_vector_bank_bound": cfg.init_vector_bank_bound, "init_logits_std": cfg.init_logits_std,
-                  **self.tuner_fields(delta, layers)}
+        fields = {
+            "peft_type": "VBLORA",
+            "r": cfg.r,
+            "num_vectors": cfg.num_vectors,
+            "vector_length": cfg.vector_length,
+            "topk": cfg.topk,
+            "save_only_topk_weights": False,
+            "vblora_dropout": cfg.dropout,
+            "bias": "none",
+            "init_vector_bank_bound": cfg.init_vector_bank_bound,
+            "init_logits_std": cfg.init_logits_std,
+            **self.tuner_fields(delta, layers),
+        }
         return fields, {**self.piece_tensors(layers), BANK: bank.bank.detach().contiguous()}
 
     def file_key(self, key: str) -> str:

@@ -60,18 +60,31 @@ class VeRAConfig(DeltaConfig):
         for key in sites:
             module = linear_layer(model, key, "VeRA", "adapts")
             dims[key] = layer_dims(model, module, key)
-        a, b = projections(self.r, max(i for i, _ in dims.values()), max(o for _, o in dims.values()),
-                           self.projection_prng_key)
-        return [VeRALinear(self, key, model.get_submodule(key), dims[key], a, b, layer_like(model, key, model.get_submodule(key)))
-                for key in sites]
+        a, b = projections(
+            self.r, max(i for i, _ in dims.values()), max(o for _, o in dims.values()), self.projection_prng_key
+        )
+        return [
+            VeRALinear(
+                self, key, model.get_submodule(key), dims[key], a, b, layer_like(model, key, model.get_submodule(key))
+            )
+            for key in sites
+        ]
 
 
 class VeRALinear(Piece):
     hooks = frozenset({"post"})
     additive = True
 
-    def __init__(self, cfg: VeRAConfig, key: str, module: nn.Module, dims: tuple[int, int], a: torch.Tensor,
-                 b: torch.Tensor, like: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg: VeRAConfig,
+        key: str,
+        module: nn.Module,
+        dims: tuple[int, int],
+        a: torch.Tensor,
+        b: torch.Tensor,
+        like: torch.Tensor,
+    ) -> None:
         super().__init__(key)
         in_f, out_f = dims
         if not like.is_floating_point():
@@ -96,7 +109,8 @@ class VeRALinear(Piece):
 
     def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
         dw = (self.vera_lambda_b.float()[:, None] * self.vera_B.float()) @ (
-            self.vera_lambda_d.float()[:, None] * self.vera_A.float())
+            self.vera_lambda_d.float()[:, None] * self.vera_A.float()
+        )
         return {"weight": dw.T if self.conv1d else dw}
 
     def describe(self) -> str:
@@ -108,43 +122,85 @@ class VeRACodec(PeftCodec):
     (base_model.vera_A / vera_B, written when save_projection) must equal the seed's."""
 
     peft_type = "VERA"
-    understood = frozenset({"r", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
-                            "fan_in_fan_out", "layers_to_transform", "modules_to_save", "init_weights", "bias"})
+    understood = frozenset(
+        {
+            "r",
+            "projection_prng_key",
+            "save_projection",
+            "vera_dropout",
+            "d_initial",
+            "fan_in_fan_out",
+            "layers_to_transform",
+            "modules_to_save",
+            "init_weights",
+            "bias",
+        }
+    )
     suffixes = {".vera_lambda_b": "vera_lambda_b", ".vera_lambda_d": "vera_lambda_d"}
     shared_keys = frozenset({"base_model.vera_A", "base_model.vera_B"})
 
     def refuse(self, peft_config: dict[str, Any]) -> list[str]:
         return self.refuse_bias(peft_config)
 
-    def to_config(self, model: nn.Module, peft_config: dict[str, Any], named: dict[str, dict[str, torch.Tensor]],
-                  common: dict[str, Any]) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
+    def to_config(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, Any],
+        named: dict[str, dict[str, torch.Tensor]],
+        common: dict[str, Any],
+    ) -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
         try:
-            cfg = VeRAConfig(r=int(peft_config.get("r", 256)), projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
-                             d_initial=float(peft_config.get("d_initial", 0.1)),
-                             dropout=float(peft_config.get("vera_dropout") or 0.0), targets=[exact(s) for s in named], **common)
+            cfg = VeRAConfig(
+                r=int(peft_config.get("r", 256)),
+                projection_prng_key=int(peft_config.get("projection_prng_key", 0)),
+                d_initial=float(peft_config.get("d_initial", 0.1)),
+                dropout=float(peft_config.get("vera_dropout") or 0.0),
+                targets=[exact(s) for s in named],
+                **common,
+            )
         except ConfigError as exc:
             raise DeltaFileError(f"PEFT's VeRA config does not fit: {exc}") from None
         shared = peft_config.get("__shared__", {})
         if len(shared) == 1:
             raise DeltaFileError(f"the VeRA file holds {sorted(shared)[0]} without its partner projection")
         if shared:  # the file's projections must be the ones the seed gives, or the adapter means something else
-            a, b = projections(cfg.r, shared["base_model.vera_A"].shape[1], shared["base_model.vera_B"].shape[0],
-                               cfg.projection_prng_key)
-            if not (torch.equal(a, shared["base_model.vera_A"].float()) and torch.equal(b, shared["base_model.vera_B"].float())):
-                raise DeltaFileError("the VeRA file's saved projections (vera_A / vera_B) differ from the ones its "
-                                     f"projection_prng_key={cfg.projection_prng_key} gives; hookdelta regenerates them "
-                                     "from the key, so it cannot load this file")
+            a, b = projections(
+                cfg.r,
+                shared["base_model.vera_A"].shape[1],
+                shared["base_model.vera_B"].shape[0],
+                cfg.projection_prng_key,
+            )
+            if not (
+                torch.equal(a, shared["base_model.vera_A"].float())
+                and torch.equal(b, shared["base_model.vera_B"].float())
+            ):
+                raise DeltaFileError(
+                    "the VeRA file's saved projections (vera_A / vera_B) differ from the ones its "
+                    f"projection_prng_key={cfg.projection_prng_key} gives; hookdelta regenerates them "
+                    "from the key, so it cannot load this file"
+                )
         return cfg, self.flat(named)
 
     def from_delta(self, delta: Any, pieces: list[Piece]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg: VeRAConfig = delta.config
         tensors = self.piece_tensors(pieces)
-        a, b = projections(cfg.r, max(p.vera_A.shape[1] for p in pieces), max(p.vera_B.shape[0] for p in pieces),
-                           cfg.projection_prng_key)
+        a, b = projections(
+            cfg.r,
+            max(p.vera_A.shape[1] for p in pieces),
+            max(p.vera_B.shape[0] for p in pieces),
+            cfg.projection_prng_key,
+        )
         tensors.update({"vera_A": a, "vera_B": b})  # PEFT's save_projection=True, its default
-        fields = {"peft_type": "VERA", "r": cfg.r, "projection_prng_key": cfg.projection_prng_key,
-                  "save_projection": True, "vera_dropout": cfg.dropout, "d_initial": cfg.d_initial, "bias": "none",
-                  **self.tuner_fields(delta, pieces)}
+        fields = {
+            "peft_type": "VERA",
+            "r": cfg.r,
+            "projection_prng_key": cfg.projection_prng_key,
+            "save_projection": True,
+            "vera_dropout": cfg.dropout,
+            "d_initial": cfg.d_initial,
+            "bias": "none",
+            **self.tuner_fields(delta, pieces),
+        }
         return fields, tensors
 
     def file_key(self, key: str) -> str:

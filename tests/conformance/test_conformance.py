@@ -80,7 +80,7 @@ def grads(delta):
 
 
 def close(a, b, dtype=torch.float32):
-    tol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2 ** -7, 2 ** -7), torch.float16: (2 ** -10, 2 ** -10)}[dtype]
+    tol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2**-7, 2**-7), torch.float16: (2**-10, 2**-10)}[dtype]
     torch.testing.assert_close(a, b, rtol=tol[0], atol=tol[1])
 
 
@@ -94,8 +94,11 @@ def by_hand_lora64(model, delta, inputs):
     with torch.no_grad():
         for piece in delta.pieces.values():
             owner, _, name = piece.key.rpartition(".")
-            holder, name = (ref.get_submodule(owner), name) if "." in piece.key and not _is_module(ref, piece.key) \
+            holder, name = (
+                (ref.get_submodule(owner), name)
+                if "." in piece.key and not _is_module(ref, piece.key)
                 else (ref.get_submodule(piece.key), "weight")
+            )
             getattr(holder, name).add_(float(piece.scale) * piece.lora_B.double() @ piece.lora_A.double())
         return main_output(ref(**inputs))
 
@@ -110,9 +113,13 @@ def _is_module(model, path):
 
 # -- optimizer writes, then eval: nothing derived outlives the step ----------------------------
 
+
 def _adamw(kind):
     def make(params):
-        return torch.optim.AdamW(params, lr=1e-2, **({"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}))
+        return torch.optim.AdamW(
+            params, lr=1e-2, **({"fused": True} if kind == "fused" else {"foreach": kind == "foreach"})
+        )
+
     return make
 
 
@@ -125,6 +132,7 @@ def _data_write(params):
         def zero_grad(self):
             for p in params:
                 p.grad = None
+
     return EMA()
 
 
@@ -136,8 +144,14 @@ def _bnb8(params):
         pytest.skip(f"bitsandbytes' 8-bit AdamW does not run here: {e}")
 
 
-OPTIMIZERS = {"adamw-fused": _adamw("fused"), "adamw-foreach": _adamw("foreach"), "adamw-loop": _adamw("loop"),
-              "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05), "data-write": _data_write, "bnb-8bit": _bnb8}
+OPTIMIZERS = {
+    "adamw-fused": _adamw("fused"),
+    "adamw-foreach": _adamw("foreach"),
+    "adamw-loop": _adamw("loop"),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "data-write": _data_write,
+    "bnb-8bit": _bnb8,
+}
 
 
 def _train_then_eval(name, optimizer, plain):
@@ -174,8 +188,9 @@ class _nothing:
 
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-@pytest.mark.parametrize("name", ["lora", "lora-bias", "pissa", "dora", "vera", "oft", "experts-grouped",
-                                  "experts-eager"])
+@pytest.mark.parametrize(
+    "name", ["lora", "lora-bias", "pissa", "dora", "vera", "oft", "experts-grouped", "experts-eager"]
+)
 def test_eval_after_optimizer_writes_equals_the_plain_path(name, optimizer):
     model, inputs, delta, losses, evals = _train_then_eval(name, optimizer, plain=False)
     _, _, delta_p, losses_p, evals_p = _train_then_eval(name, optimizer, plain=True)
@@ -188,31 +203,44 @@ def test_eval_after_optimizer_writes_equals_the_plain_path(name, optimizer):
         # state rounds each entry to one of 256 levels, so there a few levels (2⁻⁵ of a step, 2⁻⁷ of scale)
         eight = optimizer == "bnb-8bit"
         for got, want in zip(losses + evals, losses_p + evals_p, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=(2 ** -7 if eight else 1e-4) * want.abs().max().item())
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=(2**-7 if eight else 1e-4) * want.abs().max().item())
         for (_, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=0, atol=3 * 1e-2 * (2 ** -5 if eight else 1e-2))
+            torch.testing.assert_close(p, q, rtol=0, atol=3 * 1e-2 * (2**-5 if eight else 1e-2))
     else:
         for got, want in zip(losses + evals, losses_p + evals_p, strict=True):
             close(got, want)
         for (_, p), (_, q) in zip(delta.named_parameters(), delta_p.named_parameters(), strict=True):
             close(p, q)
-    if name in ("lora", "experts-grouped", "experts-eager"):  # and the formula itself, in float64, at the trained factors
+    if name in (
+        "lora",
+        "experts-grouped",
+        "experts-eager",
+    ):  # and the formula itself, in float64, at the trained factors
         with torch.no_grad():
-            torch.testing.assert_close(main_output(model(**inputs)).double(), by_hand_lora64(model, delta, inputs),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                main_output(model(**inputs)).double(), by_hand_lora64(model, delta, inputs), rtol=1e-4, atol=1e-5
+            )
 
 
 # -- checkpointing: plain (reentrant or not) and selective, with several save lists -------------
 
+
 def _policy(saved):
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 MM, ADDMM = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
-CHECKPOINTS = {"reentrant": None, "non-reentrant": None, "sac-mm": {MM}, "sac-mm-addmm": {MM, ADDMM},
-               "sac-nothing": set(), "sac-bmm": {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}}
+CHECKPOINTS = {
+    "reentrant": None,
+    "non-reentrant": None,
+    "sac-mm": {MM},
+    "sac-mm-addmm": {MM, ADDMM},
+    "sac-nothing": set(),
+    "sac-bmm": {torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default},
+}
 
 
 def _checkpointed_grads(name, how, plain):
@@ -226,8 +254,12 @@ def _checkpointed_grads(name, how, plain):
             loss = loss_of(model, inputs)
         else:
             embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
-            out = checkpoint(lambda e: model(inputs_embeds=e).logits, embeds, use_reentrant=False,
-                             context_fn=_policy(CHECKPOINTS[how]))
+            out = checkpoint(
+                lambda e: model(inputs_embeds=e).logits,
+                embeds,
+                use_reentrant=False,
+                context_fn=_policy(CHECKPOINTS[how]),
+            )
             loss = out.float().square().mean()
         loss.backward()
     return loss.detach(), grads(delta)
@@ -246,14 +278,17 @@ def test_checkpointing_gives_the_gradients_of_the_plain_uncheckpointed_path(name
 
 # -- functorch: grad / vmap / jvp over functional_call ------------------------------------------
 
+
 def _holder(name):
     torch.manual_seed(1)
     model = Holder(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)))
-    cfg = {"lora": hd.LoRAConfig(r=3, alpha=6, targets="all-linear"),
-           "lora-bias": hd.LoRAConfig(r=3, alpha=6, bias="lora_only", targets="all-linear"),
-           "dora": hd.LoRAConfig(r=3, alpha=6, use_dora=True, targets="all-linear"),
-           "ia3": hd.IA3Config(targets="all-linear", feedforward_targets=["layer.2"]),
-           "vera": hd.VeRAConfig(r=4, targets="all-linear")}[name]
+    cfg = {
+        "lora": hd.LoRAConfig(r=3, alpha=6, targets="all-linear"),
+        "lora-bias": hd.LoRAConfig(r=3, alpha=6, bias="lora_only", targets="all-linear"),
+        "dora": hd.LoRAConfig(r=3, alpha=6, use_dora=True, targets="all-linear"),
+        "ia3": hd.IA3Config(targets="all-linear", feedforward_targets=["layer.2"]),
+        "vera": hd.VeRAConfig(r=4, targets="all-linear"),
+    }[name]
     delta = hd.attach(model, cfg)
     perturb(delta, std=0.2)
     model(torch.randn(2, 6))
@@ -317,6 +352,7 @@ def test_vmap_over_stacked_adapter_parameters_equals_each_adapter_alone():
 
 # -- torch.compile ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["lora", "dora", "ia3", "experts-grouped", "experts-eager", *CATALOGUE])
 @pytest.mark.parametrize("grad", [False, True])
 def test_compiled_with_the_eager_backend_equals_the_plain_path(name, grad):
@@ -351,6 +387,7 @@ def test_compiled_with_inductor_trains_like_the_plain_path():
 
 # -- half precision: models in bf16 / fp16, and bf16 autocast -----------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["lora", "lora-bias", "pissa", "dora", "ia3", "oft", "vera", *EXPERTS])
 def test_half_models_fast_equals_plain(name, dtype):
@@ -382,6 +419,7 @@ def test_bf16_autocast_fast_equals_plain(name):
 
 # -- copies and state dicts -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["lora", "pissa", "dora", "oft"])
 def test_a_deepcopy_and_a_state_dict_round_trip_compute_what_the_original_does(name):
     model, inputs, delta = subject(name)
@@ -400,6 +438,7 @@ def test_a_deepcopy_and_a_state_dict_round_trip_compute_what_the_original_does(n
 
 
 # -- model edits after attach ---------------------------------------------------------------------
+
 
 def test_a_module_replaced_after_attach_is_refused_at_the_next_forward():
     model, inputs, delta = subject("lora")
@@ -438,6 +477,7 @@ def test_moving_the_model_to_another_dtype_after_attach_moves_the_delta_with_it(
 
 
 # -- the routed gather-bmm ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
 def test_routed_rows_equal_the_plain_row_by_row_path_after_optimizer_writes(mode):
@@ -520,10 +560,12 @@ def test_every_input_shape_a_linear_layer_takes_gives_what_a_batch_of_it_gives(n
 
 # -- an interrupt inside forward ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("first", [True, False], ids=["first forward", "later forward"])
 @pytest.mark.parametrize("name", ["lora", "dora", "ia3", "adapter"])
 def test_a_keyboard_interrupt_inside_forward_leaves_the_model_as_it_was(name, first):
     import threading
+
     model, inputs, _ = build("llama")
     delta = hd.attach(model, SUBJECTS[name](), name=name)
     perturb(delta, std=0.1)
