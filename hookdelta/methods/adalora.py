@@ -91,7 +91,7 @@ class SVDLoRA(LowRankDelta):
         super().__init__(key)
         in_f, out_f = dims
         r = self.r = pattern_value(cfg.rank_pattern, key, cfg.init_r)
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.lora_A = nn.Parameter(nn.init.normal_(torch.empty(r, in_f), std=0.02).to(**kw))
         self.lora_B = nn.Parameter(nn.init.normal_(torch.empty(out_f, r), std=0.02).to(**kw))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))

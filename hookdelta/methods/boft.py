@@ -122,7 +122,7 @@ class Butterfly(Piece):
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"BOFT needs a floating-point weight at {key!r}, found {like.dtype}")
         m = cfg.boft_n_butterfly_factor
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.boft_R = nn.Parameter(torch.zeros(m, blocks, size, size, **kw))
         self.boft_s = nn.Parameter(torch.ones(out_f, 1, **kw))
         perms = torch.stack([butterfly_perm(in_f, blocks // 2**i, size // 2, m - 1) for i in range(m)])

@@ -54,7 +54,7 @@ class PHMLinear(nn.Module):
     ) -> None:
         super().__init__()
         p, q = in_features // n, out_features // n
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if rule is None:
             self.rule = _rule(n, like)
         else:  # a plain reference: the shared piece owns (and saves) the tensor

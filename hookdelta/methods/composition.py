@@ -227,7 +227,7 @@ class FusePiece(BlockPiece):
         self, site: str, parts: list[tuple[Any, Piece]], width: int, like: torch.Tensor, temperature: float
     ) -> None:
         super().__init__(site, parts)
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.query, self.key_proj, self.value = (nn.Linear(width, width, **kw) for _ in range(3))
         with torch.no_grad():
             for layer in (self.query, self.key_proj):  # AdapterHub's init: N(0, 0.02), zero bias

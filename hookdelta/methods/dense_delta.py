@@ -97,7 +97,7 @@ class DenseDelta(Piece):
         self.conv1d = is_conv1d(module)
         self.linear = len(self.shape) == 2
         like = layer_like(model, key, module)  # where and in what dtype the layer computes
-        self.kw = {"device": like.device, "dtype": like.dtype}
+        self.kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if ranked:  # (r and alpha / r: LoHa, LoKr; methods without a rank set their own scale)
             self.r, self.scale = rank_and_scale(cfg, key)
 

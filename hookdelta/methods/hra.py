@@ -65,7 +65,7 @@ class Reflections(Piece):
 
     def __init__(self, cfg: HRAConfig, key: str, module: nn.Module, in_f: int, like: torch.Tensor) -> None:
         super().__init__(key)
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if cfg.init_weights and cfg.r % 2 == 0:
             u = torch.repeat_interleave(kaiming_(torch.zeros(in_f, cfg.r // 2)), 2, dim=1)
         else:

@@ -98,7 +98,7 @@ class InterconnectedLoRA(Piece):
     ) -> None:
         super().__init__(key)
         in_f, out_f = dims
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.r, self.num_b, self.scale = cfg.r, cfg.num_B, cfg.scaling
         if owner_a is None:
             self.lily_A = nn.Parameter(kaiming_(torch.empty(cfg.r, in_f, **kw)))

@@ -89,7 +89,7 @@ class GatedPrompt(Piece):
                 "again for the adapter term; not built for such models"
             )
         width = attn.c_attn.weight.shape[0] if self.gpt2 else attn.q_proj.in_features
-        kw = {
+        kw: dict[str, Any] = {
             "device": proj.weight.device,
             "dtype": proj.weight.dtype if proj.weight.is_floating_point() else torch.float32,
         }

@@ -45,7 +45,7 @@ class _LoRABase(Piece):
         self.weight_path_exact = not self.p  # dropout acts on the input: no weight can express it
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"LoRA needs a floating-point weight at {key!r}, found {like.dtype}")
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.lora_A = nn.Parameter(torch.empty(*a_shape, **kw))
         self.lora_B = nn.Parameter(torch.zeros(*b_shape, **kw))
         if cfg.init != "default" and cfg.init != "gaussian" and not isinstance(self, LoRALinear):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ class LowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, like: torch.Tensor, zero: bool = False) -> None:
         super().__init__()
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         self.A = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-1, 1).mul_(1 / math.sqrt(in_features)))
         self.B = nn.Parameter(
             torch.zeros(out_features, rank, **kw)

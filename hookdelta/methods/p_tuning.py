@@ -68,7 +68,7 @@ class EncodedPrompt(SoftPrompt):
         super().__init__(key, site_path, None, embedding, pad_labels, cache_arg)
         vocab = embedding.weight.detach()
         dim, width, count = vocab.shape[1], cfg.encoder_hidden_size or vocab.shape[1], cfg.num_virtual_tokens
-        kw = {"device": vocab.device, "dtype": vocab.dtype}
+        kw: dict[str, Any] = {"device": vocab.device, "dtype": vocab.dtype}
         start = vocab_rows(vocab, count) if cfg.init == "from_vocab" else torch.randn(count, dim, **kw)
         self.prompt_embedding = nn.Parameter(start)
         self.kind = cfg.encoder

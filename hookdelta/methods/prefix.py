@@ -82,7 +82,7 @@ class Prefix(Piece):
         super().__init__(site_path, key)
         self.layers, self.kv_heads, self.head_dim = shape
         width = self.layers * 2 * self.kv_heads * self.head_dim
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if projection is None:
             self.embedding = nn.Parameter(torch.empty(tokens, width, **kw))  # filled by the config's init
             self.mlp = None

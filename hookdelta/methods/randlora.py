@@ -120,7 +120,7 @@ class ScaledBases(LowRankDelta):
         self.in_f, self.out_f = dims
         small, big = min(dims), max(dims)
         n = self.n_bases = math.ceil(small / cfg.r)
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if cfg.init_weights:
             lam, gamma = torch.zeros(cfg.r, n, **kw), torch.full((n, small), 1 / max(n, small), **kw)
         else:

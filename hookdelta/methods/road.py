@@ -62,7 +62,7 @@ class PlaneRotation(Piece):
     def __init__(self, cfg: RoAdConfig, key: str, module: nn.Module, out_f: int, like: torch.Tensor) -> None:
         super().__init__(key)
         size = int(out_f * SIZES[cfg.variant])
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         if cfg.init_weights:
             theta, alpha = torch.zeros(size, **kw), torch.ones(size, **kw)
         else:

@@ -96,7 +96,7 @@ class BankLoRA(LowRankDelta):
             raise ConfigError(
                 f"VB-LoRA: vector_length {length} must divide {key!r}'s {in_f} inputs and {out_f} outputs"
             )
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         std = cfg.init_logits_std
         self.vblora_logits_A = nn.Parameter(torch.randn(cfg.r, in_f // n, cfg.num_vectors, **kw) * std)
         self.vblora_logits_B = nn.Parameter(torch.randn(out_f // n, cfg.r, cfg.num_vectors, **kw) * std)

@@ -89,7 +89,7 @@ class VeRALinear(Piece):
         in_f, out_f = dims
         if not like.is_floating_point():
             raise UnsupportedModuleError(f"VeRA needs a floating-point weight at {key!r}, found {like.dtype}")
-        kw = {"device": like.device, "dtype": like.dtype}
+        kw: dict[str, Any] = {"device": like.device, "dtype": like.dtype}
         # frozen and not saved: regenerated from the seed (each piece holds its slice)
         self.register_buffer("vera_A", a[:, :in_f].to(**kw), persistent=False)
         self.register_buffer("vera_B", b[:out_f, :].to(**kw), persistent=False)
