@@ -3,7 +3,7 @@
 Each is looked up once, when first needed; where a release no longer has it, the feature that
 needs it refuses with a `HookdeltaError` naming the release, instead of failing somewhere deep.
 (torch's `nn.Module` internals, `_parameters`, `_modules`, `_forward_hooks` and the like, are the
-module protocol that accelerate and PEFT rely on too; the README's compatibility section lists
+module protocol that accelerate and PEFT rely on too; docs/guides/compatibility.md lists
 them with the rest.)
 """
 
@@ -44,7 +44,7 @@ def bnb_cpu_unpack() -> Callable[..., Any]:
             f"this 4-bit weight was repacked by bitsandbytes {package_version('bitsandbytes')} for CPU inference, and "
             f"that release has no {BNB_CPU_UNPACK.rpartition('.')[2]} to read it back; attach deltas before the first "
             "inference forward (hookdelta then holds the repacking off), or use a bitsandbytes release hookdelta "
-            "is tested with (README, Compatibility)"
+            "is tested with (docs/guides/compatibility.md)"
         )
     return found
 

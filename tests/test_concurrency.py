@@ -1,6 +1,6 @@
 """Threads and training-time hazards.
 
-Policy (README, "Threads"): forward passes from several threads at once are fine and give the
+Policy (docs/guides/errors.md, "Threads"): forward passes from several threads at once are fine and give the
 single-threaded outputs; a delta change (attach / detach / enable / disable / merge / unmerge /
 set_active) while another thread is inside a forward of the model is refused with
 DeltaStateError, and a forward that starts during a change waits for it to finish. Under

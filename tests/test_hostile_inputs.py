@@ -1,6 +1,6 @@
 """Hostile and broken inputs: each gets exactly one clear exception of the documented type, the
 model stays bit-identical (tensors, flags, hooks, keys) and the files on disk are not touched.
-The README's "When something is wrong" table lists the same cases."""
+The "When something is wrong" guide's table (docs/guides/errors.md) lists the same cases."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 and a mixture-of-experts model (Mixtral's layout, built from a config: no MoE model installs from
 PyPI). The picker in headless Chromium: a folded block and a role clicked, the page's numbers
 against hd.match and a real attach of the returned config. The report of a briefly trained LoRA,
-opened in the browser; screenshots go to .artifacts/ (the README's come from these)."""
+opened in the browser; screenshots go to .artifacts/ (the README's and docs/img's come from these)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A method added the way the README says, entirely in one file (here), with no edit to the
+"""A method added the way docs/guides/layout.md says, entirely in one file (here), with no edit to the
 library: a learned per-output scale on linear layers, y' = (1 + s) ⊙ y. Everything the
 library offers must then work for it: default positions from roles, attach / disable /
 detach, merge / unmerge, save / load, visualize. The references are the manual formula and
