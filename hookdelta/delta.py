@@ -10,7 +10,7 @@ import copy
 import functools
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,10 @@ class Delta(nn.Module):
     exactly its trainable tensors and it moves with the model. Use it as a context
     manager to detach on exit, even on error.
     """
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(
         self, name: str, config: DeltaConfig, pieces: list[Piece], sites: list[str], also_train: list[str]

@@ -17,7 +17,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -65,6 +65,10 @@ class Piece(nn.Module):
     refuses that (prompts change the sequence length), and a piece whose effect is a low-rank
     term s·B·A·x says so in `lowrank()` so the rows of many deltas share one gathered matmul.
     """
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     hooks: frozenset[str] = frozenset()
     swaps: tuple[str, ...] = ()

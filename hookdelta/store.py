@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,10 @@ from .shared_input import new_forward
 
 class DeltaStore(nn.Module):
     """The reserved child (`model._hookdelta`) that holds every delta of one model."""
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     hookdelta_internal = True  # its root hooks are hookdelta's own (engine.is_ours)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,10 @@ class SharedRule(Piece):
 
 class PHMLinear(nn.Module):
     """y = x·W + b with W = Σᵢ kron(Aᵢ, Bᵢ), Bᵢ = sᵢ·tᵢ (or a full Bᵢ when not factorized)."""
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(
         self,

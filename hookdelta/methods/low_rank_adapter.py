@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -17,6 +17,10 @@ from .adapter import BottleneckConfig
 
 class LowRankLinear(nn.Module):
     """y = x·Aᵀ·Bᵀ + b with A [rank, in] and B [out, rank]; `zero` starts B (and b) at zero."""
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, in_features: int, out_features: int, rank: int, like: torch.Tensor, zero: bool = False) -> None:
         super().__init__()

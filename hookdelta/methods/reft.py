@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -116,6 +116,10 @@ class DiReFTConfig(LoReFTConfig):
 
 class Rotation(nn.Module):
     """R as pyreft's LowRankRotateLayer: weight [d, r] (R = weightᵀ), orthogonally initialised."""
+
+    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, d: int, r: int, like: torch.Tensor) -> None:
         super().__init__()
