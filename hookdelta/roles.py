@@ -221,7 +221,7 @@ def _fused_experts(
     `is_transposed`) as ffn.in / ffn.out parameter paths, by name and else by which side reads the
     width; routers that are no linear layer (a 2-D weight [experts, width]) as moe.router
     parameter paths. Returns the mixture blocks (relative paths): the parents of the experts."""
-    mixtures: list[str] = []
+    mixtures: list[tuple[str, str]] = []  # (the mixture block, its experts module), relative paths
     for rel, module in members_by_rel.items():
         if not rel or any(_ATTN.search(p) for p in rel.lower().split(".")):
             continue  # (experts inside attention, JetMoE's mixture of attention heads, are no feed-forward)
@@ -243,7 +243,7 @@ def _fused_experts(
             if named is not None:
                 out[named].append(f"{block}.{rel}.{name}")
         parent = rel.rpartition(".")[0]
-        if parent not in mixtures:
+        if all(parent != m for m, _ in mixtures):  # (one mixture block, however many experts modules)
             mixtures.append((parent, rel))
     for mixture, experts_rel in mixtures:
         inside = [

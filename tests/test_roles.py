@@ -478,3 +478,27 @@ def test_blocks_that_are_plain_sequentials_get_roles_and_take_deltas():
     assert not torch.allclose(model(x), bare)
     delta.detach()
     assert_restored(model, snap)
+
+
+def test_a_mixture_block_with_two_expert_modules_is_one_mixture_with_one_router():
+    """Found by mypy (issue 31): the check that a mixture block was already recorded compared a
+    path with (path, experts) pairs, so it never matched, and a block holding two fused-expert
+    modules was scanned twice (its router listed twice before roles() removed the repeat)."""
+    from collections import defaultdict
+
+    from hookdelta.roles import _fused_experts
+
+    def experts() -> nn.Module:
+        m = nn.Module()
+        m.gate_up_proj = nn.Parameter(torch.zeros(4, 32, 16))
+        m.down_proj = nn.Parameter(torch.zeros(4, 16, 32))
+        return m
+
+    router = nn.Module()
+    router.weight = nn.Parameter(torch.zeros(4, 16))
+    members = {"mlp": nn.Module(), "mlp.experts_a": experts(), "mlp.experts_b": experts(), "mlp.gate": router}
+    out: dict[str, list[str]] = defaultdict(list)
+    mixtures = _fused_experts("layers.0", members, {4}, 16, out)
+    assert mixtures == ["mlp"]
+    assert out["moe.router"] == ["layers.0.mlp.gate.weight"]
+    assert sorted(out["ffn.in"]) == ["layers.0.mlp.experts_a.gate_up_proj", "layers.0.mlp.experts_b.gate_up_proj"]
