@@ -376,6 +376,7 @@ class Delta(nn.Module):
                 self.also_train,
                 freeze_base=False,
                 tensors={k: t.to(dtype) for k, t in tensors.items()},
+                checked=True,  # (this delta's own tensors: no file to check against its config)
             )
             twin.merge_and_detach()
         return clone

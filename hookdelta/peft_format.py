@@ -13,7 +13,6 @@ prompt tuning) in hookdelta/methods/.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -58,12 +57,7 @@ _HARMLESS = {
 }
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_int, _number = untrusted.is_int, untrusted.is_number
 
 
 def _names(v: Any) -> bool:

@@ -207,10 +207,6 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_types(meta: dict[str, Any], path: Any) -> None:
     """Every field of delta.json has the type a save writes (the file is untrusted)."""
 
@@ -237,7 +233,7 @@ def _check_types(meta: dict[str, Any], path: Any) -> None:
         "base_shapes": lambda v: mapping(
             v, lambda x: isinstance(x, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in x)
         ),
-        "fingerprint": lambda v: mapping(v, _is_number),
+        "fingerprint": lambda v: mapping(v, untrusted.is_number),
         "save_id": lambda v: isinstance(v, str),
         "delta_id": lambda v: isinstance(v, str),
         "backbone": lambda v: isinstance(v, str),

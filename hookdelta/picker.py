@@ -31,9 +31,11 @@ import torch.nn as nn
 
 from .config import DeltaConfig, exact
 from .errors import ConfigError, HookdeltaError
-from .modules import block_index, host
+from .modules import block_index
 from .roles import roles
 from .selection import _hits, output_head_paths
+from .store import check_model
+from .untrusted import Plan
 from .visualize import _Builder, _join
 
 # methods offered in the page: those that adapt layers in place ("dora" is LoRA with use_dora)
@@ -72,7 +74,7 @@ class Picker:
     """The selection on one model for one method and rank, and what follows from it."""
 
     def __init__(self, model: nn.Module, method: str = "lora", r: int = 8) -> None:
-        self.model = host(model)
+        self.model = check_model(model)  # (a clear refusal for what is not a model)
         self.names = [n for n, _ in self.model.named_modules()]
         self.roles = roles(self.model)
         self.heads = output_head_paths(self.model)
@@ -296,14 +298,13 @@ class Picker:
         return out
 
     def _count(self, cfg: DeltaConfig) -> int:
-        """The trainable parameters `cfg` would add: its pieces built (not attached) with the
-        random state put back afterwards, so picking changes nothing in the model or the seed."""
+        """The trainable parameters `cfg` would add, from the delta built on a meta copy of the
+        model (untrusted.Plan: nothing allocated, nothing attached; the random state is put back,
+        so picking changes nothing in the model or the seed)."""
         key = ("count", cfg.to_json())
         if key not in self.cache:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                pieces = cfg.build(self.model, cfg.select(self.model))
-            unique = {id(t): t for piece in pieces for t in piece.parameters() if t.requires_grad}
-            self.cache[key] = sum(t.numel() for t in unique.values())
+            with torch.random.fork_rng(devices=[]):
+                self.cache[key] = Plan(self.model, cfg, cfg.select(self.model), []).trainable
         return self.cache[key]
 
     def state(self) -> dict[str, Any]:

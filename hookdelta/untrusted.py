@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import DeltaFileError
+from .errors import DeltaFileError, HookdeltaError
 from .modules import is_internal
 from .sharding import shape
 
@@ -191,8 +192,8 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 class Plan:
     """The tensors a delta will hold, from a build on a meta copy of the model (nothing allocated):
-    `saved` (its state, what a file holds: key -> shape) and `bytes` (everything it allocates,
-    its regenerated buffers included)."""
+    `saved` (its state, what a file holds: key -> shape), `bytes` (everything it allocates, its
+    regenerated buffers included) and `trainable` (the numbers an optimizer will update)."""
 
     def __init__(self, model: nn.Module, config: Any, sites: list[str], train: list[str]) -> None:
         from . import inits
@@ -200,8 +201,15 @@ class Plan:
         from .placement import dry_run
 
         shadow = meta_copy(model)
-        with torch.device("meta"), dry_run(), inits.loading(), torch.no_grad():
-            pieces = config.build(shadow, sites) + build_copies(shadow, train, tie=config.tie_also_train)
+        try:
+            with torch.device("meta"), dry_run(), inits.loading(), torch.no_grad():
+                pieces = config.build(shadow, sites) + build_copies(shadow, train, tie=config.tie_also_train)
+        except HookdeltaError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (a method's build on layers it was not written for: refuse, by name)
+            raise DeltaFileError(
+                f"the {config.method} delta described cannot be built on this model: {type(exc).__name__}: {exc}"
+            ) from exc
         self.config = config
         self.saved: dict[str, tuple[int, ...]] = {}
         every: dict[int, torch.Tensor] = {}
@@ -209,8 +217,8 @@ class Plan:
             for name, t in piece.state_dict(keep_vars=True).items():
                 self.saved[f"{piece.key}.{name}"] = tuple(t.shape)
             every.update({id(t): t for t in list(piece.parameters()) + list(piece.buffers())})
-            every.update({id(t): t for t in piece.state_dict(keep_vars=True).values()})
         self.bytes = sum(t.numel() * t.element_size() for t in every.values())
+        self.trainable = sum(t.numel() for t in every.values() if isinstance(t, nn.Parameter) and t.requires_grad)
 
     def check(self, found: Mapping[str, Sequence[int]], where: Any, max_bytes: int | None = None) -> None:
         """The file's tensors (key -> shape) are exactly the saved state the config builds, and
@@ -249,6 +257,16 @@ def _because(config: Any, want: tuple[int, ...], got: tuple[int, ...]) -> str:
         if isinstance(value, int) and not isinstance(value, bool) and value in odd
     ]
     return f" (from {', '.join(named)})" if named else ""
+
+
+def is_int(v: Any) -> bool:
+    """A whole number as JSON has it (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite number as JSON has it (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def header(path: str | os.PathLike) -> dict[str, list[int]]:

@@ -385,3 +385,10 @@ def test_the_server_refuses_other_hosts_and_bad_requests_and_keeps_answering():
         status, text = ask("POST", "/act", b'{"op": "toggle", "path": "role:attn.q"}')
         assert json.loads(text)["selector"] == "targets=['attn.q']"
         assert not session.server.done.is_set()  # none of it ended the session
+
+
+def test_pick_refuses_what_is_not_a_model():
+    from hookdelta.picker import Picker
+
+    with pytest.raises(hd.UnsupportedModuleError, match="torch.nn.Module"):
+        Picker("model.safetensors")

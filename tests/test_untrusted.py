@@ -218,3 +218,19 @@ def test_a_hot_swap_from_a_file_whose_rank_was_edited_is_refused(tmp_path):
     with pytest.raises(hd.DeltaFileError, match="r=2000000"):
         hd.load(model, path, into=live.name)
     assert torch.equal(outputs(model, inputs), before)  # nothing was swapped
+
+
+def test_a_build_that_fails_in_a_foreign_way_is_one_delta_file_error(tmp_path, monkeypatch):
+    """The plan builds the described delta before anything else: whatever a method's build raises
+    on a layer it was not written for reaches the caller as a DeltaFileError, the model untouched."""
+    path, _ = saved_lora(tmp_path)
+    model, _, _ = build("llama")
+    snap = snapshot(model)
+
+    def broken(self, model, sites):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(hd.LoRAConfig, "build", broken)
+    with pytest.raises(hd.DeltaFileError, match="cannot be built on this model: RuntimeError: boom"):
+        hd.load(model, path)
+    assert_restored(model, snap)
