@@ -9,7 +9,7 @@ left as it was) and carries the report: `delta.conversion[site] = (rank, relativ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,11 @@ from .config import exact
 from .errors import ConfigError, MergeError, UnsupportedModuleError
 from .modules import is_conv1d, is_linear_like
 
+if TYPE_CHECKING:
+    from .delta import Delta
 
-def as_lora(delta: Any, rank: int | None = None, tolerance: float | None = None, name: str | None = None) -> Any:
+
+def as_lora(delta: Delta, rank: int | None = None, tolerance: float | None = None, name: str | None = None) -> Delta:
     """A LoRA delta with each site's ΔW of `delta` truncated to `rank`, or to the smallest rank
     within `tolerance` (relative Frobenius error), attached under `name`; see the module docstring."""
     from .delta import Delta, attach
@@ -58,6 +61,7 @@ def as_lora(delta: Any, rank: int | None = None, tolerance: float | None = None,
         if rank is not None:
             k = min(rank, s.shape[-1])
         else:
+            assert tolerance is not None  # (one of the two: checked above)
             left = torch.cat([(energy[..., 1:] / total).sqrt(), torch.zeros_like(total)], dim=-1)  # error at rank k+1
             k = int((left <= tolerance).float().argmax(-1).max().item()) + 1
         error = float(((energy[..., k : k + 1] if k < s.shape[-1] else torch.zeros_like(total)) / total).sqrt().max())
@@ -75,7 +79,7 @@ def as_lora(delta: Any, rank: int | None = None, tolerance: float | None = None,
             piece = new.piece(key)
             piece.lora_A.copy_(a.to(piece.lora_A.dtype))
             piece.lora_B.copy_(b.to(piece.lora_B.dtype))
-    new.conversion = report
+    new.conversion = report  # type: ignore[assignment]  # (an attribute of its own, not a tensor)
     return new
 
 

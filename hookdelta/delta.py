@@ -9,8 +9,8 @@ import contextlib
 import copy
 import functools
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -66,6 +66,8 @@ class Delta(nn.Module):
 
         def __getattr__(self, name: str) -> Any: ...
 
+    _model: nn.Module  # (set with object.__setattr__: the model is not a child)
+
     def __init__(
         self, name: str, config: DeltaConfig, pieces: list[Piece], sites: list[str], also_train: list[str]
     ) -> None:
@@ -74,7 +76,7 @@ class Delta(nn.Module):
         self.config = config
         self.sites = list(sites)  # the method's site keys, as selected (saved with the delta)
         self.also_train = list(also_train)
-        self.pieces = nn.ModuleDict()
+        self.pieces = cast("MutableMapping[str, Piece]", nn.ModuleDict())  # (child modules: move and copy with it)
         for piece in pieces:
             if slot(piece.key) in self.pieces:
                 raise SelectorError(f"{piece.key!r} is selected twice (as a target and in also_train?); select it once")
@@ -98,7 +100,7 @@ class Delta(nn.Module):
     @property
     def model(self) -> nn.Module:
         self._check_attached("model")
-        return self._model  # type: ignore[return-value]
+        return self._model
 
     @property
     def num_trainable(self) -> int:
@@ -318,7 +320,7 @@ class Delta(nn.Module):
 
     def piece(self, key: str) -> Piece:
         """The piece at a site key (a module path, or a parameter path)."""
-        return self.pieces[slot(key)]  # type: ignore[return-value]
+        return self.pieces[slot(key)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The delta's own tensors, keyed `<site key>.<tensor name>`, on CPU (merge copies excluded):
@@ -452,7 +454,7 @@ class Delta(nn.Module):
     # -- internals ---------------------------------------------------------------------
 
     def _pieces(self) -> list[Piece]:
-        return list(self.pieces.values())  # type: ignore[arg-type]
+        return list(self.pieces.values())
 
     def _store(self) -> DeltaStore:
         store = store_of(self._model)
@@ -629,7 +631,7 @@ def _site_tensors(store: DeltaStore, piece: Piece) -> list[torch.Tensor]:
     """The tensors a merge at the piece's site reads or writes: the layer's, and those of every
     piece there (an unmerge redoes later merges at the same site)."""
     site = store.sites[piece.site_path]
-    return list(site.module.parameters()) + [t for p in site.pieces for t in p.parameters()]
+    return [*site.module.parameters(), *(t for p in site.pieces for t in p.parameters())]
 
 
 def set_active(model: nn.Module, *names: str) -> None:

@@ -17,7 +17,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -28,6 +28,9 @@ from .modules import STORE_NAME, is_conv1d
 from .placement import WeightSlot, kept_names, open_slot
 from .probe import Probe, clean_up, quiet
 from .quantized import dequantize, is_quantized
+
+if TYPE_CHECKING:
+    from .store import DeltaStore
 
 
 class Piece(nn.Module):
@@ -355,11 +358,13 @@ class Dispatcher:
                     host = module.get_submodule(piece.through)
                     with quiet():  # (reading the weights here is ours, not a bypass)
                         values = piece.weight_values(host)
+                    # a plain tensor stands in for the parameter for this call (typed as Parameters only)
+                    held: dict[str, Any] = host._parameters
                     for name, value in values.items():
-                        saved.append((host._parameters, name, host._parameters[name]))
-                        host._parameters[name] = value
+                        saved.append((held, name, held[name]))
+                        held[name] = value
                     continue
-                params = module._parameters
+                params: dict[str, Any] = module._parameters
                 for name in piece.swaps:
                     saved.append((params, name, params[name]))
                     params[name] = piece.swap(module, name, params[name])
@@ -457,11 +462,11 @@ class Site:
             runs = self._runs(live, foreign)
         while len(self.dispatchers) < len(runs):
             self.dispatchers.append(Dispatcher(self))
-        wanted = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=False)]  # (extras unhooked below)
+        wants = [d.assign(run) for d, run in zip(self.dispatchers, runs, strict=False)]  # (extras unhooked below)
         for d in self.dispatchers[len(runs) :]:
             d.unhook()
         del self.dispatchers[len(runs) :]
-        for d, w in zip(self.dispatchers, wanted, strict=True):
+        for d, w in zip(self.dispatchers, wants, strict=True):
             if w != d.hooked:
                 d.hook(w)
         if not alone:
@@ -501,7 +506,7 @@ class Site:
                 order.append(other)
                 order += [k for k, stamp in ours if other < stamp and not any(o < stamp for o in others[i + 1 :])]
             for key in order:
-                hooks.move_to_end(key)
+                hooks.move_to_end(key)  # type: ignore[attr-defined]  # (an OrderedDict: typed as a dict)
 
     def foreign_clash(self, piece: Piece) -> str | None:
         """Why merging `piece` would change the result because of another code's hook at the
@@ -676,7 +681,7 @@ class ForwardGuard:
         with self.lock:
             if self.calls.get(me):  # a nested forward, or one interrupted earlier: which?
                 self._drop_stale(me, frame)
-        store = module._modules[STORE_NAME]
+        store = cast("DeltaStore", module._modules[STORE_NAME])
         store.before_forward(module)
         # a forward replaced after attach (TRL's fused loss patches the instance's, Liger the
         # class's) may read weights without calling their layers: watch its next call again
@@ -694,9 +699,9 @@ class ForwardGuard:
             start = self.probe_next and self.watching is None and len(calls) == 1
             if start:
                 self.probe_next = False
-                self.watching = Probe(module, module._modules[STORE_NAME].watch(), frame)
+                self.watching = probe = Probe(module, store.watch(), frame)
         if start:
-            self.watching.start()
+            probe.start()
 
     def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -719,7 +724,7 @@ class ForwardGuard:
                     self.bypassed = found
                 raise BypassError(found[0][2])
         if output is not None and module.training and torch.is_grad_enabled() and checkpointing(module):
-            store = module._modules[STORE_NAME]
+            store = cast("DeltaStore", module._modules[STORE_NAME])
             which = store.which_run()
             for t in _grad_tensors(output):  # its recompute will re-run the hooks during backward
                 key = id(t)

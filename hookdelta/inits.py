@@ -360,22 +360,25 @@ class _IncrementalPCA:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.components: torch.Tensor | None = None
+        self.components: torch.Tensor | None = None  # (set with the rest by the first partial_fit)
+        self.singular = self.seen = torch.tensor([0])
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
 
     def partial_fit(self, x: torch.Tensor) -> None:
         x = x.clone()
         n = x.shape[0]
-        first = self.components is None
-        if first:
+        components = self.components
+        if components is None:
             self.mean, self.var, self.seen = None, None, torch.tensor([0])
         mean, var, total = self._mean_var(x)
-        if first:
+        if components is None or self.mean is None:  # (the first fit: both are None)
             x -= mean
         else:
             batch_mean = torch.mean(x, dim=0)
             x -= batch_mean
             correction = torch.sqrt(self.seen.double() / total * n) * (self.mean - batch_mean)
-            x = torch.vstack((self.singular.view(-1, 1) * self.components, x, correction))
+            x = torch.vstack((self.singular.view(-1, 1) * components, x, correction))
         with torch.random.fork_rng():
             torch.manual_seed(42)
             _, s, v = torch.svd_lowrank(x, q=2 * self.k, niter=4)
@@ -469,6 +472,14 @@ def eva(
                 top = max(cap[k] for k in members)
                 for k in members:
                     cap[k] = top
+            most = max(int(select(b).shape[0]) for b in batches)
+            short = [k for k in sites if cap[k] > most]
+            if short:  # (its PCA would wait forever for a batch with enough rows)
+                raise ConfigError(
+                    f"hd.inits.eva: {short[0]!r} needs batches of at least {cap[short[0]]} counted positions "
+                    f"(rank x rho), but the largest batch has {most}; give longer or more rows per batch, or a "
+                    "smaller rho"
+                )
             pca = {k: _IncrementalPCA(cap[k]) for k in sites if owner[k] == k}
             converged = {k: torch.zeros(cap[k], dtype=torch.bool) for k in pca}
             done = dict.fromkeys(pca, False)
@@ -482,8 +493,9 @@ def eva(
                     return
                 before = pca[k].components
                 pca[k].partial_fit(states)
-                if before is not None:
-                    converged[k] = torch.nn.functional.cosine_similarity(pca[k].components, before) >= tau
+                after = pca[k].components
+                if before is not None and after is not None:
+                    converged[k] = torch.nn.functional.cosine_similarity(after, before) >= tau
 
             with watching_inputs(model, list(pca), see):
                 for inputs in itertools.cycle(batches):
@@ -500,6 +512,8 @@ def eva(
     directions: dict[str, torch.Tensor] = {}
     for k in sites:
         p, rank = pca[owner[k]], dist[k]
+        if p.components is None:  # (cannot happen: the loop above ends once every PCA is fitted)
+            raise ConfigError(f"hd.inits.eva: no inputs reached {k!r}")
         u = p.components[:rank]
         if whiten:
             u = u / p.singular[:rank].sqrt().reshape(-1, 1)

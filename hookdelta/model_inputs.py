@@ -16,7 +16,7 @@ from .errors import UnsupportedModuleError
 
 
 @cache
-def _positional(cls: type) -> tuple[tuple[str, ...], frozenset[str]]:
+def _positional(cls: type[nn.Module]) -> tuple[tuple[str, ...], frozenset[str]]:
     params = inspect.signature(cls.forward).parameters.values()
     positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))[1:]
     return positional, frozenset(p.name for p in params)
@@ -26,14 +26,14 @@ def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """All of a call's inputs by name (positional ones named after forward's signature)."""
     if not args:
         return dict(kwargs)
-    names, _ = _positional(type(module))
+    names, _ = _positional(type(module))  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
     if len(args) > len(names):
         raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional inputs")
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def accepts(module: nn.Module, name: str) -> bool:
-    return name in _positional(type(module))[1]
+    return name in _positional(type(module))[1]  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
 
 
 def cache_argument(module: nn.Module) -> str:
@@ -99,7 +99,7 @@ def cache_taker(model: nn.Module) -> tuple[str, nn.Module]:
 
 def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) from the model's config."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)  # (None: the AttributeError below)
     try:
         layers = config.num_hidden_layers
         heads = config.num_attention_heads

@@ -4,7 +4,7 @@ store), what a site key names. No selectors, no hooks: the bottom layer above er
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch.nn as nn
 
@@ -12,6 +12,11 @@ from .errors import UnsupportedModuleError
 from .quantized import is_quantized
 
 STORE_NAME = "_hookdelta"  # the reserved child that holds a model's deltas
+
+# A layer of the model, of any class. hookdelta reads what each kind defines (a conv's `groups`,
+# an embedding's `padding_idx`, a quantized layer's state); `nn.Module`'s typing would give every
+# such attribute as `Tensor | Module`, so where those are read the layer is typed by this name.
+Layer: TypeAlias = Any
 
 
 def host(model: Any) -> Any:
@@ -68,7 +73,7 @@ def hidden_size(model: nn.Module) -> int | None:
     return None
 
 
-def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int]:
+def layer_dims(model: nn.Module, module: Layer, path: str) -> tuple[int, int]:
     """(input width, output width) of a layer: from its weight when it is linear, from its
     first and last linear layers for a block (an MLP), else the model's hidden size."""
     if isinstance(module, nn.Linear) or is_linear_like(module) and not is_conv1d(module):
@@ -82,8 +87,8 @@ def layer_dims(model: nn.Module, module: nn.Module, path: str) -> tuple[int, int
     ):
         # a mixture-of-experts block writes what it reads (its last linear layer may be a shared
         # expert's scalar gate or an expert's input projection): its first one reads the width
-        width = layer_dims(model, inner[0], path)[0]
-        return width, width
+        first = layer_dims(model, inner[0], path)[0]
+        return first, first
     if inner:  # a block (an MLP): what its first linear layer reads and its last one writes
         return layer_dims(model, inner[0], path)[0], layer_dims(model, inner[-1], path)[1]
     width = hidden_size(model)

@@ -180,7 +180,7 @@ class LowRankWeight(torch.Tensor):
         out.base, out.terms = base, terms
         return out
 
-    def __repr__(self) -> str:  # (the default repr would print the values: the plain twin)
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # (the default would print the values: the plain twin)
         return f"LowRankWeight(shape={tuple(self.base.shape)}, terms={len(self.terms)})"
 
     def value(self) -> torch.Tensor:
@@ -328,6 +328,7 @@ def _grouped(
     return out
 
 
+_Tensor: Any = torch.Tensor  # (its properties' getters, which the stubs type as plain values)
 _METADATA = frozenset(
     {
         torch.Tensor.size,
@@ -339,15 +340,15 @@ _METADATA = frozenset(
         torch.Tensor.element_size,
         torch.Tensor.is_floating_point,
         torch.Tensor.__len__,
-        torch.Tensor.shape.__get__,
-        torch.Tensor.dtype.__get__,
-        torch.Tensor.device.__get__,
-        torch.Tensor.ndim.__get__,
-        torch.Tensor.requires_grad.__get__,
-        torch.Tensor.is_cuda.__get__,
-        torch.Tensor.layout.__get__,
-        torch.Tensor.is_meta.__get__,
-        torch.Tensor.is_quantized.__get__,
+        _Tensor.shape.__get__,
+        _Tensor.dtype.__get__,
+        _Tensor.device.__get__,
+        _Tensor.ndim.__get__,
+        _Tensor.requires_grad.__get__,
+        _Tensor.is_cuda.__get__,
+        _Tensor.layout.__get__,
+        _Tensor.is_meta.__get__,
+        _Tensor.is_quantized.__get__,
         torch.Tensor.__format__,
     }
 )
@@ -355,7 +356,7 @@ _RULES: dict[Any, Any] = {
     torch.Tensor.__getitem__: _lead_index,
     torch.Tensor.transpose: _transpose,
     torch.transpose: _transpose,
-    torch.Tensor.mT.__get__: _transpose,
+    _Tensor.mT.__get__: _transpose,
     F.linear: _linear,
     torch.bmm: _matmul,
     torch.Tensor.bmm: _matmul,

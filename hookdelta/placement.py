@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from .errors import MergeError, UnsupportedModuleError
+from .modules import Layer
 from .quantized import backend, dequantize, is_quantized, quantized_weight, requantize, swap_state
 from .sharding import like
 
@@ -58,7 +59,8 @@ def _offload_hooks(module: nn.Module) -> list[Any]:
 def _chain(model: nn.Module, path: str) -> list[tuple[nn.Module, str]]:
     """(ancestor, path of the target relative to it) from the root down to the target itself."""
     parts = path.split(".") if path else []
-    out, module = [(model, path)], model
+    module: Layer = model
+    out = [(module, path)]
     for i, part in enumerate(parts):
         module = module._modules[part]
         out.append((module, ".".join(parts[i + 1 :])))
@@ -237,7 +239,7 @@ class WeightSlot:
     spectral-norm constraint does not): otherwise MergeError. An offloaded (meta) tensor or a
     computed attribute that is no parameter cannot be written: MergeError."""
 
-    def __init__(self, module: nn.Module, name: str, where: str) -> None:
+    def __init__(self, module: Layer, name: str, where: str) -> None:
         self.module, self.name, self.where = module, name, where
         self.param = module._parameters.get(name)
         self.needs_copy = self.param is None  # parametrized: only the kept tensors undo a merge exactly
@@ -382,17 +384,17 @@ def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | Non
     if not path:
         return None
     parts = path.split(".")
-    module = model
-    chain = [("", model)]
+    module: Layer = model
+    chain = [("", module)]
     for i, part in enumerate(parts[:-1]):
         module = module._modules[part]
         chain.append((".".join(parts[: i + 1]), module))
     for owner, ancestor in reversed(chain):
         rel = path[len(owner) + 1 :] if owner else path
-        if rel in weights_read(type(ancestor)):
+        if rel in weights_read(type(ancestor)):  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
             # always: torch's functional attention, or code that reads the weight and never calls the layer
             always = any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())
-            return owner, rel, always or rel not in children_called(type(ancestor))
+            return owner, rel, always or rel not in children_called(type(ancestor))  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
     return None
 
 

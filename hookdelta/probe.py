@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import torch
@@ -143,7 +144,7 @@ class Probe:
 
     def running(self) -> bool:
         """Whether the watched forward is still under way: its frame is on this thread's stack."""
-        f = sys._getframe(2)
+        f: FrameType | None = sys._getframe(2)
         target = self.frame
         while f is not None:
             if f is target:

@@ -18,7 +18,7 @@ other weight with a `dequantize()` method reads and copies too.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,11 @@ from .compat import bnb_cpu_unpack
 from .errors import MergeError, UnsupportedModuleError
 from .sharding import is_dtensor
 
+if TYPE_CHECKING:
+    from .modules import Layer  # (modules imports this module)
 
-def quantized_weight(module: nn.Module) -> Any:
+
+def quantized_weight(module: Layer) -> Any:
     """The module's quantized weight (bitsandbytes / torchao / HQQ packed storage), or None
     when its weight is a plain floating-point tensor (or it has none)."""
     if type(module).__name__ == "HQQLinear":
@@ -41,18 +44,18 @@ def quantized_weight(module: nn.Module) -> Any:
     return weight
 
 
-def is_quantized(module: nn.Module) -> bool:
+def is_quantized(module: Layer) -> bool:
     return quantized_weight(module) is not None
 
 
-def backend(module: nn.Module) -> str:
+def backend(module: Layer) -> str:
     """A short name for the error messages: 'bitsandbytes Params4bit', 'torchao Int8Tensor', ..."""
     weight = quantized_weight(module)
     kind = type(module) if type(module).__name__ == "HQQLinear" else type(weight)
     return f"{kind.__module__.split('.')[0]} {kind.__name__}" if weight is not None else "not quantized"
 
 
-def dequantize(module: nn.Module) -> torch.Tensor:
+def dequantize(module: Layer) -> torch.Tensor:
     """The layer's weight as a float tensor [out, in] (one layer at a time: transient)."""
     weight = quantized_weight(module)
     name = type(weight).__name__
@@ -77,7 +80,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     )
 
 
-def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
+def requantize(module: Layer, weight: torch.Tensor) -> dict[str, Any]:
     """Quantize `weight` the way the module's weight is quantized; returns what to install
     (see `install` / `swap_state`). Refuses (MergeError) backends it cannot rebuild."""
     old = quantized_weight(module)
@@ -86,7 +89,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
         import bitsandbytes as bnb
 
         state = old.quant_state
-        new = bnb.nn.Params4bit(
+        new = bnb.nn.Params4bit(  # type: ignore[misc]  # (bitsandbytes' annotation of .to() is off)
             weight.to(old.device, torch.float32).contiguous(),
             requires_grad=False,
             quant_type=state.quant_type,
@@ -99,10 +102,10 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> dict[str, Any]:
     if name == "Int8Params":
         import bitsandbytes as bnb
 
-        new = bnb.nn.Int8Params(weight.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False).to(
-            old.device
-        )
-        return {"weight": new, "state.CB": None, "state.SCB": None}  # bnb fills the state from it at first use
+        new8 = bnb.nn.Int8Params(  # type: ignore[misc]  # (likewise)
+            weight.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False
+        ).to(old.device)
+        return {"weight": new8, "state.CB": None, "state.SCB": None}  # bnb fills the state from it at first use
     if name == "Int8Tensor":
         from torchao.quantization.granularity import PerRow, PerTensor
 
@@ -135,7 +138,7 @@ def bnb_4bit_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m._parameters.get("weight")).__name__ == "Params4bit"]
 
 
-def hold_packing(layers: list[nn.Module]) -> list[tuple[nn.Module, Any]]:
+def hold_packing(layers: list[Layer]) -> list[tuple[Layer, Any]]:
     """Turn bitsandbytes' CPU repacking off on these layers; returns what to give back."""
     saved = [
         (m, m.__dict__.get("support_avx512bf16_for_cpu")) for m in layers if "support_avx512bf16_for_cpu" in m.__dict__
@@ -145,15 +148,15 @@ def hold_packing(layers: list[nn.Module]) -> list[tuple[nn.Module, Any]]:
     return saved
 
 
-def release_packing(saved: list[tuple[nn.Module, Any]]) -> None:
+def release_packing(saved: list[tuple[Layer, Any]]) -> None:
     for m, value in saved:
         m.support_avx512bf16_for_cpu = value
 
 
-def unpack_for_training(layers: list[nn.Module]) -> None:
+def unpack_for_training(layers: list[Layer]) -> None:
     """Bring packed layers back to the standard layout before a forward that needs gradients."""
     for layer in layers:
-        weight = layer._parameters["weight"]
+        weight = layer.weight  # (a bitsandbytes Params4bit)
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             weight.data, weight.quant_state = canonical_4bit(weight.data, weight.quant_state)
 
@@ -171,7 +174,7 @@ def canonical_4bit(data: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
     return qweight, flat
 
 
-def swap_state(module: nn.Module, values: dict[str, Any]) -> dict[str, Any]:
+def swap_state(module: Layer, values: dict[str, Any]) -> dict[str, Any]:
     """Install `values` ("weight", "state.CB", ...) on the module; returns the ones it replaced."""
     old: dict[str, Any] = {}
     for key, value in values.items():
@@ -186,7 +189,7 @@ def swap_state(module: nn.Module, values: dict[str, Any]) -> dict[str, Any]:
     return old
 
 
-def full_precision(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
+def full_precision(module: Layer, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear with the layer's dequantized weight (and bias), in `dtype`."""
     weight = dequantize(module)
     bias = module._parameters.get("bias") if type(module).__name__ != "HQQLinear" else getattr(module, "bias", None)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,7 +81,8 @@ CORRECTIONS: dict[str, dict[str, tuple[str, ...]]] = {}
 
 def _configs(model: nn.Module) -> list[Any]:
     config = getattr(model, "config", None)
-    out, todo = [], [config] if config is not None else []
+    out: list[Any] = []
+    todo = [config] if config is not None else []
     while todo:
         c = todo.pop()
         if c is None or any(c is o for o in out):
@@ -271,17 +273,18 @@ def experts_transposed(model: nn.Module, key: str) -> bool:
     owner, _, name = key.rpartition(".")
     module = model.get_submodule(owner)
     width = next((v for c in _configs(model) for v in [_field(c, "hidden_size")] if isinstance(v, int)), 0)
-    return _transposed(module, [(name, module._parameters[name])], width)
+    fused = module._parameters[name]
+    return fused is not None and _transposed(module, [(name, fused)], width)
 
 
-def _transposed(module: nn.Module, fused: list[tuple[str, torch.Tensor]], width: int) -> bool:
+def _transposed(module: nn.Module, fused: Sequence[tuple[str, torch.Tensor]], width: int) -> bool:
     """Whether fused experts store [experts, in, out]: as the module says (transformers'
     `is_transposed`), else as their names read against the width (Llama 4's gate_up_proj
     [experts, width, 2·inner] reads the width on its middle dim)."""
     said = getattr(module, "is_transposed", None)
     if isinstance(said, bool):
         return said
-    votes = Counter()
+    votes: Counter[bool] = Counter()
     for name, p in fused:
         named = _ffn_name(name.lower())
         if named is not None and p.shape[-1] != p.shape[-2]:
@@ -289,7 +292,7 @@ def _transposed(module: nn.Module, fused: list[tuple[str, torch.Tensor]], width:
             flipped = (p.shape[-2] if named == "ffn.in" else p.shape[-1]) == width
             if plain != flipped:
                 votes[flipped] += 1
-    return bool(votes) and votes.most_common(1)[0][0]
+    return bool(votes) and votes.most_common(1)[0][0]  # (ties: the first vote cast)
 
 
 def _by_shape(
@@ -437,7 +440,7 @@ def fused_rows(model: nn.Module, path: str, out_features: int) -> dict[str, Any]
     """{"q": rows, "k": rows, "v": rows} (LongTensors of output features) of the fused q/k/v
     projection at `path`, from the model's layout and head counts; a SelectorError where the
     layout is unknown or the sizes do not add up (a guess would be silently wrong)."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     kind = FUSED_LAYOUTS.get(getattr(config, "model_type", None) or "")
     heads = next(
         (

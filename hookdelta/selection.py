@@ -35,9 +35,10 @@ def output_head_paths(model: nn.Module) -> set[str]:
     roots = [("", model)] + [(n, m) for n, m in named_modules(model) if hasattr(m, "base_model_prefix")]
     for root, module in roots:
         for child in HEAD_NAMES:
-            if module._modules.get(child) is not None:
+            found = module._modules.get(child)
+            if found is not None:
                 top = f"{root}.{child}" if root else child
-                heads.update(n for n, m in module._modules[child].named_modules(prefix=top) if is_linear_like(m))
+                heads.update(n for n, m in found.named_modules(prefix=top) if is_linear_like(m))
     get_out = getattr(model, "get_output_embeddings", None)
     head = None
     if callable(get_out):
@@ -276,10 +277,12 @@ def fit_paths(model: nn.Module, paths: list[str], source: Any) -> Callable[[str]
     candidates: list[tuple[str, Callable[[str], str | None]]] = [("as saved", lambda p: p)]
     prefix = getattr(model, "base_model_prefix", "") or ""
     first = {p.split(".", 1)[0] for p in paths}
+
+    def without(cut: str) -> Callable[[str], str | None]:
+        return lambda p: p[len(cut) + 1 :] if p.startswith(cut + ".") else None
+
     for cut in sorted(first | ({prefix} if prefix else set())):
-        candidates.append(
-            (f"without the '{cut}.' prefix", lambda p, c=cut: p[len(c) + 1 :] if p.startswith(c + ".") else None)
-        )
+        candidates.append((f"without the '{cut}.' prefix", without(cut)))
     if prefix:
         candidates.append((f"with the '{prefix}.' prefix", lambda p: f"{prefix}.{p}"))
     for how, fix in candidates:

@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_partitioned(t: Any) -> bool:
@@ -36,7 +39,7 @@ def _dtensor_class() -> type | None:
     return DTensor
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     cls = _dtensor_class()  # (checked per site in each forward under a process group: no import there)
     return cls is not None and isinstance(t, cls)
 
@@ -61,7 +64,7 @@ def whole(tensors: Iterable[torch.Tensor], modify: bool = False) -> Iterator[Non
 
 def shape(t: torch.Tensor) -> tuple[int, ...]:
     """The whole shape of `t` (a ZeRO-3 partition is empty outside its module's forward)."""
-    return tuple(t.ds_shape) if is_partitioned(t) else tuple(t.shape)
+    return tuple(t.ds_shape) if is_partitioned(t) else tuple(t.shape)  # type: ignore[attr-defined]  # (DeepSpeed's)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

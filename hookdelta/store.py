@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import TYPE_CHECKING, Any
+from collections.abc import MutableMapping
+from types import FrameType
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -30,6 +32,9 @@ from .quantized import bnb_4bit_layers, hold_packing, release_packing, unpack_fo
 from .routing import Router, build_router
 from .sharding import tensor_parallel_message, tensor_parallel_sites
 from .shared_input import new_forward
+
+if TYPE_CHECKING:
+    from .delta import Delta
 
 
 class DeltaStore(nn.Module):
@@ -43,7 +48,9 @@ class DeltaStore(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.deltas = nn.ModuleDict()
+        # a ModuleDict (the deltas are child modules: they move, copy and show with the model),
+        # typed by what it holds
+        self.deltas = cast("MutableMapping[str, Delta]", nn.ModuleDict())
         self.sites: dict[str, Site] = {}
         self.saved_flags: dict[str, tuple[nn.Parameter, bool]] = {}  # before the first freezing delta
         self.freezers: list[str] = []  # names of the deltas that froze the backbone
@@ -56,7 +63,7 @@ class DeltaStore(nn.Module):
         self.input_grads: Any = None  # (embeddings, hook handle) that makes their output require grad
         self.router: Router | None = None  # while hd.route(...) (or a call with adapter_names=) runs
         self.router_handles: list[Any] = []
-        self.keyword_call = False
+        self.keyword_call: FrameType | None = None
         # plain functions (they get the store as `module`), so copies of the model stay consistent
         self.register_state_dict_post_hook(_hide_from_state_dict)
         self.register_load_state_dict_post_hook(_hide_missing_keys)
@@ -126,7 +133,7 @@ class DeltaStore(nn.Module):
                 del self.sites[piece.site_path]
         if delta.name in self.freezers:
             self.unfreeze(model, delta.name)
-        if self.deltas._modules.get(delta.name) is delta:
+        if delta.name in self.deltas and self.deltas[delta.name] is delta:
             del self.deltas[delta.name]
         delta.attached = False
         if not len(self.deltas):
@@ -190,7 +197,8 @@ class DeltaStore(nn.Module):
         self.check_sites("route")
         router = build_router(dict(self.deltas.items()), self.sites, names, keep)
         callers = [model] if root else []
-        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        encoder = model.get_encoder() if encoder_decoder else None  # type: ignore[operator]  # transformers' method
         if isinstance(encoder, nn.Module) and encoder is not model:
             callers.append(encoder)  # generate() calls the encoder on its own
         for m in callers:
@@ -256,13 +264,13 @@ class DeltaStore(nn.Module):
 
     def interrupted(self, frames: list[Any]) -> None:
         """Forwards that a KeyboardInterrupt ended: a routing their call set up ends with them."""
-        if self.keyword_call is not False and any(f is self.keyword_call for f in frames):
-            self.keyword_call = False
+        if self.keyword_call is not None and any(f is self.keyword_call for f in frames):
+            self.keyword_call = None
             self.stop_routing()
 
     def keyword_stop(self, model: nn.Module, args: tuple, output: Any) -> None:
-        if self.keyword_call and self.router is not None:
-            self.keyword_call = False
+        if self.keyword_call is not None and self.router is not None:
+            self.keyword_call = None
             self.router.leave(model)
             self.stop_routing()
 
@@ -317,7 +325,7 @@ class DeltaStore(nn.Module):
             for piece in delta.pieces.values():
                 if piece.live and not piece.through:
                     owners.setdefault(piece.site_path, []).append(name)
-        watch = {}
+        watch: dict[int, tuple[torch.Tensor, tuple[str, ...], list[str]]] = {}
         for path, names in owners.items():
             site = self.sites.get(path)
             for param in site.module._parameters.values() if site is not None and path else ():
@@ -368,7 +376,7 @@ def open_store(model: nn.Module) -> DeltaStore:
 
 
 def close_store(model: nn.Module) -> None:
-    store = model._modules.pop(STORE_NAME, None)
+    store: Any = model._modules.pop(STORE_NAME, None)
     for handle in getattr(store, "root_hooks", []):
         handle.remove()
     release_packing(getattr(store, "packing", []))

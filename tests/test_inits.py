@@ -293,3 +293,17 @@ def test_eva_whitens_each_layer_once():
         if piece.key.endswith("q_proj"):  # q, k and v share one PCA: the same rows, whitened once
             k = delta.pieces[piece.key.replace("q_proj", "k_proj").replace(".", "-")]
             torch.testing.assert_close(k.lora_A, piece.lora_A, rtol=0, atol=0)
+
+
+def test_eva_refuses_batches_too_short_for_its_pca_instead_of_waiting_forever():
+    """Each layer's PCA takes a batch only when it has rank x rho counted positions; with no such
+    batch it waited for one forever (found by the type checker: the directions could be None)."""
+    from helpers import assert_restored, snapshot
+
+    model, _, _ = build("llama")
+    short = [{"input_ids": torch.randint(3, 96, (1, 5))}]  # 5 positions; r=4, rho=2 needs 8
+    before = snapshot(model)
+    with pytest.raises(hd.ConfigError, match="at least 8 counted positions.*largest batch has 5"):
+        hd.inits.eva(model, hd.LoRAConfig(r=4, targets=EVA_TARGETS, init="eva"), short, rho=2.0)
+    assert_restored(model, before)
+    assert not hd.deltas(model)

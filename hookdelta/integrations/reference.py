@@ -12,7 +12,7 @@ checkpointed forward and its backward because it is undone before the backward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
 
@@ -22,10 +22,6 @@ from ..delta import deltas, set_active
 class ReferenceModel(nn.Module):
     """`model` with every delta off for the duration of each call (merged deltas cannot be
     switched off: set_active refuses them)."""
-
-    if TYPE_CHECKING:  # (for the type checker only: the tensors and layers it registers, typed as they are used)
-
-        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

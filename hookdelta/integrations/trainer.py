@@ -104,7 +104,13 @@ class TrainerCallback(_Base):
         if store is not None:
             store.include_in_state_dict = True
         loaded = weakref.WeakMethod(self._loaded)  # (the delta must not keep a finished callback alive)
-        hook = delta.register_load_state_dict_post_hook(lambda module, found: loaded() and loaded()(module, found))
+
+        def on_load(module: Any, found: Any) -> None:
+            callback = loaded()
+            if callback is not None:
+                callback(module, found)
+
+        hook = delta.register_load_state_dict_post_hook(on_load)
         # undone when the Trainer is built (on_init_end): only its check for adapters sees it; and
         # when this callback goes away unused (a Trainer that failed to build), the model is as it was
         self.undeclare = declare_adapters(delta.model)
@@ -160,6 +166,12 @@ class TrainerCallback(_Base):
 class _DeltaTrainer:
     """What `hd.delta_trainer` adds to a Trainer class (kept first in the MRO)."""
 
+    # (the Trainer's, which this mixin comes before)
+    args: Any
+    model: Any
+    callback_handler: Any
+    processing_class: Any
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         from ..delta import deltas
 
@@ -203,7 +215,7 @@ class _DeltaTrainer:
         says `save_base=True`."""
         callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, TrainerCallback)]
         if any(c.save_base for c in callbacks):
-            return super().save_model(output_dir, *args, **kwargs)
+            return super().save_model(output_dir, *args, **kwargs)  # type: ignore[misc]
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = callbacks[0].delta.model if callbacks else self.model
         if not (self.args.should_save or sharded(model)):
