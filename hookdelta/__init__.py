@@ -5,6 +5,8 @@ hooks, without replacing a module or changing a state-dict key.
     delta = hd.attach(model, hd.LoRAConfig(r=8, targets=["q_proj", "v_proj"]))
 """
 
+from typing import Any
+
 from . import inits, optim
 from .as_lora import as_lora
 from .combine import average, combine, fuse, split
@@ -71,7 +73,7 @@ from .version import VERSION as __version__
 from .visualize import visualize
 
 
-def __getattr__(name: str):  # integrations import their framework only when asked for
+def __getattr__(name: str) -> Any:  # integrations import their framework only when asked for
     if name == "TrainerCallback":
         from .integrations.trainer import TrainerCallback
 

@@ -73,6 +73,9 @@ class Piece(nn.Module):
 
         def __getattr__(self, name: str) -> Any: ...
 
+        # a piece registers no None parameters: its own are read from this dict on hot paths
+        _parameters: dict[str, torch.Tensor]  # type: ignore[assignment]
+
     hooks: frozenset[str] = frozenset()
     swaps: tuple[str, ...] = ()
     role: str = "delta"  # what the tree printer calls it ("also_train" for full copies)
@@ -161,7 +164,7 @@ class Piece(nn.Module):
             return {n: v.to(current(module, n).dtype) for n, v in self.merged_weights(module).items()}
         return {n: current(module, n) + d.to(current(module, n).dtype) for n, d in self.delta_weights(module).items()}
 
-    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None:
         """(A [r, in], B [out, r], s) when this call's post_forward is exactly output + s·B·A·x
         for the module's input x [..., in]; None otherwise (the default).
 

@@ -19,8 +19,9 @@ import torch.nn as nn
 from .config import DeltaConfig
 from .engine import forget_compiled_code
 from .errors import ConfigError, DeltaFileError, DeltaStateError
+from .methods.lora import LoRAConfig
 from .sharding import assign, shape, whole
-from .store import check_model, deltas_of, store_of
+from .store import check_model, deltas_of
 
 
 def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | None = None) -> None:
@@ -51,7 +52,7 @@ def prepare_hotswap(model: nn.Module, max_rank: int, names: str | list[str] | No
             )
         if delta.merged:
             raise DeltaStateError(f"delta {delta.name!r} is merged; unmerge() it before prepare_hotswap")
-    store = store_of(targets[0].model)
+    store = targets[0]._store()
     with store.guard.changing("prepare_hotswap"), torch.inference_mode(False):
         for delta in targets:
             for piece in _lora_pieces(delta):
@@ -96,11 +97,11 @@ def swap_in(
     _check_same_sites(delta, sites, train, directory)
     _check_same_settings(delta, config, directory)
     values = _fitted_values(delta, tensors, directory)
-    lora = delta.method == "lora"
-    scales = {p.key: config.scale_for(p.key) for p in _lora_pieces(delta)} if lora else {}
+    lora = config if delta.method == "lora" and isinstance(config, LoRAConfig) else None
+    scales = {p.key: lora.scale_for(p.key) for p in _lora_pieces(delta)} if lora is not None else {}
     first = any(not isinstance(p.scale, torch.Tensor) for p in _lora_pieces(delta))
     with (
-        store_of(delta.model).guard.changing("hot-swap"),
+        delta._store().guard.changing("hot-swap"),
         torch.inference_mode(False),
         torch.no_grad(),
         whole([current for current, _ in values], modify=True),
@@ -111,8 +112,8 @@ def swap_in(
             forget_compiled_code()
         for piece in _lora_pieces(delta):
             piece.hold_scale().fill_(scales[piece.key])
-        if lora:
-            delta.config = config.fitted({p.key: p.r for p in _lora_pieces(delta)}, scales)
+        if lora is not None:
+            delta.config = lora.fitted({p.key: p.r for p in _lora_pieces(delta)}, scales)
         else:
             delta.config = config
     return delta
@@ -175,7 +176,7 @@ def _fitted_values(
             if tuple(saved.shape) != whole_shape and not _pads_to(saved, whole_shape, dim):
                 bad.append(f"{key} {tuple(saved.shape)} -> {whole_shape}")
                 continue
-            if tuple(saved.shape) != whole_shape:
+            if dim is not None and tuple(saved.shape) != whole_shape:  # (it pads: dim is known)
                 dim = dim % saved.dim()
                 padded = saved.new_zeros(whole_shape)
                 padded.narrow(dim, 0, saved.shape[dim]).copy_(saved)

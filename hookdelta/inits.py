@@ -24,7 +24,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -140,7 +140,7 @@ def lora_ga(
     if isinstance(stable_gamma, bool) or not isinstance(stable_gamma, (int, float)) or not stable_gamma > 0:
         raise ConfigError(f"hd.inits.lora_ga: stable_gamma must be a positive number, got {stable_gamma!r}")
     sites = _check(model, config, "lora_ga")
-    weights = {key: model.get_submodule(key).weight for key in sites}
+    weights = {key: cast(torch.Tensor, model.get_submodule(key).weight) for key in sites}  # (linear layers)
     flags = {p: p.requires_grad for p in model.parameters()}
     counts = dict.fromkeys(sites, 0)
     handles = []

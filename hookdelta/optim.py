@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +88,7 @@ def loraplus_groups(
 
 def loraplus(
     target: Any,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,  # (a class, or any factory)
     *,
     lr: float,
     ratio: float,
@@ -134,7 +134,7 @@ def lorafa(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    optimizer_cls: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,  # (a class, or any factory)
     **kwargs: Any,
 ) -> LoRAFA:
     """LoRA-FA: freezes every plain LoRA's A, projects B's gradient (g_B·(A·Aᵀ + 1e-8·I)⁺ / s², as
@@ -169,7 +169,7 @@ def lorafa(
     return setup
 
 
-__all__: Iterable[str] = ("loraplus", "loraplus_groups", "lorafa", "LoRAFA")
+__all__ = ("loraplus", "loraplus_groups", "lorafa", "LoRAFA")
 
 
 def adalora(delta: Any, total_step: int | None = None) -> Any:

@@ -137,7 +137,8 @@ def check_peft_config(config: Any, path: Any) -> dict[str, Any]:
             f"{path}: {wrong[0]!r} holds {str(config[wrong[0]])[:80]!r}, not a value PEFT writes "
             "there; the file was edited or damaged"
         )
-    codec = codecs().get(config.get("peft_type"))
+    peft_type = config.get("peft_type")
+    codec = codecs().get(peft_type) if isinstance(peft_type, str) else None
     if codec is None:
         raise DeltaFileError(
             f"{path} holds a {config.get('peft_type')!r} adapter; hookdelta reads PEFT's {sorted(codecs())} adapters"

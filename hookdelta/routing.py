@@ -47,7 +47,7 @@ class Router:
         self.routed = routed  # the distinct delta names routed to, in first-seen order
         self.who = who  # id(piece) -> 1 + index in `routed`, ALL or OFF
         self.base = torch.tensor([0 if n is None else routed.index(n) + 1 for n in names])
-        self.batch: list[int] = []  # rows of the model calls in progress (innermost last)
+        self.batch: list[int | None] = []  # rows of the model calls in progress (innermost last)
         self._codes: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._rows: dict[tuple[int, torch.device, int], torch.Tensor | None] = {}
 
@@ -132,7 +132,7 @@ class Router:
                 continue
             x = first_input(args, kwargs)
             codes = self.codes(path, x)
-            run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]] = []
+            run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]]] = []
             while i < count:  # consecutive routed low-rank pieces: one gathered matmul pair
                 w = self.who.get(id(pieces[i]), OFF)
                 factors = pieces[i].lowrank(module) if w > 0 else None
@@ -160,14 +160,14 @@ class Router:
         x: torch.Tensor,
         h: torch.Tensor,
         codes: torch.Tensor,
-        run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]],
+        run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]]],
     ) -> torch.Tensor:
         """h + s·B·A·x with each row's own A, B, s: gathered [rows, r, in] and [rows, out, r]."""
         a_table, b_table = self._table(run)
         return ops.routed_lowrank(h, x, codes, a_table, b_table)
 
     def _table(
-        self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float]]]
+        self, run: list[tuple[int, tuple[torch.Tensor, torch.Tensor, float | torch.Tensor]]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per delta code, A [r_max, in] and s·B [out, r_max] zero-padded (code 0 and deltas not
         in the run: zeros). Made per call: an optimizer step or a `.data` write can change a factor
@@ -201,10 +201,12 @@ def build_router(
     if bad:
         raise RoutingError(f"hd.route names must be delta names or None, got {bad[0]!r}")
     keep = [keep] if isinstance(keep, str) else list(keep or [])
+    if any(not isinstance(n, str) for n in keep):
+        raise RoutingError(f"hd.route's keep= takes delta names, got {keep!r}")
     unknown = sorted({n for n in rows + keep if n is not None and n not in deltas})
     if unknown:
         raise DeltaStateError(f"the model has no delta named {unknown}; its deltas are {list(deltas)}")
-    both = sorted(set(rows) & set(keep))
+    both = sorted({n for n in rows if n is not None} & set(keep))
     if both:
         raise RoutingError(f"{both} are both routed and kept for every row; name each delta in one place")
     routed = list(dict.fromkeys(n for n in rows if n is not None))

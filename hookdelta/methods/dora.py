@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine import current, first_input
+from ..modules import Layer
 from ..placement import live_weight
 from .lora_layers import LoRAConv, LoRAEmbedding, LoRALinear
 
@@ -27,10 +28,10 @@ class DoRALinear(LoRALinear):
     additive = False
     reads_weight = True  # the norm of W + ΔW
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None  # the magnitude rescales the base term too
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)
         with torch.no_grad():
             self.magnitude = nn.Parameter(self._rows(weight.detach()).norm(dim=1).to(like.device, like.dtype))
@@ -38,13 +39,13 @@ class DoRALinear(LoRALinear):
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T if self.conv1d else weight  # [out, in]
 
-    def _scale(self, module: nn.Module) -> torch.Tensor:
+    def _scale(self, module: Layer) -> torch.Tensor:
         with torch.no_grad():  # the norm is a constant for autograd (as the paper and PEFT do): no graph, no
             w = self._rows(live_weight(module)).to(self.lora_A.dtype)  # saved copy of the weight
             norm = (w + (self.lora_B @ self.lora_A) * self.scale).norm(dim=1)
         return self.magnitude / norm
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = first_input(args, kwargs).to(self.lora_A.dtype)
         c = self._scale(module)
         dropped = self.drop(module, x)
@@ -57,14 +58,14 @@ class DoRALinear(LoRALinear):
         delta = (c - 1) * base + c * lora
         return output + delta.to(output.dtype)
 
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def merged_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         w = self._rows(current(module, "weight")).float()  # differentiable: also the weight path (see Piece)
         updated = w + (self.lora_B.float() @ self.lora_A.float()) * self.scale
         merged = updated * (self.magnitude.float() / updated.norm(dim=1).detach()).unsqueeze(1)
         out = {"weight": merged.T if self.conv1d else merged}
         return out
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return self.delta_from_merged(module)
 
     def describe(self) -> str:
@@ -85,24 +86,24 @@ class DoRAEmbedding(LoRAEmbedding):
         with torch.no_grad():
             self.magnitude = nn.Parameter(weight.detach().float().norm(dim=0).to(like.device, like.dtype))
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None  # the magnitude rescales the looked-up rows too
 
     def _updated(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + ((self.lora_B @ self.lora_A) * self.scale).T.to(weight.dtype)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         with torch.no_grad():  # the norm is a constant for autograd, as in DoRA and PEFT
             norm = self._updated(live_weight(module).to(self.lora_A.dtype)).norm(dim=0)
         c = self.magnitude / norm
         lora = F.embedding(first_input(args, kwargs), self.lora_A.T, module.padding_idx) @ self.lora_B.T * self.scale
         return (c * output.to(c.dtype) + c * lora).to(output.dtype)
 
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def merged_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         updated = self._updated(current(module, "weight").float())
         return {"weight": updated * (self.magnitude.float() / updated.norm(dim=0).detach())[None, :]}
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return self.delta_from_merged(module)
 
     def describe(self) -> str:
@@ -115,7 +116,7 @@ class DoRAConv(LoRAConv):
 
     merges_by, additive, reads_weight = "value", False, True
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, weight: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor, weight: torch.Tensor) -> None:
         super().__init__(cfg, key, module, like)
         shape = (1, -1) + (1,) * (weight.dim() - 2)  # PEFT's layout: [1, out, 1, ...]
         with torch.no_grad():
@@ -123,7 +124,7 @@ class DoRAConv(LoRAConv):
                 weight.detach().float().flatten(1).norm(dim=1).reshape(shape).to(like.device, like.dtype)
             )
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None
 
     def _updated(self, weight: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,7 @@ class DoRAConv(LoRAConv):
         dw = (self.lora_B.reshape(-1, r) @ self.lora_A.reshape(r, -1)).reshape(weight.shape) * self.scale
         return weight + dw.to(weight.dtype)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         with torch.no_grad():
             norm = self._updated(live_weight(module).to(self.lora_A.dtype)).flatten(1).norm(dim=1)
         c = self.magnitude / norm.reshape(self.magnitude.shape)
@@ -144,13 +145,13 @@ class DoRAConv(LoRAConv):
             base = output.to(c.dtype) - (bias.to(c.dtype).reshape(self.magnitude.shape) if bias is not None else 0)
         return output + ((c - 1) * base + c * lora).to(output.dtype)
 
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def merged_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         updated = self._updated(current(module, "weight").float())
         norm = updated.flatten(1).norm(dim=1).detach()
         out = self.magnitude.float().reshape(-1) / norm
         return {"weight": updated * out.reshape((-1,) + (1,) * (updated.dim() - 1))}
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return self.delta_from_merged(module)
 
     def describe(self) -> str:

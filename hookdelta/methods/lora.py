@@ -42,7 +42,7 @@ from ..config import (
 )
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, HookdeltaError, SelectorError, UnsupportedModuleError
-from ..modules import is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
+from ..modules import Layer, is_linear_like, layer_dims, named_modules, parameter_holders, resolve_site
 from ..placement import layer_like, like_tensor, real_weight
 from ..roles import experts_transposed, fused_rows, roles
 from ..selection import match_parameters
@@ -311,7 +311,7 @@ def _activate(cfg: LoRAConfig, pieces: list[Piece], activation: Activation) -> l
 def _make_piece(
     cfg: LoRAConfig,
     key: str,
-    module: nn.Module,
+    module: Layer,
     param_name: str | None,
     model: nn.Module,
     activation: Activation | None = None,
@@ -322,7 +322,7 @@ def _make_piece(
     elif is_linear_like(module) or isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)):
         like = layer_like(model, path, module)  # where and in what dtype it computes (quantized too)
     else:
-        like = None
+        raise _unsupported(cfg, key, module, param_name)
     if cfg.use_dora:
         if param_name is not None and module._parameters[param_name].dim() == 3:  # fused experts
             return DoRAParameter(
@@ -334,11 +334,7 @@ def _make_piece(
             return DoRAEmbedding(cfg, key, module, like, real_weight(model, path))
         if param_name is None and type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and module.groups == 1:
             return DoRAConv(cfg, key, module, like, real_weight(model, path))
-        raise UnsupportedModuleError(
-            f"DoRA (use_dora=True) adapts linear layers, nn.Embedding, ungrouped nn.Conv1d/2d/3d and fused experts "
-            f"tensors; {key!r} is "
-            f"{'a parameter target' if param_name else type(module).__name__}. Narrow the targets or use plain LoRA."
-        )
+        raise _unsupported(cfg, key, module, param_name)
     if param_name is not None:
         return LoRAParameter(cfg, key, module, param_name, like)
     if is_linear_like(module):
@@ -363,7 +359,17 @@ def _make_piece(
         module, nn.modules.conv._ConvTransposeNd
     ):
         return LoRAConv(cfg, key, module, like)
-    raise UnsupportedModuleError(
+    raise _unsupported(cfg, key, module, param_name)
+
+
+def _unsupported(cfg: LoRAConfig, key: str, module: nn.Module, param_name: str | None) -> UnsupportedModuleError:
+    if cfg.use_dora:
+        return UnsupportedModuleError(
+            f"DoRA (use_dora=True) adapts linear layers, nn.Embedding, ungrouped nn.Conv1d/2d/3d and fused experts "
+            f"tensors; {key!r} is "
+            f"{'a parameter target' if param_name else type(module).__name__}. Narrow the targets or use plain LoRA."
+        )
+    return UnsupportedModuleError(
         f"LoRA cannot adapt {key!r} of type {type(module).__name__}; it supports {SUPPORTED}. "
         "Narrow the selector (e.g. to the projection layers inside it), or use "
         "target_parameters=[...] to adapt one of its weights directly."
@@ -375,7 +381,6 @@ def _tie_partners(
 ) -> list[Piece]:
     """Pieces for the other modules that share `weight` (tied embeddings), or an error."""
     partners: list[Piece] = []
-    param_is_target = isinstance(primary, LoRAParameter)
     for path, other, other_name in holders:
         if other is module or other_name != name:
             continue
@@ -384,7 +389,9 @@ def _tie_partners(
                 f"{key!r} shares its {name} with {path!r} (tied weights); adapting one would untie them. "
                 "Set tie_weights=True to adapt both, or exclude both."
             )
-        partners.append(TiedParameter(primary, path) if param_is_target else TiedLoRA(primary, path, other))
+        partners.append(
+            TiedParameter(primary, path) if isinstance(primary, LoRAParameter) else TiedLoRA(primary, path, other)
+        )
     return partners
 
 
@@ -569,7 +576,9 @@ def peft_parameter_factors(
     hookdelta writes the 0.20 layout. A 2-D tensor is a plain [out, in] weight in every version."""
     owner, _, name = key.rpartition(".")
     module = model.get_submodule(owner)
-    weight = module._parameters[name]
+    weight = module._parameters.get(name)
+    if weight is None:
+        raise DeltaFileError(f"the delta's {key!r} names no parameter of the model")
     if weight.dim() == 2:
         return a, b
     experts, m, n = weight.shape[0], weight.shape[-2], weight.shape[-1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
@@ -15,12 +15,19 @@ import torch.nn.functional as F
 from .. import inits, ops
 from ..engine import Piece, TiedSwap, current, first_hook_is_ours, first_input
 from ..errors import ConfigError, MergeError, UnsupportedModuleError
-from ..modules import is_conv1d, layer_dims
+from ..modules import Layer, is_conv1d, layer_dims
 from ..shared_input import SharedInput
 from .alora import activated
 
 if TYPE_CHECKING:
     from .lora import LoRAConfig
+
+
+def _weight_for(cfg: LoRAConfig, key: str, weight: torch.Tensor | None) -> torch.Tensor:
+    """The layer's weight, which an init that starts from it needs (the build passes it for those)."""
+    if weight is None:
+        raise UnsupportedModuleError(f"init={cfg.init!r} starts from the layer's weight, which {key!r} does not have")
+    return weight
 
 
 class _LoRABase(Piece):
@@ -29,6 +36,7 @@ class _LoRABase(Piece):
     hooks = frozenset({"post"})
     additive = True
     siblings: SharedInput | None = None  # layers reading the same input: one A GEMM (shared_input.py)
+    scale: float | torch.Tensor  # a tensor once hot-swap holds it (hold_scale)
 
     def __init__(
         self,
@@ -74,15 +82,14 @@ class _LoRABase(Piece):
     def hold_scale(self) -> torch.Tensor:
         """The scale as a (non-persistent) buffer: a new value is then data for torch.compile'd
         code, not a constant it was specialized on, so setting it does not recompile."""
-        if not isinstance(self.scale, torch.Tensor):
-            value = self.scale
-            del self.scale
-            self.register_buffer(
-                "scale", torch.tensor(value, dtype=torch.float32, device=self.lora_A.device), persistent=False
-            )
-        return self.scale
+        if isinstance(self.scale, torch.Tensor):
+            return self.scale
+        held = torch.tensor(self.scale, dtype=torch.float32, device=self.lora_A.device)
+        del self.scale
+        self.register_buffer("scale", held, persistent=False)
+        return held
 
-    def drop(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def drop(self, module: Layer, x: torch.Tensor) -> torch.Tensor:
         # dropout follows the host module's mode, so model.eval() turns it off
         return F.dropout(x, self.p, training=True) if self.p and module.training else x
 
@@ -103,7 +110,7 @@ class LoRALinear(_LoRABase):
         self,
         cfg: LoRAConfig,
         key: str,
-        module: nn.Module,
+        module: Layer,
         like: torch.Tensor,
         weight: torch.Tensor | None = None,
         activation: Any = None,
@@ -121,7 +128,7 @@ class LoRALinear(_LoRABase):
         if cfg.init == "orthogonal":
             self._orthogonal(in_f, out_f)
         if cfg.init == "loftq" and (data := inits.supplied("loftq", key)) is not None:
-            a, b = inits.loftq_factors(data, weight, r, float(self.scale), self.conv1d, self.lora_A.dtype)
+            a, b = inits.loftq_factors(data, _weight_for(cfg, key, weight), r, float(self.scale), self.conv1d, self.lora_A.dtype)
             with torch.no_grad():
                 self.lora_A.copy_(a)
                 self.lora_B.copy_(b)
@@ -145,7 +152,7 @@ class LoRALinear(_LoRABase):
         """The update for input x (in the factors' dtype), by the formula; variants extend it."""
         return F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         params = self._parameters  # (hot path: a dict lookup, not nn.Module.__getattr__)
         a, b = params["lora_A"], params["lora_B"]
@@ -170,7 +177,7 @@ class LoRALinear(_LoRABase):
         owned = not torch.is_grad_enabled() and first_hook_is_ours(module)
         return ops.lowrank_add(output, t, b, self.scale, owned)
 
-    def lowrank(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    def lowrank(self, module: Layer) -> tuple[torch.Tensor, torch.Tensor, float | torch.Tensor] | None:
         if self.p and module.training:
             return None
         return self.plain_factors() + (self.scale,)
@@ -179,7 +186,7 @@ class LoRALinear(_LoRABase):
         """(A, B) of the same update as one plain LoRA."""
         return self.lora_A, self.lora_B
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         a, b = self.plain_factors()
         dw = (b.float() * self.scale) @ a.float()  # scale the small factor
         return {"weight": dw.T if self.conv1d else dw}
@@ -188,7 +195,7 @@ class LoRALinear(_LoRABase):
 class _TermLoRALinear(LoRALinear):
     """A variant whose update is more than s·B·A·x: added by the plain formula, no grouping."""
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         return output + self.term(x.to(self.lora_A.dtype)).to(output.dtype)
 
@@ -196,17 +203,19 @@ class _TermLoRALinear(LoRALinear):
 class BiasedLoRALinear(_TermLoRALinear):
     """bias="lora_only" (PEFT's lora_bias): a trainable bias b on B, s·(B·A·x + b)."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
+    lora_bias: nn.Parameter
+
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor, *rest: Any) -> None:
         super().__init__(cfg, key, module, like, *rest)
         self.lora_bias = nn.Parameter(torch.zeros(self.out_features, dtype=like.dtype, device=like.device))
 
     def term(self, x: torch.Tensor) -> torch.Tensor:
         return super().term(x) + self.lora_bias * self.scale
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None  # the bias is not a low-rank term
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         out = super().delta_weights(module)
         if module._parameters.get("bias") is None:
             raise MergeError(
@@ -232,12 +241,13 @@ class ResidualLoRALinear(_TermLoRALinear):
         self,
         cfg: LoRAConfig,
         key: str,
-        module: nn.Module,
+        module: Layer,
         like: torch.Tensor,
         weight: torch.Tensor | None = None,
         *rest: Any,
     ) -> None:
         super().__init__(cfg, key, module, like, weight, *rest)
+        weight = _weight_for(cfg, key, weight)
         w = weight.detach().float()
         w = w.T if self.conv1d else w  # [out, in]
         r, s = self.r, float(self.scale)
@@ -289,11 +299,11 @@ class ActivatedLoRALinear(_TermLoRALinear):
         super().__init__(*args)
         self.activation = activation
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         return activated(self, output, self.term(x.to(self.lora_A.dtype)))
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None
 
 
@@ -329,7 +339,7 @@ class LoRASlices(_LoRABase):
     A's stacked [k·r, in], lora_B their B's stacked [rows, r]; `rows` are the output features."""
 
     def __init__(
-        self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, slices: dict[str, torch.Tensor]
+        self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor, slices: dict[str, torch.Tensor]
     ) -> None:
         self.conv1d = is_conv1d(module)
         in_f, out_f = layer_dims(module, module, key)
@@ -341,13 +351,13 @@ class LoRASlices(_LoRABase):
         self.rank_dims = {}  # A and B hold one block per slice: not padded at the end
         self.sizes, self.slices, self.out_features = [len(slices[n]) for n in names], tuple(names), out_f
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs))
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A) * self.scale  # [.., k·r]
         parts = [F.linear(a, b) for a, b in zip(h.split(self.r, -1), self.lora_B.split(self.sizes), strict=True)]
         return output.index_add(-1, self.rows, torch.cat(parts, -1).to(output.dtype))
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         dw = torch.zeros(self.out_features, self.lora_A.shape[1], device=self.lora_A.device)
         for a, b, rows in zip(
             self.lora_A.float().split(self.r),
@@ -372,12 +382,12 @@ class LoRAEmbedding(_LoRABase):
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the embedding {key!r}")
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         ids = first_input(args, kwargs)
         after_a = F.embedding(ids, self.lora_A.T, module.padding_idx)
         return output + ((after_a * self.scale) @ self.lora_B.T).to(output.dtype)
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return {"weight": ((self.lora_B.float() * self.scale) @ self.lora_A.float()).T}
 
 
@@ -385,7 +395,7 @@ class LoRAConv(_LoRABase):
     """LoRA on Conv1d/2d/3d (grouped and 1×1 included): A is a grouped conv with the host's
     kernel, stride, padding and dilation; B a grouped 1×1 conv. Exact for any groups."""
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor) -> None:
         w = module.weight  # [out, in/g, *k]
         g = module.groups
         kernel = tuple(w.shape[2:])
@@ -400,12 +410,12 @@ class LoRAConv(_LoRABase):
         if cfg.bias != "none":
             raise UnsupportedModuleError(f"bias='lora_only' is not available for the conv layer {key!r}")
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         x = self.drop(module, first_input(args, kwargs)).to(self.lora_A.dtype)
         h = module._conv_forward(x, self.lora_A, None)  # host's padding mode, stride, ... and groups
         return output + (self.conv(h, self.lora_B, groups=self.groups) * self.scale).to(output.dtype)
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         w = module.weight
         g, r = self.groups, self.r
         a = self.lora_A.float().reshape(g, r, -1)
@@ -420,7 +430,7 @@ class LoRAParameter(_LoRABase):
     hooks = frozenset()  # it only swaps
     rank_dims = {"lora_A": -2, "lora_B": -1}
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, name: str, like: torch.Tensor) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, name: str, like: torch.Tensor) -> None:
         w = module._parameters[name]
         if w.dim() < 2:
             raise UnsupportedModuleError(
@@ -441,12 +451,12 @@ class LoRAParameter(_LoRABase):
     def update(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale
 
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def swap(self, module: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         # fused experts: the products with W + s·B·A are taken on each expert's routed tokens
         # (ops.lowrank_weight; its plain twin builds W + s·B·A, as here for 2-D weights)
         return ops.lowrank_weight(weight, self.lora_A, self.lora_B, self.scale)
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return {self.param_name: (self.lora_B.float() * self.scale) @ self.lora_A.float()}
 
     def describe(self) -> str:
@@ -467,7 +477,7 @@ class DoRAParameter(LoRAParameter):
         self,
         cfg: LoRAConfig,
         key: str,
-        module: nn.Module,
+        module: Layer,
         name: str,
         like: torch.Tensor,
         weight: torch.Tensor,
@@ -482,13 +492,13 @@ class DoRAParameter(LoRAParameter):
         updated = weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
         return updated * (self.magnitude.float() / updated.norm(dim=self.in_dim).detach()).unsqueeze(self.in_dim)
 
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def swap(self, module: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self._value(weight).to(weight.dtype)
 
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def merged_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return {self.param_name: self._value(current(module, self.param_name))}
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return self.delta_from_merged(module)
 
     def describe(self) -> str:
@@ -504,7 +514,7 @@ class TiedLoRA(Piece):
     hooks = frozenset({"post"})
     additive = True
 
-    def __init__(self, primary: Piece, site_path: str, module: nn.Module) -> None:
+    def __init__(self, primary: Piece, site_path: str, module: Layer) -> None:
         super().__init__(site_path, key=site_path)
         object.__setattr__(self, "primary", primary)  # not a submodule: its tensors are saved once
         self.weight_path_exact = primary.weight_path_exact  # (dropout acts on inputs: no weight holds it)
@@ -520,7 +530,7 @@ class TiedLoRA(Piece):
                 "ties LoRA only between nn.Linear and nn.Embedding layers. Exclude both or set tie_weights=False."
             )
 
-    def weight_values(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def weight_values(self, module: Layer) -> dict[str, torch.Tensor]:
         """The shared weight with the primary's update, for a parent that reads this layer's
         weight without calling it (a fused loss reading a tied head): W + s·B·A in the shared
         layout (the embedding's (B·A)ᵀ), differentiable in the primary's factors."""
@@ -531,7 +541,7 @@ class TiedLoRA(Piece):
         w = current(module, "weight")
         return {"weight": w + dw.to(w.dtype)}
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         p = self.primary
         x = first_input(args, kwargs)
         if isinstance(p, LoRAEmbedding) and isinstance(module, nn.Linear):  # ΔW=(B·A)ᵀ as a linear: x·B·A
@@ -573,7 +583,7 @@ class TensorParallelLoRALinear(LoRALinear):
     tensor_parallel = True
     siblings = None
 
-    def __init__(self, cfg: LoRAConfig, key: str, module: nn.Module, like: torch.Tensor, *rest: Any) -> None:
+    def __init__(self, cfg: LoRAConfig, key: str, module: Layer, like: torch.Tensor, *rest: Any) -> None:
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         super().__init__(cfg, key, module, like, *rest)
@@ -591,22 +601,22 @@ class TensorParallelLoRALinear(LoRALinear):
         self.lora_A = nn.Parameter(distribute_tensor(self.lora_A.detach(), mesh, [a_place]))
         self.lora_B = nn.Parameter(distribute_tensor(self.lora_B.detach(), mesh, [b_place]))
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         a, b = self._parameters["lora_A"], self._parameters["lora_B"]
         x = first_input(args, kwargs)
         if not isinstance(x, DTensor):  # (the layer's input, as the parallel style laid it out)
-            x = DTensor.from_local(x, a.device_mesh, [Replicate() if self.colwise else Shard(-1)])
+            x = DTensor.from_local(x, cast(DTensor, a).device_mesh, [Replicate() if self.colwise else Shard(-1)])
         if isinstance(output, DTensor):
             raise UnsupportedModuleError(
                 f"{self.key!r} returns a DTensor (a parallel style with use_local_output=False); hookdelta's "
                 "tensor-parallel LoRA adds to the local output the default styles return"
             )
-        h = F.linear(x.to(a.dtype), a)  # column-parallel: whole; row-parallel: a partial sum
+        h = cast(DTensor, F.linear(x.to(a.dtype), a))  # column-parallel: whole; row-parallel: a partial sum
         if not self.colwise:
             h = h.redistribute(h.device_mesh, [Replicate()])  # the layer's output is reduced: reduce ours once
-        return output + F.linear(h * self.scale, b).to_local().to(output.dtype)
+        return output + cast(DTensor, F.linear(h * self.scale, b)).to_local().to(output.dtype)
 
-    def lowrank(self, module: nn.Module) -> None:
+    def lowrank(self, module: Layer) -> None:
         return None  # (no plain fast path over sharded factors)
