@@ -223,7 +223,7 @@ class PeftCodec:
         return {f"{s}.{n}": t for s, ts in named.items() for n, t in ts.items()}
 
     @staticmethod
-    def piece_tensors(pieces: list[Piece]) -> dict[str, torch.Tensor]:
+    def piece_tensors(pieces: Sequence[Piece]) -> dict[str, torch.Tensor]:
         """The pieces' saved tensors keyed "<site>.<name>", where PEFT's names are the pieces'."""
         return {f"{p.key}.{n}": t.detach().contiguous() for p in pieces for n, t in p.state_dict().items()}
 
@@ -244,7 +244,7 @@ class PeftCodec:
             )
 
     @staticmethod
-    def tuner_fields(delta: Any, pieces: list[Piece], layout: bool = True) -> dict[str, Any]:
+    def tuner_fields(delta: Any, pieces: Sequence[Piece], layout: bool = True) -> dict[str, Any]:
         """The fields PEFT tuner configs (LoRA, IA3) have: target modules and, unless `layout` is
         False (configs without the field), fan_in_fan_out."""
         fields: dict[str, Any] = {"target_modules": [p.key for p in pieces]}

@@ -88,7 +88,7 @@ class Delta(nn.Module):
         object.__setattr__(self, "_model", None)  # a plain reference: the model is not a child
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]  # (torch's, untyped)
         self.uid = uuid.uuid4().hex  # a copy (deepcopy, unpickling) is a delta of its own
 
     # -- state ---------------------------------------------------------------------------

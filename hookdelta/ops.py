@@ -180,7 +180,7 @@ class LowRankWeight(torch.Tensor):
         out.base, out.terms = base, terms
         return out
 
-    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # (the default would print the values: the plain twin)
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # (torch's stub)  # (the default would print the values: the plain twin)
         return f"LowRankWeight(shape={tuple(self.base.shape)}, terms={len(self.terms)})"
 
     def value(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -364,7 +364,7 @@ def _check_base_copies(model: nn.Module, copies: dict[str, torch.Tensor], fix: A
     for key, saved in copies.items():
         path = fix(key[: -len(".base_layer.weight")])
         try:
-            weight = model.get_submodule(path).weight
+            weight = cast(torch.Tensor, model.get_submodule(path).weight)
         except AttributeError:
             raise DeltaFileError(f"the adapter in {directory} holds {key!r} but the model has no {path!r}") from None
         if weight.shape != saved.shape or not torch.equal(weight.detach().cpu(), saved.to(weight.dtype)):

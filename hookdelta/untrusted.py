@@ -177,14 +177,11 @@ def meta_copy(model: nn.Module) -> nn.Module:
             c = object.__new__(type(m))  # (not type(m).__new__: FSDP2's classes run __init__ in theirs)
             c.__dict__ = dict(m.__dict__)
             modules[id(m)] = c
-            c._parameters = {k: meta(v) for k, v in m._parameters.items()}  # type: ignore[assignment]
-            c._buffers = {k: meta(v) for k, v in m._buffers.items()}  # type: ignore[assignment]
+            c._parameters = {k: meta(v) for k, v in m._parameters.items()}
+            c._buffers = {k: meta(v) for k, v in m._buffers.items()}
             # the deltas already attached (hookdelta's own child) stay as they are: a block that
             # combines them (hd.average, ...) reads them; nothing is built into them
-            c._modules = {
-                k: v if v is None or is_internal(k) else clone(v)  # type: ignore[assignment]
-                for k, v in m._modules.items()
-            }
+            c._modules = {k: v if v is None or is_internal(k) else clone(v) for k, v in m._modules.items()}
         return modules[id(m)]
 
     return clone(model)

@@ -239,6 +239,17 @@ def test_bad_names_are_refused(names, error, match):
     main_output(model(**inputs))  # still runs, unrouted
 
 
+@pytest.mark.parametrize("keep", [[None], [3], ["lora1", None]])
+def test_keep_takes_delta_names_only(keep):
+    """keep=[None] was a raw KeyError (found by the type checker)."""
+    model, inputs = _two()
+    snap = snapshot(model)
+    with pytest.raises(hd.RoutingError, match="keep= takes delta names"), hd.route(model, ["lora0", None], keep=keep):
+        pass
+    assert_same(model, snap)
+    main_output(model(**inputs))
+
+
 def test_disabled_and_prompt_and_weight_swapping_deltas_are_refused():
     model, inputs = _two()
     hd.deltas(model)["lora1"].disable()

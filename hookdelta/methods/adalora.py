@@ -125,7 +125,7 @@ class RankAllocator:
             cfg = dataclasses.replace(cfg, total_step=total_step)
         if cfg.total_step is None:
             raise ConfigError("AdaLoRA's schedule needs AdaLoRAConfig.total_step (the number of training steps)")
-        self.delta, self.cfg = delta, cfg
+        self.delta, self.cfg, self.total_step = delta, cfg, cfg.total_step
         self.pieces = [p for p in delta.pieces.values() if isinstance(p, SVDLoRA)]  # (not also_train copies)
         self.init_budget = sum(p.r for p in self.pieces)
         self.target_budget = cfg.target_r * len(self.pieces)
@@ -140,9 +140,9 @@ class RankAllocator:
         c = self.cfg
         if step <= c.tinit:
             return self.init_budget, False
-        if step > c.total_step - c.tfinal:
+        if step > self.total_step - c.tfinal:
             return self.target_budget, True
-        left = 1 - (step - c.tinit) / (c.total_step - c.tfinal - c.tinit)
+        left = 1 - (step - c.tinit) / (self.total_step - c.tfinal - c.tinit)
         return int((self.init_budget - self.target_budget) * left**3 + self.target_budget), step % c.deltaT == 0
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -185,7 +185,7 @@ class RankAllocator:
 
     def update_and_allocate(self, step: int) -> None:
         """One step of PEFT's `update_and_allocate`: importance, then (on schedule) the cut."""
-        final = self.cfg.total_step - self.cfg.tfinal
+        final = self.total_step - self.cfg.tfinal
         if step < final:
             self._update_importance()
             budget, now = self.budget(step)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import MAX_ALPHA, DeltaConfig, check_choice, check_float, check_int
 from ..engine import Piece, first_input, map_output
-from ..modules import layer_dims
+from ..modules import Layer, layer_dims
 from ..placement import layer_like
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -68,7 +68,7 @@ class BottleneckConfig(DeltaConfig):
         return build_bottlenecks(self, model, sites, self.projections)
 
 
-def reference_tensor(model: nn.Module, module: nn.Module, path: str) -> torch.Tensor:
+def reference_tensor(model: nn.Module, module: Layer, path: str) -> torch.Tensor:
     """A tensor whose device and dtype the delta's own tensors should take (where the layer
     computes, also when accelerate offloads it or it is quantized)."""
     return layer_like(model, path, module)
@@ -85,8 +85,8 @@ class Bottleneck(Piece):
     def __init__(
         self,
         key: str,
-        down: nn.Module,
-        up: nn.Module,
+        down: Layer,
+        up: Layer,  # (nn.Linear, or compacter's PHM layer: each has a bias)
         non_linearity: str,
         scale: float,
         parallel: bool = False,
@@ -100,7 +100,7 @@ class Bottleneck(Piece):
         x = x.to(self.up.bias.dtype)  # every up-projection here has a bias; cheaper than parameters()
         return (self.up(ACTIVATIONS[self.non_linearity](self.down(x))) * self.scale).to(like.dtype)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.parallel:
             x = first_input(args, kwargs)
             return map_output(output, lambda h: h + self.branch(x, h))

@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, check_bool
 from ..engine import Piece, map_output
 from ..errors import MergeError, UnsupportedModuleError
-from ..modules import is_linear_like, layer_dims
+from ..modules import Layer, is_linear_like, layer_dims
 from ..roles import is_norm
 from .adapter import reference_tensor
 
@@ -72,7 +72,7 @@ class BitFitConfig(DeltaConfig):
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
         pieces: list[Piece] = []
         for path in sites:
-            module = model.get_submodule(path)
+            module: Layer = model.get_submodule(path)
             like = reference_tensor(model, module, path)
             if is_linear_like(module):
                 pieces.append(BiasDelta(path, layer_dims(model, module, path)[1], like, -1))

@@ -139,12 +139,12 @@ class Butterfly(Piece):
         wide = torch.promote_types(data.dtype, torch.float32)
         blocks = torch.linalg.solve((eye + skew).to(wide), (eye - skew).to(wide), left=False)
         blocks = blocks.to(data.dtype).reshape(m, d, h, h)
-        total = None
+        total = torch.eye(d * h, dtype=blocks.dtype, device=blocks.device)  # (m >= 1 factors follow)
         for i in range(m):
             bd = torch.block_diag(*blocks[i].unbind(0))
             p = self.perms[i]
             factor = bd[p][:, p]  # P·D·Pᵀ with P the permutation matrix of `p` (P[i, p[i]] = 1)
-            total = factor if total is None else factor @ total
+            total = factor if i == 0 else factor @ total
         return total
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

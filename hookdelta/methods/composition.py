@@ -176,7 +176,7 @@ class AveragePiece(BlockPiece):
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         def run(h: torch.Tensor) -> torch.Tensor:
             changes = self.changes(module, args, kwargs, h)
-            return h + sum(w * c for w, c in zip(self.weights, changes, strict=True)).to(h.dtype)
+            return h + sum((w * c for w, c in zip(self.weights, changes, strict=True)), torch.zeros_like(h)).to(h.dtype)
 
         return map_output(output, run)
 

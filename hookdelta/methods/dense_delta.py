@@ -27,7 +27,7 @@ from ..config import (
 )
 from ..engine import Piece, first_input
 from ..errors import UnsupportedModuleError
-from ..modules import is_conv1d, is_linear_like, layer_dims
+from ..modules import Layer, is_conv1d, is_linear_like, layer_dims
 from ..placement import layer_like
 
 SUPPORTED = "nn.Linear, transformers Conv1D, nn.Conv1d, nn.Conv2d"
@@ -59,7 +59,7 @@ class DenseDeltaConfig(DeltaConfig):
         return [self.piece_class(self, key, model.get_submodule(key), model) for key in sites]
 
 
-def weight_shape(model: nn.Module, key: str, module: nn.Module, method: str) -> tuple[int, ...]:
+def weight_shape(model: nn.Module, key: str, module: Layer, method: str) -> tuple[int, ...]:
     """The logical shape of the host's weight: [out, in] for linear layers (quantized ones
     too), [out, in/groups, *kernel] for convolutions; any other module is refused."""
     if is_linear_like(module):
@@ -72,7 +72,7 @@ def weight_shape(model: nn.Module, key: str, module: nn.Module, method: str) -> 
     )
 
 
-def rank_and_scale(cfg: DeltaConfig, key: str) -> tuple[int, float]:
+def rank_and_scale(cfg: Any, key: str) -> tuple[int, float]:
     """(r, alpha / r) at a site, with PEFT's rank_pattern / alpha_pattern."""
     r = pattern_value(cfg.rank_pattern, key, cfg.r)
     return r, pattern_value(cfg.alpha_pattern, key, cfg.alpha) / r
@@ -90,7 +90,7 @@ class DenseDelta(Piece):
     additive = True
 
     def __init__(
-        self, cfg: DeltaConfig, key: str, module: nn.Module, model: nn.Module, method: str, ranked: bool = True
+        self, cfg: DeltaConfig, key: str, module: Layer, model: nn.Module, method: str, ranked: bool = True
     ) -> None:
         super().__init__(key)
         self.shape = weight_shape(model, key, module, method)  # the host weight's logical shape
@@ -105,14 +105,14 @@ class DenseDelta(Piece):
         """ΔW in `shape`, scaled, differentiable in the piece's tensors."""
         raise NotImplementedError
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         dw = self.delta()
         x = first_input(args, kwargs)
         x = x if x.dtype == dw.dtype else x.to(dw.dtype)
         y = F.linear(x, dw) if self.linear else module._conv_forward(x, dw, None)
         return output + (y if y.dtype == output.dtype else y.to(output.dtype))
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         dw = self.delta().float()
         return {"weight": dw.T if self.conv1d else dw}
 
@@ -132,7 +132,7 @@ class LowRankDelta(Piece):
         """(down [k, in], up [out, k]), differentiable in the piece's tensors."""
         raise NotImplementedError
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         down, up = self.factors()
         x = first_input(args, kwargs)
         x = x if x.dtype == down.dtype else x.to(down.dtype)
@@ -141,7 +141,7 @@ class LowRankDelta(Piece):
         y = F.linear(F.linear(x, down), up) * self.scale
         return output + (y if y.dtype == output.dtype else y.to(output.dtype))
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         down, up = self.factors()
         dw = up.float() @ down.float() * self.scale
         return {"weight": dw.T if self.conv1d else dw}
@@ -165,7 +165,7 @@ def peft_rank_fields(peft_config: dict[str, Any], named: dict[str, Any], ranks: 
     }
 
 
-def pattern_fields(pieces: list[Any], cfg: DeltaConfig) -> dict[str, Any]:
+def pattern_fields(pieces: list[Any], cfg: Any) -> dict[str, Any]:
     """PEFT's rank_pattern / alpha_pattern for the sites whose r or alpha differ from the config's."""
     ranks = {re.escape(p.key): p.r for p in pieces if p.r != cfg.r}
     alphas = {re.escape(p.key): p.scale * p.r for p in pieces if abs(p.scale * p.r - cfg.alpha) > 1e-9 * cfg.alpha}

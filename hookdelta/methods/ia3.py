@@ -142,15 +142,16 @@ class IA3Config(DeltaConfig):
         pieces: list[Piece] = []
         for path in sites:
             module, name = resolve_site(model, path)
-            if name is not None and module._parameters[name].dim() == 3:  # fused experts, per expert
+            param = module._parameters[name] if name is not None else None
+            if name is not None and param is not None and param.dim() == 3:  # fused experts, per expert
                 pieces.append(
                     RescaleExperts(
                         path,
                         name,
-                        module._parameters[name],
+                        param,
                         path in ff,
                         experts_transposed(model, path),
-                        like_tensor(model, path.rpartition(".")[0], module._parameters[name]),
+                        like_tensor(model, path.rpartition(".")[0], param),
                     )
                 )
                 continue

@@ -23,6 +23,7 @@ from ..config import DeltaConfig, PeftCodec, check_int
 from ..engine import Piece
 from ..errors import ConfigError, DeltaFileError, UnsupportedModuleError
 from ..model_inputs import bind
+from ..modules import Layer
 from ..roles import roles
 
 TYPES = ("llama", "mistral", "gpt2")
@@ -67,9 +68,10 @@ class LlamaAdapterConfig(DeltaConfig):
         return found[-self.adapter_layers :]
 
     def build(self, model: nn.Module, sites: Sequence[str]) -> list[Piece]:
-        kind = model.config.model_type
+        config: Any = model.config
         return [
-            GatedPrompt(self, key, model.get_submodule(key), kind, model.config.num_attention_heads) for key in sites
+            GatedPrompt(self, key, model.get_submodule(key), config.model_type, config.num_attention_heads)
+            for key in sites
         ]
 
 
@@ -79,7 +81,7 @@ class GatedPrompt(Piece):
     routable = False  # it reads the call's position embeddings, shared by the batch's rows
     unroutable = "reads the attention call's position embeddings, which belong to the whole batch"
 
-    def __init__(self, cfg: LlamaAdapterConfig, key: str, attn: nn.Module, kind: str, heads: int) -> None:
+    def __init__(self, cfg: LlamaAdapterConfig, key: str, attn: Layer, kind: str, heads: int) -> None:
         super().__init__(key)
         self.gpt2 = kind == "gpt2"
         proj = attn.c_attn if self.gpt2 else attn.q_proj
@@ -97,7 +99,7 @@ class GatedPrompt(Piece):
         self.adaption_gate = nn.Parameter(torch.zeros(1, **kw))
         self.heads, self.head_dim = heads, attn.head_dim
 
-    def _prompt_kv(self, attn: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_kv(self, attn: Layer, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gpt2:
             _, k, v = attn.c_attn(self.adaption_prompt).split(width, dim=2)
         else:
@@ -107,7 +109,7 @@ class GatedPrompt(Piece):
         k, v = (t.view(shape).transpose(1, 2).repeat_interleave(self.heads // kv_heads, dim=1) for t in (k, v))
         return k, v
 
-    def _queries(self, attn: nn.Module, kw: dict[str, Any]) -> torch.Tensor:
+    def _queries(self, attn: Layer, kw: dict[str, Any]) -> torch.Tensor:
         hidden = kw["hidden_states"]
         b, n, _ = hidden.shape
         if self.gpt2:
@@ -122,7 +124,7 @@ class GatedPrompt(Piece):
         cos, sin = kw["position_embeddings"]
         return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
 
-    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def post_forward(self, module: Layer, args: tuple, kwargs: dict, output: Any) -> Any:
         out = output[0] if isinstance(output, tuple) else output
         kw = bind(module, args, kwargs)
         q = self._queries(module, kw)

@@ -23,9 +23,9 @@ class NormDelta(Piece):
 
     def __init__(self, key: str, module: nn.Module) -> None:
         super().__init__(key)
-        names = [n for n in ("weight", "bias") if isinstance(module._parameters.get(n), torch.Tensor)]
-        for n in names:
-            p = module._parameters[n]
+        own = {n: p for n in ("weight", "bias") if isinstance(p := module._parameters.get(n), torch.Tensor)}
+        names = list(own)
+        for n, p in own.items():
             self.register_parameter(f"delta_{n}", nn.Parameter(torch.zeros_like(p.detach())))
         self.swaps = tuple(names)
 

@@ -103,6 +103,7 @@ class Kronecker(DenseDelta):
 
     def delta(self) -> torch.Tensor:
         w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        w2: torch.Tensor
         if hasattr(self, "lokr_w2"):
             w2 = self.lokr_w2
         elif self.cp:

@@ -128,7 +128,9 @@ class LoRALinear(_LoRABase):
         if cfg.init == "orthogonal":
             self._orthogonal(in_f, out_f)
         if cfg.init == "loftq" and (data := inits.supplied("loftq", key)) is not None:
-            a, b = inits.loftq_factors(data, _weight_for(cfg, key, weight), r, float(self.scale), self.conv1d, self.lora_A.dtype)
+            a, b = inits.loftq_factors(
+                data, _weight_for(cfg, key, weight), r, float(self.scale), self.conv1d, self.lora_A.dtype
+            )
             with torch.no_grad():
                 self.lora_A.copy_(a)
                 self.lora_B.copy_(b)

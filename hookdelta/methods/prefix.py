@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -167,7 +167,7 @@ class PrefixConfig(PromptConfig):
                 "Use SoftPromptConfig or LoRA there."
             )
         (path,) = sites
-        like = model.get_submodule(path).weight
+        like = cast(torch.Tensor, model.get_submodule(path).weight)  # (the input embedding's)
         site, taker = cache_taker(model)
         P = self.num_virtual_tokens
         piece = Prefix(

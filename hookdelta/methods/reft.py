@@ -174,7 +174,8 @@ class Intervention(Piece):
             idx = sorted(set(range(min(first, t))) | set(range(max(t - last, 0), t)))
             return torch.tensor(idx, device=h.device).expand(b, -1)
         try:
-            pos = torch.as_tensor(self.positions(h), device=h.device, dtype=torch.long)
+            find: Any = self.positions  # (a callable here: a string gave a span)
+            pos = torch.as_tensor(find(h), device=h.device, dtype=torch.long)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(
                 f"the positions callable must give a [batch={b}, k] array of positions; its result "

@@ -73,7 +73,9 @@ class PlaneRotation(Piece):
 
     def _cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per output feature: (α·cos θ, α·sin θ), PEFT's _prepare_cols."""
-        theta, alpha, g = self.road_theta, self.road_alpha, self.group
+        theta: torch.Tensor = self.road_theta
+        alpha: torch.Tensor = self.road_alpha
+        g = self.group
         if self.variant == "road_1":  # one angle per pair, used by both of its features
             theta = theta.reshape(-1, g // 2).repeat_interleave(2, dim=0).flatten()
             alpha = alpha.reshape(-1, g // 2).repeat_interleave(2, dim=0).flatten()

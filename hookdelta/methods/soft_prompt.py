@@ -141,7 +141,7 @@ def place_prompt(model: nn.Module, sites: Sequence[str], make: Any) -> list[Piec
     if not isinstance(embedding, nn.Embedding):
         raise UnsupportedModuleError(f"the input embedding {path!r} is a {type(embedding).__name__}, not nn.Embedding")
     if is_encoder_decoder(model):
-        primary = make(path, path_of(model, model.get_encoder()), embedding, False, None)
+        primary = make(path, path_of(model, model.get_encoder()), embedding, False, None)  # type: ignore[operator]  # transformers' method
         return [primary, EncoderMask(primary, "")]
     cache_arg = cache_argument(model) if accepts(model, "cache") or accepts(model, "past_key_values") else None
     return [make(path, "", embedding, True, cache_arg)]

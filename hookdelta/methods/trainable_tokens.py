@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..config import DeltaConfig, PeftCodec, check_bool, exact
 from ..engine import Piece, TiedSwap, current
 from ..errors import ConfigError, DeltaFileError, SelectorError, UnsupportedModuleError
-from ..modules import parameter_holders
+from ..modules import Layer, parameter_holders
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +94,7 @@ class TokenRows(Piece):
     swaps = ("weight",)
     merges_by = "value"  # rows replaced: only the kept original undoes it
 
-    def __init__(self, key: str, module: nn.Module, indices: Sequence[int]) -> None:
+    def __init__(self, key: str, module: Layer, indices: Sequence[int]) -> None:
         super().__init__(key)
         w = module.weight
         if not w.is_floating_point():
@@ -104,13 +104,13 @@ class TokenRows(Piece):
         )
         self.trainable_tokens_delta = nn.Parameter(w.detach()[self.token_indices].clone())  # PEFT's name: the values
 
-    def swap(self, module: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    def swap(self, module: Layer, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight.index_copy(0, self.token_indices, self.trainable_tokens_delta.to(weight.dtype))
 
-    def merged_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def merged_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return {"weight": self.swap(module, "weight", current(module, "weight"))}
 
-    def delta_weights(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    def delta_weights(self, module: Layer) -> dict[str, torch.Tensor]:
         return self.delta_from_merged(module)
 
     def describe(self) -> str:
@@ -134,7 +134,8 @@ class TrainableTokensCodec(PeftCodec):
         cfg = TrainableTokensConfig(
             token_indices=list(peft_config.get("token_indices") or []), targets=[exact(s) for s in named], **common
         )
-        tensors, seen = {}, {}
+        tensors: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
         embeddings_first = sorted(named, key=lambda k: not isinstance(model.get_submodule(k), nn.Embedding))
         for site in embeddings_first:  # PEFT writes a tied head's rows too: the same values, kept once
             ts = named[site]
