@@ -26,14 +26,14 @@ def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """All of a call's inputs by name (positional ones named after forward's signature)."""
     if not args:
         return dict(kwargs)
-    names, _ = _positional(type(module))  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
+    names, _ = _positional(type(module))  # type: ignore[arg-type]  # (mypy: a class is not Hashable)
     if len(args) > len(names):
         raise TypeError(f"{type(module).__name__}.forward got {len(args)} positional inputs")
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 def accepts(module: nn.Module, name: str) -> bool:
-    return name in _positional(type(module))[1]  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
+    return name in _positional(type(module))[1]  # type: ignore[arg-type]  # (mypy: a class is not Hashable)
 
 
 def cache_argument(module: nn.Module) -> str:

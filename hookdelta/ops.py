@@ -180,7 +180,8 @@ class LowRankWeight(torch.Tensor):
         out.base, out.terms = base, terms
         return out
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # (torch's stub)  # (the default would print the values: the plain twin)
+    # (the default repr would print the values: the plain twin; torch's stub types its keyword oddly)
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         return f"LowRankWeight(shape={tuple(self.base.shape)}, terms={len(self.terms)})"
 
     def value(self) -> torch.Tensor:

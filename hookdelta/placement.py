@@ -391,10 +391,10 @@ def bypassing_parent(model: nn.Module, path: str) -> tuple[str, str, bool] | Non
         chain.append((".".join(parts[: i + 1]), module))
     for owner, ancestor in reversed(chain):
         rel = path[len(owner) + 1 :] if owner else path
-        if rel in weights_read(type(ancestor)):  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
+        if rel in weights_read(type(ancestor)):  # type: ignore[arg-type]  # (mypy: a class is not Hashable)
             # always: torch's functional attention, or code that reads the weight and never calls the layer
             always = any(isinstance(ancestor, k) and rel in v for k, v in ALWAYS.items())
-            return owner, rel, always or rel not in children_called(type(ancestor))  # type: ignore[arg-type]  # (a class is hashable: mypy's cache typing disagrees)
+            return owner, rel, always or rel not in children_called(type(ancestor))  # type: ignore[arg-type]  # (mypy: a class is not Hashable)
     return None
 
 
