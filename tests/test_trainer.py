@@ -197,6 +197,28 @@ def test_checkpoints_hold_the_delta_not_the_base_and_resume_exactly(tmp_path):
     )
 
 
+def test_a_delta_only_checkpoint_reports_no_missing_keys_but_a_partial_one_still_does(tmp_path):
+    """Trainer loads a checkpoint non-strictly and logs its missing keys: the frozen base a
+    delta-only checkpoint leaves out by design was logged key by key on every resume."""
+    model = build("bert")[0]
+    delta = lora(model)
+    make_trainer(model, delta, tmp_path / "run", steps=3).train()
+    saved = load_file(tmp_path / "run" / "checkpoint-3" / "model.safetensors")
+    fresh = build("bert")[0]
+    other = lora(fresh)
+    trainer = make_trainer(fresh, other, tmp_path / "other")  # (its callback knows the checkpoint's form)
+    result = fresh.load_state_dict(saved, strict=False)  # what Trainer's resume does
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for k, v in other.state_dict().items():
+        torch.testing.assert_close(v, delta.state_dict()[k], rtol=0, atol=0)
+    base = {k: v for k, v in build("bert")[0].state_dict().items()}
+    dropped = sorted(base)[0]
+    del base[dropped]  # a checkpoint with the base, one key short: that key is really missing
+    result = fresh.load_state_dict({**base, **saved}, strict=False)
+    assert result.missing_keys == [dropped]
+    assert trainer.callback_handler.callbacks  # (kept alive to here: the callback holds the hook)
+
+
 def test_delta_trainer_save_model_writes_the_deltas_not_the_base(tmp_path):
     """save_model() is no callback event: hd.delta_trainer(Trainer) writes what a checkpoint holds."""
     model = build("bert")[0]

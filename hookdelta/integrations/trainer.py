@@ -40,6 +40,7 @@ from transformers import TrainerCallback as _Base
 
 from ..compat import declare_adapters
 from ..errors import ConfigError, DeltaFileError
+from ..modules import STORE_NAME
 from ..persistence import read_meta, read_tensors
 from ..sharding import full, is_sharded, whole
 from ..store import store_of
@@ -120,6 +121,15 @@ class TrainerCallback(_Base):
         # called with the whole load's keys: the delta's own are under its path in the model
         prefix = _prefix(self.delta)
         self.restored = bool(prefix) and not any(k.startswith(prefix) for k in incompatible.missing_keys)
+        if self.restored and not self.save_base:
+            # a checkpoint of ours holds the deltas only: when it left out exactly the frozen base
+            # (every key outside hookdelta's store), that is by design, not missing (Trainer would
+            # log every base key as missing on resume)
+            missing = incompatible.missing_keys
+            outside = [k for k in missing if STORE_NAME not in k.split(".")]
+            base = [k for k in self.delta.model.state_dict(keep_vars=True) if STORE_NAME not in k.split(".")]
+            if outside and sorted(outside) == sorted(base):
+                missing[:] = [k for k in missing if STORE_NAME in k.split(".")]
 
     def folder(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, "hookdelta", self.delta.name)
