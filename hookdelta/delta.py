@@ -44,7 +44,7 @@ def _changes(action: str) -> Callable[[F], F]:
             with store.guard.changing(action), torch.inference_mode(False):
                 return fn(self, *args, **kwargs)
 
-        return run  # type: ignore[return-value]
+        return run  # type: ignore[return-value]  # (fn's own signature)
 
     return wrap
 

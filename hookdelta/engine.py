@@ -74,7 +74,7 @@ class Piece(nn.Module):
         def __getattr__(self, name: str) -> Any: ...
 
         # a piece registers no None parameters: its own are read from this dict on hot paths
-        _parameters: dict[str, torch.Tensor]  # type: ignore[assignment]
+        _parameters: dict[str, torch.Tensor]  # type: ignore[assignment]  # (narrower than nn.Module's)
 
     hooks: frozenset[str] = frozenset()
     swaps: tuple[str, ...] = ()
@@ -673,7 +673,7 @@ class ForwardGuard:
         return {"fresh": True}  # (an empty state would skip __setstate__)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__()  # type: ignore[misc]  # (a fresh guard in place)
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():  # traced code runs as one graph: nothing to watch there

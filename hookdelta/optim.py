@@ -150,7 +150,7 @@ def lorafa(
             f"LoRA-FA projects a plain LoRA's gradient on a linear layer; {odd[0]!r} is "
             f"another kind of piece. Narrow the delta's targets or use hd.optim.loraplus"
         )
-    setup = LoRAFA(optimizer=None)  # type: ignore[arg-type]
+    setup = LoRAFA(optimizer=None)  # type: ignore[arg-type]  # (made below, once the hooks are in)
     for delta in found:
         for piece in delta.pieces.values():
             a, b, s = piece.lora_A, piece.lora_B, piece.scale

@@ -235,7 +235,7 @@ class Picker:
         if len(modules) == len(wanted) and set(modules) == set(linear):
             yield {"targets": "all-linear"}
         every = {block_index(p) for ps in self.roles.values() for p in ps} - {None}
-        limits = [sorted(blocks), None] if None not in blocks else [None]  # type: ignore[type-var]
+        limits = [sorted(blocks), None] if None not in blocks else [None]  # type: ignore[type-var]  # (no None here)
         for limit in limits:  # roles, within the selected blocks (layers=...) or everywhere
             sets = {r: {p for p in ps if limit is None or block_index(p) in limit} for r, ps in self.roles.items()}
             lay = {"layers": limit} if limit is not None and set(limit) != every else {}

@@ -295,7 +295,8 @@ def fit_paths(model: nn.Module, paths: list[str], source: Any) -> Callable[[str]
                     PathPrefixWarning,
                     stacklevel=3,
                 )
-            return lambda p, fix=fix: fix(p) or p  # type: ignore[misc]
+            found = fix
+            return lambda p: found(p) or p
     missing = [p for p in paths if not exists(model, p)]
     raise DeltaFileError(
         f"the delta in {source} does not fit this {type(model).__name__}: no module at {missing[:5]}"

@@ -50,7 +50,7 @@ class SharedInput:
         return {"members": self.members, "factor": self.factor}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["members"], state["factor"])  # type: ignore[misc]
+        self.__init__(state["members"], state["factor"])  # type: ignore[misc]  # (rebuilt from its state)
 
     def product(self, member: Any, x: torch.Tensor) -> torch.Tensor:
         """`x @ factorᵀ` of `member`, as a slice of the group's stacked product for this input:

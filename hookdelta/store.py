@@ -353,7 +353,7 @@ def _hide_missing_keys(module: nn.Module, incompatible: Any) -> None:
 
 def store_of(model: nn.Module) -> DeltaStore | None:
     """The model's store, or None; changes nothing."""
-    return model._modules.get(STORE_NAME)  # type: ignore[return-value]
+    return cast("DeltaStore | None", model._modules.get(STORE_NAME))
 
 
 def open_store(model: nn.Module) -> DeltaStore:

@@ -205,7 +205,7 @@ class _DeltaTrainer:
     def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Trainer's loss, plus the orthogonality penalty of AdaLoRA deltas while training (PEFT adds
         it in its model's forward)."""
-        out = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]
+        out = super().compute_loss(model, inputs, *args, **kwargs)  # type: ignore[misc]  # (the Trainer's)
         if not model.training:
             return out
         extra = [
@@ -225,7 +225,7 @@ class _DeltaTrainer:
         says `save_base=True`."""
         callbacks = [c for c in self.callback_handler.callbacks if isinstance(c, TrainerCallback)]
         if any(c.save_base for c in callbacks):
-            return super().save_model(output_dir, *args, **kwargs)  # type: ignore[misc]
+            return super().save_model(output_dir, *args, **kwargs)  # type: ignore[misc]  # (the Trainer's)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         model = callbacks[0].delta.model if callbacks else self.model
         if not (self.args.should_save or sharded(model)):
