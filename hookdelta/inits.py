@@ -361,7 +361,7 @@ class _IncrementalPCA:
     def __init__(self, k: int) -> None:
         self.k = k
         self.components: torch.Tensor | None = None  # (set with the rest by the first partial_fit)
-        self.singular = self.seen = torch.tensor([0])
+        self.singular, self.seen = torch.tensor([0.0]), torch.tensor([0])
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
 
