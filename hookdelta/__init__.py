@@ -7,7 +7,7 @@ hooks, without replacing a module or changing a state-dict key.
 
 from typing import Any
 
-from . import inits, optim
+from . import inits, methods, optim
 from .as_lora import as_lora
 from .combine import average, combine, fuse, split
 from .config import DeltaConfig
@@ -27,44 +27,7 @@ from .errors import (
 )
 from .hotswap import prepare_hotswap
 from .integrations.reference import ReferenceModel, reference_model
-from .methods import (
-    AdaLoRAConfig,
-    AdapterConfig,
-    AverageConfig,
-    BitFitConfig,
-    BOFTConfig,
-    C3AConfig,
-    CompacterConfig,
-    DeLoRAConfig,
-    DiReFTConfig,
-    FourierFTConfig,
-    FuseConfig,
-    GraLoRAConfig,
-    HiRAConfig,
-    HRAConfig,
-    IA3Config,
-    LilyConfig,
-    LlamaAdapterConfig,
-    LNTuningConfig,
-    LoHaConfig,
-    LoKrConfig,
-    LoRAConfig,
-    LoReFTConfig,
-    LowRankAdapterConfig,
-    MiSSConfig,
-    OFTConfig,
-    ParallelAdapterConfig,
-    PrefixConfig,
-    PTuningConfig,
-    RandLoRAConfig,
-    RoAdConfig,
-    SHiRAConfig,
-    SoftPromptConfig,
-    SplitConfig,
-    TrainableTokensConfig,
-    VBLoRAConfig,
-    VeRAConfig,
-)
+from .methods import *  # noqa: F403  (every method's config: methods.__all__)
 from .peft_format import load_peft
 from .persistence import load
 from .roles import roles
@@ -98,15 +61,6 @@ def __getattr__(name: str) -> Any:  # integrations import their framework only w
 
 
 __all__ = [
-    "AdapterConfig",
-    "BitFitConfig",
-    "CompacterConfig",
-    "IA3Config",
-    "LNTuningConfig",
-    "LowRankAdapterConfig",
-    "ParallelAdapterConfig",
-    "PrefixConfig",
-    "SoftPromptConfig",
     "BaseWeightsMismatchWarning",
     "ConfigError",
     "Delta",
@@ -114,16 +68,6 @@ __all__ = [
     "DeltaFileError",
     "DeltaStateError",
     "HookdeltaError",
-    "LoRAConfig",
-    "LoHaConfig",
-    "LoKrConfig",
-    "VeRAConfig",
-    "TrainableTokensConfig",
-    "LoReFTConfig",
-    "DiReFTConfig",
-    "OFTConfig",
-    "BOFTConfig",
-    "FourierFTConfig",
     "MergeError",
     "SelectorError",
     "UnsupportedModuleError",
@@ -145,9 +89,6 @@ __all__ = [
     "average",
     "fuse",
     "split",
-    "AverageConfig",
-    "FuseConfig",
-    "SplitConfig",
     "__version__",
     "reference_model",
     "ReferenceModel",
@@ -156,18 +97,5 @@ __all__ = [
     "as_lora",
     "report",
     "pick",
-    "AdaLoRAConfig",
-    "PTuningConfig",
-    "LlamaAdapterConfig",
-    "RoAdConfig",
-    "VBLoRAConfig",
-    "RandLoRAConfig",
-    "LilyConfig",
-    "SHiRAConfig",
-    "HiRAConfig",
-    "DeLoRAConfig",
-    "GraLoRAConfig",
-    "MiSSConfig",
-    "C3AConfig",
-    "HRAConfig",
 ]
+__all__ += methods.__all__  # the method configs, listed once (methods/__init__.py)
