@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from helpers import perturb
 from internals import parameter_slot
-from tiny_models import Holder, layer_cases
+from tiny_models import Holder, layer_cases, tied_llama
 from torch.func import functional_call
 
 import hookdelta as hd
@@ -172,18 +172,8 @@ def test_gaussian_init_and_lora_only_bias():
 
 
 def test_tied_embedding_and_head_stay_tied():
-    import transformers as tf
 
-    cfg = tf.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    model = tf.LlamaForCausalLM(cfg).eval()
+    model = tied_llama().eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 50, (2, 6))
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens"))
@@ -209,18 +199,8 @@ def test_tied_embedding_and_head_stay_tied():
 def test_a_tied_weight_with_a_pissa_start_is_refused_not_half_applied():
     """PiSSA on a tied output head: the residual s·B₀·A₀ would have to act at the embedding end
     too; the tied end used s·B·A alone before (a fresh delta changed the embeddings)."""
-    import transformers as tf
 
-    cfg = tf.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    model = tf.LlamaForCausalLM(cfg).eval()
+    model = tied_llama().eval()
     with pytest.raises(hd.UnsupportedModuleError, match="shares its weight"):
         hd.attach(model, hd.LoRAConfig(r=2, init="pissa", targets="lm_head"))
     assert not hd.deltas(model)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import transformers as tf
 from helpers import assert_restored, assert_same, bare_copy, perturb, same_bits, snapshot
 from internals import forward_hooks, forward_pre_hooks, no_global_forward_hooks, torch_function_modes
-from tiny_models import Holder, build
+from tiny_models import Holder, build, tied_llama
 
 import hookdelta as hd
 
@@ -245,16 +245,7 @@ def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
     """A LoRA on a tied embedding also adapts the head; a fused loss reads the head's weight in
     its own code, so the head's part acts through the weight: the logits are the plain forward's,
     and nothing warns (the warning said the embedding's delta had no effect before)."""
-    config = tf.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    model = FusedLossHead(tf.LlamaForCausalLM(config))
+    model = FusedLossHead(tied_llama())
     delta = hd.attach(model, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
     perturb(delta, std=0.3)
     ids = torch.randint(0, 50, (2, 5))
@@ -269,16 +260,7 @@ def test_a_fused_loss_reading_a_tied_head_gets_the_delta_and_no_false_warning():
 
 
 def test_a_reader_of_a_tied_weight_outside_every_holder_names_all_of_them():
-    config = tf.LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    lm = tf.LlamaForCausalLM(config)
+    lm = tied_llama()
     hd.attach(lm, hd.LoRAConfig(r=2, targets="embed_tokens"), name="tied")
     with pytest.raises(
         hd.BypassError,

@@ -31,6 +31,21 @@ def gpt2():
     return m, {"input_ids": _ids()}, ["c_attn", "c_proj"]
 
 
+def tied_llama() -> tf.LlamaForCausalLM:
+    """A one-layer Llama whose output head is its input embedding (tie_word_embeddings)."""
+    return tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
+
+
 def llama():
     m = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, max_position_embeddings=32))
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
