@@ -61,21 +61,7 @@ def config(out, checkpointing):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient checkpointing"])
 def test_dpo_with_the_model_as_its_own_reference_equals_trl_with_peft(tmp_path, checkpointing):
-    torch.manual_seed(0)
-    base = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=63,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=1,
-        )
-    )
+    base = tiny_lm(tied=False)
     ours = copy.deepcopy(base)
     delta = hd.attach(ours, hd.LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     theirs = peft.get_peft_model(
