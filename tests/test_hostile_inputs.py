@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_restored, assert_same, perturb, save_lora, snapshot
 from safetensors.torch import load_file, save_file
-from tiny_models import build
+from tiny_models import build, llama
 
 import hookdelta as hd
 
@@ -120,18 +120,7 @@ def _other_arch(path):
 
 
 def _other_size(path):
-    import transformers as tf
-
-    model = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=96,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-        )
-    )
+    model = llama(hidden=48)[0]  # (the tiny Llama, wider)
     hd.attach(model, hd.LoRAConfig(r=2, targets=["q_proj", "v_proj"])).save(path, overwrite=True)
 
 

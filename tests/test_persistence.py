@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 from helpers import assert_restored, outputs, perturb, save_lora, snapshot
-from tiny_models import build
+from tiny_models import build, llama
 
 import hookdelta as hd
 
@@ -120,18 +120,7 @@ def test_bad_file_raises_one_clear_error_and_leaves_model_untouched(saved, case)
 
 def test_shape_mismatch_is_refused(saved):
     path, _, _ = saved
-    import transformers as tf
-
-    wider = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=96,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-        )
-    )
+    wider = llama(hidden=48)[0]  # (the tiny Llama, wider)
     snap = snapshot(wider)
     with pytest.raises(hd.DeltaFileError, match="shape"):
         hd.load(wider, path)

@@ -46,8 +46,9 @@ def tied_llama() -> tf.LlamaForCausalLM:
     )
 
 
-def llama():
-    m = tf.LlamaForCausalLM(tf.LlamaConfig(**TEXT, num_key_value_heads=2, max_position_embeddings=32))
+def llama(hidden: int = H):
+    text = {**TEXT, "hidden_size": hidden}
+    m = tf.LlamaForCausalLM(tf.LlamaConfig(**text, num_key_value_heads=2, max_position_embeddings=32))
     return m, {"input_ids": _ids()}, ["q_proj", "v_proj"]
 
 
