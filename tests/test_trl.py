@@ -117,15 +117,9 @@ def tiny_lm(tied):
     )
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["own head", "tied head"])
-def test_sft_with_a_delta_on_the_head_never_trains_half_of_it_silently(tmp_path, tied):
-    """TRL's SFT computes the loss from lm_head.weight itself (a fused head that patches the
-    model's forward): a LoRA on the head would be ignored there. It is refused at the first
-    step, naming the head; where the release calls the head, the head's LoRA trains."""
-    model = tiny_lm(tied)
-    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "lm_head"]))
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path),
+def sft_config(out):
+    return trl.SFTConfig(
+        output_dir=str(out),
         per_device_train_batch_size=4,
         max_steps=2,
         learning_rate=1e-2,
@@ -135,6 +129,16 @@ def test_sft_with_a_delta_on_the_head_never_trains_half_of_it_silently(tmp_path,
         seed=0,
         dataloader_num_workers=0,
     )
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own head", "tied head"])
+def test_sft_with_a_delta_on_the_head_never_trains_half_of_it_silently(tmp_path, tied):
+    """TRL's SFT computes the loss from lm_head.weight itself (a fused head that patches the
+    model's forward): a LoRA on the head would be ignored there. It is refused at the first
+    step, naming the head; where the release calls the head, the head's LoRA trains."""
+    model = tiny_lm(tied)
+    delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "lm_head"]))
+    args = sft_config(tmp_path)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=texts(), processing_class=tokenizer())
     head = next(p for p in delta.pieces.values() if p.key == "lm_head")
     before = head.lora_B.detach().clone()
@@ -151,17 +155,7 @@ def test_sft_with_deltas_off_the_head_trains_through_the_fused_head(tmp_path):
     model = tiny_lm(True)
     delta = hd.attach(model, hd.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     before = {k: v.detach().clone() for k, v in delta.state_dict().items()}
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    args = sft_config(tmp_path)
     trl.SFTTrainer(
         model=model,
         args=args,
